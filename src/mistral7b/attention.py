@@ -1,0 +1,95 @@
+"""Attention masks and kernels.
+
+Visibility is defined by positions alone: query at position i sees key at position j iff
+`i - W < j <= i` (W keys, itself included; the convention of HF, vLLM and flash-attn's
+`window_size=(W-1, 0)`). The paper's prose says "between i-W and i", one token more; we follow the
+implementations the weights were evaluated with. Empty cache slots carry position -1 and are never visible.
+
+Because the mask comes from positions, one kernel interface serves a plain forward, a prefill chunk
+against a rolling buffer in any slot order, and a batch of decode steps at different positions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Below this many query tokens the dense masked SDPA is as fast as building a block mask.
+FLEX_MIN_TOKENS = 256
+
+
+def visible(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Bool mask [B, Tq, Tk]: which keys each query may attend to."""
+    distance = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = (k_pos[:, None, :] >= 0) & (distance >= 0)
+    if window is not None:
+        mask &= distance < window
+    return mask
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Reference kernel for any shape: dense mask, GQA shared inside SDPA (no repeated K/V)."""
+    mask = visible(q_pos, k_pos, window)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Keys are exactly the queries' own tokens from position 0 and no window cuts: flash attention."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    qp, kp = q_pos[0], k_pos[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        distance = qp[q_idx] - kp[kv_idx]
+        ok = (kp[kv_idx] >= 0) & (distance >= 0)
+        if window is not None:
+            ok = ok & (distance < window)
+        return ok
+
+    return create_block_mask(mask_mod, None, None, qp.shape[0], kp.shape[0], device=qp.device)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Block-sparse kernel (batch 1): blocks wholly outside the window are skipped, so cost is O(T·W)."""
+    block_mask = _block_mask(q_pos, k_pos, window)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, self_only: bool = False
+) -> Tensor:
+    """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
+
+    `self_only` says the keys are the queries' own tokens at positions 0..T-1.
+    """
+    t_q, t_k = q.shape[2], k.shape[2]
+    if self_only and (window is None or window >= t_k):
+        return causal_attention(q, k, v)
+    if q.is_cuda and q.shape[0] == 1 and t_q >= FLEX_MIN_TOKENS and use_flex():
+        return flex_attention(q, k, v, q_pos, k_pos, window)
+    return sdpa_attention(q, k, v, q_pos, k_pos, window)
+
+
+_FLEX_ENABLED = True
+
+
+def use_flex(enabled: bool | None = None) -> bool:
+    """Whether GPU prefill uses FlexAttention; pass a bool to switch (benchmarks compare both)."""
+    global _FLEX_ENABLED
+    if enabled is not None:
+        _FLEX_ENABLED = enabled
+    return _FLEX_ENABLED

@@ -1,0 +1,99 @@
+"""KV caches: a rolling buffer of W slots for windowed layers, a linear cache for the others.
+
+Position p lives in slot `p % size`. RoPE is applied before caching, so the order of slots inside the
+buffer does not matter: attention masks by the position stored beside each slot. A linear cache is
+the same structure with `size = max_seq_len`, where `p % size == p`.
+
+Each row of the batch dimension is one sequence; the engine hands rows out and resets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+
+@dataclass
+class LayerCache:
+    k: Tensor  # [max_batch, n_kv_heads, size, head_dim]
+    v: Tensor
+    pos: Tensor  # [max_batch, size] int64, position held by each slot, -1 when empty
+    window: int | None
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k_new: Tensor, v_new: Tensor, q_pos: Tensor, rows: slice, kv_len: int | None):
+        """Store the new keys/values; return (k, v, k_pos) that the new queries attend over.
+
+        Decode (one token) writes first and reads the buffer: the slot it overwrites held position
+        p - size, which the query no longer sees. A prefill chunk reads the old contents first and
+        appends itself, since its early queries still need slots that its later tokens overwrite.
+        """
+        n = self.size if kv_len is None else min(kv_len, self.size)
+        k_rows, v_rows, pos_rows = self.k[rows], self.v[rows], self.pos[rows]
+        batch, t = q_pos.shape
+        if t == 1:
+            self._write(k_rows, v_rows, pos_rows, k_new, v_new, q_pos)
+            return k_rows[:, :, :n], v_rows[:, :, :n], pos_rows[:, :n]
+        k = torch.cat([k_rows[:, :, :n], k_new], dim=2)
+        v = torch.cat([v_rows[:, :, :n], v_new], dim=2)
+        k_pos = torch.cat([pos_rows[:, :n], q_pos], dim=1)
+        keep = min(t, self.size)
+        self._write(k_rows, v_rows, pos_rows, k_new[:, :, -keep:], v_new[:, :, -keep:], q_pos[:, -keep:])
+        return k, v, k_pos
+
+    def _write(self, k_rows, v_rows, pos_rows, k_new, v_new, q_pos):
+        slots = q_pos % self.size  # [B, T], distinct within a row since T <= size
+        batch_index = torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
+        k_rows[batch_index, :, slots] = k_new.transpose(1, 2).to(k_rows.dtype)
+        v_rows[batch_index, :, slots] = v_new.transpose(1, 2).to(v_rows.dtype)
+        pos_rows[batch_index, slots] = q_pos
+
+
+class KVCache:
+    """All layers' caches for up to `max_batch` sequences, preallocated once."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_batch: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_seq_len: int | None = None,
+    ):
+        self.config = config
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or config.max_seq_len
+        self.layers: list[LayerCache] = []
+        shape = lambda size: (max_batch, config.n_kv_heads, size, config.head_dim)  # noqa: E731
+        for window in config.layer_windows():
+            rolls = window is not None and (config.has_window or window < self.max_seq_len)
+            size = window if rolls else self.max_seq_len
+            self.layers.append(
+                LayerCache(
+                    k=torch.zeros(shape(size), device=device, dtype=dtype),
+                    v=torch.zeros(shape(size), device=device, dtype=dtype),
+                    pos=torch.full((max_batch, size), -1, device=device, dtype=torch.long),
+                    window=window,
+                )
+            )
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions a sequence may reach, or None when every layer rolls."""
+        return None if self.config.has_window else self.max_seq_len
+
+    def reset(self, rows: slice | None = None) -> None:
+        """Empty the given rows (all by default) so new sequences can use them."""
+        rows = slice(None) if rows is None else rows
+        for layer in self.layers:
+            layer.pos[rows] = -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))

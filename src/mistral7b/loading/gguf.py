@@ -1,0 +1,104 @@
+"""GGUF files (llama architecture), dequantized with the `gguf` package.
+
+llama.cpp's converter permutes q/k rows into interleaved pairs; they are converted back to rotate-half.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelLoadError, from_gguf_metadata
+from . import Checkpoint, interleaved_to_half
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+}
+_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def to_canonical(name: str) -> str:
+    stem, _, suffix = name.rpartition(".")
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    return name
+
+
+def read(path: Path):
+    """Open a GGUF file with the gguf package, turning its many failure modes into one error."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
+
+
+def metadata(reader) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001 - a field we cannot decode is one we do not need
+            continue
+    return meta
+
+
+def tensor_to_torch(t) -> torch.Tensor:
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(t.shape))
+    if t.tensor_type == gguf.GGMLQuantizationType.F32:
+        array = np.asarray(t.data, dtype=np.float32)
+    elif t.tensor_type == gguf.GGMLQuantizationType.F16:
+        array = np.asarray(t.data, dtype=np.float16)
+    else:
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(array).reshape(shape))
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    reader = read(path)
+    names = {t.name for t in reader.tensors}
+    config = from_gguf_metadata(path, metadata(reader), has_output="output.weight" in names)
+    for t in reader.tensors:
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+    heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}
+
+    def tensors():
+        for t in reader.tensors:
+            name = to_canonical(t.name)
+            try:
+                w = tensor_to_torch(t)
+            except Exception as e:  # noqa: BLE001 - dequantizing garbage fails in numpy in many ways
+                raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from None
+            n = heads.get(name.partition(".")[2].partition(".")[2])
+            if n is not None and w.shape[0] == n * config.head_dim:
+                w = interleaved_to_half(w, n)
+            yield name, w
+
+    return Checkpoint(path, config, tensors(), len(reader.tensors))

@@ -1,0 +1,137 @@
+"""The Mistral 7B transformer: GQA + sliding-window attention, RoPE, RMSNorm, SwiGLU.
+
+Weights use one internal layout whatever the checkpoint: q/k rows in HF's rotate-half order, and the
+projections fused (QKV in one matrix, SwiGLU's gate and up in another) so that decode reads each
+layer's activations once. Loaders convert at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .cache import KVCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and cast back before the weight, as the reference implementations do.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [B, T, head_dim] in fp32, computed from positions so any position works."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on x [B, H, T, hd], in fp32."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos[:, None] + rotated * sin[:, None]).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, window: int | None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = window
+        self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache, rows, kv_len) -> Tensor:
+        batch, t, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            out = attention(q, k, v, positions, positions, self.window, self_only=True)
+        else:
+            k, v, k_pos = cache.update(k, v, positions, rows, kv_len)
+            out = attention(q, k, v, positions, k_pos, self.window)
+        return self.wo(out.transpose(1, 2).reshape(batch, t, q_size))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 stored as one matrix `w13`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, window: int | None):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, window)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, rope, positions, cache, rows, kv_len) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, positions, cache, rows, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, w) for w in config.layer_windows())
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: slice | None = None,
+        kv_len: int | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+
+        Without a cache, positions are 0..T-1 and attention is causal over the tokens given. With one,
+        `positions` [B, T] say where each token sits, `rows` which cache rows hold these sequences, and
+        `kv_len` (optional) how many leading slots can hold anything, so short sequences read less.
+        """
+        batch, t = tokens.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a cache")
+            positions = torch.arange(t, device=tokens.device).expand(batch, t)
+        rows = slice(0, batch) if rows is None else rows
+        cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.tok_embeddings(tokens)
+        for layer, layer_cache in zip(self.layers, cache_layers):
+            x = layer(x, rope, positions, layer_cache, rows, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
