@@ -31,16 +31,21 @@ class LayerCache:
     def update(self, k_new: Tensor, v_new: Tensor, q_pos: Tensor, rows: slice, kv_len: int | None):
         """Store the new keys/values; return (k, v, k_pos) that the new queries attend over.
 
+        `kv_len`, when given, bounds 1 + the largest position any of these rows holds after this
+        call, so only the leading slots that can be filled are read (a prefill chunk's rows share
+        positions). Without it the whole buffer is read.
+
         Decode (one token) writes first and reads the buffer: the slot it overwrites held position
         p - size, which the query no longer sees. A prefill chunk reads the old contents first and
         appends itself, since its early queries still need slots that its later tokens overwrite.
         """
-        n = self.size if kv_len is None else min(kv_len, self.size)
         k_rows, v_rows, pos_rows = self.k[rows], self.v[rows], self.pos[rows]
-        batch, t = q_pos.shape
+        t = q_pos.shape[1]
         if t == 1:
+            n = self.size if kv_len is None else min(kv_len, self.size)
             self._write(k_rows, v_rows, pos_rows, k_new, v_new, q_pos)
             return k_rows[:, :, :n], v_rows[:, :, :n], pos_rows[:, :n]
+        n = self.size if kv_len is None else min(kv_len - t, self.size)
         k = torch.cat([k_rows[:, :, :n], k_new], dim=2)
         v = torch.cat([v_rows[:, :, :n], v_new], dim=2)
         k_pos = torch.cat([pos_rows[:, :n], q_pos], dim=1)
@@ -49,11 +54,15 @@ class LayerCache:
         return k, v, k_pos
 
     def _write(self, k_rows, v_rows, pos_rows, k_new, v_new, q_pos):
-        slots = q_pos % self.size  # [B, T], distinct within a row since T <= size
+        """Scatter into slots `pos % size`. Rows whose position is -1 (idle rows riding along in a
+        batched decode step) write their slot's old contents back, so one launch serves every row."""
+        keep = q_pos >= 0
+        slots = q_pos.clamp(min=0) % self.size  # [B, T], distinct within a row since T <= size
         batch_index = torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
-        k_rows[batch_index, :, slots] = k_new.transpose(1, 2).to(k_rows.dtype)
-        v_rows[batch_index, :, slots] = v_new.transpose(1, 2).to(v_rows.dtype)
-        pos_rows[batch_index, slots] = q_pos
+        for buf, new in ((k_rows, k_new), (v_rows, v_new)):
+            new = new.transpose(1, 2).to(buf.dtype)
+            buf[batch_index, :, slots] = torch.where(keep[..., None, None], new, buf[batch_index, :, slots])
+        pos_rows[batch_index, slots] = torch.where(keep, q_pos, pos_rows[batch_index, slots])
 
 
 class KVCache:

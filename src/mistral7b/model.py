@@ -119,7 +119,8 @@ class Transformer(nn.Module):
 
         Without a cache, positions are 0..T-1 and attention is causal over the tokens given. With one,
         `positions` [B, T] say where each token sits, `rows` which cache rows hold these sequences, and
-        `kv_len` (optional) how many leading slots can hold anything, so short sequences read less.
+        `kv_len` (optional) 1 + the largest position held after this call, so short sequences read
+        only the leading cache slots.
         """
         batch, t = tokens.shape
         if positions is None:

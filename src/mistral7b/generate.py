@@ -1,0 +1,149 @@
+"""The Python API: `LLM` loads a model and its tokenizer and generates through the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import Engine, Request, TokenLogprob
+from .loading import load_model
+from .sampling import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None
+
+    @classmethod
+    def of(cls, request: Request) -> "CompletionOutput":
+        return cls(request.prompt_ids, request.text, request.output_ids, request.finish_reason, request.logprobs)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]
+
+
+class LLM:
+    """A model, its tokenizer (if the checkpoint has one) and an engine.
+
+    `source=None` uses the bundled default model. Prompts are strings, or token id lists for
+    checkpoints without a tokenizer.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_batch: int = 8,
+        chunk_size: int | None = None,
+        max_seq_len: int | None = None,
+    ):
+        from .tokenizer import Tokenizer
+
+        if source is None:
+            from .default_model import default_model_path
+
+            source = default_model_path()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = load_model(source, self.device, self.dtype)
+        self.source = source
+        self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
+        self.engine = Engine(self.model, self.tokenizer, max_batch, chunk_size, max_seq_len=max_seq_len)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt, bos=True)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def chat_prompt(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
+        from .tokenizer import with_safe_prompt
+
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer, so it has no chat format")
+        if safe_prompt:
+            messages = with_safe_prompt(messages)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[CompletionOutput]:
+        """One output per prompt; ragged prompts run together as one continuously batched workload."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        for ids in encoded:  # reject the whole call before any work starts
+            self.engine.validate(ids, params)
+        requests = [self.engine.add(ids, params) for ids in encoded]
+        try:
+            while not all(r.finished for r in requests):
+                self.engine.step()
+        finally:
+            for r in requests:
+                if not r.finished:
+                    self.engine.abort(r)
+        return [CompletionOutput.of(r) for r in requests]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas as they become final; `stream_request` gives the request too."""
+        for delta in self.stream_request(self.encode_prompt(prompt), params)[1]:
+            yield delta
+
+    def stream_request(self, prompt_ids: list[int], params: SamplingParams | None = None):
+        request = self.engine.add(prompt_ids, params or SamplingParams())
+
+        def deltas():
+            try:
+                while not request.finished:
+                    for d in self.engine.step():
+                        if d.request is request and d.text:
+                            yield d.text
+            finally:
+                if not request.finished:
+                    self.engine.abort(request)
+
+        return request, deltas()
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, safe_prompt: bool = False) -> CompletionOutput:
+        return self.generate([self.chat_prompt(messages, safe_prompt)], params)[0]
+
+
+def _tokenizer_path(source) -> Path:
+    """Where the tokenizer of a checkpoint lives: the GGUF itself, or the checkpoint folder."""
+    from .loading import hub
+
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.parent if path.name in ("config.json", "params.json") else path
+    return hub.resolve(str(source))

@@ -1,0 +1,164 @@
+"""Sampling parameters and a batched sampler that runs on the logits' device.
+
+Every row of a batch carries its own parameters as tensors, so one call serves a mixed batch
+(greedy next to top-p next to seeded rows) without a host round trip per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 256
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
+            (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens}"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), f"logprobs must be an integer in [0, 20], got {self.logprobs}"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (all(isinstance(s, str) for s in self.stop), "stop must be a string or a list of strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SamplerBatch:
+    """Per-row sampling state for a fixed number of rows, kept on the device."""
+
+    n_rows: int
+    vocab_size: int
+    device: torch.device
+    temperature: Tensor = field(init=False)
+    top_p: Tensor = field(init=False)
+    top_k: Tensor = field(init=False)
+    min_p: Tensor = field(init=False)
+    repetition: Tensor = field(init=False)
+    presence: Tensor = field(init=False)
+    frequency: Tensor = field(init=False)
+    counts: Tensor = field(init=False)  # [rows, vocab] generated-token counts
+    seen: Tensor = field(init=False)  # [rows, vocab] prompt or generated, for the repetition penalty
+    generators: dict = field(init=False)
+
+    def __post_init__(self):
+        f = lambda v: torch.full((self.n_rows,), v, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.temperature, self.top_p, self.min_p = f(0.0), f(1.0), f(0.0)
+        self.repetition, self.presence, self.frequency = f(1.0), f(0.0), f(0.0)
+        self.top_k = torch.zeros(self.n_rows, dtype=torch.long, device=self.device)
+        self.counts = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.int32, device=self.device)
+        self.seen = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.generators = {}
+
+    def assign(self, row: int, params: SamplingParams, prompt_ids: list[int]) -> None:
+        self.temperature[row], self.top_p[row], self.top_k[row] = params.temperature, params.top_p, params.top_k
+        self.min_p[row], self.repetition[row] = params.min_p, params.repetition_penalty
+        self.presence[row], self.frequency[row] = params.presence_penalty, params.frequency_penalty
+        self.counts[row].zero_()
+        self.seen[row].zero_()
+        if params.repetition_penalty != 1.0 and prompt_ids:
+            ids = torch.tensor([i for i in prompt_ids if 0 <= i < self.vocab_size], dtype=torch.long)
+            self.seen[row, ids.to(self.device)] = True
+        self.generators.pop(row, None)
+        if params.seed is not None:
+            self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
+
+    def record(self, rows: Tensor, tokens: Tensor) -> None:
+        """Count the tokens just chosen for `rows` (penalties look at them next step)."""
+        self.counts[rows, tokens] += 1
+        self.seen[rows, tokens] = True
+
+    def noise(self, rows: list[int]) -> Tensor:
+        """Exponential noise per row: argmax(p / E) samples from p. Seeded rows use their own stream."""
+        e = torch.empty(len(rows), self.vocab_size, device=self.device).exponential_()
+        for i, row in enumerate(rows):
+            g = self.generators.get(row)
+            if g is not None:
+                e[i].exponential_(generator=g)
+        return e
+
+
+def apply_penalties(logits: Tensor, rep: Tensor, pres: Tensor, freq: Tensor, counts: Tensor, seen: Tensor) -> Tensor:
+    """HF-style repetition penalty over prompt+output; OpenAI presence/frequency over the output."""
+    penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+    logits = torch.where(seen, penalised, logits)
+    c = counts.to(logits.dtype)
+    return logits - freq[:, None] * c - pres[:, None] * (c > 0).to(logits.dtype)
+
+
+def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """Temperature, then top-k, top-p and min-p; removed entries become -inf."""
+    logits = logits / temperature.clamp(min=1e-5)[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    remove = ranks >= k
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each entry
+    remove |= (before >= top_p[:, None]) & (top_p[:, None] < 1)
+    remove |= probs < min_p[:, None] * probs[:, :1]
+    remove[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: Tensor, batch: SamplerBatch, rows: list[int]) -> Tensor:
+    """Choose one token per row of `logits` [len(rows), vocab] (float32). Greedy rows take the argmax."""
+    index = torch.tensor(rows, device=logits.device)
+    logits = apply_penalties(
+        logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index], batch.seen[index]
+    )
+    greedy = logits.argmax(-1)
+    temperature = batch.temperature[index]
+    filtered = filter_logits(logits, temperature, batch.top_k[index], batch.top_p[index], batch.min_p[index])
+    sampled = (filtered.softmax(-1) / batch.noise(rows)).argmax(-1)
+    tokens = torch.where(temperature > 0, sampled, greedy)
+    batch.record(index, tokens)
+    return tokens
+
+
+def top_logprobs(logits: Tensor, tokens: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities of the chosen tokens and the n most likely, under the model's raw distribution."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    top = logp.topk(max(n, 1), dim=-1)
+    return chosen, top.values, top.indices
