@@ -63,24 +63,43 @@ def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
     return create_block_mask(mask_mod, None, None, qp.shape[0], kp.shape[0], device=qp.device)
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-    """Block-sparse kernel (batch 1): blocks wholly outside the window are skipped, so cost is O(T·W)."""
-    block_mask = _block_mask(q_pos, k_pos, window)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """One query token per row: the query heads of each KV group become the query-length axis, so
+    a plain MHA kernel reads every cached K/V once for the whole group (no repeated K/V)."""
+    batch, n_heads, _, head_dim = q.shape
+    n_kv = k.shape[1]
+    grouped = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)
+    mask = visible(q_pos, k_pos, window)[:, None]  # [B, 1, 1, S], shared by the group
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+    return out.reshape(batch, n_heads, 1, head_dim)
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, self_only: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    window: int | None,
+    self_only: bool = False,
+    memo: dict | None = None,
 ) -> Tensor:
     """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
 
-    `self_only` says the keys are the queries' own tokens at positions 0..T-1.
+    `self_only` says the keys are the queries' own tokens at positions 0..T-1. `memo` is a dict that
+    lives for one forward pass, so layers with the same window share one block mask.
     """
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
+    if t_q == 1:
+        return decode_attention(q, k, v, q_pos, k_pos, window)
     if q.is_cuda and q.shape[0] == 1 and t_q >= FLEX_MIN_TOKENS and use_flex():
-        return flex_attention(q, k, v, q_pos, k_pos, window)
+        memo = {} if memo is None else memo
+        key = ("block_mask", window, t_q, t_k)
+        if key not in memo:
+            memo[key] = _block_mask(q_pos, k_pos, window)
+        return _compiled_flex()(q, k, v, block_mask=memo[key], enable_gqa=q.shape[1] != k.shape[1])
     return sdpa_attention(q, k, v, q_pos, k_pos, window)
 
 

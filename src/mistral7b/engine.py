@@ -77,6 +77,8 @@ class Engine:
         chunk_size: int | None = None,
         prefill_budget: int | None = None,
         max_seq_len: int | None = None,
+        decode_steps: int | None = None,
+        compile: bool = False,
     ):
         config = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -95,6 +97,20 @@ class Engine:
         self.lock = threading.RLock()
         self._ids = itertools.count()
         self.default_stop_ids = set(getattr(tokenizer, "stop_token_ids", None) or ())
+        self.decode_steps = decode_steps or (8 if self.device.type == "cuda" else 1)
+        self.compiled = compile
+        self._decode_fn = self._compile_decode() if compile else self._eager_decode
+
+    def _compile_decode(self):
+        """torch.compile with CUDA graphs over all `max_batch` rows. The cache buffers keep fixed
+        addresses, so the recorded graphs update them in place; kv_len is bucketed by `_kv_len`."""
+        for layer in self.cache.layers:
+            for t in (layer.k, layer.v, layer.pos):
+                torch._dynamo.mark_static_address(t)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        # dynamic=None: after a second kv_len bucket is seen, kv_len becomes symbolic (one recompile),
+        # and CUDA graphs are then recorded per bucket without compiling again.
+        return torch.compile(self._eager_decode, mode=mode, fullgraph=True)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -147,7 +163,7 @@ class Engine:
 
     # -- one iteration ----------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self) -> list[Delta]:
         with self.lock:
             self._admit()
@@ -196,33 +212,65 @@ class Engine:
         return n
 
     def _decode(self, decoding: list[Request], deltas: list[Delta]) -> None:
-        width = max(r.row for r in decoding) + 1
+        """Advance every decoding row. When nothing waits to be prefilled, several steps run back to
+        back with the sampled tokens fed back on the device, and the host reads them once at the end;
+        a sequence that stops early has its surplus tokens dropped."""
+        width = self.max_batch if self.compiled else max(r.row for r in decoding) + 1
         tokens = [0] * width
         positions = [-1] * width  # idle rows ride along and write nothing
         for r in decoding:
             tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
-        kv_len = max(positions) + 1
+        idle = self.waiting or any(r.n_prefilled < len(r.prompt_ids) for r in self.rows if r is not None)
+        steps = 1 if idle else min([self.decode_steps] + [r.params.max_tokens - len(r.output_ids) for r in decoding])
+        kv_len = self._kv_len(max(positions) + steps)
         tokens_t = torch.tensor(tokens, device=self.device)[:, None]
         positions_t = torch.tensor(positions, device=self.device)[:, None]
-        logits = self.model(tokens_t, positions_t, self.cache, rows=slice(0, width), kv_len=kv_len)
-        index = torch.tensor([r.row for r in decoding], device=self.device)
-        self._accept(decoding, logits[index, -1], deltas)
+        rows = [r.row for r in decoding]
+        greedy = all(r.params.greedy for r in decoding)
+        index = torch.tensor(rows, device=self.device)
+        chosen, logprobs = [], []
+        for _ in range(steps):
+            logits = self._decode_fn(tokens_t, positions_t, kv_len)[index, -1]
+            step_tokens = sample(logits, self.sampler, rows, greedy)
+            chosen.append(step_tokens)
+            logprobs.append(self._logprobs(decoding, logits, step_tokens))
+            tokens_t[index, 0] = step_tokens
+            positions_t = torch.where(positions_t >= 0, positions_t + 1, positions_t)
+        self._deliver(decoding, chosen, logprobs, deltas)
+
+    def _kv_len(self, needed: int) -> int:
+        """Compiled graphs are recorded per kv_len, so round it up to a power of two."""
+        if not self.compiled:
+            return needed
+        return min(1 << max(needed - 1, 255).bit_length(), max(layer.size for layer in self.cache.layers))
+
+    def _eager_decode(self, tokens, positions, kv_len):
+        return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
+
+    def _logprobs(self, requests, logits, tokens):
+        want = [r.params.logprobs for r in requests if r.params.logprobs is not None]
+        return top_logprobs(logits, tokens, max(want)) if want else None
 
     def _accept(self, requests: list[Request], logits: torch.Tensor, deltas: list[Delta]) -> None:
-        rows = [r.row for r in requests]
-        tokens = sample(logits, self.sampler, rows)
-        want = [r.params.logprobs for r in requests if r.params.logprobs is not None]
-        lp = top_logprobs(logits, tokens, max(want)) if want else None
-        token_list = tokens.tolist()  # the one host sync of the step
+        tokens = sample(logits, self.sampler, [r.row for r in requests], all(r.params.greedy for r in requests))
+        self._deliver(requests, [tokens], [self._logprobs(requests, logits, tokens)], deltas)
+
+    def _deliver(self, requests, chosen, logprobs, deltas) -> None:
+        """Bring the sampled tokens to the host (the one sync) and advance each request."""
+        token_rows = torch.stack(chosen).tolist()
+        logprobs = [None if lp is None else [t.tolist() for t in lp] for lp in logprobs]
         now = time.monotonic()
-        for i, (request, token) in enumerate(zip(requests, token_list)):
-            if request.first_token_time is None:
-                request.first_token_time = now
-            if lp is not None and request.logprobs is not None:
-                n = request.params.logprobs
-                top = list(zip(lp[2][i, :n].tolist(), lp[1][i, :n].tolist()))
-                request.logprobs.append(TokenLogprob(token, float(lp[0][i]), top))
-            deltas.append(self._advance(request, token))
+        for step_tokens, lp in zip(token_rows, logprobs):
+            for i, (request, token) in enumerate(zip(requests, step_tokens)):
+                if request.finished:
+                    continue
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if lp is not None and request.logprobs is not None:
+                    n = request.params.logprobs
+                    top = list(zip(lp[2][i][:n], lp[1][i][:n]))
+                    request.logprobs.append(TokenLogprob(token, lp[0][i], top))
+                deltas.append(self._advance(request, token))
 
     def _advance(self, request: Request, token: int) -> Delta:
         """Append a token, apply stop rules, and return the text that became final."""

@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache, rows, kv_len) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache, rows, kv_len, memo) -> Tensor:
         batch, t, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -62,10 +62,11 @@ class Attention(nn.Module):
         v = v.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
-            out = attention(q, k, v, positions, positions, self.window, self_only=True)
+            out = attention(q, k, v, positions, positions, self.window, self_only=True, memo=memo)
         else:
+            # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
             k, v, k_pos = cache.update(k, v, positions, rows, kv_len)
-            out = attention(q, k, v, positions, k_pos, self.window)
+            out = attention(q, k, v, positions, k_pos, self.window, self_only=kv_len == t, memo=memo)
         return self.wo(out.transpose(1, 2).reshape(batch, t, q_size))
 
 
@@ -90,8 +91,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, rope, positions, cache, rows, kv_len) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, positions, cache, rows, kv_len)
+    def forward(self, x: Tensor, rope, positions, cache, rows, kv_len, memo) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, positions, cache, rows, kv_len, memo)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -131,8 +132,9 @@ class Transformer(nn.Module):
         cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.tok_embeddings(tokens)
+        memo: dict = {}
         for layer, layer_cache in zip(self.layers, cache_layers):
-            x = layer(x, rope, positions, layer_cache, rows, kv_len)
+            x = layer(x, rope, positions, layer_cache, rows, kv_len, memo)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

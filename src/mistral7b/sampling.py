@@ -141,13 +141,17 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: Tensor, batch: SamplerBatch, rows: list[int]) -> Tensor:
-    """Choose one token per row of `logits` [len(rows), vocab] (float32). Greedy rows take the argmax."""
+def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], greedy_only: bool = False) -> Tensor:
+    """Choose one token per row of `logits` [len(rows), vocab] (float32). Greedy rows take the argmax;
+    `greedy_only` (known on the host) skips the sampling work when every row is greedy."""
     index = torch.tensor(rows, device=logits.device)
     logits = apply_penalties(
         logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index], batch.seen[index]
     )
     greedy = logits.argmax(-1)
+    if greedy_only:
+        batch.record(index, greedy)
+        return greedy
     temperature = batch.temperature[index]
     filtered = filter_logits(logits, temperature, batch.top_k[index], batch.top_p[index], batch.min_p[index])
     sampled = (filtered.softmax(-1) / batch.noise(rows)).argmax(-1)
