@@ -186,7 +186,7 @@ def from_gguf_metadata(path: Path, meta: dict[str, Any], has_output: bool) -> Mo
     try:
         dim = int(meta["llama.embedding_length"])
         n_heads = int(meta["llama.attention.head_count"])
-        vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        vocab = meta.get("llama.vocab_size") or meta["tokenizer.ggml.tokens.count"]
         window = meta.get("llama.attention.sliding_window")
         return _build(
             path,

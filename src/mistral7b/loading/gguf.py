@@ -54,9 +54,16 @@ def read(path: Path):
         raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
 
 
+_BULKY = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+
+
 def metadata(reader) -> dict[str, Any]:
+    """Scalar and string fields; the vocabulary arrays are left out (slow to decode) except their length."""
     meta = {}
     for key, field in reader.fields.items():
+        if key in _BULKY:
+            meta[key + ".count"] = len(field.data)
+            continue
         try:
             meta[key] = field.contents()
         except Exception:  # noqa: BLE001 - a field we cannot decode is one we do not need
