@@ -1,0 +1,275 @@
+"""`mistral7b bench`: our engine and HF transformers side by side, in one process on one card.
+
+Random weights at a preset's shape (speed does not depend on the values), shared by both engines.
+Figures are medians over `--runs`; the table goes to stdout and everything to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, preset
+from .engine import Engine
+from .loading import Checkpoint, assemble
+from .sampling import SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="mistral-7b-v0.1", help="model shape, random bf16 weights")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prefill", default="4096,16384,32768", help="prompt lengths for prefill tok/s")
+    p.add_argument("--context", type=int, default=16384, help="decode speed at this context vs 1024")
+    p.add_argument("--long-context", type=int, default=131072, help="prefill this many tokens then decode 128 (0: skip)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--no-hf-compile", action="store_true", help="skip HF's static-cache compiled path")
+    p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
+    p.add_argument("--json", type=Path, default=None, help="write all figures here")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, runs):
+    """Median seconds of `runs` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_gib(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def reset_peak(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def build_hf(config: ModelConfig, device):
+    """An HF MistralForCausalLM with random weights at this shape, initialised on the device."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    hf_config = MistralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim, sliding_window=config.sliding_window, rope_theta=config.rope_theta,
+        max_position_embeddings=max(config.max_seq_len, 32768), rms_norm_eps=config.norm_eps,
+        attn_implementation="sdpa",
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def ours_from_hf(hf_model, config: ModelConfig, device):
+    from .loading.hf import to_canonical
+
+    tensors = ((to_canonical(n), t) for n, t in hf_model.state_dict().items())
+    return assemble(Checkpoint(Path("random-weights"), config, tensors, 0), device, torch.bfloat16)
+
+
+def random_prompts(n, length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def run_requests(engine: Engine, prompts, new_tokens):
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    requests = [engine.add(p, params) for p in prompts]
+    while not all(r.finished for r in requests):
+        engine.step()
+    return requests
+
+
+def main(args) -> int:
+    device = args.device
+    config = preset(args.preset)
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "ours": {},
+        "hf": {},
+        "hf_compiled": {},
+    }
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    sections = set(args.sections.split(","))
+    print(f"building random {args.preset} weights on {device}...", flush=True)
+    hf = build_hf(config, device)
+    model = ours_from_hf(hf, config, device)
+    if args.no_hf:
+        del hf
+        hf = None
+    ours = results["ours"]
+    engine = Engine(model, None, max_batch=max(args.batch, 1), compile=torch.device(device).type == "cuda")
+
+    if "decode" in sections:
+        for batch in (1, args.batch):
+            prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+            reset_peak(device)
+            t = timed(lambda: run_requests(engine, prompts, args.new_tokens), device, args.runs)
+            ours[f"decode_b{batch}_tok_s"] = batch * args.new_tokens / t
+            ours[f"decode_b{batch}_peak_gib"] = peak_gib(device)
+            print(f"ours decode b{batch}: {ours[f'decode_b{batch}_tok_s']:.1f} tok/s", flush=True)
+
+    if "context" in sections:
+        for ctx in (1024, args.context):
+            prompts = random_prompts(1, ctx, config.vocab_size, seed=1)
+            rates = []
+            for _ in range(args.runs):
+                (r,) = run_requests(engine, prompts, args.new_tokens)
+                rates.append((len(r.output_ids) - 1) / (r.finish_time - r.first_token_time))
+            ours[f"decode_at_{ctx}_tok_s"] = statistics.median(rates)
+            print(f"ours decode at {ctx} context: {ours[f'decode_at_{ctx}_tok_s']:.1f} tok/s", flush=True)
+        ours["context_ratio"] = ours[f"decode_at_{args.context}_tok_s"] / ours["decode_at_1024_tok_s"]
+
+    prefill_lengths = [int(x) for x in args.prefill.split(",") if x]
+    if "prefill" in sections:
+        prefill_engine = Engine(model, None, max_batch=1)
+        for n in prefill_lengths:
+            prompts = random_prompts(1, n, config.vocab_size, seed=2)
+            reset_peak(device)
+            t = timed(lambda: run_requests(prefill_engine, prompts, 1), device, args.runs)
+            ours[f"prefill_{n}_tok_s"] = n / t
+            ours[f"prefill_{n}_peak_gib"] = peak_gib(device)
+            print(f"ours prefill {n} (window, chunked): {n / t:.0f} tok/s", flush=True)
+        del prefill_engine
+        # One flex pass over the whole prompt, to pick the chunk size by measurement.
+        n = max(prefill_lengths)
+        prompts = random_prompts(1, n, config.vocab_size, seed=2)
+        one_pass = Engine(model, None, max_batch=1, chunk_size=n)
+        t = timed(lambda: run_requests(one_pass, prompts, 1), device, args.runs)
+        ours[f"prefill_{n}_window_one_pass_tok_s"] = n / t
+        print(f"ours prefill {n} (window, one pass): {n / t:.0f} tok/s", flush=True)
+        del one_pass
+        # The paper's promise: at long lengths the window must beat our own full attention.
+        full = config.with_(sliding_window=None, max_seq_len=n + 8)
+        model.config = full
+        for layer in model.layers:
+            layer.attention.window = None
+        try:
+            full_engine = Engine(model, None, max_batch=1, chunk_size=n)
+            t = timed(lambda: run_requests(full_engine, prompts, 1), device, args.runs)
+            ours[f"prefill_{n}_full_attention_tok_s"] = n / t
+            print(f"ours prefill {n} (full attention): {n / t:.0f} tok/s", flush=True)
+            del full_engine
+        finally:
+            model.config = config
+            for layer, w in zip(model.layers, config.layer_windows()):
+                layer.attention.window = w
+
+    if "long" in sections and args.long_context:
+        long_engine = Engine(model, None, max_batch=1)
+        prompts = random_prompts(1, args.long_context, config.vocab_size, seed=3)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        (r,) = run_requests(long_engine, prompts, 128)
+        sync(device)
+        ours["long_context_tokens"] = args.long_context
+        ours["long_context_seconds"] = time.perf_counter() - t0
+        ours["long_context_prefill_seconds"] = r.first_token_time - r.arrival_time
+        ours["long_context_cache_gib"] = long_engine.cache.nbytes() / 2**30
+        ours["long_context_peak_gib"] = peak_gib(device)
+        ours["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        print(f"ours long context {args.long_context}: {ours['long_context_seconds']:.1f} s, "
+              f"cache {ours['long_context_cache_gib']:.2f} GiB, peak {ours['long_context_peak_gib']}", flush=True)
+        del long_engine
+
+    if hf is not None:
+        bench_hf(hf, config, args, results)
+
+    print_table(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def bench_hf(hf, config, args, results):
+    device = args.device
+    out = results["hf"]
+
+    def generate(prompts, **kwargs):
+        ids = torch.tensor(prompts, device=device)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+
+    with torch.no_grad():
+        for batch in (1, args.batch):
+            prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+            t = timed(lambda: generate(prompts), device, max(1, args.runs - 1))
+            out[f"decode_b{batch}_tok_s"] = batch * args.new_tokens / t
+            print(f"hf decode b{batch}: {out[f'decode_b{batch}_tok_s']:.1f} tok/s", flush=True)
+        for n in [int(x) for x in args.prefill.split(",") if x]:
+            ids = torch.tensor(random_prompts(1, n, config.vocab_size, seed=2), device=device)
+            for label, window in (("", config.sliding_window), ("_full_attention", None)):
+                hf.config.sliding_window = window
+                t = timed(lambda: hf(ids, use_cache=False, logits_to_keep=1), device, max(1, args.runs - 1))
+                out[f"prefill_{n}{label}_tok_s"] = n / t
+                print(f"hf prefill {n}{label}: {n / t:.0f} tok/s", flush=True)
+            hf.config.sliding_window = config.sliding_window
+        if not args.no_hf_compile:
+            prompts = random_prompts(1, args.prompt_len, config.vocab_size)
+            generate(prompts, cache_implementation="static")  # compiles
+            t = timed(lambda: generate(prompts, cache_implementation="static"), device, max(1, args.runs - 1))
+            results["hf_compiled"]["decode_b1_tok_s"] = args.new_tokens / t
+            print(f"hf compiled decode b1: {args.new_tokens / t:.1f} tok/s", flush=True)
+
+
+def print_table(results, args):
+    ours, hf, hfc = results["ours"], results["hf"], results["hf_compiled"]
+    rows = [(f"decode b1 (prompt {args.prompt_len}, {args.new_tokens} new)", "decode_b1_tok_s"),
+            (f"decode b{args.batch}", f"decode_b{args.batch}_tok_s")]
+    for n in [int(x) for x in args.prefill.split(",") if x]:
+        rows.append((f"prefill {n}, window", f"prefill_{n}_tok_s"))
+        rows.append((f"prefill {n}, window, one pass", f"prefill_{n}_window_one_pass_tok_s"))
+        rows.append((f"prefill {n}, full attention", f"prefill_{n}_full_attention_tok_s"))
+    rows += [("decode at 1024 context", "decode_at_1024_tok_s"), (f"decode at {args.context} context", f"decode_at_{args.context}_tok_s")]
+    fmt = lambda v: "-" if v is None else (f"{v:,.1f}" if v < 1000 else f"{v:,.0f}")  # noqa: E731
+    print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']} | {results['date']}")
+    print(f"| tok/s | ours | HF default | HF static+compile | ours / best HF |\n|---|---|---|---|---|")
+    for label, key in rows:
+        a, b, c = ours.get(key), hf.get(key), hfc.get(key)
+        best = max([x for x in (b, c) if x is not None], default=None)
+        ratio = f"{a / best:.2f}x" if a is not None and best else "-"
+        print(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {ratio} |")
+    for key in ("context_ratio", "decode_b1_peak_gib", f"decode_b{args.batch}_peak_gib", "long_context_tokens",
+                "long_context_seconds", "long_context_prefill_seconds", "long_context_cache_gib", "long_context_peak_gib",
+                "weights_gib"):
+        if key in ours:
+            print(f"{key}: {ours[key] if not isinstance(ours[key], float) else round(ours[key], 3)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))
