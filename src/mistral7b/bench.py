@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-context", type=int, default=131072, help="prefill this many tokens then decode 128 (0: skip)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    p.add_argument("--no-hf-compile", action="store_true", help="skip HF's static-cache compiled path")
+    p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
     p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
 
@@ -144,6 +144,7 @@ def main(args) -> int:
     if "context" in sections:
         for ctx in (1024, args.context):
             prompts = random_prompts(1, ctx, config.vocab_size, seed=1)
+            run_requests(engine, prompts, args.new_tokens)  # warm-up: records this kv_len's graph
             rates = []
             for _ in range(args.runs):
                 (r,) = run_requests(engine, prompts, args.new_tokens)
@@ -188,7 +189,8 @@ def main(args) -> int:
                 layer.attention.window = w
 
     if "long" in sections and args.long_context:
-        long_engine = Engine(model, None, max_batch=1)
+        long_engine = Engine(model, None, max_batch=1, compile=torch.device(device).type == "cuda")
+        run_requests(long_engine, random_prompts(1, 8192, config.vocab_size, seed=4), 16)  # compile
         prompts = random_prompts(1, args.long_context, config.vocab_size, seed=3)
         reset_peak(device)
         sync(device)
@@ -224,12 +226,13 @@ def bench_hf(hf, config, args, results):
                     min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
 
     with torch.no_grad():
-        for batch in (1, args.batch):
+        hf_sections = set(args.hf_sections.split(","))
+        for batch in (1, args.batch) if "decode" in hf_sections else ():
             prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
             t = timed(lambda: generate(prompts), device, max(1, args.runs - 1))
             out[f"decode_b{batch}_tok_s"] = batch * args.new_tokens / t
             print(f"hf decode b{batch}: {out[f'decode_b{batch}_tok_s']:.1f} tok/s", flush=True)
-        for n in [int(x) for x in args.prefill.split(",") if x]:
+        for n in [int(x) for x in args.prefill.split(",") if x] if "prefill" in hf_sections else ():
             ids = torch.tensor(random_prompts(1, n, config.vocab_size, seed=2), device=device)
             for label, window in (("", config.sliding_window), ("_full_attention", None)):
                 hf.config.sliding_window = window
@@ -237,7 +240,7 @@ def bench_hf(hf, config, args, results):
                 out[f"prefill_{n}{label}_tok_s"] = n / t
                 print(f"hf prefill {n}{label}: {n / t:.0f} tok/s", flush=True)
             hf.config.sliding_window = config.sliding_window
-        if not args.no_hf_compile:
+        if "compile" in hf_sections:
             prompts = random_prompts(1, args.prompt_len, config.vocab_size)
             generate(prompts, cache_implementation="static")  # compiles
             t = timed(lambda: generate(prompts, cache_implementation="static"), device, max(1, args.runs - 1))

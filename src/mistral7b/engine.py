@@ -202,7 +202,7 @@ class Engine:
     def _prefill_chunk(self, request: Request, budget: int, deltas: list[Delta]) -> int:
         start = request.n_prefilled
         n = min(self.chunk_size, budget, len(request.prompt_ids) - start)
-        tokens = torch.tensor([request.prompt_ids[start : start + n]], device=self.device)
+        tokens = self._to_device(request.prompt_ids[start : start + n])[None]
         positions = torch.arange(start, start + n, device=self.device)[None]
         row = slice(request.row, request.row + 1)
         logits = self.model(tokens, positions, self.cache, rows=row, kv_len=start + n, last_only=True)
@@ -223,20 +223,27 @@ class Engine:
         idle = self.waiting or any(r.n_prefilled < len(r.prompt_ids) for r in self.rows if r is not None)
         steps = 1 if idle else min([self.decode_steps] + [r.params.max_tokens - len(r.output_ids) for r in decoding])
         kv_len = self._kv_len(max(positions) + steps)
-        tokens_t = torch.tensor(tokens, device=self.device)[:, None]
-        positions_t = torch.tensor(positions, device=self.device)[:, None]
+        tokens_t = self._to_device(tokens)[:, None]
+        positions_t = self._to_device(positions)[:, None]
         rows = [r.row for r in decoding]
         greedy = all(r.params.greedy for r in decoding)
-        index = torch.tensor(rows, device=self.device)
+        index = self._to_device(rows)
         chosen, logprobs = [], []
         for _ in range(steps):
             logits = self._decode_fn(tokens_t, positions_t, kv_len)[index, -1]
-            step_tokens = sample(logits, self.sampler, rows, greedy)
+            step_tokens = sample(logits, self.sampler, rows, index, greedy)
             chosen.append(step_tokens)
             logprobs.append(self._logprobs(decoding, logits, step_tokens))
             tokens_t[index, 0] = step_tokens
             positions_t = torch.where(positions_t >= 0, positions_t + 1, positions_t)
         self._deliver(decoding, chosen, logprobs, deltas)
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """Host ints to the device without a stream sync (pinned memory, non-blocking copy)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _kv_len(self, needed: int) -> int:
         """Compiled graphs are recorded per kv_len, so round it up to a power of two."""
@@ -252,7 +259,8 @@ class Engine:
         return top_logprobs(logits, tokens, max(want)) if want else None
 
     def _accept(self, requests: list[Request], logits: torch.Tensor, deltas: list[Delta]) -> None:
-        tokens = sample(logits, self.sampler, [r.row for r in requests], all(r.params.greedy for r in requests))
+        rows = [r.row for r in requests]
+        tokens = sample(logits, self.sampler, rows, self._to_device(rows), all(r.params.greedy for r in requests))
         self._deliver(requests, [tokens], [self._logprobs(requests, logits, tokens)], deltas)
 
     def _deliver(self, requests, chosen, logprobs, deltas) -> None:

@@ -141,10 +141,12 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], greedy_only: bool = False) -> Tensor:
-    """Choose one token per row of `logits` [len(rows), vocab] (float32). Greedy rows take the argmax;
-    `greedy_only` (known on the host) skips the sampling work when every row is greedy."""
-    index = torch.tensor(rows, device=logits.device)
+def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, greedy_only: bool = False) -> Tensor:
+    """Choose one token per row of `logits` [len(rows), vocab] (float32). Greedy rows take the argmax.
+
+    `index` is `rows` already on the device (a host-to-device copy here would stall the GPU queue
+    every step); `greedy_only` (known on the host) skips the sampling work when every row is greedy.
+    """
     logits = apply_penalties(
         logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index], batch.seen[index]
     )
