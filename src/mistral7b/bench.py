@@ -55,10 +55,13 @@ def timed(fn, device, runs):
     return statistics.median(times)
 
 
+OTHER_RESIDENT_BYTES = 0  # the HF model's weights while it shares the card; not ours to count
+
+
 def peak_gib(device) -> float | None:
     if torch.device(device).type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated() / 2**30
+    return (torch.cuda.max_memory_allocated() - OTHER_RESIDENT_BYTES) / 2**30
 
 
 def reset_peak(device):
@@ -126,9 +129,12 @@ def main(args) -> int:
     print(f"building random {args.preset} weights on {device}...", flush=True)
     hf = build_hf(config, device)
     model = ours_from_hf(hf, config, device)
+    global OTHER_RESIDENT_BYTES
     if args.no_hf:
         del hf
         hf = None
+    else:
+        OTHER_RESIDENT_BYTES = sum(p.numel() * p.element_size() for p in hf.parameters())
     ours = results["ours"]
     engine = Engine(model, None, max_batch=max(args.batch, 1), compile=torch.device(device).type == "cuda")
 

@@ -43,26 +43,30 @@ class LayerCache:
         t = q_pos.shape[1]
         if t == 1:
             n = self.size if kv_len is None else min(kv_len, self.size)
-            self._write(k_rows, v_rows, pos_rows, k_new, v_new, q_pos)
+            self._write(rows, k_new, v_new, q_pos)
             return k_rows[:, :, :n], v_rows[:, :, :n], pos_rows[:, :n]
         n = self.size if kv_len is None else min(kv_len - t, self.size)
         k = torch.cat([k_rows[:, :, :n], k_new], dim=2)
         v = torch.cat([v_rows[:, :, :n], v_new], dim=2)
         k_pos = torch.cat([pos_rows[:, :n], q_pos], dim=1)
         keep = min(t, self.size)
-        self._write(k_rows, v_rows, pos_rows, k_new[:, :, -keep:], v_new[:, :, -keep:], q_pos[:, -keep:])
+        self._write(rows, k_new[:, :, -keep:], v_new[:, :, -keep:], q_pos[:, -keep:])
         return k, v, k_pos
 
-    def _write(self, k_rows, v_rows, pos_rows, k_new, v_new, q_pos):
+    def _write(self, rows: slice, k_new, v_new, q_pos):
         """Scatter into slots `pos % size`. Rows whose position is -1 (idle rows riding along in a
-        batched decode step) write their slot's old contents back, so one launch serves every row."""
+        batched decode step) write their slot's old contents back, so one launch serves every row.
+
+        Indexing the full buffers (not a view of the rows) matters under torch.compile: a write
+        through a view is functionalised into a copy of the whole buffer.
+        """
         keep = q_pos >= 0
         slots = q_pos.clamp(min=0) % self.size  # [B, T], distinct within a row since T <= size
-        batch_index = torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
-        for buf, new in ((k_rows, k_new), (v_rows, v_new)):
+        row_index = (rows.start or 0) + torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
+        for buf, new in ((self.k, k_new), (self.v, v_new)):
             new = new.transpose(1, 2).to(buf.dtype)
-            buf[batch_index, :, slots] = torch.where(keep[..., None, None], new, buf[batch_index, :, slots])
-        pos_rows[batch_index, slots] = torch.where(keep, q_pos, pos_rows[batch_index, slots])
+            buf[row_index, :, slots] = torch.where(keep[..., None, None], new, buf[row_index, :, slots])
+        self.pos[row_index, slots] = torch.where(keep, q_pos, self.pos[row_index, slots])
 
 
 class KVCache:
