@@ -5,6 +5,7 @@ llama.cpp's converter permutes q/k rows into interleaved pairs; they are convert
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,20 @@ def to_canonical(name: str) -> str:
 
 
 def read(path: Path):
-    """Open a GGUF file with the gguf package, turning its many failure modes into one error."""
+    """Open a GGUF file with the gguf package, turning its many failure modes into one error.
+
+    Parsing the header of a large vocabulary takes seconds, so the model loader and the tokenizer
+    share one reader per unchanged file."""
+    stat = Path(path).stat()
+    return _read(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: str, mtime_ns: int, size: int):
     import gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
         raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
 
@@ -76,9 +86,9 @@ def tensor_to_torch(t) -> torch.Tensor:
 
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == gguf.GGMLQuantizationType.F32:
-        array = np.asarray(t.data, dtype=np.float32)
+        array = np.array(t.data, dtype=np.float32)  # a copy: the memory map is read-only
     elif t.tensor_type == gguf.GGMLQuantizationType.F16:
-        array = np.asarray(t.data, dtype=np.float16)
+        array = np.array(t.data, dtype=np.float16)
     else:
         array = gguf.quants.dequantize(t.data, t.tensor_type)
     return torch.from_numpy(np.ascontiguousarray(array).reshape(shape))
