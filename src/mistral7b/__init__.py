@@ -1,9 +1,15 @@
 """mistral7b: a fast, faithful PyTorch implementation of Mistral 7B and an inference engine built on it."""
 
-from .config import PRESETS, ModelConfig, ModelLoadError, preset
 from .cache import KVCache
+from .config import PRESETS, ModelConfig, ModelLoadError, preset
+from .generate import LLM, CompletionOutput
 from .loading import load_model
 from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import GUARDRAIL_PROMPT, Tokenizer, TokenizerError
 
-__all__ = ["ModelConfig", "ModelLoadError", "PRESETS", "preset", "KVCache", "Transformer", "load_model"]
+__all__ = [
+    "LLM", "CompletionOutput", "SamplingParams", "Tokenizer", "TokenizerError", "GUARDRAIL_PROMPT",
+    "ModelConfig", "ModelLoadError", "PRESETS", "preset", "KVCache", "Transformer", "load_model",
+]
 __version__ = "0.1.0"
