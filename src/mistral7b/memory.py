@@ -1,0 +1,180 @@
+"""Memory and FLOP arithmetic for a model config: pure functions, no tensors.
+
+KV cache: `2 (K,V) x n_layers x n_kv_heads x head_dim x bytes x tokens x batch`. A layer with a
+sliding window W keeps a rolling buffer of `min(tokens, W)` positions; one without keeps all of them.
+For Mistral 7B v0.1 in bf16 that is 128 KiB per token with GQA (8 KV heads) against 512 KiB with
+MHA (32), 4 GiB at 32k tokens, and a flat 0.5 GiB with the W = 4096 rolling buffer.
+
+Attention FLOPs of a prefill over n tokens, counting the two matmuls QK^T and PV at 2 FLOPs per
+multiply-add each: `4 x n_layers x n_heads x head_dim x K`, where K counts the (query, key) pairs
+that are attended: `K = sum_{i<n} (i+1) = n(n+1)/2` with full causal attention, and
+`K = sum_{i<n} min(i+1, W)` with a window of W (query i sees keys i-W < j <= i).
+
+Receptive field: after k layers a token can draw on information up to k x W positions back, so the
+last layer reaches n_layers x W tokens (32 x 4096 = 131072 for v0.1).
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(n: float) -> str:
+    """Binary units, exact where the figure is: 131072 -> '128 KiB', 2**29 -> '512 MiB'."""
+    value, unit = float(n), 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{text} {_UNITS[unit]}"
+
+
+def format_count(n: float) -> str:
+    """Decimal SI prefixes for counts of parameters and FLOPs: 7241732096 -> '7.24 G'."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}"
+    return f"{n:g} "
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2, n_kv_heads: int | None = None) -> int:
+    """Bytes of K and V that one token adds over all layers: 2 x n_layers x n_kv_heads x head_dim x bytes."""
+    return 2 * config.n_layers * (n_kv_heads or config.n_kv_heads) * config.head_dim * dtype_bytes
+
+
+def cached_positions(config: ModelConfig, seq_len: int, rolling: bool = True) -> list[int]:
+    """Positions each layer holds for a sequence of `seq_len` tokens: min(seq_len, W) with a rolling
+    buffer on a windowed layer, else seq_len."""
+    return [min(seq_len, w) if rolling and w is not None else seq_len for w in config.layer_windows()]
+
+
+def kv_cache_bytes(
+    config: ModelConfig,
+    seq_len: int,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+    n_kv_heads: int | None = None,
+    rolling: bool = False,
+) -> int:
+    """KV cache bytes for `batch` sequences of `seq_len` tokens; `rolling` uses the window's buffer,
+    `n_kv_heads` overrides the config's (n_heads gives the MHA figure)."""
+    per_position = 2 * (n_kv_heads or config.n_kv_heads) * config.head_dim * dtype_bytes
+    return batch * per_position * sum(cached_positions(config, seq_len, rolling))
+
+
+def attended_pairs(seq_len: int, window: int | None) -> int:
+    """(query, key) pairs of a causal prefill over `seq_len` tokens: sum_{i<n} min(i+1, W)."""
+    n = seq_len
+    if window is None or window >= n:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def attention_flops(config: ModelConfig, seq_len: int, batch: int = 1, windowed: bool = True) -> int:
+    """FLOPs of the QK^T and PV matmuls in a prefill of `seq_len` tokens:
+    4 x n_heads x head_dim x attended_pairs, summed over layers (each layer with its own window)."""
+    per_pair = 4 * config.n_heads * config.head_dim
+    return batch * per_pair * sum(attended_pairs(seq_len, w if windowed else None) for w in config.layer_windows())
+
+
+def decode_attention_flops(config: ModelConfig, position: int, windowed: bool = True) -> int:
+    """FLOPs of QK^T and PV for one new token at `position` (0-based): it attends min(position+1, W) keys."""
+    per_key = 4 * config.n_heads * config.head_dim
+    return per_key * sum(min(position + 1, w) if windowed and w is not None else position + 1 for w in config.layer_windows())
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: every linear layer and the output head
+    (the embedding table is a lookup unless it is tied to the head; norms are elementwise)."""
+    c = config
+    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    ffn = 3 * c.dim * c.hidden_dim
+    return c.n_layers * (attn + ffn) + c.vocab_size * c.dim
+
+
+def linear_flops_per_token(config: ModelConfig) -> int:
+    """2 FLOPs per multiply-add of every weight a token passes through (attention scores excluded)."""
+    return 2 * matmul_params(config)
+
+
+def receptive_field(config: ModelConfig) -> int | None:
+    """Tokens back that the last layer can draw on: n_layers x W (sum of windows); None if some layer
+    has full attention (then it is the whole sequence)."""
+    windows = config.layer_windows()
+    if any(w is None for w in windows):
+        return None
+    return sum(windows)
+
+
+def weight_bytes(config: ModelConfig) -> dict[str, int]:
+    """Bytes of the weights by storage type (n_params x bytes per parameter; int4 packs two per byte)."""
+    n = config.n_params
+    return {"float32": 4 * n, "bfloat16": 2 * n, "float16": 2 * n, "int8": n, "int4": n // 2}
+
+
+def ffn_params(config: ModelConfig) -> int:
+    return config.n_layers * 3 * config.dim * config.hidden_dim
+
+
+def attention_params(config: ModelConfig) -> int:
+    return config.n_layers * config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+
+
+def report(config: ModelConfig, seq_lens: list[int], batch: int = 1, dtype_bytes: int = 2) -> dict:
+    """Everything the `memory` command shows, as plain numbers (bytes, FLOPs, tokens)."""
+    windows = config.layer_windows()
+    distinct = sorted({w for w in windows if w is not None})
+    rows = []
+    for n in seq_lens:
+        gqa = kv_cache_bytes(config, n, batch, dtype_bytes)
+        rolling = kv_cache_bytes(config, n, batch, dtype_bytes, rolling=True)
+        full = attention_flops(config, n, batch, windowed=False)
+        windowed = attention_flops(config, n, batch, windowed=True)
+        rows.append(
+            {
+                "seq_len": n,
+                "kv_cache_bytes": {
+                    "mha": kv_cache_bytes(config, n, batch, dtype_bytes, n_kv_heads=config.n_heads),
+                    "gqa": gqa,
+                    "gqa_rolling": rolling,
+                },
+                "rolling_saving": gqa / rolling,
+                "attention_flops": {"full": full, "window": windowed},
+                "attention_flops_ratio": full / windowed,
+                "decode_attention_flops_at_end": {
+                    "full": batch * decode_attention_flops(config, n - 1, windowed=False),
+                    "window": batch * decode_attention_flops(config, n - 1, windowed=True),
+                },
+                "linear_flops": batch * n * linear_flops_per_token(config),
+            }
+        )
+    return {
+        "config": config.to_dict(),
+        "batch": batch,
+        "dtype_bytes": dtype_bytes,
+        "n_params": config.n_params,
+        "params": {
+            "attention": attention_params(config),
+            "feed_forward": ffn_params(config),
+            "embeddings": config.vocab_size * config.dim * (1 if config.tie_embeddings else 2),
+        },
+        "weight_bytes": weight_bytes(config),
+        "kv_bytes_per_token": {
+            "mha": batch * kv_bytes_per_token(config, dtype_bytes, config.n_heads),
+            "gqa": batch * kv_bytes_per_token(config, dtype_bytes),
+        },
+        "windows": distinct,
+        "receptive_field": receptive_field(config),
+        "linear_flops_per_token": linear_flops_per_token(config),
+        "seq_lens": rows,
+        "formulas": {
+            "kv_cache": "2 (K,V) x n_layers x n_kv_heads x head_dim x bytes x tokens x batch; "
+            "a rolling buffer holds min(tokens, W) positions per windowed layer",
+            "attention_flops": "4 x n_layers x n_heads x head_dim x pairs x batch (QK^T and PV, 2 FLOPs per multiply-add); "
+            "pairs = sum_{i<n} (i+1) = n(n+1)/2 for full causal attention, sum_{i<n} min(i+1, W) with a window",
+            "receptive_field": "n_layers x W",
+            "linear_flops": "2 x (weights in matmuls) per token",
+        },
+    }
