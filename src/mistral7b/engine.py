@@ -140,41 +140,44 @@ class Engine:
         return request
 
     def abort(self, request: Request) -> None:
-        """Drop a request wherever it is; its cache row is free for the next step."""
+        """Drop a request wherever it is. Safe from any thread: a running request's cache row is
+        released at the start of the next step, never in the middle of one."""
         with self.lock:
             if request in self.waiting:
                 self.waiting.remove(request)
-            if request.row is not None:
-                self._release(request)
             if not request.finished:
                 request.finish_reason = "abort"
                 request.finish_time = time.monotonic()
 
     @property
     def n_running(self) -> int:
-        return sum(r is not None for r in self.rows)
+        return sum(r is not None and not r.finished for r in self.rows)
 
     @property
     def n_waiting(self) -> int:
         return len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.n_running > 0
+        """True while anything is queued, running, or holds a row that the next step must free."""
+        return bool(self.waiting) or any(r is not None for r in self.rows)
 
     # -- one iteration ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[Delta]:
         with self.lock:
+            for request in self.rows:
+                if request is not None and request.finished:
+                    self._release(request)
             self._admit()
             running = [r for r in self.rows if r is not None]
         deltas: list[Delta] = []
-        decoding = [r for r in running if r.n_prefilled == len(r.prompt_ids)]
+        decoding = [r for r in running if r.n_prefilled == len(r.prompt_ids) and not r.finished]
         budget = self.prefill_budget
         for request in running:
             if budget <= 0:
                 break
-            if request.n_prefilled < len(request.prompt_ids):
+            if request.n_prefilled < len(request.prompt_ids) and not request.finished:
                 budget -= self._prefill_chunk(request, budget, deltas)
         if decoding:
             self._decode(decoding, deltas)
