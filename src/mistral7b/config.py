@@ -155,8 +155,11 @@ def from_hf_config(path: Path) -> ModelConfig:
         layer_types = c.get("layer_types")
         if window is not None and layer_types:
             window = tuple(window if t == "sliding_attention" else None for t in layer_types)
-        if c.get("rope_scaling"):
-            raise ModelLoadError(f"{path}: rope_scaling {c['rope_scaling']!r} is not supported")
+        # transformers 5 writes the scaling into `rope_parameters` (rope_type != "default"), older ones into `rope_scaling`.
+        for key, absent in (("rope_scaling", None), ("rope_parameters", "default")):
+            scaling = c.get(key) or {}
+            if scaling and scaling.get("rope_type", scaling.get("type", absent)) != "default":
+                raise ModelLoadError(f"{path}: {key} {scaling!r} is not supported")
         rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         return _build(
             path,

@@ -1,0 +1,145 @@
+"""Attention masks and kernels against brute-force references (python loops, float64 softmax)."""
+
+import math
+
+import pytest
+import torch
+
+from mistral7b.attention import attention, causal_attention, decode_attention, sdpa_attention, visible
+
+
+def _visible_bruteforce(q_pos, k_pos, window):
+    B, Tq = q_pos.shape
+    Tk = k_pos.shape[1]
+    out = torch.zeros(B, Tq, Tk, dtype=torch.bool)
+    for b in range(B):
+        for i in range(Tq):
+            for j in range(Tk):
+                qi, kj = int(q_pos[b, i]), int(k_pos[b, j])
+                if kj < 0:  # empty slot
+                    continue
+                if window is None:
+                    out[b, i, j] = kj <= qi
+                else:
+                    out[b, i, j] = qi - window < kj <= qi
+    return out
+
+
+def _naive_attention(q, k, v, q_pos, k_pos, window):
+    """float64 softmax(q k^T / sqrt(d)) v with K/V heads repeated: query head h uses KV head h // group."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    mask = _visible_bruteforce(q_pos, k_pos, window)[:, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 8])
+def test_visible_matches_bruteforce(window):
+    for _ in range(5):
+        B, Tq, Tk = 2, int(torch.randint(1, 12, ())), int(torch.randint(1, 20, ()))
+        q_pos = torch.randint(0, 30, (B, Tq))
+        k_pos = torch.randint(-1, 30, (B, Tk))
+        k_pos[:, 0] = -1  # always at least one empty slot
+        got = visible(q_pos, k_pos, window)
+        assert got.dtype == torch.bool and got.shape == (B, Tq, Tk)
+        assert torch.equal(got, _visible_bruteforce(q_pos, k_pos, window))
+
+
+def test_visible_window_counts_w_keys_including_self():
+    W, T = 5, 20
+    pos = torch.arange(T)[None]
+    m = visible(pos, pos, W)[0]
+    counts = m.sum(-1)
+    assert counts.tolist() == [min(i + 1, W) for i in range(T)]
+    assert all(bool(m[i, i]) for i in range(T))
+    assert not bool(m[10, 10 - W])  # exactly W back is out
+    assert bool(m[10, 10 - W + 1])
+
+
+def _rolling_case(B, H, KV, hd, W, t_q, start):
+    """Queries at positions start..start+t_q-1 against a rolling buffer of W slots holding positions
+    start-W..start-1 (slot p % W, some of them empty when start < W) plus the queries' own keys."""
+    size = W
+    buf_pos = torch.full((B, size), -1, dtype=torch.long)
+    for p in range(max(0, start - W), start):
+        buf_pos[:, p % size] = p
+    q_pos = torch.arange(start, start + t_q).expand(B, t_q)
+    k_pos = torch.cat([buf_pos, q_pos], dim=1)
+    # random slot order on top (order inside the buffer must not matter)
+    perm = torch.randperm(k_pos.shape[1])
+    k_pos = k_pos[:, perm]
+    q = torch.randn(B, H, t_q, hd)
+    k = torch.randn(B, KV, k_pos.shape[1], hd)
+    v = torch.randn(B, KV, k_pos.shape[1], hd)
+    return q, k, v, q_pos, k_pos
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+@pytest.mark.parametrize("window", [None, 6])
+def test_sdpa_attention_matches_naive(n_kv, window):
+    W = 6
+    for start, t_q in [(0, 5), (3, 4), (13, 6), (20, 9)]:
+        q, k, v, q_pos, k_pos = _rolling_case(2, 4, n_kv, 16, W, t_q, start)
+        want = _naive_attention(q, k, v, q_pos, k_pos, window)
+        got = sdpa_attention(q, k, v, q_pos, k_pos, window)
+        assert got.shape == want.shape
+        assert _rel(got, want) < 1e-5
+        # the general dispatcher gives the same
+        assert _rel(attention(q, k, v, q_pos, k_pos, window), want) < 1e-5
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_decode_attention_matches_naive(n_kv):
+    """One query per row, rows at different positions, rolling buffers in slot order p % W."""
+    B, H, hd, W = 3, 4, 16, 6
+    starts = [2, 11, 30]
+    k_pos = torch.full((B, W), -1, dtype=torch.long)
+    for b, s in enumerate(starts):
+        for p in range(max(0, s - W + 1), s + 1):
+            k_pos[b, p % W] = p
+    q_pos = torch.tensor(starts)[:, None]
+    q = torch.randn(B, H, 1, hd)
+    k = torch.randn(B, n_kv, W, hd)
+    v = torch.randn(B, n_kv, W, hd)
+    want = _naive_attention(q, k, v, q_pos, k_pos, W)
+    assert _rel(decode_attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
+    assert _rel(attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
+
+
+def test_gqa_head_mapping_is_h_div_group():
+    """Query head h reads KV head h // group: with KV heads holding distinct constant values and all
+    attention mass on one key, the output of head h is the value of head h // group."""
+    B, H, KV, T, hd = 1, 8, 2, 4, 8
+    q = torch.zeros(B, H, T, hd)
+    k = torch.zeros(B, KV, T, hd)
+    v = torch.arange(KV, dtype=torch.float32).view(1, KV, 1, 1).expand(B, KV, T, hd).clone()
+    pos = torch.arange(T)[None]
+    out = sdpa_attention(q, k, v, pos, pos, None)
+    for h in range(H):
+        assert torch.allclose(out[0, h], torch.full((T, hd), float(h // (H // KV))))
+
+
+@pytest.mark.parametrize("n_kv", [4, 1])
+@pytest.mark.parametrize("window", [None, 1, 5, 17, 64])
+def test_self_only_path_equals_masked_path(n_kv, window):
+    T = 17
+    q = torch.randn(2, 4, T, 16)
+    k = torch.randn(2, n_kv, T, 16)
+    v = torch.randn(2, n_kv, T, 16)
+    pos = torch.arange(T).expand(2, T)
+    fast = attention(q, k, v, pos, pos, window, self_only=True)
+    masked = sdpa_attention(q, k, v, pos, pos, window)
+    want = _naive_attention(q, k, v, pos, pos, window)
+    assert _rel(fast, masked) < 1e-5
+    assert _rel(fast, want) < 1e-5
+    if window is None or window >= T:
+        assert _rel(causal_attention(q, k, v), want) < 1e-5
