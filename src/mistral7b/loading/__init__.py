@@ -53,8 +53,8 @@ def canonical_names(config: ModelConfig) -> list[str]:
     return names
 
 
-def _targets(model: Transformer) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
-    """canonical name -> (the parameter slice it fills, the shape it must have)."""
+def canonical_views(model: Transformer) -> dict[str, torch.Tensor]:
+    """canonical name -> the parameter, or the rows of a fused parameter, that holds that weight."""
     c = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     q, kv, hidden = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_dim
@@ -65,20 +65,16 @@ def _targets(model: Transformer) -> dict[str, tuple[torch.Tensor, tuple[int, ...
         "feed_forward.w1": ("feed_forward.w13", 0, hidden),
         "feed_forward.w3": ("feed_forward.w13", hidden, 2 * hidden),
     }
-    targets = {}
+    views = {}
     for name in canonical_names(c):
-        prefix, _, rest = name.partition(".") if name.startswith("layers.") else ("", "", name)
-        if prefix:
-            index, _, rest = rest.partition(".")
-            prefix = f"layers.{index}."
+        layer, _, rest = name.removeprefix("layers.").partition(".") if name.startswith("layers.") else ("", "", "")
         key = rest.removesuffix(".weight")
         if key in fused:
             param, lo, hi = fused[key]
-            tensor = params[prefix + param + ".weight"][lo:hi]
+            views[name] = params[f"layers.{layer}.{param}.weight"][lo:hi]
         else:
-            tensor = params[name]
-        targets[name] = (tensor, tuple(tensor.shape))
-    return targets
+            views[name] = params[name]
+    return views
 
 
 def assemble(checkpoint: Checkpoint, device=None, dtype=None) -> Transformer:
@@ -89,7 +85,7 @@ def assemble(checkpoint: Checkpoint, device=None, dtype=None) -> Transformer:
     model.to_empty(device=device)
     if checkpoint.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # to_empty unties them
-    targets = _targets(model)
+    targets = {name: (view, tuple(view.shape)) for name, view in canonical_views(model).items()}
     loaded: set[str] = set()
     bar = tqdm(
         total=checkpoint.n_tensors or None, desc=f"loading {checkpoint.path.name}", unit="tensor",

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from . import canonical_names, half_to_interleaved
+from . import canonical_views, half_to_interleaved
 from .hf import from_canonical as hf_name
 
 # safetensors' dtype names
@@ -43,26 +43,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def canonical_tensors(model) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(canonical name, thunk giving the tensor in rotate-half order) for every weight, unfused."""
-    c: ModelConfig = model.config
-    q, kv, hidden = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_dim
-    split = {
-        "attention.wq": ("attention.wqkv", 0, q),
-        "attention.wk": ("attention.wqkv", q, q + kv),
-        "attention.wv": ("attention.wqkv", q + kv, q + 2 * kv),
-        "feed_forward.w1": ("feed_forward.w13", 0, hidden),
-        "feed_forward.w3": ("feed_forward.w13", hidden, 2 * hidden),
-    }
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name in canonical_names(c):
-        if name.startswith("layers."):
-            index, _, rest = name[len("layers."):].partition(".")
-            key = rest.removesuffix(".weight")
-            if key in split:
-                param, lo, hi = split[key]
-                tensor = params[f"layers.{index}.{param}.weight"]
-                yield name, (lambda t=tensor, lo=lo, hi=hi: t[lo:hi])
-                continue
-        yield name, (lambda t=params[name]: t)
+    for name, view in canonical_views(model).items():
+        yield name, (lambda t=view: t)
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
