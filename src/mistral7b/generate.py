@@ -13,6 +13,9 @@ from .loading import load_model
 from .sampling import SamplingParams
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 @dataclass
 class CompletionOutput:
     prompt_token_ids: list[int]
@@ -93,6 +96,10 @@ class LLM:
 
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat format")
+        for m in messages:  # a Jinja template would render any role as text; reject unknown ones here
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in CHAT_ROLES:
+                raise ValueError(f"unknown chat role {role!r}: expected one of {', '.join(CHAT_ROLES)}")
         if safe_prompt:
             messages = with_safe_prompt(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -32,14 +32,16 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))) or not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise ValueError("stop must be a string or a list of strings, and stop_token_ids a list of integers")
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
             (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
+            (_integer(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
             (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens}"),
+            (_integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens}"),
             (_finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
@@ -55,6 +57,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:
@@ -132,7 +138,8 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     ranks = torch.arange(vocab, device=logits.device)[None]
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
     remove = ranks >= k
-    probs = sorted_logits.softmax(-1)
+    # Top-p (and min-p) look at the distribution top-k left, renormalised, as HF's warpers in sequence do.
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(-1)
     before = probs.cumsum(-1) - probs  # mass strictly above each entry
     remove |= (before >= top_p[:, None]) & (top_p[:, None] < 1)
     remove |= probs < min_p[:, None] * probs[:, :1]
