@@ -43,7 +43,9 @@ def main() -> int:
         run_requests(engine, prompts, args.tokens)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in averages)
+    # Kernels only: the "## Call CompiledFxGraph" ranges wrap kernels already counted.
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                 for e in averages if not e.key.startswith("## "))
     n = args.tokens
     print(f"batch {args.batch}: wall {wall / n * 1e3:.2f} ms/step ({args.batch * n / wall:.1f} tok/s); "
           f"GPU busy {gpu_us / n / 1e3:.2f} ms/step (profiled run)")
