@@ -855,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this bearer token (None: the MISTRAL7B_API_KEY environment variable, if set)")
     p.add_argument("--model-name", default=None, help="model name the API reports (None: from the checkpoint)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before 503s")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before the server answers 429")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
     p.set_defaults(func=cmd_serve)

@@ -1,0 +1,208 @@
+"""Load benchmark for the HTTP server: N concurrent streaming /v1/completions requests.
+
+The server runs in this process (uvicorn in a thread, on 127.0.0.1) over either a real checkpoint
+(`--model SOURCE`) or a preset with random weights (`--preset mistral-7b-v0.1`, no checkpoint needed;
+prompts are random token ids either way). Every request asks for exactly `--max-tokens` tokens
+(`ignore_eos`, greedy). Prints output tok/s, TTFT p50/p99, ITL p50/p99 (gaps between streamed tokens)
+and TPOT p50/p99 (per request: (last - first token time) / (tokens - 1)); `--json PATH` writes them.
+
+    python benchmarks/serve_load.py --preset mistral-7b-v0.1 --json serve.json          # GPU defaults
+    python benchmarks/serve_load.py --preset tiny --concurrency 4 --prompt-len 16 --max-tokens 8   # CPU sanity
+
+ITL note: on CUDA the engine decodes several steps per host sync (`decode_steps`), so tokens arrive
+in bursts; ITL p50 then sits near zero and TPOT is the steadier per-token figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+
+import httpx
+import torch
+
+from mistral7b.config import ModelConfig, preset
+from mistral7b.engine import Engine
+from mistral7b.model import Transformer
+from mistral7b.server import ServerThread, create_app
+
+# A few-layer model of Mistral's shape family for CPU smoke runs (`--preset tiny`).
+TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
+                   sliding_window=None, max_seq_len=4096, name="tiny")
+
+
+class RandomLLM:
+    """What `create_app` needs from an `LLM`, for a random-weight model without a tokenizer."""
+
+    def __init__(self, model: Transformer, engine: Engine, name: str):
+        self.model, self.engine, self.tokenizer, self.source = model, engine, None, name
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode_prompt(self, prompt):
+        if isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+        return list(prompt)
+
+    def chat_prompt(self, messages, safe_prompt=False):
+        raise ValueError("this model has no tokenizer, so it has no chat format")
+
+
+def random_llm(config: ModelConfig, device, dtype, max_batch: int, max_seq_len: int | None = None,
+               compile: bool = False, seed: int = 0) -> RandomLLM:
+    """Transformer(config) built straight on the device, weights N(0, 0.02), norms 1."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                torch.nn.init.normal_(p, std=0.02)
+    model.eval()
+    engine = Engine(model, None, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
+    return RandomLLM(model, engine, config.name)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    times, usage, finish = [], None, None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event["choices"]:  # the server streams one chunk per token here (no stop strings)
+                times.append(time.perf_counter())
+                finish = choice["finish_reason"] or finish
+    return {"start": start, "times": times, "usage": usage, "finish": finish, "end": time.perf_counter()}
+
+
+async def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[dict]:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        async def guarded(p):
+            async with sem:
+                return await one_request(client, model, p, max_tokens)
+
+        return await asyncio.gather(*(guarded(p) for p in prompts))
+
+
+def summarize(results: list[dict], wall: float, max_tokens: int) -> dict:
+    generated = sum(r["usage"]["completion_tokens"] for r in results)
+    ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in results if len(r["times"]) > 1]
+    bad = [r for r in results if r["usage"]["completion_tokens"] != max_tokens or r["finish"] != "length"]
+    ms = lambda x: round(1000 * x, 2)  # noqa: E731
+    return {
+        "requests": len(results), "generated_tokens": generated, "wall_s": round(wall, 3),
+        "output_tok_s": round(generated / wall, 2),
+        "ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
+        "itl_ms_p50": ms(percentile(itl, 50)), "itl_ms_p99": ms(percentile(itl, 99)),
+        "tpot_ms_p50": ms(percentile(tpot, 50)), "tpot_ms_p99": ms(percentile(tpot, 99)),
+        "ttft_ms_mean": ms(statistics.fmean(ttft)) if ttft else None,
+        "incomplete_requests": len(bad),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint source (path, GGUF, hub id) loaded through LLM")
+    src.add_argument("--preset", help="random weights of a preset config (e.g. mistral-7b-v0.1), or 'tiny'")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="cache length per row (default: the config's)")
+    ap.add_argument("--compile", action="store_true", help="compiled decode (CUDA graphs on GPU), preset only")
+    ap.add_argument("--concurrency", "-c", type=int, default=64)
+    ap.add_argument("--requests", "-n", type=int, default=None, help="total requests (default: = concurrency)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before measuring")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    from mistral7b.generate import LLM, default_device, resolve_dtype
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    t0 = time.perf_counter()
+    if args.model:
+        llm = LLM(args.model, device=device, dtype=dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+        name = str(args.model)
+    else:
+        config = TINY if args.preset == "tiny" else preset(args.preset)
+        llm = random_llm(config, device, dtype, args.max_batch, args.max_seq_len, args.compile, args.seed)
+        name = args.preset
+    load_s = time.perf_counter() - t0
+    vocab = llm.config.vocab_size
+    rng = random.Random(args.seed)
+    n = args.requests or args.concurrency
+    prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(n)]
+
+    with ServerThread(create_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
+        for _ in range(args.warmup):
+            asyncio.run(run_load(server.url, name, prompts[:1], min(args.max_tokens, 8), 1))
+        t = time.perf_counter()
+        results = asyncio.run(run_load(server.url, name, prompts, args.max_tokens, args.concurrency))
+        wall = time.perf_counter() - t
+
+    summary = summarize(results, wall, args.max_tokens)
+    meta = {"model": name, "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "dtype": str(dtype).replace("torch.", ""), "max_batch": args.max_batch, "concurrency": args.concurrency,
+            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "compile": args.compile,
+            "load_s": round(load_s, 1), "torch": torch.__version__}
+    rows = [("output tok/s", summary["output_tok_s"]),
+            ("TTFT p50 / p99 (ms)", f"{summary['ttft_ms_p50']} / {summary['ttft_ms_p99']}"),
+            ("ITL  p50 / p99 (ms)", f"{summary['itl_ms_p50']} / {summary['itl_ms_p99']}"),
+            ("TPOT p50 / p99 (ms)", f"{summary['tpot_ms_p50']} / {summary['tpot_ms_p99']}"),
+            ("requests / tokens", f"{summary['requests']} / {summary['generated_tokens']}"),
+            ("wall (s)", summary["wall_s"])]
+    print(f"{name} on {meta['gpu'] or device} ({meta['dtype']}), {n} requests x {args.prompt_len} prompt + "
+          f"{args.max_tokens} new tokens, concurrency {args.concurrency}, max_batch {args.max_batch}")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if summary["incomplete_requests"]:
+        print(f"WARNING: {summary['incomplete_requests']} requests did not produce {args.max_tokens} tokens",
+              file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**meta, **summary}, f, indent=2)
+    return 1 if summary["incomplete_requests"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
