@@ -19,19 +19,28 @@ def _open(path: Path):
 
 
 def stream_safetensors(files: list[Path]) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
-    """Tensors one at a time (memory-mapped), and how many there are; headers are checked up front."""
-    handles = [(f, _open(f)) for f in files]
-    count = sum(len(list(h.keys())) for _, h in handles)
+    """Tensors one at a time, and how many there are; headers are checked up front.
+
+    Each tensor is read through its own short-lived memory map: pages of a map that stays open
+    count as resident memory, so one long-lived map would make a load's peak RSS the checkpoint
+    plus the model, two copies.
+    """
+    names = []
+    for path in files:
+        with _open(path) as handle:
+            names.append((path, list(handle.keys())))
 
     def stream():
-        for path, handle in handles:
-            for name in handle.keys():
+        for path, keys in names:
+            for name in keys:
                 try:
-                    yield name, handle.get_tensor(name)
+                    with safe_open(str(path), framework="pt") as handle:
+                        tensor = handle.get_tensor(name)
                 except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                     raise ModelLoadError(f"{path}: tensor {name!r} is corrupt or truncated ({e})") from None
+                yield name, tensor
 
-    return stream(), count
+    return stream(), sum(len(keys) for _, keys in names)
 
 
 def stream_pickle_free(path: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
