@@ -524,7 +524,7 @@ def cmd_memory(args) -> int:
     out = [f"{c.name}: {c.n_layers} layers, {c.n_heads} query heads / {c.n_kv_heads} KV heads x {c.head_dim}, "
            f"{w_text}; {args.dtype_bytes} bytes per element, batch {args.batch}", ""]
     rows = report["seq_lens"]
-    width = max(10, *(len(f"{r['seq_len']}") + 2 for r in rows))
+    width = max(15, *(len(f"{r['seq_len']}") + 2 for r in rows))  # fits "281.48 TFLOP"
     head = f"{'KV cache':34}{'per token':>12}" + "".join(f"{r['seq_len']:>{width}}" for r in rows)
     out.append(head)
     per_token = report["kv_bytes_per_token"]
