@@ -120,12 +120,12 @@ def _dtype_name(args) -> str | None:
     return None if args.dtype in (None, "auto") else args.dtype
 
 
-def _load_llm(args, max_batch: int = 1):
+def _load_llm(args, max_batch: int = 1, compile: bool = False):
     from .generate import LLM
 
     source = _model_source(args)
     t0 = time.perf_counter()
-    llm = LLM(source, device=_device(args), dtype=_dtype_name(args), max_batch=max_batch)
+    llm = LLM(source, device=_device(args), dtype=_dtype_name(args), max_batch=max_batch, compile=compile)
     llm.load_seconds = time.perf_counter() - t0
     return llm
 
@@ -697,7 +697,7 @@ def cmd_serve(args) -> int:
         raise CLIError(f"the HTTP server is not available ({e}); install the server dependencies "
                        "with `pip install fastapi uvicorn`") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("MISTRAL7B_API_KEY") or None
-    llm = _load_llm(args, max_batch=args.max_batch)
+    llm = _load_llm(args, max_batch=args.max_batch, compile=args.compile)
     serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
           max_queue=args.max_queue, log_level=args.log_level)
     return 0
@@ -855,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this bearer token (None: the MISTRAL7B_API_KEY environment variable, if set)")
     p.add_argument("--model-name", default=None, help="model name the API reports (None: from the checkpoint)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with CUDA graphs (GPU; slow start, fast decode)")
     p.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before the server answers 429")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")

@@ -64,7 +64,10 @@ class LLM:
         max_batch: int = 8,
         chunk_size: int | None = None,
         max_seq_len: int | None = None,
+        compile: bool = False,
     ):
+        """`compile=True` compiles the decode step with CUDA graphs: about a minute and a half at
+        the 7B shape before the first token, then several times faster decode (benchmarks/RESULTS.md)."""
         from .tokenizer import Tokenizer
 
         if source is None:
@@ -76,7 +79,7 @@ class LLM:
         self.model = load_model(source, self.device, self.dtype)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
-        self.engine = Engine(self.model, self.tokenizer, max_batch, chunk_size, max_seq_len=max_seq_len)
+        self.engine = Engine(self.model, self.tokenizer, max_batch, chunk_size, max_seq_len=max_seq_len, compile=compile)
 
     @property
     def config(self):
