@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from checkpoints import randomize_
+
 from mistral7b import LLM, SamplingParams
 from mistral7b.engine import Engine
 
@@ -17,27 +19,7 @@ MAX_POS = 64  # max_position_embeddings of both random models
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: several threads only fight over the shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomize(model, g):
-    """Weights big enough that attention is sharp and logits are spread (HF's init is nearly flat,
-    which leaves near-ties that fp32 rounding can flip)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p.shape[1] ** 0.5))
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(kind, path, seed):
@@ -48,7 +30,7 @@ def _build(kind, path, seed):
         model = MistralForCausalLM(MistralConfig(sliding_window=W, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
-    model = _randomize(model.float().eval(), torch.Generator().manual_seed(seed))
+    model = randomize_(model.float().eval(), torch.Generator().manual_seed(seed))
     model.save_pretrained(path)
     return model
 

@@ -84,6 +84,7 @@ class SamplerBatch:
     counts: Tensor = field(init=False)  # [rows, vocab] generated-token counts
     seen: Tensor = field(init=False)  # [rows, vocab] prompt or generated, for the repetition penalty
     generators: dict = field(init=False)
+    penalised: set = field(init=False)  # rows with any penalty on, known on the host
 
     def __post_init__(self):
         f = lambda v: torch.full((self.n_rows,), v, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -93,6 +94,7 @@ class SamplerBatch:
         self.counts = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.int32, device=self.device)
         self.seen = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
         self.generators = {}
+        self.penalised = set()
 
     def assign(self, row: int, params: SamplingParams, prompt_ids: list[int]) -> None:
         self.temperature[row], self.top_p[row], self.top_k[row] = params.temperature, params.top_p, params.top_k
@@ -103,6 +105,8 @@ class SamplerBatch:
         if params.repetition_penalty != 1.0 and prompt_ids:
             ids = torch.tensor([i for i in prompt_ids if 0 <= i < self.vocab_size], dtype=torch.long)
             self.seen[row, ids.to(self.device)] = True
+        neutral = params.repetition_penalty == 1.0 and params.presence_penalty == 0 and params.frequency_penalty == 0
+        (self.penalised.discard if neutral else self.penalised.add)(row)
         self.generators.pop(row, None)
         if params.seed is not None:
             self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -154,9 +158,11 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
     `index` is `rows` already on the device (a host-to-device copy here would stall the GPU queue
     every step); `greedy_only` (known on the host) skips the sampling work when every row is greedy.
     """
-    logits = apply_penalties(
-        logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index], batch.seen[index]
-    )
+    if batch.penalised.intersection(rows):  # most steps have none: skip five [rows, vocab] passes
+        logits = apply_penalties(
+            logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index],
+            batch.seen[index],
+        )
     greedy = logits.argmax(-1)
     if greedy_only:
         batch.record(index, greedy)
