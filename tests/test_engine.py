@@ -207,6 +207,11 @@ def test_multistep_decode_equals_single_step(mistral, ragged):
     per_step = [max((sum(d.request is r for d in s) for r in reqs), default=0) for s in steps]
     assert max(per_step) == 4, "multi-step decode never ran"
     assert engine.n_running == 0
+    # Each delta is one token, and only the request's last delta says it finished.
+    for r in reqs:
+        mine = [d for s in steps for d in s if d.request is r]
+        assert [t for d in mine for t in d.token_ids] == r.output_ids
+        assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + [r.finish_reason]
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])

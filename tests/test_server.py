@@ -224,6 +224,32 @@ def test_32_concurrent_streams(server, llm, refs):
     _wait_idle(llm.engine)
 
 
+def test_streams_whole_with_multistep_decode(server, llm, refs):
+    """On GPU the engine decodes several tokens per step; every one of them must reach the stream."""
+    saved = llm.engine.decode_steps
+    llm.engine.decode_steps = 4
+    try:
+        def one(k):
+            body = {"model": MODEL, "prompt": PROMPTS[k], "temperature": 0, "max_tokens": MAX_TOKENS, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.Client(base_url=server.url, timeout=300) as c, c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200, r.read()
+                events, done = _sse(r.iter_lines())
+            assert done
+            finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]]
+            return "".join(e["choices"][0]["text"] for e in events if e["choices"]), finish, events[-1]["usage"]
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            results = list(pool.map(one, range(len(PROMPTS))))
+        for ref, (text, finish, usage) in zip(refs["completion"], results):
+            assert text == ref.text
+            assert finish[-1] == ref.finish_reason and not any(finish[:-1])
+            assert usage["completion_tokens"] == len(ref.token_ids)
+    finally:
+        llm.engine.decode_steps = saved
+    _wait_idle(llm.engine)
+
+
 def _aborted(http) -> float:
     for line in http.get("/metrics").text.splitlines():
         if line.startswith("mistral7b_sequences_aborted_total "):

@@ -57,15 +57,18 @@ class Request:
 
 @dataclass
 class Delta:
-    """What one step added to a request: new text (final) and new token ids."""
+    """What one token added to a request: new text (final), the token id, and the finish reason if this
+    token ended the request. A multi-step decode yields several deltas per request; only the last of
+    them carries the finish reason, even though the request itself has finished by the time any is read."""
 
     request: Request
     text: str
     token_ids: list[int]
+    finish_reason: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.request.finished
+        return self.finish_reason is not None
 
 
 class Engine:
@@ -309,7 +312,7 @@ class Engine:
         request.text = final if len(final) > emitted else request.text
         if request.finished:
             request.finish_time = time.monotonic()
-        return Delta(request, new_text, [token])
+        return Delta(request, new_text, [token], request.finish_reason)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

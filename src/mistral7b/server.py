@@ -461,12 +461,12 @@ class EngineDriver:
                             m.ttft.observe(request.first_token_time - request.arrival_time)
                     else:
                         m.itl.observe((now - sub.last_time) / k, k)
-                    if request.finished:
-                        m.finished[request.finish_reason] += 1
+                    if d.finished:
+                        m.finished[d.finish_reason] += 1
                         m.e2e.observe(now - request.arrival_time)
                 sub.last_time = now
-                item = Item(sub.choice, d.text, list(d.token_ids), lps, request.finish_reason)
-                if request.finished:
+                item = Item(sub.choice, d.text, list(d.token_ids), lps, d.finish_reason)
+                if d.finished:
                     self.subscribers.pop(request.id, None)
                     self.requests.pop(request.id, None)
                 by_loop[sub.loop].append((sub.queue, item))
