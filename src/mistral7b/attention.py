@@ -51,16 +51,15 @@ def _compiled_flex():
 def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    qp, kp = q_pos[0], k_pos[0]
-
     def mask_mod(b, h, q_idx, kv_idx):
-        distance = qp[q_idx] - kp[kv_idx]
-        ok = (kp[kv_idx] >= 0) & (distance >= 0)
+        distance = q_pos[b, q_idx] - k_pos[b, kv_idx]
+        ok = (k_pos[b, kv_idx] >= 0) & (distance >= 0)
         if window is not None:
             ok = ok & (distance < window)
         return ok
 
-    return create_block_mask(mask_mod, None, None, qp.shape[0], kp.shape[0], device=qp.device)
+    batch, t_q = q_pos.shape
+    return create_block_mask(mask_mod, batch, None, t_q, k_pos.shape[1], device=q_pos.device)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -94,9 +93,9 @@ def attention(
         return causal_attention(q, k, v)
     if t_q == 1:
         return decode_attention(q, k, v, q_pos, k_pos, window)
-    if q.is_cuda and q.shape[0] == 1 and t_q >= FLEX_MIN_TOKENS and use_flex():
+    if q.is_cuda and t_q >= FLEX_MIN_TOKENS and use_flex():
         memo = {} if memo is None else memo
-        key = ("block_mask", window, t_q, t_k)
+        key = ("block_mask", window, q.shape[0], t_q, t_k)
         if key not in memo:
             memo[key] = _block_mask(q_pos, k_pos, window)
         return _compiled_flex()(q, k, v, block_mask=memo[key], enable_gqa=q.shape[1] != k.shape[1])

@@ -28,32 +28,31 @@ class LayerCache:
     def size(self) -> int:
         return self.k.shape[2]
 
-    def update(self, k_new: Tensor, v_new: Tensor, q_pos: Tensor, rows: slice, kv_len: int | None):
+    def update(self, k_new: Tensor, v_new: Tensor, q_pos: Tensor, rows: slice | Tensor, kv_len: int | None):
         """Store the new keys/values; return (k, v, k_pos) that the new queries attend over.
 
-        `kv_len`, when given, bounds 1 + the largest position any of these rows holds after this
-        call, so only the leading slots that can be filled are read (a prefill chunk's rows share
-        positions). Without it the whole buffer is read.
+        `rows` is a slice or a 1-D index tensor of cache rows, one per batch entry. `kv_len`, when
+        given, bounds 1 + the largest position any of these rows holds after this call, so only the
+        leading slots that can be filled are read. Without it the whole buffer is read.
 
         Decode (one token) writes first and reads the buffer: the slot it overwrites held position
         p - size, which the query no longer sees. A prefill chunk reads the old contents first and
         appends itself, since its early queries still need slots that its later tokens overwrite.
         """
-        k_rows, v_rows, pos_rows = self.k[rows], self.v[rows], self.pos[rows]
         t = q_pos.shape[1]
         if t == 1:
             n = self.size if kv_len is None else min(kv_len, self.size)
             self._write(rows, k_new, v_new, q_pos)
-            return k_rows[:, :, :n], v_rows[:, :, :n], pos_rows[:, :n]
+            return self.k[rows, :, :n], self.v[rows, :, :n], self.pos[rows, :n]
         n = self.size if kv_len is None else min(kv_len - t, self.size)
-        k = torch.cat([k_rows[:, :, :n], k_new], dim=2)
-        v = torch.cat([v_rows[:, :, :n], v_new], dim=2)
-        k_pos = torch.cat([pos_rows[:, :n], q_pos], dim=1)
+        k = torch.cat([self.k[rows, :, :n], k_new], dim=2)
+        v = torch.cat([self.v[rows, :, :n], v_new], dim=2)
+        k_pos = torch.cat([self.pos[rows, :n], q_pos], dim=1)
         keep = min(t, self.size)
         self._write(rows, k_new[:, :, -keep:], v_new[:, :, -keep:], q_pos[:, -keep:])
         return k, v, k_pos
 
-    def _write(self, rows: slice, k_new, v_new, q_pos):
+    def _write(self, rows: slice | Tensor, k_new, v_new, q_pos):
         """Scatter into slots `pos % size`. Rows whose position is -1 (idle rows riding along in a
         batched decode step) write their slot's old contents back, so one launch serves every row.
 
@@ -62,7 +61,10 @@ class LayerCache:
         """
         keep = q_pos >= 0
         slots = q_pos.clamp(min=0) % self.size  # [B, T], distinct within a row since T <= size
-        row_index = (rows.start or 0) + torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
+        if isinstance(rows, Tensor):
+            row_index = rows[:, None]
+        else:
+            row_index = (rows.start or 0) + torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
         for buf, new in ((self.k, k_new), (self.v, v_new)):
             new = new.transpose(1, 2).to(buf.dtype)
             buf[row_index, :, slots] = torch.where(keep[..., None, None], new, buf[row_index, :, slots])

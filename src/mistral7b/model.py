@@ -143,14 +143,15 @@ class Transformer(nn.Module):
         tokens: Tensor,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
-        rows: slice | None = None,
+        rows: slice | Tensor | None = None,
         kv_len: int | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
 
         Without a cache, positions are 0..T-1 and attention is causal over the tokens given. With one,
-        `positions` [B, T] say where each token sits, `rows` which cache rows hold these sequences, and
+        `positions` [B, T] say where each token sits, `rows` which cache rows hold these sequences (a
+        slice or an index tensor), and
         `kv_len` (optional) 1 + the largest position held after this call, so short sequences read
         only the leading cache slots.
         """
