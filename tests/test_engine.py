@@ -198,15 +198,45 @@ def test_generate_ragged_batch_equals_each_alone(mistral, ragged):
     assert alone[1] == hf_greedy(hf, prompts[1], 12)[0]
 
 
-def test_multistep_decode_equals_single_step(mistral, ragged):
+def test_prefill_shares_forwards_between_requests_at_one_offset(mistral):
+    """Prompts at the same offset are prefilled in one [B, n] forward, also on rows that are not
+    adjacent (an index tensor), across rolling-buffer wrap-around; outputs equal each request alone."""
+    hf, llm = mistral
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    prompts = [_prompt(n, g) for n in (2 * W - 3, W - 5, 2 * W - 3, 2 * W - 3, 7)]
+    params = SamplingParams(max_tokens=6)
+    engine = Engine(llm.model, None, max_batch=4, chunk_size=8, prefill_budget=24)
+    calls = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[0].shape, kwargs["rows"])), with_kwargs=True)
+    try:
+        reqs, _ = run(engine, [(p, params) for p in prompts])
+    finally:
+        hook.remove()
+    prefill = [(shape, rows) for shape, rows in calls if shape[1] > 1]
+    assert any(shape[0] > 1 and isinstance(rows, torch.Tensor) for shape, rows in prefill), prefill
+    assert sum(shape[0] * shape[1] for shape, _ in prefill) == sum(map(len, prompts))
+    assert len(prefill) < len(prompts) * 3  # fewer forwards than one per chunk per request
+    assert [r.output_ids for r in reqs] == [solo(llm.model, p, params).output_ids for p in prompts]
+    assert reqs[2].output_ids == hf_greedy(hf, prompts[2], 6)[0]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_multistep_decode_equals_single_step(mistral, ragged, pipeline):
     hf, llm = mistral
     prompts, params, alone = ragged
-    engine = Engine(llm.model, None, max_batch=2, decode_steps=4)
-    reqs, steps = run(engine, [(p, params) for p in prompts])
+    engine = Engine(llm.model, None, max_batch=2, decode_steps=4, pipeline=pipeline)
+    reqs = [engine.add(p, params) for p in prompts]
+    steps, in_flight = [], []
+    while not all(r.finished for r in reqs):
+        steps.append(engine.step())
+        in_flight.append(engine._inflight is not None)
+        assert len(steps) < 1000
     assert [r.output_ids for r in reqs] == alone
+    assert any(in_flight) == pipeline
     per_step = [max((sum(d.request is r for d in s) for r in reqs), default=0) for s in steps]
     assert max(per_step) == 4, "multi-step decode never ran"
-    assert engine.n_running == 0
+    assert engine.n_running == 0 and not engine.has_work()
     # Each delta is one token, and only the request's last delta says it finished.
     for r in reqs:
         mine = [d for s in steps for d in s if d.request is r]
@@ -214,8 +244,40 @@ def test_multistep_decode_equals_single_step(mistral, ragged):
         assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + [r.finish_reason]
 
 
-@pytest.mark.parametrize("decode_steps", [1, 4])
-def test_per_sequence_stop_token(mistral, ragged, decode_steps):
+def test_compiled_engine_after_warmup_equals_eager(mistral, ragged):
+    """torch.compile'd decode (Inductor on CPU; CUDA graphs on GPU) after `warmup`, with pipelining."""
+    hf, llm = mistral
+    prompts, params, alone = ragged
+    engine = Engine(llm.model, None, max_batch=2, decode_steps=4, compile=True, pipeline=True)
+    engine.warmup()
+    assert not engine.has_work() and engine.n_running == 0
+    reqs, _ = run(engine, [(p, params) for p in prompts])
+    assert [r.output_ids for r in reqs] == alone
+
+
+def test_pipelined_decode_survives_abort_and_row_reuse(mistral):
+    """An abort while a group of steps is in flight: the others continue, the freed row is reset for
+    the next request, and nothing computed after the abort reaches the aborted request."""
+    hf, llm = mistral
+    params = SamplingParams(max_tokens=20)
+    prompts = [_prompt(n) for n in (6, 11, 4, 9)]
+    alone = [solo(llm.model, p, params).output_ids for p in prompts]
+    engine = Engine(llm.model, None, max_batch=3, decode_steps=3, pipeline=True)
+    a, b, c = (engine.add(p, params) for p in prompts[:3])
+    while engine._inflight is None or len(b.output_ids) < 4:
+        engine.step()
+    engine.abort(b)
+    n_b = len(b.output_ids)
+    d = engine.add(prompts[3], params)
+    while not all(r.finished for r in (a, c, d)):
+        engine.step()
+    assert len(b.output_ids) == n_b and b.output_ids == alone[1][:n_b] and b.finish_reason == "abort"
+    assert [a.output_ids, c.output_ids, d.output_ids] == [alone[0], alone[2], alone[3]]
+    assert engine.n_running == 0
+
+
+@pytest.mark.parametrize("decode_steps,pipeline", [(1, False), (4, False), (4, True)])
+def test_per_sequence_stop_token(mistral, ragged, decode_steps, pipeline):
     hf, llm = mistral
     prompts, params, alone = ragged
     choice = None
@@ -230,7 +292,7 @@ def test_per_sequence_stop_token(mistral, ragged, decode_steps):
     assert choice is not None, "no token unique to one output: change the prompts"
     i, k, t = choice
     saved = llm.engine
-    llm.engine = Engine(llm.model, None, max_batch=2, decode_steps=decode_steps)
+    llm.engine = Engine(llm.model, None, max_batch=2, decode_steps=decode_steps, pipeline=pipeline)
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=params.max_tokens, stop_token_ids=[t]))
     finally:
