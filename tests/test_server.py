@@ -225,9 +225,10 @@ def test_32_concurrent_streams(server, llm, refs):
 
 
 def test_streams_whole_with_multistep_decode(server, llm, refs):
-    """On GPU the engine decodes several tokens per step; every one of them must reach the stream."""
-    saved = llm.engine.decode_steps
-    llm.engine.decode_steps = 4
+    """On GPU the engine decodes several tokens per step, pipelined; every one must reach the stream."""
+    engine = llm.engine
+    saved = engine.decode_steps, engine.pipeline
+    engine.decode_steps, engine.pipeline = 4, True
     try:
         def one(k):
             body = {"model": MODEL, "prompt": PROMPTS[k], "temperature": 0, "max_tokens": MAX_TOKENS, "stream": True,
@@ -246,8 +247,8 @@ def test_streams_whole_with_multistep_decode(server, llm, refs):
             assert finish[-1] == ref.finish_reason and not any(finish[:-1])
             assert usage["completion_tokens"] == len(ref.token_ids)
     finally:
-        llm.engine.decode_steps = saved
-    _wait_idle(llm.engine)
+        engine.decode_steps, engine.pipeline = saved
+    _wait_idle(engine)
 
 
 def _aborted(http) -> float:

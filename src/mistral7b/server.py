@@ -379,6 +379,7 @@ class EngineDriver:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.warmed = threading.Event()
         self.steps = 0
         self.aborted = 0
 
@@ -424,6 +425,14 @@ class EngineDriver:
                 self.aborted += 1
 
     def _run(self) -> None:
+        # CUDA graphs that torch.compile records belong to the thread that recorded the first of them,
+        # so a compiled engine is warmed up here, on the one thread that will ever step it.
+        if self.engine.compiled:
+            try:
+                self.engine.warmup()
+            except Exception:
+                log.exception("engine warm-up failed")
+        self.warmed.set()
         while True:
             self._wake.clear()
             self._apply_aborts()
@@ -617,8 +626,10 @@ class _Disconnected(Exception):
     pass
 
 
-async def _items(queue: asyncio.Queue, request: Request, count: int):
-    """Yield `Item`s until `count` choices finished; raise _Disconnected if the client goes away."""
+async def _batches(queue: asyncio.Queue, request: Request, count: int):
+    """Yield lists of `Item`s (all that have arrived) until `count` choices finished; raise
+    _Disconnected if the client goes away. A multi-step decode delivers several tokens per request at
+    once, and writing them in one send keeps the event loop's work per token small."""
     getter: asyncio.Task | None = None
     last_check = time.monotonic()
     try:
@@ -633,12 +644,15 @@ async def _items(queue: asyncio.Queue, request: Request, count: int):
                     raise _Disconnected()
             if not done:
                 continue
-            item, getter = getter.result(), None
-            if item.error is not None:
-                raise APIError(500, item.error, type="server_error", code="engine_error")
-            if item.finish_reason is not None:
-                count -= 1
-            yield item
+            batch, getter = [getter.result()], None
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            for item in batch:
+                if item.error is not None:
+                    raise APIError(500, item.error, type="server_error", code="engine_error")
+                if item.finish_reason is not None:
+                    count -= 1
+            yield batch
     finally:
         if getter is not None:
             getter.cancel()
@@ -859,14 +873,15 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
     async def collect(request: Request, submitted, queue) -> list[dict]:
         out = [{"text": [], "tokens": 0, "logprobs": [], "finish_reason": None} for _ in submitted]
         try:
-            async for item in _items(queue, request, len(submitted)):
-                o = out[item.choice]
-                o["text"].append(item.text)
-                o["tokens"] += len(item.token_ids)
-                if item.logprobs:
-                    o["logprobs"] += item.logprobs
-                if item.finish_reason is not None:
-                    o["finish_reason"] = item.finish_reason
+            async for batch in _batches(queue, request, len(submitted)):
+                for item in batch:
+                    o = out[item.choice]
+                    o["text"].append(item.text)
+                    o["tokens"] += len(item.token_ids)
+                    if item.logprobs:
+                        o["logprobs"] += item.logprobs
+                    if item.finish_reason is not None:
+                        o["finish_reason"] = item.finish_reason
         except _Disconnected:  # nobody will read this; 499 ("client closed request") shows in /metrics
             raise APIError(499, "the client disconnected", code="client_disconnected") from None
         finally:
@@ -884,12 +899,16 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
         try:
             for chunk in first_chunks:
                 yield sse(chunk)
-            async for item in _items(queue, request, len(submitted)):
-                n_completion += len(item.token_ids)
-                for chunk in make_chunk(item):
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield sse(chunk)
+            async for batch in _batches(queue, request, len(submitted)):
+                events = []
+                for item in batch:
+                    n_completion += len(item.token_ids)
+                    for chunk in make_chunk(item):
+                        if include_usage:
+                            chunk["usage"] = None
+                        events.append(sse(chunk))
+                if events:
+                    yield "".join(events)
             if include_usage:
                 yield sse(usage_fn(n_completion))
             yield "data: [DONE]\n\n"
@@ -1006,6 +1025,11 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = 
     model_name = model_name or default_model_name(llm)
     if host not in _LOOPBACK and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    if llm.engine.compiled:
+        log.warning("compiling the decode step before serving (a minute or two on a GPU)")
+        driver = driver_for(llm.engine)
+        driver.start()
+        driver.warmed.wait()
     app = create_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
