@@ -3,7 +3,7 @@
 The server runs in this process (uvicorn in a thread, on 127.0.0.1) over either a real checkpoint
 (`--model SOURCE`) or a preset with random weights (`--preset mistral-7b-v0.1`, no checkpoint needed;
 prompts are random token ids either way). Every request asks for exactly `--max-tokens` tokens
-(`ignore_eos`, greedy). Prints output tok/s, TTFT p50/p99, ITL p50/p99 (gaps between streamed tokens)
+(`ignore_eos`, greedy) from a separate client process. Prints output tok/s, TTFT p50/p99, ITL p50/p99 (gaps between streamed tokens)
 and TPOT p50/p99 (per request: (last - first token time) / (tokens - 1)); `--json PATH` writes them.
 
     python benchmarks/serve_load.py --preset mistral-7b-v0.1 --json serve.json          # GPU defaults
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import statistics
 import sys
@@ -29,7 +30,7 @@ import torch
 from mistral7b.config import ModelConfig, preset
 from mistral7b.engine import Engine
 from mistral7b.model import Transformer
-from mistral7b.server import ServerThread, create_app
+from mistral7b.server import ServerThread, create_app, driver_for
 
 # A few-layer model of Mistral's shape family for CPU smoke runs (`--preset tiny`).
 TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
@@ -117,6 +118,20 @@ async def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: i
         return await asyncio.gather(*(guarded(p) for p in prompts))
 
 
+def load_in_child(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int):
+    """Run the load from a separate process, so the clients' JSON parsing does not share the server's GIL
+    (as with any real load generator). Returns (results, wall seconds)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_timed_load, (url, model, prompts, max_tokens, concurrency))
+
+
+def _timed_load(url, model, prompts, max_tokens, concurrency):
+    t = time.perf_counter()
+    results = asyncio.run(run_load(url, model, prompts, max_tokens, concurrency))
+    return results, time.perf_counter() - t
+
+
 def summarize(results: list[dict], wall: float, max_tokens: int) -> dict:
     generated = sum(r["usage"]["completion_tokens"] for r in results)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
@@ -135,6 +150,40 @@ def summarize(results: list[dict], wall: float, max_tokens: int) -> dict:
     }
 
 
+def offline_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """The same load straight through the engine, no HTTP: what the server's layer costs."""
+    from mistral7b.bench import run_requests, sync
+
+    sync(engine.device)
+    t = time.perf_counter()
+    requests = run_requests(engine, prompts, max_tokens)
+    sync(engine.device)
+    wall = time.perf_counter() - t
+    generated = sum(len(r.output_ids) for r in requests)
+    return {"generated_tokens": generated, "wall_s": round(wall, 3), "output_tok_s": round(generated / wall, 2)}
+
+
+def hf_continuous_batching(config: ModelConfig, device, prompts: list[list[int]], max_tokens: int) -> dict:
+    """The peer: HF transformers' own continuous batching (`generate_batch`, paged cache) on the same
+    prompts, greedy, EOS disabled so every request runs to max_tokens."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from mistral7b.bench import build_hf, sync
+
+    hf = build_hf(config, device)
+    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hf.generate_batch(prompts[:2], generation_config=gen)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    outputs = hf.generate_batch(prompts, generation_config=gen)
+    sync(device)
+    wall = time.perf_counter() - t
+    generated = sum(len(o.generated_tokens) for o in outputs.values())
+    return {"transformers": transformers.__version__, "attn": hf.config._attn_implementation,
+            "generated_tokens": generated, "wall_s": round(wall, 3), "output_tok_s": round(generated / wall, 2)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -149,8 +198,11 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", "-n", type=int, default=None, help="total requests (default: = concurrency)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before measuring")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up bursts (16 tokens each) before measuring")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--offline", action="store_true", help="also run the load straight through the engine")
+    ap.add_argument("--hf-peer", action="store_true",
+                    help="also run HF transformers' continuous batching (generate_batch) on the same load (CUDA)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -172,14 +224,35 @@ def main(argv=None) -> int:
     n = args.requests or args.concurrency
     prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(n)]
 
-    with ServerThread(create_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
-        for _ in range(args.warmup):
-            asyncio.run(run_load(server.url, name, prompts[:1], min(args.max_tokens, 8), 1))
+    if llm.engine.compiled:  # on the server's engine thread, which owns the CUDA graphs
         t = time.perf_counter()
-        results = asyncio.run(run_load(server.url, name, prompts, args.max_tokens, args.concurrency))
-        wall = time.perf_counter() - t
+        driver = driver_for(llm.engine)
+        driver.start()
+        driver.warmed.wait()
+        print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
+    with ServerThread(create_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
+        for _ in range(args.warmup):  # a burst like the load, shorter: the shapes it meets are seen once
+            load_in_child(server.url, name, prompts[: args.concurrency], min(args.max_tokens, 16), args.concurrency)
+        results, wall = load_in_child(server.url, name, prompts, args.max_tokens, args.concurrency)
 
     summary = summarize(results, wall, args.max_tokens)
+    extra_rows = []
+    if args.offline:
+        summary["offline"] = offline_engine(llm.engine, prompts, args.max_tokens)
+        extra_rows.append(("engine alone, no HTTP (tok/s)", summary["offline"]["output_tok_s"]))
+    if args.hf_peer:
+        config = llm.config
+        del llm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            summary["hf_peer"] = hf_continuous_batching(config, device, prompts, args.max_tokens)
+            hf_rate = summary["hf_peer"]["output_tok_s"]
+            extra_rows.append((f"HF generate_batch, no HTTP (tok/s)", hf_rate))
+            extra_rows.append(("ours over HTTP / HF", round(summary["output_tok_s"] / hf_rate, 2)))
+        except Exception as e:  # a peer that cannot run is reported, not fatal
+            summary["hf_peer"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            extra_rows.append(("HF generate_batch", summary["hf_peer"]["error"][:120]))
     meta = {"model": name, "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "dtype": str(dtype).replace("torch.", ""), "max_batch": args.max_batch, "concurrency": args.concurrency,
             "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "compile": args.compile,
@@ -189,7 +262,7 @@ def main(argv=None) -> int:
             ("ITL  p50 / p99 (ms)", f"{summary['itl_ms_p50']} / {summary['itl_ms_p99']}"),
             ("TPOT p50 / p99 (ms)", f"{summary['tpot_ms_p50']} / {summary['tpot_ms_p99']}"),
             ("requests / tokens", f"{summary['requests']} / {summary['generated_tokens']}"),
-            ("wall (s)", summary["wall_s"])]
+            ("wall (s)", summary["wall_s"])] + extra_rows
     print(f"{name} on {meta['gpu'] or device} ({meta['dtype']}), {n} requests x {args.prompt_len} prompt + "
           f"{args.max_tokens} new tokens, concurrency {args.concurrency}, max_batch {args.max_batch}")
     width = max(len(k) for k, _ in rows)
