@@ -3,7 +3,7 @@
 The server runs in this process (uvicorn in a thread, on 127.0.0.1) over either a real checkpoint
 (`--model SOURCE`) or a preset with random weights (`--preset mistral-7b-v0.1`, no checkpoint needed;
 prompts are random token ids either way). Every request asks for exactly `--max-tokens` tokens
-(`ignore_eos`, greedy) from a separate client process. Prints output tok/s, TTFT p50/p99, ITL p50/p99 (gaps between streamed tokens)
+(`ignore_eos`, greedy) from client processes released together (`--client-processes`). Prints output tok/s, TTFT p50/p99, ITL p50/p99 (gaps between streamed tokens)
 and TPOT p50/p99 (per request: (last - first token time) / (tokens - 1)); `--json PATH` writes them.
 
     python benchmarks/serve_load.py --preset mistral-7b-v0.1 --json serve.json          # GPU defaults
@@ -107,29 +107,54 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return {"start": start, "times": times, "usage": usage, "finish": finish, "end": time.perf_counter()}
 
 
-async def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[dict]:
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
-        async def guarded(p):
-            async with sem:
-                return await one_request(client, model, p, max_tokens)
-
-        return await asyncio.gather(*(guarded(p) for p in prompts))
-
-
-def load_in_child(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int):
-    """Run the load from a separate process, so the clients' JSON parsing does not share the server's GIL
-    (as with any real load generator). Returns (results, wall seconds)."""
+def load_in_children(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                     processes: int = 8):
+    """Run the load from `processes` client processes, released together by a barrier, so the clients'
+    own work (httpx, JSON parsing) neither shares the server's GIL nor serialises 64 requests behind
+    one client event loop (as with any real load generator; one httpx process took ~200 ms to get its
+    first request to the server). Returns (results, wall seconds from the first request sent to the
+    last response read; perf_counter is system-wide, so the processes' clocks agree)."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_timed_load, (url, model, prompts, max_tokens, concurrency))
+    processes = max(1, min(processes, concurrency, len(prompts)))
+    barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+    workers = [ctx.Process(target=_client_process, daemon=True,
+                           args=(url, model, prompts[i::processes], max_tokens,
+                                 -(-concurrency // processes), barrier, results)) for i in range(processes)]
+    for w in workers:
+        w.start()
+    barrier.wait(timeout=300)
+    out = []
+    for _ in workers:
+        ok, value = results.get(timeout=3600)
+        if not ok:
+            raise RuntimeError(f"a client process failed: {value}")
+        out.extend(value)
+    for w in workers:
+        w.join()
+    wall = max(r["end"] for r in out) - min(r["start"] for r in out)
+    return out, wall
 
 
-def _timed_load(url, model, prompts, max_tokens, concurrency):
-    t = time.perf_counter()
-    results = asyncio.run(run_load(url, model, prompts, max_tokens, concurrency))
-    return results, time.perf_counter() - t
+def _client_process(url, model, prompts, max_tokens, concurrency, barrier, results):
+    async def go():
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+            async def guarded(p):
+                async with sem:
+                    return await one_request(client, model, p, max_tokens)
+
+            # Connected clients, as a serving load has them: connections open and httpx's lazy set-up
+            # done (the first request of a fresh client took ~100 ms before reaching the server).
+            await asyncio.gather(*(client.get("/health") for _ in range(concurrency)))
+            barrier.wait()
+            return await asyncio.gather(*(guarded(p) for p in prompts))
+
+    try:
+        results.put((True, asyncio.run(go())))
+    except BaseException as e:  # the parent must hear about it rather than wait forever
+        barrier.abort()
+        results.put((False, f"{type(e).__name__}: {e}"))
 
 
 def summarize(results: list[dict], wall: float, max_tokens: int) -> dict:
@@ -198,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", "-n", type=int, default=None, help="total requests (default: = concurrency)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--client-processes", type=int, default=8, help="client processes sharing the load")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up bursts (16 tokens each) before measuring")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--offline", action="store_true", help="also run the load straight through the engine")
@@ -232,8 +258,10 @@ def main(argv=None) -> int:
         print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
     with ServerThread(create_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
         for _ in range(args.warmup):  # a burst like the load, shorter: the shapes it meets are seen once
-            load_in_child(server.url, name, prompts[: args.concurrency], min(args.max_tokens, 16), args.concurrency)
-        results, wall = load_in_child(server.url, name, prompts, args.max_tokens, args.concurrency)
+            load_in_children(server.url, name, prompts[: args.concurrency], min(args.max_tokens, 16), args.concurrency,
+                             args.client_processes)
+        results, wall = load_in_children(server.url, name, prompts, args.max_tokens, args.concurrency,
+                                         args.client_processes)
 
     summary = summarize(results, wall, args.max_tokens)
     extra_rows = []
@@ -256,6 +284,7 @@ def main(argv=None) -> int:
     meta = {"model": name, "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "dtype": str(dtype).replace("torch.", ""), "max_batch": args.max_batch, "concurrency": args.concurrency,
             "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "compile": args.compile,
+            "client_processes": args.client_processes,
             "load_s": round(load_s, 1), "torch": torch.__version__}
     rows = [("output tok/s", summary["output_tok_s"]),
             ("TTFT p50 / p99 (ms)", f"{summary['ttft_ms_p50']} / {summary['ttft_ms_p99']}"),
