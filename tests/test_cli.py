@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -482,8 +483,9 @@ def test_serve_answers_with_the_api_key(hf_llama_short):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    max_seq_len = random.randint(8, 31)  # below the model's context of 32
     proc = subprocess.Popen([*COMMAND, "serve", "--model", str(path), "--port", str(port), "--api-key", "k3y",
-                             "--model-name", "tiny", "--log-level", "warning"],
+                             "--model-name", "tiny", "--log-level", "warning", "--max-seq-len", str(max_seq_len)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1/models"
     try:
@@ -496,6 +498,7 @@ def test_serve_answers_with_the_api_key(hf_llama_short):
                 time.sleep(0.5)
         assert body is not None, "the server did not come up"
         assert [m["id"] for m in body["data"]] == ["tiny"]
+        assert body["data"][0]["max_model_len"] == max_seq_len  # the cache budget reached the engine
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(url)
         assert denied.value.code == 401

@@ -120,12 +120,13 @@ def _dtype_name(args) -> str | None:
     return None if args.dtype in (None, "auto") else args.dtype
 
 
-def _load_llm(args, max_batch: int = 1, compile: bool = False):
+def _load_llm(args, max_batch: int = 1, compile: bool = False, max_seq_len: int | None = None):
     from .generate import LLM
 
     source = _model_source(args)
     t0 = time.perf_counter()
-    llm = LLM(source, device=_device(args), dtype=_dtype_name(args), max_batch=max_batch, compile=compile)
+    llm = LLM(source, device=_device(args), dtype=_dtype_name(args), max_batch=max_batch, compile=compile,
+              max_seq_len=max_seq_len)
     llm.load_seconds = time.perf_counter() - t0
     return llm
 
@@ -697,7 +698,7 @@ def cmd_serve(args) -> int:
         raise CLIError(f"the HTTP server is not available ({e}); install the server dependencies "
                        "with `pip install fastapi uvicorn`") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("MISTRAL7B_API_KEY") or None
-    llm = _load_llm(args, max_batch=args.max_batch, compile=args.compile)
+    llm = _load_llm(args, max_batch=args.max_batch, compile=args.compile, max_seq_len=args.max_seq_len)
     serve(llm, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
           max_queue=args.max_queue, log_level=args.log_level)
     return 0
@@ -854,7 +855,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="require this bearer token (None: the MISTRAL7B_API_KEY environment variable, if set)")
     p.add_argument("--model-name", default=None, help="model name the API reports (None: from the checkpoint)")
-    p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="sequences decoded together, each with its own preallocated cache row")
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
+                   help="cache positions per sequence for layers without a sliding window, and so the longest "
+                        "prompt + completion (None: the model's context); windowed layers always keep W")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with CUDA graphs (GPU; slow start, fast decode)")
     p.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before the server answers 429")
