@@ -107,10 +107,8 @@ def main() -> int:
     llm = serve_load.random_llm(config, device, dtype, args.concurrency, None, args.compile, 0)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.concurrency)]
-    driver = driver_for(llm.engine)
     t = time.perf_counter()
-    driver.start()
-    driver.warmed.wait()
+    driver = driver_for(llm.engine).warm_up()
     print(f"warm-up {time.perf_counter() - t:.1f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
           f", torch {torch.__version__}", flush=True)
     timings = instrument(llm.engine, driver)

@@ -252,9 +252,7 @@ def main(argv=None) -> int:
 
     if llm.engine.compiled:  # on the server's engine thread, which owns the CUDA graphs
         t = time.perf_counter()
-        driver = driver_for(llm.engine)
-        driver.start()
-        driver.warmed.wait()
+        driver_for(llm.engine).warm_up()
         print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
     with ServerThread(create_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
         for _ in range(args.warmup):  # a burst like the load, shorter: the shapes it meets are seen once

@@ -28,7 +28,7 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(eq=False)  # a request equals only itself: membership tests (waiting queue, batches) by identity
 class Request:
     prompt_ids: list[int]
     params: SamplingParams

@@ -389,6 +389,12 @@ class EngineDriver:
                 self._thread = threading.Thread(target=self._run, name="mistral7b-engine", daemon=True)
                 self._thread.start()
 
+    def warm_up(self) -> "EngineDriver":
+        """Start the thread and wait until it has warmed the engine up (compiled it, if it compiles)."""
+        self.start()
+        self.warmed.wait()
+        return self
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sub: _Subscriber):
         self.start()
         with self._lock:
@@ -1027,9 +1033,7 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = 
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     if llm.engine.compiled:
         log.warning("compiling the decode step before serving (a minute or two on a GPU)")
-        driver = driver_for(llm.engine)
-        driver.start()
-        driver.warmed.wait()
+        driver_for(llm.engine).warm_up()
     app = create_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
