@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
-    from mistral7b.generate import LLM, default_device, resolve_dtype
+    from mistral7b.llm import LLM, default_device, resolve_dtype
 
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
-from mistral7b.generate import LLM  # noqa: E402
+from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.loading import load_model  # noqa: E402
 from mistral7b.sampling import SamplingParams  # noqa: E402
 

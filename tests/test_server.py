@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from mistral7b.generate import LLM  # noqa: E402
+from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.sampling import SamplingParams  # noqa: E402
 from mistral7b.server import ServerThread, create_app, driver_for  # noqa: E402
 

@@ -121,7 +121,7 @@ def _dtype_name(args) -> str | None:
 
 
 def _load_llm(args, max_batch: int = 1, compile: bool = False, max_seq_len: int | None = None):
-    from .generate import LLM
+    from .llm import LLM
 
     source = _model_source(args)
     t0 = time.perf_counter()
@@ -402,7 +402,7 @@ def cmd_info(args) -> int:
     import torch
 
     from . import memory
-    from .generate import default_device, resolve_dtype
+    from .llm import default_device, resolve_dtype
     source = _model_source(args)
     checkpoint, reader = open_for_info(source)
     config = checkpoint.config
@@ -602,7 +602,7 @@ def _source_dtype(checkpoint, fmt: str):
 def cmd_convert(args) -> int:
     import torch
 
-    from .generate import resolve_dtype
+    from .llm import resolve_dtype
     from .loading import open_checkpoint
     from .loading.export import copy_tokenizer_files, save_hf, save_mistral, save_tokenizer
 
