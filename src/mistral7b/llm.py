@@ -11,9 +11,7 @@ import torch
 from .engine import Engine, Request, TokenLogprob
 from .loading import load_model
 from .sampling import SamplingParams
-
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+from .tokenizer import Tokenizer, check_roles, with_safe_prompt
 
 
 @dataclass
@@ -68,8 +66,6 @@ class LLM:
     ):
         """`compile=True` compiles the decode step with CUDA graphs: about a minute and a half at
         the 7B shape before the first token, then several times faster decode (benchmarks/RESULTS.md)."""
-        from .tokenizer import Tokenizer
-
         if source is None:
             from .default_model import default_model_path
 
@@ -95,14 +91,9 @@ class LLM:
         return list(prompt)
 
     def chat_prompt(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
-        from .tokenizer import with_safe_prompt
-
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat format")
-        for m in messages:  # a Jinja template would render any role as text; reject unknown ones here
-            role = m.get("role") if isinstance(m, dict) else None
-            if role not in CHAT_ROLES:
-                raise ValueError(f"unknown chat role {role!r}: expected one of {', '.join(CHAT_ROLES)}")
+        check_roles(messages)
         if safe_prompt:
             messages = with_safe_prompt(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
