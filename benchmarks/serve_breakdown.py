@@ -83,8 +83,9 @@ def instrument(engine, driver) -> Timings:
         return finish(group, deltas)
 
     engine._finish = finish_timed
-    for method, name in (("step", "step"), ("_launch", "decode_launch"), ("_prefill", "prefill"), ("_apply", "apply")):
-        timings.wrap(engine, method, name)
+    for owner, method, name in ((engine, "step", "step"), (engine.runner, "launch", "decode_launch"),
+                                (engine, "_prefill", "prefill"), (engine.output, "apply", "apply")):
+        timings.wrap(owner, method, name)
     timings.wrap(driver, "_dispatch", "dispatch")
     timings.wrap(driver, "submit", "submit")
     return timings
