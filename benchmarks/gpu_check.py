@@ -104,7 +104,7 @@ def main() -> int:
               engine.cache, rows=slice(0, 1), kv_len=len(seq) - 1)
         tokens = torch.tensor([[seq[-1]]], device=device)
         positions = torch.tensor([[len(seq) - 1]], device=device)
-        got = engine._decode_fn(tokens, positions, engine._kv_len(len(seq)))[0, -1]
+        got = engine.runner.decode_fn(tokens, positions, engine.runner.kv_len(len(seq)))[0, -1]
     err = rel(got, ref)
     check("compiled bf16 decode vs fp32 eager", err < 1e-2, f"relative error {err:.2e}")
 

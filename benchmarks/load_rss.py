@@ -41,7 +41,8 @@ def write_checkpoints(folder: Path, params: float) -> dict[str, Path]:
     import torch
 
     from mistral7b.config import ModelConfig
-    from mistral7b.loading.export import save_hf, save_mistral
+    from mistral7b.loading.hf import save as save_hf
+    from mistral7b.loading.mistral import save as save_mistral
     from mistral7b.model import Transformer
 
     base = ModelConfig(dim=2048, n_layers=1, head_dim=128, hidden_dim=5632, n_heads=16, n_kv_heads=4,

@@ -27,7 +27,7 @@ import uvicorn
 
 import serve_load
 from mistral7b.config import preset
-from mistral7b.server import ServerThread, create_app, driver_for
+from mistral7b.server import ServerThread, build_app, driver_for
 
 SETUPS = {  # label: (uvicorn loop, uvicorn http, switch interval s, client processes)
     "h11": ("asyncio", "h11", 0.005, 8),
@@ -83,8 +83,9 @@ def instrument(engine, driver) -> Timings:
         return finish(group, deltas)
 
     engine._finish = finish_timed
-    for method, name in (("step", "step"), ("_launch", "decode_launch"), ("_prefill", "prefill"), ("_apply", "apply")):
-        timings.wrap(engine, method, name)
+    for owner, method, name in ((engine, "step", "step"), (engine.runner, "launch", "decode_launch"),
+                                (engine, "_prefill", "prefill"), (engine.output, "apply", "apply")):
+        timings.wrap(owner, method, name)
     timings.wrap(driver, "_dispatch", "dispatch")
     timings.wrap(driver, "submit", "submit")
     return timings
@@ -119,7 +120,7 @@ def main() -> int:
             uvicorn.Config = functools.partial(make_config, loop=loop, http=http)
             sys.setswitchinterval(switch)
             try:
-                with ServerThread(create_app(llm, "m", max_queue=256), log_level="warning") as server:
+                with ServerThread(build_app(llm, "m", max_queue=256), log_level="warning") as server:
                     serve_load.load_in_children(server.url, "m", prompts, 16, args.concurrency, procs)
                     timings.summary()
                     results, wall = serve_load.load_in_children(server.url, "m", prompts, args.max_tokens,

@@ -30,7 +30,7 @@ import torch
 from mistral7b.config import ModelConfig, preset
 from mistral7b.engine import Engine
 from mistral7b.model import Transformer
-from mistral7b.server import ServerThread, create_app, driver_for
+from mistral7b.server import ServerThread, build_app, driver_for
 
 # A few-layer model of Mistral's shape family for CPU smoke runs (`--preset tiny`).
 TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
@@ -38,7 +38,7 @@ TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, 
 
 
 class RandomLLM:
-    """What `create_app` needs from an `LLM`, for a random-weight model without a tokenizer."""
+    """What `build_app` needs from an `LLM`, for a random-weight model without a tokenizer."""
 
     def __init__(self, model: Transformer, engine: Engine, name: str):
         self.model, self.engine, self.tokenizer, self.source = model, engine, None, name
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
-    from mistral7b.generate import LLM, default_device, resolve_dtype
+    from mistral7b.llm import LLM
+    from mistral7b.utils import default_device, resolve_dtype
 
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         driver_for(llm.engine).warm_up()
         print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
-    with ServerThread(create_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
+    with ServerThread(build_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
         for _ in range(args.warmup):  # a burst like the load, shorter: the shapes it meets are seen once
             load_in_children(server.url, name, prompts[: args.concurrency], min(args.max_tokens, 16), args.concurrency,
                              args.client_processes)

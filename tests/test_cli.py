@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
-from mistral7b.generate import LLM  # noqa: E402
+from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.loading import load_model  # noqa: E402
 from mistral7b.sampling import SamplingParams  # noqa: E402
 
@@ -145,28 +145,44 @@ def test_chat_piped_keeps_history(llm):
 
 
 def test_chat_ctrl_c_stops_the_answer_not_the_session():
-    """Ctrl-C cuts the first answer short; the session takes the next message, whose answer is cut too."""
+    """Ctrl-C cuts the first answer short; the session takes the next message, whose answer is cut too.
+
+    stdout is read in this thread, non-blocking: the chat writes an answer's closing newline to stdout
+    before its "answer stopped" note to stderr, so once the note is seen, everything the first answer
+    wrote is already in the pipe, and reading what is there takes all of it. (A reader thread could
+    still be holding those bytes; then the late newline looked like the start of the second answer,
+    the second Ctrl-C landed while the chat waited for input, and the chat exited with 130.)
+    """
     import threading
 
     proc = subprocess.Popen([*COMMAND, "chat", "--max-tokens", "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+    os.set_blocking(proc.stdout.fileno(), False)
     out, err = bytearray(), []
 
-    def drain_stdout():
-        while chunk := proc.stdout.read1(4096):
+    def read_stdout():
+        while True:
+            try:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
             out.extend(chunk)
 
     def drain_stderr():
         for line in proc.stderr:
             err.append(line.decode())
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (drain_stdout, drain_stderr)]
-    for t in threads:
-        t.start()
+    stderr_thread = threading.Thread(target=drain_stderr, daemon=True)
+    stderr_thread.start()
 
     def wait_for(condition, what):
         deadline = time.monotonic() + 120
-        while not condition():
+        while True:
+            read_stdout()
+            if condition():
+                return
             assert proc.poll() is None and time.monotonic() < deadline, f"waiting for {what}: {''.join(err)}"
             time.sleep(0.05)
 
@@ -179,6 +195,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session():
         wait_for(lambda: len(out) > 0, "the first answer")
         proc.send_signal(signal.SIGINT)
         wait_for(lambda: stopped() == 1, "the first answer to stop")
+        read_stdout()  # the note came after the answer's last byte: all of it is in the pipe now
         first = bytes(out)
         proc.stdin.write(b"Tell me about the sea.\n")
         proc.stdin.flush()
@@ -187,8 +204,8 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session():
         wait_for(lambda: stopped() == 2, "the second answer to stop")
         proc.stdin.close()
         proc.wait(timeout=60)
-        for t in threads:
-            t.join(timeout=10)
+        read_stdout()
+        stderr_thread.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()

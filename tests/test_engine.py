@@ -415,3 +415,26 @@ def test_long_prefill_does_not_stall_decoding(mistral):
         engine.step()
     assert a.output_ids == solo(model, pa, params_a).output_ids
     assert b.output_ids == solo(model, pb, params_b).output_ids
+
+
+def test_engine_config_reaches_the_engine_through_llm(mistral, tmp_path):
+    """LLM takes every engine knob (as an EngineConfig or as keywords), and a multi-step, pipelined,
+    budget-limited engine set up that way generates what the default one does."""
+    from mistral7b.engine import EngineConfig
+
+    hf, llm = mistral
+    path = tmp_path / "m"
+    hf.save_pretrained(path)
+    config = EngineConfig(max_batch=3, chunk_size=8, prefill_budget=12, decode_steps=3, pipeline=True)
+    tuned = LLM(str(path), device="cpu", engine_config=config)
+    engine = tuned.engine
+    assert (engine.max_batch, engine.chunk_size, engine.prefill_budget, engine.decode_steps, engine.pipeline) == (
+        3, 8, 12, 3, True)
+    assert LLM(str(path), device="cpu", max_batch=2, decode_steps=5).engine.decode_steps == 5
+    with pytest.raises(TypeError, match="no_such_knob"):
+        LLM(str(path), device="cpu", no_such_knob=1)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    prompts = [_prompt(n, g) for n in (5, 19, 11)]
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    assert [o.token_ids for o in tuned.generate(prompts, params)] == expected

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from mistral7b.generate import LLM  # noqa: E402
+from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.sampling import SamplingParams  # noqa: E402
-from mistral7b.server import ServerThread, create_app, driver_for  # noqa: E402
+from mistral7b.server import ServerThread, build_app, driver_for  # noqa: E402
 
 MODEL = "smollm2-test"
 MAX_TOKENS = 16
@@ -51,7 +51,7 @@ def refs(llm):
 
 @pytest.fixture(scope="module")
 def server(llm, refs):
-    with ServerThread(create_app(llm, MODEL), log_level="warning") as st:
+    with ServerThread(build_app(llm, MODEL), log_level="warning") as st:
         yield st
 
 
@@ -60,9 +60,32 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def _conforms(response: httpx.Response) -> None:
+    """Validate a JSON body against the OpenAI client's own types (an independent statement of the
+    API's shapes) and the server's response models."""
+    from mistral7b.server import protocol
+
+    if "application/json" not in response.headers.get("content-type", ""):
+        return
+    response.read()
+    path, body = response.request.url.path, response.json()
+    if response.status_code >= 400:
+        protocol.ErrorResponse.model_validate(body)
+    elif path == "/v1/completions":
+        openai.types.Completion.model_validate(body)
+        protocol.CompletionResponse.model_validate(body)
+    elif path == "/v1/chat/completions":
+        openai.types.chat.ChatCompletion.model_validate(body)
+        protocol.ChatCompletionResponse.model_validate(body)
+    elif path == "/v1/models":
+        protocol.ModelList.model_validate(body)
+    elif path == "/health":
+        protocol.HealthResponse.model_validate(body)
+
+
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+    with httpx.Client(base_url=server.url, timeout=120, event_hooks={"response": [_conforms]}) as c:
         yield c
 
 
@@ -85,8 +108,23 @@ def _sse(lines):
             done = True
             continue
         assert not done, "event after [DONE]"
-        events.append(json.loads(data))
+        event = json.loads(data)
+        _conforms_event(event)
+        events.append(event)
     return events, done
+
+
+def _conforms_event(event: dict) -> None:
+    """An SSE event is a chunk of the documented shape (or an error)."""
+    from mistral7b.server import protocol
+
+    if "error" in event:
+        protocol.ErrorResponse.model_validate(event)
+    elif event["object"] == "chat.completion.chunk":
+        openai.types.chat.ChatCompletionChunk.model_validate(event)
+        protocol.ChatCompletionStreamResponse.model_validate(event)
+    else:
+        protocol.CompletionStreamResponse.model_validate(event)
 
 
 # ---- basics --------------------------------------------------------------------------------------
@@ -370,7 +408,7 @@ def test_body_too_big(http):
 def test_api_key(llm):
     from fastapi.testclient import TestClient
 
-    tc = TestClient(create_app(llm, MODEL, api_key="s3cret"))
+    tc = TestClient(build_app(llm, MODEL, api_key="s3cret"))
     _check_error(tc.get("/v1/models"), 401)
     _check_error(tc.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     _check_error(tc.post(CHAT, json={"model": MODEL, "messages": MSG}), 401)
@@ -382,7 +420,7 @@ def test_api_key(llm):
 def test_full_queue_gives_429(server, llm):
     """max_queue=0: requests are taken only while a cache row is free; the ninth (8 rows) gets 429."""
     engine = llm.engine
-    with ServerThread(create_app(llm, MODEL, max_queue=0)) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+    with ServerThread(build_app(llm, MODEL, max_queue=0)) as st, httpx.Client(base_url=st.url, timeout=60) as c:
         body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4000, "ignore_eos": True, "stream": True}
         streams = []
         try:
@@ -408,7 +446,11 @@ def test_metrics(http):
                  "mistral7b_num_requests_running", "mistral7b_num_requests_waiting",
                  "mistral7b_time_to_first_token_seconds_bucket", "mistral7b_inter_token_latency_seconds_count"):
         assert name in text
-    assert 'path="/v1/chat/completions",code="200"' in text and 'code="400"' in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    requests = [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "mistral7b_http_requests_total"]
+    assert {"path": "/v1/chat/completions", "code": "200"} in requests and any(r["code"] == "400" for r in requests)
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
     assert values["mistral7b_generation_tokens_total"] > 0 and values["mistral7b_time_to_first_token_seconds_count"] > 0
 
@@ -416,14 +458,16 @@ def test_metrics(http):
 # ---- fuzzing -------------------------------------------------------------------------------------
 
 def test_fuzz_openapi(server):
-    """schemathesis cases from the server's own /openapi.json, every operation, no 5xx allowed.
+    """schemathesis cases from the server's own /openapi.json, every operation, no 5xx allowed, and every
+    response conforming to the schema (status code, content type, body).
 
     Driven through hypothesis directly (`operation.as_strategy()`): schemathesis 4.32's lazy pytest
     fixture (`schemathesis.pytest.from_fixture`) uses `Node._nodeid`, which pytest 9 removed.
     """
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
+                                     status_code_conformance)
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -439,7 +483,9 @@ def test_fuzz_openapi(server):
                   suppress_health_check=list(HealthCheck))
         def run(case):
             _tame(case)
-            response = case.call_and_validate(base_url=server.url, checks=[not_a_server_error], timeout=120)
+            # The responses must match the schema: status codes, content types and bodies as documented.
+            checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+            response = case.call_and_validate(base_url=server.url, checks=checks, timeout=120)
             seen[label].append(response.status_code)
 
         run()

@@ -2,7 +2,7 @@
 
 from .cache import KVCache
 from .config import PRESETS, ModelConfig, ModelLoadError, preset
-from .generate import LLM, CompletionOutput
+from .llm import LLM, CompletionOutput
 from .loading import load_model
 from .model import Transformer
 from .sampling import SamplingParams

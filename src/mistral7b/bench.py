@@ -6,35 +6,20 @@ Figures are medians over `--runs`; the table goes to stdout and everything to `-
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig, preset
-from .engine import Engine
+from .engine import Engine, EngineConfig
 from .loading import Checkpoint, assemble
+from .model import Transformer
 from .sampling import SamplingParams
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="mistral-7b-v0.1", help="model shape, random bf16 weights")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prefill", default="4096,16384,32768", help="prompt lengths for prefill tok/s")
-    p.add_argument("--context", type=int, default=16384, help="decode speed at this context vs 1024")
-    p.add_argument("--long-context", type=int, default=131072, help="prefill this many tokens then decode 128 (0: skip)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
-    p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
-    p.add_argument("--json", type=Path, default=None, help="write all figures here")
 
 
 def sync(device):
@@ -97,6 +82,15 @@ def ours_from_hf(hf_model, config: ModelConfig, device):
     return assemble(Checkpoint(Path("random-weights"), config, tensors, 0), device, torch.bfloat16)
 
 
+def with_config(model: Transformer, config: ModelConfig) -> Transformer:
+    """A model built from `config` holding `model`'s weights (shared, not copied): a variant such as
+    full attention is a different config, never a model changed in place."""
+    with torch.device("meta"):
+        variant = Transformer(config)
+    variant.load_state_dict(model.state_dict(), assign=True)
+    return variant.eval()
+
+
 def random_prompts(n, length, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
@@ -113,18 +107,18 @@ def run_requests(engine: Engine, prompts, new_tokens):
 def main(args) -> int:
     device = args.device
     config = preset(args.preset)
+    import transformers
+
     results: dict = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "preset": args.preset,
         "ours": {},
         "hf": {},
         "hf_compiled": {},
     }
-    import transformers
-
-    results["transformers"] = transformers.__version__
     sections = set(args.sections.split(","))
     print(f"building random {args.preset} weights on {device}...", flush=True)
     hf = build_hf(config, device)
@@ -136,90 +130,96 @@ def main(args) -> int:
     else:
         OTHER_RESIDENT_BYTES = sum(p.numel() * p.element_size() for p in hf.parameters())
     ours = results["ours"]
-    engine = Engine(model, None, max_batch=max(args.batch, 1), compile=torch.device(device).type == "cuda")
-
+    cuda = torch.device(device).type == "cuda"
+    engine = Engine(model, None, EngineConfig(max_batch=max(args.batch, 1), compile=cuda))
     if "decode" in sections:
-        for batch in (1, args.batch):
-            prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
-            reset_peak(device)
-            t = timed(lambda: run_requests(engine, prompts, args.new_tokens), device, args.runs)
-            ours[f"decode_b{batch}_tok_s"] = batch * args.new_tokens / t
-            ours[f"decode_b{batch}_peak_gib"] = peak_gib(device)
-            print(f"ours decode b{batch}: {ours[f'decode_b{batch}_tok_s']:.1f} tok/s", flush=True)
-
+        bench_decode(engine, config, args, ours)
     if "context" in sections:
-        for ctx in (1024, args.context):
-            prompts = random_prompts(1, ctx, config.vocab_size, seed=1)
-            run_requests(engine, prompts, args.new_tokens)  # warm-up: records this kv_len's graph
-            rates = []
-            for _ in range(args.runs):
-                (r,) = run_requests(engine, prompts, args.new_tokens)
-                rates.append((len(r.output_ids) - 1) / (r.finish_time - r.first_token_time))
-            ours[f"decode_at_{ctx}_tok_s"] = statistics.median(rates)
-            print(f"ours decode at {ctx} context: {ours[f'decode_at_{ctx}_tok_s']:.1f} tok/s", flush=True)
-        ours["context_ratio"] = ours[f"decode_at_{args.context}_tok_s"] / ours["decode_at_1024_tok_s"]
-
-    prefill_lengths = [int(x) for x in args.prefill.split(",") if x]
+        bench_context(engine, config, args, ours)
     if "prefill" in sections:
-        prefill_engine = Engine(model, None, max_batch=1)
-        for n in prefill_lengths:
-            prompts = random_prompts(1, n, config.vocab_size, seed=2)
-            reset_peak(device)
-            t = timed(lambda: run_requests(prefill_engine, prompts, 1), device, args.runs)
-            ours[f"prefill_{n}_tok_s"] = n / t
-            ours[f"prefill_{n}_peak_gib"] = peak_gib(device)
-            print(f"ours prefill {n} (window, chunked): {n / t:.0f} tok/s", flush=True)
-        del prefill_engine
-        # One flex pass over the whole prompt, to pick the chunk size by measurement.
-        n = max(prefill_lengths)
-        prompts = random_prompts(1, n, config.vocab_size, seed=2)
-        one_pass = Engine(model, None, max_batch=1, chunk_size=n)
-        t = timed(lambda: run_requests(one_pass, prompts, 1), device, args.runs)
-        ours[f"prefill_{n}_window_one_pass_tok_s"] = n / t
-        print(f"ours prefill {n} (window, one pass): {n / t:.0f} tok/s", flush=True)
-        del one_pass
-        # The paper's promise: at long lengths the window must beat our own full attention.
-        full = config.with_(sliding_window=None, max_seq_len=n + 8)
-        model.config = full
-        for layer in model.layers:
-            layer.attention.window = None
-        try:
-            full_engine = Engine(model, None, max_batch=1, chunk_size=n)
-            t = timed(lambda: run_requests(full_engine, prompts, 1), device, args.runs)
-            ours[f"prefill_{n}_full_attention_tok_s"] = n / t
-            print(f"ours prefill {n} (full attention): {n / t:.0f} tok/s", flush=True)
-            del full_engine
-        finally:
-            model.config = config
-            for layer, w in zip(model.layers, config.layer_windows()):
-                layer.attention.window = w
-
+        bench_prefill(model, config, args, ours)
     if "long" in sections and args.long_context:
-        long_engine = Engine(model, None, max_batch=1, compile=torch.device(device).type == "cuda")
-        run_requests(long_engine, random_prompts(1, 8192, config.vocab_size, seed=4), 16)  # compile
-        prompts = random_prompts(1, args.long_context, config.vocab_size, seed=3)
-        reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        (r,) = run_requests(long_engine, prompts, 128)
-        sync(device)
-        ours["long_context_tokens"] = args.long_context
-        ours["long_context_seconds"] = time.perf_counter() - t0
-        ours["long_context_prefill_seconds"] = r.first_token_time - r.arrival_time
-        ours["long_context_cache_gib"] = long_engine.cache.nbytes() / 2**30
-        ours["long_context_peak_gib"] = peak_gib(device)
-        ours["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-        print(f"ours long context {args.long_context}: {ours['long_context_seconds']:.1f} s, "
-              f"cache {ours['long_context_cache_gib']:.2f} GiB, peak {ours['long_context_peak_gib']}", flush=True)
-        del long_engine
-
+        bench_long(model, config, args, ours)
     if hf is not None:
         bench_hf(hf, config, args, results)
-
     print_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def bench_decode(engine: Engine, config: ModelConfig, args, ours: dict) -> None:
+    device = args.device
+    for batch in (1, args.batch):
+        prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+        reset_peak(device)
+        t = timed(lambda: run_requests(engine, prompts, args.new_tokens), device, args.runs)
+        ours[f"decode_b{batch}_tok_s"] = batch * args.new_tokens / t
+        ours[f"decode_b{batch}_peak_gib"] = peak_gib(device)
+        print(f"ours decode b{batch}: {ours[f'decode_b{batch}_tok_s']:.1f} tok/s", flush=True)
+
+
+def bench_context(engine: Engine, config: ModelConfig, args, ours: dict) -> None:
+    for ctx in (1024, args.context):
+        prompts = random_prompts(1, ctx, config.vocab_size, seed=1)
+        run_requests(engine, prompts, args.new_tokens)  # warm-up: records this kv_len's graph
+        rates = []
+        for _ in range(args.runs):
+            (r,) = run_requests(engine, prompts, args.new_tokens)
+            rates.append((len(r.output_ids) - 1) / (r.finish_time - r.first_token_time))
+        ours[f"decode_at_{ctx}_tok_s"] = statistics.median(rates)
+        print(f"ours decode at {ctx} context: {ours[f'decode_at_{ctx}_tok_s']:.1f} tok/s", flush=True)
+    ours["context_ratio"] = ours[f"decode_at_{args.context}_tok_s"] / ours["decode_at_1024_tok_s"]
+
+
+def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> None:
+    device = args.device
+    prefill_lengths = [int(x) for x in args.prefill.split(",") if x]
+    prefill_engine = Engine(model, None, EngineConfig(max_batch=1))
+    for n in prefill_lengths:
+        prompts = random_prompts(1, n, config.vocab_size, seed=2)
+        reset_peak(device)
+        t = timed(lambda: run_requests(prefill_engine, prompts, 1), device, args.runs)
+        ours[f"prefill_{n}_tok_s"] = n / t
+        ours[f"prefill_{n}_peak_gib"] = peak_gib(device)
+        print(f"ours prefill {n} (window, chunked): {n / t:.0f} tok/s", flush=True)
+    del prefill_engine
+    # One flex pass over the whole prompt, to pick the chunk size by measurement.
+    n = max(prefill_lengths)
+    prompts = random_prompts(1, n, config.vocab_size, seed=2)
+    one_pass = Engine(model, None, EngineConfig(max_batch=1, chunk_size=n))
+    t = timed(lambda: run_requests(one_pass, prompts, 1), device, args.runs)
+    ours[f"prefill_{n}_window_one_pass_tok_s"] = n / t
+    print(f"ours prefill {n} (window, one pass): {n / t:.0f} tok/s", flush=True)
+    del one_pass
+    # The paper's promise: at long lengths the window must beat our own full attention.
+    full_model = with_config(model, replace(config, sliding_window=None, max_seq_len=n + 8))
+    full_engine = Engine(full_model, None, EngineConfig(max_batch=1, chunk_size=n))
+    t = timed(lambda: run_requests(full_engine, prompts, 1), device, args.runs)
+    ours[f"prefill_{n}_full_attention_tok_s"] = n / t
+    print(f"ours prefill {n} (full attention): {n / t:.0f} tok/s", flush=True)
+    del full_engine, full_model
+
+
+def bench_long(model: Transformer, config: ModelConfig, args, ours: dict) -> None:
+    device = args.device
+    long_engine = Engine(model, None, EngineConfig(max_batch=1, compile=torch.device(device).type == "cuda"))
+    run_requests(long_engine, random_prompts(1, 8192, config.vocab_size, seed=4), 16)  # compile
+    prompts = random_prompts(1, args.long_context, config.vocab_size, seed=3)
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    (r,) = run_requests(long_engine, prompts, 128)
+    sync(device)
+    ours["long_context_tokens"] = args.long_context
+    ours["long_context_seconds"] = time.perf_counter() - t0
+    ours["long_context_prefill_seconds"] = r.first_token_time - r.arrival_time
+    ours["long_context_cache_gib"] = long_engine.cache.nbytes() / 2**30
+    ours["long_context_peak_gib"] = peak_gib(device)
+    ours["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    print(f"ours long context {args.long_context}: {ours['long_context_seconds']:.1f} s, "
+          f"cache {ours['long_context_cache_gib']:.2f} GiB, peak {ours['long_context_peak_gib']}", flush=True)
+    del long_engine
 
 
 def bench_hf(hf, config, args, results):
@@ -276,9 +276,3 @@ def print_table(results, args):
                 "weights_gib"):
         if key in ours:
             print(f"{key}: {ours[key] if not isinstance(ours[key], float) else round(ours[key], 3)}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))

@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass, the Mistral presets, and readers for each checkpoint format's config."""
+"""Model configuration: one dataclass and the Mistral presets. Each checkpoint format's config reader
+lives with its loader in `loading/`."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; every failure is a ModelLoadError naming the file."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -112,100 +114,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _build(path: Path, **kwargs) -> ModelConfig:
+def build_config(path: Path, **kwargs) -> ModelConfig:
+    """A ModelConfig read from `path`; an invalid one is a ModelLoadError naming the file."""
     try:
         return ModelConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e}") from None
-
-
-def from_params_json(path: Path) -> ModelConfig:
-    """Mistral's `params.json`. v0.1's file has no rope_theta: 10000 when windowed, else 1e6."""
-    p = _read_json(path)
-    try:
-        window = p.get("sliding_window")
-        return _build(
-            path,
-            dim=p["dim"],
-            n_layers=p["n_layers"],
-            head_dim=p.get("head_dim", p["dim"] // p["n_heads"]),
-            hidden_dim=p["hidden_dim"],
-            n_heads=p["n_heads"],
-            n_kv_heads=p.get("n_kv_heads", p["n_heads"]),
-            norm_eps=p.get("norm_eps", 1e-5),
-            vocab_size=p["vocab_size"],
-            rope_theta=p.get("rope_theta", 10000.0 if window else 1e6),
-            sliding_window=window,
-            max_seq_len=p.get("max_seq_len", p.get("max_position_embeddings", 32768)),
-            tie_embeddings=p.get("tied_embeddings", False),
-            name=path.parent.name,
-        )
-    except KeyError as e:
-        raise ModelLoadError(f"{path}: missing field {e.args[0]!r}") from None
-
-
-def from_hf_config(path: Path) -> ModelConfig:
-    """HF `config.json` for the mistral and llama model types."""
-    c = _read_json(path)
-    model_type = c.get("model_type")
-    if model_type not in ("mistral", "llama"):
-        raise ModelLoadError(f"{path}: unsupported model_type {model_type!r} (expected 'mistral' or 'llama')")
-    try:
-        window = c.get("sliding_window") if model_type == "mistral" else None
-        layer_types = c.get("layer_types")
-        if window is not None and layer_types:
-            window = tuple(window if t == "sliding_attention" else None for t in layer_types)
-        # transformers 5 writes the scaling into `rope_parameters` (rope_type != "default"), older ones into `rope_scaling`.
-        for key, absent in (("rope_scaling", None), ("rope_parameters", "default")):
-            scaling = c.get(key) or {}
-            if scaling and scaling.get("rope_type", scaling.get("type", absent)) != "default":
-                raise ModelLoadError(f"{path}: {key} {scaling!r} is not supported")
-        rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return _build(
-            path,
-            dim=c["hidden_size"],
-            n_layers=c["num_hidden_layers"],
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            hidden_dim=c["intermediate_size"],
-            n_heads=c["num_attention_heads"],
-            n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            norm_eps=c.get("rms_norm_eps", 1e-6),
-            vocab_size=c["vocab_size"],
-            rope_theta=float(rope_theta),
-            sliding_window=window,
-            max_seq_len=c.get("max_position_embeddings", 32768),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            name=path.parent.name,
-        )
-    except KeyError as e:
-        raise ModelLoadError(f"{path}: missing field {e.args[0]!r}") from None
-
-
-def from_gguf_metadata(path: Path, meta: dict[str, Any], has_output: bool) -> ModelConfig:
-    """GGUF key/values (already decoded) of the llama architecture; `has_output` says if `output.weight` exists."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r} (only 'llama' is supported)")
-    try:
-        dim = int(meta["llama.embedding_length"])
-        n_heads = int(meta["llama.attention.head_count"])
-        vocab = meta.get("llama.vocab_size") or meta["tokenizer.ggml.tokens.count"]
-        window = meta.get("llama.attention.sliding_window")
-        return _build(
-            path,
-            dim=dim,
-            n_layers=int(meta["llama.block_count"]),
-            head_dim=int(meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or dim // n_heads),
-            hidden_dim=int(meta["llama.feed_forward_length"]),
-            n_heads=n_heads,
-            n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            vocab_size=int(vocab),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-            sliding_window=int(window) if window else None,
-            max_seq_len=int(meta.get("llama.context_length", 4096)),
-            tie_embeddings=not has_output,
-            name=str(meta.get("general.name", path.stem)),
-        )
-    except KeyError as e:
-        raise ModelLoadError(f"{path}: missing GGUF metadata {e.args[0]!r}") from None

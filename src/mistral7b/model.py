@@ -8,6 +8,7 @@ layer's activations once. Loaders convert at load time.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos[:, None] + rotated * sin[:, None]).type_as(x)
 
 
+@dataclass
+class AttentionInputs:
+    """What every layer's attention reads in one forward pass, built once in `Transformer.forward`
+    (mistral-inference's `CacheInputMetadata`): token positions [B, T], the rope tables, the cache rows
+    of these sequences, kv_len (1 + the largest position held after this pass, or None), and a memo
+    that lets layers with the same window share one block mask."""
+
+    positions: Tensor
+    rope: tuple[Tensor, Tensor]
+    rows: slice | Tensor
+    kv_len: int | None
+    memo: dict = field(default_factory=dict)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, window: int | None):
         super().__init__()
@@ -79,20 +94,21 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, cache, rows, kv_len, memo) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache) -> Tensor:
         batch, t, _ = x.shape
+        positions, memo = inputs.positions, inputs.memo
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         if cache is None:
             out = attention(q, k, v, positions, positions, self.window, self_only=True, memo=memo)
         else:
             # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
-            k, v, k_pos = cache.update(k, v, positions, rows, kv_len)
-            out = attention(q, k, v, positions, k_pos, self.window, self_only=kv_len == t, memo=memo)
+            k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len)
+            out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo)
         return self.wo(out.transpose(1, 2).reshape(batch, t, q_size))
 
 
@@ -122,8 +138,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, rope, positions, cache, rows, kv_len, memo) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, positions, cache, rows, kv_len, memo)
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), inputs, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -160,13 +176,12 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("positions are required with a cache")
             positions = torch.arange(t, device=tokens.device).expand(batch, t)
-        rows = slice(0, batch) if rows is None else rows
-        cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        inputs = AttentionInputs(positions, rope, slice(0, batch) if rows is None else rows, kv_len)
+        cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.tok_embeddings(tokens)
-        memo: dict = {}
         for layer, layer_cache in zip(self.layers, cache_layers):
-            x = layer(x, rope, positions, layer_cache, rows, kv_len, memo)
+            x = layer(x, inputs, layer_cache)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig, ModelLoadError
 from ..model import Transformer
+from ..utils import is_gguf
 
 
 @dataclass
@@ -39,6 +40,23 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of `interleaved_to_half`, for writing Mistral and GGUF checkpoints."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def qk_heads(name: str, config: ModelConfig) -> int | None:
+    """Heads of the q or k projection called `name` (canonical), or None for any other tensor."""
+    if not name.startswith("layers."):
+        return None
+    kind = name.partition(".")[2].partition(".")[2]
+    return {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(kind)
+
+
+def qk_to_rotate_half(name: str, w: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A tensor as read from an interleaved-pairs checkpoint (Mistral, GGUF), q/k rows converted to
+    rotate-half. A q/k of the wrong shape is left as it is, for `assemble` to report."""
+    n = qk_heads(name, config)
+    if n is not None and w.shape[0] == n * config.head_dim:
+        return interleaved_to_half(w, n)
+    return w
 
 
 def canonical_names(config: ModelConfig) -> list[str]:
@@ -124,7 +142,7 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         else:
             raise ModelLoadError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.suffix == ".gguf" or gguf.is_gguf(path):
+        if is_gguf(path):
             return gguf.open_checkpoint(path)
         if path.name in ("config.json", "params.json"):
             path = path.parent

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelLoadError, from_gguf_metadata
-from . import Checkpoint, interleaved_to_half
+from ..config import ModelConfig, ModelLoadError, build_config
+from . import Checkpoint, qk_to_rotate_half
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 _LAYER_NAMES = {
@@ -28,11 +28,6 @@ _LAYER_NAMES = {
     "ffn_down": "feed_forward.w2",
 }
 _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-
-
-def is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def to_canonical(name: str) -> str:
@@ -81,6 +76,42 @@ def metadata(reader) -> dict[str, Any]:
     return meta
 
 
+def from_gguf_metadata(path: Path, meta: dict[str, Any], has_output: bool) -> ModelConfig:
+    """GGUF key/values (already decoded) of the llama architecture; `has_output` says if `output.weight` exists."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r} (only 'llama' is supported)")
+    try:
+        dim = int(meta["llama.embedding_length"])
+        n_heads = int(meta["llama.attention.head_count"])
+        vocab = meta.get("llama.vocab_size") or meta["tokenizer.ggml.tokens.count"]
+        window = meta.get("llama.attention.sliding_window")
+        return build_config(
+            path,
+            dim=dim,
+            n_layers=int(meta["llama.block_count"]),
+            head_dim=int(meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or dim // n_heads),
+            hidden_dim=int(meta["llama.feed_forward_length"]),
+            n_heads=n_heads,
+            n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
+            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            vocab_size=int(vocab),
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            sliding_window=int(window) if window else None,
+            max_seq_len=int(meta.get("llama.context_length", 4096)),
+            tie_embeddings=not has_output,
+            name=str(meta.get("general.name", path.stem)),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"{path}: missing GGUF metadata {e.args[0]!r}") from None
+
+
+def read_config(path: Path, reader) -> ModelConfig:
+    """The config of a GGUF file already open."""
+    names = {t.name for t in reader.tensors}
+    return from_gguf_metadata(path, metadata(reader), has_output="output.weight" in names)
+
+
 def tensor_to_torch(t) -> torch.Tensor:
     import gguf
 
@@ -104,8 +135,6 @@ def open_checkpoint(path: Path) -> Checkpoint:
                 f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
-    heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}
-
     def tensors():
         for t in reader.tensors:
             name = to_canonical(t.name)
@@ -113,9 +142,6 @@ def open_checkpoint(path: Path) -> Checkpoint:
                 w = tensor_to_torch(t)
             except Exception as e:  # noqa: BLE001 - dequantizing garbage fails in numpy in many ways
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from None
-            n = heads.get(name.partition(".")[2].partition(".")[2])
-            if n is not None and w.shape[0] == n * config.head_dim:
-                w = interleaved_to_half(w, n)
-            yield name, w
+            yield name, qk_to_rotate_half(name, w, config)
 
     return Checkpoint(path, config, tensors(), len(reader.tensors))

@@ -1,6 +1,8 @@
 """HF transformers folders: `config.json` plus `model.safetensors`, sharded safetensors, or `pytorch_model.bin`.
 
-HF stores q/k rows in rotate-half order, which is already our internal layout.
+The reader (`read_config`, `open_checkpoint`), the writer (`save`: config.json with model_type mistral,
+or llama when no layer has a window, and model.safetensors) and the name map. HF stores q/k rows in
+rotate-half order, which is already our internal layout.
 """
 
 from __future__ import annotations
@@ -9,9 +11,14 @@ import json
 import re
 from pathlib import Path
 
-from ..config import ModelLoadError, from_hf_config
+import torch
+
+from ..config import ModelConfig, ModelLoadError, build_config, read_json
+from ..utils import BY_DTYPE
 from . import Checkpoint
-from .safetensors_io import stream_pickle_free, stream_safetensors
+from .safetensors_io import stream_pickle_free, stream_safetensors, write_weights
+
+HF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
@@ -26,6 +33,43 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "feed_forward.w2.weight",
 }
 _TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+
+
+def read_config(path: Path) -> ModelConfig:
+    """HF `config.json` for the mistral and llama model types."""
+    c = read_json(path)
+    model_type = c.get("model_type")
+    if model_type not in ("mistral", "llama"):
+        raise ModelLoadError(f"{path}: unsupported model_type {model_type!r} (expected 'mistral' or 'llama')")
+    try:
+        window = c.get("sliding_window") if model_type == "mistral" else None
+        layer_types = c.get("layer_types")
+        if window is not None and layer_types:
+            window = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        # transformers 5 writes the scaling into `rope_parameters` (rope_type != "default"), older ones into `rope_scaling`.
+        for key, absent in (("rope_scaling", None), ("rope_parameters", "default")):
+            scaling = c.get(key) or {}
+            if scaling and scaling.get("rope_type", scaling.get("type", absent)) != "default":
+                raise ModelLoadError(f"{path}: {key} {scaling!r} is not supported")
+        rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return build_config(
+            path,
+            dim=c["hidden_size"],
+            n_layers=c["num_hidden_layers"],
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            hidden_dim=c["intermediate_size"],
+            n_heads=c["num_attention_heads"],
+            n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+            norm_eps=c.get("rms_norm_eps", 1e-6),
+            vocab_size=c["vocab_size"],
+            rope_theta=float(rope_theta),
+            sliding_window=window,
+            max_seq_len=c.get("max_position_embeddings", 32768),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            name=path.parent.name,
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"{path}: missing field {e.args[0]!r}") from None
 
 
 def to_canonical(name: str) -> str:
@@ -67,7 +111,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
-    config = from_hf_config(path / "config.json")
+    config = read_config(path / "config.json")
     files = weight_files(path)
     if files[0].suffix == ".bin":
         stream, count = stream_pickle_free(files[0])
@@ -75,3 +119,61 @@ def open_checkpoint(path: Path) -> Checkpoint:
         stream, count = stream_safetensors(files)
     tensors = ((to_canonical(name), t) for name, t in stream)
     return Checkpoint(path, config, tensors, count)
+
+
+def _single_window(config: ModelConfig) -> tuple[int | None, list[str] | None]:
+    """HF's config has one sliding_window; per-layer windows become `layer_types` (all equal W or none)."""
+    windows = config.layer_windows()
+    distinct = {w for w in windows if w is not None}
+    if not distinct:
+        return None, None
+    if len(distinct) > 1:
+        raise ValueError(f"HF's config.json cannot express several window sizes ({sorted(distinct)}); "
+                         "convert to the Mistral layout instead")
+    window = distinct.pop()
+    if all(w is not None for w in windows):
+        return window, None
+    return window, ["sliding_attention" if w is not None else "full_attention" for w in windows]
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype, **extra) -> dict:
+    window, layer_types = _single_window(config)
+    mistral = window is not None
+    d = {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        "hidden_size": config.dim,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "vocab_size": config.vocab_size,
+        "rope_theta": float(config.rope_theta),
+        "tie_word_embeddings": bool(config.tie_embeddings),
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": BY_DTYPE[dtype].name if dtype in HF_DTYPES else "float32",
+    }
+    if mistral:
+        d["sliding_window"] = window
+        if layer_types:
+            d["layer_types"] = layer_types
+    else:
+        d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1, rope_scaling=None)
+    d.update(extra)
+    return d
+
+
+def save(model, path: str | Path, **config_extra) -> Path:
+    """Write `model` as an HF transformers folder: config.json + model.safetensors."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = next(model.parameters()).dtype
+    (path / "config.json").write_text(json.dumps(hf_config(model.config, dtype, **config_extra), indent=2) + "\n")
+    write_weights(model, path / "model.safetensors", rename=from_canonical)
+    return path

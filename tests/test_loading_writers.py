@@ -12,7 +12,8 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 
 from mistral7b.loading import load_model  # noqa: E402
-from mistral7b.loading.export import save_hf, save_mistral  # noqa: E402
+from mistral7b.loading.hf import save as save_hf  # noqa: E402
+from mistral7b.loading.mistral import save as save_mistral  # noqa: E402
 
 
 def hf_mistral(tmp_path, **overrides):
@@ -143,8 +144,8 @@ def test_dtype_is_kept(tmp_path):
     _, src = hf_mistral(tmp_path)
     model = load_model(src, dtype=torch.bfloat16)
     ids = tokens(101)
-    for save in (save_hf, save_mistral):
-        out = save(model, tmp_path / save.__name__)
+    for folder, save in (("save_hf", save_hf), ("save_mistral", save_mistral)):
+        out = save(model, tmp_path / folder)
         name = "model.safetensors" if save is save_hf else "consolidated.safetensors"
         with safe_open(str(out / name), framework="pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}

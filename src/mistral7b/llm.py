@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, Request, TokenLogprob
+from .engine import Engine, EngineConfig, Request, TokenLogprob
 from .loading import load_model
 from .sampling import SamplingParams
-
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+from .tokenizer import Tokenizer, check_roles, with_safe_prompt
+from .utils import default_device, resolve_dtype
 
 
 @dataclass
@@ -29,26 +28,6 @@ class CompletionOutput:
         return cls(request.prompt_ids, request.text, request.output_ids, request.finish_reason, request.logprobs)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-    return names[dtype]
-
-
 class LLM:
     """A model, its tokenizer (if the checkpoint has one) and an engine.
 
@@ -61,15 +40,14 @@ class LLM:
         source: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        max_batch: int = 8,
-        chunk_size: int | None = None,
-        max_seq_len: int | None = None,
-        compile: bool = False,
+        engine_config: EngineConfig | None = None,
+        **engine_options,
     ):
-        """`compile=True` compiles the decode step with CUDA graphs: about a minute and a half at
-        the 7B shape before the first token, then several times faster decode (benchmarks/RESULTS.md)."""
-        from .tokenizer import Tokenizer
-
+        """`engine_config` (or `engine_options`, EngineConfig's fields: `max_batch`, `chunk_size`,
+        `prefill_budget`, `max_seq_len`, `decode_steps`, `compile`, `pipeline`) sets up the engine.
+        `compile=True` compiles the decode step with CUDA graphs: about a minute and a half at the 7B
+        shape before the first token, then several times faster decode (benchmarks/RESULTS.md)."""
+        engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
         if source is None:
             from .default_model import default_model_path
 
@@ -79,7 +57,7 @@ class LLM:
         self.model = load_model(source, self.device, self.dtype)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
-        self.engine = Engine(self.model, self.tokenizer, max_batch, chunk_size, max_seq_len=max_seq_len, compile=compile)
+        self.engine = Engine(self.model, self.tokenizer, engine_config)
 
     @property
     def config(self):
@@ -95,14 +73,9 @@ class LLM:
         return list(prompt)
 
     def chat_prompt(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
-        from .tokenizer import with_safe_prompt
-
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat format")
-        for m in messages:  # a Jinja template would render any role as text; reject unknown ones here
-            role = m.get("role") if isinstance(m, dict) else None
-            if role not in CHAT_ROLES:
-                raise ValueError(f"unknown chat role {role!r}: expected one of {', '.join(CHAT_ROLES)}")
+        check_roles(messages)
         if safe_prompt:
             messages = with_safe_prompt(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

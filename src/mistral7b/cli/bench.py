@@ -1,0 +1,36 @@
+"""`mistral7b bench`: our engine and HF transformers side by side, in one process on one card
+(random weights at a preset's shape; see `mistral7b.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "bench"
+HELP = "benchmark the engine against HF transformers (see `mistral7b bench --help`)"
+DESCRIPTION = ("Our engine and HF transformers side by side, in one process on one card. Random weights at a "
+               "preset's shape (speed does not depend on the values), shared by both engines. Figures are medians "
+               "over --runs; the table goes to stdout and everything to --json.")
+COMMON = None  # its own --device; no model or dtype
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="mistral-7b-v0.1", help="model shape, random bf16 weights")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prefill", default="4096,16384,32768", help="prompt lengths for prefill tok/s")
+    p.add_argument("--context", type=int, default=16384, help="decode speed at this context vs 1024")
+    p.add_argument("--long-context", type=int, default=131072, help="prefill this many tokens then decode 128 (0: skip)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
+    p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
+    p.add_argument("--json", type=Path, default=None, help="write all figures here")
+
+
+def run(args) -> int:
+    from .. import bench  # torch and transformers load only when the benchmark runs
+
+    return bench.main(args) or 0

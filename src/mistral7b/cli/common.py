@@ -1,0 +1,196 @@
+"""What every command shares: errors, argparse types, the common options, loading the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..utils import LOAD_DTYPES
+
+PROG = "mistral7b"
+DTYPES = ("auto", *LOAD_DTYPES)
+
+
+class CLIError(Exception):
+    """A runtime failure with a message for the user (exit code 1)."""
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _ranged(kind, ok, expected: str):
+    """An argparse type: parse with `kind`, accept when `ok(value)`, else a usage error naming the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _ranged(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0")
+non_negative_float = _ranged(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+probability = _ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+unit_interval = _ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def window_size(text: str) -> int | str:
+    """A window W > 0, or "none" (full attention)."""
+    if text.lower() in ("none", "0", "off", "full"):
+        return "none"
+    return positive_int(text)
+
+
+def port_number(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {value}")
+    return value
+
+
+def note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def default_model_note() -> str:
+    from ..default_model import DESCRIPTION
+
+    return (
+        f"no --model given: using the default model {DESCRIPTION}; for Mistral 7B pass --model with a local "
+        "HF or Mistral folder, a .gguf file, or a hub id after "
+        "`huggingface-cli download mistralai/Mistral-7B-Instruct-v0.2`"
+    )
+
+
+def model_source(args, download: bool = True):
+    """--model, or the bundled default (announced on stderr)."""
+    if args.model is not None:
+        return args.model
+    from ..default_model import default_model_path
+
+    note(default_model_note())
+    return default_model_path(download=download)
+
+
+def device_of(args):
+    import torch
+
+    if args.device in (None, "auto"):
+        return None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise CLIError(f"invalid --device {args.device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def dtype_name(args) -> str | None:
+    return None if args.dtype in (None, "auto") else args.dtype
+
+
+def load_llm(args, engine_config=None):
+    """The model of --model (or the default) on --device in --dtype, with an engine set up by `engine_config`."""
+    from ..engine import EngineConfig
+    from ..llm import LLM
+
+    source = model_source(args)
+    t0 = time.perf_counter()
+    llm = LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config or EngineConfig(max_batch=1))
+    llm.load_seconds = time.perf_counter() - t0
+    return llm
+
+
+def sampling_params(args):
+    from ..sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        max_tokens=args.max_tokens,
+        stop=list(args.stop or []),
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def print_json(data, indent: int | None = 2) -> None:
+    sys.stdout.write(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def timings_of(request, load_seconds: float | None = None) -> dict:
+    n_prompt, n_out = len(request.prompt_ids), len(request.output_ids)
+    prefill = (request.first_token_time - request.arrival_time) if request.first_token_time else None
+    decode = (request.finish_time - request.first_token_time) if request.first_token_time and request.finish_time else None
+    return {
+        "load_s": load_seconds,
+        "prefill_s": prefill,
+        "decode_s": decode,
+        # the first output token comes out of the prefill; decode steps make the others
+        "prefill_tok_s": n_prompt / prefill if prefill else None,
+        "decode_tok_s": (n_out - 1) / decode if decode and n_out > 1 else None,
+    }
+
+
+def common_options(model: bool = True, model_default_help: str = "the bundled default model",
+            dtype_help: str = "auto = bfloat16 on cuda, float32 on cpu",
+            device_help: str = "cpu, cuda, cuda:N; auto = cuda when a GPU is present, else cpu") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    if model:
+        p.add_argument("--model", "-m", default=None, metavar="SOURCE",
+                       help=f"HF or Mistral checkpoint folder, .gguf file, or hub id in the local HF cache "
+                            f"(None: {model_default_help})")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help=f"weights and cache dtype; {dtype_help}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return p
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=positive_int, default=256, help="most tokens to generate")
+    g.add_argument("--temperature", "-t", type=non_negative_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=unit_interval, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=non_negative_float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (None: random)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    g.add_argument("--safe-prompt", action="store_true",
+                   help="put the paper's guardrail system prompt in front (implies --chat for generate)")
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def error_message(e: BaseException) -> str:
+    from ..config import ModelLoadError
+
+    text = one_line(e)
+    if isinstance(e, ModelLoadError) and "download" not in text:
+        text += ("; --model takes an HF or Mistral checkpoint folder, a .gguf file, or a hub id "
+                 "downloaded with `huggingface-cli download`")
+    elif isinstance(e, FileNotFoundError):
+        text += "; check the path"
+    return text

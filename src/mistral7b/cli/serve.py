@@ -1,0 +1,46 @@
+"""`mistral7b serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..server.settings import API_KEY_ENV, DEFAULT_MAX_QUEUE
+from .common import CLIError, load_llm, port_number, positive_int
+
+NAME = "serve"
+HELP = "OpenAI-compatible HTTP server"
+DESCRIPTION = "Serve the model over HTTP (OpenAI-compatible API)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this bearer token (None: the {API_KEY_ENV} environment variable, if set)")
+    p.add_argument("--model-name", default=None, help="model name the API reports (None: from the checkpoint)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="sequences decoded together, each with its own preallocated cache row")
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
+                   help="cache positions per sequence for layers without a sliding window, and so the longest "
+                        "prompt + completion (None: the model's context); windowed layers always keep W")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with CUDA graphs (GPU; slow start, fast decode)")
+    p.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
+                   help="requests waiting before the server answers 429")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level")
+
+
+def run(args) -> int:
+    from ..engine import EngineConfig
+
+    try:
+        from ..server.app import serve
+    except ImportError as e:
+        raise CLIError(f"the HTTP server is not available ({e}); install the server dependencies "
+                       "with `pip install fastapi uvicorn`") from None
+    engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile)
+    llm = load_llm(args, engine_config)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          max_queue=args.max_queue, log_level=args.log_level)
+    return 0

@@ -1,0 +1,9 @@
+"""The engine, split as vLLM splits it: `request` (the state of a request), `scheduler` (admission,
+cache rows, the prefill plan), `runner` (the model, compile, CUDA graphs, decode groups, kv_len
+buckets), `output` (detokenising, stop strings, hold-back) and `core` (`Engine.step`)."""
+
+from .config import EngineConfig
+from .core import Engine
+from .request import Delta, Request, TokenLogprob
+
+__all__ = ["Engine", "EngineConfig", "Request", "Delta", "TokenLogprob"]

@@ -1,0 +1,46 @@
+"""`EngineConfig`: every engine knob in one typed dataclass, taken by `LLM`, `serve` and `bench` alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # sequences decoded together, one preallocated cache row each
+    chunk_size: int | None = None  # prompt tokens per prefill forward; None: the largest window, else 4096
+    prefill_budget: int | None = None  # prompt tokens per step over all requests; None: chunk_size
+    max_seq_len: int | None = None  # cache positions per sequence on layers without a window; None: the model's
+    decode_steps: int | None = None  # decode steps run back to back; None: 8 on CUDA, 1 elsewhere
+    compile: bool = False  # torch.compile the decode step (with CUDA graphs on a GPU)
+    pipeline: bool | None = None  # launch the next decode steps before reading the last; None: on CUDA
+
+    def __post_init__(self):
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        for name in ("chunk_size", "prefill_budget", "max_seq_len", "decode_steps"):  # 0 means the default, as None
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+    def resolved(self, model: ModelConfig, device: torch.device) -> "EngineConfig":
+        """This config with every None replaced by the default for `model` on `device`."""
+        windows = [w for w in model.layer_windows() if w is not None]
+        chunk = self.chunk_size or (max(windows) if windows else 4096)
+        cuda = device.type == "cuda"
+        return replace(
+            self,
+            chunk_size=chunk,
+            prefill_budget=self.prefill_budget or chunk,
+            decode_steps=self.decode_steps or (8 if cuda else 1),
+            pipeline=cuda if self.pipeline is None else self.pipeline,
+        )
+
+    @classmethod
+    def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
+        """`config` (or the defaults) with `options` changed; an unknown option is a TypeError naming it."""
+        return replace(config or cls(), **options)

@@ -1,0 +1,175 @@
+"""The engine: continuous batching over a preallocated rolling-buffer cache.
+
+Every `step()` admits waiting requests into free cache rows (`Scheduler`), pushes a bounded number of
+prompt tokens through chunked prefill (so a long prompt never stalls the streams already running),
+then advances every decoding row in one forward (`ModelRunner`), and turns the chosen tokens into
+final text (`OutputProcessor`). Sequences join and leave the batch at every step. `LLM.generate` and
+the HTTP server both drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..model import Transformer
+from ..sampling import SamplingParams
+from .config import EngineConfig
+from .output import OutputProcessor
+from .request import Delta, Request
+from .runner import DecodeGroup, ModelRunner
+from .scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None, **options):
+        """`config` holds the knobs; `options` (EngineConfig's fields: max_batch=..., chunk_size=...) change it."""
+        param = next(model.parameters())
+        self.settings = EngineConfig.of(config, **options).resolved(model.config, param.device)
+        s = self.settings
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile)
+        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget)
+        self.output = OutputProcessor(tokenizer)
+        self.device, self.dtype, self.cache = self.runner.device, self.runner.dtype, self.runner.cache
+        self.max_batch, self.chunk_size, self.prefill_budget = s.max_batch, s.chunk_size, s.prefill_budget
+        self.compiled = s.compile
+        # Mutable between steps (benchmarks and tests switch them): several decode steps back to back,
+        # and pipelined decode, which launches the next group of steps before reading the last one's tokens.
+        self.decode_steps, self.pipeline = s.decode_steps, s.pipeline
+        self.lock = self.scheduler.lock
+        self._ids = itertools.count()
+        self._inflight: DecodeGroup | None = None
+        self._warmed = False
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.config.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size}), got {bad[:3]}")
+        limit = self.cache.max_positions
+        if limit is not None and len(prompt_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(prompt_ids) + params.max_tokens} exceeds this model's context of {limit} tokens "
+                "(it has no sliding window)"
+            )
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        self.validate(prompt_ids, params)
+        request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}")
+        self.output.prepare(request)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Drop a request wherever it is. Safe from any thread: a running request's cache row is
+        released at the start of the next step, never in the middle of one."""
+        self.scheduler.abort(request)
+
+    @property
+    def rows(self) -> list[Request | None]:
+        return self.scheduler.rows
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def n_running(self) -> int:
+        return self.scheduler.n_running
+
+    @property
+    def n_waiting(self) -> int:
+        return self.scheduler.n_waiting
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def warmup(self) -> None:
+        """Compile before serving rather than during it: prefill at batch 1 and 2, decode at two kv_len
+        buckets. After the second bucket kv_len is symbolic, so later buckets only record a CUDA graph
+        and never recompile. Leaves every row free. Run it on the thread that will step the engine:
+        the CUDA graphs that torch.compile records belong to it."""
+        if self._warmed:
+            return
+        self._warmed = True
+        limit = min(layer.size for layer in self.cache.layers)
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        for n, length in ((1, 200), (2, 300)):
+            length = max(1, min(length, limit - 2))
+            requests = [self.add([1] * length, params) for _ in range(n)]
+            while self.has_work():
+                self.step()
+            assert all(r.finish_reason == "length" for r in requests)
+
+    # -- one iteration ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        if self._inflight is not None and self.scheduler.waiting:  # rows may free up: know which first
+            self._finish(self._inflight, deltas)
+        admitted, running = self.scheduler.schedule()
+        for request in admitted:
+            self.runner.assign(request)
+        live = [r for r in running if not r.finished]
+        decoding = [r for r in live if r.prefilled]  # before this step's prefill: those decode next step
+        self._prefill([r for r in live if not r.prefilled], deltas)
+        if decoding:
+            self._decode(decoding, deltas)
+        for d in deltas:
+            if d.request.finished:
+                self.scheduler.release(d.request)
+        return deltas
+
+    def _prefill(self, pending: list[Request], deltas: list[Delta]) -> None:
+        for chunk in self.scheduler.plan_prefill(pending):
+            logits = self.runner.prefill(chunk)
+            done = []
+            for i, request in enumerate(chunk.requests):
+                request.n_prefilled += chunk.length
+                if request.prefilled:
+                    done.append(i)
+            if done:
+                requests = [chunk.requests[i] for i in done]
+                tokens, logprobs = self.runner.sample(requests, logits[done])
+                self.output.apply(requests, [tokens.tolist()], [logprobs], deltas)
+
+    def _decode(self, decoding: list[Request], deltas: list[Delta]) -> None:
+        """Advance every decoding row. When nothing waits to be prefilled, several steps run back to
+        back with the sampled tokens fed back on the device, and the host reads them once at the end;
+        a sequence that stops early has its surplus tokens dropped. With `pipeline`, the host reads
+        them one group later, after launching the next group for the same batch."""
+        idle = self.scheduler.prefilling()
+        prev = self._inflight
+        if prev is not None and (idle or not prev.same_batch(decoding) or _remaining(decoding, prev) < 1):
+            self._finish(prev, deltas)
+            prev = None
+            decoding = [r for r in decoding if not r.finished]
+            if not decoding:
+                return
+        steps = 1 if idle else min(self.decode_steps, _remaining(decoding, prev))
+        want_logprobs = any(r.params.logprobs is not None for r in decoding)
+        pipelined = self.pipeline and not idle and not want_logprobs
+        group, logprobs = self.runner.launch(decoding, steps, prev, host_copy=pipelined)
+        if prev is not None:
+            self._finish(prev, deltas)
+        if pipelined:
+            self._inflight = group
+        else:
+            self.output.apply(decoding, group.tokens.tolist(), logprobs, deltas)
+
+    def _finish(self, group: DecodeGroup, deltas: list[Delta]) -> None:
+        """Read an in-flight group's tokens (waiting for those steps only) and advance its requests."""
+        self._inflight = None
+        self.output.apply(group.requests, group.read(), [None] * group.steps, deltas)
+
+
+def _remaining(decoding: list[Request], prev: DecodeGroup | None) -> int:
+    ahead = prev.steps if prev is not None else 0
+    return min(r.params.max_tokens - len(r.output_ids) for r in decoding) - ahead

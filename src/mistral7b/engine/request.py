@@ -1,0 +1,63 @@
+"""A request's state as it moves through the engine, and what one token adds to it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(eq=False)  # a request equals only itself: membership tests (waiting queue, batches) by identity
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # final text: stop strings removed, nothing held back
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    logprobs: list[TokenLogprob] | None = None
+    row: int | None = None
+    n_prefilled: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    _decoder: object = None
+    _stop_ids: frozenset = frozenset()
+    _decoded: str = ""  # all text decoded so far, including what is held back
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.n_prefilled == len(self.prompt_ids)
+
+    @property
+    def position(self) -> int:
+        """Position of the next token fed to the model."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+@dataclass
+class Delta:
+    """What one token added to a request: new text (final), the token id, and the finish reason if this
+    token ended the request. A multi-step decode yields several deltas per request; only the last of
+    them carries the finish reason, even though the request itself has finished by the time any is read."""
+
+    request: Request
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

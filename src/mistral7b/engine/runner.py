@@ -1,0 +1,164 @@
+"""The model runner: the cache, the sampler, prefill forwards, and decode steps launched on the device.
+
+With `compile`, the decode step is compiled once over all `max_batch` rows (CUDA graphs on a GPU),
+and kv_len is rounded up to a few buckets so that few graphs are recorded. Decode steps are queued as
+a `DecodeGroup` whose tokens the host reads later, so the host's bookkeeping can overlap the GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import KVCache
+from ..model import Transformer
+from ..sampling import SamplerBatch, sample, top_logprobs
+from .request import Request
+from .scheduler import PrefillChunk
+
+
+@dataclass
+class DecodeGroup:
+    """Decode steps launched on the device whose tokens the host has not read yet."""
+
+    requests: list[Request]
+    steps: int
+    tokens: torch.Tensor  # [steps, n] chosen tokens; a pinned host copy while in flight
+    ready: object  # CUDA event recorded after the copy, or None on CPU
+    next_tokens: torch.Tensor  # [width, 1] on the device: the input of the step after these
+    next_positions: torch.Tensor
+
+    def same_batch(self, requests: list[Request]) -> bool:
+        return len(requests) == len(self.requests) and all(a is b for a, b in zip(requests, self.requests))
+
+    def read(self) -> list[list[int]]:
+        """The chosen tokens, `[step][i]`, waiting for these steps only."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, max_batch: int, max_seq_len: int | None, compile: bool):
+        param = next(model.parameters())
+        self.model, self.device, self.dtype = model, param.device, param.dtype
+        self.max_batch = max_batch
+        self.cache = KVCache(model.config, max_batch, self.device, self.dtype, max_seq_len)
+        self.sampler = SamplerBatch(max_batch, model.config.vocab_size, self.device)
+        self.compiled = compile
+        self.decode_fn = self._compile_decode() if compile else self.eager_decode
+
+    def _compile_decode(self):
+        """torch.compile with CUDA graphs over all `max_batch` rows. The cache buffers keep fixed
+        addresses, so the recorded graphs update them in place; kv_len is bucketed by `kv_len`."""
+        for layer in self.cache.layers:
+            for t in (layer.k, layer.v, layer.pos):
+                torch._dynamo.mark_static_address(t)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        # dynamic=None: after a second kv_len bucket is seen, kv_len becomes symbolic (one recompile),
+        # and CUDA graphs are then recorded per bucket without compiling again.
+        compiled = torch.compile(self.eager_decode, mode=mode, fullgraph=True)
+        if mode is None:
+            return compiled
+
+        def decode(*args):
+            _cuda_graph_thread_state()
+            return compiled(*args)
+
+        return decode
+
+    def assign(self, request: Request) -> None:
+        """Give `request` its row: an empty cache row and the row's sampling parameters."""
+        self.cache.reset(slice(request.row, request.row + 1))
+        self.sampler.assign(request.row, request.params, request.prompt_ids)
+
+    def prefill(self, chunk: PrefillChunk) -> torch.Tensor:
+        """Run one prefill forward; the logits [B, vocab] of each request's last token in it."""
+        group, start, n = chunk.requests, chunk.start, chunk.length
+        tokens = self.to_device([t for r in group for t in r.prompt_ids[start : start + n]]).view(len(group), n)
+        positions = torch.arange(start, start + n, device=self.device).expand(len(group), n)
+        rows = self.rows([r.row for r in group])
+        return self.model(tokens, positions, self.cache, rows=rows, kv_len=start + n, last_only=True)[:, -1]
+
+    def sample(self, requests: list[Request], logits: torch.Tensor):
+        """(tokens [n], logprobs or None) of one step for `requests`, whose logits are rows of `logits`."""
+        rows = [r.row for r in requests]
+        tokens = sample(logits, self.sampler, rows, self.to_device(rows), all(r.params.greedy for r in requests))
+        return tokens, self.logprobs(requests, logits, tokens)
+
+    def launch(self, decoding: list[Request], steps: int, prev: DecodeGroup | None, host_copy: bool):
+        """Queue `steps` decode steps for `decoding`, continuing from `prev`'s tokens if given."""
+        width = self.max_batch if self.compiled else max(r.row for r in decoding) + 1
+        ahead = prev.steps if prev is not None else 0
+        if prev is None:
+            tokens, positions = [0] * width, [-1] * width  # idle rows ride along and write nothing
+            for r in decoding:
+                tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
+            tokens_t, positions_t = self.to_device(tokens)[:, None], self.to_device(positions)[:, None]
+        else:
+            tokens_t, positions_t = prev.next_tokens, prev.next_positions
+        kv_len = self.kv_len(max(r.position for r in decoding) + ahead + steps)
+        rows = [r.row for r in decoding]
+        greedy = all(r.params.greedy for r in decoding)
+        index = self.to_device(rows)
+        chosen, logprobs = [], []
+        for _ in range(steps):
+            logits = self.decode_fn(tokens_t, positions_t, kv_len)[index, -1]
+            step_tokens = sample(logits, self.sampler, rows, index, greedy)
+            chosen.append(step_tokens)
+            logprobs.append(self.logprobs(decoding, logits, step_tokens))
+            tokens_t[index, 0] = step_tokens
+            positions_t = torch.where(positions_t >= 0, positions_t + 1, positions_t)
+        tokens, ready = torch.stack(chosen), None
+        if host_copy and self.device.type == "cuda":
+            tokens = tokens.to("cpu", non_blocking=True)  # pinned; valid once `ready` has passed
+            ready = torch.cuda.Event()
+            ready.record()
+        return DecodeGroup(decoding, steps, tokens, ready, tokens_t, positions_t), logprobs
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """Host ints to the device without a stream sync (pinned memory, non-blocking copy)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def rows(self, rows: list[int]) -> slice | torch.Tensor:
+        """Cache rows as a slice when they are consecutive (a view), else as an index tensor."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return self.to_device(rows)
+
+    def kv_len(self, needed: int) -> int:
+        """Compiled graphs are recorded per kv_len, so round it up to the next of 256, 384, 512, 768,
+        1024, ... (powers of two and 1.5 times them): few graphs, and at most a third of the read wasted."""
+        if not self.compiled:
+            return needed
+        bucket = 256
+        while bucket < needed:
+            bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+        return min(bucket, max(layer.size for layer in self.cache.layers))
+
+    def eager_decode(self, tokens, positions, kv_len):
+        return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
+
+    @staticmethod
+    def logprobs(requests, logits, tokens):
+        want = [r.params.logprobs for r in requests if r.params.logprobs is not None]
+        return top_logprobs(logits, tokens, max(want)) if want else None
+
+
+def _cuda_graph_thread_state() -> None:
+    """torch < 2.13 keeps the CUDA-graph trees' state in a threading.local that only the thread which
+    imported the module has, so recording a graph from any other thread fails an assertion (2.13 sets
+    the state up per thread itself). Give this thread its own state, as 2.13 does."""
+    from torch._inductor import cudagraph_trees as trees
+
+    local = trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)

@@ -1,0 +1,100 @@
+"""Admission, cache rows, and the prefill plan of each step.
+
+Each running sequence owns one row of the preallocated cache. Waiting requests take free rows in
+arrival order; a finished or aborted request gives its row back at the start of the next step, never
+in the middle of one. All of it is guarded by one lock, so requests can be added and aborted from any
+thread while one thread steps the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .request import Request
+
+
+@dataclass
+class PrefillChunk:
+    """One prefill forward: `length` prompt tokens from offset `start` of each request, [B, length]."""
+
+    requests: list[Request]
+    start: int
+    length: int
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int):
+        self.max_batch, self.chunk_size, self.prefill_budget = max_batch, chunk_size, prefill_budget
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Request | None] = [None] * max_batch
+        self.lock = threading.RLock()
+
+    def add(self, request: Request) -> None:
+        with self.lock:
+            self.waiting.append(request)
+
+    def abort(self, request: Request) -> None:
+        """Drop a request wherever it is. A running request's row is freed at the start of the next step."""
+        with self.lock:
+            if request in self.waiting:
+                self.waiting.remove(request)
+            if not request.finished:
+                request.finish_reason = "abort"
+                request.finish_time = time.monotonic()
+
+    def schedule(self) -> tuple[list[Request], list[Request]]:
+        """Free finished rows, admit waiting requests into free rows; return (admitted, running)."""
+        with self.lock:
+            for request in self.rows:
+                if request is not None and request.finished:
+                    self.release(request)
+            admitted = []
+            for row in range(self.max_batch):
+                if not self.waiting:
+                    break
+                if self.rows[row] is None:
+                    request = self.waiting.popleft()
+                    request.row = row
+                    self.rows[row] = request
+                    admitted.append(request)
+            return admitted, [r for r in self.rows if r is not None]
+
+    def release(self, request: Request) -> None:
+        with self.lock:
+            if request.row is not None:
+                self.rows[request.row] = None
+                request.row = None
+
+    def plan_prefill(self, pending: list[Request]) -> list[PrefillChunk]:
+        """Up to `prefill_budget` prompt tokens, oldest request first, each request at most one chunk.
+        Requests at the same offset share one forward ([B, n] tokens), so a burst of new prompts costs
+        a few large forwards rather than one small forward each."""
+        budget, plan = self.prefill_budget, []
+        while pending and budget > 0:
+            start = pending[0].n_prefilled
+            n = min(self.chunk_size, budget, len(pending[0].prompt_ids) - start)
+            group = [r for r in pending if r.n_prefilled == start and len(r.prompt_ids) - start >= n]
+            group = group[: max(1, budget // n)]
+            plan.append(PrefillChunk(group, start, n))
+            budget -= n * len(group)
+            pending = [r for r in pending if r not in group]
+        return plan
+
+    @property
+    def n_running(self) -> int:
+        return sum(r is not None and not r.finished for r in self.rows)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        """True while anything is queued, running, or holds a row that the next step must free."""
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    def prefilling(self) -> bool:
+        """True while a request waits for a row or has prompt tokens left to prefill."""
+        return bool(self.waiting) or any(not r.prefilled for r in self.rows if r is not None)

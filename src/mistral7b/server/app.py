@@ -1,0 +1,236 @@
+"""The app: `build_app(llm, ...)` with its routes and middleware, `serve()` under uvicorn, and
+`ServerThread` for tests and benchmarks (after vLLM's `api_server.py`).
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (JSON, or Server-Sent
+Events ending with `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus). A bounded wait queue
+(429 + Retry-After), bearer auth on /v1/* (`hmac.compare_digest`) and a body size limit (413) guard it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+
+from .driver import driver_for
+from .errors import ERROR_RESPONSES, BodyTooLarge, install_error_handlers, send_error
+from .metrics import Metrics
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       HealthResponse, ModelCard, ModelList)
+from .serving import Admission
+from .serving_chat import OpenAIServingChat
+from .serving_completion import OpenAIServingCompletion
+from .settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, LOOPBACK, resolve_api_key
+
+log = logging.getLogger("mistral7b.server")
+
+
+class _Guard:
+    """Pure ASGI middleware (so it also covers streamed bodies and 404s): auth, body limit, metrics."""
+
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, state = scope["path"], {"status": 500, "started": False}
+
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+            await send(message)
+
+        try:
+            if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+                return await send_error(send_, 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                                        headers={"WWW-Authenticate": "Bearer"})
+            problem = self._length_problem(scope)
+            if problem is not None:
+                return await send_error(send_, *problem)
+            await self._limited(scope, receive, send_, state)
+        finally:
+            self.metrics.count_request(path, state["status"])
+
+    def _length_problem(self, scope) -> tuple[int, str] | None:
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is None:
+            return None
+        try:
+            too_big = int(length) > self.max_body_bytes
+        except ValueError:
+            return 400, "invalid Content-Length header"
+        return (413, f"request body exceeds the limit of {self.max_body_bytes} bytes") if too_big else None
+
+    async def _limited(self, scope, receive, send, state) -> None:
+        """Run the app, counting the body as it streams in (chunked bodies have no Content-Length)."""
+        received = 0
+
+        async def receive_():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        try:
+            await self.app(scope, receive_, send)
+        except BodyTooLarge as e:
+            if not state["started"]:
+                await send_error(send, 413, e.detail)
+
+
+def default_model_name(llm) -> str:
+    source = getattr(llm, "source", None)
+    if source is None:
+        return "mistral7b"
+    name = Path(str(source)).name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _generation_responses(model) -> dict:
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                  "description": "JSON, or Server-Sent Events when stream is true"}, **ERROR_RESPONSES}
+
+
+def build_app(llm, model_name: str | None = None, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible app for `llm` (an `LLM`, or anything with `.engine`, `.tokenizer`,
+    `.encode_prompt` and `.chat_prompt`). `api_key` guards /v1/* with bearer auth."""
+    engine, driver, metrics = llm.engine, driver_for(llm.engine), Metrics()
+    model_name = model_name or default_model_name(llm)
+    admission = Admission(engine, max_queue)
+    metrics.watch(engine, driver, lambda: admission.pending)
+    completion = OpenAIServingCompletion(llm, driver, metrics, admission, model_name)
+    chat = OpenAIServingChat(llm, driver, metrics, admission, model_name)
+    app = FastAPI(title="mistral7b", version="0.1.0",
+                  description="OpenAI-compatible completions and chat completions over the mistral7b engine.")
+    app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
+    app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
+    install_error_handlers(app)
+    created_at = int(time.time())
+
+    @app.get("/health", summary="Liveness (no auth)", response_model=HealthResponse)
+    async def health():
+        return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics_route():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models():
+        return ModelList(data=[ModelCard(id=model_name, created=created_at, max_model_len=completion.limit)])
+
+    @app.post("/v1/completions", summary="Create a completion", response_model=CompletionResponse,
+              responses=_generation_responses(CompletionResponse))
+    async def create_completion(body: CompletionRequest, request: Request):
+        return await completion.create(body, request)
+
+    @app.post("/v1/chat/completions", summary="Create a chat completion", response_model=ChatCompletionResponse,
+              responses=_generation_responses(ChatCompletionResponse))
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        return await chat.create(body, request)
+
+    app.openapi = lambda: openapi_with_limits(app, completion.context, engine.config.vocab_size)
+    return app
+
+
+def openapi_with_limits(app: FastAPI, context: int, vocab_size: int) -> dict:
+    """The schema, with the served model's limits written into the static request models (max_tokens
+    <= context, token ids < vocab_size, top_k <= vocab_size), and without FastAPI's 422 responses: a
+    request that fails validation gets a 400 in OpenAI's shape."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            operation.get("responses", {}).pop("422", None)
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = schema["components"]["schemas"][name]["properties"]
+            for key, bound in (("max_tokens", {"maximum": context}), ("max_completion_tokens", {"maximum": context}),
+                               ("top_k", {"maximum": vocab_size}), ("prompt", {"exclusiveMaximum": vocab_size})):
+                if key in props:
+                    _bound_integers(props[key], bound)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema["components"]["schemas"].pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _bound_integers(node, bound: dict) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node.update(bound)
+        for value in node.values():
+            _bound_integers(value, bound)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_integers(value, bound)
+
+
+def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """Run the server until interrupted. `api_key` defaults to $MISTRAL7B_API_KEY."""
+    import uvicorn
+
+    api_key = resolve_api_key(api_key)
+    if host not in LOOPBACK and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    if llm.engine.compiled:
+        log.warning("compiling the decode step before serving (a minute or two on a GPU)")
+        driver_for(llm.engine).warm_up()
+    app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """uvicorn in a background thread on a free loopback port (tests and benchmarks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.host = host
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.port: int | None = None
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,191 @@
+"""The engine thread: the one thread that runs `engine.step()`, and the delivery of each step's
+deltas to the asyncio queues of the HTTP requests that own them (`loop.call_soon_threadsafe`).
+Model work never runs on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from ..sampling import SamplingParams
+from .metrics import Metrics
+
+log = logging.getLogger("mistral7b.server")
+
+
+@dataclass
+class Item:
+    """What one engine step produced for one choice, as delivered to the event loop."""
+
+    choice: int
+    text: str
+    token_ids: list[int]
+    logprobs: list | None  # TokenLogprob entries of these tokens
+    finish_reason: str | None
+    error: str | None = None
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    choice: int
+    metrics: Metrics
+    sent_tokens: int = 0
+    last_time: float | None = None
+
+
+class EngineDriver:
+    """The one thread that runs `engine.step()`; everything else talks to it through this object.
+
+    `submit` adds requests (any thread), `abort` queues an abort that the thread applies before its next
+    step, so an aborted request's row is free for that step. One driver per engine, shared by every app
+    built on the same LLM (`driver_for`).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.subscribers: dict[str, _Subscriber] = {}
+        self.requests: dict[str, Any] = {}
+        self._aborts: list = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.warmed = threading.Event()
+        self.steps = 0
+        self.aborted = 0
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mistral7b-engine", daemon=True)
+                self._thread.start()
+
+    def warm_up(self) -> "EngineDriver":
+        """Start the thread and wait until it has warmed the engine up (compiled it, if it compiles)."""
+        self.start()
+        self.warmed.wait()
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sub: _Subscriber):
+        self.start()
+        with self._lock:
+            self.subscribers[request_id] = sub
+        try:
+            request = self.engine.add(prompt_ids, params, request_id)
+        except BaseException:
+            with self._lock:
+                self.subscribers.pop(request_id, None)
+            raise
+        with self._lock:
+            self.requests[request_id] = request
+        sub.metrics.prompt_tokens.inc(len(prompt_ids))
+        self._wake.set()
+        return request
+
+    def abort(self, request) -> None:
+        with self._lock:
+            self.subscribers.pop(request.id, None)
+            self.requests.pop(request.id, None)
+            if not request.finished:
+                self._aborts.append(request)
+        self._wake.set()
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, []
+        for request in aborts:
+            if request.finished:
+                continue  # finished meanwhile, or queued twice
+            self.engine.abort(request)
+            if request.finish_reason == "abort":
+                self.aborted += 1
+
+    def _run(self) -> None:
+        # CUDA graphs that torch.compile records belong to the thread that recorded the first of them,
+        # so a compiled engine is warmed up here, on the one thread that will ever step it.
+        if self.engine.compiled:
+            try:
+                self.engine.warmup()
+            except Exception:
+                log.exception("engine warm-up failed")
+        self.warmed.set()
+        while True:
+            self._wake.clear()
+            self._apply_aborts()
+            if not self.engine.has_work():
+                self._wake.wait()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # the model failed: fail every request in flight, keep the thread alive
+                log.exception("engine step failed")
+                self._fail_all(f"the engine failed: {type(e).__name__}")
+                continue
+            self.steps += 1
+            self._dispatch(deltas)
+
+    def _dispatch(self, deltas) -> None:
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        with self._lock:
+            for d in deltas:
+                request = d.request
+                sub = self.subscribers.get(request.id)
+                if sub is None:
+                    continue
+                k = len(d.token_ids)
+                lps = None
+                if request.logprobs is not None:
+                    lps = request.logprobs[sub.sent_tokens : sub.sent_tokens + k]
+                sub.sent_tokens += k
+                sub.metrics.record_tokens(request, k, now, sub.last_time, d.finish_reason)
+                sub.last_time = now
+                item = Item(sub.choice, d.text, list(d.token_ids), lps, d.finish_reason)
+                if d.finished:
+                    self.subscribers.pop(request.id, None)
+                    self.requests.pop(request.id, None)
+                by_loop[sub.loop].append((sub.queue, item))
+        for loop, items in by_loop.items():
+            _deliver_soon(loop, items)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            subs = list(self.subscribers.items())
+            self.subscribers.clear()
+            requests, self.requests = self.requests, {}
+        for request in requests.values():
+            self.engine.abort(request)
+        by_loop: dict = defaultdict(list)
+        for _, sub in subs:
+            by_loop[sub.loop].append((sub.queue, Item(sub.choice, "", [], None, None, error=message)))
+        for loop, items in by_loop.items():
+            _deliver_soon(loop, items)
+
+
+def _deliver_soon(loop, items) -> None:
+    def put():
+        for queue, item in items:
+            queue.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
+
+
+_drivers: dict[int, EngineDriver] = {}
+_drivers_lock = threading.Lock()
+
+
+def driver_for(engine) -> EngineDriver:
+    with _drivers_lock:
+        driver = _drivers.get(id(engine))
+        if driver is None or driver.engine is not engine:
+            driver = _drivers[id(engine)] = EngineDriver(engine)
+        return driver

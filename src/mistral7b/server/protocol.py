@@ -1,0 +1,277 @@
+"""The OpenAI API's request and response bodies, as static pydantic models (after vLLM's
+`entrypoints/openai/protocol.py`). Handlers return these models, so each shape is written once and the
+OpenAPI schema carries it. Limits that depend on the model served (the context, the vocabulary) are
+checked by `OpenAIServing.check_limits` and written into the schema by `app.openapi_with_limits`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..sampling import SamplingParams
+from ..tokenizer.chat import ROLE_ALIASES, ROLES
+
+MAX_N = 16  # choices per request
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_STOP = 16
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+class _Strict(BaseModel):
+    # strict: no "1" -> 1 or true -> 1 coercion; no NaN/inf; unknown OpenAI fields are ignored.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal[ROLES + tuple(ROLE_ALIASES)]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        """The message as the tokenizer's chat formats take it: plain text content, canonical role."""
+        content = self.content
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            content = "".join(part.text for part in content)
+        d = {"role": ROLE_ALIASES.get(self.role, self.role), "content": content}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
+
+
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class SamplingRequest(_Strict):
+    model: str = Field(description="the model name, as /v1/models lists it")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # extensions
+    top_k: int | None = Field(None, ge=-1, description="extension; 0 or -1 = off")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (HF style)")
+    ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def logprobs_wanted(self) -> int | None:
+        """Top log-probabilities per token, or None for none."""
+        raise NotImplementedError
+
+    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The engine's parameters for choice number `choice`; each choice gets its own seed."""
+        seed = self.seed
+        if seed is not None and choice:
+            seed = ((seed + choice + (1 << 63)) % (1 << 64)) - (1 << 63)
+        top_k = self.top_k or 0
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if top_k < 0 else top_k,
+            min_p=self.min_p or 0.0,
+            max_tokens=max_tokens,
+            stop=self.stop,
+            seed=seed,
+            logprobs=self.logprobs_wanted(),
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    logprobs: int | None = Field(None, ge=0, le=20, description="how many top log-probabilities per token")
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list:
+        """The prompts: one string or token-id list each."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    safe_prompt: bool = Field(False, description="extension: prepend Mistral's guardrail system prompt")
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---- responses -------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_ids: list[list[int]], n_completion: int) -> "Usage":
+        n_prompt = sum(len(ids) for ids in prompt_ids)
+        return cls(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mistral7b"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    running: int
+    waiting: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    """One Server-Sent Event of a streamed completion (`usage` only in the last, when asked for)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None

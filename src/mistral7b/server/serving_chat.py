@@ -1,0 +1,63 @@
+"""`POST /v1/chat/completions` (after vLLM's `serving_chat.py`)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from .driver import Item
+from .errors import APIError
+from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                       ChatCompletionStreamResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob, DeltaMessage,
+                       TopLogprob, Usage)
+from .serving import OpenAIServing, Submission, finite
+
+
+class OpenAIServingChat(OpenAIServing):
+    id_prefix = "chatcmpl-"
+    prompt_param = "messages"
+
+    async def create(self, body: ChatCompletionRequest, request: Request):
+        self.check_request(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        messages = [m.to_dict() for m in body.messages]
+        submission = await self.start(body, lambda: [self.llm.chat_prompt(messages, body.safe_prompt)], 1)
+        if body.stream:
+            first = [self._chunk(submission, i, DeltaMessage(role="assistant", content=""))
+                     for i in range(len(submission.requests))]
+            return self.stream(request, submission, body, first)
+        out = await self.collect(request, submission)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(o.text)), finish_reason=o.finish_reason,
+                              logprobs=ChatLogprobs(content=self.logprobs(o.logprobs)) if body.logprobs else None)
+                   for i, o in enumerate(out)]
+        return ChatCompletionResponse(id=submission.id, created=submission.created, model=self.model_name,
+                                      choices=choices, usage=Usage.of(submission.prompt_ids, sum(o.tokens for o in out)))
+
+    def _chunk(self, submission, index, delta, logprobs=None, finish_reason=None, usage=None, choices=None):
+        if choices is None:
+            choices = [ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]
+        chunk = ChatCompletionStreamResponse(id=submission.id, object="chat.completion.chunk", created=submission.created,
+                                             model=self.model_name, system_fingerprint=None, choices=choices)
+        if usage is not None:
+            chunk.usage = usage
+        return chunk
+
+    def chunks(self, submission: Submission, body: ChatCompletionRequest, item: Item) -> list:
+        chunks = []
+        lp = ChatLogprobs(content=self.logprobs(item.logprobs or [])) if body.logprobs and item.logprobs else None
+        if item.text or lp:
+            chunks.append(self._chunk(submission, item.choice, DeltaMessage(content=item.text), lp))
+        if item.finish_reason is not None:
+            chunks.append(self._chunk(submission, item.choice, DeltaMessage(), None, item.finish_reason))
+        return chunks
+
+    def usage_chunk(self, submission: Submission, usage: Usage):
+        return self._chunk(submission, 0, None, usage=usage, choices=[])
+
+    def logprobs(self, entries) -> list[ChatTokenLogprob]:
+        def one(token_id, lp):
+            t = self.token_text(token_id)
+            return dict(token=t, logprob=finite(lp), bytes=list(t.encode("utf-8", "replace")))
+
+        return [ChatTokenLogprob(**one(e.token_id, e.logprob), top_logprobs=[TopLogprob(**one(i, lp)) for i, lp in e.top])
+                for e in entries]

@@ -1,0 +1,76 @@
+"""Small shared facts: the one dtype table, `resolve_dtype`, the default device, and the one GGUF detector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class DtypeName:
+    dtype: torch.dtype
+    name: str  # torch's own name, as HF's config.json writes it
+    safetensors: str  # the code in a safetensors header
+    aliases: tuple[str, ...] = ()
+
+
+DTYPE_TABLE = (
+    DtypeName(torch.float32, "float32", "F32", ("fp32",)),
+    DtypeName(torch.bfloat16, "bfloat16", "BF16", ("bf16",)),
+    DtypeName(torch.float16, "float16", "F16", ("fp16",)),
+    DtypeName(torch.float64, "float64", "F64"),
+    DtypeName(torch.int64, "int64", "I64"),
+    DtypeName(torch.int32, "int32", "I32"),
+    DtypeName(torch.int16, "int16", "I16"),
+    DtypeName(torch.int8, "int8", "I8"),
+    DtypeName(torch.uint8, "uint8", "U8"),
+    DtypeName(torch.bool, "bool", "BOOL"),
+    DtypeName(torch.float8_e4m3fn, "float8_e4m3fn", "F8_E4M3"),
+    DtypeName(torch.float8_e5m2, "float8_e5m2", "F8_E5M2"),
+)
+BY_DTYPE = {row.dtype: row for row in DTYPE_TABLE}
+BY_SAFETENSORS = {row.safetensors: row for row in DTYPE_TABLE}
+# The dtypes a model can be loaded in, by every name a user may write.
+LOAD_DTYPES = {n: row.dtype for row in DTYPE_TABLE[:3] for n in (row.name, *row.aliases)}
+
+
+def dtype_of(name: str) -> torch.dtype | None:
+    """A torch dtype from its torch name ("float16") or safetensors code ("F16"); None if unknown."""
+    row = BY_SAFETENSORS.get(name) or next((r for r in DTYPE_TABLE if r.name == name), None)
+    return None if row is None else row.dtype
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A load dtype from a name, a torch dtype, or None (bfloat16 on CUDA, float32 elsewhere)."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in LOAD_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(LOAD_DTYPES)}")
+    return LOAD_DTYPES[dtype]
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file with GGUF's magic bytes, or named `.gguf`: such a file is meant to be one, so a corrupt one
+    reaches the GGUF reader and its clear error rather than "unknown format"."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
