@@ -68,8 +68,10 @@ def plan(config: ModelConfig, quant: QuantConfig | None, source_formats: dict[st
     embedding = source_formats.get("tok_embeddings.weight")
     if embedding is not None:
         out["tok_embeddings"] = embedding
-        if config.tie_embeddings:
-            out["output"] = embedding
+    if config.tie_embeddings:  # the head is the quantized embedding, or a quantized copy stored apart
+        head = embedding or source_formats.get("output.weight")
+        if head is not None:
+            out["output"] = head
     return out
 
 
