@@ -65,9 +65,12 @@ class LLM:
         chunk_size: int | None = None,
         max_seq_len: int | None = None,
         compile: bool = False,
+        quantize=None,
     ):
         """`compile=True` compiles the decode step with CUDA graphs: about a minute and a half at
-        the 7B shape before the first token, then several times faster decode (benchmarks/RESULTS.md)."""
+        the 7B shape before the first token, then several times faster decode (benchmarks/RESULTS.md).
+        `quantize` ("int8", "int4" or a mistral7b.quant.QuantConfig) quantizes the weights at load;
+        a GGUF file runs in its own quantized formats without it."""
         from .tokenizer import Tokenizer
 
         if source is None:
@@ -76,7 +79,7 @@ class LLM:
             source = default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(source, self.device, self.dtype)
+        self.model = load_model(source, self.device, self.dtype, quantize=quantize)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
         self.engine = Engine(self.model, self.tokenizer, max_batch, chunk_size, max_seq_len=max_seq_len, compile=compile)
