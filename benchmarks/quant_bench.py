@@ -115,8 +115,10 @@ def gpu(args) -> dict:
     del hf
     torch.cuda.empty_cache()
     rows = {}
-    rows["bf16"] = time_model(dense, config, args)
-    for method in ("int8", "int4"):
+    methods = args.methods.split(",")
+    if "bf16" in methods:
+        rows["bf16"] = time_model(dense, config, args)
+    for method in (m for m in ("int8", "int4") if m in methods):
         model = quantize_model(dense, config, method)
         rows[method] = time_model(model, config, args)
         rows[method]["rel_err_vs_dequantized"] = error_vs_dequantized(model, dense, config)
@@ -167,7 +169,7 @@ def error_vs_dequantized(model, dense, config) -> float:
             if isinstance(module, QuantModule):
                 target = dense.get_submodule(name).weight
                 saved[name] = target.detach().clone()
-                target.copy_(module.unpack().dequantize().to(target))
+                target.copy_(module.dequantize(target.dtype))
         want, got = dense(tokens), model(tokens)
         for name, w in saved.items():
             dense.get_submodule(name).weight.copy_(w)
@@ -219,6 +221,7 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--methods", default="bf16,int8,int4", help="with --gpu: which weights to time")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     results = gpu(args) if args.gpu else cpu(args)

@@ -198,3 +198,20 @@ def test_group_size_must_divide_width(tiny_hf):
 def test_unknown_quantize_method(tiny_hf):
     with pytest.raises(ValueError, match="unknown quantization method"):
         load_model(tiny_hf[1], quantize="fp4")
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int8"), WeightFormat("int8", 32),
+                                 WeightFormat("int8", 16, True)])
+def test_quantized_linears_trace_in_one_graph(fmt):
+    """No data-dependent Python in forward: dynamo traces each kernel path whole (what the engine's
+    compiled, CUDA-graphed decode needs), with the same result as eager."""
+    n, k = 96, 256
+    g = k // (fmt.group_size or k)
+    weight = quantize_int4(torch.randn(n, k), 32) if fmt.kind == "int4" else QuantizedWeight(
+        "int8", torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, g) / 50,
+        torch.randn(n, g) / 10 if fmt.has_zero else None, fmt.group_size or k)
+    module = _filled((Int4Linear if fmt.kind == "int4" else Int8Linear)(k, n, fmt, CPU), weight)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, k)
+    assert torch.equal(compiled(x), module(x))

@@ -57,6 +57,10 @@ class QuantModule(nn.Module):
         """The weight in the device-independent form (on the CPU), exactly as packed."""
         raise NotImplementedError
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense weight [N, K] this module multiplies by, on its device."""
+        return self.unpack().dequantize(dtype).to(self.target)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.label()}"
 
@@ -83,6 +87,13 @@ class Int4Linear(QuantModule):
         sz = self.scales_zeros[:, : self.out_features].float().cpu()
         return QuantizedWeight("int4", q, sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous(),
                                self.group_size, self.fmt.source)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.target.type != "cuda":
+            return super().dequantize(dtype)
+        rows = self.scales_zeros.shape[1]
+        w = kernels.dequantize_tiles(self.packed, self.scales_zeros, self.group_size, rows, self.in_features)
+        return w[: self.out_features].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
