@@ -253,7 +253,8 @@ def write_gguf(hf, path: Path, qtype: str = "F32", arch: str = "llama", window: 
                tensors: dict[str, np.ndarray] | None = None, overrides: dict[str, str] | None = None) -> Path:
     """A GGUF file written like llama.cpp's convert_hf_to_gguf.py for the llama architecture.
 
-    `overrides` maps tensor names to a per-tensor type (to plant e.g. a Q5_0 tensor)."""
+    `overrides` maps tensor names to a per-tensor type (to plant e.g. a Q5_0 tensor); a `tensors` value
+    may also be (raw block bytes, type name), for the K-quants that gguf-py cannot quantize."""
     c = hf.config
     path = Path(path)
     w = GGUFWriter(str(path), arch)
@@ -272,7 +273,10 @@ def write_gguf(hf, path: Path, qtype: str = "F32", arch: str = "llama", window: 
         w.add_sliding_window(hf_window(c))
     w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}.get(qtype, 0))
     for name, array in (gguf_tensors(hf) if tensors is None else tensors).items():
-        data, raw = encode_gguf_tensor(array, (overrides or {}).get(name, qtype))
+        if isinstance(array, tuple):  # (raw block bytes [rows, bytes per row], type name), written as is
+            data, raw = array[0], GGMLQuantizationType[array[1]]
+        else:
+            data, raw = encode_gguf_tensor(array, (overrides or {}).get(name, qtype))
         w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -41,12 +41,15 @@ class LLM:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         engine_config: EngineConfig | None = None,
+        quantize=None,
         **engine_options,
     ):
         """`engine_config` (or `engine_options`, EngineConfig's fields: `max_batch`, `chunk_size`,
         `prefill_budget`, `max_seq_len`, `decode_steps`, `compile`, `pipeline`) sets up the engine.
         `compile=True` compiles the decode step with CUDA graphs: about a minute and a half at the 7B
-        shape before the first token, then several times faster decode (benchmarks/RESULTS.md)."""
+        shape before the first token, then several times faster decode (benchmarks/RESULTS.md).
+        `quantize` ("int8", "int4" or a mistral7b.quant.QuantConfig) quantizes the weights at load;
+        a GGUF file runs in its own quantized formats without it."""
         engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
         if source is None:
             from .default_model import default_model_path
@@ -54,7 +57,7 @@ class LLM:
             source = default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(source, self.device, self.dtype)
+        self.model = load_model(source, self.device, self.dtype, quantize=quantize)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
         self.engine = Engine(self.model, self.tokenizer, engine_config)

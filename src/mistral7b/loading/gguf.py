@@ -1,6 +1,10 @@
-"""GGUF files (llama architecture), dequantized with the `gguf` package.
+"""GGUF files (llama architecture).
 
-llama.cpp's converter permutes q/k rows into interleaved pairs; they are converted back to rotate-half.
+Quantized tensors (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) arrive repacked, exactly, into our int4/int8
+formats (`quant/gguf_blocks.py`) and run quantized; with `keep_quantized=False` (an explicit
+quantize= at load) they are dequantized with the `gguf` package instead. F32/F16/BF16 arrive as tensors.
+llama.cpp's converter permutes q/k rows into interleaved pairs; they are converted back to
+rotate-half, which for a quantized tensor permutes the rows of its integers, scales and zeros alike.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from ..config import ModelConfig, ModelLoadError, build_config
 from . import Checkpoint, qk_to_rotate_half
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 _LAYER_NAMES = {
     "attn_norm": "attention_norm",
     "ffn_norm": "ffn_norm",
@@ -112,10 +116,16 @@ def read_config(path: Path, reader) -> ModelConfig:
     return from_gguf_metadata(path, metadata(reader), has_output="output.weight" in names)
 
 
-def tensor_to_torch(t) -> torch.Tensor:
+def tensor_to_torch(t, keep_quantized: bool = False):
+    """A tensor of the reader as a torch tensor, or as a QuantizedWeight when it is quantized and
+    `keep_quantized` (2-D only: a quantized vector is dequantized)."""
     import gguf
 
+    from ..quant.gguf_blocks import FORMATS, repack
+
     shape = tuple(int(d) for d in reversed(t.shape))
+    if keep_quantized and t.tensor_type.name in FORMATS and len(shape) == 2:
+        return repack(t.data, t.tensor_type.name, *shape)
     if t.tensor_type == gguf.GGMLQuantizationType.F32:
         array = np.array(t.data, dtype=np.float32)  # a copy: the memory map is read-only
     elif t.tensor_type == gguf.GGMLQuantizationType.F16:
@@ -125,23 +135,32 @@ def tensor_to_torch(t) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array).reshape(shape))
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def quantized_formats(reader) -> dict:
+    """canonical name -> WeightFormat of the 2-D tensors that stay quantized."""
+    from ..quant.gguf_blocks import FORMATS
+
+    return {to_canonical(t.name): FORMATS[t.tensor_type.name] for t in reader.tensors
+            if t.tensor_type.name in FORMATS and len(t.shape) == 2}
+
+
+def open_checkpoint(path: Path, keep_quantized: bool = True) -> Checkpoint:
     reader = read(path)
-    names = {t.name for t in reader.tensors}
-    config = from_gguf_metadata(path, metadata(reader), has_output="output.weight" in names)
+    config = read_config(path, reader)
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise ModelLoadError(
                 f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
+
     def tensors():
         for t in reader.tensors:
             name = to_canonical(t.name)
             try:
-                w = tensor_to_torch(t)
+                w = tensor_to_torch(t, keep_quantized)
             except Exception as e:  # noqa: BLE001 - dequantizing garbage fails in numpy in many ways
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from None
             yield name, qk_to_rotate_half(name, w, config)
 
-    return Checkpoint(path, config, tensors(), len(reader.tensors))
+    formats = quantized_formats(reader) if keep_quantized else {}
+    return Checkpoint(path, config, tensors(), len(reader.tensors), formats)

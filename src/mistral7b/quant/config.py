@@ -1,0 +1,80 @@
+"""What to quantize and how: one frozen dataclass, validated, plus the argparse helpers the CLI uses.
+
+int8 is symmetric per output channel. int4 uses asymmetric groups along the input dimension, each with
+a scale and a zero in tinygemm's convention `w = (q - 8) * scale + zero`, q in 0..15.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
+DEFAULT_GROUP_SIZE = 128
+FORMAT_VERSION = 1  # of the quantized checkpoint layout (loading/quantized.py)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """`method` "int8" (per output channel) or "int4" (groups of `group_size` along the input).
+
+    `quantize_head=False` keeps the output head in the activation dtype. Embeddings and norms are
+    never quantized from a 16-bit source."""
+
+    method: str
+    group_size: int | None = None
+    quantize_head: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "int8":
+            if self.group_size is not None:
+                raise ValueError("int8 quantization is per output channel: --group-size applies to int4 only")
+            return
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}"
+            )
+
+    @property
+    def label(self) -> str:
+        return "int8" if self.method == "int8" else f"int4 g{self.group_size}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "group_size": self.group_size, "quantize_head": self.quantize_head}
+
+
+def resolve(quantize: "str | QuantConfig | None", group_size: int | None = None,
+            quantize_head: bool = True) -> QuantConfig | None:
+    """None, a method name or a QuantConfig -> a QuantConfig (or None: no quantization)."""
+    if quantize is None:
+        if group_size is not None:
+            raise ValueError("a group size was given without a quantization method (--quantize int4)")
+        return None
+    if isinstance(quantize, QuantConfig):
+        return quantize
+    if not isinstance(quantize, str):
+        raise ValueError(f"quantize must be None, 'int8', 'int4' or a QuantConfig, got {type(quantize).__name__}")
+    return QuantConfig(quantize, group_size, quantize_head)
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quantize {int8,int4}, --group-size N and --no-quantize-head, for generate/chat/serve/bench/convert."""
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--quantize", choices=METHODS, default=None,
+                       help="weight-only quantization at load: int8 per channel, or int4 in groups "
+                            "(GGUF files run in their own quantized formats without this flag)")
+    group.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
+                       help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE})")
+    group.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
+                       help="keep the output head in the activation dtype")
+
+
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig | None:
+    """The QuantConfig the flags of `add_quantize_arguments` describe; raises ValueError on a bad mix."""
+    return resolve(getattr(args, "quantize", None), getattr(args, "group_size", None),
+                   getattr(args, "quantize_head", True))

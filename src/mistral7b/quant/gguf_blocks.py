@@ -1,0 +1,111 @@
+"""GGUF quantized blocks repacked, exactly, into the formats our kernels run (no dequantize-requantize).
+
+Block layouts are llama.cpp's (ggml-common.h), as the `gguf` package decodes them in `gguf.quants`:
+
+| GGUF | block | values | ours |
+|---|---|---|---|
+| Q4_0 | 32 | `d * (q - 8)` | int4 g32: scale d, zero 0 |
+| Q4_1 | 32 | `d * q + m` | int4 g32: scale d, zero m + 8d |
+| Q4_K | 256 = 8 x 32 | `d*sc_j * q - dmin*m_j` (6-bit sc, m) | int4 g32: scale d*sc_j, zero 8 d*sc_j - dmin*m_j |
+| Q8_0 | 32 | `d * q`, q int8 | int8 g32 |
+| Q5_K | 256 = 8 x 32 | `d*sc_j * q - dmin*m_j`, q in 0..31 | int8 g32 with zeros: q - 16, zero 16 d*sc_j - dmin*m_j |
+| Q6_K | 256 = 16 x 16 | `d*sc_j * (q - 32)`, q in 0..63 | int8 g16: q - 32, scale d*sc_j |
+
+Q5_K and Q6_K have no 5- or 6-bit kernel; int8 holds their integers exactly, so the nearest format
+is also an exact one: the only rounding anywhere is of scales and zeros to the kernels' bf16
+(tests/test_quant_gguf.py measures it against `gguf.quants.dequantize`). The cost is memory: 8 bits
+per value where the file has 5.5 or 6.6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import Q4_K
+
+from .qtensor import QuantizedWeight, WeightFormat
+
+FORMATS = {
+    "Q4_0": WeightFormat("int4", 32, True, "Q4_0"),
+    "Q4_1": WeightFormat("int4", 32, True, "Q4_1"),
+    "Q4_K": WeightFormat("int4", 32, True, "Q4_K"),
+    "Q8_0": WeightFormat("int8", 32, False, "Q8_0"),
+    "Q5_K": WeightFormat("int8", 32, True, "Q5_K"),
+    "Q6_K": WeightFormat("int8", 16, False, "Q6_K"),
+}
+
+
+def _f16(column: np.ndarray) -> np.ndarray:
+    return column.copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
+    """[nb, c * width] bytes -> [nb, 2c, width]: low nibbles first, then high, per chunk of `width`."""
+    qs = qs.reshape(qs.shape[0], -1, 1, width) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (qs & np.uint8(0x0F)).reshape(qs.shape[0], -1, width)
+
+
+def _q4_0(b):
+    d = _f16(b[:, :2])
+    return _nibbles(b[:, 2:], 16).reshape(len(b), 32), d, np.zeros_like(d)
+
+
+def _q4_1(b):
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:], 16).reshape(len(b), 32), d, m + 8 * d
+
+
+def _k_scales(b):
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, m = Q4_K.get_scale_min(b[:, 4:16])
+    return d * sc.astype(np.float32), dmin * m.astype(np.float32)
+
+
+def _q4_k(b):
+    scale, offset = _k_scales(b)
+    return _nibbles(b[:, 16:], 32).reshape(len(b), 256), scale, 8 * scale - offset
+
+
+def _q5_k(b):
+    scale, offset = _k_scales(b)
+    low = _nibbles(b[:, 48:], 32)
+    high = (b[:, 16:48].reshape(len(b), 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
+    q = (low | (high << np.uint8(4))).astype(np.int16) - 16
+    return q.reshape(len(b), 256).astype(np.int8), scale, 16 * scale - offset
+
+
+def _q6_k(b):
+    n = len(b)
+    low = _nibbles(b[:, :128], 64).reshape(n, 8, 32)
+    high = (b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1))
+    high = (high & np.uint8(3)).reshape(n, 8, 32)
+    q = (low | (high << np.uint8(4))).astype(np.int16) - 32
+    scale = _f16(b[:, 208:210]) * b[:, 192:208].copy().view(np.int8).astype(np.float32)
+    return q.reshape(n, 256).astype(np.int8), scale, None
+
+
+def _q8_0(b):
+    return b[:, 2:].copy().view(np.int8), _f16(b[:, :2]), None
+
+
+_REPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q8_0": _q8_0}
+
+
+def repack(data: np.ndarray, type_name: str, rows: int, cols: int) -> QuantizedWeight:
+    """The raw bytes of a GGUF tensor [rows, cols] (row-major, blocks along cols) as a QuantizedWeight."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    if cols % block:
+        raise ValueError(f"a {type_name} row of {cols} values is not a whole number of blocks of {block}")
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, size)
+    if len(blocks) != rows * cols // block:
+        raise ValueError(f"expected {rows * cols // block} blocks of {type_name}, found {len(blocks)}")
+    q, scale, zero = _REPACK[type_name](blocks)
+    fmt = FORMATS[type_name]
+    groups = cols // fmt.group_size
+
+    def as_rows(a, dtype=None):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(rows, -1)
+
+    return QuantizedWeight(fmt.kind, as_rows(q).reshape(rows, cols), as_rows(scale).reshape(rows, groups),
+                           None if zero is None else as_rows(zero).reshape(rows, groups), fmt.group_size, type_name)

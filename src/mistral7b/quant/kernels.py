@@ -1,0 +1,201 @@
+"""Device kernels for weight-only quantized matmuls, and the packing they need.
+
+Measured on the project's 2-core CPU (AVX-512) and on an H200 (benchmarks/quant_bench.py):
+
+- int4 groups: torch's tinygemm ops. CPU `_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm`
+  (tile-packed). Both want bf16 activations and bf16 scales/zeros, so activations are cast to bf16
+  at the call and the result cast back: the residual stream, norms and attention keep the model's dtype.
+  On CUDA a large batch of rows (prefill) dequantizes the tiles to bf16 and uses cuBLAS instead.
+- int8 per channel: CPU `_weight_int8pack_mm`; CUDA `F.linear(x, q.to(x.dtype)) * scale`, which
+  torch.compile fuses into one kernel (torchao's int8 weight-only recipe).
+- int8 groups (GGUF Q8_0, Q6_K, Q5_K): on CPU split exactly into two int4 planes,
+  q = 16 * hi + lo with hi in -8..7 and lo in 0..15, each run by the int4 kernel (one int8 matmul is
+  slower than two int4 ones there); elsewhere dequantize and matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ------------------------------------------------------------------------------ int4 packing
+
+
+def inner_k_tiles(k: int) -> int:
+    return 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+
+
+def padded_rows(n: int, device: torch.device) -> int:
+    """Rows rounded up to the kernel's block (16 on CPU, 8 on CUDA); the padding rows are zero."""
+    block = 8 if device.type == "cuda" else 16
+    return -(-n // block) * block
+
+
+def check_int4_shape(n: int, k: int, group_size: int, device: torch.device) -> None:
+    if group_size not in KERNEL_GROUP_SIZES:
+        raise ValueError(f"int4 groups of {group_size} are not supported by the kernels "
+                         f"(supported: {', '.join(map(str, KERNEL_GROUP_SIZES))})")
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide its input width {k}")
+    if device.type == "cuda" and k % 32:
+        raise ValueError(f"the CUDA int4 kernel needs an input width that is a multiple of 32, got {k}")
+
+
+def packed_shape(n: int, k: int, device: torch.device) -> tuple[tuple[int, ...], torch.dtype]:
+    n = padded_rows(n, device)
+    if device.type == "cuda":
+        ikt = inner_k_tiles(k)
+        return (n // 8, k // (ikt * 16), 32, ikt // 2), torch.int32
+    return (n, k // 2), torch.uint8
+
+
+def pack_int4(q: Tensor, device: torch.device) -> Tensor:
+    """uint8 [N, K] in 0..15 -> the layout of the device's int4 kernel (on that device)."""
+    q = F.pad(q.to(device), (0, 0, 0, padded_rows(q.shape[0], device) - q.shape[0]))
+    if device.type == "cuda":
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
+    """The inverse of `pack_int4`: uint8 [N, K] on the packed tensor's device."""
+    rows = padded_rows(n, packed.device)
+    if packed.is_cuda:
+        return unpack_cuda_tiles(packed, rows, k)[:n]
+    source = _cpu_nibble_sources(rows, k)
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+    out = torch.empty(rows * k, dtype=torch.uint8)
+    out[source] = nibbles
+    return out.view(rows, k)[:n]
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_nibble_sources(n: int, k: int) -> Tensor:
+    """Which element of [N, K] each nibble of the CPU packed layout holds. The layout depends on the
+    CPU build (AVX-512 or not), so it is read off the op itself: pack the element indices 4 bits at
+    a time and reassemble them from the packed nibbles."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    source = torch.zeros(n * k, dtype=torch.int64)
+    for shift in range(0, max(4, (n * k - 1).bit_length()), 4):
+        digit = ((index >> shift) & 15).to(torch.int32).view(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
+        source |= torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64) << shift
+    return source
+
+
+def _tile_index_order(n: int, k: int):
+    """[N, K] viewed as the tinygemm B-layout's factors (see int4mm.cu, matrix_to_m16n8k16_Bint4_layout):
+    n = (nt, r) with r < 8; k = (ko, i2, a, b, c, low) with sizes (., ikt/2, 2, 2, 4, 2). Each int32
+    word of the packed tensor [nt, ko, t = 4r + c, i2] holds 8 nibbles ordered (low, a, b)."""
+    ikt = inner_k_tiles(k)
+    return (n // 8, 8, k // (ikt * 16), ikt // 2, 2, 2, 4, 2)
+
+
+def unpack_cuda_tiles(packed: Tensor, n: int, k: int) -> Tensor:
+    nt, r, ko, i2, a, b, c, low = _tile_index_order(n, k)
+    words = packed.view(nt, ko, r, c, i2, 1)
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nibbles = ((words >> shifts) & 15).view(nt, ko, r, c, i2, low, a, b)
+    # -> [nt, r, ko, i2, a, b, c, low]
+    return nibbles.permute(0, 2, 1, 4, 6, 7, 3, 5).reshape(n, k).to(torch.uint8)
+
+
+def pack_cuda_tiles_reference(q: Tensor) -> Tensor:
+    """The tile layout built with tensor ops (the inverse of `unpack_cuda_tiles`): the GPU benchmark
+    checks it against torch's `_convert_weight_to_int4pack`, which is what loading uses."""
+    n, k = q.shape
+    nt, r, ko, i2, a, b, c, low = _tile_index_order(n, k)
+    parts = q.to(torch.int64).view(nt, r, ko, i2, a, b, c, low).permute(0, 2, 1, 6, 3, 7, 4, 5)
+    parts = parts.reshape(nt, ko, r * c, i2, 8)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = (parts << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tensor:
+    """[N, G] scales and zeros -> tinygemm's [G, N_padded, 2] in bf16."""
+    pad = padded_rows(scale.shape[0], device) - scale.shape[0]
+    pairs = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))
+    return pairs.transpose(0, 1).contiguous().to(device, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------ matmuls
+
+
+def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
+    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
+        w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
+        return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
+    xb = x2.to(torch.bfloat16).contiguous()
+    if x.is_cuda:
+        out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_zeros)
+    if out.shape[-1] != n:
+        out = out[:, :n]
+    return out.to(x.dtype).view(*shape[:-1], n)
+
+
+def dequantize_tiles(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int, k: int) -> Tensor:
+    """The bf16 weight [N, K] of CUDA-packed int4 tiles (one fused kernel under torch.compile)."""
+    return _dequantize_tiles(packed, scales_zeros, group_size, n, k)
+
+
+def _dequantize_tiles_eager(packed, scales_zeros, group_size, n, k):
+    q = unpack_cuda_tiles(packed, n, k).view(n, k // group_size, group_size).to(torch.bfloat16)
+    scale, zero = scales_zeros[..., 0].t(), scales_zeros[..., 1].t()
+    return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
+
+
+def _dequantize_tiles(packed, scales_zeros, group_size, n, k):
+    if torch.compiler.is_compiling():
+        return _dequantize_tiles_eager(packed, scales_zeros, group_size, n, k)
+    return _compiled_dequantize()(packed, scales_zeros, group_size, n, k)
+
+
+@functools.cache
+def _compiled_dequantize():
+    return torch.compile(_dequantize_tiles_eager, dynamic=True)
+
+
+def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """Per-channel int8: q [N, K], scale [N] in the kernel's dtype."""
+    if x.is_cuda:
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    shape = x.shape
+    out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), q, scale)
+    return out.to(x.dtype).view(*shape[:-1], q.shape[0])
+
+
+def dequant_mm(x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
+    """Any int8 groups: dequantize in x's dtype and matmul (fused under torch.compile on CUDA)."""
+    n, k = q.shape
+    w = q.view(n, k // group_size, group_size).to(x.dtype) * scale.to(x.dtype)[..., None]
+    if zero is not None:
+        w = w + zero.to(x.dtype)[..., None]
+    return F.linear(x, w.view(n, k))
+
+
+def split_int8_planes(q: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 q = 16 * hi + lo exactly: hi in -8..7 (as 0..15 for the int4 kernel), lo in 0..15."""
+    q16 = q.to(torch.int16)
+    hi = torch.div(q16, 16, rounding_mode="floor")
+    return (hi + 8).to(torch.uint8), (q16 - 16 * hi).to(torch.uint8)
+
+
+def plane_qparams(scale: Tensor, zero: Tensor | None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(scale, zero) of the hi and lo planes so that their sum is s * q + z:
+    hi: (h + 8 - 8) * 16 s + 0; lo: (l - 8) * s + (8 s + z)."""
+    z = torch.zeros_like(scale) if zero is None else zero
+    return (16 * scale, torch.zeros_like(scale)), (scale, 8 * scale + z)

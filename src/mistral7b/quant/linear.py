@@ -1,0 +1,213 @@
+"""Quantized replacements for nn.Linear and nn.Embedding, filled row range by row range while loading.
+
+A module is built empty with its final buffer shapes (so the model can be built on the meta device
+and allocated once), then `fill(lo, hi, weight)` copies quantized rows into a staging copy on the
+target device. When every row is in, the staging copy is packed into the kernel's layout and freed:
+tinygemm's packing mixes rows, so a fused matrix (wqkv, w13) can only be packed whole. All state is
+buffers, never parameters, so `next(model.parameters())` stays a norm weight in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .qtensor import QuantizedWeight, WeightFormat
+
+
+class QuantModule(nn.Module):
+    """Shared staging logic: rows arrive in any order, each exactly once."""
+
+    def __init__(self, out_features: int, in_features: int, fmt: WeightFormat, device: torch.device):
+        super().__init__()
+        self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
+        self.target = torch.device(device)
+        self.group_size = fmt.group_size or in_features
+        self._staging: QuantizedWeight | None = None
+        self._rows_in = 0
+
+    def fill(self, lo: int, hi: int, weight: QuantizedWeight) -> None:
+        weight = self.fmt.conform(weight)
+        if self._staging is None:
+            n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
+            on = dict(device=self.target)
+            self._staging = QuantizedWeight(
+                weight.kind, torch.empty(n, k, dtype=weight.q.dtype, **on), torch.empty(n, g, **on),
+                torch.empty(n, g, **on) if weight.zero is not None else None, self.group_size, weight.source)
+        s = self._staging
+        s.q[lo:hi] = weight.q
+        s.scale[lo:hi] = weight.scale
+        if s.zero is not None:
+            s.zero[lo:hi] = weight.zero
+        self._rows_in += hi - lo
+        if self._rows_in == self.out_features:
+            self._staging = None
+            with torch.no_grad():
+                self.pack(s)
+
+    @property
+    def complete(self) -> bool:
+        return self._rows_in == self.out_features
+
+    def pack(self, weight: QuantizedWeight) -> None:
+        raise NotImplementedError
+
+    def unpack(self) -> QuantizedWeight:
+        """The weight in the device-independent form (on the CPU), exactly as packed."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense weight [N, K] this module multiplies by, on its device."""
+        return self.unpack().dequantize(dtype).to(self.target)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.label()}"
+
+
+class Int4Linear(QuantModule):
+    """int4 groups, `w = (q - 8) * scale + zero`, run by tinygemm."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight"):
+        super().__init__(out_features, in_features, fmt, device)
+        kernels.check_int4_shape(out_features, in_features, self.group_size, self.target)
+        shape, dtype = kernels.packed_shape(out_features, in_features, self.target)
+        g = in_features // self.group_size
+        self.register_buffer("packed", torch.empty(shape, dtype=dtype, device="meta"))
+        rows = kernels.padded_rows(out_features, self.target)
+        self.register_buffer("scales_zeros", torch.empty(g, rows, 2, dtype=torch.bfloat16, device="meta"))
+
+    def pack(self, weight: QuantizedWeight) -> None:
+        zero = weight.zero if weight.zero is not None else torch.zeros_like(weight.scale)
+        self.packed.copy_(kernels.pack_int4(weight.q, self.target))
+        self.scales_zeros.copy_(kernels.pack_scales_zeros(weight.scale, zero, self.target))
+
+    def unpack(self) -> QuantizedWeight:
+        q = kernels.unpack_int4(self.packed, self.out_features, self.in_features).cpu()
+        sz = self.scales_zeros[:, : self.out_features].float().cpu()
+        return QuantizedWeight("int4", q, sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous(),
+                               self.group_size, self.fmt.source)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.target.type != "cuda":
+            return super().dequantize(dtype)
+        rows = self.scales_zeros.shape[1]
+        w = kernels.dequantize_tiles(self.packed, self.scales_zeros, self.group_size, rows, self.in_features)
+        return w[: self.out_features].to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
+
+
+def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> str:
+    """"int8pack" (per channel, no zeros), "planes" (CPU groups the int4 kernel takes) or "dequant"."""
+    group = fmt.group_size or in_features
+    if not fmt.has_zero and fmt.group_size is None:
+        return "int8pack"
+    if device.type == "cpu" and group in kernels.KERNEL_GROUP_SIZES:
+        return "planes"
+    return "dequant"
+
+
+class Int8Linear(QuantModule):
+    """int8 per channel or in groups, `w = q * scale (+ zero)`."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight"):
+        super().__init__(out_features, in_features, fmt, device)
+        self.kernel = int8_kernel(fmt, in_features, self.target)
+        n, k, g = out_features, in_features, in_features // self.group_size
+        meta = dict(device="meta")
+        if self.kernel == "planes":
+            shape, dtype = kernels.packed_shape(n, k, self.target)
+            for plane in ("hi", "lo"):
+                self.register_buffer(f"packed_{plane}", torch.empty(shape, dtype=dtype, **meta))
+                rows = kernels.padded_rows(n, self.target)
+                self.register_buffer(f"scales_zeros_{plane}", torch.empty(g, rows, 2, dtype=torch.bfloat16, **meta))
+            return
+        self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, **meta))
+        scale_dtype = torch.bfloat16 if self.kernel == "int8pack" and self.target.type == "cpu" else torch.float32
+        self.register_buffer("scales", torch.empty(n, g, dtype=scale_dtype, **meta))
+        self.register_buffer("zeros", torch.empty(n, g, **meta) if fmt.has_zero else None)
+
+    def pack(self, weight: QuantizedWeight) -> None:
+        if self.kernel == "planes":
+            hi, lo = kernels.split_int8_planes(weight.q)
+            (hs, hz), (ls, lz) = kernels.plane_qparams(weight.scale, weight.zero)
+            self.packed_hi.copy_(kernels.pack_int4(hi, self.target))
+            self.packed_lo.copy_(kernels.pack_int4(lo, self.target))
+            self.scales_zeros_hi.copy_(kernels.pack_scales_zeros(hs, hz, self.target))
+            self.scales_zeros_lo.copy_(kernels.pack_scales_zeros(ls, lz, self.target))
+            return
+        self.qweight.copy_(weight.q)
+        self.scales.copy_(weight.scale)
+        if self.zeros is not None:
+            self.zeros.copy_(weight.zero)
+
+    def unpack(self) -> QuantizedWeight:
+        if self.kernel == "planes":
+            n, k = self.out_features, self.in_features
+            hi = kernels.unpack_int4(self.packed_hi, n, k).to(torch.int16) - 8
+            lo = kernels.unpack_int4(self.packed_lo, n, k).to(torch.int16)
+            sz = self.scales_zeros_lo[:, :n].float().cpu()
+            scale, lo_zero = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+            zero = (lo_zero - 8 * scale) if self.fmt.has_zero else None
+            return QuantizedWeight("int8", (16 * hi + lo).to(torch.int8).cpu(), scale, zero, self.group_size,
+                                   self.fmt.source)
+        zero = None if self.zeros is None else self.zeros.float().cpu()
+        return QuantizedWeight("int8", self.qweight.cpu(), self.scales.float().cpu(), zero, self.group_size,
+                               self.fmt.source)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "planes":
+            n, g = self.out_features, self.group_size
+            return (kernels.int4_mm(x, self.packed_hi, g, self.scales_zeros_hi, n)
+                    + kernels.int4_mm(x, self.packed_lo, g, self.scales_zeros_lo, n))
+        if self.kernel == "int8pack":
+            return kernels.int8_mm(x, self.qweight, self.scales.view(-1))
+        return kernels.dequant_mm(x, self.qweight, self.scales, self.zeros, self.group_size)
+
+
+def quant_linear(in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight") -> QuantModule:
+    cls = Int4Linear if fmt.kind == "int4" else Int8Linear
+    return cls(in_features, out_features, fmt, device, name)
+
+
+class QuantEmbedding(QuantModule):
+    """An embedding table kept in its quantized form (a GGUF Q8_0 or Q4_K table): rows are
+    dequantized on lookup, exactly (float32 scales), then cast to the activation dtype."""
+
+    def __init__(self, num_embeddings: int, dim: int, fmt: WeightFormat, device, dtype: torch.dtype):
+        super().__init__(num_embeddings, dim, fmt, device)
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, dim, dtype
+        g = dim // self.group_size
+        q_shape = (num_embeddings, dim // 2) if fmt.kind == "int4" else (num_embeddings, dim)
+        q_dtype = torch.uint8 if fmt.kind == "int4" else torch.int8
+        self.register_buffer("qweight", torch.empty(q_shape, dtype=q_dtype, device="meta"))
+        self.register_buffer("scales", torch.empty(num_embeddings, g, device="meta"))
+        has_zero = fmt.has_zero or fmt.kind == "int4"
+        self.register_buffer("zeros", torch.empty(num_embeddings, g, device="meta") if has_zero else None)
+
+    def pack(self, weight: QuantizedWeight) -> None:
+        q = weight.q
+        if weight.kind == "int4":
+            q = q[:, ::2] | (q[:, 1::2] << 4)
+        self.qweight.copy_(q)
+        self.scales.copy_(weight.scale)
+        if self.zeros is not None:
+            self.zeros.copy_(weight.zero if weight.zero is not None else torch.zeros_like(weight.scale))
+
+    def unpack(self) -> QuantizedWeight:
+        q = self.qweight.cpu()
+        if self.fmt.kind == "int4":
+            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)
+        zero = None if self.zeros is None else self.zeros.cpu()
+        return QuantizedWeight(self.fmt.kind, q, self.scales.cpu(), zero, self.group_size, self.fmt.source)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        q = self.qweight[tokens]
+        if self.fmt.kind == "int4":
+            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2).float() - 8
+        w = q.float().unflatten(-1, (-1, self.group_size)) * self.scales[tokens][..., None]
+        if self.zeros is not None:
+            w = w + self.zeros[tokens][..., None]
+        return w.flatten(-2).to(self.dtype)

@@ -1,0 +1,142 @@
+"""Quantized weights in a device-independent form, and the quantizers that produce them.
+
+A `QuantizedWeight` holds the rows of a matrix [N, K] as integers plus one scale (and maybe one zero)
+per group of `group_size` consecutive inputs of a row; `group_size == K` is per output channel.
+
+- "int4": q uint8 in 0..15, `w = (q - 8) * scale + zero` (tinygemm's convention).
+- "int8": q int8, `w = q * scale`, or `q * scale + zero` when `zero` is set (exact images of GGUF's
+  Q5_K and of int4 groups, used when one fused matrix mixes formats).
+
+Scales and zeros are float32 here; the kernels round them to their compute dtype (bf16) when packing.
+Every row is quantized on its own, so quantizing a slice of rows equals slicing the quantized matrix:
+that makes it exact to fill a fused matrix (wqkv, w13) part by part while streaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class QuantizedWeight:
+    kind: str  # "int4" or "int8"
+    q: Tensor  # [N, K]
+    scale: Tensor  # [N, K // group_size] float32
+    zero: Tensor | None  # like scale, or None
+    group_size: int
+    source: str | None = None  # the format it came from, e.g. "Q4_1"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        n, k = self.q.shape
+        g = k // self.group_size
+        q = self.q.view(n, g, self.group_size).float()
+        if self.kind == "int4":
+            q = q - 8
+        w = q * self.scale[..., None]
+        if self.zero is not None:
+            w = w + self.zero[..., None]
+        return w.view(n, k).to(dtype)
+
+    def map_rows(self, fn) -> "QuantizedWeight":
+        """The same weight with `fn` (a row slice or permutation) applied to q, scale and zero."""
+        return replace(self, q=fn(self.q), scale=fn(self.scale), zero=None if self.zero is None else fn(self.zero))
+
+    def regroup(self, group_size: int) -> "QuantizedWeight":
+        """Smaller groups holding the same values (each scale repeated): exact."""
+        if group_size == self.group_size:
+            return self
+        if self.group_size % group_size:
+            raise ValueError(f"cannot split groups of {self.group_size} into groups of {group_size}")
+        r = self.group_size // group_size
+        rep = (lambda t: None if t is None else t.repeat_interleave(r, dim=1))
+        return replace(self, scale=rep(self.scale), zero=rep(self.zero), group_size=group_size)
+
+    def as_int8(self) -> "QuantizedWeight":
+        """int4 groups as int8 with zeros: q - 8 in -8..7, same scale and zero (exact)."""
+        if self.kind == "int8":
+            return self
+        zero = self.zero if self.zero is not None else torch.zeros_like(self.scale)
+        return replace(self, kind="int8", q=(self.q.to(torch.int16) - 8).to(torch.int8), zero=zero)
+
+
+def check_group_size(name: str, k: int, group_size: int) -> None:
+    if k % group_size:
+        raise ValueError(
+            f"{name}: group size {group_size} does not divide the input width {k}; "
+            f"choose a group size that divides {k}"
+        )
+
+
+def quantize_int8(w: Tensor, source: str | None = None) -> QuantizedWeight:
+    """Symmetric per output channel: scale = max|row| / 127, q = round(w / scale)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", q, scale, None, w.shape[1], source)
+
+
+def quantize_int4(w: Tensor, group_size: int, source: str | None = None) -> QuantizedWeight:
+    """Asymmetric groups along the input: [min, max] of each group onto 0..15 (torchao's tinygemm
+    choice of qparams): scale = (max - min) / 15, zero = min + 8 * scale."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = lo + 8 * scale
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return QuantizedWeight("int4", q.reshape(n, k), scale, zero, group_size, source)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """The storage of one matrix: "int4" or "int8", groups of `group_size` (None: one per row),
+    with or without zeros, and where it came from (a GGUF type, or None when quantized here)."""
+
+    kind: str
+    group_size: int | None = None
+    has_zero: bool = False
+    source: str | None = None
+
+    def label(self) -> str:
+        text = self.kind + (f" g{self.group_size}" if self.group_size else "")
+        return text + (f" (from {self.source})" if self.source else "")
+
+    def quantize(self, w: Tensor, name: str = "weight") -> QuantizedWeight:
+        """Quantize a float matrix into this format (a clear ValueError if the groups do not fit)."""
+        if self.kind == "int4":
+            check_group_size(name, w.shape[1], self.group_size)
+            return quantize_int4(w, self.group_size)
+        if self.group_size is not None or self.has_zero:
+            raise ValueError(f"{name}: quantizing into {self.label()} is not supported")
+        return quantize_int8(w)
+
+    def conform(self, qw: QuantizedWeight) -> QuantizedWeight:
+        """`qw` in this format, exactly (the plan only asks for conversions that lose nothing)."""
+        if self.kind == "int4":
+            assert qw.kind == "int4" and qw.group_size == self.group_size, (qw.kind, qw.group_size, self)
+            return qw
+        out = qw.as_int8().regroup(self.group_size or qw.q.shape[1])
+        if self.has_zero and out.zero is None:
+            out = replace(out, zero=torch.zeros_like(out.scale))
+        return out
+
+
+def merge_formats(formats: list[WeightFormat]) -> WeightFormat:
+    """One format that holds every part of a fused matrix exactly: the common one when they agree,
+    int4 when all are int4 groups of one size, else int8 with zeros at the smallest group size."""
+    first = formats[0]
+    sources = "+".join(dict.fromkeys(f.source for f in formats if f.source)) or None
+    if all((f.kind, f.group_size, f.has_zero) == (first.kind, first.group_size, first.has_zero) for f in formats):
+        return replace(first, source=sources)
+    if all(f.kind == "int4" and f.group_size == first.group_size for f in formats):
+        return WeightFormat("int4", first.group_size, True, sources)
+    sizes = [f.group_size for f in formats if f.group_size]
+    has_zero = any(f.has_zero or f.kind == "int4" for f in formats)
+    return WeightFormat("int8", min(sizes) if sizes else None, has_zero, sources)

@@ -1,0 +1,139 @@
+"""GGUF quantized tensors run quantized: block repacking against the gguf package's own dequantize for
+every supported type, tiny GGUF models against their dequantized selves, and the real default model
+(SmolLM2 Q4_1 with a Q8_0 tied embedding): memory, logits and greedy tokens against the fp32 path."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from mistral7b import load_model
+from mistral7b.loading import assemble, open_checkpoint
+from mistral7b.quant import describe_weights, resident_bytes
+from mistral7b.quant.gguf_blocks import FORMATS, repack
+from mistral7b.quant.linear import QuantEmbedding, QuantModule
+from checkpoints import gguf_tensors, hf_logits, hf_model, hf_with_gguf_roundtrip, llama_cpp_permute, rel_err, write_gguf
+
+F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,)}
+
+
+def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Valid random bytes of a [rows, cols] tensor: random integers and sub-scales, and small positive
+    f16 super-scales (random bytes there could be inf or NaN)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    n = rows * cols // block
+    data = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    size_of_scale = 1e-4 if type_name.endswith("_K") else 2e-3  # weights of order 0.05: a tame model
+    for offset in F16_FIELDS[type_name]:
+        scale = (rng.uniform(0.5, 1.0, n) * size_of_scale).astype(np.float16)
+        data[:, offset:offset + 2] = scale.view(np.uint8).reshape(n, 2)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", sorted(FORMATS))
+def test_repack_matches_gguf_dequantize(type_name):
+    rng = np.random.default_rng(0)
+    rows, cols = 6, 512
+    if type_name in ("Q4_0", "Q4_1", "Q8_0"):  # real quantizer output where gguf-py has one
+        data = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32),
+                                    gguf.GGMLQuantizationType[type_name])
+    else:
+        data = random_blocks(type_name, rows, cols, rng)
+    want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols)
+    weight = repack(data, type_name, rows, cols)
+    assert (weight.kind, weight.group_size) == (FORMATS[type_name].kind, FORMATS[type_name].group_size)
+    got = weight.dequantize().numpy()
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max() / scale
+    print(f"{type_name}: repacked vs gguf dequantize, max error / max |w| = {err:.2e}")
+    assert err < 1e-6
+    assert np.abs(want).max() > 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_tiny_gguf_runs_quantized(tmp_path, qtype, one_thread):
+    hf = hf_model("llama", n_heads=4, n_kv_heads=2, dim=64, hidden=128, seed=2)
+    path = write_gguf(hf, tmp_path / "m.gguf", qtype)
+    model = load_model(path)
+    labels = describe_weights(model)
+    fmt = FORMATS[qtype]
+    assert f"{fmt.kind} g32 (from {qtype})" in labels
+    assert isinstance(model.layers[0].attention.wqkv, QuantModule)
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 24))
+    want = hf_logits(hf_with_gguf_roundtrip(hf, qtype), tokens)  # HF on the file's dequantized values
+    with torch.no_grad():
+        got = model(tokens)
+        dense = assemble(open_checkpoint(path, keep_quantized=False))(tokens)
+    assert rel_err(dense, want) < 1e-4
+    assert rel_err(got, want) < 3e-2  # bf16 activations and scales in the kernels
+
+
+def test_k_quants_and_mixed_fused_matrix(tmp_path, one_thread):
+    """Q4_K, Q5_K and Q6_K tensors (as in a Q4_K_M file), q and k permuted, v in another type than q and k:
+    the fused wqkv becomes int8 g16 with zeros, exactly, and the model matches its gguf-dequantized self."""
+    rng = np.random.default_rng(3)
+    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
+    tensors = gguf_tensors(hf)
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+             "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+    for name, array in list(tensors.items()):
+        kind = name.split(".")[-2]
+        if kind in types or name in ("token_embd.weight", "output.weight"):
+            t = types.get(kind, "Q4_K" if name == "token_embd.weight" else "Q6_K")
+            tensors[name] = (random_blocks(t, *array.shape, rng), t)
+    path = write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)
+    model = load_model(path)
+    assert model.layers[0].attention.wqkv.fmt.label() == "int8 g16 (from Q4_K+Q6_K)"
+    assert model.layers[0].feed_forward.w13.fmt.label() == "int4 g32 (from Q4_K)"
+    assert isinstance(model.tok_embeddings, QuantEmbedding)
+    dense = assemble(open_checkpoint(path, keep_quantized=False))
+    with torch.no_grad():
+        # exact weights: every quantized module unpacks to the gguf-dequantized matrix
+        for name, module in model.named_modules():
+            if isinstance(module, QuantModule) and name != "tok_embeddings":
+                w = module.unpack().dequantize()
+                ref = dense.get_submodule(name).weight
+                assert (w - ref).abs().max() <= 1e-2 * ref.abs().max(), name  # bf16 scales and zeros
+        tokens = torch.randint(0, 96, (2, 20))
+        assert torch.equal(model.tok_embeddings(tokens), dense.tok_embeddings(tokens))
+        got, want = model(tokens), dense(tokens)
+        assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 activations into the kernels
+
+
+# ------------------------------------------------------------------------------------ the real model
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from mistral7b.default_model import default_model_path
+
+    path = default_model_path()
+    return path, load_model(path), assemble(open_checkpoint(path, keep_quantized=False))
+
+
+def test_smollm2_stays_quantized_in_memory(smollm2):
+    path, model, _ = smollm2
+    labels = describe_weights(model)
+    assert set(labels) == {"int4 g32 (from Q4_1)", "int8 g32 (from Q8_0)", "float32"}
+    assert isinstance(model.tok_embeddings, QuantEmbedding)  # one int8 table for the lookup and the head
+    size = path.stat().st_size
+    resident = resident_bytes(model)
+    print(f"resident weights {resident / 1e6:.1f} MB for a {size / 1e6:.1f} MB file ({resident / size:.2f}x)")
+    assert resident <= 1.5 * size
+
+
+def test_smollm2_logits_and_greedy_tokens_match_fp32(smollm2, one_thread):
+    _, model, dense = smollm2
+    tokens = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(tokens), dense(tokens)
+        err = ((got - want).norm() / want.norm()).item()
+        print(f"logits: quantized vs dequantized fp32, norm relative error {err:.2e}")
+        assert err < 1e-2
+        # greedy decode with the fp32 model, then the quantized model's choices along that sequence
+        seq = tokens[:, :12]
+        for _ in range(32):
+            seq = torch.cat([seq, dense(seq)[:, -1:].argmax(-1)], dim=1)
+        chosen = model(seq)[0, 11:-1].argmax(-1)
+    agree = (chosen == seq[0, 12:]).float().mean().item()
+    print(f"greedy agreement with fp32 over 32 tokens: {agree:.3f}")
+    assert agree >= 0.9
