@@ -34,7 +34,6 @@ def cpu(args) -> dict:
     from mistral7b import LLM
     from mistral7b.default_model import default_model_path
     from mistral7b.engine import Engine
-    from mistral7b.loading import assemble, open_checkpoint
     from mistral7b.quant import describe_weights, resident_bytes
 
     torch.set_num_threads(args.threads)
@@ -54,7 +53,7 @@ def cpu(args) -> dict:
               f"weights {resident_bytes(llm.model) / 1e6:.1f} MB", flush=True)
         model, tokenizer = llm.model, llm.tokenizer
     results["formats"] = describe_weights(model)
-    dense = assemble(open_checkpoint(path, keep_quantized=False))
+    dense = load_model(path, quantize=False)
     engine = Engine(dense, tokenizer, max_batch=1)
     ids = tokenizer.encode(prompt, bos=True)
 
@@ -108,28 +107,40 @@ def gpu(args) -> dict:
     config = preset("mistral-7b-v0.1")
     if args.small:
         config = config.with_(dim=1024, n_layers=4, hidden_dim=3584, n_heads=8, n_kv_heads=2, vocab_size=32000)
-    device = torch.device("cuda")
-    results = {"config": config.to_dict(), "tile_layout_matches_torch": check_tiles(device)}
-    hf = build_hf(config, "cuda")
-    dense = ours_from_hf(hf, config, "cuda")
+    device = torch.device(args.device)
+    results = {"config": config.to_dict()}
+    if device.type == "cuda":
+        results["tile_layout_matches_torch"] = check_tiles(device)
+    hf = build_hf(config, device)
+    dense = ours_from_hf(hf, config, device)
     del hf
-    torch.cuda.empty_cache()
+    empty_cache(device)
     rows = {}
     methods = args.methods.split(",")
     if "bf16" in methods:
         rows["bf16"] = time_model(dense, config, args)
     for method in (m for m in ("int8", "int4") if m in methods):
-        model = quantize_model(dense, config, method)
+        model = quantize_model(dense, config, method, device)
         rows[method] = time_model(model, config, args)
         rows[method]["rel_err_vs_dequantized"] = error_vs_dequantized(model, dense, config)
         del model
-        torch.cuda.empty_cache()
+        empty_cache(device)
     results["rows"] = rows
     print(f"{'weights':8s} {'GiB':>6s} {'b1 tok/s':>9s} {'b8 tok/s':>9s} {'prefill tok/s':>14s} {'err':>8s}")
     for name, r in rows.items():
         print(f"{name:8s} {r['weight_gib']:6.2f} {r['decode_b1']:9.1f} {r['decode_b8']:9.1f} "
               f"{r['prefill']:14.0f} {r.get('rel_err_vs_dequantized', 0):8.2e}")
     return results
+
+
+def empty_cache(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def check_tiles(device) -> bool:
@@ -146,7 +157,7 @@ def check_tiles(device) -> bool:
     return bool(ok)
 
 
-def quantize_model(dense, config, method: str):
+def quantize_model(dense, config, method: str, device):
     """The dense model's weights streamed through the loader's quantizing path (a quantized copy)."""
     from mistral7b.loading import Checkpoint, assemble, canonical_views
     from mistral7b.quant import QuantConfig
@@ -155,14 +166,15 @@ def quantize_model(dense, config, method: str):
     checkpoint = Checkpoint(__import__("pathlib").Path(f"random-{method}"), config,
                             iter(views.items()), len(views))
     quant = QuantConfig("int8") if method == "int8" else QuantConfig("int4", 128)
-    return assemble(checkpoint, "cuda", torch.bfloat16, quant)
+    return assemble(checkpoint, device, torch.bfloat16, quant)
 
 
 def error_vs_dequantized(model, dense, config) -> float:
     """Logits of the quantized model against the same model with its weights dequantized to bf16."""
     from mistral7b.quant.linear import QuantModule
 
-    tokens = torch.randint(0, config.vocab_size, (1, 64), device="cuda")
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, config.vocab_size, (1, 64), device=device)
     saved = {}
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -186,25 +198,27 @@ def time_model(model, config, args) -> dict:
     from mistral7b.bench import random_prompts, run_requests
     from mistral7b.engine import Engine
 
+    device = next(model.parameters()).device
     out = {"weight_gib": weight_gib(model)}
     for batch in (1, 8):
-        engine = Engine(model, None, max_batch=batch, compile=True, max_seq_len=args.prompt + args.new + 64)
+        engine = Engine(model, None, max_batch=batch, compile=device.type == "cuda",
+                        max_seq_len=args.prompt + args.new + 64)
         prompts = random_prompts(batch, args.prompt, config.vocab_size)
         run_requests(engine, prompts, args.new)  # compile and record
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         run_requests(engine, prompts, args.new)
-        torch.cuda.synchronize()
+        sync(device)
         out[f"decode_b{batch}"] = batch * args.new / (time.perf_counter() - t0)
         del engine
-    tokens = torch.randint(0, config.vocab_size, (1, args.prefill), device="cuda")
+    tokens = torch.randint(0, config.vocab_size, (1, args.prefill), device=device)
     with torch.no_grad():
         model(tokens, last_only=True)
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(3):
             model(tokens, last_only=True)
-        torch.cuda.synchronize()
+        sync(device)
     out["prefill"] = 3 * args.prefill / (time.perf_counter() - t0)
     print(json.dumps(out), flush=True)
     return out
@@ -214,6 +228,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the 7B shape on CUDA")
     p.add_argument("--small", action="store_true", help="with --gpu: a small shape, to check the path")
+    p.add_argument("--device", default="cuda", help="with --gpu: run that path on another device (cpu, to test it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)

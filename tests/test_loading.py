@@ -164,14 +164,14 @@ def test_gguf_quantized(tiny, tmp_path, qtype):
     ref = hf_with_gguf_roundtrip(hf, qtype)
     want_q = hf_logits(ref, tokens)
     assert rel_err(want_q, want) > 1e-4  # the quantization really changed the weights
-    _check(f"gguf-{qtype}/{name}", load_model(path), tokens, want_q)
+    _check(f"gguf-{qtype}/{name}", load_model(path, quantize=False), tokens, want_q)  # dequantized
 
 
 def test_gguf_tied(tmp_path):
     hf = hf_model("llama", n_kv_heads=2, tie=True)
     path = write_gguf(hf, tmp_path / "tied.gguf", "Q8_0")
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(str(path)).tensors}
-    model = load_model(path)
+    model = load_model(path, quantize=False)
     assert model.config.tie_embeddings
     tokens = torch.randint(0, hf.config.vocab_size, (1, 20))
     _check("gguf-Q8_0-tied/llama", model, tokens, hf_logits(hf_with_gguf_roundtrip(hf, "Q8_0"), tokens))
@@ -199,7 +199,7 @@ def smollm2():
     from mistral7b.default_model import default_model_path
 
     p = default_model_path()
-    ours = load_model(p)
+    ours = load_model(p, quantize=False)  # dequantized to fp32 (tests/test_quant_gguf.py runs it quantized)
     hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     return p, ours, hf
 

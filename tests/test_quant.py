@@ -128,6 +128,7 @@ def test_argparse_helpers():
     assert quant_config_from_args(p.parse_args([])) is None
     assert quant_config_from_args(p.parse_args(["--quantize", "int4", "--group-size", "64", "--no-quantize-head"])) \
         == QuantConfig("int4", 64, False)
+    assert quant_config_from_args(p.parse_args(["--quantize", "none"])) is False  # dequantize a GGUF
     with pytest.raises(SystemExit):
         p.parse_args(["--quantize", "int2"])
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mistral7b import load_model
-from mistral7b.loading import assemble, open_checkpoint
 from mistral7b.quant import describe_weights, resident_bytes
 from mistral7b.quant.gguf_blocks import FORMATS, repack
 from mistral7b.quant.linear import QuantEmbedding, QuantModule
@@ -63,7 +62,7 @@ def test_tiny_gguf_runs_quantized(tmp_path, qtype, one_thread):
     want = hf_logits(hf_with_gguf_roundtrip(hf, qtype), tokens)  # HF on the file's dequantized values
     with torch.no_grad():
         got = model(tokens)
-        dense = assemble(open_checkpoint(path, keep_quantized=False))(tokens)
+        dense = load_model(path, quantize="none")(tokens)
     assert rel_err(dense, want) < 1e-4
     assert rel_err(got, want) < 3e-2  # bf16 activations and scales in the kernels
 
@@ -86,7 +85,7 @@ def test_k_quants_and_mixed_fused_matrix(tmp_path, one_thread):
     assert model.layers[0].attention.wqkv.fmt.label() == "int8 g16 (from Q4_K+Q6_K)"
     assert model.layers[0].feed_forward.w13.fmt.label() == "int4 g32 (from Q4_K)"
     assert isinstance(model.tok_embeddings, QuantEmbedding)
-    dense = assemble(open_checkpoint(path, keep_quantized=False))
+    dense = load_model(path, quantize=False)
     with torch.no_grad():
         # exact weights: every quantized module unpacks to the gguf-dequantized matrix
         for name, module in model.named_modules():
@@ -107,7 +106,7 @@ def smollm2():
     from mistral7b.default_model import default_model_path
 
     path = default_model_path()
-    return path, load_model(path), assemble(open_checkpoint(path, keep_quantized=False))
+    return path, load_model(path), load_model(path, quantize=False)
 
 
 def test_smollm2_stays_quantized_in_memory(smollm2):

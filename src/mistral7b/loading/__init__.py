@@ -231,12 +231,16 @@ def load_model(source: str | Path, device=None, dtype=None, quantize=None) -> Tr
     `quantize` (None, "int8", "int4" or a QuantConfig) quantizes the block linears and the head while
     streaming. Without it, a GGUF file's quantized tensors stay quantized in the nearest kernel format
     (`dtype` then sets the activations only) and a quantized checkpoint (`convert --quantize`) loads as
-    saved. With it, a GGUF file is dequantized and quantized again. Unknown methods raise ValueError.
+    saved. With it, a GGUF file is dequantized and quantized again. `quantize=False` (or "none")
+    dequantizes everything into `dtype`. Unknown methods raise ValueError.
     """
     from ..quant.config import resolve
 
-    quant = resolve(quantize)
-    checkpoint = open_checkpoint(source, keep_quantized=quant is None)
+    dense = quantize is False or quantize == "none"
+    quant = None if dense else resolve(quantize)
+    checkpoint = open_checkpoint(source, keep_quantized=quant is None and not dense)
+    if dense:
+        checkpoint.formats = {}  # every quantized tensor is dequantized into a dense view
     try:
         return assemble(checkpoint, device, dtype, quant)
     except ModelLoadError:

@@ -65,16 +65,22 @@ def resolve(quantize: "str | QuantConfig | None", group_size: int | None = None,
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     """--quantize {int8,int4}, --group-size N and --no-quantize-head, for generate/chat/serve/bench/convert."""
     group = parser.add_argument_group("quantization")
-    group.add_argument("--quantize", choices=METHODS, default=None,
+    group.add_argument("--quantize", choices=METHODS + ("none",), default=None,
                        help="weight-only quantization at load: int8 per channel, or int4 in groups "
-                            "(GGUF files run in their own quantized formats without this flag)")
+                            "(GGUF files run in their own quantized formats without this flag; "
+                            "none dequantizes them to --dtype)")
     group.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
                        help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE})")
     group.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
                        help="keep the output head in the activation dtype")
 
 
-def quant_config_from_args(args: argparse.Namespace) -> QuantConfig | None:
-    """The QuantConfig the flags of `add_quantize_arguments` describe; raises ValueError on a bad mix."""
+def quant_config_from_args(args: argparse.Namespace) -> "QuantConfig | None | bool":
+    """What to pass as load_model(quantize=...) for the flags of `add_quantize_arguments`: a QuantConfig,
+    None (no flag) or False (--quantize none: dequantize). Raises ValueError on a bad mix."""
+    if getattr(args, "quantize", None) == "none":
+        if getattr(args, "group_size", None) is not None:
+            raise ValueError("--group-size applies to --quantize int4 only")
+        return False
     return resolve(getattr(args, "quantize", None), getattr(args, "group_size", None),
                    getattr(args, "quantize_head", True))
