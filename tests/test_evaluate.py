@@ -262,27 +262,41 @@ def test_command_json(smollm2, tmp_path, capsys):
     assert line.startswith("perplexity ") and "one pass through the cache" in line
 
 
+def quant_resolve():
+    try:
+        from mistral7b.quant import resolve
+    except ImportError:
+        return None
+    return resolve
+
+
 def test_command_passes_quantize_only_when_given(smollm2, tmp_path, monkeypatch, capsys):
-    """The loader gets quantize= / group_size= only when they are given, and an LLM that does not take
-    them gives a clear error instead of a TypeError."""
+    """The loader gets quantize= only when --quantize is given: the QuantConfig of mistral7b.quant; a build
+    without quantization, or an LLM that does not take the keyword, gives a clear error, not a TypeError."""
     import mistral7b.generate
 
     llm = smollm2[0]
     seen = []
 
-    class QuantizingLLM:  # stands in for a loader that takes the keywords, returning the loaded model
-        def __new__(cls, source, device=None, dtype=None, max_batch=8, max_seq_len=None, quantize=None,
-                    group_size=None):
-            seen.append(dict(source=source, quantize=quantize, group_size=group_size))
+    class QuantizingLLM:  # stands in for a loader that takes the keyword, returning the loaded model
+        def __new__(cls, source, device=None, dtype=None, max_batch=8, max_seq_len=None, **kwargs):
+            seen.append(kwargs)
             return llm
 
     f = tmp_path / "t.txt"
     f.write_text(TEXT.read_text()[:300])
     monkeypatch.setattr(mistral7b.generate, "LLM", QuantizingLLM)
-    assert cli_eval.run(parse(str(f), "--quantize", "int4", "--group-size", "64")) == 0
-    assert cli_eval.run(parse(str(f), "--quantize", "int8", "--json")) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["quantize"] == "int8"
-    assert seen == [dict(source=None, quantize="int4", group_size=64), dict(source=None, quantize="int8", group_size=None)]
+    assert cli_eval.run(parse(str(f), "--json")) == 0
+    assert seen == [{}] and json.loads(capsys.readouterr().out)["quantize"] is None
+    resolve = quant_resolve()
+    if resolve is None:
+        with pytest.raises(ValueError, match="--quantize is not supported by this build"):
+            cli_eval.run(parse(str(f), "--quantize", "int4", "--group-size", "64"))
+    else:
+        assert cli_eval.run(parse(str(f), "--quantize", "int4", "--group-size", "64", "--json")) == 0
+        assert cli_eval.run(parse(str(f), "--quantize", "int8", "--no-quantize-head")) == 0
+        assert seen[1:] == [{"quantize": resolve("int4", 64)}, {"quantize": resolve("int8", None, False)}]
+        assert json.loads(capsys.readouterr().out.splitlines()[0])["quantize"] == resolve("int4", 64).label
 
     class PlainLLM:
         def __new__(cls, source, device=None, dtype=None, max_batch=8, max_seq_len=None):
@@ -291,7 +305,6 @@ def test_command_passes_quantize_only_when_given(smollm2, tmp_path, monkeypatch,
     monkeypatch.setattr(mistral7b.generate, "LLM", PlainLLM)
     with pytest.raises(ValueError, match="--quantize is not supported by this build"):
         cli_eval.run(parse(str(f), "--quantize", "int8"))
-    assert cli_eval.run(parse(str(f))) == 0  # no keyword passed when not asked for
 
 
 def test_command_errors(tmp_path, capsys):
@@ -305,7 +318,8 @@ def test_command_errors(tmp_path, capsys):
         ((str(binary),), "b.txt: not UTF-8 text"),
         ((str(tmp_path),), "is a folder"),
         ((str(TEXT), "--stride", "8"), "--stride needs --context"),
-        ((str(TEXT), "--quantize", "int8", "--group-size", "64"), "--group-size applies to --quantize int4"),
+        ((str(TEXT), "--group-size", "64"), "--group-size and --no-quantize-head need --quantize"),
+        ((str(TEXT), "--no-quantize-head"), "--group-size and --no-quantize-head need --quantize"),
     ]:
         with pytest.raises(ValueError, match=message):
             cli_eval.run(parse(*argv))

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help="quantize the weights at load")
     p.add_argument("--group-size", type=_int_at_least(1), default=None, help="int4 group size (default: 128)")
+    p.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
+                   help="with --quantize: keep the output head in the activation dtype")
     p.add_argument("--context", type=_int_at_least(2), default=None,
                    help="strided mode: window length in tokens (default: score the whole text through the cache)")
     p.add_argument("--stride", type=_int_at_least(1), default=None,
@@ -60,23 +62,21 @@ def read_text(path: Path) -> str:
 
 
 def quantize_options(args) -> dict:
-    """The loader keywords for --quantize/--group-size, only those given; a clear error when this
-    build of the loader does not take them."""
+    """`{"quantize": QuantConfig}` for --quantize/--group-size/--no-quantize-head, or {} when none is
+    given (a GGUF then runs in its own formats); a clear error when this build cannot quantize."""
     from .generate import LLM
 
-    options = {}
-    if args.group_size is not None:
-        if args.quantize != "int4":
-            raise ValueError("--group-size applies to --quantize int4 only")
-        options["group_size"] = args.group_size
-    if args.quantize is not None:
-        options["quantize"] = args.quantize
-    accepted = inspect.signature(LLM).parameters
-    for key in options:
-        if key not in accepted:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{flag} is not supported by this build of mistral7b (its loader has no quantization)")
-    return options
+    if args.quantize is None:
+        if args.group_size is not None or not args.quantize_head:
+            raise ValueError("--group-size and --no-quantize-head need --quantize")
+        return {}
+    try:
+        from .quant import resolve
+    except ImportError:
+        resolve = None
+    if resolve is None or "quantize" not in inspect.signature(LLM).parameters:
+        raise ValueError("--quantize is not supported by this build of mistral7b (its loader has no quantization)")
+    return {"quantize": resolve(args.quantize, args.group_size, args.quantize_head)}
 
 
 def run(args) -> int:
@@ -92,9 +92,10 @@ def run(args) -> int:
     result = text_perplexity(llm, text, context=args.context, stride=args.stride, chunk_size=args.chunk_size,
                              batch_size=args.batch_size)
     if args.json:
+        quant = options.get("quantize")
         record = {"file": str(args.file), "model": str(llm.source), "device": str(llm.device),
-                  "dtype": str(llm.dtype).removeprefix("torch."), "quantize": args.quantize,
-                  "group_size": args.group_size, **result.to_dict()}
+                  "dtype": str(llm.dtype).removeprefix("torch."), "quantize": quant.label if quant else None,
+                  **result.to_dict()}
         print(json.dumps(record))
     else:
         how = "one pass through the cache" if result.mode == "cache" else (
