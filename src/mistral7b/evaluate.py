@@ -113,7 +113,10 @@ def perplexity(
     _check_positive("chunk_size", chunk_size)
     _check_positive("batch_size", batch_size)
     mode, context, stride, windows = plan(model, n, context, stride)
-    device = model.tok_embeddings.weight.device
+    # as the engine does: a parameter gives the device and the activation dtype (the norms' weights are
+    # never quantized, where the embedding table may be)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     ids = ids.to(device)
     started = time.perf_counter()
     scored = _Scores(keep_tokens)
@@ -121,8 +124,7 @@ def perplexity(
                disable=None if progress else True, leave=False, dynamic_ncols=True)
     with torch.inference_mode(), bar:
         for group in _groups(windows, batch_size if mode == "strided" else 1):
-            cache = KVCache(model.config, len(group), device, model.tok_embeddings.weight.dtype,
-                            max_seq_len=group[0].length)
+            cache = KVCache(model.config, len(group), device, dtype, max_seq_len=group[0].length)
             _score_group(model, cache, ids, group, chunk_size, scored, bar)
             bar.set_postfix(ppl=f"{math.exp(scored.nll_sum / max(scored.n, 1)):.4g}", refresh=False)
     seconds = time.perf_counter() - started
