@@ -5,7 +5,8 @@ windows of `--context` tokens every `--stride` (default: disjoint chunks of 512)
 the reference, the GGUF dequantized to `--reference-dtype` (today's load path):
 
 * `gguf`: the GGUF's own blocks run quantized (no flag); `int8`: int8 per channel of the dequantized
-  weights; `int4`: int4 in groups of 128. These need `mistral7b.quant` and are skipped without it.
+  weights; `int4`: int4 in groups of 128, or of 64 where 128 does not divide the widths (SmolLM2's
+  576 = 4.5 x 128); `int4-gN` asks for groups of N. These need `mistral7b.quant` and are skipped without it.
 * `llama.cpp` (with `--peer-python`, the python of a venv holding llama-cpp-python): the same windows
   of the same token ids, scored by llama.cpp (which also quantizes activations).
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mistral7b import Tokenizer
+from mistral7b import ModelLoadError, Tokenizer
 from mistral7b.default_model import default_model_path
 from mistral7b.engine import Engine
 from mistral7b.evaluate import perplexity, strided_windows
@@ -65,6 +66,21 @@ def load(variant: str, path: Path, device: str, dtype: torch.dtype):
 
     method, _, group = variant.partition("-g")
     return load_model(path, device, dtype, quantize=resolve(method, int(group) if group else None))
+
+
+def int4_group(config) -> int:
+    """128 (the target's group size) when it divides every input width, else the largest that does:
+    SmolLM2's width 576 is 4.5 x 128, so its int4 runs in groups of 64."""
+    for group in (128, 64, 32):
+        if config.dim % group == 0 and config.hidden_dim % group == 0 and (config.n_heads * config.head_dim) % group == 0:
+            return group
+    raise ValueError(f"no int4 group size of 128, 64 or 32 divides the widths of {config.name}")
+
+
+def open_config(path: Path):
+    from mistral7b.loading import open_checkpoint
+
+    return open_checkpoint(path).config
 
 
 def greedy(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -140,6 +156,9 @@ def print_table(rows: list[dict], reference: dict) -> None:
           f"free greedy equal tokens | common prefixes |\n|---|---|---|---|---|---|---|")
     print(f"| dequantized (reference) | {reference['dtype']} | {reference['ppl']:.4f} | - | - | - | - |")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | - | failed: {r['error']} | | | | |")
+            continue
         greedy_cell = f"{r['greedy_equal_tokens']}/{r['greedy_tokens']}" if "greedy_tokens" in r else "-"
         prefixes = ", ".join(map(str, r.get("greedy_common_prefix", []))) or "-"
         print(f"| {r['variant']} | {r['dtype']} | {r['ppl']:.4f} | {100 * r['ppl_change']:+.3f}% | "
@@ -153,7 +172,8 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--stride", type=int, default=None, help="default: the context (disjoint chunks)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="of gguf, int8, int4, int4-g32...")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="of gguf, int8, int4 (groups of 128, or the largest that divides the widths), int4-g32...")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="activations of the quantized variants")
     p.add_argument("--reference-dtype", default="float32")
@@ -172,7 +192,15 @@ def main() -> int:
     if variants and not has_quant():
         print(f"mistral7b.quant is not in this build: skipping {', '.join(variants)}")
         variants = []
-    rows = [compare(v, run_variant(v, args, path, tokenizer, ids, prompts), reference) for v in variants]
+    config = open_config(path)
+    variants = [f"int4-g{int4_group(config)}" if v == "int4" else v for v in variants]
+    rows = []
+    for v in variants:
+        try:
+            rows.append(compare(v, run_variant(v, args, path, tokenizer, ids, prompts), reference))
+        except (ValueError, ModelLoadError) as e:
+            print(f"{v}: cannot run ({e})")
+            rows.append({"variant": v, "error": str(e)})
     if args.peer_python:
         rows.append(compare("llama.cpp", run_peer(args, path, ids), reference))
     reference.pop("predictions")
