@@ -217,6 +217,12 @@ def test_lru_eviction_under_the_budget():
         hit = prefix.match(ids)
         assert hit.n_tokens == expect
         prefix.release(hit)
+    hit = prefix.match(z)
+    prefix.release(hit)
+    z_slots = [b.slot for b in hit.blocks]
+    assert z_slots[1] != z_slots[0] + 1  # z took y's slots in eviction order: restored by a gather
+    cache.reset()
+    assert _check_exact(model, prefix, cache, 0, z + _prompt(3)) == 2 * B
     cache.reset()
     assert _check_exact(model, prefix, cache, 0, y) == 2 * B  # y's evicted tail recomputed, exact
     _invariants(prefix)
