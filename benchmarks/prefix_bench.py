@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the smallest window, else 4096)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a loaded machine: "
+                   "a second thread waiting for a busy core makes each small copy take milliseconds)")
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -55,7 +57,8 @@ def build(args) -> tuple[Transformer, ModelConfig, torch.dtype]:
     config = SHAPES[args.preset] if args.preset in SHAPES else preset(args.preset)
     if args.window != "preset":
         config = config.with_(sliding_window=None if args.window == "none" else int(args.window))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    default_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
     model = model.to_empty(device=args.device).eval()
@@ -149,6 +152,8 @@ def block_costs(model, cache, prompt, chunk, block_size, device, runs):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, config, dtype = build(args)
     windows = [w for w in config.layer_windows() if w is not None]
