@@ -265,6 +265,15 @@ def test_counters_and_metrics():
     assert m["mistral7b:prefix_cache_usage_bytes"] == 5 * prefix.block_bytes
     assert m["mistral7b:prefix_cache_evictions"] == 0
     assert prefix.counters.requests == 2 and prefix.counters.hit_requests == 1
+    order = list(prefix.blocks)
+    assert prefix.peek(x) == 5 * B and prefix.peek(x[: 2 * B]) == B and prefix.peek(_prompt(3 * B)) == 0
+    assert prefix.metrics() == m and list(prefix.blocks) == order  # peek changes nothing
+    assert all(b.pins == 0 for b in prefix.blocks.values())
+    other = x[: 2 * B] + _prompt(3 * B)  # shares blocks 0 and 1 with x
+    assert prefix.waits_for(x, [(other, 0)]) and prefix.waits_for(x, [(other, 2 * B - 1)])
+    assert not prefix.waits_for(x, [(other, 2 * B)])  # computing block 2, which x does not share
+    assert not prefix.waits_for(x[: 2 * B], [(other, B)])  # restoring 2 blocks would leave x nothing to compute
+    assert not prefix.waits_for(x, [])
     # a block is 2 (K, V) x layers x kv heads x B x head_dim x 4 bytes
     assert prefix.block_bytes == 2 * 2 * 2 * B * 16 * 4
 
@@ -298,3 +307,71 @@ def test_bad_arguments_are_refused():
         model(torch.tensor([ids[6:16]]), torch.arange(6, 16)[None], cache, rows=slice(0, 1), kv_len=16)
     with pytest.raises(ValueError, match="too long for the prefix cache: at most 6 tokens from position 6"):
         prefix.store(0, ids, 6, 16)
+
+
+@torch.no_grad()
+def _burst(model, cache, prompts, budget, prefix=None):
+    """The integration guide's recipe, as a miniature of the engine's prefill loop: every request has a
+    row from the start; each step pushes up to `budget` prompt tokens, oldest first, rows at the same
+    offset in one forward; a request that has not started is looked up just before each group is
+    formed. Returns each prompt's last-token logits and the number of forwards."""
+    offset, looked_up, last, forwards = [0] * len(prompts), [False] * len(prompts), {}, 0
+    while len(last) < len(prompts):
+        left = budget
+        pending = [i for i in range(len(prompts)) if offset[i] < len(prompts[i])]
+        while pending and left > 0:
+            if prefix is not None:
+                busy = [(prompts[i], offset[i]) for i in range(len(prompts)) if 0 < offset[i] < len(prompts[i])]
+                held = {i for i in pending if not looked_up[i] and prefix.waits_for(prompts[i], busy)}
+                pending = [i for i in pending if i not in held]
+                for i in pending:
+                    if not looked_up[i] and prefix.peek(prompts[i]) > 0:
+                        offset[i], looked_up[i] = prefix.load(i, prompts[i]), True
+            if not pending:
+                break
+            start = offset[pending[0]]
+            n = min(left, len(prompts[pending[0]]) - start, prefix.max_chunk(start) if prefix else left)
+            group = []
+            for i in pending:
+                if offset[i] != start or len(prompts[i]) - start < n or len(group) == max(1, left // n):
+                    continue
+                if prefix is not None and not looked_up[i]:  # a miss: not alongside a request sharing its block
+                    if prefix.waits_for(prompts[i], [(prompts[j], start) for j in group]):
+                        continue
+                    assert prefix.load(i, prompts[i]) == 0
+                    looked_up[i] = True
+                group.append(i)
+            tokens = torch.tensor([prompts[i][start:start + n] for i in group])
+            logits = model(tokens, torch.arange(start, start + n).expand(len(group), -1), cache,
+                           rows=torch.tensor(group), kv_len=start + n, last_only=True)
+            forwards += 1
+            for j, i in enumerate(group):
+                if prefix is not None:
+                    prefix.store(i, prompts[i], start, start + n)
+                offset[i] += n
+                if offset[i] == len(prompts[i]):
+                    last[i] = logits[j, -1]
+            left -= n * len(group)
+            pending = [i for i in pending if i not in group and offset[i] < len(prompts[i])]
+    return torch.stack([last[i] for i in range(len(prompts))]), forwards
+
+
+def test_burst_of_requests_sharing_a_prefix_hits_with_lazy_lookup(model):
+    """Six requests admitted at once, sharing 1.5 W of prefix: the first computes it while the others
+    wait, the other five then restore all of it, and all six get the same logits and greedy tokens as
+    without the cache."""
+    shared = _prompt(W + W // 2 + 1)
+    prompts = [shared + _prompt(5) for _ in range(6)]
+    budget = 20
+    cache = KVCache(model.config, max_batch=6, max_seq_len=MAX_SEQ)
+    prefix = PrefixCache(cache, budget_bytes=10**7, block_size=B)
+    got, n_cached = _burst(model, cache, prompts, budget, prefix)
+    assert prefix.counters.hit_requests == 5 and prefix.counters.hits == 5 * (len(shared) // B * B)
+    ref_cache = KVCache(model.config, max_batch=6, max_seq_len=MAX_SEQ)
+    ref, n_plain = _burst(model, ref_cache, prompts, budget)
+    assert n_cached < n_plain
+    assert rel_err(got, ref) < 1e-5
+    rows = list(range(6))
+    tokens, _ = _greedy(model, cache, rows, prompts, got, 5)
+    ref_tokens, _ = _greedy(model, ref_cache, rows, prompts, ref, 5)
+    assert tokens == ref_tokens

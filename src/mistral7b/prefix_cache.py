@@ -25,8 +25,8 @@ Copy into the row, not share blocks by reference. Measured (benchmarks/prefix_be
   kernel, CUDA graphs), and a rolling buffer overwrites slot p % W as it decodes, so a shared block
   would need copy-on-write for the last W positions anyway.
 - A restore copies at most S positions per layer whatever the prefix length: for Mistral 7B (bf16,
-  W = 4096) at most 512 MiB read and written, about 0.25 ms at the H200's 4.3 TB/s, against about
-  115 ms to recompute 4096 tokens at 35.7k tok/s.
+  W = 4096) at most 512 MiB (1 GiB read and written), about 0.25 ms at the H200's 4.3 TB/s, against
+  about 115 ms to recompute 4096 tokens at 35.7k tok/s (the lead measures it with prefix_bench).
 
 Eviction. The stored blocks form a forest of prefixes: a block is stored only when its parent is
 stored, and only leaves are evicted (least recently used first). A hit touches its blocks leaf
@@ -38,27 +38,36 @@ Integration guide (the engine scheduler; everything runs on the engine thread, i
 
 1. Build once beside the KV cache: `prefix = PrefixCache(kv_cache, budget_bytes, block_size=64)`
    (`--prefix-cache-gib` x 2**30; `--no-prefix-cache`: build none).
-2. On admission, after giving the request a row: `n = prefix.load(row, prompt_ids)` (or `hit =
-   prefix.match(prompt_ids)` ... `prefix.restore(row, hit)`, and `prefix.release(hit)` if the
-   request is dropped in between: a hit pins its blocks against eviction until then). Set the
-   request's prefill offset to n (`n_prefilled = n`). n is a multiple of B and at most
-   len(prompt) - 1, so at least one prompt token is prefilled and gives the first token's logits.
-   `restore` rewrites the whole row, so the row needs no reset before it (a miss resets it).
+2. Look a request up when its first prefill chunk is about to be scheduled, not on admission: in a
+   burst of requests that share a prefix (all admitted in one step), the first one's prefill
+   stores the blocks and the others must look up after that, or they all miss. In the prefill
+   loop, before forming each group, for every pending request that has not started (no lookup
+   yet): hold it back (neither look it up nor schedule it) while `prefix.waits_for(prompt_ids,
+   [(q.prompt_ids, q.n_prefilled) for each request q mid-prefill or already in this group])`:
+   another request is computing a block it shares. Otherwise, if `prefix.peek(prompt_ids) > 0` (no
+   side effects), `n = prefix.load(row, prompt_ids)`: set its prefill offset to n (`n_prefilled =
+   n`) and mark it looked up. When a request joins a group at offset 0 without a hit, call
+   `prefix.load(row, prompt_ids)` once for it (returns 0, counts the miss, resets the row). n is a
+   multiple of B and at most len(prompt) - 1, so at least one prompt token is prefilled and gives
+   the first token's logits. `load` rewrites the whole row (no reset needed). `match` + `restore`
+   is the split form of `load`: a hit pins its blocks against eviction until restored, or until
+   `prefix.release(hit)` for a request dropped in between. tests/test_prefix_cache.py `_burst`
+   is this recipe in miniature.
 3. After every prefill chunk [start, end) of a row: `prefix.store(row, prompt_ids, start, end)`,
    before any later chunk or decode step writes that row. It copies out the blocks that are now
-   complete and not yet stored; a partial last block is not stored (the next chunk completes it
-   and stores it, provided its first positions are still in the row). The chunk length must be
-   at most `prefix.max_chunk(start)` = (smallest layer size S) - start % B, so that the oldest
-   incomplete block is still in the rolling buffer when the chunk completes it; block-aligned
-   chunk starts make that simply n <= W. `store` raises ValueError if a longer chunk lost
-   positions it needed. Rows prefilled together in one forward are stored one by one.
+   complete and not yet stored. A partial last block waits: the next chunk completes and stores
+   it, provided its first positions are still in the row; the prompt's own partial last block is
+   never stored. The chunk length must be at most `prefix.max_chunk(start)` = (smallest layer
+   size S) - start % B, so that the oldest incomplete block is still in the rolling buffer when the
+   chunk completes it (block-aligned chunk starts make that simply n <= W); `store` raises
+   ValueError if a longer chunk lost positions it needed. Rows prefilled together in one forward
+   are stored one by one.
 4. On finish or abort: nothing (blocks are read-only once stored and belong to the cache, not to
    requests); only a `match` not followed by `restore` must be released.
-5. Metrics for /metrics, counters unless noted (vLLM's names with our prefix), from
-   `prefix.metrics()`: `mistral7b:prefix_cache_queries` (prompt tokens looked up),
-   `mistral7b:prefix_cache_hits` (of those, tokens restored), `mistral7b:prefix_cache_stored_tokens`,
-   `mistral7b:prefix_cache_evictions` (blocks), and the gauges `mistral7b:prefix_cache_usage_bytes`
-   and `mistral7b:prefix_cache_capacity_bytes`.
+5. Metrics for /metrics from `prefix.metrics()` (vLLM's names with our prefix), counters:
+   `mistral7b:prefix_cache_queries` (prompt tokens looked up), `mistral7b:prefix_cache_hits` (of
+   those, tokens restored), `mistral7b:prefix_cache_stored_tokens`, `mistral7b:prefix_cache_evictions`
+   (blocks); gauges: `mistral7b:prefix_cache_usage_bytes`, `mistral7b:prefix_cache_capacity_bytes`.
 
 Stored tokens are prompt tokens only: generated tokens are not cached (a chat's next turn reuses
 the prompt part of its history, not the previous answer).
@@ -164,6 +173,22 @@ class PrefixCache:
         c.hits += n_tokens
         c.hit_requests += n_tokens > 0
         return PrefixHit(n_tokens, tuple(path))
+
+    def peek(self, prompt_ids: list[int]) -> int:
+        """How many tokens `match` would find now, with no side effect (no pins, counters or LRU touch)."""
+        n_blocks = (len(prompt_ids) - 1) // self.block_size
+        return len(self._cached_path(block_keys(prompt_ids, self.block_size, n_blocks))) * self.block_size
+
+    def waits_for(self, prompt_ids: list[int], others: list[tuple[list[int], int]]) -> bool:
+        """True when one of `others` (a request mid-prefill: its prompt ids and prefill offset) is now
+        computing a block that this prompt shares with it and could restore: starting this request
+        later, after that block is stored, saves recomputing it."""
+        B = self.block_size
+        for ids, offset in others:
+            end = (offset // B + 1) * B  # the end of the block that request is computing
+            if end <= len(ids) and end < len(prompt_ids) and prompt_ids[:end] == ids[:end]:
+                return True
+        return False
 
     def restore(self, row: int, hit: PrefixHit) -> int:
         """Write into `row` what a prefill of the hit's tokens would have left; return their number."""
