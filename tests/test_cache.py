@@ -162,3 +162,31 @@ def test_reset_makes_row_reusable(window):
         assert rel_err(out[0], model(torch.cat([first[0], nxt], 1))[0, -1:]) < 1e-5
     cache.reset()
     assert all(bool((layer.pos == -1).all()) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("window", [W, None, (W, None, 5)], ids=["rolling", "linear", "mixed"])
+def test_read_span_and_fill_row_reproduce_a_prefill(window):
+    """Copying a row's held positions out (read_span) and into another row (fill_row) leaves that row
+    exactly as the prefill left the first: same positions in the same slots, same K/V, and the next
+    chunk's logits equal."""
+    from mistral7b.cache import slot_ranges
+
+    assert slot_ranges(8, 5, 8) == [(5, 8)] and slot_ranges(8, 6, 13) == [(6, 8), (0, 5)]
+    with pytest.raises(ValueError, match="do not fit"):
+        slot_ranges(8, 0, 9)
+    model, _ = _model(window)
+    cache = KVCache(model.config, max_batch=2, max_seq_len=64)
+    T = 3 * W + 3
+    tokens = torch.randint(0, VOCAB, (1, T + 4))
+    _prefill(model, cache, tokens[:, :T], 7, rows=slice(0, 1))
+    cache.layers[0].pos[1] = 3  # stale contents in the target row
+    for layer in cache.layers:
+        start = max(0, T - layer.size)
+        k, v = layer.read_span(0, start, T)
+        assert k.shape == (2, T - start, 16)
+        layer.fill_row(1, start, k, v)
+        assert torch.equal(layer.pos[1], layer.pos[0])
+        held = layer.pos[0] >= 0
+        assert torch.equal(layer.k[1][:, held], layer.k[0][:, held]) and torch.equal(layer.v[1][:, held], layer.v[0][:, held])
+    nxt = _prefill(model, cache, tokens[:, T:], 4, rows=slice(1, 2), start=T)
+    assert rel_err(nxt, model(tokens)[:, T:]) < 1e-5

@@ -70,6 +70,39 @@ class LayerCache:
             buf[row_index, :, slots] = torch.where(keep[..., None, None], new, buf[row_index, :, slots])
         self.pos[row_index, slots] = torch.where(keep, q_pos, self.pos[row_index, slots])
 
+    def read_span(self, row: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """K and V [n_kv_heads, end - start, head_dim] of positions [start, end) of `row`, read from
+        their slots (views when the span does not wrap). The row must still hold them: a rolling
+        buffer keeps only the last `size` positions written."""
+        parts = [(self.k[row, :, a:b], self.v[row, :, a:b]) for a, b in slot_ranges(self.size, start, end)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+    def fill_row(self, row: int, start: int, k: Tensor, v: Tensor) -> None:
+        """Make `row` hold exactly positions [start, start + n) with these K and V [n_kv_heads, n, head_dim],
+        each in slot `p % size`, and every other slot empty: what a prefill of positions 0..start+n-1
+        leaves when `start = max(0, start + n - size)`."""
+        self.pos[row].fill_(-1)
+        offset = 0
+        for a, b in slot_ranges(self.size, start, start + k.shape[1]):
+            self.k[row, :, a:b].copy_(k[:, offset : offset + b - a])
+            self.v[row, :, a:b].copy_(v[:, offset : offset + b - a])
+            first = start + offset
+            self.pos[row, a:b].copy_(torch.arange(first, first + b - a, device=self.pos.device))
+            offset += b - a
+
+
+def slot_ranges(size: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The slot ranges [a, b) that positions [start, end) occupy in a buffer of `size` slots, in
+    position order: one range, or two when the span wraps round the end of the buffer."""
+    if not 0 <= start <= end or end - start > size:
+        raise ValueError(f"positions [{start}, {end}) do not fit in a buffer of {size} slots")
+    first = start % size
+    if first + end - start <= size:
+        return [(first, first + end - start)]
+    return [(first, size), (0, first + end - start - size)]
+
 
 class KVCache:
     """All layers' caches for up to `max_batch` sequences, preallocated once."""
