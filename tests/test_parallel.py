@@ -23,7 +23,7 @@ from mistral7b.cache import KVCache
 from mistral7b.engine import Engine
 from mistral7b.loading import load_model
 from mistral7b.parallel import TensorParallelError, check_world_size, launch, local_config
-from mistral7b.parallel.loading import load_shard
+from mistral7b.parallel.loading import gguf_table, load_shard
 
 W = 8  # sliding window of the random Mistral
 VOCAB = 97
@@ -125,21 +125,24 @@ def expected_shard(full: torch.nn.Module, rank: int, world: int) -> dict[str, to
     return out
 
 
-@pytest.mark.parametrize("fmt", ["hf", "mistral-safetensors", "mistral-pth", "gguf-q8_0"])
+@pytest.mark.parametrize("fmt", ["hf", "mistral-safetensors", "mistral-pth", "gguf-Q8_0", "gguf-Q4_1"])
 def test_each_rank_loads_its_slices(tiny, tmp_path, fmt):
     hf, path, _ = tiny
     if fmt.startswith("mistral"):
         path = write_mistral(hf, tmp_path / "m", fmt="safetensors" if fmt.endswith("safetensors") else "pth")
-    elif fmt == "gguf-q8_0":  # wo's split is block-aligned (64 = 2 x 32 columns), w2's is not (96 / 2 = 48)
-        path = write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    elif fmt.startswith("gguf"):  # wo's split is block-aligned (64 = 2 x 32 columns), w2's is not (96 / 2 = 48)
+        path = write_gguf(hf, tmp_path / "m.gguf", qtype=fmt.partition("-")[2])
     full = load_model(path)
+    # A spawned worker reads a GGUF through the tensor table that rank 0 parsed.
+    prepared = (path, full.config.to_dict(), gguf_table(path)) if fmt.startswith("gguf") else None
     for rank in range(2):
-        shard, config = load_shard(path, rank, 2)
-        assert config == full.config and shard.config == local_config(full.config, 2)
-        got, want = shard.state_dict(), expected_shard(full, rank, 2)
-        assert got.keys() == want.keys()
-        for name in want:
-            assert torch.equal(got[name], want[name]), (fmt, rank, name)
+        for how in [None] + [prepared] * (prepared is not None):
+            shard, config = load_shard(path, rank, 2, prepared=how)
+            assert config == full.config and shard.config == local_config(full.config, 2)
+            got, want = shard.state_dict(), expected_shard(full, rank, 2)
+            assert got.keys() == want.keys()
+            for name in want:
+                assert torch.equal(got[name], want[name]), (fmt, rank, name, how is None)
 
 
 # ------------------------------------------------------------------------ two ranks, random Mistral
@@ -206,11 +209,11 @@ class TestThreeRanks:
 
     @torch.no_grad()
     def test_default_model_three_ranks(self, default_model, tp3, monkeypatch):
-        tokens = torch.randint(0, default_model.config.vocab_size, (1, 40))
+        tokens = torch.randint(0, default_model.config.vocab_size, (1, 24))
         assert rel_err(tp3(tokens), default_model(tokens)) < 1e-5
-        prompts = [tokens[0, :n].tolist() for n in (17, 9)]
-        want = greedy(Engine(default_model, None, max_batch=2, chunk_size=6), prompts, 6)
-        got = greedy(tp_engine(tp3, monkeypatch, max_batch=2, chunk_size=6), prompts, 6)
+        prompts = [tokens[0, :n].tolist() for n in (9, 5)]
+        want = greedy(Engine(default_model, None, max_batch=2, chunk_size=4), prompts, 4)
+        got = greedy(tp_engine(tp3, monkeypatch, max_batch=2, chunk_size=4), prompts, 4)
         assert got == want
 
     def test_dead_rank_fails_the_request_and_stops_the_others(self, tp3, monkeypatch):

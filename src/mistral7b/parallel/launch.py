@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..config import ModelLoadError
 from ..loading import open_checkpoint
-from .loading import load_shard
+from .loading import gguf_table, load_shard
 from .runtime import DTYPES, Link, TensorParallelModel, Worker
 from .shard import check_world_size, install_collectives
 
@@ -47,6 +47,7 @@ class LaunchSpec:
     head: str
     timeout_s: float
     threads: int | None
+    prepared: tuple | None = None  # a GGUF's (path, config dict, tensor table), parsed once by rank 0
 
     def device(self, local_rank: int) -> torch.device:
         if self.device_type == "cuda":
@@ -76,7 +77,7 @@ def load_everywhere(spec: LaunchSpec, link: Link):
     shard = config = error = None
     try:
         shard, config = load_shard(spec.source, link.rank, spec.world, dist.group.WORLD, link.device,
-                                   DTYPES[spec.dtype], spec.head)
+                                   DTYPES[spec.dtype], spec.head, spec.prepared if link.rank else None)
         install_collectives(shard, dist.group.WORLD)
     except ModelLoadError as e:
         error = str(e)
@@ -143,8 +144,11 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
     if threads is None and device.type == "cpu":
         threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
     folder = tempfile.mkdtemp(prefix="mistral7b-tp-")
+    prepared = None
+    if checkpoint.path.is_file():  # GGUF
+        prepared = (str(checkpoint.path), checkpoint.config.to_dict(), gguf_table(checkpoint.path))
     spec = LaunchSpec(str(source), tensor_parallel_size, Path(folder, "store").as_uri(), device.type,
-                      device.index or 0, DTYPES.index(dtype), head, timeout_s, threads)
+                      device.index or 0, DTYPES.index(dtype), head, timeout_s, threads, prepared)
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, args=(spec, r, r, os.getpid()), name=f"mistral7b-tp{r}")
                  for r in range(1, tensor_parallel_size)]

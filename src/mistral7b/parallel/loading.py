@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -85,10 +86,34 @@ def _gguf_tensor(t, part: Slice | None) -> torch.Tensor:
     return _cut(tensor, whole_rows).contiguous() if whole_rows is not None else tensor
 
 
-def _gguf(path: Path, plan) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_table(path: Path) -> list[tuple[str, int, tuple[int, ...], int, int]]:
+    """Where each tensor of a GGUF file lies: (name, type, dims, offset, bytes). Parsing a header with
+    a large vocabulary takes seconds in Python, so rank 0 parses it once and hands the table on."""
     from ..loading import gguf as gguf_format
 
-    for t in gguf_format.read(path).tensors:
+    return [(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
+            for t in gguf_format.read(path).tensors]
+
+
+def _mapped_tensors(path: Path, table) -> Iterator[SimpleNamespace]:
+    """The table's tensors as the gguf reader would give them (name, type, dims, mapped data)."""
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    for name, code, dims, offset, n_bytes in table:
+        qtype = gguf.GGMLQuantizationType(code)
+        shape = tuple(reversed(dims))
+        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype)
+        if dtype is None:
+            dtype, shape = np.uint8, quant_shape_to_byte_shape(shape, qtype)
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(n_bytes,)).view(dtype).reshape(shape)
+        yield SimpleNamespace(name=name, tensor_type=qtype, shape=dims, data=data)
+
+
+def _gguf(path: Path, plan, table=None) -> Iterator[tuple[str, torch.Tensor]]:
+    from ..loading import gguf as gguf_format
+
+    for t in gguf_format.read(path).tensors if table is None else _mapped_tensors(path, table):
         name = gguf_format.to_canonical(t.name)
         try:
             tensor = _gguf_tensor(t, plan(name))
@@ -97,13 +122,13 @@ def _gguf(path: Path, plan) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-def _raw_slices(checkpoint: Checkpoint, plan) -> Iterator[tuple[str, torch.Tensor]]:
+def _raw_slices(checkpoint: Checkpoint, plan, table) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, this rank's slice) in the checkpoint's own q/k row order."""
     from ..loading import hf
 
     path = checkpoint.path
     if path.is_file():  # only GGUF checkpoints are single files
-        return _gguf(path, plan)
+        return _gguf(path, plan, table)
     if (path / "params.json").is_file():
         if (path / "consolidated.safetensors").is_file():
             return _safetensors([path / "consolidated.safetensors"], str, plan)
@@ -114,9 +139,16 @@ def _raw_slices(checkpoint: Checkpoint, plan) -> Iterator[tuple[str, torch.Tenso
     return _safetensors(files, hf.to_canonical, plan)
 
 
-def shard_checkpoint(source, rank: int, world: int, head: str = "replicated") -> tuple[Checkpoint, ModelConfig]:
-    """Rank `rank`'s checkpoint (local config, its slices) and the full model's config."""
-    full = open_checkpoint(source)
+def shard_checkpoint(source, rank: int, world: int, head: str = "replicated",
+                     prepared: tuple[Path, dict, list] | None = None) -> tuple[Checkpoint, ModelConfig]:
+    """Rank `rank`'s checkpoint (local config, its slices) and the full model's config.
+
+    `prepared` (path, config dict, GGUF table) from rank 0 spares a worker parsing a GGUF header."""
+    if prepared is not None:
+        path, config_dict, table = prepared
+        full = Checkpoint(Path(path), ModelConfig.from_dict(config_dict), None, len(table))
+    else:
+        full, table = open_checkpoint(source), None
     config = full.config
     check_world_size(config, world, head)
     local = local_config(config, world)
@@ -125,7 +157,7 @@ def shard_checkpoint(source, rank: int, world: int, head: str = "replicated") ->
     heads = {"attention.wq.weight": local.n_heads, "attention.wk.weight": local.n_kv_heads}
 
     def tensors():
-        for name, tensor in _raw_slices(full, plan):
+        for name, tensor in _raw_slices(full, plan, table):
             n = heads.get(name.partition(".")[2].partition(".")[2])
             if interleaved and n is not None and tensor.shape[0] == n * config.head_dim:
                 tensor = interleaved_to_half(tensor, n)  # per head, so a slice of whole heads converts alone
@@ -136,11 +168,12 @@ def shard_checkpoint(source, rank: int, world: int, head: str = "replicated") ->
     return Checkpoint(full.path, local, tensors(), full.n_tensors), config
 
 
-def load_shard(source, rank: int, world: int, group=None, device=None, dtype=None, head: str = "replicated"):
+def load_shard(source, rank: int, world: int, group=None, device=None, dtype=None, head: str = "replicated",
+               prepared=None):
     """This rank's Transformer shard (collectives not yet installed) and the full config.
 
     With `head="vocab"` the shard's `output` becomes a VocabParallelHead holding 1/N of the rows."""
-    checkpoint, config = shard_checkpoint(source, rank, world, head)
+    checkpoint, config = shard_checkpoint(source, rank, world, head, prepared)
     if head == "replicated":
         return _assemble(checkpoint, device, dtype), config
     head_rows: list[torch.Tensor] = []
