@@ -184,6 +184,20 @@ class TestTwoRanks:
         assert got == want
         assert len(set(map(tuple, want))) > 1  # the prompts lead somewhere different
 
+    @torch.no_grad()
+    def test_compiled_decode_matches_one_process(self, tiny, tp2):
+        """Every rank traces its decode step with the all-reduces inside one graph (dynamo's eager
+        backend here: inductor takes a minute per rank on two cores; the GPU run uses CUDA graphs)."""
+        ref = tiny[2]
+        caches = (tp2.new_cache(tp2.config, 2), KVCache(ref.config, 2))
+        step = tp2.compile_decode(caches[0], mode=None, backend="eager")
+        tokens = torch.randint(0, VOCAB, (2, W + 3))
+        for i in range(tokens.shape[1]):  # past the window: the rolling buffer wraps
+            positions = torch.tensor([[i], [max(i - 2, -1)]])  # row 1 starts later (-1: an idle row)
+            got = step(tokens[:, i : i + 1], positions, i + 1)
+            want = ref(tokens[:, i : i + 1], positions, caches[1], rows=slice(0, 2), kv_len=i + 1)
+            assert rel_err(got, want) < 1e-5
+
 
 # ----------------------------------------------------------------- three ranks, the default model
 

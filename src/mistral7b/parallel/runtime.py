@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from ..cache import KVCache
 from ..config import ModelConfig
 
-OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN = 1, 2, 3, 4
+OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN, OP_COMPILE, OP_DECODE = 1, 2, 3, 4, 5, 6
 HEADER_LEN = 10
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPILE_MODES = (None, "reduce-overhead", "default", "max-autotune")
+BACKENDS = ("inductor", "eager", "aot_eager")
 
 
 class TensorParallelError(RuntimeError):
@@ -107,12 +109,26 @@ def reset_rows(cache: KVCache, start: int, stop: int) -> None:
     cache.reset(slice(start, None if stop < 0 else stop))
 
 
+def compiled_decode(shard: nn.Module, cache: KVCache, mode: str | None, backend: str):
+    """One rank's decode step over all of `cache`'s rows, compiled as the engine compiles its own:
+    fixed cache addresses (so CUDA graphs update them in place), the all-reduces traced into the graph."""
+    for layer in cache.layers:
+        for t in (layer.k, layer.v, layer.pos):
+            torch._dynamo.mark_static_address(t)
+
+    def decode(tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        return shard(tokens, positions, cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
+
+    return torch.compile(decode, mode=mode, backend=backend, fullgraph=True)
+
+
 class Worker:
     """A rank other than 0: executes rank 0's commands on its shard until told to stop."""
 
     def __init__(self, link: Link, shard: nn.Module):
         self.link, self.shard = link, shard
         self.caches: dict[int, KVCache] = {}
+        self.decoders: dict[int, object] = {}
 
     @torch.no_grad()
     def serve(self) -> None:
@@ -132,6 +148,15 @@ class Worker:
                 )
             elif op == OP_RESET:
                 reset_rows(self.caches[header[1]], header[2], header[3])
+            elif op == OP_DECODE:
+                _, batch, kv_len, cache_id = header[:4]
+                payload = self.link.receive_payload(2 * batch)
+                self.decoders[cache_id](payload[:batch].view(batch, 1), payload[batch:].view(batch, 1), kv_len)
+            elif op == OP_COMPILE:
+                _, cache_id, mode, backend = header[:4]
+                self.decoders[cache_id] = compiled_decode(
+                    self.shard, self.caches[cache_id], COMPILE_MODES[mode], BACKENDS[backend]
+                )
             else:
                 raise RuntimeError(f"unknown tensor-parallel command {op}")
 
@@ -171,6 +196,24 @@ class TensorParallelModel(nn.Module):
         with self.collective("allocating a cache"):
             self.link.send([OP_NEW_CACHE, cache_id, max_batch, max_seq_len or -1, DTYPES.index(dtype)])
             return ShardedKVCache(self, cache_id, self.shard.config, max_batch, device, dtype, max_seq_len)
+
+    def compile_decode(self, cache: ShardedKVCache, mode: str | None = None, backend: str = "inductor"):
+        """A compiled decode step `(tokens [B, 1], positions [B, 1], kv_len) -> logits` over all of
+        `cache`'s rows. Every rank compiles its own shard's step (CUDA graphs with mode
+        "reduce-overhead"); each call sends the inputs, then replays rank 0's."""
+        if mode not in COMPILE_MODES or backend not in BACKENDS:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES} and backend one of {BACKENDS}")
+        with self.collective("compiling the decode step"):
+            self.link.send([OP_COMPILE, cache.cache_id, COMPILE_MODES.index(mode), BACKENDS.index(backend)])
+            local = compiled_decode(self.shard, cache, mode, backend)
+
+        def decode(tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+            payload = torch.cat([tokens.reshape(-1), positions.reshape(-1)])
+            with self.collective("a decode step"):
+                self.link.send([OP_DECODE, tokens.shape[0], int(kv_len), cache.cache_id], payload)
+                return local(tokens, positions, kv_len)
+
+        return decode
 
     @contextlib.contextmanager
     def collective(self, what: str):
