@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import ModelLoadError
+from ..config import ModelConfig, ModelLoadError
 from ..loading import open_checkpoint
-from .loading import gguf_table, load_shard
+from .loading import gguf_table, load_shard, random_shard
 from .runtime import DTYPES, Link, TensorParallelModel, Worker
 from .shard import check_world_size, install_collectives
 
@@ -48,6 +48,7 @@ class LaunchSpec:
     timeout_s: float
     threads: int | None
     prepared: tuple | None = None  # a GGUF's (path, config dict, tensor table), parsed once by rank 0
+    random_config: dict | None = None  # random weights at this shape instead of a checkpoint
 
     def device(self, local_rank: int) -> torch.device:
         if self.device_type == "cuda":
@@ -76,8 +77,11 @@ def load_everywhere(spec: LaunchSpec, link: Link):
     """Every rank loads its shard; a failure on any rank is raised on all of them (ModelLoadError)."""
     shard = config = error = None
     try:
-        shard, config = load_shard(spec.source, link.rank, spec.world, dist.group.WORLD, link.device,
-                                   DTYPES[spec.dtype], spec.head, spec.prepared if link.rank else None)
+        args = (link.rank, spec.world, dist.group.WORLD, link.device, DTYPES[spec.dtype], spec.head)
+        if spec.random_config is not None:
+            shard, config = random_shard(ModelConfig.from_dict(spec.random_config), *args)
+        else:
+            shard, config = load_shard(spec.source, *args, spec.prepared if link.rank else None)
         install_collectives(shard, dist.group.WORLD)
     except ModelLoadError as e:
         error = str(e)
@@ -126,6 +130,7 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
            head: str = "replicated", timeout_s: float = 120.0, threads: int | None = None) -> TensorParallelModel:
     """Load `source` sharded over `tensor_parallel_size` ranks; return rank 0's model.
 
+    `source` is a checkpoint (as for `load_model`), or a ModelConfig for random weights (benchmarks).
     `timeout_s` bounds every collective after start-up (NCCL's watchdog or gloo's own timeout);
     `head` is "replicated" or "vocab" (the output projection split by vocabulary). On CPU each
     spawned worker uses `threads` torch threads (default: the cores shared out evenly)."""
@@ -134,21 +139,25 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
-    checkpoint = open_checkpoint(source)  # bad paths and formats fail here, before any process starts
-    check_world_size(checkpoint.config, tensor_parallel_size, head)
+    random_config = source.to_dict() if isinstance(source, ModelConfig) else None
+    config = source if random_config is not None else None
+    if config is None:
+        checkpoint = open_checkpoint(source)  # bad paths and formats fail here, before any process starts
+        config = checkpoint.config
+    check_world_size(config, tensor_parallel_size, head)
     if dist.is_initialized() and _torchrun_world() is None:
         raise RuntimeError("a tensor-parallel model is already running in this process; close() it first")
     world = _torchrun_world()
     if world is not None:
-        return _join_torchrun(str(source), world, tensor_parallel_size, device, dtype, head, timeout_s)
+        return _join_torchrun(str(source), world, tensor_parallel_size, device, dtype, head, timeout_s, random_config)
     if threads is None and device.type == "cpu":
         threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
     folder = tempfile.mkdtemp(prefix="mistral7b-tp-")
     prepared = None
-    if checkpoint.path.is_file():  # GGUF
+    if random_config is None and checkpoint.path.is_file():  # GGUF
         prepared = (str(checkpoint.path), checkpoint.config.to_dict(), gguf_table(checkpoint.path))
     spec = LaunchSpec(str(source), tensor_parallel_size, Path(folder, "store").as_uri(), device.type,
-                      device.index or 0, DTYPES.index(dtype), head, timeout_s, threads, prepared)
+                      device.index or 0, DTYPES.index(dtype), head, timeout_s, threads, prepared, random_config)
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, args=(spec, r, r, os.getpid()), name=f"mistral7b-tp{r}")
                  for r in range(1, tensor_parallel_size)]
@@ -195,11 +204,12 @@ def _torchrun_world() -> int | None:
     return None
 
 
-def _join_torchrun(source, world, tensor_parallel_size, device, dtype, head, timeout_s):
+def _join_torchrun(source, world, tensor_parallel_size, device, dtype, head, timeout_s, random_config):
     if world != tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size {tensor_parallel_size} differs from torchrun's WORLD_SIZE {world}")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    spec = LaunchSpec(source, world, "env://", device.type, 0, DTYPES.index(dtype), head, timeout_s, None)
+    spec = LaunchSpec(source, world, "env://", device.type, 0, DTYPES.index(dtype), head, timeout_s, None,
+                      random_config=random_config)
     if rank == 0:
         return _start_rank0(spec, [], lambda: None)
     worker_main(spec, rank, local_rank, parent=None)  # never returns: a worker's script ends with the model
