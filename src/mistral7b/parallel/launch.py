@@ -31,6 +31,7 @@ from .shard import check_world_size, install_collectives
 
 # Workers wait for the next command this long; a dead rank fails the wait at once (closed socket).
 IDLE_TIMEOUT = timedelta(days=365)
+START_TIMEOUT = timedelta(minutes=10)
 ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
@@ -40,7 +41,7 @@ class LaunchSpec:
 
     source: str
     world: int
-    init_method: str
+    store_path: str | None  # the FileStore of spawned ranks; None under torchrun (env://)
     device_type: str
     device_index: int
     dtype: int  # index into runtime.DTYPES
@@ -60,17 +61,45 @@ def set_environment() -> None:
     os.environ.update(ENVIRONMENT)
 
 
-def connect(spec: LaunchSpec, rank: int, local_rank: int) -> Link:
+def connect(spec: LaunchSpec, rank: int, local_rank: int, processes=()) -> Link:
+    """Join the default group (NCCL or gloo, collectives under the launch timeout) and the command group.
+
+    Spawned ranks meet through a FileStore; rank 0 first waits for every worker to check in, for up
+    to START_TIMEOUT (importing torch on a busy machine takes a while), and fails at once if one exits."""
     device = spec.device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    rendezvous: dict = {"init_method": "env://"}
+    if spec.store_path is not None:
+        store = dist.FileStore(spec.store_path, spec.world)
+        store.set_timeout(START_TIMEOUT)
+        store.set(f"started/{rank}", "1")
+        if rank == 0:
+            _wait_for_workers(store, processes)
+        rendezvous = {"store": store}
     dist.init_process_group(
-        backend, init_method=spec.init_method, rank=rank, world_size=spec.world,
-        timeout=timedelta(seconds=spec.timeout_s), device_id=device if device.type == "cuda" else None,
+        backend, rank=rank, world_size=spec.world, timeout=timedelta(seconds=spec.timeout_s),
+        device_id=device if device.type == "cuda" else None, **rendezvous,
     )
     commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return Link(rank, spec.world, device, commands)
+    return Link(rank, spec.world, device, commands, spec.timeout_s)
+
+
+def _wait_for_workers(store, processes) -> None:
+    keys = [f"started/{rank}" for rank in range(1, len(processes) + 1)]
+    deadline = time.monotonic() + START_TIMEOUT.total_seconds()
+    while True:
+        try:
+            store.wait(keys, timedelta(seconds=1))
+            return
+        except RuntimeError:  # not yet: check that every worker still runs
+            for rank, process in enumerate(processes, 1):
+                if process.exitcode is not None:
+                    raise RuntimeError(f"tensor-parallel rank {rank} exited with code {process.exitcode} "
+                                       "while starting (its error is above)") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel ranks did not start within {START_TIMEOUT}") from None
 
 
 def load_everywhere(spec: LaunchSpec, link: Link):
@@ -156,7 +185,7 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
     prepared = None
     if random_config is None and checkpoint.path.is_file():  # GGUF
         prepared = (str(checkpoint.path), checkpoint.config.to_dict(), gguf_table(checkpoint.path))
-    spec = LaunchSpec(str(source), tensor_parallel_size, Path(folder, "store").as_uri(), device.type,
+    spec = LaunchSpec(str(source), tensor_parallel_size, str(Path(folder, "store")), device.type,
                       device.index or 0, DTYPES.index(dtype), head, timeout_s, threads, prepared, random_config)
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, args=(spec, r, r, os.getpid()), name=f"mistral7b-tp{r}")
@@ -169,11 +198,11 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
 
 def _start_rank0(spec: LaunchSpec, processes, cleanup) -> TensorParallelModel:
     try:
-        link = connect(spec, 0, 0)
+        link = connect(spec, 0, 0, processes)
     except Exception as e:
-        _stop_all(processes, cleanup)
-        raise RuntimeError(f"tensor-parallel ranks did not start within {spec.timeout_s:.0f}s "
-                           f"({type(e).__name__}); worker exit codes: {[p.exitcode for p in processes]}") from None
+        _stop_all(processes, cleanup, wait=0)
+        raise RuntimeError(str(e) if "tensor-parallel" in str(e) else
+                           f"tensor-parallel ranks could not connect ({type(e).__name__}: {e})") from None
     try:
         shard, config = load_everywhere(spec, link)
     except ModelLoadError:
@@ -185,9 +214,9 @@ def _start_rank0(spec: LaunchSpec, processes, cleanup) -> TensorParallelModel:
     return model
 
 
-def _stop_all(processes, cleanup) -> None:
+def _stop_all(processes, cleanup, wait: float = 10) -> None:
     for p in processes:
-        p.join(timeout=10)
+        p.join(timeout=wait)
         if p.is_alive():
             p.kill()
             p.join()
@@ -208,7 +237,7 @@ def _join_torchrun(source, world, tensor_parallel_size, device, dtype, head, tim
     if world != tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size {tensor_parallel_size} differs from torchrun's WORLD_SIZE {world}")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    spec = LaunchSpec(source, world, "env://", device.type, 0, DTYPES.index(dtype), head, timeout_s, None,
+    spec = LaunchSpec(source, world, None, device.type, 0, DTYPES.index(dtype), head, timeout_s, None,
                       random_config=random_config)
     if rank == 0:
         return _start_rank0(spec, [], lambda: None)

@@ -16,6 +16,7 @@ down and every later call raises `TensorParallelError`.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Link:
     world: int
     device: torch.device
     commands: object  # a gloo ProcessGroup
+    timeout_s: float  # of every collective but the workers' wait for the next command
 
     def send(self, header: list[int], payload: Tensor | None = None) -> None:
         dist.broadcast(torch.tensor(header + [0] * (HEADER_LEN - len(header))), 0, group=self.commands)
@@ -241,7 +243,10 @@ class TensorParallelModel(nn.Module):
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             return (f"tensor-parallel rank {rank} of {self.link.world} (pid {process.pid}) {how} during {what}; "
                     "the model has been shut down, load it again")
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0])  # gloo's source path
+        if "timed out" in reason.lower():
+            return (f"a tensor-parallel rank did not answer within {self.link.timeout_s:g}s during {what}; "
+                    "the model has been shut down, load it again")
         return (f"tensor parallelism failed during {what} ({type(error).__name__}: {reason}); "
                 "the model has been shut down, load it again")
 
