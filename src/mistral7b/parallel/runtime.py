@@ -269,6 +269,10 @@ class TensorParallelModel(nn.Module):
                 process.kill()
                 process.join()
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if not graceful and self.link.device.type == "cuda" and abort is not None:
+                abort()  # NCCL work queued with a dead peer would make a plain destroy wait for it
+            else:
+                dist.destroy_process_group()
         if self._on_close is not None:
             self._on_close()
