@@ -93,6 +93,8 @@ class Attention(nn.Module):
         self.window = window
         self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Tensor parallelism (mistral7b.parallel) swaps in an all-reduce of the ranks' partial sums.
+        self.reduce: nn.Module = nn.Identity()
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache) -> Tensor:
         batch, t, _ = x.shape
@@ -109,7 +111,7 @@ class Attention(nn.Module):
             # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
             k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len)
             out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo)
-        return self.wo(out.transpose(1, 2).reshape(batch, t, q_size))
+        return self.reduce(self.wo(out.transpose(1, 2).reshape(batch, t, q_size)))
 
 
 class FeedForward(nn.Module):
@@ -119,9 +121,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.reduce: nn.Module = nn.Identity()  # an all-reduce under tensor parallelism
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(swiglu(self.w13(x)))
+        return self.reduce(self.w2(swiglu(self.w13(x))))
 
 
 @fused

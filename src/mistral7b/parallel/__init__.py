@@ -1,0 +1,12 @@
+"""Tensor parallelism over torch.distributed: one model split over several GPUs (or CPU processes).
+
+`launch(source, tensor_parallel_size=N)` starts the ranks and returns rank 0's `TensorParallelModel`,
+which the engine drives like a `Transformer` (its caches come from `model.new_cache`).
+"""
+
+from .launch import launch
+from .runtime import ShardedKVCache, TensorParallelError, TensorParallelModel
+from .shard import check_world_size, local_config
+
+__all__ = ["launch", "TensorParallelModel", "ShardedKVCache", "TensorParallelError", "check_world_size",
+           "local_config"]
