@@ -129,8 +129,9 @@ def backend(request):
     return tok, ll_tokenizer(tok, tok.vocab_size)
 
 
-def random_logit_samples(tok, ll, params, rows, steps=60):
-    """Sample `rows` outputs from random logits under the constraint; decoded by the tokenizer itself."""
+def random_logit_samples(tok, ll, params, rows, steps=60, decode=True):
+    """Sample `rows` outputs from random logits under the constraint; decoded by the tokenizer itself
+    (token ids if not `decode`)."""
     gen = torch.Generator().manual_seed(SEED)
     constraints = [Constraint.from_params(params, ll) for _ in range(rows)]
     sampler = SamplerBatch(rows, tok.vocab_size, torch.device("cpu"))
@@ -151,7 +152,7 @@ def random_logit_samples(tok, ll, params, rows, steps=60):
         if all(done):
             break
     assert all(done) and all(c.is_accepting() for c in constraints)
-    return [tok.decode(ids) for ids in out]
+    return [tok.decode(ids) if decode else ids for ids in out]
 
 
 def test_backends_decode_valid_json(backend):
