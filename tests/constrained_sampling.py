@@ -13,7 +13,6 @@ from mistral7b.sampling import SamplerBatch, SamplingParams, sample
 from mistral7b.structured import Constraint, allocate_bitmask, fill_bitmask, ll_tokenizer
 from mistral7b.tokenizer import Tokenizer
 
-MAX_SEQ = 192
 
 
 @dataclass
@@ -34,10 +33,10 @@ class SmolLM:
         self.ll = ll_tokenizer(self.tokenizer, self.vocab)
         self._prompts = {}
 
-    def _prefill(self, prompt_ids: list[int]):
-        key = tuple(prompt_ids)
+    def _prefill(self, prompt_ids: list[int], max_seq: int):
+        key = (tuple(prompt_ids), max_seq)
         if key not in self._prompts:
-            cache = KVCache(self.model.config, 1, "cpu", torch.float32, MAX_SEQ)
+            cache = KVCache(self.model.config, 1, "cpu", torch.float32, max_seq)
             n = len(prompt_ids)
             with torch.inference_mode():
                 logits = self.model(torch.tensor([prompt_ids]), torch.arange(n)[None], cache, slice(0, 1), n,
@@ -50,8 +49,9 @@ class SmolLM:
         """One sample of the prompt per entry of `row_params`, all rows decoded as one batch (rows
         without a constraint get an all-ones bitmask row)."""
         rows = len(row_params)
-        base, first_logits = self._prefill(prompt_ids)
-        cache = KVCache(self.model.config, rows, "cpu", torch.float32, MAX_SEQ)
+        max_seq = len(prompt_ids) + max(p.max_tokens for p in row_params) + 1
+        base, first_logits = self._prefill(prompt_ids, max_seq)
+        cache = KVCache(self.model.config, rows, "cpu", torch.float32, max_seq)
         for src, dst in zip(base.layers, cache.layers):
             dst.k[:], dst.v[:], dst.pos[:] = src.k[0], src.v[0], src.pos[0]
         sampler = SamplerBatch(rows, self.vocab, torch.device("cpu"))
