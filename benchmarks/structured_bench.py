@@ -178,32 +178,36 @@ def gpu_decode(model, tok, ll, args, constrained: bool) -> float:
     constraints = [Constraint.from_params(params, ll) for _ in range(batch)] if constrained else []
     host_mask = allocate_bitmask(batch, vocab)
     index, rows = torch.arange(batch, device=device), list(range(batch))
-    host_tokens = torch.empty(batch, dtype=torch.long, pin_memory=True)
+    cuda = device.type == "cuda"
+    host_tokens = torch.empty(batch, dtype=torch.long, pin_memory=cuda)
     with torch.inference_mode():
         logits = model(prompt, torch.arange(args.prompt_len, device=device).expand(batch, -1), cache,
                        slice(0, batch), args.prompt_len, last_only=True)[:, -1]
         if constrained:
             fill_bitmask(host_mask, [(c, r) for r, c in enumerate(constraints)])
         tokens = sample(logits, sampler, rows, index, bitmask=host_mask.to(device) if constrained else None)
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         for step in range(args.steps):
-            host_tokens.copy_(tokens, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            host_tokens.copy_(tokens, non_blocking=cuda)
+            ready = torch.cuda.Event() if cuda else None
+            if cuda:
+                ready.record()
             pos = args.prompt_len + step
             logits = model(tokens[:, None], torch.full((batch, 1), pos, device=device), cache, slice(0, batch),
                            pos + 1)[:, -1]  # queued; the host works on the mask meanwhile
             mask = None
             if constrained:
-                ready.synchronize()  # step t-1's tokens only, not this forward
+                if cuda:
+                    ready.synchronize()  # step t-1's tokens only, not this forward
                 for c, t in zip(constraints, host_tokens.tolist()):
                     if not c.consume(t) or c.is_stopped():
                         c.matcher.reset()
                 fill_bitmask(host_mask, [(c, r) for r, c in enumerate(constraints)])
                 mask = host_mask.to(device, non_blocking=True)
             tokens = sample(logits, sampler, rows, index, bitmask=mask)
-        torch.cuda.synchronize()
+        sync()
     return batch * args.steps / (time.perf_counter() - t0)
 
 
@@ -214,6 +218,8 @@ def gpu_section(args, results):
     tok = Tokenizer.from_file(args.tokenizer)
     ll = ll_tokenizer(tok, tok.vocab_size)
     config = preset(args.preset)
+    if args.tiny:  # a smoke test of the loop itself, e.g. on CPU
+        config = config.with_(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = Transformer(config).to(torch.bfloat16).eval()
@@ -224,7 +230,7 @@ def gpu_section(args, results):
         for constrained in (False, True):
             figures.setdefault(constrained, []).append(gpu_decode(model, tok, ll, args, constrained))
     free, masked = statistics.median(figures[False]), statistics.median(figures[True])
-    results["gpu"] = {"device": torch.cuda.get_device_name(), "preset": args.preset, "batch": args.batch,
+    results["gpu"] = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device, "preset": args.preset, "batch": args.batch,
                       "unconstrained_tok_s": free, "constrained_tok_s": masked, "ratio": masked / free,
                       "runs": {"unconstrained": figures[False], "constrained": figures[True]}}
     print(f"GPU {args.preset} batch {args.batch}: unconstrained {free:.0f} tok/s, constrained {masked:.0f} tok/s "
@@ -242,13 +248,15 @@ def main():
     p.add_argument("--tokenizer", default=None, help="SentencePiece/tokenizer.json for the GPU run (vocab of the preset)")
     p.add_argument("--compare-xgrammar", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="decode comparison at a tiny shape (smoke test)")
+    p.add_argument("--decode", action="store_true", help="run the decode comparison on a CPU device too")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     results = {"torch": torch.__version__, "cpu": {}}
     if not args.skip_cpu:
         cpu_section(args, results)
-    if torch.device(args.device).type == "cuda":
+    if torch.device(args.device).type == "cuda" or args.decode:
         if not args.tokenizer:
             p.error("--device cuda needs --tokenizer (e.g. mistral_common/data/tokenizer.model.v1 for mistral-7b-v0.1)")
         gpu_section(args, results)

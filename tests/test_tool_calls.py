@@ -303,18 +303,15 @@ def test_required_call_with_the_default_model(smollm):
     torch.manual_seed(SEED)
     tok = smollm.tokenizer
     prompt = tok.apply_chat_template(hermes_messages([{"role": "user", "content": "Book a table for two at 19:30."}], TOOLS))
-    rows = [SamplingParams(grammar=required_call_grammar(TOOLS, "hermes", parallel=False), temperature=1.0, max_tokens=64)
+    rows = [SamplingParams(grammar=required_call_grammar(TOOLS, "hermes", parallel=False), temperature=1.0, max_tokens=80)
             for _ in range(4)]
-    rows += [SamplingParams(grammar=required_call_grammar(TOOLS, "hermes", name="get_weather"), temperature=1.0,
-                            max_tokens=64) for _ in range(2)]
+    rows += [SamplingParams(grammar=required_call_grammar(TOOLS, "hermes", name="get_weather", parallel=False),
+                            temperature=1.0, max_tokens=80) for _ in range(2)]
     for n, out in enumerate(smollm.sample(prompt, rows)):
         assert out.finish_reason == "stop", (SEED, out.text)
         content, calls = parse_tool_calls(out.text, "hermes")
         assert content is None and calls, (SEED, out.text)
-        if n < 4:
-            assert len(calls) == 1
-        else:
-            assert all(c["function"]["name"] == "get_weather" for c in calls)
+        assert len(calls) == 1 and (n < 4 or calls[0]["function"]["name"] == "get_weather")
         for c in calls:
             validate_call(c)
         stream_decoder, parser, deltas = tok.decoder(), StreamingToolParser("hermes"), []
@@ -325,6 +322,14 @@ def test_required_call_with_the_default_model(smollm):
         message = accumulate(deltas + last)
         assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
                [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    # The parallel grammar takes two blocks; the single-call one does not.
+    two = render("hermes", [("get_weather", {"city": "Rome", "days": 2}), ("get_weather", {"city": "Oslo", "days": 3})])
+    for parallel in (True, False):
+        from mistral7b.structured import Constraint
+
+        c = Constraint.from_params(SamplingParams(grammar=required_call_grammar(TOOLS, "hermes", parallel=parallel)),
+                                   smollm.ll)
+        assert (all(c.consume(t) for t in tok.encode(two)) and c.is_accepting()) == parallel
 
 
 def test_required_call_grammar_mistral_format():
