@@ -28,6 +28,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    # Structured outputs (at most one; see structured.py): a JSON schema (dict or JSON text), a regex,
+    # a Lark or GBNF grammar, or a list of strings the output must be one of.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -53,6 +59,14 @@ class SamplingParams:
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("; ".join(problems))
+        if self.constrained:
+            from .structured import validate_params
+
+            validate_params(self)  # StructuredOutputError (a ValueError) naming what does not compile
+
+    @property
+    def constrained(self) -> bool:
+        return any(x is not None for x in (self.json_schema, self.regex, self.grammar, self.choice))
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +99,7 @@ class SamplerBatch:
     seen: Tensor = field(init=False)  # [rows, vocab] prompt or generated, for the repetition penalty
     generators: dict = field(init=False)
     penalised: set = field(init=False)  # rows with any penalty on, known on the host
+    filtering: set = field(init=False)  # rows with top-k, top-p or min-p on, known on the host
 
     def __post_init__(self):
         f = lambda v: torch.full((self.n_rows,), v, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -95,6 +110,7 @@ class SamplerBatch:
         self.seen = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
         self.generators = {}
         self.penalised = set()
+        self.filtering = set()
 
     def assign(self, row: int, params: SamplingParams, prompt_ids: list[int]) -> None:
         self.temperature[row], self.top_p[row], self.top_k[row] = params.temperature, params.top_p, params.top_k
@@ -107,6 +123,8 @@ class SamplerBatch:
             self.seen[row, ids.to(self.device)] = True
         neutral = params.repetition_penalty == 1.0 and params.presence_penalty == 0 and params.frequency_penalty == 0
         (self.penalised.discard if neutral else self.penalised.add)(row)
+        unfiltered = params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0
+        (self.filtering.discard if unfiltered else self.filtering.add)(row)
         self.generators.pop(row, None)
         if params.seed is not None:
             self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -152,23 +170,41 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, greedy_only: bool = False) -> Tensor:
+def apply_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
+    """Logits with the tokens whose bit is 0 in `bitmask` [rows, ceil(vocab/32)] (int32, bit j of
+    word w is token 32w+j, llguidance's layout) set to -inf. Plain tensor ops: runs on any device."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
+    if allowed.shape[-1] < logits.shape[-1]:  # a mask narrower than the logits forbids the rest
+        allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[-1]))
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, greedy_only: bool = False,
+           bitmask: Tensor | None = None) -> Tensor:
     """Choose one token per row of `logits` [len(rows), vocab] (float32). Greedy rows take the argmax.
 
     `index` is `rows` already on the device (a host-to-device copy here would stall the GPU queue
     every step); `greedy_only` (known on the host) skips the sampling work when every row is greedy.
+    `bitmask` (on the logits' device, one row per row of `logits`) restricts each row to the tokens
+    its grammar allows (structured.py); it applies after the penalties and before every filter.
     """
     if batch.penalised.intersection(rows):  # most steps have none: skip five [rows, vocab] passes
         logits = apply_penalties(
             logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index],
             batch.seen[index],
         )
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     greedy = logits.argmax(-1)
     if greedy_only:
         batch.record(index, greedy)
         return greedy
     temperature = batch.temperature[index]
-    filtered = filter_logits(logits, temperature, batch.top_k[index], batch.top_p[index], batch.min_p[index])
+    if batch.filtering.intersection(rows):
+        filtered = filter_logits(logits, temperature, batch.top_k[index], batch.top_p[index], batch.min_p[index])
+    else:  # temperature only: the same logits without a [rows, vocab] sort
+        filtered = logits / temperature.clamp(min=1e-5)[:, None]
     sampled = (filtered.softmax(-1) / batch.noise(rows)).argmax(-1)
     tokens = torch.where(temperature > 0, sampled, greedy)
     batch.record(index, tokens)
