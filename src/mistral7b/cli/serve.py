@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..server.settings import API_KEY_ENV, DEFAULT_MAX_QUEUE
-from .common import CLIError, load_llm, port_number, positive_int
+from .common import add_quantize_options, CLIError, load_llm, port_number, positive_int
 
 NAME = "serve"
 HELP = "OpenAI-compatible HTTP server"
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting before the server answers 429")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
+    add_quantize_options(p)
 
 
 def run(args) -> int:
