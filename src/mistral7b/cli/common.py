@@ -217,7 +217,9 @@ def error_message(e: BaseException) -> str:
     from ..config import ModelLoadError
 
     text = one_line(e)
-    if isinstance(e, ModelLoadError) and "download" not in text:
+    if isinstance(e, ModelLoadError) and "group size" in text:
+        text += "; pick a --group-size that divides it"
+    elif isinstance(e, ModelLoadError) and "download" not in text:
         text += ("; --model takes an HF or Mistral checkpoint folder, a .gguf file, or a hub id "
                  "downloaded with `huggingface-cli download`")
     elif isinstance(e, FileNotFoundError):
