@@ -93,3 +93,25 @@ def test_convert_quantize_round_trip(hf_folder, tmp_path):
         torch.testing.assert_close(loaded(ids), direct(ids), rtol=0, atol=0)
     line = one_error_line(run("convert", hf_folder, tmp_path / "x", "--to", "quantized"))
     assert "needs --quantize" in line
+
+
+def test_bench_peer_table(capsys, tmp_path):
+    """The table with synthetic figures: the best peer is the largest of HF default, HF compiled, gpt-fast."""
+    import random
+    from types import SimpleNamespace
+
+    from mistral7b.bench import print_table
+    from mistral7b.cli import build_parser
+
+    hf, hfc, gf, ours = (random.uniform(10, 900) for _ in range(4))
+    results = {"device": "card", "torch": "t", "transformers": "x", "date": "d", "ours": {"decode_b1_tok_s": ours},
+               "hf": {"decode_b1_tok_s": hf}, "hf_compiled": {"decode_b1_tok_s": hfc},
+               "peers": {"gpt-fast": {"tok_s_with_prefill": gf}}}
+    print_table(results, SimpleNamespace(prompt_len=128, new_tokens=256, batch=8, prefill="", context=16384))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| decode b1"))
+    best = max(hf, hfc, gf)
+    assert f"{ours / best:.2f}x" in row.split("|")[-2]
+    args = build_parser().parse_args(["bench", "--peer", "gpt-fast", str(tmp_path)])
+    assert args.peer == ["gpt-fast", str(tmp_path)]
+    line = one_error_line(run("bench", "--peer", "gpt-fast", tmp_path))
+    assert "not a gpt-fast folder" in line
