@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import CLIError, add_sampling_arguments, load_llm, note, print_json, sampling_params, timings_of
+from .common import add_quantize_options, CLIError, add_sampling_arguments, load_llm, note, print_json, sampling_params, timings_of
 
 NAME = "generate"
 HELP = "stream a completion to stdout"
@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object: text, token ids, finish_reason, timings (prefill/decode tok/s)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed on stderr at the end")
     add_sampling_arguments(p)
+    add_quantize_options(p)
 
 
 def parse_token_ids(text: str) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..server.settings import API_KEY_ENV, DEFAULT_MAX_QUEUE
-from .common import CLIError, device_of, load_llm, port_number, positive_int
+from .common import CLIError, add_quantize_options, device_of, load_llm, port_number, positive_int
 
 # A modest default budget: on CUDA 1 GiB holds 2 x 4096 positions of Mistral 7B's KV in bf16 (128 KiB a
 # token), i.e. a few long system prompts; on CPU 0.25 GiB is 8k tokens of SmolLM2-135M's fp32 KV (30 KiB a
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting before the server answers 429")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
+    add_quantize_options(p)
 
 
 def non_negative_float(text: str) -> float:
