@@ -58,7 +58,10 @@ def prefix_cache_gib(args) -> float:
         return 0.0
     if args.prefix_cache_gib is not None:
         return args.prefix_cache_gib
-    return DEFAULT_PREFIX_GIB["cuda" if device_of(args).type == "cuda" else "cpu"]
+    from ..utils import default_device
+
+    device = device_of(args) or default_device()  # None: the LLM's own default
+    return DEFAULT_PREFIX_GIB["cuda" if device.type == "cuda" else "cpu"]
 
 
 def run(args) -> int:
