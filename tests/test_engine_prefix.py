@@ -39,8 +39,11 @@ def _cached(path, gib=0.01, **options):
 
 
 def _prompts(prefix_len, suffix_lens):
+    """A shared prefix and fresh suffixes that start with different tokens, so the prompts share
+    exactly the prefix (random suffixes could share their first tokens by chance)."""
     prefix = torch.randint(0, VOCAB, (prefix_len,)).tolist()
-    return [prefix + torch.randint(0, VOCAB, (n,)).tolist() for n in suffix_lens]
+    firsts = torch.randperm(VOCAB)[: len(suffix_lens)].tolist()
+    return [prefix + [first] + torch.randint(0, VOCAB, (n - 1,)).tolist() for first, n in zip(firsts, suffix_lens)]
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)

@@ -46,6 +46,13 @@ def _prompt(n):
     return [random.randrange(VOCAB) for _ in range(n)]
 
 
+def _branches(shared, *lengths):
+    """`shared` + a fresh suffix of each length. The suffixes start with different tokens, so the
+    prompts share exactly `shared` (random suffixes could share their first tokens by chance)."""
+    firsts = random.sample(range(VOCAB), len(lengths))
+    return [shared + ([first] + _prompt(n - 1) if n else []) for first, n in zip(firsts, lengths)]
+
+
 @torch.no_grad()
 def _prefill(model, cache, row, ids, start=0, chunk=5, prefix=None):
     """Feed ids[start:] into `row` in chunks (clamped to what the prefix cache allows), storing after
@@ -116,7 +123,7 @@ def _invariants(prefix: PrefixCache):
                          ids=["mid-window", "1.5W", "shorter-than-block", "longer-than-2W"])
 def test_shared_prefix_is_exact(model, prefix_len, expect):
     shared = _prompt(prefix_len)
-    a, b = shared + _prompt(9), shared + _prompt(7)
+    a, b = _branches(shared, 9, 7)
     cache = KVCache(model.config, max_batch=3, max_seq_len=MAX_SEQ)
     prefix = PrefixCache(cache, budget_bytes=10**7, block_size=B)
     assert _check_exact(model, prefix, cache, 2, a) == 0  # cold: nothing cached
@@ -140,8 +147,9 @@ def test_chunk_sizes_when_storing_and_after_restore(model, chunk):
     shared = _prompt(3 * W + 2)
     cache = KVCache(model.config, max_batch=2, max_seq_len=MAX_SEQ)
     prefix = PrefixCache(cache, budget_bytes=10**7, block_size=B)
-    _check_exact(model, prefix, cache, 0, shared + _prompt(3), chunk=chunk)
-    assert _check_exact(model, prefix, cache, 1, shared + _prompt(5), chunk=chunk) == 3 * W
+    first, second = _branches(shared, 3, 5)
+    _check_exact(model, prefix, cache, 0, first, chunk=chunk)
+    assert _check_exact(model, prefix, cache, 1, second, chunk=chunk) == 3 * W
 
 
 def test_concurrent_hits_on_one_prefix(model):
@@ -149,8 +157,8 @@ def test_concurrent_hits_on_one_prefix(model):
     shared = _prompt(W + W // 2 + 3)
     cache = KVCache(model.config, max_batch=3, max_seq_len=MAX_SEQ)
     prefix = PrefixCache(cache, budget_bytes=10**7, block_size=B)
-    _prefill(model, cache, 0, shared + _prompt(2), prefix=prefix)
-    prompts = [shared + _prompt(4), shared + _prompt(4)]
+    stored, *prompts = _branches(shared, 2, 4, 4)
+    _prefill(model, cache, 0, stored, prefix=prefix)
     hits = [prefix.match(p) for p in prompts]  # both pinned at once
     assert all(b.pins == 2 for b in hits[0].blocks) and hits[0].blocks == hits[1].blocks
     L = [prefix.restore(row, hit) for row, hit in zip((1, 2), hits)]
@@ -174,8 +182,7 @@ def test_random_prompt_pairs_against_no_cache(data):
     block = data.draw(st.sampled_from([b for b in (2, 3, 4, 8) if b <= smallest]))
     model = _MODELS.setdefault(window, _model(window))
     shared = _prompt(data.draw(st.integers(0, 3 * W)))
-    a = shared + _prompt(data.draw(st.integers(1, 10)))
-    b = shared + _prompt(data.draw(st.integers(0, 10)))
+    a, b = _branches(shared, data.draw(st.integers(1, 10)), data.draw(st.integers(0, 10)))
     b = b or _prompt(1)
     cache = KVCache(model.config, max_batch=2, max_seq_len=MAX_SEQ)
     block_bytes = PrefixCache(cache, 0, block).block_bytes
@@ -201,7 +208,7 @@ def test_lru_eviction_under_the_budget():
     prefix = PrefixCache(cache, budget_bytes=budget, block_size=B)
     assert prefix.capacity == 6
     shared = _prompt(2 * B)
-    x, y, z = shared + _prompt(2 * B + 1), shared + _prompt(2 * B + 1), _prompt(2 * B + 1)
+    (x, y), z = _branches(shared, 2 * B + 1, 2 * B + 1), _prompt(2 * B + 1)
     for ids in (x, y):
         cache.reset()
         _prefill(model, cache, 0, ids, prefix=prefix)
@@ -361,7 +368,7 @@ def test_burst_of_requests_sharing_a_prefix_hits_with_lazy_lookup(model):
     wait, the other five then restore all of it, and all six get the same logits and greedy tokens as
     without the cache."""
     shared = _prompt(W + W // 2 + 1)
-    prompts = [shared + _prompt(5) for _ in range(6)]
+    prompts = _branches(shared, *[5] * 6)
     budget = 20
     cache = KVCache(model.config, max_batch=6, max_seq_len=MAX_SEQ)
     prefix = PrefixCache(cache, budget_bytes=10**7, block_size=B)

@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
+from .utils import slice_or_index
 
 DEFAULT_BLOCK_SIZE = 64
 
@@ -221,7 +222,7 @@ class PrefixCache:
             start = max(0, L - layer.size)
             first = start // B
             if first not in slots:
-                slots[first] = self._pool_slots([b.slot for b in hit.blocks[first:]])
+                slots[first] = slice_or_index([b.slot for b in hit.blocks[first:]], self.pool.device)
             where = slots[first]
             kv = self.pool[i][:, :, where] if isinstance(where, slice) else self.pool[i].index_select(2, where)
             kv = kv.reshape(2, self.n_kv_heads, -1, self.head_dim)[:, :, start - first * B :]  # a view for a slice
@@ -321,19 +322,6 @@ class PrefixCache:
         """Most recently used, leaf first: a parent ends up more recent than each of its children."""
         for block in reversed(path):
             self.blocks.move_to_end(block.key)
-
-    def _pool_slots(self, slots: list[int]) -> slice | torch.Tensor:
-        """A slice when the slots are consecutive (the usual case: blocks stored together sit side by
-        side, and reading them is a view), else an index tensor for a gather."""
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            return slice(slots[0], slots[0] + len(slots))
-        return self._index(slots)
-
-    def _index(self, values: list[int]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.long)
-        if self.pool.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.pool.device, non_blocking=True)
 
     @property
     def used_bytes(self) -> int:

@@ -171,13 +171,13 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
 
 
 def apply_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
-    """Logits with the tokens whose bit is 0 in `bitmask` [rows, ceil(vocab/32)] (int32, bit j of
-    word w is token 32w+j, llguidance's layout) set to -inf. Plain tensor ops: runs on any device."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
-    if allowed.shape[-1] < logits.shape[-1]:  # a mask narrower than the logits forbids the rest
-        allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[-1]))
-    return logits.masked_fill(~allowed, float("-inf"))
+    """Logits with the tokens whose bit is 0 in `bitmask` [rows, ceil(vocab/32)] (int32, llguidance's
+    layout) set to -inf; tokens past the mask's width are forbidden too. The caller's logits are kept."""
+    from llguidance.torch import apply_token_bitmask_inplace
+
+    masked = logits.clone()
+    apply_token_bitmask_inplace(masked, bitmask)
+    return masked
 
 
 def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, greedy_only: bool = False,

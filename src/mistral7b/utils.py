@@ -1,4 +1,5 @@
-"""Small shared facts: the one dtype table, `resolve_dtype`, the default device, and the one GGUF detector."""
+"""Small shared facts: the one dtype table, `resolve_dtype`, the default device, the one GGUF detector, and
+host-to-device index copies."""
 
 from __future__ import annotations
 
@@ -74,3 +75,18 @@ def is_gguf(path: str | Path) -> bool:
         return True
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints to `device` without a stream sync (pinned memory, non-blocking copy)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def slice_or_index(values: list[int], device: torch.device) -> slice | torch.Tensor:
+    """A slice when `values` are consecutive (indexing is then a view), else an index tensor on `device`."""
+    if values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return to_device(values, device)

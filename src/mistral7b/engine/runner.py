@@ -16,6 +16,7 @@ import torch
 from ..cache import KVCache
 from ..model import Transformer
 from ..sampling import SamplerBatch, sample, top_logprobs
+from ..utils import slice_or_index, to_device
 from .request import Request
 from .scheduler import PrefillChunk
 
@@ -126,17 +127,11 @@ class ModelRunner:
         return DecodeGroup(decoding, steps, tokens, ready, tokens_t, positions_t), logprobs
 
     def to_device(self, values: list[int]) -> torch.Tensor:
-        """Host ints to the device without a stream sync (pinned memory, non-blocking copy)."""
-        host = torch.tensor(values, dtype=torch.long)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return to_device(values, self.device)
 
     def rows(self, rows: list[int]) -> slice | torch.Tensor:
         """Cache rows as a slice when they are consecutive (a view), else as an index tensor."""
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            return slice(rows[0], rows[0] + len(rows))
-        return self.to_device(rows)
+        return slice_or_index(rows, self.device)
 
     def kv_len(self, needed: int) -> int:
         """Compiled graphs are recorded per kv_len, so round it up to the next of 256, 384, 512, 768,
