@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..sampling import SamplingParams
 from ..tokenizer.chat import ROLE_ALIASES, ROLES
@@ -33,10 +33,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments object as JSON text")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal[ROLES + tuple(ROLE_ALIASES)]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
 
     def to_dict(self) -> dict:
         """The message as the tokenizer's chat formats take it: plain text content, canonical role."""
@@ -48,7 +61,54 @@ class ChatMessage(_Strict):
         d = {"role": ROLE_ALIASES.get(self.role, self.role), "content": content}
         if self.name is not None:
             d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
         return d
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_of(self) -> dict | None:
+        """The JSON schema the output must follow (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+        return self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -74,6 +134,9 @@ class SamplingRequest(_Strict):
     min_p: float | None = Field(None, ge=0, le=1, description="extension")
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (HF style)")
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrain the output")
+    # A grammar set by the server itself (tool_choice "required" or a named function), never by the client.
+    _grammar: str | None = PrivateAttr(None)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -106,7 +169,15 @@ class SamplingRequest(_Strict):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             ignore_eos=self.ignore_eos,
+            **self.constraint(),
         )
+
+    def constraint(self) -> dict:
+        """SamplingParams' structured-output field for response_format or the server's tool grammar."""
+        if self._grammar is not None:
+            return {"grammar": self._grammar}
+        schema = self.response_format.schema_of() if self.response_format is not None else None
+        return {} if schema is None else {"json_schema": schema}
 
 
 class CompletionRequest(SamplingRequest):
@@ -133,6 +204,10 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     safe_prompt: bool = Field(False, description="extension: prepend Mistral's guardrail system prompt")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: 'auto' with tools, else 'none'")
+    parallel_tool_calls: bool = True
 
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -140,7 +215,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---- responses -------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ErrorDetail(BaseModel):
@@ -233,9 +308,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -255,9 +342,24 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call: its index, id, type and name first, then argument fragments (index only)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):
