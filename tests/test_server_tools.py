@@ -32,7 +32,7 @@ TOOLS = [{"type": "function", "function": {"name": "book_table", "description": 
 PARAMETERS = {"book_table": BOOK, "get_weather": WEATHER}
 ASK = [{"role": "user", "content": "Book a table for two at 19:30 for Ann."}]
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
-          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0}}}
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,33 @@ def test_bad_tool_and_format_requests_are_400s(client):
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(openai.BadRequestError, match="tool_choice needs"):
         client.chat.completions.create(model=MODEL, messages=ASK, tool_choice="required", max_tokens=5)
+
+
+# ---- the request path on Mistral's own tokenizers (no model: the prompt and grammar only) ------------
+
+
+def _request(**fields):
+    return protocol.ChatCompletionRequest.model_validate({"model": MODEL, **fields})
+
+
+def test_mistral_v3_request_renders_token_exact_and_v1_is_refused():
+    from types import SimpleNamespace
+
+    from mistral7b.server import tools
+    from mistral7b.server.errors import APIError
+    from mistral7b.tokenizer import Tokenizer
+    from test_tool_calls import V1, V3, mistral_common_ids
+
+    call = {"id": "Zx9Yw8Vu7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 3}'}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Oslo weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "Zx9Yw8Vu7", "content": '{"t": -2}'},
+                {"role": "user", "content": "And tomorrow?"}]
+    body = _request(messages=messages, tools=TOOLS, tool_choice="required")
+    llm = SimpleNamespace(tokenizer=Tokenizer.from_file(V3))
+    plan = tools.plan(llm, body)
+    assert plan.fmt == "mistral" and plan.marker_id == llm.tokenizer.token_to_id("[TOOL_CALLS]")
+    assert body.constraint()["grammar"].startswith(f"start: <[{plan.marker_id}]>")
+    assert tools.prompt_ids(llm, body, plan.tools) == mistral_common_ids(messages, TOOLS)
+    with pytest.raises(APIError, match="v1"):
+        tools.plan(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), _request(messages=ASK, tools=TOOLS))

@@ -37,7 +37,7 @@ class ToolPlan:
 
 def uses_tools(body: ChatCompletionRequest) -> bool:
     """Whether the request needs the tool path: tools, or calls and results in its history."""
-    return bool(body.tools) or any(m.tool_calls or m.role == "tool" for m in body.messages)
+    return bool(body.tools) or body.tool_choice is not None or any(m.tool_calls or m.role == "tool" for m in body.messages)
 
 
 def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
@@ -45,7 +45,7 @@ def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
     tok = llm.tokenizer
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
-    if choice != "none" and not tools:
+    if choice not in ("none", "auto") and not tools:
         raise APIError(400, "tool_choice needs 'tools'", param="tool_choice")
     if tok is None:
         raise APIError(400, "this checkpoint has no tokenizer, so it has no chat format for tools", param="tools")
