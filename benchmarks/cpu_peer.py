@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -85,7 +86,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def print_table(rows: dict, peer: dict | None, args) -> None:
     print(f"\n{platform.processor() or platform.machine()} | {args.threads} threads | torch {torch.__version__} | "
-          f"{args.new_tokens} new greedy tokens | median of {args.runs}")
+          f"{args.new_tokens} new greedy tokens | median of {args.runs} | load average {args.load_before} before, "
+          f"{os.getloadavg()[0]:.1f} after (other jobs on the machine skew both engines)")
     print("| engine | load s | first token s | decode tok/s | decode vs llama.cpp | same tokens as llama.cpp |")
     print("|---|---|---|---|---|---|")
     if peer:
@@ -114,6 +116,7 @@ def main() -> int:
     from mistral7b.default_model import default_model_path
 
     torch.set_num_threads(args.threads)
+    args.load_before = f"{os.getloadavg()[0]:.1f}"
     path = args.model or default_model_path()
     prompt = Tokenizer.from_source(path).encode(PROMPT, bos=True)
     peer = run_peer(path, prompt, args) if args.peer_python else None
@@ -124,7 +127,8 @@ def main() -> int:
     print_table(rows, peer, args)
     if args.json:
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": str(path), "threads": args.threads,
-                                         "torch": torch.__version__, "llama_cpp": peer, "ours": rows}, indent=2))
+                                         "torch": torch.__version__, "load_average_before": args.load_before,
+                                         "load_average_after": os.getloadavg()[0], "llama_cpp": peer, "ours": rows}, indent=2))
     return 0
 
 

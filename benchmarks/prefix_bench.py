@@ -7,7 +7,12 @@ is prefilled whole (a miss, storing its blocks after each chunk) and every promp
 from the cache and only its unique tail prefilled, rows batched the same way. The last-token logits of
 both runs are compared (relative error, greedy next token).
 
+`--engine`: the same workload through the Engine (all prompts arrive at once, each generates
+`--max-tokens` greedy tokens), with and without `prefix_cache_gib`: time to first token (p50, max),
+wall time, and whether the greedy tokens are equal.
+
 H200: python benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --json prefix.json
+      python benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 64 --max-tokens 128
       python benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --prefix-len 6000   (prefix longer than W)
 CPU:  python benchmarks/prefix_bench.py --preset smollm2-135m --window 512 --prefix-len 1024 --suffix-len 64 \
           --n-prompts 8 --device cpu
@@ -49,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a loaded machine: "
                    "a second thread waiting for a busy core makes each small copy take milliseconds)")
+    p.add_argument("--engine", action="store_true", help="measure TTFT through the Engine instead")
+    p.add_argument("--max-tokens", type=int, default=1, help="--engine: greedy tokens per request")
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -150,12 +157,59 @@ def block_costs(model, cache, prompt, chunk, block_size, device, runs):
             "restore_ms_per_copied_block": 1e3 * restore_s / copied, "block_bytes": prefix.block_bytes}
 
 
+@torch.no_grad()
+def engine_run(model, prompts, args, prefix_gib: float) -> dict:
+    """All prompts added at once and stepped to completion; TTFT of each, wall time, and the tokens."""
+    from mistral7b.engine import Engine
+    from mistral7b.sampling import SamplingParams
+
+    length = len(prompts[0]) + args.max_tokens + 1
+    engine = Engine(model, None, max_batch=len(prompts), chunk_size=args.chunk, prefill_budget=args.chunk,
+                    max_seq_len=length, prefix_cache_gib=prefix_gib, prefix_block_size=args.block_size)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    sync(args.device)
+    t0 = time.perf_counter()
+    requests = [engine.add(p, params) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    sync(args.device)
+    wall = time.perf_counter() - t0
+    ttft = sorted(r.first_token_time - r.arrival_time for r in requests)
+    out = {"wall_s": wall, "ttft_p50_s": statistics.median(ttft), "ttft_max_s": ttft[-1],
+           "output_tok_per_s": len(prompts) * args.max_tokens / wall, "tokens": [r.output_ids for r in requests]}
+    if engine.prefix is not None:
+        out["hit_tokens"], out["query_tokens"] = engine.prefix.counters.hits, engine.prefix.counters.queries
+    return out
+
+
+def engine_main(args, model, prompts) -> dict:
+    cache_bytes = KVCache(model.config, 1, args.device, next(model.parameters()).dtype, len(prompts[0]) + 1).nbytes()
+    budget_gib = 2 * len(prompts) * cache_bytes / 2**30  # room for every prompt's blocks
+    base = engine_run(model, prompts, args, 0.0)
+    cached = engine_run(model, prompts, args, budget_gib)
+    results = {"mode": "engine", "prefix_cache_gib": budget_gib,
+               **{f"{k}_without": v for k, v in base.items() if k != "tokens"},
+               **{f"{k}_with": v for k, v in cached.items() if k != "tokens"},
+               "ttft_p50_ratio": cached["ttft_p50_s"] / base["ttft_p50_s"],
+               "wall_speedup": base["wall_s"] / cached["wall_s"],
+               "greedy_equal": f"{sum(a == b for a, b in zip(base['tokens'], cached['tokens']))}/{len(prompts)}"}
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, config, dtype = build(args)
+    if args.engine:
+        args.chunk = args.chunk or min([w for w in config.layer_windows() if w is not None] or [4096])
+        shared = torch.randint(0, config.vocab_size, (args.prefix_len,)).tolist()
+        prompts = [shared + torch.randint(0, config.vocab_size, (args.suffix_len,)).tolist()
+                   for _ in range(args.n_prompts)]
+        print(f"engine: {config.name} {dtype} on {args.device}: {args.n_prompts} x ({args.prefix_len} shared + "
+              f"{args.suffix_len}), {args.max_tokens} tokens each, chunk {args.chunk}, block {args.block_size}", flush=True)
+        return report(engine_main(args, model, prompts), args.json)
     windows = [w for w in config.layer_windows() if w is not None]
     chunk = args.chunk or (min(windows) if windows else 4096)
     length = args.prefix_len + args.suffix_len
@@ -188,10 +242,14 @@ def main(argv=None) -> int:
         "max_rel_err_last_logits": err, "greedy_next_token_agree": f"{agree}/{args.n_prompts}",
         "hit_tokens": prefix.counters.hits, "query_tokens": prefix.counters.queries,
     }
+    return report(results, args.json)
+
+
+def report(results: dict, path: str | None) -> int:
     for k, v in results.items():
         print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
     return 0
 

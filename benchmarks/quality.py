@@ -85,7 +85,7 @@ def open_config(path: Path):
 
 def greedy(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     engine = Engine(model, tokenizer, max_batch=len(prompts))
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens)  # answers end at EOS, as a user would see them
     requests = [engine.add(p, params) for p in prompts]
     while not all(r.finished for r in requests):
         engine.step()
@@ -106,7 +106,7 @@ def compare(name: str, result: dict, reference: dict) -> dict:
     result["teacher_forced_agreement"] = float((result.pop("predictions") == reference["predictions"]).double().mean())
     if "greedy" in result:
         pairs = list(zip(result["greedy"], reference["greedy"]))
-        result["greedy_equal_tokens"] = sum(sum(x == y for x, y in zip(a, b)) for a, b in pairs)
+        result["greedy_equal_tokens"] = sum(sum(x == y for x, y in zip(a, b)) for a, b in pairs)  # position by position
         result["greedy_tokens"] = sum(len(b) for _, b in pairs)
         result["greedy_common_prefix"] = [common_prefix(a, b) for a, b in pairs]
     return result

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from mistral7b.loading import load_model
 from mistral7b.sampling import SamplingParams
 
 

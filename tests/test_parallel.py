@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from contextlib import contextmanager
 
@@ -67,12 +66,10 @@ def tp2(tiny):
 
 
 def tp_engine(model, monkeypatch, **kwargs) -> Engine:
-    """An engine over the tensor-parallel model, its cache made by `model.new_cache` (what the engine
-    does once it prefers a model's own cache factory: the one-line change the lead wires in)."""
-    module = sys.modules[Engine.__module__]
-    with monkeypatch.context() as patch:
-        patch.setattr(module, "KVCache", lambda config, *args: model.new_cache(config, *args))
-        return Engine(model, None, **kwargs)
+    """An engine over the tensor-parallel model: the runner takes its cache from `model.new_cache`."""
+    engine = Engine(model, None, **kwargs)
+    assert type(engine.runner.cache).__name__ == "ShardedKVCache"
+    return engine
 
 
 def greedy(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -132,7 +129,7 @@ def test_each_rank_loads_its_slices(tiny, tmp_path, fmt):
         path = write_mistral(hf, tmp_path / "m", fmt="safetensors" if fmt.endswith("safetensors") else "pth")
     elif fmt.startswith("gguf"):  # wo's split is block-aligned (64 = 2 x 32 columns), w2's is not (96 / 2 = 48)
         path = write_gguf(hf, tmp_path / "m.gguf", qtype=fmt.partition("-")[2])
-    full = load_model(path)
+    full = load_model(path, quantize=False)  # shards of a GGUF run dequantized
     # A spawned worker reads a GGUF through the tensor table that rank 0 parsed.
     prepared = (path, full.config.to_dict(), gguf_table(path)) if fmt.startswith("gguf") else None
     for rank in range(2):
@@ -207,7 +204,7 @@ class TestTwoRanks:
 def default_model():
     if not os.path.exists(DEFAULT_MODEL):
         pytest.fail(f"the default model is missing: {DEFAULT_MODEL}")
-    return load_model(DEFAULT_MODEL)
+    return load_model(DEFAULT_MODEL, quantize=False)  # as its shards run
 
 
 @pytest.fixture(scope="class")

@@ -38,7 +38,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM()
+    # The fp32 dequantized path: batch composition does not move its greedy tokens, so 32 concurrent
+    # streams can be compared token for token with references run in another batch. The quantized
+    # kernels round activations to bf16, where a different batch can flip a near tie.
+    return LLM(quantize=False)
 
 
 @pytest.fixture(scope="module")

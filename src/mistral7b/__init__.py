@@ -2,6 +2,7 @@
 
 from .cache import KVCache
 from .config import PRESETS, ModelConfig, ModelLoadError, preset
+from .evaluate import PerplexityResult, perplexity, text_perplexity
 from .llm import LLM, CompletionOutput
 from .loading import load_model
 from .model import Transformer
@@ -11,5 +12,6 @@ from .tokenizer import GUARDRAIL_PROMPT, Tokenizer, TokenizerError
 __all__ = [
     "LLM", "CompletionOutput", "SamplingParams", "Tokenizer", "TokenizerError", "GUARDRAIL_PROMPT",
     "ModelConfig", "ModelLoadError", "PRESETS", "preset", "KVCache", "Transformer", "load_model",
+    "perplexity", "text_perplexity", "PerplexityResult",
 ]
 __version__ = "0.1.0"

@@ -142,6 +142,13 @@ def main(args) -> int:
         bench_long(model, config, args, ours)
     if hf is not None:
         bench_hf(hf, config, args, results)
+    if getattr(args, "peer", None):
+        from .bench_peers import run_gpt_fast
+
+        del engine, model, hf
+        torch.cuda.empty_cache() if cuda else None
+        results["peers"] = {"gpt-fast": run_gpt_fast(args.peer[1], "bf16", args.prompt_len, args.new_tokens,
+                                                     runs=args.runs)}
     print_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -265,12 +272,18 @@ def print_table(results, args):
     rows += [("decode at 1024 context", "decode_at_1024_tok_s"), (f"decode at {args.context} context", f"decode_at_{args.context}_tok_s")]
     fmt = lambda v: "-" if v is None else (f"{v:,.1f}" if v < 1000 else f"{v:,.0f}")  # noqa: E731
     print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']} | {results['date']}")
-    print(f"| tok/s | ours | HF default | HF static+compile | ours / best HF |\n|---|---|---|---|---|")
+    print("| tok/s | ours | HF default | HF static+compile | best peer | ours / best peer |\n|---|---|---|---|---|---|")
+    gpt_fast = results.get("peers", {}).get("gpt-fast", {})
     for label, key in rows:
         a, b, c = ours.get(key), hf.get(key), hfc.get(key)
-        best = max([x for x in (b, c) if x is not None], default=None)
+        # gpt-fast times batch-1 decode with the prefill included: compare it on that figure only
+        g = gpt_fast.get("tok_s_with_prefill") if key == "decode_b1_tok_s" else None
+        peers = [(x, n) for x, n in ((b, "HF default"), (c, "HF compiled"), (g, "gpt-fast")) if x is not None]
+        best, name = max(peers, default=(None, None))
         ratio = f"{a / best:.2f}x" if a is not None and best else "-"
-        print(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {ratio} |")
+        print(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(best) + ' ' + name if best else '-'} | {ratio} |")
+    if "error" in gpt_fast:
+        print(f"gpt-fast: {gpt_fast['error']}")
     for key in ("context_ratio", "decode_b1_peak_gib", f"decode_b{args.batch}_peak_gib", "long_context_tokens",
                 "long_context_seconds", "long_context_prefill_seconds", "long_context_cache_gib", "long_context_peak_gib",
                 "weights_gib"):

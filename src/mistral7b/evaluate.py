@@ -122,9 +122,13 @@ def perplexity(
     scored = _Scores(keep_tokens)
     bar = tqdm(total=sum(w.length for w in windows), desc="perplexity", unit="tok", file=sys.stderr,
                disable=None if progress else True, leave=False, dynamic_ncols=True)
+    groups = _groups(windows, batch_size if mode == "strided" else 1)
+    # one cache for all the groups, reset between them: rows [0, len(group)) hold a group's windows
+    cache = KVCache(model.config, max(len(g) for g in groups), device, dtype,
+                    max_seq_len=max(w.length for w in windows))
     with torch.inference_mode(), bar:
-        for group in _groups(windows, batch_size if mode == "strided" else 1):
-            cache = KVCache(model.config, len(group), device, dtype, max_seq_len=group[0].length)
+        for group in groups:
+            cache.reset()
             _score_group(model, cache, ids, group, chunk_size, scored, bar)
             bar.set_postfix(ppl=f"{math.exp(scored.nll_sum / max(scored.n, 1)):.4g}", refresh=False)
     seconds = time.perf_counter() - started
@@ -218,7 +222,7 @@ def _score_group(model, cache: KVCache, ids: Tensor, group: list[Window], chunk:
     for s in range(0, length, chunk):
         e = min(s + chunk, length)
         positions = torch.arange(s, e, device=device).expand(len(group), e - s)
-        logits = model(tokens[:, s:e], positions, cache, kv_len=e)
+        logits = model(tokens[:, s:e], positions, cache, rows=slice(0, len(group)), kv_len=e)
         bar.update(len(group) * (e - s))
         if e - 1 < first_needed:
             continue

@@ -42,14 +42,18 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         engine_config: EngineConfig | None = None,
         quantize=None,
+        tensor_parallel_size: int = 1,
         **engine_options,
     ):
         """`engine_config` (or `engine_options`, EngineConfig's fields: `max_batch`, `chunk_size`,
-        `prefill_budget`, `max_seq_len`, `decode_steps`, `compile`, `pipeline`) sets up the engine.
+        `prefill_budget`, `max_seq_len`, `decode_steps`, `compile`, `pipeline`, `prefix_cache_gib`,
+        `prefix_block_size`) sets up the engine. `prefix_cache_gib=1` turns on prefix caching: prompts
+        that share a prefix reuse its KV (exact, sliding window included); off by default.
         `compile=True` compiles the decode step with CUDA graphs: about a minute and a half at the 7B
         shape before the first token, then several times faster decode (benchmarks/RESULTS.md).
         `quantize` ("int8", "int4" or a mistral7b.quant.QuantConfig) quantizes the weights at load;
-        a GGUF file runs in its own quantized formats without it."""
+        a GGUF file runs in its own quantized formats without it. `tensor_parallel_size=N` splits the
+        model over N processes (GPUs, or gloo on CPU) with mistral7b.parallel; N divides the KV heads."""
         engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
         if source is None:
             from .default_model import default_model_path
@@ -57,10 +61,24 @@ class LLM:
             source = default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(source, self.device, self.dtype, quantize=quantize)
+        self.model = self._load(source, quantize, tensor_parallel_size)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
         self.engine = Engine(self.model, self.tokenizer, engine_config)
+
+    def _load(self, source, quantize, tensor_parallel_size: int):
+        if tensor_parallel_size == 1:
+            return load_model(source, self.device, self.dtype, quantize=quantize)
+        if quantize not in (None, False, "none"):
+            raise ValueError("quantize= with tensor_parallel_size > 1 is not supported yet")
+        from .parallel import launch
+
+        return launch(source, tensor_parallel_size, self.device, self.dtype)
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers, if any (they also stop at exit)."""
+        if hasattr(self.model, "close"):
+            self.model.close()
 
     @property
     def config(self):

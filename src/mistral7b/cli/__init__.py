@@ -5,6 +5,7 @@
     mistral7b info                                      config, parameters, bytes, KV cache of a model
     mistral7b memory --seq-len 32768                    KV cache / attention FLOP calculator (the paper's numbers)
     mistral7b convert SRC DST --to hf|mistral           HF <-> Mistral layouts, GGUF -> either
+    mistral7b eval perplexity FILE                      perplexity of a model on a text file
     mistral7b serve                                     OpenAI-compatible HTTP server
     mistral7b fetch                                     download the bundled default model now
     mistral7b bench                                     our engine against HF transformers on one GPU
@@ -21,10 +22,10 @@ import os
 import sys
 import warnings
 
-from . import bench, chat, convert, fetch, generate, info, memory, serve
+from . import bench, chat, convert, eval, fetch, generate, info, memory, serve
 from .common import PROG, CLIError, Formatter, common_options, error_message
 
-COMMANDS = (generate, chat, info, memory, convert, serve, fetch, bench)
+COMMANDS = (generate, chat, info, memory, convert, eval, serve, fetch, bench)
 __all__ = ["main", "build_parser", "COMMANDS", "CLIError"]
 
 

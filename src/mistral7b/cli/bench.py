@@ -28,9 +28,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
     p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    p.add_argument("--peer", nargs=2, metavar=("NAME", "DIR"), default=None, type=str,
+                   help="after our figures, run a peer's batch-1 bf16 decode: `--peer gpt-fast DIR` (DIR holds "
+                        "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "
+                        "into the table's 'best peer' column")
+
+
+def peer_of(args):
+    """(name, folder) of --peer, checked before any GPU work; a usage-level one-line error otherwise."""
+    if args.peer is None:
+        return None
+    from ..bench_peers import check_gpt_fast_dir
+    from .common import CLIError
+
+    name, folder = args.peer
+    if name != "gpt-fast":
+        raise CLIError(f"--peer {name}: the only peer is gpt-fast")
+    try:
+        return name, check_gpt_fast_dir(Path(folder))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def run(args) -> int:
     from .. import bench  # torch and transformers load only when the benchmark runs
 
+    args.peer = peer_of(args)
     return bench.main(args) or 0

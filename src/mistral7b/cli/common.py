@@ -100,14 +100,43 @@ def dtype_name(args) -> str | None:
     return None if args.dtype in (None, "auto") else args.dtype
 
 
-def load_llm(args, engine_config=None):
-    """The model of --model (or the default) on --device in --dtype, with an engine set up by `engine_config`."""
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    """--quantize {int8,int4,none}, --group-size N, --no-quantize-head (the library's flags)."""
+    from ..quant import add_quantize_arguments
+
+    add_quantize_arguments(p)
+
+
+def quantize_of(args):
+    """What to pass as quantize= for the flags of `add_quantize_options`: a QuantConfig, None (no flag:
+    a GGUF runs in its own formats) or False (--quantize none: dequantize into --dtype)."""
+    from ..quant import quant_config_from_args
+
+    try:
+        return quant_config_from_args(args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def quantize_label(quantize) -> str | None:
+    """"int4 g128", "int8", "none" or None, for JSON records."""
+    if quantize is False:
+        return "none"
+    return quantize.label if quantize is not None else None
+
+
+def load_llm(args, engine_config=None, **options):
+    """The model of --model (or the default) on --device in --dtype (quantized as --quantize asks), with an
+    engine set up by `engine_config` (or EngineConfig's fields in `options`)."""
     from ..engine import EngineConfig
     from ..llm import LLM
 
+    quantize = quantize_of(args) if hasattr(args, "quantize") else None
     source = model_source(args)
     t0 = time.perf_counter()
-    llm = LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config or EngineConfig(max_batch=1))
+    engine_config = engine_config or EngineConfig.of(None, **{"max_batch": 1, **options})
+    llm = LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
+              quantize=quantize)
     llm.load_seconds = time.perf_counter() - t0
     return llm
 
@@ -188,7 +217,9 @@ def error_message(e: BaseException) -> str:
     from ..config import ModelLoadError
 
     text = one_line(e)
-    if isinstance(e, ModelLoadError) and "download" not in text:
+    if isinstance(e, ModelLoadError) and "group size" in text:
+        text += "; pick a --group-size that divides it"
+    elif isinstance(e, ModelLoadError) and "download" not in text:
         text += ("; --model takes an HF or Mistral checkpoint folder, a .gguf file, or a hub id "
                  "downloaded with `huggingface-cli download`")
     elif isinstance(e, FileNotFoundError):

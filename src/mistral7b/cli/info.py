@@ -30,6 +30,35 @@ def _stored(args, checkpoint, reader):
         return None
 
 
+def weight_formats(stored: dict | None, fmt: str, load_dtype: str) -> dict | None:
+    """format label -> {"params", "stored_bytes"} of the weights as `load_model` will hold them, from the
+    headers alone: a GGUF's quantized types map through quant's GGUF table (Q4_1 -> "int4 g32 (from Q4_1)",
+    Q8_0 -> "int8 g32 (from Q8_0)"), its float tensors (norms) load in the activation dtype."""
+    if stored is None:
+        return None
+    from ..quant.gguf_blocks import FORMATS
+
+    out: dict[str, dict[str, int]] = {}
+    for kind, v in stored["by_type"].items():
+        if fmt == "gguf" and kind in FORMATS:
+            label = FORMATS[kind].label()
+        elif kind.upper() in ("F32", "F16", "BF16", "FLOAT32", "FLOAT16", "BFLOAT16"):
+            label = load_dtype  # float tensors load in --dtype
+        else:
+            label = kind if fmt != "gguf" else f"{load_dtype} (dequantized from {kind})"
+        slot = out.setdefault(label, {"params": 0, "stored_bytes": 0})
+        slot["params"] += v["params"]
+        slot["stored_bytes"] += v["bytes"]
+    return out
+
+
+def format_line(formats: dict) -> str:
+    """"int4 g32 (from Q4_1) 79%, ..." as quant.weight_format writes it for a loaded model."""
+    total = sum(d["params"] for d in formats.values()) or 1
+    parts = sorted(formats.items(), key=lambda kv: -kv[1]["params"])
+    return ", ".join(f"{label} {100 * d['params'] / total:.0f}%" for label, d in parts)
+
+
 def report(args) -> dict:
     """Everything `info` shows, as plain numbers."""
     from .. import memory
@@ -43,6 +72,8 @@ def report(args) -> dict:
     element = dtype.itemsize
     seq_len = args.seq_len or config.max_seq_len
     window = config.sliding_window
+    load_dtype = str(dtype).removeprefix("torch.")
+    formats = weight_formats(stored, checkpoint_format(checkpoint), load_dtype)
     return {
         "source": str(checkpoint.path),
         "format": checkpoint_format(checkpoint),
@@ -50,6 +81,8 @@ def report(args) -> dict:
         "n_params": config.n_params,
         "stored": stored,
         "weight_bytes": memory.weight_bytes(config),
+        "weight_format": format_line(formats) if formats else None,
+        "weight_formats": formats,
         "load_dtype": str(dtype).removeprefix("torch."),
         "kv_bytes_per_token": memory.kv_bytes_per_token(config, element),
         "kv_bytes_per_token_by_dtype": {"float32": memory.kv_bytes_per_token(config, 4),
@@ -90,6 +123,8 @@ def describe(data: dict, config) -> list[str]:
         kinds = ", ".join(f"{k} {v['tensors']} tensors / {fb(v['bytes'])}" for k, v in
                           sorted(stored["by_type"].items(), key=lambda kv: -kv[1]["bytes"]))
         lines.append(f"stored          {stored['params']:,} parameters in {fb(stored['bytes'])}: {kinds}")
+    if data.get("weight_formats"):
+        lines.append(f"weight format   {data['weight_format']} (as loaded without --quantize)")
     lines += [
         f"KV per token    {fb(data['kv_bytes_per_token'])} in {data['load_dtype']} "
         f"(= 2 x {c.n_layers} layers x {c.n_kv_heads} KV heads x {c.head_dim} x {data['element_bytes']} bytes)",

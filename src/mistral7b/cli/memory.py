@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import positive_int, print_json, window_size
+from .common import CLIError, add_quantize_options, positive_int, print_json, quantize_of, window_size
 
 NAME = "memory"
 HELP = "KV cache and attention FLOP calculator for any config"
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="sequences")
     p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per cached element (2 = bf16/fp16)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_quantize_options(p)  # the weights' bytes in that format (embeddings and norms in --dtype-bytes)
 
 
 def memory_config(args):
@@ -66,7 +67,10 @@ def run(args) -> int:
     from .. import memory
 
     config = memory_config(args)
-    report = memory.report(config, args.seq_len, args.batch, args.dtype_bytes)
+    quant = quantize_of(args)
+    if quant is False:
+        raise CLIError("--quantize none has no meaning here: the bf16 weights are always shown")
+    report = memory.report(config, args.seq_len, args.batch, args.dtype_bytes, quant=quant)
     if args.json:
         print_json(report)
         return 0
@@ -129,6 +133,10 @@ def _summary(c, report) -> list[str]:
     out.append(f"parameters: {c.n_params:,} ({fc(c.n_params)}): feed-forward {fc(p['feed_forward'])}, "
                f"attention {fc(p['attention'])}, embeddings {fc(p['embeddings'])}; "
                f"weights {fb(report['weight_bytes']['bfloat16'])} ({report['weight_bytes']['bfloat16'] / 1e9:.2f} GB) in bf16")
+    q = report.get("quantized_weight_bytes")
+    if q:
+        out.append(f"weights {q['format']}: {fb(q['total'])} ({q['total'] / 1e9:.2f} GB): linears {fb(q['linears'])}, "
+                   f"head {fb(q['head'])}, embeddings {fb(q['embeddings'])}, norms {fb(q['norms'])}")
     out.append("")
     out.append(MEMORY_EPILOG.rstrip())
     return out

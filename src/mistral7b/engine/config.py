@@ -18,6 +18,8 @@ class EngineConfig:
     decode_steps: int | None = None  # decode steps run back to back; None: 8 on CUDA, 1 elsewhere
     compile: bool = False  # torch.compile the decode step (with CUDA graphs on a GPU)
     pipeline: bool | None = None  # launch the next decode steps before reading the last; None: on CUDA
+    prefix_cache_gib: float = 0.0  # memory for cached prompt blocks (prefix caching); 0: off
+    prefix_block_size: int | None = None  # tokens per cached block; None: 64, or the smallest cache layer if less
 
     def __post_init__(self):
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -26,6 +28,16 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
+        gib = self.prefix_cache_gib
+        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < float("inf"):
+            raise ValueError(f"prefix_cache_gib must be a finite number >= 0, got {gib!r}")
+        block = self.prefix_block_size
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise ValueError(f"prefix_block_size must be a positive integer, got {block!r}")
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return int(self.prefix_cache_gib * 2**30)
 
     def resolved(self, model: ModelConfig, device: torch.device) -> "EngineConfig":
         """This config with every None replaced by the default for `model` on `device`."""

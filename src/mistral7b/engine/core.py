@@ -5,6 +5,10 @@ prompt tokens through chunked prefill (so a long prompt never stalls the streams
 then advances every decoding row in one forward (`ModelRunner`), and turns the chosen tokens into
 final text (`OutputProcessor`). Sequences join and leave the batch at every step. `LLM.generate` and
 the HTTP server both drive it.
+
+With `prefix_cache_gib > 0` a `PrefixCache` sits beside the KV cache: the scheduler restores a
+request's cached prefix into its row before its first chunk, and every prefill chunk's complete
+blocks are stored right after its forward, before any later forward writes that row.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import itertools
 import torch
 
 from ..model import Transformer
+from ..prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from ..sampling import SamplingParams
 from .config import EngineConfig
 from .constraints import ConstraintManager
@@ -31,7 +36,8 @@ class Engine:
         s = self.settings
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile)
-        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget)
+        self.prefix = self._prefix_cache(s)
+        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix)
         self.output = OutputProcessor(tokenizer)
         self.constraints = ConstraintManager(tokenizer, model.config.vocab_size, s.max_batch, self.runner.device)
         self.device, self.dtype, self.cache = self.runner.device, self.runner.dtype, self.runner.cache
@@ -44,6 +50,13 @@ class Engine:
         self._ids = itertools.count()
         self._inflight: DecodeGroup | None = None
         self._warmed = False
+
+    def _prefix_cache(self, s: EngineConfig) -> PrefixCache | None:
+        if s.prefix_cache_gib == 0:
+            return None
+        smallest = min(layer.size for layer in self.runner.cache.layers)
+        block = s.prefix_block_size or min(DEFAULT_BLOCK_SIZE, smallest)
+        return PrefixCache(self.runner.cache, s.prefix_cache_bytes, block)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -104,12 +117,16 @@ class Engine:
         self._warmed = True
         limit = min(layer.size for layer in self.cache.layers)
         params = SamplingParams(max_tokens=2, ignore_eos=True)
-        for n, length in ((1, 200), (2, 300)):
-            length = max(1, min(length, limit - 2))
-            requests = [self.add([1] * length, params) for _ in range(n)]
-            while self.has_work():
-                self.step()
-            assert all(r.finish_reason == "length" for r in requests)
+        self.scheduler.prefix = None  # warm-up prompts are not worth caching, nor counting
+        try:
+            for n, length in ((1, 200), (2, 300)):
+                length = max(1, min(length, limit - 2))
+                requests = [self.add([1] * length, params) for _ in range(n)]
+                while self.has_work():
+                    self.step()
+                assert all(r.finish_reason == "length" for r in requests)
+        finally:
+            self.scheduler.prefix = self.prefix
 
     # -- one iteration ----------------------------------------------------------------------------
 
@@ -134,6 +151,10 @@ class Engine:
     def _prefill(self, pending: list[Request], deltas: list[Delta]) -> None:
         for chunk in self.scheduler.plan_prefill(pending):
             logits = self.runner.prefill(chunk)
+            if self.scheduler.prefix is not None:
+                end = chunk.start + chunk.length
+                for request in chunk.requests:
+                    self.prefix.store(request.row, request.prompt_ids, chunk.start, end)
             done = []
             for i, request in enumerate(chunk.requests):
                 request.n_prefilled += chunk.length

@@ -41,12 +41,22 @@ class DecodeGroup:
         return self.tokens.tolist()
 
 
+def _on_graph_thread(compiled):
+    def decode(*args):
+        _cuda_graph_thread_state()
+        return compiled(*args)
+
+    return decode
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, max_batch: int, max_seq_len: int | None, compile: bool):
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.max_batch = max_batch
-        self.cache = KVCache(model.config, max_batch, self.device, self.dtype, max_seq_len)
+        # A tensor-parallel model (mistral7b.parallel) hands out caches sharded by KV heads.
+        new_cache = getattr(model, "new_cache", KVCache)
+        self.cache = new_cache(model.config, max_batch, self.device, self.dtype, max_seq_len)
         self.sampler = SamplerBatch(max_batch, model.config.vocab_size, self.device)
         self.compiled = compile
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
@@ -58,17 +68,13 @@ class ModelRunner:
             for t in (layer.k, layer.v, layer.pos):
                 torch._dynamo.mark_static_address(t)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
+        if hasattr(self.model, "compile_decode"):  # each tensor-parallel rank compiles its own shard
+            compiled = self.model.compile_decode(self.cache, mode)
+            return compiled if mode is None else _on_graph_thread(compiled)
         # dynamic=None: after a second kv_len bucket is seen, kv_len becomes symbolic (one recompile),
         # and CUDA graphs are then recorded per bucket without compiling again.
         compiled = torch.compile(self.eager_decode, mode=mode, fullgraph=True)
-        if mode is None:
-            return compiled
-
-        def decode(*args):
-            _cuda_graph_thread_state()
-            return compiled(*args)
-
-        return decode
+        return compiled if mode is None else _on_graph_thread(compiled)
 
     def assign(self, request: Request) -> None:
         """Give `request` its row: an empty cache row and the row's sampling parameters."""

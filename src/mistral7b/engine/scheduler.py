@@ -4,6 +4,10 @@ Each running sequence owns one row of the preallocated cache. Waiting requests t
 arrival order; a finished or aborted request gives its row back at the start of the next step, never
 in the middle of one. All of it is guarded by one lock, so requests can be added and aborted from any
 thread while one thread steps the engine.
+
+With a prefix cache, a request is looked up when its first prefill chunk is about to be planned (not
+on admission), and held back while another request is computing a block of the prefix they share, so
+a burst of requests with one system prompt computes it once (the recipe in `prefix_cache`'s docstring).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from ..prefix_cache import PrefixCache
 from .request import Request
 
 
@@ -26,8 +31,10 @@ class PrefillChunk:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int):
+    def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int, prefix: PrefixCache | None = None):
         self.max_batch, self.chunk_size, self.prefill_budget = max_batch, chunk_size, prefill_budget
+        self.prefix = prefix
+        self.looked_up: set[Request] = set()  # requests already matched against the prefix cache
         self.waiting: deque[Request] = deque()
         self.rows: list[Request | None] = [None] * max_batch
         self.lock = threading.RLock()
@@ -67,21 +74,50 @@ class Scheduler:
             if request.row is not None:
                 self.rows[request.row] = None
                 request.row = None
+            self.looked_up.discard(request)
 
     def plan_prefill(self, pending: list[Request]) -> list[PrefillChunk]:
         """Up to `prefill_budget` prompt tokens, oldest request first, each request at most one chunk.
         Requests at the same offset share one forward ([B, n] tokens), so a burst of new prompts costs
         a few large forwards rather than one small forward each."""
+        if self.prefix is not None:
+            pending = self._look_up(pending)
         budget, plan = self.prefill_budget, []
         while pending and budget > 0:
             start = pending[0].n_prefilled
             n = min(self.chunk_size, budget, len(pending[0].prompt_ids) - start)
+            if self.prefix is not None:  # the oldest incomplete block must still be in the row to store it
+                n = min(n, self.prefix.max_chunk(start))
             group = [r for r in pending if r.n_prefilled == start and len(r.prompt_ids) - start >= n]
             group = group[: max(1, budget // n)]
+            if self.prefix is not None:
+                for request in group:
+                    if request not in self.looked_up:  # a miss: count it (the row is already empty)
+                        self.prefix.load(request.row, request.prompt_ids)
+                        self.looked_up.add(request)
             plan.append(PrefillChunk(group, start, n))
             budget -= n * len(group)
             pending = [r for r in pending if r not in group]
         return plan
+
+    def _look_up(self, pending: list[Request]) -> list[Request]:
+        """Restore cached prefixes into the rows of requests about to start; return those that may be
+        planned now, without the ones held back until another request has stored a block they share."""
+        prefix, ready = self.prefix, []
+        busy = [(r.prompt_ids, r.n_prefilled) for r in pending if r in self.looked_up]
+        for request in pending:
+            if request in self.looked_up:
+                ready.append(request)
+                continue
+            if prefix.waits_for(request.prompt_ids, busy):
+                continue
+            if prefix.peek(request.prompt_ids) > 0:
+                request.n_prefilled = prefix.load(request.row, request.prompt_ids)
+                self.looked_up.add(request)
+            # About to compute its first uncached block: later requests sharing it wait for it.
+            busy.append((request.prompt_ids, request.n_prefilled))
+            ready.append(request)
+        return ready
 
     @property
     def n_running(self) -> int:

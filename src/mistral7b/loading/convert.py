@@ -52,7 +52,7 @@ def convert(src, dst, to: str | None = None, dtype: torch.dtype | None = None, f
     rebuild a GGUF's tokenizer instead of noting it."""
     from . import hf, mistral
 
-    checkpoint = open_checkpoint(src)  # a bad source fails here, before DST is touched
+    checkpoint = open_checkpoint(src, keep_quantized=False)  # dequantized for a 16/32-bit writer; a bad source fails here, before DST is touched
     fmt = checkpoint_format(checkpoint)
     to = to or ("mistral" if fmt == "hf" else "hf")
     dst = Path(dst).expanduser()

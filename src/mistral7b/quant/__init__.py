@@ -29,10 +29,13 @@ def describe_weights(model: nn.Module) -> dict[str, dict[str, int]]:
     quantized = set()
     for module in model.modules():
         if isinstance(module, QuantModule):
+            buffers = list(module.buffers(recurse=False))
+            if any(b.data_ptr() in quantized for b in buffers):
+                continue  # a tied head shares the embedding's buffers
             entry = out[module.fmt.label()]
             entry["params"] += module.out_features * module.in_features
             entry["bytes"] += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
-            quantized.update(id(b) for b in module.buffers(recurse=False))
+            quantized.update(b.data_ptr() for b in buffers)
     for p in model.parameters():
         entry = out[str(p.dtype).removeprefix("torch.")]
         entry["params"] += p.numel()

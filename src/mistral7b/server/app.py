@@ -22,10 +22,12 @@ from .driver import driver_for
 from .errors import ERROR_RESPONSES, BodyTooLarge, install_error_handlers, send_error
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       HealthResponse, ModelCard, ModelList)
+                       DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeChatRequest,
+                       TokenizeCompletionRequest, TokenizeResponse)
 from .serving import Admission
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
+from .serving_tokenization import OpenAIServingTokenization
 from .settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, LOOPBACK, resolve_api_key
 
 log = logging.getLogger("mistral7b.server")
@@ -148,6 +150,17 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
               responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
+
+    tokenization = OpenAIServingTokenization(llm, model_name, completion.context)
+
+    @app.post("/tokenize", summary="Token ids of a prompt or a conversation", response_model=TokenizeResponse,
+              responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest):
+        return await tokenization.tokenize(body)
+
+    @app.post("/detokenize", summary="Text of token ids", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest):
+        return await tokenization.detokenize(body)
 
     app.openapi = lambda: openapi_with_limits(app, completion.context, engine.config.vocab_size)
     return app

@@ -32,7 +32,30 @@ class EngineCollector:
         aborted.add_metric([], self.driver.aborted)
         steps = CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine steps run.")
         steps.add_metric([], self.driver.steps)
-        return [running, waiting, aborted, steps]
+        return [running, waiting, aborted, steps, *prefix_cache_metrics(getattr(self.engine, "prefix", None))]
+
+
+PREFIX_CACHE_HELP = {  # vLLM's names (vllm:prefix_cache_queries_total, ...) with our prefix
+    "mistral7b:prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "mistral7b:prefix_cache_hits": "Prompt tokens restored from the prefix cache (of those looked up).",
+    "mistral7b:prefix_cache_stored_tokens": "Prompt tokens stored in the prefix cache.",
+    "mistral7b:prefix_cache_evictions": "Prefix cache blocks evicted (least recently used).",
+    "mistral7b:prefix_cache_usage_bytes": "Bytes of the prefix cache holding blocks.",
+    "mistral7b:prefix_cache_capacity_bytes": "Bytes of the prefix cache pool (its budget, in whole blocks).",
+}
+
+
+def prefix_cache_metrics(prefix) -> list:
+    """The prefix cache's counters (`..._total`) and gauges (`..._bytes`); none when it is off."""
+    if prefix is None:
+        return []
+    families = []
+    for name, value in prefix.metrics().items():
+        family = GaugeMetricFamily if name.endswith("_bytes") else CounterMetricFamily
+        metric = family(name, PREFIX_CACHE_HELP[name])
+        metric.add_metric([], value)
+        families.append(metric)
+    return families
 
 
 class Metrics:

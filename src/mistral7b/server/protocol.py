@@ -377,3 +377,34 @@ class ChatCompletionStreamResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes) -------------------------------------------------------
+
+
+class TokenizeCompletionRequest(_Strict):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(True, description="prepend BOS, as /v1/completions does")
+
+
+class TokenizeChatRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[dict] | None = Field(None, description="not supported yet: a request that sets it is refused")
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

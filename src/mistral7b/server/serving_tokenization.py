@@ -1,0 +1,53 @@
+"""`POST /tokenize` and `POST /detokenize` (after vLLM's `serving_tokenization.py`). For messages the ids
+are exactly those `/v1/chat/completions` runs: the same `LLM.chat_prompt` renders them."""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+
+from ..tokenizer import check_roles
+from .errors import APIError
+from .protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest,
+                       TokenizeResponse)
+
+
+class OpenAIServingTokenization:
+    def __init__(self, llm, model_name: str, max_model_len: int):
+        self.llm, self.model_name, self.max_model_len = llm, model_name, max_model_len
+        self.tokenizer = getattr(llm, "tokenizer", None)
+        self.vocab_size = llm.engine.config.vocab_size
+
+    def _check(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+        if self.tokenizer is None:
+            raise APIError(400, "this checkpoint has no tokenizer")
+
+    def _render(self, body) -> list[int]:
+        if isinstance(body, TokenizeCompletionRequest):
+            return self.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+        messages = [m.to_dict() for m in body.messages]
+        if body.add_generation_prompt:
+            return self.llm.chat_prompt(messages)
+        check_roles(messages)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+
+    async def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        self._check(body.model)
+        param = "prompt" if isinstance(body, TokenizeCompletionRequest) else "messages"
+        if param == "messages" and body.tools is not None:
+            raise APIError(400, "'tools' is not supported yet", param="tools")
+        try:
+            ids = await run_in_threadpool(self._render, body)
+        except (ValueError, TypeError, UnicodeError) as e:
+            raise APIError(400, f"invalid {param}: {e}", param=param) from None
+        return TokenizeResponse(tokens=list(ids), count=len(ids), max_model_len=self.max_model_len)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self._check(body.model)
+        for i, t in enumerate(body.tokens):
+            if t >= self.vocab_size:
+                raise APIError(400, f"tokens[{i}] = {t} is not a token id: the vocabulary has {self.vocab_size} "
+                               f"ids (0..{self.vocab_size - 1})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
