@@ -8,20 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr
 
 from ..sampling import SamplingParams
 from ..tokenizer.chat import ROLE_ALIASES, ROLES
+from .protocol_tools import (DeltaFunctionCall, DeltaToolCall, FunctionCall, FunctionDefinition,  # noqa: F401
+                             JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat, ResponseFunctionCall,
+                             ResponseToolCall, Tool, ToolCall, _Strict)
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_STOP = 16
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
-
-
-class _Strict(BaseModel):
-    # strict: no "1" -> 1 or true -> 1 coercion; no NaN/inf; unknown OpenAI fields are ignored.
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
 
 class StreamOptions(_Strict):
@@ -31,17 +29,6 @@ class StreamOptions(_Strict):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
-
-
-class FunctionCall(_Strict):
-    name: str
-    arguments: str = Field(description="the arguments object as JSON text")
-
-
-class ToolCall(_Strict):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class ChatMessage(_Strict):
@@ -66,49 +53,6 @@ class ChatMessage(_Strict):
         if self.tool_call_id is not None:
             d["tool_call_id"] = self.tool_call_id
         return d
-
-
-class JsonSchemaFormat(_Strict):
-    name: str = Field(max_length=64)
-    description: str | None = None
-    schema_: dict | None = Field(None, alias="schema", description="the JSON schema the output follows")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    def schema_of(self) -> dict | None:
-        """The JSON schema the output must follow (None for plain text)."""
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return {"type": "object"}
-        if self.json_schema is None:
-            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
-        return self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
-
-
-class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
-
-
-class Tool(_Strict):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(_Strict):
-    name: str
-
-
-class NamedToolChoice(_Strict):
-    type: Literal["function"]
-    function: NamedFunction
 
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -308,17 +252,6 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
-class ResponseFunctionCall(BaseModel):
-    name: str
-    arguments: str
-
-
-class ResponseToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: ResponseFunctionCall
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -340,20 +273,6 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-
-
-class DeltaFunctionCall(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(BaseModel):
-    """A streamed call: its index, id, type and name first, then argument fragments (index only)."""
-
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall | None = None
 
 
 class DeltaMessage(BaseModel):
