@@ -4,6 +4,7 @@
     python benchmarks/structured_bench.py                       # CPU: compile, cache, masks (32k/49k vocab)
     python benchmarks/structured_bench.py --compare-xgrammar    # the same with xgrammar, if importable
     python benchmarks/structured_bench.py --device cuda --tokenizer tokenizer.model.v1   # + decode tok/s
+    python benchmarks/structured_bench.py --device cuda --tokenizer tokenizer.model.v1 --engine   # + through the Engine
 
 Random weights give arbitrary tokens, but the mask still runs every step (a row whose value is
 complete restarts its matcher), so the overhead measured is the real one. The GPU loop overlaps the
@@ -211,6 +212,45 @@ def gpu_decode(model, tok, ll, args, constrained: bool) -> float:
     return batch * args.steps / (time.perf_counter() - t0)
 
 
+def engine_decode(engine, vocab: int, args, constrained: bool) -> float:
+    """Decode tok/s through the Engine at batch `args.batch`: constrained rows run single unpipelined
+    steps with masks (engine/constraints.py), free rows the engine's multi-step pipelined decode. The
+    schema is a long array of NESTED records, so no row completes its value before `args.steps`."""
+    schema = {"type": "array", "items": NESTED, "minItems": 64}
+    params = SamplingParams(temperature=1.0, max_tokens=args.steps, ignore_eos=True,
+                            json_schema=schema if constrained else None)
+    gen = torch.Generator().manual_seed(1)
+    requests = [engine.add(torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(), params)
+                for _ in range(args.batch)]
+    while not all(r.output_ids for r in requests):  # prefill (and the first token) outside the timing
+        engine.step()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    n0, t0 = sum(len(r.output_ids) for r in requests), time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    sync()
+    return (sum(len(r.output_ids) for r in requests) - n0) / (time.perf_counter() - t0)
+
+
+def engine_section(model, tok, args, results):
+    from mistral7b.engine import Engine
+
+    engine = Engine(model, tok, max_batch=args.batch, max_seq_len=args.prompt_len + args.steps + 8,
+                    compile=args.device.startswith("cuda"))
+    engine.warmup()
+    figures = {}
+    for run in range(args.runs):
+        for constrained in (False, True):
+            figures.setdefault(constrained, []).append(engine_decode(engine, model.config.vocab_size, args, constrained))
+    free, masked = statistics.median(figures[False]), statistics.median(figures[True])
+    results["engine"] = {"batch": args.batch, "unconstrained_tok_s": free, "constrained_tok_s": masked,
+                         "ratio": masked / free, "decode_steps": engine.decode_steps, "pipeline": engine.pipeline,
+                         "runs": {"unconstrained": figures[False], "constrained": figures[True]}}
+    print(f"Engine {args.preset} batch {args.batch} (compile={engine.compiled}): unconstrained {free:.0f} tok/s, "
+          f"constrained {masked:.0f} tok/s (ratio {masked / free:.3f})", flush=True)
+
+
 def gpu_section(args, results):
     from mistral7b.config import preset
     from mistral7b.model import Transformer
@@ -235,6 +275,8 @@ def gpu_section(args, results):
                       "runs": {"unconstrained": figures[False], "constrained": figures[True]}}
     print(f"GPU {args.preset} batch {args.batch}: unconstrained {free:.0f} tok/s, constrained {masked:.0f} tok/s "
           f"(ratio {masked / free:.3f})", flush=True)
+    if args.engine:
+        engine_section(model, tok, args, results)
 
 
 def main():
@@ -250,6 +292,7 @@ def main():
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--tiny", action="store_true", help="decode comparison at a tiny shape (smoke test)")
     p.add_argument("--decode", action="store_true", help="run the decode comparison on a CPU device too")
+    p.add_argument("--engine", action="store_true", help="also compare through the Engine (compiled on CUDA)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 8))

@@ -130,6 +130,25 @@ def test_generate_json_chat_prompt_from_stdin(llm):
     assert timings["decode_tok_s"] == pytest.approx((len(data["token_ids"]) - 1) / timings["decode_s"])
 
 
+def test_generate_json_schema_output_validates(tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["colour", "count"],
+              "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 0,
+                                                                                     "maximum": 99}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    result = run("generate", "Pick a colour and a number.", "--chat", "--json-schema", path, "--json",
+                 "--temperature", 1.0, "--max-tokens", 40, check=0)
+    data = json.loads(result.stdout)
+    assert data["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(data["text"]), schema)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "wrong.json").write_text('{"type": "object", "minProperties": "two"}')
+    for name, message in (("missing.json", "no such file"), ("bad.json", "not valid JSON"), ("wrong.json", "json_schema")):
+        assert message in one_error_line(run("generate", "hi", "--json-schema", tmp_path / name))
+
+
 def test_chat_piped_keeps_history(llm):
     system, q1, q2, q3 = "Answer briefly.", "What is the capital of France?", "And of Germany?", "What is 2+2?"
     params = SamplingParams(max_tokens=6)

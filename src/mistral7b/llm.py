@@ -101,16 +101,24 @@ class LLM:
             messages = with_safe_prompt(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[CompletionOutput]:
-        """One output per prompt; ragged prompts run together as one continuously batched workload."""
-        params = params or SamplingParams()
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """One output per prompt; ragged prompts run together as one continuously batched workload.
+        `params` is one SamplingParams for all prompts or a list of one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode_prompt(p) for p in prompts]
-        for ids in encoded:  # reject the whole call before any work starts
-            self.engine.validate(ids, params)
-        requests = [self.engine.add(ids, params) for ids in encoded]
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(encoded):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(encoded)} prompts")
+            per_prompt = list(params)
+        else:
+            per_prompt = [params or SamplingParams()] * len(encoded)
+        for ids, p in zip(encoded, per_prompt):  # reject the whole call before any work starts
+            self.engine.validate(ids, p)
+        requests = []
         try:
+            for ids, p in zip(encoded, per_prompt):
+                requests.append(self.engine.add(ids, p))
             while not all(r.finished for r in requests):
                 self.engine.step()
         finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
 from .common import add_quantize_options, CLIError, add_sampling_arguments, load_llm, note, print_json, sampling_params, timings_of
@@ -20,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token ids, finish_reason, timings (prefill/decode tok/s)")
     p.add_argument("--stats", action="store_true", help="print prefill/decode speed on stderr at the end")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the output to JSON that follows the JSON schema in FILE (structured outputs)")
     add_sampling_arguments(p)
     add_quantize_options(p)
 
@@ -32,6 +36,25 @@ def parse_token_ids(text: str) -> list[int]:
     if not ids:
         raise ValueError("--token-ids: the prompt holds no token ids")
     return ids
+
+
+def with_json_schema(params, path: str | None):
+    """`params` constrained to the JSON schema in the file at `path` (CLIError naming what is wrong)."""
+    if path is None:
+        return params
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except FileNotFoundError:
+        raise CLIError(f"--json-schema: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--json-schema: cannot read {path}: {e}") from None
+    except ValueError as e:
+        raise CLIError(f"--json-schema: {path} is not valid JSON: {e}") from None
+    try:
+        return dataclasses.replace(params, json_schema=schema)
+    except ValueError as e:  # StructuredOutputError: the schema does not compile
+        raise CLIError(f"--json-schema: {path}: {e}") from None
 
 
 def _prompt_ids(args, llm, prompt: str, chat: bool) -> list[int]:
@@ -50,7 +73,7 @@ def run(args) -> int:
     if prompt == "-":
         prompt = sys.stdin.read()
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt
-    params = sampling_params(args)
+    params = with_json_schema(sampling_params(args), args.json_schema)
     chat = args.chat or args.safe_prompt
     if args.token_ids and chat:
         raise CLIError("--token-ids cannot be combined with --chat or --safe-prompt")

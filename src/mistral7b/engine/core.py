@@ -21,6 +21,7 @@ from ..model import Transformer
 from ..prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from ..sampling import SamplingParams
 from .config import EngineConfig
+from .constraints import ConstraintManager
 from .output import OutputProcessor
 from .request import Delta, Request
 from .runner import DecodeGroup, ModelRunner
@@ -38,6 +39,7 @@ class Engine:
         self.prefix = self._prefix_cache(s)
         self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix)
         self.output = OutputProcessor(tokenizer)
+        self.constraints = ConstraintManager(tokenizer, model.config.vocab_size, s.max_batch, self.runner.device)
         self.device, self.dtype, self.cache = self.runner.device, self.runner.dtype, self.runner.cache
         self.max_batch, self.chunk_size, self.prefill_budget = s.max_batch, s.chunk_size, s.prefill_budget
         self.compiled = s.compile
@@ -64,6 +66,7 @@ class Engine:
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.config.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size}), got {bad[:3]}")
+        self.constraints.validate(params)
         limit = self.cache.max_positions
         if limit is not None and len(prompt_ids) + params.max_tokens > limit:
             raise ValueError(
@@ -75,6 +78,7 @@ class Engine:
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         self.validate(prompt_ids, params)
         request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}")
+        self.constraints.prepare(request)
         self.output.prepare(request)
         self.scheduler.add(request)
         return request
@@ -158,7 +162,7 @@ class Engine:
                     done.append(i)
             if done:
                 requests = [chunk.requests[i] for i in done]
-                tokens, logprobs = self.runner.sample(requests, logits[done])
+                tokens, logprobs = self.runner.sample(requests, logits[done], self._bitmask(requests))
                 self.output.apply(requests, [tokens.tolist()], [logprobs], deltas)
 
     def _decode(self, decoding: list[Request], deltas: list[Delta]) -> None:
@@ -174,16 +178,23 @@ class Engine:
             decoding = [r for r in decoding if not r.finished]
             if not decoding:
                 return
-        steps = 1 if idle else min(self.decode_steps, _remaining(decoding, prev))
+        constrained = self.constraints.any_constrained(decoding)  # their masks need each token: single steps
+        steps = 1 if idle or constrained else min(self.decode_steps, _remaining(decoding, prev))
         want_logprobs = any(r.params.logprobs is not None for r in decoding)
-        pipelined = self.pipeline and not idle and not want_logprobs
-        group, logprobs = self.runner.launch(decoding, steps, prev, host_copy=pipelined)
+        pipelined = self.pipeline and not idle and not want_logprobs and not constrained
+        group, logprobs = self.runner.launch(decoding, steps, prev, host_copy=pipelined, bitmask=self._bitmask(decoding))
         if prev is not None:
             self._finish(prev, deltas)
         if pipelined:
             self._inflight = group
         else:
             self.output.apply(decoding, group.tokens.tolist(), logprobs, deltas)
+
+    def _bitmask(self, requests: list[Request]):
+        """A callable giving the step's constraint bitmask (None for free rows), or None if all are free."""
+        if not self.constraints.any_constrained(requests):
+            return None
+        return lambda: self.constraints.bitmask(requests)
 
     def _finish(self, group: DecodeGroup, deltas: list[Delta]) -> None:
         """Read an in-flight group's tokens (waiting for those steps only) and advance its requests."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from .constraints import settle, stop_string_cut
 from .request import Delta, Request, TokenLogprob
 
 
@@ -53,12 +54,14 @@ def advance(request: Request, token: int) -> Delta:
         request.finish_reason = "stop"
     elif len(request.output_ids) >= params.max_tokens:
         request.finish_reason = "length"
+    if request._constraint is not None:
+        settle(request, token)
     if request.finished and request._decoder is not None:
         request._decoded += request._decoder.flush()
     emitted = len(request.text)
     final = request._decoded
     if params.stop:
-        cut = find_stop(final, params.stop, max(0, emitted - max(len(s) for s in params.stop)))
+        cut = stop_string_cut(request, find_stop(final, params.stop, max(0, emitted - max(len(s) for s in params.stop))))
         if cut is not None:
             final = final[:cut]
             request.finish_reason = "stop"

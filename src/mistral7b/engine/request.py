@@ -30,6 +30,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     _decoder: object = None
+    _constraint: object = None  # structured.Constraint of a json_schema/regex/grammar/choice request
     _stop_ids: frozenset = frozenset()
     _decoded: str = ""  # all text decoded so far, including what is held back
 

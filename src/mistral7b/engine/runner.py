@@ -90,14 +90,18 @@ class ModelRunner:
         rows = self.rows([r.row for r in group])
         return self.model(tokens, positions, self.cache, rows=rows, kv_len=start + n, last_only=True)[:, -1]
 
-    def sample(self, requests: list[Request], logits: torch.Tensor):
-        """(tokens [n], logprobs or None) of one step for `requests`, whose logits are rows of `logits`."""
+    def sample(self, requests: list[Request], logits: torch.Tensor, bitmask=None):
+        """(tokens [n], logprobs or None) of one step for `requests`, whose logits are rows of `logits`;
+        `bitmask` (a callable giving the device bitmask or None) restricts constrained rows."""
         rows = [r.row for r in requests]
-        tokens = sample(logits, self.sampler, rows, self.to_device(rows), all(r.params.greedy for r in requests))
+        mask = bitmask() if bitmask is not None else None
+        greedy = all(r.params.greedy for r in requests)
+        tokens = sample(logits, self.sampler, rows, self.to_device(rows), greedy, bitmask=mask)
         return tokens, self.logprobs(requests, logits, tokens)
 
-    def launch(self, decoding: list[Request], steps: int, prev: DecodeGroup | None, host_copy: bool):
-        """Queue `steps` decode steps for `decoding`, continuing from `prev`'s tokens if given."""
+    def launch(self, decoding: list[Request], steps: int, prev: DecodeGroup | None, host_copy: bool, bitmask=None):
+        """Queue `steps` decode steps for `decoding`, continuing from `prev`'s tokens if given.
+        `bitmask` (constraints.py; single steps only) is called once the forward is queued."""
         width = self.max_batch if self.compiled else max(r.row for r in decoding) + 1
         ahead = prev.steps if prev is not None else 0
         if prev is None:
@@ -114,7 +118,8 @@ class ModelRunner:
         chosen, logprobs = [], []
         for _ in range(steps):
             logits = self.decode_fn(tokens_t, positions_t, kv_len)[index, -1]
-            step_tokens = sample(logits, self.sampler, rows, index, greedy)
+            mask = bitmask() if bitmask is not None else None  # host work while the device runs the forward
+            step_tokens = sample(logits, self.sampler, rows, index, greedy, bitmask=mask)
             chosen.append(step_tokens)
             logprobs.append(self.logprobs(decoding, logits, step_tokens))
             tokens_t[index, 0] = step_tokens

@@ -105,7 +105,9 @@ def default_model_name(llm) -> str:
 
 
 def _generation_responses(model) -> dict:
-    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # Before OpenAPI 3.2 an event stream's `schema` describes one event (schemathesis reads it so).
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": event}},
                   "description": "JSON, or Server-Sent Events when stream is true"}, **ERROR_RESPONSES}
 
 

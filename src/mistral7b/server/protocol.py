@@ -8,20 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from ..sampling import SamplingParams
 from ..tokenizer.chat import ROLE_ALIASES, ROLES
+from .protocol_tools import (DeltaFunctionCall, DeltaToolCall, FunctionCall, FunctionDefinition,  # noqa: F401
+                             JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat, ResponseFunctionCall,
+                             ResponseToolCall, Tool, ToolCall, _Strict)
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_STOP = 16
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
-
-
-class _Strict(BaseModel):
-    # strict: no "1" -> 1 or true -> 1 coercion; no NaN/inf; unknown OpenAI fields are ignored.
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
 
 class StreamOptions(_Strict):
@@ -37,6 +35,8 @@ class ChatMessage(_Strict):
     role: Literal[ROLES + tuple(ROLE_ALIASES)]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
 
     def to_dict(self) -> dict:
         """The message as the tokenizer's chat formats take it: plain text content, canonical role."""
@@ -48,6 +48,10 @@ class ChatMessage(_Strict):
         d = {"role": ROLE_ALIASES.get(self.role, self.role), "content": content}
         if self.name is not None:
             d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
         return d
 
 
@@ -74,6 +78,9 @@ class SamplingRequest(_Strict):
     min_p: float | None = Field(None, ge=0, le=1, description="extension")
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (HF style)")
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrain the output")
+    # A grammar set by the server itself (tool_choice "required" or a named function), never by the client.
+    _grammar: str | None = PrivateAttr(None)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -106,7 +113,15 @@ class SamplingRequest(_Strict):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             ignore_eos=self.ignore_eos,
+            **self.constraint(),
         )
+
+    def constraint(self) -> dict:
+        """SamplingParams' structured-output field for response_format or the server's tool grammar."""
+        if self._grammar is not None:
+            return {"grammar": self._grammar}
+        schema = self.response_format.schema_of() if self.response_format is not None else None
+        return {} if schema is None else {"json_schema": schema}
 
 
 class CompletionRequest(SamplingRequest):
@@ -133,6 +148,10 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     safe_prompt: bool = Field(False, description="extension: prepend Mistral's guardrail system prompt")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: 'auto' with tools, else 'none'")
+    parallel_tool_calls: bool = True
 
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -140,7 +159,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---- responses -------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ErrorDetail(BaseModel):
@@ -236,6 +255,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -258,6 +278,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

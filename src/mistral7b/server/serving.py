@@ -48,6 +48,7 @@ class Submission:
     queue: asyncio.Queue
     created: int = field(default_factory=lambda: int(time.time()))
     offsets: list[int] = field(default_factory=list)  # text characters streamed so far, per choice
+    tools: list | None = None  # serving_chat's ToolStream per choice, for a streamed tool-calling request
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from . import tools
 from .driver import Item
 from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -20,18 +21,36 @@ class OpenAIServingChat(OpenAIServing):
         self.check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = [m.to_dict() for m in body.messages]
-        submission = await self.start(body, lambda: [self.llm.chat_prompt(messages, body.safe_prompt)], 1)
+        plan = tools.plan(self.llm, body) if tools.uses_tools(body) else None  # sets a call grammar first
+        if plan is not None:
+            encode = lambda: [tools.prompt_ids(self.llm, body, plan.tools)]  # noqa: E731
+        else:
+            messages = [m.to_dict() for m in body.messages]
+            encode = lambda: [self.llm.chat_prompt(messages, body.safe_prompt)]  # noqa: E731
+        submission = await self.start(body, encode, 1)
         if body.stream:
+            if plan is not None and plan.fmt is not None:
+                submission.tools = [tools.ToolStream(plan) for _ in submission.requests]
             first = [self._chunk(submission, i, DeltaMessage(role="assistant", content=""))
                      for i in range(len(submission.requests))]
             return self.stream(request, submission, body, first)
         out = await self.collect(request, submission)
-        choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(o.text)), finish_reason=o.finish_reason,
+        choices = [ChatChoice(index=i, message=message, finish_reason=reason,
                               logprobs=ChatLogprobs(content=self.logprobs(o.logprobs)) if body.logprobs else None)
-                   for i, o in enumerate(out)]
+                   for i, o in enumerate(out)
+                   for message, reason in [self._message(plan, submission.requests[i], o)]]
         return ChatCompletionResponse(id=submission.id, created=submission.created, model=self.model_name,
                                       choices=choices, usage=Usage.of(submission.prompt_ids, sum(o.tokens for o in out)))
+
+    def _message(self, plan, engine_request, o) -> tuple[AssistantMessage, str]:
+        """A finished choice's message and finish reason: tool calls if the reply parses as calls."""
+        text = "".join(o.text)
+        if plan is None or plan.fmt is None:
+            return AssistantMessage(content=text), o.finish_reason
+        content, calls = tools.parse(plan, tools.reply_text(self.llm, plan, engine_request.output_ids, text))
+        if calls is None:
+            return AssistantMessage(content=text), o.finish_reason
+        return AssistantMessage(content=content, tool_calls=calls), "tool_calls"
 
     def _chunk(self, submission, index, delta, logprobs=None, finish_reason=None, usage=None, choices=None):
         if choices is None:
@@ -45,10 +64,26 @@ class OpenAIServingChat(OpenAIServing):
     def chunks(self, submission: Submission, body: ChatCompletionRequest, item: Item) -> list:
         chunks = []
         lp = ChatLogprobs(content=self.logprobs(item.logprobs or [])) if body.logprobs and item.logprobs else None
+        if submission.tools is not None:
+            return self._tool_chunks(submission, submission.tools[item.choice], item, lp)
         if item.text or lp:
             chunks.append(self._chunk(submission, item.choice, DeltaMessage(content=item.text), lp))
         if item.finish_reason is not None:
             chunks.append(self._chunk(submission, item.choice, DeltaMessage(), None, item.finish_reason))
+        return chunks
+
+    def _tool_chunks(self, submission: Submission, stream, item: Item, lp) -> list:
+        """A tool-calling choice's chunks: content, or the calls' id and name, then argument fragments."""
+        fields = stream.push(item.text, item.token_ids)
+        if item.finish_reason is not None:
+            fields += stream.finish()
+        if lp is not None and not fields:
+            fields = [{}]
+        chunks = [self._chunk(submission, item.choice, DeltaMessage(**f), lp if k == 0 else None)
+                  for k, f in enumerate(fields)]
+        if item.finish_reason is not None:
+            reason = "tool_calls" if stream.calls else item.finish_reason
+            chunks.append(self._chunk(submission, item.choice, DeltaMessage(), None, reason))
         return chunks
 
     def usage_chunk(self, submission: Submission, usage: Usage):

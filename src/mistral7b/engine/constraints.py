@@ -1,0 +1,87 @@
+"""Structured outputs in the engine: one grammar `Constraint` per constrained request (structured.py).
+
+A request whose SamplingParams carry `json_schema`, `regex`, `grammar` or `choice` gets its Constraint
+when it is added. Before each of its sampling steps (the first token after prefill, then every decode
+step) the host fills its row of one shared bitmask [max_batch, ceil(vocab/32)], after the forward has
+been queued on the device, so the masks are computed while the device runs the step; the sampler
+applies the bitmask on the device. Unconstrained rows of the same batch get all-ones rows.
+
+Why constrained rows run one decode step at a time, never pipelined: the next mask needs the token
+just chosen, on the host. While any constrained row decodes, the engine launches single steps and reads
+their tokens at once; the unconstrained rows beside them lose multi-step decode for those steps only.
+
+Ending: the grammar allows EOS only where the value is complete, so "stop" means a complete value; a
+grammar that can go no further ends the request at once with "stop"; `max_tokens` cutting an
+unfinished value gives "length"; a stop string never cuts a value: met inside an unfinished value it
+is ignored, and once the value is complete it ends the request with the value whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import structured
+from .request import Request
+
+
+class ConstraintManager:
+    """Builds requests' constraints, fills the bitmask for a step, and settles their finish reasons."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_batch: int, device: torch.device):
+        self.tokenizer, self.vocab_size, self.max_batch, self.device = tokenizer, vocab_size, max_batch, device
+        self._bitmask: torch.Tensor | None = None  # host int32 [max_batch, words], allocated on first use
+        self._ll_tokenizer = None
+
+    def validate(self, params) -> None:
+        if params.constrained and self.tokenizer is None:
+            raise ValueError("structured outputs (json_schema, regex, grammar, choice) need a checkpoint with a tokenizer")
+
+    def prepare(self, request: Request) -> None:
+        """Compile the request's constraint (StructuredOutputError naming the problem if it does not)."""
+        if not request.params.constrained:
+            return
+        self.validate(request.params)
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = structured.ll_tokenizer(self.tokenizer, self.vocab_size)
+        request._constraint = structured.Constraint.from_params(request.params, self._ll_tokenizer)
+
+    @staticmethod
+    def any_constrained(requests: list[Request]) -> bool:
+        return any(r._constraint is not None for r in requests)
+
+    def bitmask(self, requests: list[Request]) -> torch.Tensor | None:
+        """The device bitmask for one sampling step of `requests` (row i is requests[i]), or None when
+        none of them is constrained. Call it after the step's forward is queued: it overlaps the device."""
+        constrained = [(r._constraint, i) for i, r in enumerate(requests) if r._constraint is not None]
+        if not constrained:
+            return None
+        if self._bitmask is None:
+            self._bitmask = structured.allocate_bitmask(self.max_batch, self.vocab_size)
+        rows = self._bitmask[: len(requests)]
+        structured.fill_bitmask(rows, constrained)
+        # Safe to reuse the pinned buffer next step: constrained steps are read (synchronised) at once.
+        return rows.to(self.device, non_blocking=True)
+
+
+def settle(request: Request, token: int) -> None:
+    """Advance a constrained request's grammar by `token` and correct its finish reason (called by
+    output.advance after the stop rules): "stop" only on a complete value."""
+    constraint = request._constraint
+    if token not in request._stop_ids and not constraint.consume(token):
+        # The sampler only picks allowed tokens, so this means the matcher failed: end as unfinished.
+        request.finish_reason = "length"
+        return
+    reason = structured.finish_reason(constraint, request.finish_reason)
+    if reason == "length" and constraint.is_stopped() and constraint.is_accepting():
+        reason = "stop"  # the last token allowed completed the value
+    request.finish_reason = reason
+
+
+def stop_string_cut(request: Request, cut: int | None) -> int | None:
+    """Where a stop string cuts the text (output.advance): a constrained request's value is never cut.
+    A stop string ends it, with its text whole, once the value is complete, and is ignored before."""
+    if cut is None or request._constraint is None:
+        return cut
+    if request._constraint.is_accepting():
+        request.finish_reason = "stop"
+    return None
