@@ -121,17 +121,48 @@ def gpu(args) -> dict:
     if "bf16" in methods:
         rows["bf16"] = time_model(dense, config, args)
     for method in (m for m in ("int8", "int4") if m in methods):
-        model = quantize_model(dense, config, method, device)
-        rows[method] = time_model(model, config, args)
-        rows[method]["rel_err_vs_dequantized"] = error_vs_dequantized(model, dense, config)
-        del model
+        try:
+            model = quantize_model(dense, config, method, device)
+            rows[method] = {"rel_err_vs_dequantized": error_vs_dequantized(model, dense, config)}
+            print(f"{method}: logits vs dequantized weights, rel. err {rows[method]['rel_err_vs_dequantized']:.2e}", flush=True)
+            rows[method] |= time_model(model, config, args)
+        except Exception as e:  # one method's failure must not lose the others' figures
+            rows[method] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"{method} failed: {rows[method]['error']}", flush=True)
+        model = None
         empty_cache(device)
     results["rows"] = rows
-    print(f"{'weights':8s} {'GiB':>6s} {'b1 tok/s':>9s} {'b8 tok/s':>9s} {'prefill tok/s':>14s} {'err':>8s}")
-    for name, r in rows.items():
-        print(f"{name:8s} {r['weight_gib']:6.2f} {r['decode_b1']:9.1f} {r['decode_b8']:9.1f} "
-              f"{r['prefill']:14.0f} {r.get('rel_err_vs_dequantized', 0):8.2e}")
+    if args.peer:
+        del dense
+        empty_cache(device)
+        results["gpt_fast"] = gpt_fast_rows(args, methods)
+    print_gpu_table(rows, results.get("gpt_fast", {}))
     return results
+
+
+def gpt_fast_rows(args, methods) -> dict:
+    from mistral7b.bench_peers import run_gpt_fast
+
+    rows = {}
+    for method in methods:
+        rows[method] = run_gpt_fast(args.peer, method, args.prompt, args.new, runs=args.repeats)
+        print(f"gpt-fast {method}: {json.dumps(rows[method])}", flush=True)
+    return rows
+
+
+def print_gpu_table(rows: dict, peer: dict) -> None:
+    print("| weights | GiB | b1 tok/s (with prefill) | b1 after 1st token | gpt-fast b1 (with / after 1st) "
+          "| ours / gpt-fast (after 1st) | b8 tok/s | prefill tok/s | rel. err vs dequantized |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        g = peer.get(name, {})
+        if "error" in r:
+            print(f"| {name} | {r['error']} |")
+            continue
+        both = f"{g['tok_s_with_prefill']:.1f} / {g['tok_s_decode_only']:.1f}" if "tok_s_decode_only" in g else g.get("error", "-")
+        ratio = f"{r['decode_b1_decode_only'] / g['tok_s_decode_only']:.2f}x" if "tok_s_decode_only" in g else "-"
+        print(f"| {name} | {r['weight_gib']:.2f} | {r['decode_b1']:.1f} | {r['decode_b1_decode_only']:.1f} | {both} "
+              f"| {ratio} | {r['decode_b8']:.1f} | {r['prefill']:,.0f} | {r.get('rel_err_vs_dequantized', 0):.2e} |")
 
 
 def empty_cache(device) -> None:
@@ -196,7 +227,7 @@ def weight_gib(model) -> float:
 
 
 def time_model(model, config, args) -> dict:
-    from mistral7b.bench import random_prompts, run_requests
+    from mistral7b.bench import decode_only_rate, random_prompts, run_requests
     from mistral7b.engine import Engine
 
     device = next(model.parameters()).device
@@ -208,9 +239,10 @@ def time_model(model, config, args) -> dict:
         run_requests(engine, prompts, args.new)  # compile and record
         sync(device)
         t0 = time.perf_counter()
-        run_requests(engine, prompts, args.new)
+        requests = run_requests(engine, prompts, args.new)
         sync(device)
         out[f"decode_b{batch}"] = batch * args.new / (time.perf_counter() - t0)
+        out[f"decode_b{batch}_decode_only"] = decode_only_rate(requests)
         del engine
     tokens = torch.randint(0, config.vocab_size, (1, args.prefill), device=device)
     with torch.no_grad():
@@ -238,6 +270,7 @@ def main() -> int:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--prefill", type=int, default=4096)
     p.add_argument("--methods", default="bf16,int8,int4", help="with --gpu: which weights to time")
+    p.add_argument("--peer", default=None, metavar="DIR", help="with --gpu: gpt-fast's folder; its b1 decode per method, same run")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     results = gpu(args) if args.gpu else cpu(args)

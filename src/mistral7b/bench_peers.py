@@ -61,9 +61,31 @@ def _random_gpt_fast_model(gf_model, weights: str, device: str):
         model = handler.convert_for_runtime()
         model.load_state_dict(state, assign=True)
         model = model.to(device)
+    elif weights == "int4":
+        import quantize  # gpt-fast's
+
+        quantize.prepare_int4_weight_and_scales_and_zeros = _prepare_int4_for_current_torch(quantize)
+        handler = quantize.WeightOnlyInt4QuantHandler(model, groupsize=128)
+        state = handler.create_quantized_state_dict()
+        model = handler.convert_for_runtime()
+        model.load_state_dict(state, assign=True)
+        model = model.to(device)
     elif weights != "bf16":
-        raise ValueError(f"gpt-fast peer weights must be bf16 or int8, not {weights!r}")
+        raise ValueError(f"gpt-fast peer weights must be bf16, int8 or int4, not {weights!r}")
     return model.eval()
+
+
+def _prepare_int4_for_current_torch(quantize):
+    """gpt-fast packs int32 [N, K] codes; torch >= 2.5's `_convert_weight_to_int4pack` takes uint8
+    [N, K/2] with two codes a byte (high nibble first). Same quantization, the packing torch wants now."""
+    import torch
+
+    def prepare(weight_bf16, groupsize, inner_k_tiles):
+        codes, scales_and_zeros = quantize.group_quantize_tensor(weight_bf16, n_bit=4, groupsize=groupsize)
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles), scales_and_zeros
+
+    return prepare
 
 
 def _child(args) -> dict:
@@ -90,12 +112,13 @@ def _child(args) -> dict:
     totals, firsts = [], []
     for _ in range(args.runs):
         totals.append(generate(args.new_tokens))
-        firsts.append(generate(1))  # cache set-up + prefill + first token
+        # cache set-up, prefill, first token and one decode step (gpt-fast's generate needs >= 2)
+        firsts.append(generate(2))
     total, first = statistics.median(totals), statistics.median(firsts)
     return {
         "peer": "gpt-fast", "weights": args.weights, "batch": args.batch, "compile_s": compile_s,
         "tok_s_with_prefill": args.batch * args.new_tokens / total,
-        "tok_s_decode_only": args.batch * (args.new_tokens - 1) / max(total - first, 1e-9),
+        "tok_s_decode_only": args.batch * (args.new_tokens - 2) / max(total - first, 1e-9),
         "weights_gib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30,
     }
 
@@ -103,7 +126,7 @@ def _child(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("directory", type=Path)
-    p.add_argument("--weights", default="bf16", choices=["bf16", "int8"])
+    p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int4"])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)

@@ -6,8 +6,8 @@ Measured on the project's 2-core CPU (AVX-512) and on an H200 (benchmarks/quant_
   (tile-packed). Both want bf16 activations and bf16 scales/zeros, so activations are cast to bf16
   at the call and the result cast back: the residual stream, norms and attention keep the model's dtype.
   On CUDA a large batch of rows (prefill) dequantizes the tiles to bf16 and uses cuBLAS instead.
-- int8 per channel: CPU `_weight_int8pack_mm`; CUDA `F.linear(x, q.to(x.dtype)) * scale`, which
-  torch.compile fuses into one kernel (torchao's int8 weight-only recipe).
+- int8 per channel: CPU `_weight_int8pack_mm`; CUDA `mm(x, q.t().to(x.dtype)) * scale`, which
+  torch.compile fuses into one matmul that reads int8 (torchao's int8 weight-only recipe; see int8_mm).
 - int8 groups (GGUF Q8_0, Q6_K, Q5_K): on CPU split exactly into two int4 planes,
   q = 16 * hi + lo with hi in -8..7 and lo in 0..15, each run by the int4 kernel (one int8 matmul is
   slower than two int4 ones there); elsewhere dequantize and matmul.
@@ -170,11 +170,20 @@ def _compiled_dequantize():
 
 
 def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """Per-channel int8: q [N, K], scale [N] in the kernel's dtype."""
-    if x.is_cuda:
-        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    """Per-channel int8: q [N, K], scale [N] in bf16.
+
+    CUDA takes torchao's int8 weight-only form, `mm(x, q.t().to(dtype)) * scale`: the cast follows
+    the transpose, so torch.compile fuses it into the matmul and reads int8. The other order,
+    `F.linear(x, q.to(dtype))`, is caught by inductor's weight-only pattern, which lowers it to
+    `aten._weight_int8pack_mm`; on CUDA that is a one-thread-per-output kernel (15 tok/s at the 7B
+    shape on an H200, 2026-12-02), and in torch 2.11 the lowering fails when x is a fused pointwise
+    result such as RMSNorm's output."""
     shape = x.shape
-    out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), q, scale)
+    x2 = x.reshape(-1, shape[-1])
+    if x.is_cuda:
+        out = torch.mm(x2, q.t().to(x.dtype)) * scale.to(x.dtype)
+        return out.view(*shape[:-1], q.shape[0])
+    out = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), q, scale)
     return out.to(x.dtype).view(*shape[:-1], q.shape[0])
 
 

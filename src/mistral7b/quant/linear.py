@@ -125,7 +125,7 @@ class Int8Linear(QuantModule):
                 self.register_buffer(f"scales_zeros_{plane}", torch.empty(g, rows, 2, dtype=torch.bfloat16, **meta))
             return
         self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, **meta))
-        scale_dtype = torch.bfloat16 if self.kernel == "int8pack" and self.target.type == "cpu" else torch.float32
+        scale_dtype = torch.bfloat16 if self.kernel == "int8pack" else torch.float32
         self.register_buffer("scales", torch.empty(n, g, dtype=scale_dtype, **meta))
         self.register_buffer("zeros", torch.empty(n, g, **meta) if fmt.has_zero else None)
 

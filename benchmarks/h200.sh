@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One device call per group of runs on an H200 (see the device tool's README): checks first, then
+# timings, every table printed and every JSON/log written under $OUT.
+#   bash benchmarks/h200.sh quant      # int8/int4 vs bf16, ours and gpt-fast, 7B shape
+#   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
+#   bash benchmarks/h200.sh serving    # prefix cache and structured outputs through the engine
+# Needs .whl (wheels the image lacks) and .peer (gpt-fast's files, tokenizer.model.v1) carried.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+wheels=$(ls .whl/*.whl | grep -v torchao)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" 2>&1 | grep -v -E "^linear: |UserWarning|warnings.warn" | tee "$OUT/$name.log"
+    echo "=== $name rc=${PIPESTATUS[0]}"
+}
+
+case "${1:-}" in
+quant)
+    step quant-7b 540 python3 benchmarks/quant_bench.py --gpu --peer .peer/gpt-fast --methods ${METHODS:-bf16,int8,int4} \
+        --json "$OUT/quant-7b.json"
+    ;;
+speed)
+    step gpu-check 150 python3 benchmarks/gpu_check.py
+    step bench 420 python3 -m mistral7b.cli bench --peer gpt-fast .peer/gpt-fast --prefill 4096,32768 \
+        --hf-sections decode,compile --sections decode,context,prefill --long-context 0 --runs 3 --json "$OUT/bench.json"
+    ;;
+serving)
+    step prefix 200 python3 benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 64 \
+        --max-tokens 128 --json "$OUT/prefix-engine.json"
+    step structured 200 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
+        --engine --skip-cpu --json "$OUT/structured.json"
+    step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
+    ;;
+*)
+    echo "usage: $0 quant|speed|serving" >&2; exit 2 ;;
+esac
