@@ -216,3 +216,26 @@ def test_quantized_linears_trace_in_one_graph(fmt):
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, k)
     assert torch.equal(compiled(x), module(x))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_cuda_forms_match_dequantized_and_avoid_the_int8pack_pattern(rows):
+    """The CUDA int8 forms, run on CPU tensors: both equal x @ (q * scale)^T, and under torch.compile
+    neither is rewritten by inductor's weight-only pattern into `_weight_int8pack_mm` (slow on CUDA)."""
+    from torch._dynamo.utils import counters
+
+    from mistral7b.quant import kernels
+
+    n, k = 48, 96
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) / 50 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    want = x.float() @ (q.float() * scale.float()[:, None]).t()
+    eager = kernels.int8_mm_cuda(x, q, scale)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(kernels.int8_mm_cuda, fullgraph=True)(x, q, scale)
+    assert counters["inductor"]["woq_matcher_count"] == 0
+    for got in (eager, compiled):
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2

@@ -6,8 +6,8 @@ Measured on the project's 2-core CPU (AVX-512) and on an H200 (benchmarks/quant_
   (tile-packed). Both want bf16 activations and bf16 scales/zeros, so activations are cast to bf16
   at the call and the result cast back: the residual stream, norms and attention keep the model's dtype.
   On CUDA a large batch of rows (prefill) dequantizes the tiles to bf16 and uses cuBLAS instead.
-- int8 per channel: CPU `_weight_int8pack_mm`; CUDA `mm(x, q.t().to(x.dtype)) * scale`, which
-  torch.compile fuses into one matmul that reads int8 (torchao's int8 weight-only recipe; see int8_mm).
+- int8 per channel: CPU `_weight_int8pack_mm`; CUDA: see `int8_mm_cuda` (a fused reduction in compiled
+  decode, cuBLAS on the cast weight otherwise).
 - int8 groups (GGUF Q8_0, Q6_K, Q5_K): on CPU split exactly into two int4 planes,
   q = 16 * hi + lo with hi in -8..7 and lo in 0..15, each run by the int4 kernel (one int8 matmul is
   slower than two int4 ones there); elsewhere dequantize and matmul.
@@ -169,22 +169,32 @@ def _compiled_dequantize():
     return torch.compile(_dequantize_tiles_eager, dynamic=True)
 
 
-def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """Per-channel int8: q [N, K], scale [N] in bf16.
+CUDA_INT8_REDUCTION_ROWS = 16  # up to this many rows, compiled CUDA int8 runs as one reduction
 
-    CUDA takes torchao's int8 weight-only form, `mm(x, q.t().to(dtype)) * scale`: the cast follows
-    the transpose, so torch.compile fuses it into the matmul and reads int8. The other order,
-    `F.linear(x, q.to(dtype))`, is caught by inductor's weight-only pattern, which lowers it to
-    `aten._weight_int8pack_mm`; on CUDA that is a one-thread-per-output kernel (15 tok/s at the 7B
-    shape on an H200, 2026-12-02), and in torch 2.11 the lowering fails when x is a fused pointwise
-    result such as RMSNorm's output."""
+
+def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """Per-channel int8: q [N, K], scale [N] in bf16."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x.is_cuda:
-        out = torch.mm(x2, q.t().to(x.dtype)) * scale.to(x.dtype)
-        return out.view(*shape[:-1], q.shape[0])
+        return int8_mm_cuda(x2, q, scale).view(*shape[:-1], q.shape[0])
     out = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), q, scale)
     return out.to(x.dtype).view(*shape[:-1], q.shape[0])
+
+
+def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x2 [M, K] @ (q * scale)^T without `aten._weight_int8pack_mm`, which on CUDA is a one-thread-per-
+    output fp32 kernel (15 tok/s at the 7B shape, H200, 2026-12-02). Inductor's weight-only pattern
+    rewrites `mm(x, q.to(bf16)) * scale` with bf16 scales into that op (and its lowering fails in torch
+    2.11 when x is a fused pointwise result), so the scale is applied in float32, which it does not match.
+
+    Compiled decode (few rows): a multiply-and-sum over K that inductor fuses into one reduction reading
+    int8, the form inductor itself gives a matrix-vector product. Otherwise: cast and cuBLAS."""
+    if torch.compiler.is_compiling() and x2.shape[0] <= CUDA_INT8_REDUCTION_ROWS:
+        out = (q[:, None, :].float() * x2[None].float()).sum(-1).t()  # [N, M]: a weight row serves all M
+    else:
+        out = torch.mm(x2, q.t().to(x2.dtype)).float()
+    return (out * scale.float()).to(x2.dtype)
 
 
 def dequant_mm(x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
