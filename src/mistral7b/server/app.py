@@ -30,8 +30,8 @@ from .serving import Admission
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_tokenization import OpenAIServingTokenization
-from .settings import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, LOOPBACK,
-                       fit_max_connections, resolve_api_key)
+from .settings import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
+                       LOOPBACK, fit_max_connections, resolve_api_key)
 
 log = logging.getLogger("mistral7b.server")
 

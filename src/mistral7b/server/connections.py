@@ -55,78 +55,87 @@ class RateLimitedLog:
         return True
 
 
-def guarded_protocol(header_timeout: float, max_connections: int, notices: RateLimitedLog | None = None) -> type:
-    """A subclass of uvicorn's HTTP protocol (h11, or httptools where installed) for one server."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+class ConnectionGuard:
+    """Mixed into uvicorn's HTTP protocol by `guarded_protocol`, which sets the class attributes."""
 
-    notices = notices or RateLimitedLog(log)
-    refusing: set = set()  # refused connections still lingering (each holds a descriptor)
+    header_timeout: float
+    max_connections: int
+    refusals: RateLimitedLog
+    timeouts: RateLimitedLog
+    refusing: set  # refused connections still lingering (each holds a descriptor)
 
-    class GuardedProtocol(AutoHTTPProtocol):
-        def connection_made(self, transport) -> None:
-            self._header_timer = self._seen_cycle = None
-            self._refused = len(self.server_state.connections) >= max_connections
-            if self._refused:
-                return self._refuse(transport)
-            super().connection_made(transport)
-            self._await_headers()
+    def connection_made(self, transport) -> None:
+        self._header_timer = self._seen_cycle = None
+        self._refused = len(self.server_state.connections) >= self.max_connections
+        if self._refused:
+            return self._refuse(transport)
+        super().connection_made(transport)
+        self._await_headers()
 
-        def _refuse(self, transport) -> None:
-            self.transport = transport
-            notices.warning("refusing connections: %d open, the limit (--max-connections) is %d",
-                            len(self.server_state.connections), max_connections)
-            if len(refusing) >= max_connections:  # a flood: do not hold descriptors for it
-                return transport.abort()
-            refusing.add(self)
-            transport.write(REFUSED)
-            transport.write_eof()  # keep reading (and dropping) so that closing sends FIN, not RST
-            self._header_timer = self.loop.call_later(LINGER_S, transport.close)
+    def _refuse(self, transport) -> None:
+        self.transport = transport
+        self.refusals.warning("refusing connections: %d open, the limit (--max-connections) is %d",
+                              len(self.server_state.connections), self.max_connections)
+        if len(self.refusing) >= self.max_connections:  # a flood: do not hold descriptors for it
+            return transport.abort()
+        self.refusing.add(self)
+        transport.write(REFUSED)
+        transport.write_eof()  # keep reading (and dropping) so that closing sends FIN, not RST
+        self._header_timer = self.loop.call_later(LINGER_S, transport.close)
 
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return
-            super().data_received(data)
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+        self._check_headers()
+
+    def eof_received(self):
+        return None if self._refused else super().eof_received()  # None: asyncio closes the transport
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        if self._refused:
+            self.refusing.discard(self)
+            return
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request
+        if not self.transport.is_closing():
             self._check_headers()
 
-        def eof_received(self):
-            return None if self._refused else super().eof_received()  # None: asyncio closes the transport
-
-        def connection_lost(self, exc) -> None:
+    def _check_headers(self) -> None:
+        """Stop the clock once a new request's headers are in; start it when waiting for more."""
+        if self.cycle is not self._seen_cycle:
+            self._seen_cycle = self.cycle
             self._cancel_header_timer()
-            if self._refused:
-                refusing.discard(self)
-                return
-            super().connection_lost(exc)
+        if self.cycle is not None and self.cycle.response_complete and self._header_timer is None:
+            self._await_headers()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()  # may start a pipelined request
-            if not self.transport.is_closing():
-                self._check_headers()
+    def _await_headers(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout)
 
-        def _check_headers(self) -> None:
-            """Stop the clock once a new request's headers are in; start it when waiting for more."""
-            if self.cycle is not self._seen_cycle:
-                self._seen_cycle = self.cycle
-                self._cancel_header_timer()
-            if self.cycle is not None and self.cycle.response_complete and self._header_timer is None:
-                self._await_headers()
-
-        def _await_headers(self) -> None:
-            self._cancel_header_timer()
-            self._header_timer = self.loop.call_later(header_timeout, self._header_timeout)
-
-        def _cancel_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_timeout(self) -> None:
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if not self.transport.is_closing():
-                notices.warning("closed a connection that sent no complete request headers in %g s", header_timeout)
-                self.transport.close()
 
-    return GuardedProtocol
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.timeouts.warning("closed a connection that sent no complete request headers in %g s",
+                                  self.header_timeout)
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol (h11, or httptools where installed) with `ConnectionGuard`, for one server."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    limits = {"header_timeout": header_timeout, "max_connections": max_connections, "refusing": set(),
+              "refusals": RateLimitedLog(log), "timeouts": RateLimitedLog(log)}
+    return type("GuardedProtocol", (ConnectionGuard, AutoHTTPProtocol), limits)
 
 
 def accept_error_handler(notices: RateLimitedLog, fallback: Callable | None = None) -> Callable:
@@ -167,7 +176,6 @@ class GuardedServer(uvicorn.Server):
         await super().startup(sockets)
 
 
-def guarded_config(app, header_timeout: float, max_connections: int, notices: RateLimitedLog | None = None,
-                   **kwargs) -> uvicorn.Config:
+def guarded_config(app, header_timeout: float, max_connections: int, **kwargs) -> uvicorn.Config:
     """A uvicorn config serving `app` through `guarded_protocol`."""
-    return uvicorn.Config(app, http=guarded_protocol(header_timeout, max_connections, notices), **kwargs)
+    return uvicorn.Config(app, http=guarded_protocol(header_timeout, max_connections), **kwargs)
