@@ -222,3 +222,53 @@ def test_descriptor_exhaustion_logs_one_line_without_tracebacks(tmp_path):
     assert "Traceback" not in log_text, log_text[:2000]
     assert sum("cannot accept connections: Too many open files" in line for line in lines) == 1, log_text[:2000]
     assert len(lines) < 10, log_text[:2000]
+
+
+@pytest.mark.parametrize("args", [["--max-connections", "0"], ["--header-timeout", "0"], ["--header-timeout", "inf"],
+                                  ["--header-timeout", "x"]])
+def test_bad_connection_flags_are_usage_errors(args, capsys):
+    from mistral7b import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and args[0] in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_serve_passes_the_connection_flags(monkeypatch):
+    """`mistral7b serve` hands --max-connections and --header-timeout to `serve` (model loading stubbed)."""
+    from mistral7b import cli
+    from mistral7b.cli import serve as serve_command
+    from mistral7b.server import app
+
+    seen = {}
+    monkeypatch.setattr(serve_command, "load_llm", lambda args, config: "llm")
+    monkeypatch.setattr(app, "serve", lambda llm, **kwargs: seen.update(kwargs, llm=llm))
+    assert cli.main(["serve", "--max-connections", "7", "--header-timeout", "2.5", "--no-prefix-cache"]) == 0
+    assert (seen["llm"], seen["max_connections"], seen["header_timeout"]) == ("llm", 7, 2.5)
+    cli.main(["serve", "--no-prefix-cache"])
+    assert (seen["max_connections"], seen["header_timeout"]) == (1024, 10.0)
+
+
+FIT = textwrap.dedent("""
+    import importlib.util, resource, sys
+    spec = importlib.util.spec_from_file_location("settings", sys.argv[4])  # alone: no torch to import
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+    print(settings.fit_max_connections(int(sys.argv[3])), resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+          settings.RESERVED_FDS)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptor limits")
+@pytest.mark.parametrize("soft, hard, wanted", [(256, 256, 1024), (256, 4096, 1024), (256, 4096, 8000), (256, 512, 10)])
+def test_max_connections_fits_the_descriptor_limit(soft, hard, wanted):
+    """The soft limit is raised to the hard one; the cap leaves RESERVED_FDS descriptors free."""
+    from mistral7b.server import settings
+
+    out = subprocess.run([sys.executable, "-c", FIT, str(soft), str(hard), str(wanted), settings.__file__],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    fitted, new_soft, reserved = map(int, out)
+    assert new_soft == hard
+    assert fitted == min(wanted, hard - reserved)
