@@ -3,7 +3,8 @@ rate-limited logging of accept errors.
 
 uvicorn arms its keep-alive timer only after a response, so a client that connects and never finishes
 its headers holds a file descriptor forever; enough of them exhaust the process's descriptors. asyncio
-then logs a traceback for every failed `accept()` (up to `backlog` of them per second). Hence:
+then logs a traceback for every failed `accept()`, and its accept loop goes on to `backlog` (2048)
+attempts per tick after the first EMFILE: tens of thousands of tracebacks a second. Hence:
 
 - `guarded_protocol`: uvicorn's HTTP protocol, plus a deadline for complete request headers (from
   the connection, or from the end of the previous response) and a cap on open connections; a
