@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..server.settings import API_KEY_ENV, DEFAULT_MAX_QUEUE
+from ..server.settings import API_KEY_ENV, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE
 from .common import CLIError, add_quantize_options, device_of, load_llm, port_number, positive_int
 
 # A modest default budget: on CUDA 1 GiB holds 2 x 4096 positions of Mistral 7B's KV in bf16 (128 KiB a
@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="turn prefix caching off")
     p.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting before the server answers 429")
+    p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections; more get a 503 and are closed (lowered to fit the open-file limit)")
+    p.add_argument("--header-timeout", type=positive_seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                   help="close a connection that has not sent complete request headers in this time")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
     add_quantize_options(p)
@@ -49,6 +53,16 @@ def non_negative_float(text: str) -> float:
         value = float("nan")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
 
@@ -76,5 +90,6 @@ def run(args) -> int:
                                  prefix_cache_gib=prefix_cache_gib(args))
     llm = load_llm(args, engine_config)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          max_queue=args.max_queue, log_level=args.log_level)
+          max_queue=args.max_queue, log_level=args.log_level, max_connections=args.max_connections,
+          header_timeout=args.header_timeout)
     return 0

@@ -3,7 +3,8 @@
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (JSON, or Server-Sent
 Events ending with `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus). A bounded wait queue
-(429 + Retry-After), bearer auth on /v1/* (`hmac.compare_digest`) and a body size limit (413) guard it.
+(429 + Retry-After), bearer auth on /v1/* (`hmac.compare_digest`) and a body size limit (413) guard it;
+`connections` adds a header-read timeout, a connection cap (503) and rate-limited accept errors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
+from .connections import GuardedServer, guarded_config
 from .driver import driver_for
 from .errors import ERROR_RESPONSES, BodyTooLarge, install_error_handlers, send_error
 from .metrics import Metrics
@@ -28,7 +30,8 @@ from .serving import Admission
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_tokenization import OpenAIServingTokenization
-from .settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, LOOPBACK, resolve_api_key
+from .settings import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
+                       LOOPBACK, fit_max_connections, resolve_api_key)
 
 log = logging.getLogger("mistral7b.server")
 
@@ -200,28 +203,38 @@ def _bound_integers(node, bound: dict) -> None:
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT):
     """Run the server until interrupted. `api_key` defaults to $MISTRAL7B_API_KEY."""
-    import uvicorn
-
     api_key = resolve_api_key(api_key)
     if host not in LOOPBACK and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    fitted = fit_max_connections(max_connections)
+    if fitted < max_connections:
+        log.warning("--max-connections %d does not fit the open-file limit: using %d", max_connections, fitted)
     if llm.engine.compiled:
         log.warning("compiling the decode step before serving (a minute or two on a GPU)")
         driver_for(llm.engine).warm_up()
     app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = guarded_config(app, header_timeout, fitted, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    server = GuardedServer(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C ends the graceful wait quietly
+        pass
+    if not server.started:  # uvicorn logged why (say, the port is taken)
+        raise SystemExit(3)
 
 
 class ServerThread:
     """uvicorn in a background thread on a free loopback port (tests and benchmarks)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT):
+        config = guarded_config(app, header_timeout, max_connections, host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=2)
+        self.server = GuardedServer(config)
         self.host = host
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.port: int | None = None

@@ -7,7 +7,29 @@ import os
 API_KEY_ENV = "MISTRAL7B_API_KEY"
 DEFAULT_MAX_QUEUE = 256  # requests waiting before the server answers 429
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_CONNECTIONS = 1024  # open connections; more get a 503 (lowered to fit the descriptor limit)
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a connection to send complete request headers
+RESERVED_FDS = 128  # descriptors kept for the model, the log and the engine, outside the connection cap
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def fit_max_connections(max_connections: int) -> int:
+    """`max_connections`, lowered to fit the soft descriptor limit after raising that to the hard
+    limit (as vLLM does), so that the cap rather than EMFILE turns clients away."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return max_connections
+    infinite = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != infinite and (hard == infinite or hard > soft):
+        wanted = max_connections + RESERVED_FDS if hard == infinite else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+            soft = max(soft, wanted)
+        except (ValueError, OSError):
+            pass
+    return max_connections if soft == infinite else max(1, min(max_connections, soft - RESERVED_FDS))
 
 
 def resolve_api_key(api_key: str | None) -> str | None:
