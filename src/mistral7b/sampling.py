@@ -43,22 +43,23 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
-            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (_integer(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
-            (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (_integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens}"),
-            (_finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), f"logprobs must be an integer in [0, 20], got {self.logprobs}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(s, str) for s in self.stop), "stop must be a string or a list of strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+            ("temperature", _float32(self.temperature) and self.temperature >= 0, f"must be >= 0, got {self.temperature}"),
+            ("top_p", _float32(self.top_p) and 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, f"must be an integer >= 0 (0 = off), got {self.top_k}"),
+            ("min_p", _float32(self.min_p) and 0 <= self.min_p <= 1, f"must be in [0, 1], got {self.min_p}"),
+            ("max_tokens", _integer(self.max_tokens) and self.max_tokens >= 1, f"must be an integer >= 1, got {self.max_tokens}"),
+            ("repetition_penalty", _float32(self.repetition_penalty) and self.repetition_penalty > 0, f"must be > 0, got {self.repetition_penalty}"),
+            ("presence_penalty", _float32(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"must be in [-2, 2], got {self.presence_penalty}"),
+            ("frequency_penalty", _float32(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"must be in [-2, 2], got {self.frequency_penalty}"),
+            ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= 20), f"must be an integer in [0, 20], got {self.logprobs}"),
+            ("seed", self.seed is None or _integer(self.seed), f"must be an integer, got {self.seed!r}"),
+            ("stop", all(isinstance(s, str) for s in self.stop), "must be a string or a list of strings"),
+            ("stop_token_ids", all(_integer(t) and t >= 0 for t in self.stop_token_ids), "must be non-negative integers"),
         ]
-        problems = [message for ok, message in checks if not ok]
+        problems = [(name, message) for name, ok, message in checks if not ok]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SamplingParamsError("; ".join(f"{name} {message}{_float32_note(getattr(self, name))}"
+                                                for name, message in problems), problems[0][0])
         if self.constrained:
             from .structured import validate_params
 
@@ -71,6 +72,30 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class SamplingParamsError(ValueError):
+    """A bad sampling parameter; `param` names the (first) one."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+# The sampler computes in float32: a nonzero number below its smallest normal value flushes to (near) zero
+# (a repetition penalty of 1e-40 then divides by zero), one above its largest becomes infinite.
+_F32 = torch.finfo(torch.float32)
+
+
+def _float32(x) -> bool:
+    """A finite real number that float32 holds without overflow or underflow to a subnormal."""
+    return _finite(x) and (x == 0 or _F32.tiny <= abs(x) <= _F32.max)
+
+
+def _float32_note(x) -> str:
+    if _finite(x) and not _float32(x):
+        return f" ({x} is outside the range float32 holds: 0, or {_F32.tiny:.3g} to {_F32.max:.3g} in magnitude)"
+    return ""
 
 
 def _integer(x) -> bool:
@@ -194,6 +219,11 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
             logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index],
             batch.seen[index],
         )
+        # A tiny repetition penalty can push a logit past float32's range, and a temperature below 1 then
+        # pushes it further: clamp, then shift the row's maximum to 0 (softmax does not change), so that
+        # no +inf (hence no inf - inf = NaN) ever reaches the softmax.
+        logits = logits.clamp(-_F32.max, _F32.max)
+        logits = logits - logits.amax(-1, keepdim=True)
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
     greedy = logits.argmax(-1)

@@ -107,7 +107,7 @@ class OpenAIServing:
         try:
             return body.to_sampling_params(max_tokens, choice)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
 
     # -- admission -------------------------------------------------------------------------------
 
