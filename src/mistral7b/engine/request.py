@@ -33,6 +33,8 @@ class Request:
     _constraint: object = None  # structured.Constraint of a json_schema/regex/grammar/choice request
     _stop_ids: frozenset = frozenset()
     _decoded: str = ""  # all text decoded so far, including what is held back
+    _stop_scanned: int = 0  # characters of _decoded already searched for stop strings
+    _stop_held: int = 0  # trailing characters of those that could still grow into a stop string
 
     @property
     def finished(self) -> bool:
