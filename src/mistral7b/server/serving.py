@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .driver import Item, _Subscriber
+from .driver import Item, _Subscriber, driver_for
 from .errors import APIError
 from .protocol import SamplingRequest, Usage
 
@@ -32,10 +32,18 @@ class Admission:
     engine: object
     max_queue: int
     pending: int = 0
+    driver: object = None  # the engine's EngineDriver (driver_for(engine) if not given)
+
+    def __post_init__(self):
+        if self.driver is None:
+            self.driver = driver_for(self.engine)
 
     def full(self, n_new: int) -> bool:
-        free = max(0, self.engine.max_batch - self.engine.n_running)
-        return self.engine.n_waiting + self.pending + n_new - free > self.max_queue
+        # Aborts queued for the engine thread free their rows before the step that admits these requests,
+        # so they count as free now (the thread may be in the middle of a long multi-step decode).
+        engine = self.engine
+        busy = engine.n_waiting + engine.n_running - self.driver.pending_aborts()
+        return busy + self.pending + n_new - engine.max_batch > self.max_queue
 
 
 @dataclass
