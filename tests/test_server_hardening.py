@@ -88,3 +88,125 @@ def test_aborted_rows_are_free_for_admission_at_once(llm):
         while engine.has_work():
             engine.step()
         loop.close()
+
+
+# ---- lone surrogates ------------------------------------------------------------------------------
+
+
+def _raw(tc, path, body):
+    """POST `body` as JSON text with \\ud800 escapes, as a client would send it."""
+    return tc.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages"),
+    (CHAT, {"model": "\ud800", "messages": MSG}, "model"),
+    (CHAT, {"model": MODEL, "messages": MSG, "stop": ["x", "\ud800"]}, "stop"),
+    (COMP, {"model": MODEL, "prompt": "\ud800"}, "prompt"),
+    (COMP, {"model": MODEL, "prompt": ["ok", "\ud800"]}, "prompt"),
+    (COMP, {"model": "\ud800x", "prompt": "hi"}, "model"),
+    (COMP, {"model": MODEL, "prompt": "hi", "stop": "\ud800"}, "stop"),
+    (COMP, {"model": MODEL, "prompt": "hi", "\ud800": 1}, None),
+    ("/tokenize", {"model": MODEL, "prompt": "\ud800"}, "prompt"),
+])
+def test_lone_surrogates_give_a_clean_400(tc, path, body, param):
+    message = _error(_raw(tc, path, body), 400, param)
+    assert "TypeError" not in message and "codec" not in message
+    assert "surrogate" in message or "Unrecognized" in message
+
+
+# ---- fields: refused, or implemented ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    (COMP, {"suffix": "x"}, "suffix"),
+    (COMP, {"best_of": 2}, "best_of"),
+    (COMP, {"frobnicate": True}, "frobnicate"),
+    (CHAT, {"functions": []}, "functions"),
+    (CHAT, {"stream": True, "stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
+    (COMP, {"echo": True, "logprobs": 1}, "echo"),
+    (COMP, {"logit_bias": {"49152": 5}}, "logit_bias"),
+    (COMP, {"logit_bias": {"ten": 5}}, "logit_bias"),
+    (CHAT, {"logit_bias": {"10": 101}}, "logit_bias"),
+])
+def test_unsupported_fields_are_refused_by_name(tc, path, extra, param):
+    body = {"model": MODEL, "max_tokens": 2, **extra}
+    body.update({"prompt": "a"} if path == COMP else {"messages": MSG})
+    message = _error(tc.post(path, json=body), 400, param)
+    key = next(iter(extra)) if param != "echo" else "echo"
+    assert key in message or param in message, message
+    assert "Extra inputs" not in message and "Value error" not in message
+    if "49152" in json.dumps(extra):
+        assert "49152" in message
+
+
+def test_best_of_one_and_openai_defaults_accepted(tc):
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 2, "best_of": 1, "user": "u", "seed": 3, "n": 2,
+            "echo": False, "logit_bias": {}, "stream_options": None}
+    assert tc.post(COMP, json=body).status_code == 200
+
+
+def test_logit_bias_forces_and_forbids_tokens(tc, llm):
+    forced = llm.tokenizer.encode(" blue", bos=False)[-1]
+    for path, extra in ((COMP, {"prompt": "The sky is"}), (CHAT, {"messages": MSG})):
+        body = {"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": True, **extra}
+        plain = tc.post(path, json=body).json()["choices"][0]
+        r = tc.post(path, json={**body, "logit_bias": {str(forced): 100}}).json()["choices"][0]
+        text = r["text"] if path == COMP else r["message"]["content"]
+        assert text == llm.tokenizer.decode([forced] * 4)
+        # the greedy first token, pushed down by 100, is never chosen again
+        first = (llm.encode_prompt(plain["text"]) if path == COMP else
+                 llm.tokenizer.encode(plain["message"]["content"], bos=False))
+        top = first[1] if path == COMP else first[0]
+        r = tc.post(path, json={**body, "logit_bias": {str(top): -100}}).json()["choices"][0]
+        text = r["text"] if path == COMP else r["message"]["content"]
+        assert top not in llm.tokenizer.encode(text, bos=False)
+
+
+def test_echo_prepends_the_prompt(tc, llm):
+    body = {"model": MODEL, "prompt": ["The capital of France is", "One, two,"], "max_tokens": 4, "temperature": 0}
+    plain = tc.post(COMP, json=body).json()["choices"]
+    echoed = tc.post(COMP, json={**body, "echo": True}).json()["choices"]
+    assert [c["text"] for c in echoed] == [p + c["text"] for p, c in zip(body["prompt"], plain)]
+    ids = llm.encode_prompt("Hello world")
+    r = tc.post(COMP, json={**body, "prompt": ids, "echo": True}).json()["choices"][0]
+    assert r["text"].startswith(llm.tokenizer.decode(ids))
+    with tc.stream("POST", COMP, json={**body, "echo": True, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = ["", ""]
+    for e in events:
+        for c in e["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert streamed == [c["text"] for c in echoed]
+
+
+# ---- error messages name the real problem ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ([1, 2, -5], ["-5", "index 2"]),
+    ([[1, 2], [3, "a"]], ["prompt 1", "'a'", "index 1"]),
+    ([[1], []], ["prompt 1", "empty"]),
+    ([1, "a"], ["mixes"]),
+])
+def test_bad_token_id_prompt_says_which(tc, prompt, words):
+    message = _error(tc.post(COMP, json={"model": MODEL, "prompt": prompt}), 400, "prompt")
+    assert "prompt.str" not in message and "Input should be a valid string" not in message
+    for w in words:
+        assert w in message, message
+
+
+def test_too_many_prompts_blame_the_prompt_list(llm):
+    with TestClient(build_app(llm, MODEL, max_queue=0)) as c:
+        many = {"model": MODEL, "prompt": ["hi"] * (llm.engine.max_batch + 1), "max_tokens": 1}
+        message = _error(c.post(COMP, json=many), 400, "prompt")
+        assert f"{llm.engine.max_batch + 1} prompts" in message
+        _error(c.post(COMP, json={"model": MODEL, "prompt": "hi", "n": llm.engine.max_batch + 1}), 400, "n")
+
+
+def test_empty_body_says_so(tc):
+    for path in (COMP, CHAT):
+        message = _error(tc.post(path, content=b"", headers={"content-type": "application/json"}), 400)
+        assert "empty" in message, message

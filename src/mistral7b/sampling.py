@@ -28,6 +28,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    # OpenAI's logit_bias: token id -> a bias in [-100, 100] added to its logit before sampling (greedy too).
+    logit_bias: dict[int, float] | None = None
     # Structured outputs (at most one; see structured.py): a JSON schema (dict or JSON text), a regex,
     # a Lark or GBNF grammar, or a list of strings the output must be one of.
     json_schema: dict | str | None = None
@@ -55,6 +57,7 @@ class SamplingParams:
             ("seed", self.seed is None or _integer(self.seed), f"must be an integer, got {self.seed!r}"),
             ("stop", all(isinstance(s, str) for s in self.stop), "must be a string or a list of strings"),
             ("stop_token_ids", all(_integer(t) and t >= 0 for t in self.stop_token_ids), "must be non-negative integers"),
+            ("logit_bias", _bias_ok(self.logit_bias), "must map token ids (integers >= 0) to biases in [-100, 100]"),
         ]
         problems = [(name, message) for name, ok, message in checks if not ok]
         if problems:
@@ -98,6 +101,13 @@ def _float32_note(x) -> str:
     return ""
 
 
+def _bias_ok(bias) -> bool:
+    if bias is None:
+        return True
+    return isinstance(bias, dict) and all(_integer(k) and k >= 0 and _float32(v) and -100 <= v <= 100
+                                          for k, v in bias.items())
+
+
 def _integer(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -120,11 +130,13 @@ class SamplerBatch:
     repetition: Tensor = field(init=False)
     presence: Tensor = field(init=False)
     frequency: Tensor = field(init=False)
+    bias: Tensor = field(init=False)  # [rows, vocab] logit_bias, dense
     counts: Tensor = field(init=False)  # [rows, vocab] generated-token counts
     seen: Tensor = field(init=False)  # [rows, vocab] prompt or generated, for the repetition penalty
     generators: dict = field(init=False)
     penalised: set = field(init=False)  # rows with any penalty on, known on the host
     filtering: set = field(init=False)  # rows with top-k, top-p or min-p on, known on the host
+    biased: set = field(init=False)  # rows with a logit_bias, known on the host
 
     def __post_init__(self):
         f = lambda v: torch.full((self.n_rows,), v, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -133,6 +145,8 @@ class SamplerBatch:
         self.top_k = torch.zeros(self.n_rows, dtype=torch.long, device=self.device)
         self.counts = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.int32, device=self.device)
         self.seen = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.bias = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        self.biased = set()
         self.generators = {}
         self.penalised = set()
         self.filtering = set()
@@ -150,6 +164,14 @@ class SamplerBatch:
         (self.penalised.discard if neutral else self.penalised.add)(row)
         unfiltered = params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0
         (self.filtering.discard if unfiltered else self.filtering.add)(row)
+        if row in self.biased:
+            self.bias[row].zero_()
+            self.biased.discard(row)
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+            values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+            self.bias[row, ids.to(self.device)] = values.to(self.device)
+            self.biased.add(row)
         self.generators.pop(row, None)
         if params.seed is not None:
             self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -212,7 +234,7 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
     `index` is `rows` already on the device (a host-to-device copy here would stall the GPU queue
     every step); `greedy_only` (known on the host) skips the sampling work when every row is greedy.
     `bitmask` (on the logits' device, one row per row of `logits`) restricts each row to the tokens
-    its grammar allows (structured.py); it applies after the penalties and before every filter.
+    its grammar allows (structured.py); it applies after the penalties and logit_bias, before every filter.
     """
     if batch.penalised.intersection(rows):  # most steps have none: skip five [rows, vocab] passes
         logits = apply_penalties(
@@ -224,6 +246,8 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
         # no +inf (hence no inf - inf = NaN) ever reaches the softmax.
         logits = logits.clamp(-_F32.max, _F32.max)
         logits = logits - logits.amax(-1, keepdim=True)
+    if batch.biased.intersection(rows):
+        logits = logits + batch.bias[index]
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
     greedy = logits.argmax(-1)

@@ -100,6 +100,10 @@ class OpenAIServing:
             if value is not None and value > bound:
                 raise APIError(400, f"Invalid value for '{name}': Input should be less than or equal to {bound}",
                                param=name)
+        outside = [k for k, _ in (body.token_biases() or {}).items() if k >= vocab]
+        if outside:
+            raise APIError(400, f"Invalid key in 'logit_bias': token id {outside[0]} is not in this model's vocabulary "
+                           f"(ids 0 to {vocab - 1})", param="logit_bias")
 
     def sampling_params(self, body: SamplingRequest, prompt_len: int, choice: int):
         max_tokens = body.requested_max_tokens
@@ -124,9 +128,11 @@ class OpenAIServing:
         validation, then one engine request per prompt and choice."""
         n_seqs = n_prompts * body.n
         admission = self.admission
-        if n_seqs > admission.max_queue + self.engine.max_batch:
-            raise APIError(400, f"this request asks for {n_seqs} sequences; the server holds at most "
-                           f"{admission.max_queue + self.engine.max_batch}", param="n")
+        most = admission.max_queue + self.engine.max_batch
+        if n_seqs > most:
+            asked = f"{n_prompts} prompts" + (f" x n={body.n}" if body.n > 1 else "") if n_prompts > 1 else f"n={body.n}"
+            raise APIError(400, f"this request asks for {n_seqs} sequences ({asked}); the server holds at most {most} "
+                           "(its batch plus its wait queue)", param=self.prompt_param if n_prompts > 1 else "n")
         if admission.full(n_seqs):
             raise APIError(429, "The server is busy: too many requests are waiting. Retry shortly.",
                            headers={"Retry-After": "1"})
