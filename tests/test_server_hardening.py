@@ -126,7 +126,6 @@ def test_lone_surrogates_give_a_clean_400(tc, path, body, param):
     (COMP, {"frobnicate": True}, "frobnicate"),
     (CHAT, {"functions": []}, "functions"),
     (CHAT, {"stream": True, "stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
-    (COMP, {"echo": True, "logprobs": 1}, "echo"),
     (COMP, {"logit_bias": {"49152": 5}}, "logit_bias"),
     (COMP, {"logit_bias": {"ten": 5}}, "logit_bias"),
     (CHAT, {"logit_bias": {"10": 101}}, "logit_bias"),
@@ -135,8 +134,7 @@ def test_unsupported_fields_are_refused_by_name(tc, path, extra, param):
     body = {"model": MODEL, "max_tokens": 2, **extra}
     body.update({"prompt": "a"} if path == COMP else {"messages": MSG})
     message = _error(tc.post(path, json=body), 400, param)
-    key = next(iter(extra)) if param != "echo" else "echo"
-    assert key in message or param in message, message
+    assert next(iter(extra)) in message or param in message, message
     assert "Extra inputs" not in message and "Value error" not in message
     if "49152" in json.dumps(extra):
         assert "49152" in message
@@ -210,3 +208,51 @@ def test_empty_body_says_so(tc):
     for path in (COMP, CHAT):
         message = _error(tc.post(path, content=b"", headers={"content-type": "application/json"}), 400)
         assert "empty" in message, message
+
+
+def _reference_prompt_logprobs(llm, ids):
+    """log P(ids[i+1] | ids[:i+1]) from one cache-free forward of the whole prompt."""
+    import torch
+
+    with torch.no_grad():
+        logp = llm.engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    return [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def test_prompt_logprobs_across_prefill_chunks(llm):
+    """The engine's prompt logprobs, prefilled in chunks of 4 next to another request, equal a cache-free
+    forward; the prefix cache is not used for them (every position's logits are needed)."""
+    from mistral7b.engine import Engine
+    from mistral7b.sampling import SamplingParams
+
+    engine = Engine(llm.engine.model, llm.tokenizer, chunk_size=4, max_batch=2, prefix_cache_gib=0.01,
+                    prefix_block_size=4)
+    ids = llm.encode_prompt("The quick brown fox jumps over the lazy dog, and then it")
+    for _ in range(2):  # the second time the prefix is cached
+        r = engine.add(ids, SamplingParams(max_tokens=1, prompt_logprobs=3))
+        other = engine.add(ids[:7], SamplingParams(max_tokens=2))
+        while engine.has_work():
+            engine.step()
+        assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(ids)
+        got = [e.logprob for e in r.prompt_logprobs[1:]]
+        assert got == pytest.approx(_reference_prompt_logprobs(llm, ids), abs=1e-4)
+        assert all(len(e.top) == 3 and e.top[0][1] >= e.logprob - 1e-6 for e in r.prompt_logprobs[1:])
+        assert other.prompt_logprobs is None and other.finish_reason == "length"
+
+
+def test_echo_with_logprobs_gives_prompt_logprobs(tc, llm):
+    prompt = "The capital of France is"
+    ids = llm.encode_prompt(prompt)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}
+    choice = tc.post(COMP, json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(_reference_prompt_logprobs(llm, ids), abs=1e-3)
+    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert choice["text"].startswith(prompt)
+    with tc.stream("POST", COMP, json={**body, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [x for e in events for c in e["choices"] for x in c["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+    assert "".join(c["text"] for e in events for c in e["choices"]) == choice["text"]

@@ -24,6 +24,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top log-probabilities per prompt token (as vLLM; prefix cache skipped)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -54,6 +55,7 @@ class SamplingParams:
             ("presence_penalty", _float32(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"must be in [-2, 2], got {self.presence_penalty}"),
             ("frequency_penalty", _float32(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"must be in [-2, 2], got {self.frequency_penalty}"),
             ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= 20), f"must be an integer in [0, 20], got {self.logprobs}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20), f"must be an integer in [0, 20], got {self.prompt_logprobs}"),
             ("seed", self.seed is None or _integer(self.seed), f"must be an integer, got {self.seed!r}"),
             ("stop", all(isinstance(s, str) for s in self.stop), "must be a string or a list of strings"),
             ("stop_token_ids", all(_integer(t) and t >= 0 for t in self.stop_token_ids), "must be non-negative integers"),

@@ -24,6 +24,8 @@ class Request:
     text: str = ""  # final text: stop strings removed, nothing held back
     finish_reason: str | None = None  # "stop", "length" or "abort"
     logprobs: list[TokenLogprob] | None = None
+    # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     row: int | None = None
     n_prefilled: int = 0
     arrival_time: float = field(default_factory=time.monotonic)

@@ -153,6 +153,12 @@ class CompletionRequest(SamplingRequest):
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
 
+    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        params = super().to_sampling_params(max_tokens, choice)
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens get logprobs too (vLLM)
+            params.prompt_logprobs = self.logprobs
+        return params
+
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value):
@@ -260,8 +266,8 @@ class HealthResponse(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -57,6 +57,7 @@ class Submission:
     created: int = field(default_factory=lambda: int(time.time()))
     offsets: list[int] = field(default_factory=list)  # text characters streamed so far, per choice
     tools: list | None = None  # serving_chat's ToolStream per choice, for a streamed tool-calling request
+    echoes: list | None = None  # serving_completion's echo text per choice, until its first chunk is sent
 
 
 @dataclass
