@@ -217,3 +217,8 @@ def test_string_prompt_without_tokenizer(tmp_path):
     assert tiny.engine.n_waiting == 0 and tiny.engine.n_running == 0
     outs = tiny.generate([[1, 2, 3], [4]], SamplingParams(max_tokens=5))
     assert [len(o.token_ids) for o in outs] == [5, 5] and all(o.text == "" for o in outs)
+
+
+def test_lone_surrogate_prompt_is_a_value_error(llm):
+    with pytest.raises(ValueError, match="surrogate"):
+        llm.generate("abc\ud800", SamplingParams(max_tokens=1))

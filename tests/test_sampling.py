@@ -344,3 +344,63 @@ def test_top_logprobs_equal_log_softmax_topk(n):
     assert torch.equal(indices, order)
     torch.testing.assert_close(values.double(), logp.gather(-1, order), rtol=0, atol=1e-5)
     assert (values[:, :-1] >= values[:, 1:]).all()
+
+
+# ------------------------------------------------------------------------------------- float32 range
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty"])
+@pytest.mark.parametrize("value", [1e-40, 1e-300, -1e-40])
+def test_params_reject_numbers_float32_cannot_hold(name, value):
+    """A nonzero value that float32 flushes to a subnormal or zero is refused, naming the field."""
+    if value < 0 and name not in ("presence_penalty", "frequency_penalty"):
+        value = -value
+    with pytest.raises(ValueError, match=name) as info:
+        SamplingParams(**{name: value})
+    assert "float32" in str(info.value)
+    assert info.value.param == name
+    assert torch.tensor(value, dtype=torch.float32).abs() < torch.finfo(torch.float32).tiny  # the premise
+
+
+def test_extreme_but_valid_repetition_penalty_keeps_logits_finite():
+    """repetition_penalty=1e-37 divides positive logits up to ~1e38; a temperature of 0.5 would then
+    overflow to inf and the softmax to NaN. The sampler keeps the order: the largest logit wins."""
+    logits = torch.tensor([[18.0, 20.0, 10.0, -3.0]]).repeat(8, 1)
+    batch = SamplerBatch(8, 4, CPU)
+    for r in range(8):
+        batch.assign(r, SamplingParams(temperature=0.5, repetition_penalty=1e-37, seed=r), [0, 1, 2, 3])
+    penalised = apply_penalties(logits, batch.repetition, batch.presence, batch.frequency, batch.counts, batch.seen)
+    assert torch.isinf(penalised / 0.5).any()  # the premise: without care this overflows
+    out = sample(logits.clone(), batch, list(range(8)), torch.arange(8))
+    assert out.tolist() == [1] * 8
+
+
+# ------------------------------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_is_added_before_sampling_and_cleared_on_reassign():
+    g = torch.Generator().manual_seed(5)
+    vocab = 40
+    logits = torch.randn(3, vocab, generator=g)
+    bias = {int(logits[0].argmin()): 100.0, 3: -2.5}
+    batch = SamplerBatch(3, vocab, CPU)
+    batch.assign(0, SamplingParams(logit_bias=bias), [1])
+    batch.assign(1, SamplingParams(), [1])
+    batch.assign(2, SamplingParams(temperature=1.0, seed=0, logit_bias={7: 100.0}), [1])
+    expected = logits.clone()
+    for t, b in bias.items():
+        expected[0, t] += b
+    out = sample(logits[:2].clone(), batch, [0, 1], torch.arange(2), greedy_only=True)
+    assert out.tolist() == [int(expected[0].argmax()), int(logits[1].argmax())]
+    assert out[0] == logits[0].argmin()  # the least likely token, lifted by 100
+    # a sampled row: +100 makes the token all but certain
+    assert sample(logits[2:].clone(), batch, [2], torch.tensor([2])).item() == 7
+    batch.assign(0, SamplingParams(), [1])
+    assert sample(logits[:1].clone(), batch, [0], torch.tensor([0]), greedy_only=True).item() == logits[0].argmax()
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {3: 101.0}, {3: float("nan")}, {"3": 1.0}, {3: 1e-40}, [3]])
+def test_logit_bias_validation(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)

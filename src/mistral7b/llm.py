@@ -88,6 +88,12 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+            if not prompt.isascii():
+                try:
+                    prompt.encode("utf-8")
+                except UnicodeEncodeError:  # the tokenizer's own error would be a TypeError about its types
+                    raise ValueError("the prompt contains a lone UTF-16 surrogate (such as \\ud800), which is "
+                                     "not valid Unicode text") from None
             return self.tokenizer.encode(prompt, bos=True)
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise ValueError("a prompt must be a string or a list of token ids")

@@ -24,10 +24,13 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top log-probabilities per prompt token (as vLLM; prefix cache skipped)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    # OpenAI's logit_bias: token id -> a bias in [-100, 100] added to its logit before sampling (greedy too).
+    logit_bias: dict[int, float] | None = None
     # Structured outputs (at most one; see structured.py): a JSON schema (dict or JSON text), a regex,
     # a Lark or GBNF grammar, or a list of strings the output must be one of.
     json_schema: dict | str | None = None
@@ -43,22 +46,25 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
-            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (_integer(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
-            (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (_integer(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens}"),
-            (_finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), f"logprobs must be an integer in [0, 20], got {self.logprobs}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(s, str) for s in self.stop), "stop must be a string or a list of strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+            ("temperature", _float32(self.temperature) and self.temperature >= 0, f"must be >= 0, got {self.temperature}"),
+            ("top_p", _float32(self.top_p) and 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, f"must be an integer >= 0 (0 = off), got {self.top_k}"),
+            ("min_p", _float32(self.min_p) and 0 <= self.min_p <= 1, f"must be in [0, 1], got {self.min_p}"),
+            ("max_tokens", _integer(self.max_tokens) and self.max_tokens >= 1, f"must be an integer >= 1, got {self.max_tokens}"),
+            ("repetition_penalty", _float32(self.repetition_penalty) and self.repetition_penalty > 0, f"must be > 0, got {self.repetition_penalty}"),
+            ("presence_penalty", _float32(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"must be in [-2, 2], got {self.presence_penalty}"),
+            ("frequency_penalty", _float32(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"must be in [-2, 2], got {self.frequency_penalty}"),
+            ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= 20), f"must be an integer in [0, 20], got {self.logprobs}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20), f"must be an integer in [0, 20], got {self.prompt_logprobs}"),
+            ("seed", self.seed is None or _integer(self.seed), f"must be an integer, got {self.seed!r}"),
+            ("stop", all(isinstance(s, str) for s in self.stop), "must be a string or a list of strings"),
+            ("stop_token_ids", all(_integer(t) and t >= 0 for t in self.stop_token_ids), "must be non-negative integers"),
+            ("logit_bias", _bias_ok(self.logit_bias), "must map token ids (integers >= 0) to biases in [-100, 100]"),
         ]
-        problems = [message for ok, message in checks if not ok]
+        problems = [(name, message) for name, ok, message in checks if not ok]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SamplingParamsError("; ".join(f"{name} {message}{_float32_note(getattr(self, name))}"
+                                                for name, message in problems), problems[0][0])
         if self.constrained:
             from .structured import validate_params
 
@@ -71,6 +77,37 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class SamplingParamsError(ValueError):
+    """A bad sampling parameter; `param` names the (first) one."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+# The sampler computes in float32: a nonzero number below its smallest normal value flushes to (near) zero
+# (a repetition penalty of 1e-40 then divides by zero), one above its largest becomes infinite.
+_F32 = torch.finfo(torch.float32)
+
+
+def _float32(x) -> bool:
+    """A finite real number that float32 holds without overflow or underflow to a subnormal."""
+    return _finite(x) and (x == 0 or _F32.tiny <= abs(x) <= _F32.max)
+
+
+def _float32_note(x) -> str:
+    if _finite(x) and not _float32(x):
+        return f" ({x} is outside the range float32 holds: 0, or {_F32.tiny:.3g} to {_F32.max:.3g} in magnitude)"
+    return ""
+
+
+def _bias_ok(bias) -> bool:
+    if bias is None:
+        return True
+    return isinstance(bias, dict) and all(_integer(k) and k >= 0 and _float32(v) and -100 <= v <= 100
+                                          for k, v in bias.items())
 
 
 def _integer(x) -> bool:
@@ -95,11 +132,13 @@ class SamplerBatch:
     repetition: Tensor = field(init=False)
     presence: Tensor = field(init=False)
     frequency: Tensor = field(init=False)
+    bias: Tensor = field(init=False)  # [rows, vocab] logit_bias, dense
     counts: Tensor = field(init=False)  # [rows, vocab] generated-token counts
     seen: Tensor = field(init=False)  # [rows, vocab] prompt or generated, for the repetition penalty
     generators: dict = field(init=False)
     penalised: set = field(init=False)  # rows with any penalty on, known on the host
     filtering: set = field(init=False)  # rows with top-k, top-p or min-p on, known on the host
+    biased: set = field(init=False)  # rows with a logit_bias, known on the host
 
     def __post_init__(self):
         f = lambda v: torch.full((self.n_rows,), v, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -108,6 +147,8 @@ class SamplerBatch:
         self.top_k = torch.zeros(self.n_rows, dtype=torch.long, device=self.device)
         self.counts = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.int32, device=self.device)
         self.seen = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.bias = torch.zeros(self.n_rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        self.biased = set()
         self.generators = {}
         self.penalised = set()
         self.filtering = set()
@@ -125,6 +166,14 @@ class SamplerBatch:
         (self.penalised.discard if neutral else self.penalised.add)(row)
         unfiltered = params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0
         (self.filtering.discard if unfiltered else self.filtering.add)(row)
+        if row in self.biased:
+            self.bias[row].zero_()
+            self.biased.discard(row)
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+            values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+            self.bias[row, ids.to(self.device)] = values.to(self.device)
+            self.biased.add(row)
         self.generators.pop(row, None)
         if params.seed is not None:
             self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -187,13 +236,20 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
     `index` is `rows` already on the device (a host-to-device copy here would stall the GPU queue
     every step); `greedy_only` (known on the host) skips the sampling work when every row is greedy.
     `bitmask` (on the logits' device, one row per row of `logits`) restricts each row to the tokens
-    its grammar allows (structured.py); it applies after the penalties and before every filter.
+    its grammar allows (structured.py); it applies after the penalties and logit_bias, before every filter.
     """
     if batch.penalised.intersection(rows):  # most steps have none: skip five [rows, vocab] passes
         logits = apply_penalties(
             logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index],
             batch.seen[index],
         )
+        # A tiny repetition penalty can push a logit past float32's range, and a temperature below 1 then
+        # pushes it further: clamp, then shift the row's maximum to 0 (softmax does not change), so that
+        # no +inf (hence no inf - inf = NaN) ever reaches the softmax.
+        logits = logits.clamp(-_F32.max, _F32.max)
+        logits = logits - logits.amax(-1, keepdim=True)
+    if batch.biased.intersection(rows):
+        logits = logits + batch.bias[index]
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
     greedy = logits.argmax(-1)

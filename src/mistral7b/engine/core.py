@@ -66,6 +66,9 @@ class Engine:
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.config.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size}), got {bad[:3]}")
+        bias = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
+        if bias:
+            raise ValueError(f"logit_bias token id {bias[0]} is not in the vocabulary [0, {self.config.vocab_size})")
         self.constraints.validate(params)
         limit = self.cache.max_positions
         if limit is not None and len(prompt_ids) + params.max_tokens > limit:

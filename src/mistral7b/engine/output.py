@@ -61,12 +61,14 @@ def advance(request: Request, token: int) -> Delta:
     emitted = len(request.text)
     final = request._decoded
     if params.stop:
-        cut = stop_string_cut(request, find_stop(final, params.stop, max(0, emitted - max(len(s) for s in params.stop))))
+        cut, hold = scan_stops(final, params.stop, request._stop_scanned, request._stop_held)
+        request._stop_scanned, request._stop_held = len(final), hold
+        cut = stop_string_cut(request, cut)
         if cut is not None:
             final = final[:cut]
             request.finish_reason = "stop"
         elif not request.finished:
-            final = final[: len(final) - held_back(final, params.stop)]
+            final = final[: len(final) - hold]
     new_text = final[emitted:]
     request.text = final if len(final) > emitted else request.text
     if request.finished:
@@ -74,18 +76,32 @@ def advance(request: Request, token: int) -> Delta:
     return Delta(request, new_text, [token], request.finish_reason)
 
 
-def find_stop(text: str, stops: list[str], start: int) -> int | None:
-    """Where the first stop string begins in `text[start:]`, or None."""
+def scan_stops(text: str, stops: list[str], scanned: int, held: int) -> tuple[int | None, int]:
+    """(where the first stop string begins in `text`, or None; how many trailing characters could still
+    grow into one), given that `text[:scanned]` had no stop string and its last `held` characters were the
+    longest such start. Only the tail that the new text `text[scanned:]` can complete is searched: a stop
+    string ending in it begins at most max(len(stop)) - 1 characters before it, and a held-back suffix
+    can only be the old one extended by new text, so each token costs O(new text + stop length), never
+    O(output)."""
+    longest = max(len(s) for s in stops)
+    start = max(0, scanned - longest + 1)
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+    if hits:
+        return min(hits), 0
+    return None, held_back(text, stops, held + len(text) - scanned)
 
 
-def held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that could still grow into a stop string."""
-    best = 0
+def held_back(text: str, stops: list[str], limit: int | None = None) -> int:
+    """Length of the longest suffix of `text` (at most `limit` characters) that is a proper prefix of a
+    stop string. Candidates are the positions of each stop's first character (found at C speed), so a
+    long stop string costs little unless the text keeps almost matching it."""
+    n, best = len(text), 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
+        k_max = min(len(s) - 1, n if limit is None else min(limit, n))
+        i = text.find(s[0], n - k_max) if k_max > best else -1
+        while 0 <= i and n - i > best:
+            if s.startswith(text[i:]):
+                best = n - i
                 break
+            i = text.find(s[0], i + 1)
     return best

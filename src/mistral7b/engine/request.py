@@ -24,6 +24,8 @@ class Request:
     text: str = ""  # final text: stop strings removed, nothing held back
     finish_reason: str | None = None  # "stop", "length" or "abort"
     logprobs: list[TokenLogprob] | None = None
+    # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     row: int | None = None
     n_prefilled: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
@@ -33,6 +35,8 @@ class Request:
     _constraint: object = None  # structured.Constraint of a json_schema/regex/grammar/choice request
     _stop_ids: frozenset = frozenset()
     _decoded: str = ""  # all text decoded so far, including what is held back
+    _stop_scanned: int = 0  # characters of _decoded already searched for stop strings
+    _stop_held: int = 0  # trailing characters of those that could still grow into a stop string
 
     @property
     def finished(self) -> bool:

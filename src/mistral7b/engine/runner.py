@@ -17,7 +17,7 @@ from ..cache import KVCache
 from ..model import Transformer
 from ..sampling import SamplerBatch, sample, top_logprobs
 from ..utils import slice_or_index, to_device
-from .request import Request
+from .request import Request, TokenLogprob
 from .scheduler import PrefillChunk
 
 
@@ -83,12 +83,19 @@ class ModelRunner:
         self.sampler.assign(request.row, request.params, request.prompt_ids)
 
     def prefill(self, chunk: PrefillChunk) -> torch.Tensor:
-        """Run one prefill forward; the logits [B, vocab] of each request's last token in it."""
+        """Run one prefill forward; the logits [B, vocab] of each request's last token in it. A request
+        that wants prompt log-probabilities gets them for the chunk's tokens (all positions' logits)."""
         group, start, n = chunk.requests, chunk.start, chunk.length
         tokens = self.to_device([t for r in group for t in r.prompt_ids[start : start + n]]).view(len(group), n)
         positions = torch.arange(start, start + n, device=self.device).expand(len(group), n)
         rows = self.rows([r.row for r in group])
-        return self.model(tokens, positions, self.cache, rows=rows, kv_len=start + n, last_only=True)[:, -1]
+        every = any(r.params.prompt_logprobs is not None for r in group)
+        logits = self.model(tokens, positions, self.cache, rows=rows, kv_len=start + n, last_only=not every)
+        if every:
+            for i, r in enumerate(group):
+                if r.params.prompt_logprobs is not None:
+                    record_prompt_logprobs(r, logits[i], start)
+        return logits[:, -1]
 
     def sample(self, requests: list[Request], logits: torch.Tensor, bitmask=None):
         """(tokens [n], logprobs or None) of one step for `requests`, whose logits are rows of `logits`;
@@ -155,6 +162,21 @@ class ModelRunner:
     def logprobs(requests, logits, tokens):
         want = [r.params.logprobs for r in requests if r.params.logprobs is not None]
         return top_logprobs(logits, tokens, max(want)) if want else None
+
+
+def record_prompt_logprobs(request: Request, logits: torch.Tensor, start: int) -> None:
+    """Append the log-probabilities of prompt tokens start+1 .. start+len(logits) (those that the chunk's
+    positions predict) to `request.prompt_logprobs`; the first prompt token gets None."""
+    if start == 0:
+        request.prompt_logprobs = [None]
+    targets = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+    if not targets:
+        return
+    chosen, top_values, top_ids = top_logprobs(logits[: len(targets)], torch.tensor(targets, device=logits.device),
+                                               request.params.prompt_logprobs)
+    k = request.params.prompt_logprobs
+    for token, lp, values, ids in zip(targets, chosen.tolist(), top_values.tolist(), top_ids.tolist()):
+        request.prompt_logprobs.append(TokenLogprob(token, lp, list(zip(ids[:k], values[:k]))))
 
 
 def _cuda_graph_thread_state() -> None:

@@ -111,7 +111,8 @@ class Scheduler:
                 continue
             if prefix.waits_for(request.prompt_ids, busy):
                 continue
-            if prefix.peek(request.prompt_ids) > 0:
+            # Prompt log-probabilities need every prompt position's logits: such a request computes its prompt.
+            if request.params.prompt_logprobs is None and prefix.peek(request.prompt_ids) > 0:
                 request.n_prefilled = prefix.load(request.row, request.prompt_ids)
                 self.looked_up.add(request)
             # About to compute its first uncached block: later requests sharing it wait for it.

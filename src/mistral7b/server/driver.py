@@ -92,9 +92,15 @@ class EngineDriver:
         with self._lock:
             self.subscribers.pop(request.id, None)
             self.requests.pop(request.id, None)
-            if not request.finished:
+            if not request.finished and not any(r is request for r in self._aborts):
                 self._aborts.append(request)
         self._wake.set()
+
+    def pending_aborts(self) -> int:
+        """Aborted requests the engine thread has not dropped yet (it does before its next step): they
+        still count as running or waiting in the engine, but admission must see their rows as free."""
+        with self._lock:
+            return sum(not r.finished for r in self._aborts)
 
     def _apply_aborts(self) -> None:
         with self._lock:

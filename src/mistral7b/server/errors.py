@@ -44,8 +44,16 @@ def error_response(status: int, message: str, type: str | None = None, param: st
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     code = code if code is not None else _CODES.get(status)
+    # The message may quote the request (a field name, a model): lone surrogates cannot be encoded as UTF-8.
+    message, param = _encodable(message), _encodable(param)
     body = APIError(status, message, type, param, code).body()
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _encodable(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None, **kw) -> None:
@@ -62,17 +70,32 @@ def validation_message(errors) -> tuple[str, str | None]:
     """(message, param) for pydantic's errors, in the words OpenAI uses."""
     if not errors:
         return "invalid request", None
-    e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    # In a union (a prompt, a message's content), the arm whose type matched says what is wrong, not the
+    # type mismatches of the other arms.
+    e = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _union_arm(str(p))]
     if e.get("type") == "json_invalid":
         return f"We could not parse the JSON body of your request: {e.get('ctx', {}).get('error', 'invalid JSON')}", None
     param = loc[0] if loc else None
     where = ".".join(loc)
-    msg = e.get("msg", "invalid value")
+    msg = e.get("msg", "invalid value").removeprefix("Value error, ")
     if e.get("type") == "missing":
+        if not loc:
+            return "The request body is empty: send a JSON object.", None
         return f"Missing required parameter: '{where}'.", param
+    if e.get("type") == "string_unicode":  # a key (or value) pydantic cannot read as text
+        msg = "contains a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode text"
+        return (f"Invalid value for '{where}': {msg}" if where else f"The request {msg}"), param
+    if e.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: '{where}' (this server does not support it).", param
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"Invalid value for '{where}': {msg}{more}" if where else msg + more, param
+
+
+def _union_arm(segment: str) -> bool:
+    """A location segment that names a union's arm (`str`, `list[TextPart]`, a model), not a field."""
+    return (segment in {"str", "int", "float", "bool", "dict", "list"} or "[" in segment or "(" in segment
+            or segment[:1].isupper())
 
 
 def install_error_handlers(app: FastAPI) -> None:

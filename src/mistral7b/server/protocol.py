@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 from ..sampling import SamplingParams
 from ..tokenizer.chat import ROLE_ALIASES, ROLES
@@ -79,6 +79,8 @@ class SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (HF style)")
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence tokens")
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrain the output")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit before sampling")
     # A grammar set by the server itself (tool_choice "required" or a named function), never by the client.
     _grammar: str | None = PrivateAttr(None)
 
@@ -113,8 +115,21 @@ class SamplingRequest(_Strict):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             ignore_eos=self.ignore_eos,
+            logit_bias=self.token_biases(),
             **self.constraint(),
         )
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids (the keys are checked by `_bias_keys`)."""
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _bias_keys(cls, value):
+        for key in value or ():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"the key {key!r} is not a token id (a non-negative integer, as a string)")
+        return value
 
     def constraint(self) -> dict:
         """SamplingParams' structured-output field for response_format or the server's tool grammar."""
@@ -132,15 +147,61 @@ class CompletionRequest(SamplingRequest):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(description="a string, a list of strings, a list of token ids, or a list of token-id lists")
     logprobs: int | None = Field(None, ge=0, le=20, description="how many top log-probabilities per token")
+    echo: bool = Field(False, description="prepend the prompt's text to the completion")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1: each choice is one sampled sequence")
 
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        params = super().to_sampling_params(max_tokens, choice)
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens get logprobs too (vLLM)
+            params.prompt_logprobs = self.logprobs
+        return params
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value):
+        """Say what is wrong with a prompt in its own terms (pydantic would list every arm of the union)."""
+        problem = prompt_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     def prompts(self) -> list:
         """The prompts: one string or token-id list each."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]
         return list(self.prompt)
+
+
+def _token_id_problem(ids: list, where: str) -> str | None:
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            return f"{where}token id {t!r} at index {i} is not a token id (a non-negative integer)"
+    return None
+
+
+def prompt_problem(value) -> str | None:
+    """What is wrong with a /v1/completions prompt's shape, or None."""
+    if isinstance(value, str):
+        return None
+    shape = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+    if not isinstance(value, list):
+        return f"must be {shape}"
+    if not value:
+        return "the list is empty"
+    if all(isinstance(p, str) for p in value):
+        return None
+    if all(isinstance(p, list) for p in value):
+        for j, ids in enumerate(value):
+            problem = "is an empty token-id list" if not ids else _token_id_problem(ids, "")
+            if problem is not None:
+                return f"prompt {j} {problem}" if not ids else f"prompt {j}: {problem}"
+        return None
+    if any(isinstance(p, (str, list)) for p in value):
+        return f"mixes strings, lists and numbers; it must be {shape}"
+    return _token_id_problem(value, "")
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -205,8 +266,8 @@ class HealthResponse(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

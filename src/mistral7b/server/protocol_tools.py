@@ -5,12 +5,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
-    # strict: no "1" -> 1 or true -> 1 coercion; no NaN/inf; unknown OpenAI fields are ignored.
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+    # strict: no "1" -> 1 or true -> 1 coercion; no NaN/inf; an unknown field is refused, never ignored.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer or UTF-8 encoder takes.
+        if _has_lone_surrogate(value):
+            raise ValueError("contains a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode text")
+        return value
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 # ---- requests ----------------------------------------------------------------------------------

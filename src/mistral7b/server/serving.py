@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .driver import Item, _Subscriber
+from .driver import Item, _Subscriber, driver_for
 from .errors import APIError
 from .protocol import SamplingRequest, Usage
 
@@ -32,10 +32,18 @@ class Admission:
     engine: object
     max_queue: int
     pending: int = 0
+    driver: object = None  # the engine's EngineDriver (driver_for(engine) if not given)
+
+    def __post_init__(self):
+        if self.driver is None:
+            self.driver = driver_for(self.engine)
 
     def full(self, n_new: int) -> bool:
-        free = max(0, self.engine.max_batch - self.engine.n_running)
-        return self.engine.n_waiting + self.pending + n_new - free > self.max_queue
+        # Aborts queued for the engine thread free their rows before the step that admits these requests,
+        # so they count as free now (the thread may be in the middle of a long multi-step decode).
+        engine = self.engine
+        busy = engine.n_waiting + engine.n_running - self.driver.pending_aborts()
+        return busy + self.pending + n_new - engine.max_batch > self.max_queue
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Submission:
     created: int = field(default_factory=lambda: int(time.time()))
     offsets: list[int] = field(default_factory=list)  # text characters streamed so far, per choice
     tools: list | None = None  # serving_chat's ToolStream per choice, for a streamed tool-calling request
+    echoes: list | None = None  # serving_completion's echo text per choice, until its first chunk is sent
 
 
 @dataclass
@@ -92,6 +101,10 @@ class OpenAIServing:
             if value is not None and value > bound:
                 raise APIError(400, f"Invalid value for '{name}': Input should be less than or equal to {bound}",
                                param=name)
+        outside = [k for k, _ in (body.token_biases() or {}).items() if k >= vocab]
+        if outside:
+            raise APIError(400, f"Invalid key in 'logit_bias': token id {outside[0]} is not in this model's vocabulary "
+                           f"(ids 0 to {vocab - 1})", param="logit_bias")
 
     def sampling_params(self, body: SamplingRequest, prompt_len: int, choice: int):
         max_tokens = body.requested_max_tokens
@@ -107,7 +120,7 @@ class OpenAIServing:
         try:
             return body.to_sampling_params(max_tokens, choice)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -116,9 +129,11 @@ class OpenAIServing:
         validation, then one engine request per prompt and choice."""
         n_seqs = n_prompts * body.n
         admission = self.admission
-        if n_seqs > admission.max_queue + self.engine.max_batch:
-            raise APIError(400, f"this request asks for {n_seqs} sequences; the server holds at most "
-                           f"{admission.max_queue + self.engine.max_batch}", param="n")
+        most = admission.max_queue + self.engine.max_batch
+        if n_seqs > most:
+            asked = f"{n_prompts} prompts" + (f" x n={body.n}" if body.n > 1 else "") if n_prompts > 1 else f"n={body.n}"
+            raise APIError(400, f"this request asks for {n_seqs} sequences ({asked}); the server holds at most {most} "
+                           "(its batch plus its wait queue)", param=self.prompt_param if n_prompts > 1 else "n")
         if admission.full(n_seqs):
             raise APIError(429, "The server is busy: too many requests are waiting. Retry shortly.",
                            headers={"Retry-After": "1"})
