@@ -87,7 +87,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                             "(GGUF files run in their own quantized formats without this flag; "
                             "none dequantizes them to --dtype)")
     group.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                       help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE})")
+                       help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE}); a matrix "
+                            "whose width it does not divide takes the largest supported size that does")
     group.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
                        help="keep the output head in the activation dtype")
 
