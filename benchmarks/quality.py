@@ -5,8 +5,10 @@ windows of `--context` tokens every `--stride` (default: disjoint chunks of 512)
 the reference, the GGUF dequantized to `--reference-dtype` (today's load path):
 
 * `gguf`: the GGUF's own blocks run quantized (no flag); `int8`: int8 per channel of the dequantized
-  weights; `int4`: int4 in groups of 128, or of 64 where 128 does not divide the widths (SmolLM2's
-  576 = 4.5 x 128); `int4-gN` asks for groups of N. These need `mistral7b.quant` and are skipped without it.
+  weights; `int4`: int4 in groups of 128 (a ceiling: each matrix whose width 128 does not divide takes
+  the largest size that does, so SmolLM2's 576-wide matrices run g64 and its 1536-wide w2 g128);
+  `int4-gN` asks for groups of N; a `-nohead` suffix (`int4-nohead`, `int4-g64-nohead`) keeps the
+  output head in the activation dtype. These need `mistral7b.quant` and are skipped without it.
 * `llama.cpp` (with `--peer-python`, the python of a venv holding llama-cpp-python): the same windows
   of the same token ids, scored by llama.cpp (which also quantizes activations).
 
@@ -64,23 +66,10 @@ def load(variant: str, path: Path, device: str, dtype: torch.dtype):
         return load_model(path, device, dtype)
     from mistral7b.quant import resolve
 
-    method, _, group = variant.partition("-g")
-    return load_model(path, device, dtype, quantize=resolve(method, int(group) if group else None))
-
-
-def int4_group(config) -> int:
-    """128 (the target's group size) when it divides every input width, else the largest that does:
-    SmolLM2's width 576 is 4.5 x 128, so its int4 runs in groups of 64."""
-    for group in (128, 64, 32):
-        if config.dim % group == 0 and config.hidden_dim % group == 0 and (config.n_heads * config.head_dim) % group == 0:
-            return group
-    raise ValueError(f"no int4 group size of 128, 64 or 32 divides the widths of {config.name}")
-
-
-def open_config(path: Path):
-    from mistral7b.loading import open_checkpoint
-
-    return open_checkpoint(path).config
+    spec = variant.removesuffix("-nohead")
+    method, _, group = spec.partition("-g")
+    return load_model(path, device, dtype,
+                      quantize=resolve(method, int(group) if group else None, quantize_head=spec == variant))
 
 
 def greedy(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -173,7 +162,7 @@ def main() -> int:
     p.add_argument("--stride", type=int, default=None, help="default: the context (disjoint chunks)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="of gguf, int8, int4 (groups of 128, or the largest that divides the widths), int4-g32...")
+                   help="of gguf, int8, int4 (groups of at most 128), int4-g32..., any with -nohead")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="activations of the quantized variants")
     p.add_argument("--reference-dtype", default="float32")
@@ -192,8 +181,6 @@ def main() -> int:
     if variants and not has_quant():
         print(f"mistral7b.quant is not in this build: skipping {', '.join(variants)}")
         variants = []
-    config = open_config(path)
-    variants = [f"int4-g{int4_group(config)}" if v == "int4" else v for v in variants]
     rows = []
     for v in variants:
         try:

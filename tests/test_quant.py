@@ -1,6 +1,8 @@
 """Quantized linears against the same matmul on their dequantized weights, the packing round trips,
 QuantConfig validation, and load_model(quantize=...) on tiny random checkpoints."""
 
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,11 +191,61 @@ def test_load_tied_quantized_head(tmp_path, one_thread):
         assert rel_err(model(tokens), dequantized_copy(model, hf)(tokens)) < 3e-2
 
 
-def test_group_size_must_divide_width(tiny_hf):
-    _, folder = tiny_hf
+def fake_quant_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """An independent reference: round-to-nearest asymmetric int4, each group's [min, max] onto 0..15,
+    dequantized in float32."""
+    n, k = w.shape
+    x = w.float().reshape(n, k // group, group)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    return (torch.round((x - lo) / step).clamp(0, 15) * step + lo).reshape(n, k)
+
+
+def test_group_size_is_a_ceiling_per_matrix(tiny_hf, one_thread):
+    """int4 g64 on a model whose w2 is 96 wide: w2 takes groups of 32, every other matrix 64."""
+    hf, folder = tiny_hf
+    model = load_model(folder, quantize=QuantConfig("int4", 64))
+    layer = model.layers[0]
+    assert layer.feed_forward.w2.group_size == 32
+    assert layer.attention.wqkv.group_size == layer.feed_forward.w13.group_size == model.output.group_size == 64
+    labels = describe_weights(model)
+    assert labels["int4 g32"]["params"] == hf.config.num_hidden_layers * 64 * 96
+    assert labels["int4 g64"]["params"] > 0
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert rel_err(model(tokens), dequantized_copy(model, hf)(tokens)) < 3e-2
+
+
+def test_width_576_at_group_128_matches_fake_quantization(one_thread):
+    """SmolLM2-135M's widths (dim 576 = 4.5 x 128, hidden 1536) at the default g128: the 576-wide
+    matrices fall back to g64, and every linear equals an independent fake quantization of its weight."""
+    hf = hf_model("llama", dim=576, n_layers=1, n_heads=9, n_kv_heads=3, head_dim=64, hidden=1536, tie=True, seed=2)
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        model = load_model(folder, quantize="int4")
+    attn, mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
+    weights = {"attention.wqkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+               "attention.wo": attn.o_proj.weight, "feed_forward.w2": mlp.down_proj.weight,
+               "feed_forward.w13": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])}
+    groups = {"attention.wqkv": 64, "attention.wo": 64, "feed_forward.w13": 64, "feed_forward.w2": 128}
+    modules = {name: model.layers[0].get_submodule(name) for name in weights}
+    modules["output"], weights["output"], groups["output"] = model.output, hf.lm_head.weight, 64
+    assert set(describe_weights(model)) == {"int4 g64", "int4 g128", "float32"}
+    for name, module in modules.items():
+        assert module.group_size == groups[name], name
+        want = fake_quant_int4(weights[name].detach(), groups[name])
+        dense = module.dequantize()
+        assert rel_err(dense, want) < 4e-3, name  # scales and zeros rounded to bf16
+        x = torch.randn(3, module.in_features)
+        assert rel_err(module(x), F.linear(x.double(), want.double())) < 2e-2, name
+
+
+def test_no_group_size_fits_the_width(tmp_path):
+    hf = hf_model("mistral", n_heads=4, n_kv_heads=2, dim=64, hidden=80, seed=0)
+    hf.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as e:
-        load_model(folder, quantize=QuantConfig("int4", 64))  # w2 has 96 inputs
-    assert "feed_forward.w2" in str(e.value) and "96" in str(e.value) and "64" in str(e.value)
+        load_model(tmp_path, quantize=QuantConfig("int4", 64))  # w2 has 80 inputs: not a multiple of 32
+    assert "feed_forward.w2" in str(e.value) and "80" in str(e.value) and "64" in str(e.value)
 
 
 def test_unknown_quantize_method(tiny_hf):

@@ -181,15 +181,13 @@ def _get(file: Path, key: str) -> torch.Tensor:
 
 def _read_module(file: Path, name: str, fmt: WeightFormat, config, keys: set[str]) -> QuantizedWeight:
     """One module's tensors, every shape and dtype checked against the config and its format."""
-    from ..quant.plan import linear_slots
+    from ..quant.plan import in_features, linear_slots
 
     if name == "tok_embeddings":
-        n, k = config.vocab_size, config.dim
+        n = config.vocab_size
     else:
-        slots = [s for s in linear_slots(config).values() if s.module == name]
-        n = max(s.hi for s in slots)
-        k = {"attention.wo": config.n_heads * config.head_dim, "feed_forward.w2": config.hidden_dim}.get(
-            name.partition(".")[2].partition(".")[2], config.dim)
+        n = max(s.hi for s in linear_slots(config).values() if s.module == name)
+    k = in_features(config, name)
     group = fmt.group_size or k
     if k % group:
         raise ModelLoadError(f"{file}: module {name!r} has group size {group}, which does not divide its width {k}")

@@ -2,6 +2,13 @@
 
 int8 is symmetric per output channel. int4 uses asymmetric groups along the input dimension, each with
 a scale and a zero in tinygemm's convention `w = (q - 8) * scale + zero`, q in 0..15.
+
+The int4 group size is a ceiling, applied matrix by matrix: a matrix whose input width it does not
+divide takes the largest supported size below it that does (`fitting_group_size`), so SmolLM2-135M's
+576-wide matrices run in groups of 64 under `--group-size 128` while its 1536-wide w2 keeps 128.
+`describe_weights` (and `mistral7b info`) list each size actually used. Padding K instead would cost
+a pad of every activation and a group mixing real weights with zeros; smaller groups only cost their
+scales (and are more accurate).
 """
 
 from __future__ import annotations
@@ -40,12 +47,22 @@ class QuantConfig:
                 f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}"
             )
 
+    def group_size_for(self, width: int) -> int | None:
+        """The int4 group size a matrix `width` inputs wide gets (None: no supported size divides it)."""
+        return fitting_group_size(width, self.group_size)
+
     @property
     def label(self) -> str:
         return "int8" if self.method == "int8" else f"int4 g{self.group_size}"
 
     def to_dict(self) -> dict:
         return {"method": self.method, "group_size": self.group_size, "quantize_head": self.quantize_head}
+
+
+def fitting_group_size(width: int, requested: int) -> int | None:
+    """The largest supported int4 group size that is at most `requested` and divides `width`, or None."""
+    fits = [g for g in GROUP_SIZES if g <= requested and width % g == 0]
+    return max(fits) if fits else None
 
 
 def resolve(quantize: "str | QuantConfig | None", group_size: int | None = None,
@@ -70,7 +87,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                             "(GGUF files run in their own quantized formats without this flag; "
                             "none dequantizes them to --dtype)")
     group.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                       help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE})")
+                       help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE}); a matrix "
+                            "whose width it does not divide takes the largest supported size that does")
     group.add_argument("--no-quantize-head", dest="quantize_head", action="store_false",
                        help="keep the output head in the activation dtype")
 

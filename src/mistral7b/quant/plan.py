@@ -52,13 +52,28 @@ def linear_slots(config: ModelConfig) -> dict[str, Slot]:
     return slots
 
 
+def in_features(config: ModelConfig, module: str) -> int:
+    """The input width of a quantizable module ("output", "tok_embeddings" or a block linear)."""
+    kind = module.partition(".")[2].partition(".")[2]
+    return {"attention.wo": config.n_heads * config.head_dim, "feed_forward.w2": config.hidden_dim}.get(kind, config.dim)
+
+
+def requested_format(config: ModelConfig, quant: QuantConfig, module: str) -> WeightFormat:
+    """The format `quant` gives one module: int8 per channel, or int4 in the largest supported groups
+    up to the requested size that divide its width (the requested size itself when none does, for
+    `install` to report)."""
+    if quant.method == "int8":
+        return WeightFormat("int8")
+    group = quant.group_size_for(in_features(config, module)) or quant.group_size
+    return WeightFormat("int4", group, True)
+
+
 def plan(config: ModelConfig, quant: QuantConfig | None, source_formats: dict[str, WeightFormat]) -> dict[str, WeightFormat]:
     """module path -> format, for the modules that are quantized ("tok_embeddings", "output", linears)."""
     slots = linear_slots(config)
     if quant is not None:
-        fmt = WeightFormat("int8") if quant.method == "int8" else WeightFormat("int4", quant.group_size, True)
         modules = {s.module for s in slots.values()}
-        return {m: fmt for m in sorted(modules) if m != "output" or quant.quantize_head}
+        return {m: requested_format(config, quant, m) for m in sorted(modules) if m != "output" or quant.quantize_head}
     parts: dict[str, list[WeightFormat | None]] = {}
     for name, slot in slots.items():
         if name == "output.weight" and config.tie_embeddings:
