@@ -125,12 +125,15 @@ def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 def quantized_linear_bytes(n: int, k: int, method: str, group_size: int | None, device: str = "cuda") -> int:
     """Resident bytes of one [n, k] linear as our quantized modules hold it on `device`:
     int4: two values per byte plus a bf16 scale and zero per group (rows padded to the kernel's
-    block: 8 on CUDA, 16 on CPU); int8: one byte per value plus one scale per row (fp32 on CUDA,
-    bf16 on CPU)."""
+    block: 8 on CUDA, 16 on CPU), in the largest supported group size up to `group_size` that
+    divides k (as the loader picks it); int8: one byte per value plus one bf16 scale per row."""
     if method == "int4":
+        from .quant.config import fitting_group_size
+
+        group = fitting_group_size(k, group_size) or group_size
         rows = -(-n // (8 if device == "cuda" else 16)) * (8 if device == "cuda" else 16)
-        return rows * k // 2 + (k // group_size) * rows * 2 * 2
-    return n * k + n * (4 if device == "cuda" else 2)
+        return rows * k // 2 + (k // group) * rows * 2 * 2
+    return n * k + n * 2
 
 
 def quantized_weight_bytes(config: ModelConfig, method: str, group_size: int | None = 128,
