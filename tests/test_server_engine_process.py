@@ -121,3 +121,152 @@ def test_startup_then_completions_match_in_process(server, http, llm):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 10, "temperature": 0})
     assert r.json()["choices"][0]["message"]["content"] == ref.text
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_streams_and_logprobs_match_in_process(server, llm):
+    refs = [_greedy(llm, llm.encode_prompt(p), 16, ignore_eos=True) for p in PROMPTS]
+
+    def one(k):
+        body = {"model": MODEL, "prompt": PROMPTS[k], "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            events, done = _events(r)
+        assert done
+        return "".join(e["choices"][0]["text"] for e in events if e["choices"]), events[-1]["usage"]
+
+    results = [None] * len(PROMPTS)
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, one(k))) for k in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for ref, (text, usage) in zip(refs, results):  # concurrent streams, each equal to its in-process run
+        assert text == ref.text and usage["completion_tokens"] == 16
+    ids = llm.encode_prompt(PROMPTS[0])
+    ref = _greedy(llm, ids, 5, logprobs=2)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        lp = c.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0,
+                                             "logprobs": 2}).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-5)
+    assert [len(t) for t in lp["top_logprobs"]] == [2] * len(ref.logprobs)
+
+
+def test_stop_string_ends_here_and_aborts_in_engine(server, http, llm):
+    ids = llm.encode_prompt(PROMPTS[1])
+    ref = _greedy(llm, ids, 24, ignore_eos=True)
+    stop = ref.text[len(ref.text) // 2 : len(ref.text) // 2 + 2]
+    cut = ref.text.index(stop)
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stop": stop}
+    before = _metric(http, "mistral7b_sequences_aborted_total")
+    r = http.post("/v1/completions", json=body).json()
+    assert r["choices"][0]["text"] == ref.text[:cut] and r["choices"][0]["finish_reason"] == "stop"
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        events, done = _events(s)
+    assert done and "".join(e["choices"][0]["text"] for e in events) == ref.text[:cut]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    _until(lambda: _metric(http, "mistral7b_sequences_aborted_total") == before + 2)  # the engine dropped both
+
+
+def _until(condition, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_disconnect_aborts_in_engine(server, http):
+    before = _metric(http, "mistral7b_sequences_aborted_total")
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert http.get("/health").json()["running"] == 1
+    _until(lambda: _metric(http, "mistral7b_sequences_aborted_total") == before + 1)
+    assert http.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+def test_metrics_reach_the_http_process(server, http, llm):
+    prompt = " ".join(PROMPTS)  # longer than a few prefix-cache blocks
+    n_prompt = len(llm.encode_prompt(prompt))
+    before = {name: _metric(http, name) for name in ("mistral7b_prompt_tokens_total", "mistral7b_generation_tokens_total",
+                                                     "mistral7b_time_to_first_token_seconds_count",
+                                                     "mistral7b:prefix_cache_hits_total")}
+    for _ in range(2):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200
+    assert _metric(http, "mistral7b_prompt_tokens_total") == before["mistral7b_prompt_tokens_total"] + 2 * n_prompt
+    assert _metric(http, "mistral7b_generation_tokens_total") == before["mistral7b_generation_tokens_total"] + 6
+    assert _metric(http, "mistral7b_time_to_first_token_seconds_count") == before[
+        "mistral7b_time_to_first_token_seconds_count"] + 2
+    # the second request restored the first one's blocks: the engine process's counters reach /metrics
+    assert _metric(http, "mistral7b:prefix_cache_hits_total") >= before["mistral7b:prefix_cache_hits_total"] + n_prompt // 8 * 4
+    assert _metric(http, "mistral7b_engine_steps_total") > 0
+
+
+# ---- the engine process dies ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _engine_pid(parent: int) -> int:
+    """The spawned engine process among `parent`'s children (not multiprocessing's resource tracker)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            return int(entry)
+    raise AssertionError("no engine process")
+
+
+def test_killed_engine_fails_requests_then_server_exits(checkpoint):
+    from mistral7b.server.settings import ENGINE_DIED_EXIT
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "mistral7b.cli", "serve", "--model", str(checkpoint), "--device", "cpu",
+               "--port", str(port), "--max-batch", "2", "--log-level", "warning"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60) as c:
+            _until(lambda: _health(c) == 200, timeout=120)
+            body = {"model": str(checkpoint.name), "prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True}
+            waiting = {}
+            blocked = threading.Thread(target=lambda: waiting.update(r=httpx.post(url + "/v1/completions", json=body,
+                                                                                   timeout=60)))
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: {")
+                blocked.start()
+                _until(lambda: c.get("/health").json()["running"] == 2)
+                os.kill(_engine_pid(proc.pid), signal.SIGKILL)
+                rest = [line for line in lines if line]
+            errors = [json.loads(line[6:]) for line in rest if line.startswith("data: {\"error\"")]
+            assert len(errors) == 1 and "engine process was killed by signal 9" in errors[0]["error"]["message"]
+            assert errors[0]["error"]["type"] == "server_error" and rest[-1] == "data: [DONE]"
+            health = c.get("/health")
+            assert health.status_code == 503 and "engine process" in health.json()["error"]["message"]
+            blocked.join(30)
+            assert waiting["r"].status_code == 500 and waiting["r"].json()["error"]["code"] == "engine_error"
+        assert proc.wait(timeout=30) == ENGINE_DIED_EXIT
+        assert "exiting (status 70)" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _health(client) -> int | None:
+    try:
+        return client.get("/health").status_code
+    except httpx.TransportError:
+        return None

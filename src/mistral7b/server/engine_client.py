@@ -131,8 +131,10 @@ class EngineClient:
         return None if self.warmed.is_set() else "The engine is starting (loading the model): retry shortly."
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the engine process (it exits on the connection's EOF)."""
+        """Stop the engine process. (Closing our end would not do: the reader thread blocked in recv keeps
+        the socket open, so the engine would never see its EOF.)"""
         self._closing = True
+        self._outbox.put(wire.STOP)
         self._outbox.put(None)
         if self.process is not None:
             self.process.join(timeout)

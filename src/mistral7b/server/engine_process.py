@@ -116,6 +116,8 @@ class EngineLoop:
                 if request is not None and not request.finished:
                     self.engine.abort(request)
                     self.aborted += request.finish_reason == "abort"
+        elif op == "stop":
+            raise SystemExit(0)
         else:
             raise ValueError(f"unknown message {op!r}")
 

@@ -1,7 +1,7 @@
 """The messages between the HTTP process and the engine process: JSON objects, one per
 `Connection.send_bytes` frame (length-prefixed by `multiprocessing.connection`), never pickle.
 
-HTTP -> engine: `add` (id, prompt ids, sampling params without stop strings), `abort` (ids).
+HTTP -> engine: `add` (id, prompt ids, sampling params without stop strings), `abort` (ids), `stop`.
 Engine -> HTTP: `ready` (the limits the HTTP side validates against), `step` (every output of one
 engine step in one message, with the engine's counters), `failed` (a step raised: these requests
 were dropped), `fatal` (the engine could not start).
@@ -51,6 +51,9 @@ def params_of(fields: dict) -> SamplingParams:
 
 def abort(request_ids: list[str]) -> dict:
     return {"op": "abort", "ids": request_ids}
+
+
+STOP = {"op": "stop"}  # the HTTP process is closing: exit
 
 
 # -- engine -> HTTP ---------------------------------------------------------------------------------
