@@ -294,13 +294,14 @@ class RemoteLLM:
     encode_prompt = LLM.encode_prompt  # they use only the tokenizer
     chat_prompt = LLM.chat_prompt
 
-    def __init__(self, load: EngineLoad):
-        if load.source is None:
+    def __init__(self, load: EngineLoad, name: str | None = None):
+        """`name` names a `load.factory` model, which has no tokenizer here (prompts are token ids)."""
+        if load.source is None and load.factory is None:
             from ..default_model import default_model_path
 
             load.source = str(default_model_path())
-        self.source = load.source
-        self.tokenizer = Tokenizer.from_source(_tokenizer_path(load.source))
+        self.source = name or load.source
+        self.tokenizer = Tokenizer.from_source(_tokenizer_path(load.source)) if load.factory is None else None
         self.client = EngineClient(load, self.tokenizer).start()
         self.engine = self.client.engine
 

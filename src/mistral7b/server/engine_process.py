@@ -27,6 +27,10 @@ class EngineLoad:
     dtype: str | None = None
     quantize: dict | bool | None = None  # QuantConfig's fields, False (--quantize none) or None
     engine: dict = field(default_factory=dict)  # EngineConfig's fields
+    # Instead of LLM: "module:function", called with `factory_args`, giving an object with `.engine`
+    # (benchmarks/serve_load.py builds random-weight presets so). The module must be on sys.path.
+    factory: str | None = None
+    factory_args: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -36,6 +40,11 @@ class EngineLoad:
         return cls(**json.loads(text))
 
     def load(self):
+        if self.factory is not None:
+            import importlib
+
+            module, _, name = self.factory.partition(":")
+            return getattr(importlib.import_module(module), name)(**self.factory_args)
         from ..engine import EngineConfig
         from ..llm import LLM
         from ..quant import QuantConfig
