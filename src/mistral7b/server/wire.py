@@ -6,9 +6,11 @@ Engine -> HTTP: `ready` (the limits the HTTP side validates against), `step` (ev
 engine step in one message, with the engine's counters), `failed` (a step raised: these requests
 were dropped), `fatal` (the engine could not start).
 
-JSON, not msgpack: a step of 64 requests x 8 tokens encodes and decodes in tens of microseconds
-(benchmarks/serve_wire.py), far below a decode step, and it needs no dependency. Python's json
-writes floats exactly (repr) and allows -Infinity, which a masked token's logprob can be.
+JSON, not msgpack or msgspec: no new dependency (nor a wheel to ship to the GPU box). Its cost is
+measured by benchmarks/serve_wire.py: a step of 64 requests x 8 tokens is a 7 KB frame, about 2x
+pickle's time to encode and decode, and with top-5 logprobs 90 KB and up to ~9x (floats are slow in
+JSON); if the GPU run shows it on the step's critical path, msgspec is the drop-in to take. Python's
+json writes floats exactly (repr) and allows -Infinity, which a masked token's logprob can be.
 """
 
 from __future__ import annotations
