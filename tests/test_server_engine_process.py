@@ -270,3 +270,17 @@ def _health(client) -> int | None:
         return client.get("/health").status_code
     except httpx.TransportError:
         return None
+
+
+def test_structured_output_and_its_stop_strings_match_in_process(server, llm):
+    """The grammar lives in the engine process; a stop string may end a constrained value only once it is
+    complete, which the HTTP side learns from each step (`accepting`). Compared with the thread driver."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a", "b"]}
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 40, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    with ServerThread(build_app(llm, MODEL)) as local:
+        for extra in ({}, {"stop": ["\"", "}"]}):
+            got = [httpx.post(url + "/v1/chat/completions", json={**body, **extra}, timeout=60).json()
+                   for url in (server.url, local.url)]
+            assert got[0]["choices"] == got[1]["choices"], extra
+            assert got[0]["choices"][0]["message"]["content"].startswith("{")
