@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import decode_kernel
 from .config import ModelConfig, preset
 from .engine import Engine, EngineConfig
 from .loading import Checkpoint, assemble
@@ -115,6 +116,7 @@ def main(args) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "preset": args.preset,
+        "decode_kernel": decode_kernel(),
         "ours": {},
         "hf": {},
         "hf_compiled": {},
