@@ -227,13 +227,17 @@ def _engine_pid(parent: int) -> int:
     raise AssertionError("no engine process")
 
 
-def test_killed_engine_fails_requests_then_server_exits(checkpoint):
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_dead_or_hung_engine_fails_requests_then_server_exits(checkpoint, fault):
+    """SIGKILL, or SIGSTOP (a hang: the watchdog kills it after --engine-step-timeout), mid-stream."""
     from mistral7b.server.settings import ENGINE_DIED_EXIT
 
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "mistral7b.cli", "serve", "--model", str(checkpoint), "--device", "cpu",
-               "--port", str(port), "--max-batch", "2", "--log-level", "warning"]
+               "--port", str(port), "--max-batch", "2", "--log-level", "warning", "--engine-step-timeout", "3"]
+    expected = {"killed": "engine process was killed by signal 9",
+                "hung": "engine process sent nothing for 3 s with requests open and was killed"}[fault]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -248,10 +252,10 @@ def test_killed_engine_fails_requests_then_server_exits(checkpoint):
                 assert next(lines).startswith("data: {")
                 blocked.start()
                 _until(lambda: c.get("/health").json()["running"] == 2)
-                os.kill(_engine_pid(proc.pid), signal.SIGKILL)
+                os.kill(_engine_pid(proc.pid), signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
                 rest = [line for line in lines if line]
             errors = [json.loads(line[6:]) for line in rest if line.startswith("data: {\"error\"")]
-            assert len(errors) == 1 and "engine process was killed by signal 9" in errors[0]["error"]["message"]
+            assert len(errors) == 1 and expected in errors[0]["error"]["message"]
             assert errors[0]["error"]["type"] == "server_error" and rest[-1] == "data: [DONE]"
             health = c.get("/health")
             assert health.status_code == 503 and "engine process" in health.json()["error"]["message"]

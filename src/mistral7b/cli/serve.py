@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..server.settings import (API_KEY_ENV, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
-                               ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
+from ..server.settings import (API_KEY_ENV, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+                               DEFAULT_MAX_QUEUE, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
 from .common import (CLIError, add_quantize_options, device_of, dtype_name, load_llm, model_source, port_number,
                      positive_int, quantize_of)
 
@@ -21,8 +21,9 @@ DESCRIPTION = f"""Serve the model over HTTP (OpenAI-compatible API).
 The engine runs in its own process (it loads the model; the HTTP process tokenises, detokenises and
 streams), so the two do not share one interpreter lock. If the engine process dies, every open
 request gets an error at once, /health answers 503 for {ENGINE_DEATH_GRACE_S:g} seconds, and the server exits
-with status {ENGINE_DIED_EXIT} for a supervisor (systemd, Kubernetes) to restart it. --engine-in-process keeps the
-engine on a thread of the HTTP process instead."""
+with status {ENGINE_DIED_EXIT} for a supervisor (systemd, Kubernetes) to restart it; an engine process that sends
+nothing for --engine-step-timeout seconds while requests are open is killed, with the same result.
+--engine-in-process keeps the engine on a thread of the HTTP process instead."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="close a connection that has not sent complete request headers in this time")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine on a thread of the HTTP process, not in a process of its own")
+    p.add_argument("--engine-step-timeout", type=non_negative_float, default=DEFAULT_ENGINE_STEP_TIMEOUT,
+                   metavar="SECONDS", help="kill an engine process that sends nothing for this long while requests "
+                                           "are open (then as if it died); 0: never")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
     add_quantize_options(p)
@@ -117,4 +121,4 @@ def remote_llm(args, engine_config):
     load = EngineLoad(source=str(model_source(args)), device=None if device is None else str(device),
                       dtype=dtype_name(args), engine=dataclasses.asdict(engine_config),
                       quantize=dataclasses.asdict(quantize) if dataclasses.is_dataclass(quantize) else quantize)
-    return RemoteLLM(load)
+    return RemoteLLM(load, step_timeout=args.engine_step_timeout)

@@ -9,7 +9,8 @@ goes to the engine. The event loop never sends or waits on the connection: one t
 and one reads it, so neither process can block the other for long, nor both each other.
 
 If the engine process dies, every open request fails at once with an OpenAI-shaped error, the app
-answers 503 (`unavailable`), and the callbacks in `on_death` run (`serve` exits non-zero).
+answers 503 (`unavailable`), and the callbacks in `on_death` run (`serve` exits non-zero). One that
+hangs (no message for `step_timeout` seconds while requests are open) is killed, and the same follows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import engine_process, wire
 from .driver import Item, _deliver_soon, _Subscriber
 from .errors import APIError
 from .engine_process import EngineLoad
+from .settings import DEFAULT_ENGINE_STEP_TIMEOUT
 
 log = logging.getLogger("mistral7b.server")
 
@@ -88,8 +90,13 @@ class _GrammarState:
 class EngineClient:
     """Starts the engine process and talks to it; the driver of an app built on a `RemoteLLM`."""
 
-    def __init__(self, load: EngineLoad, tokenizer=None):
+    def __init__(self, load: EngineLoad, tokenizer=None, step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
+        """`step_timeout`: seconds without a message, while requests are open, after which the engine
+        process is taken as hung and killed (None or 0: never)."""
         self.load, self.output = load, OutputProcessor(tokenizer)
+        self.step_timeout = step_timeout or None
+        self._heard = time.monotonic()  # the last message, or when the first open request came
+        self._hung = False
         self.engine = RemoteEngine(self, tokenizer)
         self.subscribers: dict[str, _Subscriber] = {}
         self.requests: dict[str, Request] = {}  # open requests, by id
@@ -115,7 +122,21 @@ class EngineClient:
         child.close()  # else its EOF would never reach us when the process dies
         threading.Thread(target=self._read, name="mistral7b-engine-reader", daemon=True).start()
         threading.Thread(target=self._write, name="mistral7b-engine-writer", daemon=True).start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch, name="mistral7b-engine-watchdog", daemon=True).start()
         return self
+
+    def _watch(self) -> None:
+        """Kill an engine process that has gone silent with requests open; the reader then sees its EOF
+        and fails them (`_died`)."""
+        while not (self.dead or self._closing):
+            time.sleep(min(1.0, self.step_timeout / 4))
+            if self.warmed.is_set() and self.requests and time.monotonic() - self._heard > self.step_timeout:
+                self._hung = True
+                log.error("the engine process sent nothing for %g s with %d requests open: killing it",
+                          self.step_timeout, len(self.requests))
+                self.process.kill()
+                return
 
     def warm_up(self, timeout: float | None = None) -> "EngineClient":
         """Start the engine process and wait until it has loaded (and compiled) the model."""
@@ -156,6 +177,8 @@ class EngineClient:
         with self._lock:
             if self.dead:
                 raise APIError(503, self.dead, type="server_error", code="engine_dead")
+            if not self.requests:  # an idle engine owes no message: the silence counts from here
+                self._heard = time.monotonic()
             self.subscribers[request_id], self.requests[request_id] = sub, request
         self._outbox.put(wire.add(request_id, request.prompt_ids, params))
         sub.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -189,6 +212,7 @@ class EngineClient:
         try:
             while True:
                 message = wire.decode(self.conn.recv_bytes())
+                self._heard = time.monotonic()
                 if message["op"] == "fatal":
                     fatal = message["message"]
                 else:
@@ -220,6 +244,8 @@ class EngineClient:
         self.process.join(5)
         code = self.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        if self._hung:
+            how = f"sent nothing for {self.step_timeout:g} s with requests open and was killed"
         self.dead = f"The engine process {how}" + (f" ({fatal})" if fatal else "") + "; this server cannot generate."
         log.error("%s", self.dead)
         self.warmed.set()
@@ -294,15 +320,17 @@ class RemoteLLM:
     encode_prompt = LLM.encode_prompt  # they use only the tokenizer
     chat_prompt = LLM.chat_prompt
 
-    def __init__(self, load: EngineLoad, name: str | None = None):
-        """`name` names a `load.factory` model, which has no tokenizer here (prompts are token ids)."""
+    def __init__(self, load: EngineLoad, name: str | None = None,
+                 step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
+        """`name` names a `load.factory` model, which has no tokenizer here (prompts are token ids);
+        `step_timeout` is EngineClient's."""
         if load.source is None and load.factory is None:
             from ..default_model import default_model_path
 
             load.source = str(default_model_path())
         self.source = name or load.source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(load.source)) if load.factory is None else None
-        self.client = EngineClient(load, self.tokenizer).start()
+        self.client = EngineClient(load, self.tokenizer, step_timeout).start()
         self.engine = self.client.engine
 
     def close(self) -> None:

@@ -15,6 +15,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # and load balancers see it), then `serve` exits with this status (EX_SOFTWARE) for a supervisor to restart.
 ENGINE_DEATH_GRACE_S = 2.0
 ENGINE_DIED_EXIT = 70
+# An engine process that sends nothing for this long while requests are open is taken as hung and killed
+# (compiles happen before it reports ready, so a step never legitimately takes minutes).
+DEFAULT_ENGINE_STEP_TIMEOUT = 300.0
 
 
 def fit_max_connections(max_connections: int) -> int:
