@@ -140,6 +140,13 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
     xb = x2.to(torch.bfloat16).contiguous()
     if x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
+    elif x.dtype == torch.float32:
+        # The kernel takes bf16 activations, and rounding them alone flips the default model's greedy
+        # answer to "What is the capital of France?" (AVX2 CPU, 2026-12-02): with fp32 activations the
+        # input goes in as bf16 high and low halves (x = hi + lo to ~16 bits), two calls summed in fp32.
+        lo = (x2 - xb.float()).to(torch.bfloat16).contiguous()
+        out = (torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_zeros).float()
+               + torch.ops.aten._weight_int4pack_mm_for_cpu(lo, packed, group_size, scales_zeros).float())
     else:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_zeros)
     if out.shape[-1] != n:
