@@ -146,11 +146,19 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, left uninitialised when built on the meta device (loading): initialising a meta
+    tensor means nothing, and meta `normal_` imports torch._dynamo, seconds on a small CPU."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
+    return nn.Embedding(vocab_size, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, w) for w in config.layer_windows())
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -56,13 +56,26 @@ def packed_shape(n: int, k: int, device: torch.device) -> tuple[tuple[int, ...],
     return (n, k // 2), torch.uint8
 
 
+CPU_PACK_ROWS = 1024  # rows packed per call on CPU: a multiple of the op's row blocks (16, 32 or 64)
+
+
 def pack_int4(q: Tensor, device: torch.device) -> Tensor:
     """uint8 [N, K] in 0..15 -> the layout of the device's int4 kernel (on that device)."""
-    q = F.pad(q.to(device), (0, 0, 0, padded_rows(q.shape[0], device) - q.shape[0]))
+    pad = padded_rows(q.shape[0], device) - q.shape[0]
+    q = q.to(device)
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad))
     if device.type == "cuda":
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
         return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    # The CPU op packs each block of rows on its own, into consecutive rows of its output, and wants
+    # int32 input: packing a few blocks at a time keeps that 4-bytes-per-value copy in cache (a whole
+    # 49k-row head at once costs seconds). tests/test_quant.py checks it against one whole call.
+    out = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)
+    for lo in range(0, q.shape[0], CPU_PACK_ROWS):
+        rows = q[lo : lo + CPU_PACK_ROWS].to(torch.int32).contiguous()
+        out[lo : lo + rows.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
+    return out
 
 
 def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
@@ -123,8 +136,10 @@ def pack_cuda_tiles_reference(q: Tensor) -> Tensor:
 def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tensor:
     """[N, G] scales and zeros -> tinygemm's [G, N_padded, 2] in bf16."""
     pad = padded_rows(scale.shape[0], device) - scale.shape[0]
-    pairs = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))
-    return pairs.transpose(0, 1).contiguous().to(device, torch.bfloat16)
+    pairs = torch.stack([scale, zero], dim=-1).to(device, torch.bfloat16)
+    if pad:
+        pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad))
+    return pairs.transpose(0, 1).contiguous()
 
 
 # ------------------------------------------------------------------------------ matmuls
@@ -208,9 +223,8 @@ def dequant_mm(x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_s
 
 def split_int8_planes(q: Tensor) -> tuple[Tensor, Tensor]:
     """int8 q = 16 * hi + lo exactly: hi in -8..7 (as 0..15 for the int4 kernel), lo in 0..15."""
-    q16 = q.to(torch.int16)
-    hi = torch.div(q16, 16, rounding_mode="floor")
-    return (hi + 8).to(torch.uint8), (q16 - 16 * hi).to(torch.uint8)
+    # An arithmetic shift is floor division by 16, and the low four bits are what it leaves.
+    return ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
 
 
 def plane_qparams(scale: Tensor, zero: Tensor | None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
