@@ -1,6 +1,7 @@
 """Device kernels for weight-only quantized matmuls, and the packing they need.
 
-Measured on the project's 2-core CPU (AVX-512) and on an H200 (benchmarks/quant_bench.py):
+Measured on the project's 2-core CPUs (one with AVX-512; on 2026-12-02 an AVX2-only AMD EPYC) and on
+an H200 (benchmarks/quant_bench.py):
 
 - int4 groups: torch's tinygemm ops. CPU `_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm`
   (tile-packed). Both want bf16 activations and bf16 scales/zeros, so activations are cast to bf16
