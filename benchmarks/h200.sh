@@ -2,8 +2,10 @@
 # One device call per group of runs on an H200 (see the device tool's README): checks first, then
 # timings, every table printed and every JSON/log written under $OUT.
 #   bash benchmarks/h200.sh quant      # int8/int4 vs bf16, ours and gpt-fast, 7B shape
+#   bash benchmarks/h200.sh kernels    # decode attention kernels, then int8 alone (METHODS=int8)
 #   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
-#   bash benchmarks/h200.sh serving    # prefix cache and structured outputs through the engine
+#   bash benchmarks/h200.sh serving    # prefix cache; HTTP load with the engine as a thread and as a process
+#   bash benchmarks/h200.sh structured # structured outputs through the engine; a 131k-token prompt's memory
 # Needs .whl (wheels the image lacks) and .peer (gpt-fast's files, tokenizer.model.v1) carried.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -26,18 +28,33 @@ quant)
     step quant-7b 540 python3 benchmarks/quant_bench.py --gpu --peer .peer/gpt-fast --methods ${METHODS:-bf16,int8,int4} \
         --json "$OUT/quant-7b.json"
     ;;
+kernels)
+    step decode-attention 150 python3 benchmarks/decode_attention.py --json "$OUT/decode-attention.json"
+    step quant-7b 420 python3 benchmarks/quant_bench.py --gpu --methods ${METHODS:-int8} --json "$OUT/quant-7b.json"
+    ;;
 speed)
     step gpu-check 150 python3 benchmarks/gpu_check.py
-    step bench 420 python3 -m mistral7b.cli bench --peer gpt-fast .peer/gpt-fast --prefill 4096,32768 \
-        --hf-sections decode,compile --sections decode,context,prefill --long-context 0 --runs 3 --json "$OUT/bench.json"
+    # The peer first, in its own short step: on 2026-12-02 one combined step ran out of time in HF's
+    # sections before gpt-fast's turn came.
+    step bench-peer 150 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
+        --prefill "" --runs 2 --json "$OUT/bench-peer.json"
+    step bench 280 python3 -m mistral7b.cli bench --prefill 4096,32768 --hf-sections decode \
+        --sections decode,context,prefill --long-context 0 --runs 2 --json "$OUT/bench.json"
     ;;
 serving)
     step prefix 200 python3 benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 64 \
         --max-tokens 128 --json "$OUT/prefix-engine.json"
+    # Issue 14: 64 streams of 512 + 256 over HTTP, the engine as a thread and in its own process.
+    step serve-thread 180 python3 benchmarks/serve_load.py --preset mistral-7b-v0.1 --compile --offline \
+        --json "$OUT/serve-thread.json"
+    step serve-process 200 python3 benchmarks/serve_load.py --preset mistral-7b-v0.1 --compile --engine-process \
+        --json "$OUT/serve-process.json"
+    ;;
+structured)
     step structured 200 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
         --engine --skip-cpu --json "$OUT/structured.json"
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 quant|speed|serving" >&2; exit 2 ;;
+    echo "usage: $0 quant|kernels|speed|serving|structured" >&2; exit 2 ;;
 esac

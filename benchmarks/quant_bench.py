@@ -284,13 +284,17 @@ def time_model(model, config, args) -> dict:
         engine = Engine(model, None, max_batch=batch, compile=device.type == "cuda",
                         max_seq_len=args.prompt + args.new + 64)
         prompts = random_prompts(batch, args.prompt, config.vocab_size)
+        t0 = time.perf_counter()
         run_requests(engine, prompts, args.new)  # compile and record
         sync(device)
+        # Progress as it happens: a run cut off by the device's time limit still shows how far it got.
+        print(f"  b{batch}: warm-up (compile, record) {time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
         requests = run_requests(engine, prompts, args.new)
         sync(device)
         out[f"decode_b{batch}"] = batch * args.new / (time.perf_counter() - t0)
         out[f"decode_b{batch}_decode_only"] = decode_only_rate(requests)
+        print(f"  b{batch}: {out[f'decode_b{batch}']:.1f} tok/s", flush=True)
         del engine
     tokens = torch.randint(0, config.vocab_size, (1, args.prefill), device=device)
     with torch.no_grad():

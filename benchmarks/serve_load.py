@@ -9,6 +9,10 @@ and TPOT p50/p99 (per request: (last - first token time) / (tokens - 1)); `--jso
     python benchmarks/serve_load.py --preset mistral-7b-v0.1 --json serve.json          # GPU defaults
     python benchmarks/serve_load.py --preset tiny --concurrency 4 --prompt-len 16 --max-tokens 8   # CPU sanity
 
+`--engine-process` runs the engine in its own process, as `mistral7b serve` does by default (the
+server's EngineClient; the engine process builds the same random weights from the same seed); without
+it the engine is a thread of the server's process (`serve --engine-in-process`).
+
 ITL note: on CUDA the engine decodes several steps per host sync (`decode_steps`), so tokens arrive
 in bursts; ITL p50 then sits near zero and TPOT is the steadier per-token figure.
 """
@@ -74,6 +78,31 @@ def random_llm(config: ModelConfig, device, dtype, max_batch: int, max_seq_len: 
     model.eval()
     engine = Engine(model, None, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
     return RandomLLM(model, engine, config.name)
+
+
+def preset_llm(name: str, device: str, dtype: str, max_batch: int, max_seq_len: int | None, compile: bool,
+               seed: int) -> RandomLLM:
+    """`random_llm` from JSON-friendly arguments: the engine process's factory (EngineLoad.factory)."""
+    config = TINY if name == "tiny" else preset(name)
+    return random_llm(config, torch.device(device), getattr(torch, dtype), max_batch, max_seq_len, compile, seed)
+
+
+def engine_process_llm(args, device, dtype):
+    """A RemoteLLM whose engine process loads --model, or builds --preset's random weights; ready."""
+    from mistral7b.server.engine_client import RemoteLLM
+    from mistral7b.server.engine_process import EngineLoad
+
+    dtype_name = str(dtype).replace("torch.", "")
+    if args.model:
+        engine = {"max_batch": args.max_batch, "max_seq_len": args.max_seq_len, "compile": args.compile}
+        load = EngineLoad(source=args.model, device=str(device), dtype=dtype_name, engine=engine)
+    else:
+        load = EngineLoad(factory="serve_load:preset_llm", factory_args=dict(
+            name=args.preset, device=str(device), dtype=dtype_name, max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len, compile=args.compile, seed=args.seed))
+    llm = RemoteLLM(load, name=args.model or args.preset)
+    llm.client.warm_up()
+    return llm
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -229,8 +258,11 @@ def main(argv=None) -> int:
     ap.add_argument("--offline", action="store_true", help="also run the load straight through the engine")
     ap.add_argument("--hf-peer", action="store_true",
                     help="also run HF transformers' continuous batching (generate_batch) on the same load (CUDA)")
+    ap.add_argument("--engine-process", action="store_true", help="the engine in its own process (serve's default)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if args.engine_process and (args.offline or args.hf_peer):
+        ap.error("--offline and --hf-peer need the engine in this process: leave out --engine-process")
 
     from mistral7b.llm import LLM
     from mistral7b.utils import default_device, resolve_dtype
@@ -238,7 +270,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    if args.model:
+    if args.engine_process:
+        llm = engine_process_llm(args, device, dtype)
+        name = str(args.model or args.preset)
+    elif args.model:
         llm = LLM(args.model, device=device, dtype=dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
         name = str(args.model)
     else:
@@ -246,12 +281,12 @@ def main(argv=None) -> int:
         llm = random_llm(config, device, dtype, args.max_batch, args.max_seq_len, args.compile, args.seed)
         name = args.preset
     load_s = time.perf_counter() - t0
-    vocab = llm.config.vocab_size
+    vocab = llm.engine.config.vocab_size
     rng = random.Random(args.seed)
     n = args.requests or args.concurrency
     prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(n)]
 
-    if llm.engine.compiled:  # on the server's engine thread, which owns the CUDA graphs
+    if llm.engine.compiled and not args.engine_process:  # on the server's engine thread, which owns the CUDA graphs
         t = time.perf_counter()
         driver_for(llm.engine).warm_up()
         print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
@@ -261,6 +296,8 @@ def main(argv=None) -> int:
                              args.client_processes)
         results, wall = load_in_children(server.url, name, prompts, args.max_tokens, args.concurrency,
                                          args.client_processes)
+    if args.engine_process:
+        llm.close()
 
     summary = summarize(results, wall, args.max_tokens)
     extra_rows = []
@@ -283,7 +320,7 @@ def main(argv=None) -> int:
     meta = {"model": name, "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "dtype": str(dtype).replace("torch.", ""), "max_batch": args.max_batch, "concurrency": args.concurrency,
             "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "compile": args.compile,
-            "client_processes": args.client_processes,
+            "client_processes": args.client_processes, "engine_process": args.engine_process,
             "load_s": round(load_s, 1), "torch": torch.__version__}
     rows = [("output tok/s", summary["output_tok_s"]),
             ("TTFT p50 / p99 (ms)", f"{summary['ttft_ms_p50']} / {summary['ttft_ms_p99']}"),

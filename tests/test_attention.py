@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mistral7b.attention import attention, causal_attention, decode_attention, sdpa_attention, visible
+from mistral7b.attention import (attention, causal_attention, decode_attention, decode_kernel,
+                                 reduction_decode_attention, sdpa_attention, visible)
 
 
 def _visible_bruteforce(q_pos, k_pos, window):
@@ -112,7 +113,26 @@ def test_decode_attention_matches_naive(n_kv):
     v = torch.randn(B, n_kv, W, hd)
     want = _naive_attention(q, k, v, q_pos, k_pos, W)
     assert _rel(decode_attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
+    assert _rel(reduction_decode_attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
     assert _rel(attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
+
+
+def test_reduction_decode_is_finite_for_idle_rows_and_in_the_query_dtype():
+    """An idle row (position -1 sees no key) must not turn into NaN; bf16 in, bf16 out, close to float64."""
+    B, H, KV, hd, S = 2, 8, 2, 32, 40
+    k_pos = torch.randperm(S).expand(B, S).clone()
+    q_pos = torch.tensor([[S - 1], [-1]])
+    q, k, v = (torch.randn(B, n, t, hd, dtype=torch.bfloat16) for n, t in ((H, 1), (KV, S), (KV, S)))
+    got = reduction_decode_attention(q, k, v, q_pos, k_pos, None)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    want = _naive_attention(q[:1], k[:1], v[:1], q_pos[:1], k_pos[:1], None)
+    assert _rel(got[:1], want) < 1e-2
+
+
+def test_decode_kernel_switch_names_the_choices():
+    assert decode_kernel() in ("sdpa", "reduction")
+    with pytest.raises(ValueError, match="sdpa, reduction"):
+        decode_kernel("flash")
 
 
 def test_gqa_head_mapping_is_h_div_group():

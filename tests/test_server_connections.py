@@ -245,12 +245,13 @@ def test_serve_passes_the_connection_flags(monkeypatch):
     from mistral7b.server import app
 
     seen = {}
-    monkeypatch.setattr(serve_command, "load_llm", lambda args, config: "llm")
+    monkeypatch.setattr(serve_command, "load_llm", lambda args, config: "in-process llm")
+    monkeypatch.setattr(serve_command, "remote_llm", lambda args, config: "engine-process llm")
     monkeypatch.setattr(app, "serve", lambda llm, **kwargs: seen.update(kwargs, llm=llm))
     assert cli.main(["serve", "--max-connections", "7", "--header-timeout", "2.5", "--no-prefix-cache"]) == 0
-    assert (seen["llm"], seen["max_connections"], seen["header_timeout"]) == ("llm", 7, 2.5)
-    cli.main(["serve", "--no-prefix-cache"])
-    assert (seen["max_connections"], seen["header_timeout"]) == (1024, 10.0)
+    assert (seen["llm"], seen["max_connections"], seen["header_timeout"]) == ("engine-process llm", 7, 2.5)
+    cli.main(["serve", "--no-prefix-cache", "--engine-in-process"])
+    assert (seen["llm"], seen["max_connections"], seen["header_timeout"]) == ("in-process llm", 1024, 10.0)
 
 
 FIT = textwrap.dedent("""

@@ -73,6 +73,26 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tens
     return out.reshape(batch, n_heads, 1, head_dim)
 
 
+def reduction_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                               window: int | None) -> Tensor:
+    """Decode attention written as two sums that inductor turns into reductions over the key axis.
+
+    A fused attention kernel for one query token runs one thread block per (row, KV head): 8 blocks at
+    batch 1 for all 4,096 keys of a full window, which leaves most of a GPU idle. As reductions, the
+    scores parallelise over the keys and `probs @ v` is split along them (flash-decoding's split-K),
+    both in float32 like the fused kernels. Meant for compiled CUDA decode: eagerly it materialises
+    [B, KV, group, S, hd]."""
+    batch, n_heads, _, head_dim = q.shape
+    n_kv = k.shape[1]
+    grouped = q.reshape(batch, n_kv, n_heads // n_kv, 1, head_dim).float()
+    scores = (grouped * k[:, :, None].float()).sum(-1) * head_dim**-0.5  # [B, KV, group, S]
+    mask = visible(q_pos, k_pos, window)[:, None]  # [B, 1, 1, S]
+    # The finite minimum, not -inf: an idle row (position -1, no visible key) gets finite garbage, not NaN.
+    probs = scores.masked_fill(~mask, torch.finfo(torch.float32).min).softmax(-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # [B, KV, group, hd]
+    return out.to(q.dtype).reshape(batch, n_heads, 1, head_dim)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -92,6 +112,8 @@ def attention(
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
     if t_q == 1:
+        if _DECODE_KERNEL == "reduction" and q.is_cuda and torch.compiler.is_compiling():
+            return reduction_decode_attention(q, k, v, q_pos, k_pos, window)
         return decode_attention(q, k, v, q_pos, k_pos, window)
     if q.is_cuda and t_q >= FLEX_MIN_TOKENS and use_flex():
         memo = {} if memo is None else memo
@@ -111,3 +133,19 @@ def use_flex(enabled: bool | None = None) -> bool:
     if enabled is not None:
         _FLEX_ENABLED = enabled
     return _FLEX_ENABLED
+
+
+DECODE_KERNELS = ("sdpa", "reduction")
+_DECODE_KERNEL = "sdpa"
+
+
+def decode_kernel(name: str | None = None) -> str:
+    """Which kernel compiled CUDA decode uses: "sdpa" (grouped SDPA, the default) or "reduction"
+    (`reduction_decode_attention`); pass a name to switch before compiling. benchmarks/decode_attention.py
+    times both, and the default follows its figures."""
+    global _DECODE_KERNEL
+    if name is not None:
+        if name not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernel {name!r}; choose one of {', '.join(DECODE_KERNELS)}")
+        _DECODE_KERNEL = name
+    return _DECODE_KERNEL

@@ -238,7 +238,8 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
     `bitmask` (on the logits' device, one row per row of `logits`) restricts each row to the tokens
     its grammar allows (structured.py); it applies after the penalties and logit_bias, before every filter.
     """
-    if batch.penalised.intersection(rows):  # most steps have none: skip five [rows, vocab] passes
+    penalised = bool(batch.penalised.intersection(rows))
+    if penalised:  # most steps have none: skip five [rows, vocab] passes
         logits = apply_penalties(
             logits, batch.repetition[index], batch.presence[index], batch.frequency[index], batch.counts[index],
             batch.seen[index],
@@ -254,7 +255,8 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
         logits = apply_bitmask(logits, bitmask)
     greedy = logits.argmax(-1)
     if greedy_only:
-        batch.record(index, greedy)
+        if penalised:  # only penalties read the counts (a row's are zeroed when it is assigned)
+            batch.record(index, greedy)
         return greedy
     temperature = batch.temperature[index]
     if batch.filtering.intersection(rows):
@@ -263,7 +265,8 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
         filtered = logits / temperature.clamp(min=1e-5)[:, None]
     sampled = (filtered.softmax(-1) / batch.noise(rows)).argmax(-1)
     tokens = torch.where(temperature > 0, sampled, greedy)
-    batch.record(index, tokens)
+    if penalised:
+        batch.record(index, tokens)
     return tokens
 
 

@@ -27,6 +27,15 @@ def _ws(s: str, i: int) -> int:
     return i
 
 
+def _expect(s: str, i: int, char: str, problem: str) -> int:
+    """Index after `char` at s[i], whitespace skipped; _Incomplete at the end, ValueError(problem) if not."""
+    if i >= len(s):
+        raise _Incomplete
+    if s[i] != char:
+        raise ValueError(problem)
+    return _ws(s, i + 1)
+
+
 def _string_end(s: str, i: int) -> int:
     """Index after the JSON string starting at s[i] == '"'."""
     i += 1
@@ -88,11 +97,7 @@ class _Call:
 
 def _scan_call(s: str, i: int, call: _Call) -> int:
     """Scan one {"name": ..., "arguments": ...} object into `call`; index after it."""
-    if i >= len(s):
-        raise _Incomplete
-    if s[i] != "{":
-        raise ValueError("a tool call is a JSON object")
-    i = _ws(s, i + 1)
+    i = _expect(s, i, "{", "a tool call is a JSON object")
     while True:
         if i >= len(s):
             raise _Incomplete
@@ -102,12 +107,7 @@ def _scan_call(s: str, i: int, call: _Call) -> int:
         if key_end < 0:
             raise ValueError("expected a key")
         key = json.loads(s[i:key_end])
-        i = _ws(s, key_end)
-        if i >= len(s):
-            raise _Incomplete
-        if s[i] != ":":
-            raise ValueError("expected ':'")
-        i = _ws(s, i + 1)
+        i = _expect(s, _ws(s, key_end), ":", "expected ':'")
         if key == "arguments":
             call.args_start = i
         end = _value_end(s, i)
@@ -131,12 +131,7 @@ def _scan_calls(fmt: str, s: str, i: int, calls: list[_Call]) -> bool:
     calls.clear()
     try:
         if fmt == "mistral":
-            i = _ws(s, i)
-            if i >= len(s):
-                return False
-            if s[i] != "[":
-                raise ValueError("[TOOL_CALLS] is followed by a JSON list")
-            i = _ws(s, i + 1)
+            i = _expect(s, _ws(s, i), "[", "[TOOL_CALLS] is followed by a JSON list")
             while True:
                 calls.append(_Call())
                 i = _ws(s, _scan_call(s, i, calls[-1]))

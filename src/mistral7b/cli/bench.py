@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
     p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    p.add_argument("--decode-kernel", choices=("sdpa", "reduction"), default=None,
+                   help="attention kernel of compiled CUDA decode (mistral7b.attention.decode_kernel); default: sdpa")
     p.add_argument("--peer", nargs=2, metavar=("NAME", "DIR"), default=None, type=str,
                    help="after our figures, run a peer's batch-1 bf16 decode: `--peer gpt-fast DIR` (DIR holds "
                         "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "
@@ -54,4 +56,8 @@ def run(args) -> int:
     from .. import bench  # torch and transformers load only when the benchmark runs
 
     args.peer = peer_of(args)
+    if args.decode_kernel is not None:
+        from ..attention import decode_kernel
+
+        decode_kernel(args.decode_kernel)
     return bench.main(args) or 0

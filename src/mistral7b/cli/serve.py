@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..server.settings import API_KEY_ENV, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE
-from .common import CLIError, add_quantize_options, device_of, load_llm, port_number, positive_int
+from ..server.settings import (API_KEY_ENV, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+                               DEFAULT_MAX_QUEUE, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
+from .common import (CLIError, add_quantize_options, device_of, dtype_name, load_llm, model_source, port_number,
+                     positive_int, quantize_of)
 
 # A modest default budget: on CUDA 1 GiB holds 2 x 4096 positions of Mistral 7B's KV in bf16 (128 KiB a
 # token), i.e. a few long system prompts; on CPU 0.25 GiB is 8k tokens of SmolLM2-135M's fp32 KV (30 KiB a
@@ -14,7 +16,14 @@ DEFAULT_PREFIX_GIB = {"cuda": 1.0, "cpu": 0.25}
 
 NAME = "serve"
 HELP = "OpenAI-compatible HTTP server"
-DESCRIPTION = "Serve the model over HTTP (OpenAI-compatible API)."
+DESCRIPTION = f"""Serve the model over HTTP (OpenAI-compatible API).
+
+The engine runs in its own process (it loads the model; the HTTP process tokenises, detokenises and
+streams), so the two do not share one interpreter lock. If the engine process dies, every open
+request gets an error at once, /health answers 503 for {ENGINE_DEATH_GRACE_S:g} seconds, and the server exits
+with status {ENGINE_DIED_EXIT} for a supervisor (systemd, Kubernetes) to restart it; an engine process that sends
+nothing for --engine-step-timeout seconds while requests are open is killed, with the same result.
+--engine-in-process keeps the engine on a thread of the HTTP process instead."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="open connections; more get a 503 and are closed (lowered to fit the open-file limit)")
     p.add_argument("--header-timeout", type=positive_seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
                    help="close a connection that has not sent complete request headers in this time")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine on a thread of the HTTP process, not in a process of its own")
+    p.add_argument("--engine-step-timeout", type=non_negative_float, default=DEFAULT_ENGINE_STEP_TIMEOUT,
+                   metavar="SECONDS", help="kill an engine process that sends nothing for this long while requests "
+                                           "are open (then as if it died); 0: never")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
     add_quantize_options(p)
@@ -88,8 +102,23 @@ def run(args) -> int:
                        "with `pip install fastapi uvicorn`") from None
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
                                  prefix_cache_gib=prefix_cache_gib(args))
-    llm = load_llm(args, engine_config)
+    llm = load_llm(args, engine_config) if args.engine_in_process else remote_llm(args, engine_config)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           max_queue=args.max_queue, log_level=args.log_level, max_connections=args.max_connections,
           header_timeout=args.header_timeout)
     return 0
+
+
+def remote_llm(args, engine_config):
+    """A RemoteLLM: this process loads the tokenizer, the engine process it starts loads the model."""
+    import dataclasses
+
+    from ..server.engine_client import RemoteLLM
+    from ..server.engine_process import EngineLoad
+
+    quantize = quantize_of(args)
+    device = device_of(args)
+    load = EngineLoad(source=str(model_source(args)), device=None if device is None else str(device),
+                      dtype=dtype_name(args), engine=dataclasses.asdict(engine_config),
+                      quantize=dataclasses.asdict(quantize) if dataclasses.is_dataclass(quantize) else quantize)
+    return RemoteLLM(load, step_timeout=args.engine_step_timeout)

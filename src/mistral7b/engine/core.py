@@ -61,22 +61,7 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.config.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size}), got {bad[:3]}")
-        bias = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
-        if bias:
-            raise ValueError(f"logit_bias token id {bias[0]} is not in the vocabulary [0, {self.config.vocab_size})")
-        self.constraints.validate(params)
-        limit = self.cache.max_positions
-        if limit is not None and len(prompt_ids) + params.max_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{len(prompt_ids) + params.max_tokens} exceeds this model's context of {limit} tokens "
-                "(it has no sliding window)"
-            )
+        validate_request(prompt_ids, params, self.config.vocab_size, self.cache.max_positions, self.constraints)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         self.validate(prompt_ids, params)
@@ -208,3 +193,24 @@ class Engine:
 def _remaining(decoding: list[Request], prev: DecodeGroup | None) -> int:
     ahead = prev.steps if prev is not None else 0
     return min(r.params.max_tokens - len(r.output_ids) for r in decoding) - ahead
+
+
+def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, limit: int | None,
+                     constraints: ConstraintManager) -> None:
+    """A ValueError naming what is wrong with a request for a model of `vocab_size` whose context is
+    `limit` (None: unbounded); shared by `Engine.validate` and the HTTP side of an engine process."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:3]}")
+    bias = [t for t in params.logit_bias or () if t >= vocab_size]
+    if bias:
+        raise ValueError(f"logit_bias token id {bias[0]} is not in the vocabulary [0, {vocab_size})")
+    constraints.validate(params)
+    if limit is not None and len(prompt_ids) + params.max_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+            f"{len(prompt_ids) + params.max_tokens} exceeds this model's context of {limit} tokens "
+            "(it has no sliding window)"
+        )

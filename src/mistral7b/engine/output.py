@@ -16,6 +16,8 @@ class OutputProcessor:
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
         self.default_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", None) or ())
+        # False in an engine process: the HTTP process detokenises and applies stop strings (emit_text).
+        self.detokenize = True
 
     def prepare(self, request: Request) -> None:
         """Set up a new request's stop tokens, logprob list and streaming decoder."""
@@ -23,7 +25,7 @@ class OutputProcessor:
         request._stop_ids = frozenset(request.params.stop_token_ids) | eos
         if request.params.logprobs is not None:
             request.logprobs = []
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize:
             request._decoder = self.tokenizer.decoder()
 
     def apply(self, requests: list[Request], token_rows: list[list[int]], logprobs: list, deltas: list[Delta]) -> None:
@@ -45,17 +47,27 @@ class OutputProcessor:
 
 def advance(request: Request, token: int) -> Delta:
     """Append a token, apply stop rules, and return the text that became final."""
-    params = request.params
+    finish_token(request, token)
+    return emit_text(request, token)
+
+
+def finish_token(request: Request, token: int) -> None:
+    """The token-level rules (what an engine process applies): append it; stop token, max_tokens, grammar."""
     request.output_ids.append(token)
-    is_stop_token = token in request._stop_ids
-    if request._decoder is not None and not is_stop_token:
-        request._decoded += request._decoder.push(token)
-    if is_stop_token:
+    if token in request._stop_ids:
         request.finish_reason = "stop"
-    elif len(request.output_ids) >= params.max_tokens:
+    elif len(request.output_ids) >= request.params.max_tokens:
         request.finish_reason = "length"
     if request._constraint is not None:
         settle(request, token)
+
+
+def emit_text(request: Request, token: int) -> Delta:
+    """The text rules, after `finish_token` (the HTTP process applies them to the engine process's tokens):
+    decode `token`, cut at a stop string or hold back what could grow into one; the Delta of final text."""
+    params = request.params
+    if request._decoder is not None and token not in request._stop_ids:
+        request._decoded += request._decoder.push(token)
     if request.finished and request._decoder is not None:
         request._decoded += request._decoder.flush()
     emitted = len(request.text)

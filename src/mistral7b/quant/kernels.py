@@ -185,7 +185,11 @@ def _dequantize_tiles(packed, scales_zeros, group_size, n, k):
 
 @functools.cache
 def _compiled_dequantize():
-    return torch.compile(_dequantize_tiles_eager, dynamic=True)
+    # Static shapes: a model has a handful of matrix shapes (five at the 7B shape), and with constant
+    # sizes the eight-factor index arithmetic of every element compiles to multiplies and shifts, where
+    # symbolic sizes make it integer divisions. (int4 prefill ran at 0.49x bf16 with dynamic=True; how much
+    # of that this recovers is for quant_bench on a GPU to say.)
+    return torch.compile(_dequantize_tiles_eager, dynamic=False)
 
 
 CUDA_INT8_REDUCTION_ROWS = 16  # up to this many rows, compiled CUDA int8 runs as one reduction

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server over the continuous-batching engine, split as vLLM splits it:
 `protocol` (request and response models), `serving*` (the endpoints), `app` (`build_app`, the routes,
-`serve`), `driver` (the engine thread), `metrics` (Prometheus), `errors` (OpenAI-shaped errors), and
+`serve`), `driver` (the engine thread), `engine_client` / `engine_process` / `wire` (the engine in a
+process of its own), `metrics` (Prometheus), `errors` (OpenAI-shaped errors), and
 `settings` (defaults the command line shares, importable without FastAPI)."""
 
 _EXPORTS = {"build_app": "app", "serve": "app", "ServerThread": "app", "default_model_name": "app",

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from .connections import GuardedServer, guarded_config
 from .driver import driver_for
-from .errors import ERROR_RESPONSES, BodyTooLarge, install_error_handlers, send_error
+from .errors import ERROR_RESPONSES, APIError, BodyTooLarge, install_error_handlers, send_error
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeChatRequest,
@@ -31,7 +31,7 @@ from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_tokenization import OpenAIServingTokenization
 from .settings import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
-                       LOOPBACK, fit_max_connections, resolve_api_key)
+                       ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT, LOOPBACK, fit_max_connections, resolve_api_key)
 
 log = logging.getLogger("mistral7b.server")
 
@@ -39,8 +39,9 @@ log = logging.getLogger("mistral7b.server")
 class _Guard:
     """Pure ASGI middleware (so it also covers streamed bodies and 404s): auth, body limit, metrics."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int, unavailable=None):
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        self.unavailable = unavailable  # why the engine cannot serve now (starting, dead), or None
         self.api_key = api_key.encode() if api_key else None
 
     def _authorized(self, scope) -> bool:
@@ -65,9 +66,18 @@ class _Guard:
             problem = self._length_problem(scope)
             if problem is not None:
                 return await send_error(send_, *problem)
+            unavailable = self._engine_problem(path)
+            if unavailable is not None:
+                return await send_error(send_, 503, unavailable, type="server_error", code="engine_unavailable")
             await self._limited(scope, receive, send_, state)
         finally:
             self.metrics.count_request(path, state["status"])
+
+    def _engine_problem(self, path: str) -> str | None:
+        # Everything but the probes needs the engine's limits, which an engine process reports when ready.
+        if self.unavailable is None or path in ("/health", "/metrics"):
+            return None
+        return self.unavailable()
 
     def _length_problem(self, scope) -> tuple[int, str] | None:
         length = dict(scope.get("headers") or ()).get(b"content-length")
@@ -117,22 +127,29 @@ def _generation_responses(model) -> dict:
 def build_app(llm, model_name: str | None = None, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app for `llm` (an `LLM`, or anything with `.engine`, `.tokenizer`,
-    `.encode_prompt` and `.chat_prompt`). `api_key` guards /v1/* with bearer auth."""
-    engine, driver, metrics = llm.engine, driver_for(llm.engine), Metrics()
+    `.encode_prompt` and `.chat_prompt`; a `RemoteLLM` has its engine in its own process, driven
+    through `.client`). `api_key` guards /v1/* with bearer auth."""
+    engine, metrics = llm.engine, Metrics()
+    driver = getattr(llm, "client", None) or driver_for(engine)
+    unavailable = getattr(driver, "unavailable", None)
     model_name = model_name or default_model_name(llm)
-    admission = Admission(engine, max_queue)
+    admission = Admission(engine, max_queue, driver=driver)
     metrics.watch(engine, driver, lambda: admission.pending)
     completion = OpenAIServingCompletion(llm, driver, metrics, admission, model_name)
     chat = OpenAIServingChat(llm, driver, metrics, admission, model_name)
     app = FastAPI(title="mistral7b", version="0.1.0",
                   description="OpenAI-compatible completions and chat completions over the mistral7b engine.")
     app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
-    app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable)
     install_error_handlers(app)
     created_at = int(time.time())
 
-    @app.get("/health", summary="Liveness (no auth)", response_model=HealthResponse)
+    @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts or after it died",
+             response_model=HealthResponse, responses={503: ERROR_RESPONSES[429]})
     async def health():
+        problem = unavailable() if unavailable is not None else None
+        if problem is not None:
+            raise APIError(503, problem, type="server_error", code="engine_unavailable")
         return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
@@ -156,7 +173,7 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 
-    tokenization = OpenAIServingTokenization(llm, model_name, completion.context)
+    tokenization = OpenAIServingTokenization(llm, model_name, lambda: completion.context)
 
     @app.post("/tokenize", summary="Token ids of a prompt or a conversation", response_model=TokenizeResponse,
               responses=ERROR_RESPONSES)
@@ -205,26 +222,41 @@ def _bound_integers(node, bound: dict) -> None:
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT):
-    """Run the server until interrupted. `api_key` defaults to $MISTRAL7B_API_KEY."""
+    """Run the server until interrupted. `api_key` defaults to $MISTRAL7B_API_KEY. With a `RemoteLLM`
+    whose engine process dies, the server answers 503 for ENGINE_DEATH_GRACE_S, then exits with
+    ENGINE_DIED_EXIT for a supervisor to restart it."""
     api_key = resolve_api_key(api_key)
     if host not in LOOPBACK and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     fitted = fit_max_connections(max_connections)
     if fitted < max_connections:
         log.warning("--max-connections %d does not fit the open-file limit: using %d", max_connections, fitted)
-    if llm.engine.compiled:
+    client = getattr(llm, "client", None)  # an engine process warms itself up before it reports ready
+    if client is None and llm.engine.compiled:
         log.warning("compiling the decode step before serving (a minute or two on a GPU)")
         driver_for(llm.engine).warm_up()
     app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
     config = guarded_config(app, header_timeout, fitted, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
     server = GuardedServer(config)
+    if client is not None:
+        client.on_death.append(lambda: threading.Timer(ENGINE_DEATH_GRACE_S, _stop, (server,)).start())
     try:
         server.run()
     except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C ends the graceful wait quietly
         pass
+    finally:
+        if client is not None:
+            client.close()
+    if client is not None and client.dead:
+        raise SystemExit(ENGINE_DIED_EXIT)
     if not server.started:  # uvicorn logged why (say, the port is taken)
         raise SystemExit(3)
+
+
+def _stop(server) -> None:
+    log.error("exiting (status %d): the engine process is gone", ENGINE_DIED_EXIT)
+    server.should_exit = True
 
 
 class ServerThread:

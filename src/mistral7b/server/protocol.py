@@ -271,6 +271,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class _ResponseHead(BaseModel):
+    """The fields every completion object opens with; `object` names its kind."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -278,23 +287,17 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_ResponseHead):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
 
 
-class CompletionStreamResponse(BaseModel):
+class CompletionStreamResponse(_ResponseHead):
     """One Server-Sent Event of a streamed completion (`usage` only in the last, when asked for)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -326,11 +329,8 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
@@ -349,11 +349,8 @@ class ChatStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
+class ChatCompletionStreamResponse(_ResponseHead):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     system_fingerprint: str | None = None
     choices: list[ChatStreamChoice]
     usage: Usage | None = None

@@ -84,9 +84,16 @@ class OpenAIServing:
         self.model_name = model_name
         self.engine = llm.engine
         self.tokenizer = getattr(llm, "tokenizer", None)
-        self.limit = self.engine.cache.max_positions  # None: every layer rolls, sequences grow unbounded
-        self.context = self.limit or self.engine.config.max_seq_len
         self._token_texts: dict[int, str] = {}
+
+    # Read when asked: an engine in its own process reports them once it has loaded the model.
+    @property
+    def limit(self) -> int | None:
+        return self.engine.cache.max_positions  # None: every layer rolls, sequences grow unbounded
+
+    @property
+    def context(self) -> int:
+        return self.limit or self.engine.config.max_seq_len
 
     # -- checks ----------------------------------------------------------------------------------
 

@@ -12,10 +12,18 @@ from .protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatReques
 
 
 class OpenAIServingTokenization:
-    def __init__(self, llm, model_name: str, max_model_len: int):
-        self.llm, self.model_name, self.max_model_len = llm, model_name, max_model_len
+    def __init__(self, llm, model_name: str, max_model_len):
+        """`max_model_len()` gives the context (read when asked, as the engine's vocabulary size)."""
+        self.llm, self.model_name, self._max_model_len = llm, model_name, max_model_len
         self.tokenizer = getattr(llm, "tokenizer", None)
-        self.vocab_size = llm.engine.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.engine.config.vocab_size
 
     def _check(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -11,6 +11,13 @@ DEFAULT_MAX_CONNECTIONS = 1024  # open connections; more get a 503 (lowered to f
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a connection to send complete request headers
 RESERVED_FDS = 128  # descriptors kept for the model, the log and the engine, outside the connection cap
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# When the engine process dies: open requests fail at once, /health answers 503 for this long (so probes
+# and load balancers see it), then `serve` exits with this status (EX_SOFTWARE) for a supervisor to restart.
+ENGINE_DEATH_GRACE_S = 2.0
+ENGINE_DIED_EXIT = 70
+# An engine process that sends nothing for this long while requests are open is taken as hung and killed
+# (compiles happen before it reports ready, so a step never legitimately takes minutes).
+DEFAULT_ENGINE_STEP_TIMEOUT = 300.0
 
 
 def fit_max_connections(max_connections: int) -> int:

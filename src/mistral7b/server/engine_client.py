@@ -1,0 +1,337 @@
+"""The HTTP side of an engine in its own process (vLLM's EngineCoreClient): `EngineClient` has the
+interface of `EngineDriver` (submit, abort, pending_aborts, warm_up, steps, aborted), so the serving
+classes run unchanged over either, and `RemoteLLM` is the `LLM` that `build_app` is given.
+
+The HTTP process tokenises prompts and renders templates (as with an in-process engine), then
+detokenises the token ids each engine step sends back and applies stop strings, with the same
+`engine.output` code the in-process engine runs; a stop string ends the request here and an abort
+goes to the engine. The event loop never sends or waits on the connection: one thread writes to it
+and one reads it, so neither process can block the other for long, nor both each other.
+
+If the engine process dies, every open request fails at once with an OpenAI-shaped error, the app
+answers 503 (`unavailable`), and the callbacks in `on_death` run (`serve` exits non-zero). One that
+hangs (no message for `step_timeout` seconds while requests are open) is killed, and the same follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+from ..engine.constraints import ConstraintManager
+from ..engine.core import validate_request
+from ..engine.output import OutputProcessor, emit_text
+from ..engine.request import Request
+from ..llm import LLM, _tokenizer_path
+from ..tokenizer import Tokenizer
+from . import engine_process, wire
+from .driver import Item, _deliver_soon, _Subscriber
+from .errors import APIError
+from .engine_process import EngineLoad
+from .settings import DEFAULT_ENGINE_STEP_TIMEOUT
+
+log = logging.getLogger("mistral7b.server")
+
+
+class RemoteEngine:
+    """What the serving classes read of an engine: its limits (reported by the engine process when it
+    is ready) and its queue, counted here from the requests this process has open."""
+
+    def __init__(self, client: "EngineClient", tokenizer):
+        self.client, self.tokenizer = client, tokenizer
+        self.prefix = None  # the prefix cache's last counters, when it has one
+        self.max_batch = 0
+
+    def ready(self, info: dict) -> None:
+        self.config = SimpleNamespace(vocab_size=info["vocab_size"], max_seq_len=info["max_seq_len"])
+        self.cache = SimpleNamespace(max_positions=info["max_positions"])
+        self.compiled = info["compiled"]
+        self.constraints = ConstraintManager(self.tokenizer, info["vocab_size"], info["max_batch"], None)
+        self.prefix = _PrefixStats() if info["prefix_cache"] else None
+        self.max_batch = info["max_batch"]
+
+    def validate(self, prompt_ids: list[int], params) -> None:
+        validate_request(prompt_ids, params, self.config.vocab_size, self.cache.max_positions, self.constraints)
+
+    @property
+    def n_running(self) -> int:
+        return min(self.client.n_open, self.max_batch)
+
+    @property
+    def n_waiting(self) -> int:
+        return self.client.n_open - self.n_running
+
+
+class _PrefixStats:
+    """The prefix cache's counters as the last step reported them (metrics.prefix_cache_metrics reads them)."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def metrics(self) -> dict:
+        return self.values
+
+
+class _GrammarState:
+    """A constrained request's grammar lives in the engine process; its last step says whether the value
+    could end there, which is all a stop string needs to know (constraints.stop_string_cut)."""
+
+    accepting = False
+
+    def is_accepting(self) -> bool:
+        return self.accepting
+
+
+class EngineClient:
+    """Starts the engine process and talks to it; the driver of an app built on a `RemoteLLM`."""
+
+    def __init__(self, load: EngineLoad, tokenizer=None, step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
+        """`step_timeout`: seconds without a message, while requests are open, after which the engine
+        process is taken as hung and killed (None or 0: never)."""
+        self.load, self.output = load, OutputProcessor(tokenizer)
+        self.step_timeout = step_timeout or None
+        self._heard = time.monotonic()  # the last message, or when the first open request came
+        self._hung = False
+        self.engine = RemoteEngine(self, tokenizer)
+        self.subscribers: dict[str, _Subscriber] = {}
+        self.requests: dict[str, Request] = {}  # open requests, by id
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.warmed = threading.Event()  # set when the engine is ready (or dead)
+        self.steps = self.aborted = 0
+        self.dead: str | None = None  # why the engine process is gone
+        self.on_death: list = []
+        self.process = self.conn = None
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> "EngineClient":
+        if self.process is not None:
+            return self
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot fork
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=engine_process.main, args=(child, self.load.to_json()),
+                                   name="mistral7b-engine", daemon=True)
+        self.process.start()
+        child.close()  # else its EOF would never reach us when the process dies
+        threading.Thread(target=self._read, name="mistral7b-engine-reader", daemon=True).start()
+        threading.Thread(target=self._write, name="mistral7b-engine-writer", daemon=True).start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch, name="mistral7b-engine-watchdog", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        """Kill an engine process that has gone silent with requests open; the reader then sees its EOF
+        and fails them (`_died`)."""
+        while not (self.dead or self._closing):
+            time.sleep(min(1.0, self.step_timeout / 4))
+            if self.warmed.is_set() and self.requests and time.monotonic() - self._heard > self.step_timeout:
+                self._hung = True
+                log.error("the engine process sent nothing for %g s with %d requests open: killing it",
+                          self.step_timeout, len(self.requests))
+                self.process.kill()
+                return
+
+    def warm_up(self, timeout: float | None = None) -> "EngineClient":
+        """Start the engine process and wait until it has loaded (and compiled) the model."""
+        self.start()
+        if not self.warmed.wait(timeout) or self.dead:
+            raise RuntimeError(self.dead or "the engine process did not become ready in time")
+        return self
+
+    def unavailable(self) -> str | None:
+        """Why the app cannot serve generation now (starting, or dead), or None."""
+        if self.dead:
+            return self.dead
+        return None if self.warmed.is_set() else "The engine is starting (loading the model): retry shortly."
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine process. (Closing our end would not do: the reader thread blocked in recv keeps
+        the socket open, so the engine would never see its EOF.)"""
+        self._closing = True
+        self._outbox.put(wire.STOP)
+        self._outbox.put(None)
+        if self.process is not None:
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout)
+
+    # -- the driver's interface --------------------------------------------------------------------
+
+    @property
+    def n_open(self) -> int:
+        return len(self.requests)
+
+    def submit(self, prompt_ids: list[int], params, request_id: str, sub: _Subscriber) -> Request:
+        request = Request(list(prompt_ids), params, request_id)
+        self.output.prepare(request)
+        if params.constrained:
+            request._constraint = _GrammarState()
+        with self._lock:
+            if self.dead:
+                raise APIError(503, self.dead, type="server_error", code="engine_dead")
+            if not self.requests:  # an idle engine owes no message: the silence counts from here
+                self._heard = time.monotonic()
+            self.subscribers[request_id], self.requests[request_id] = sub, request
+        self._outbox.put(wire.add(request_id, request.prompt_ids, params))
+        sub.metrics.prompt_tokens.inc(len(prompt_ids))
+        return request
+
+    def abort(self, request: Request) -> None:
+        with self._lock:
+            self.subscribers.pop(request.id, None)
+            was_open = self.requests.pop(request.id, None) is not None and not request.finished
+            if was_open:
+                request.finish_reason, request.finish_time = "abort", time.monotonic()
+        if was_open:
+            self._outbox.put(wire.abort([request.id]))
+
+    def pending_aborts(self) -> int:
+        """Always 0: an aborted request stops counting as open at once (`RemoteEngine.n_running`)."""
+        return 0
+
+    # -- the connection ----------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(wire.encode(message))
+            except OSError:  # the engine process is gone: the reader reports it
+                return
+        self.conn.close()
+
+    def _read(self) -> None:
+        fatal = None
+        try:
+            while True:
+                message = wire.decode(self.conn.recv_bytes())
+                self._heard = time.monotonic()
+                if message["op"] == "fatal":
+                    fatal = message["message"]
+                else:
+                    self._on_message(message)
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            log.exception("engine client failed")
+            self.process.kill()
+        if not self._closing:
+            self._died(fatal)
+
+    def _on_message(self, message: dict) -> None:
+        op = message["op"]
+        if op == "step":
+            self._dispatch(message["out"])
+            stats = message["stats"]
+            self.steps, self.aborted = stats["steps"], stats["aborted"]
+            if self.engine.prefix is not None and stats["prefix"] is not None:
+                self.engine.prefix.values = stats["prefix"]
+        elif op == "failed":
+            self._fail(message["ids"], message["message"])
+        elif op == "ready":
+            self.engine.ready(message["info"])
+            log.info("the engine process (pid %d) is ready", message["pid"])
+            self.warmed.set()
+
+    def _died(self, fatal: str | None) -> None:
+        self.process.join(5)
+        code = self.process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        if self._hung:
+            how = f"sent nothing for {self.step_timeout:g} s with requests open and was killed"
+        self.dead = f"The engine process {how}" + (f" ({fatal})" if fatal else "") + "; this server cannot generate."
+        log.error("%s", self.dead)
+        self.warmed.set()
+        with self._lock:
+            ids = list(self.requests)
+        self._fail(ids, self.dead)
+        for callback in self.on_death:
+            callback()
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list) -> None:
+        now, stopped = time.monotonic(), []
+        by_loop: dict = defaultdict(list)
+        with self._lock:
+            for out in outputs:
+                request, sub = self.requests.get(out[0]), self.subscribers.get(out[0])
+                if request is None or sub is None or request.finished:
+                    continue  # aborted meanwhile, or ended here by a stop string
+                item = self._advance(request, sub, out, now)
+                if request.finished:
+                    del self.requests[request.id], self.subscribers[request.id]
+                    if out[2] is None:  # a stop string ended it here: the engine still runs it
+                        stopped.append(request.id)
+                by_loop[sub.loop].append((sub.queue, item))
+        if stopped:
+            self._outbox.put(wire.abort(stopped))
+        for loop, items in by_loop.items():
+            _deliver_soon(loop, items)
+
+    def _advance(self, request: Request, sub: _Subscriber, out: list, now: float) -> Item:
+        """Apply one step's tokens to the request as `engine.output` would have in-process."""
+        _, tokens, finish_reason, logprobs, prompt_logprobs, accepting = out
+        if prompt_logprobs is not None:
+            request.prompt_logprobs = [None if e is None else wire.logprob_of(e) for e in prompt_logprobs]
+        if accepting is not None:
+            request._constraint.accepting = accepting
+        if request.first_token_time is None:
+            request.first_token_time = now
+        texts, new_logprobs, n = [], [], 0
+        for n, token in enumerate(tokens, 1):
+            request.output_ids.append(token)
+            request.finish_reason = finish_reason if n == len(tokens) else None
+            if logprobs is not None and request.logprobs is not None:
+                new_logprobs.append(wire.logprob_of(logprobs[n - 1]))
+            texts.append(emit_text(request, token).text)
+            if request.finished:
+                break
+        if request.logprobs is not None:
+            request.logprobs += new_logprobs
+        sub.metrics.record_tokens(request, n, now, sub.last_time, request.finish_reason)
+        sub.last_time, sub.sent_tokens = now, sub.sent_tokens + n
+        return Item(sub.choice, "".join(texts), tokens[:n], new_logprobs or None, request.finish_reason)
+
+    def _fail(self, ids: list[str], message: str) -> None:
+        by_loop: dict = defaultdict(list)
+        with self._lock:
+            for rid in ids:
+                request, sub = self.requests.pop(rid, None), self.subscribers.pop(rid, None)
+                if request is not None and not request.finished:
+                    request.finish_reason = "abort"
+                if sub is not None:
+                    by_loop[sub.loop].append((sub.queue, Item(sub.choice, "", [], None, None, error=message)))
+        for loop, items in by_loop.items():
+            _deliver_soon(loop, items)
+
+
+class RemoteLLM:
+    """What `build_app` needs of an `LLM` (tokenizer, prompts, engine), with the engine in its own
+    process, started here: it loads the model while the HTTP process loads the tokenizer."""
+
+    encode_prompt = LLM.encode_prompt  # they use only the tokenizer
+    chat_prompt = LLM.chat_prompt
+
+    def __init__(self, load: EngineLoad, name: str | None = None,
+                 step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
+        """`name` names a `load.factory` model, which has no tokenizer here (prompts are token ids);
+        `step_timeout` is EngineClient's."""
+        if load.source is None and load.factory is None:
+            from ..default_model import default_model_path
+
+            load.source = str(default_model_path())
+        self.source = name or load.source
+        self.tokenizer = Tokenizer.from_source(_tokenizer_path(load.source)) if load.factory is None else None
+        self.client = EngineClient(load, self.tokenizer, step_timeout).start()
+        self.engine = self.client.engine
+
+    def close(self) -> None:
+        self.client.close()
