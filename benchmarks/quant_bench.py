@@ -13,7 +13,10 @@ printed as a table (and --json). `--small` runs the GPU path at a small shape to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import platform
 import time
 
 import torch
@@ -40,7 +43,9 @@ def cpu(args) -> dict:
     torch.set_num_threads(args.threads)
     path = default_model_path()
     prompt = "The capital of France is"
-    results = {"threads": args.threads, "tokens": args.tokens, "file_bytes": path.stat().st_size}
+    results = {"threads": args.threads, "tokens": args.tokens, "file_bytes": path.stat().st_size,
+               "machine": machine(), "load_average_before": os.getloadavg()}
+    print(f"{results['machine']}; load average {results['load_average_before']}", flush=True)
     runs = {}
     for label, dtype in (("quantized, fp32 activations", "float32"), ("quantized, bf16 activations", "bfloat16")):
         t0 = time.perf_counter()
@@ -83,9 +88,51 @@ def cpu(args) -> dict:
     for run in runs.values():
         run.pop("ids")
     results["runs"] = runs
+    results["int4_kernel_floor"] = kernel_floor(llm.model, args.threads)
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average after: {results['load_average_after']}")
     if args.profile:
         profile_step(llm)
     return results
+
+
+def kernel_floor(model, threads: int) -> dict:
+    """The bare int4 kernel calls of one decode step, timed alone on the model's own packed weights:
+    the decode speed with no other cost at all (torch's CPU int4 kernel, bf16 activations)."""
+    from mistral7b.quant.linear import Int4Linear, Int8Linear
+
+    calls = []
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            calls.append((module.packed, module.scales_zeros, module.group_size, module.in_features))
+        elif isinstance(module, Int8Linear) and module.kernel == "planes":
+            for plane in ("hi", "lo"):
+                calls.append((getattr(module, f"packed_{plane}"), getattr(module, f"scales_zeros_{plane}"),
+                              module.group_size, module.in_features))
+    xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in {c[3] for c in calls}}
+    step = lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[k], p, g, sz) for p, sz, g, k in calls]  # noqa: E731
+    step()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            step()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    print(f"int4 kernel alone: {len(calls)} calls a step, {best * 1e3:.2f} ms = at most {1 / best:.0f} tok/s "
+          f"({threads} threads)", flush=True)
+    return {"calls": len(calls), "step_ms": best * 1e3, "max_tok_s": 1 / best}
+
+
+def machine() -> str:
+    """CPU model, cores, the widest SIMD the CPU has (the int4 kernel's speed depends on it), torch."""
+    flags = model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            model = value.strip() if key.strip() == "model name" and not model else model
+            flags = value.split() if key.strip() == "flags" and not flags else flags
+    simd = next((s for s in ("avx512f", "avx2") if s in flags), "no avx2")
+    return f"{model or platform.processor()}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}"
 
 
 def profile_step(llm) -> None:

@@ -87,6 +87,15 @@ def test_int4_cpu_unpack_inverts_pack(n, k):
     assert torch.equal(kernels.unpack_int4(kernels.pack_int4(q, CPU), n, k), q)
 
 
+@pytest.mark.parametrize("n", [kernels.CPU_PACK_ROWS * 2 + 48, kernels.CPU_PACK_ROWS + 16])
+def test_int4_cpu_pack_in_row_chunks_is_one_whole_pack(n):
+    """Loading packs large matrices a few row blocks at a time: the bytes are those of one call of the op."""
+    k = 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(kernels.pack_int4(q, CPU), whole)
+
+
 @pytest.mark.parametrize("n,k", [(8, 32), (16, 64), (24, 384)])
 def test_cuda_tile_layout_round_trip(n, k):
     """The tensor-op image of tinygemm's tile layout inverts exactly (the GPU benchmark checks it

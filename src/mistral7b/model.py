@@ -56,20 +56,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [B, T, head_dim] in fp32, computed from positions so any position works."""
+    """cos and sign-folded sin tables [B, 1, T, head_dim] in fp32, computed from positions so any
+    position works; `apply_rope` multiplies by them as they are (no per-layer reshaping)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
 @fused
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE on x [B, H, T, hd], in fp32."""
+    """Rotate-half RoPE on x [B, H, T, hd], in fp32: x * cos + rotate_half(x) * sin, with rotate_half's
+    sign folded into the sin table (the same products, bit for bit)."""
     x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).type_as(x)
+    return (x32 * cos + x32.roll(x32.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 @dataclass
@@ -99,19 +99,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs, cache) -> Tensor:
         batch, t, _ = x.shape
         positions, memo = inputs.positions, inputs.memo
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
+        heads, kv_heads = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(batch, t, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+        # One rotation for the q and k heads together: at batch 1 on a CPU each op's dispatch costs
+        # about as much as its arithmetic, so half the calls is what counts.
+        q, k = apply_rope(qkv[:, : heads + kv_heads], *inputs.rope).split([heads, kv_heads], dim=1)
+        v = qkv[:, heads + kv_heads :]
         if cache is None:
             out = attention(q, k, v, positions, positions, self.window, self_only=True, memo=memo)
         else:
             # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
             k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len)
             out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo)
-        return self.reduce(self.wo(out.transpose(1, 2).reshape(batch, t, q_size)))
+        return self.reduce(self.wo(out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)))
 
 
 class FeedForward(nn.Module):
@@ -146,11 +146,19 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, left uninitialised when built on the meta device (loading): initialising a meta
+    tensor means nothing, and meta `normal_` imports torch._dynamo, seconds on a small CPU."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
+    return nn.Embedding(vocab_size, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, w) for w in config.layer_windows())
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -124,7 +124,7 @@ def assemble(checkpoint: Checkpoint, device=None, dtype=None, quant: "QuantConfi
         model = Transformer(config).to(dtype)
     formats = quant_plan.plan(config, quant, checkpoint.formats)
     modules = quant_plan.install(model, formats, device, dtype, checkpoint.path)
-    model.to_empty(device=device)
+    _allocate(model, device)
     if config.tie_embeddings and "output" not in modules:
         model.output.weight = model.tok_embeddings.weight  # to_empty unties them
     model.quant_config = quant
@@ -149,6 +149,13 @@ def assemble(checkpoint: Checkpoint, device=None, dtype=None, quant: "QuantConfi
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{checkpoint.path}: missing tensors {shown}")
     return model.eval()
+
+
+def _allocate(model: Transformer, device: torch.device) -> None:
+    """`model.to_empty(device)` without its `empty_like` of meta tensors, whose Python meta path
+    imports sympy (about a second on a small CPU): plain `torch.empty` of each shape. Like
+    `to_empty`, it unties tied parameters."""
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def _targets(model: Transformer, modules: dict, separate_head: bool) -> dict[str, list]:

@@ -55,10 +55,10 @@ def read(path: Path):
 
 @functools.lru_cache(maxsize=2)
 def _read(path: str, mtime_ns: int, size: int):
-    import gguf
+    from .gguf_reader import FastGGUFReader
 
     try:
-        return gguf.GGUFReader(path)
+        return FastGGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
         raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
 

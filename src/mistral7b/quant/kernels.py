@@ -1,6 +1,7 @@
 """Device kernels for weight-only quantized matmuls, and the packing they need.
 
-Measured on the project's 2-core CPU (AVX-512) and on an H200 (benchmarks/quant_bench.py):
+Measured on the project's 2-core CPUs (one with AVX-512; on 2026-12-02 an AVX2-only AMD EPYC) and on
+an H200 (benchmarks/quant_bench.py):
 
 - int4 groups: torch's tinygemm ops. CPU `_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm`
   (tile-packed). Both want bf16 activations and bf16 scales/zeros, so activations are cast to bf16
@@ -56,13 +57,26 @@ def packed_shape(n: int, k: int, device: torch.device) -> tuple[tuple[int, ...],
     return (n, k // 2), torch.uint8
 
 
+CPU_PACK_ROWS = 1024  # rows packed per call on CPU: a multiple of the op's row blocks (16, 32 or 64)
+
+
 def pack_int4(q: Tensor, device: torch.device) -> Tensor:
     """uint8 [N, K] in 0..15 -> the layout of the device's int4 kernel (on that device)."""
-    q = F.pad(q.to(device), (0, 0, 0, padded_rows(q.shape[0], device) - q.shape[0]))
+    pad = padded_rows(q.shape[0], device) - q.shape[0]
+    q = q.to(device)
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad))
     if device.type == "cuda":
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
         return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    # The CPU op packs each block of rows on its own, into consecutive rows of its output, and wants
+    # int32 input: packing a few blocks at a time keeps that 4-bytes-per-value copy in cache (a whole
+    # 49k-row head at once costs seconds). tests/test_quant.py checks it against one whole call.
+    out = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)
+    for lo in range(0, q.shape[0], CPU_PACK_ROWS):
+        rows = q[lo : lo + CPU_PACK_ROWS].to(torch.int32).contiguous()
+        out[lo : lo + rows.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
+    return out
 
 
 def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
@@ -123,8 +137,10 @@ def pack_cuda_tiles_reference(q: Tensor) -> Tensor:
 def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tensor:
     """[N, G] scales and zeros -> tinygemm's [G, N_padded, 2] in bf16."""
     pad = padded_rows(scale.shape[0], device) - scale.shape[0]
-    pairs = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))
-    return pairs.transpose(0, 1).contiguous().to(device, torch.bfloat16)
+    pairs = torch.stack([scale, zero], dim=-1).to(device, torch.bfloat16)
+    if pad:
+        pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad))
+    return pairs.transpose(0, 1).contiguous()
 
 
 # ------------------------------------------------------------------------------ matmuls
@@ -137,7 +153,8 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
     if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
         w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
-    xb = x2.to(torch.bfloat16).contiguous()
+    # Casts only when needed: at batch 1 on a CPU even a no-op cast's dispatch shows (122 matmuls a token).
+    xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
     if x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
     elif x.dtype == torch.float32:
@@ -151,7 +168,9 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_zeros)
     if out.shape[-1] != n:
         out = out[:, :n]
-    return out.to(x.dtype).view(*shape[:-1], n)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out.view(*shape[:-1], n)
 
 
 def dequantize_tiles(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int, k: int) -> Tensor:
@@ -219,9 +238,8 @@ def dequant_mm(x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_s
 
 def split_int8_planes(q: Tensor) -> tuple[Tensor, Tensor]:
     """int8 q = 16 * hi + lo exactly: hi in -8..7 (as 0..15 for the int4 kernel), lo in 0..15."""
-    q16 = q.to(torch.int16)
-    hi = torch.div(q16, 16, rounding_mode="floor")
-    return (hi + 8).to(torch.uint8), (q16 - 16 * hi).to(torch.uint8)
+    # An arithmetic shift is floor division by 16, and the low four bits are what it leaves.
+    return ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
 
 
 def plane_qparams(scale: Tensor, zero: Tensor | None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
