@@ -124,6 +124,9 @@ def _generation_responses(model) -> dict:
                   "description": "JSON, or Server-Sent Events when stream is true"}, **ERROR_RESPONSES}
 
 
+APP_DESCRIPTION = "OpenAI-compatible completions and chat completions over the mistral7b engine."
+
+
 def build_app(llm, model_name: str | None = None, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app for `llm` (an `LLM`, or anything with `.engine`, `.tokenizer`,
@@ -135,10 +138,9 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     model_name = model_name or default_model_name(llm)
     admission = Admission(engine, max_queue, driver=driver)
     metrics.watch(engine, driver, lambda: admission.pending)
-    completion = OpenAIServingCompletion(llm, driver, metrics, admission, model_name)
-    chat = OpenAIServingChat(llm, driver, metrics, admission, model_name)
-    app = FastAPI(title="mistral7b", version="0.1.0",
-                  description="OpenAI-compatible completions and chat completions over the mistral7b engine.")
+    serving = (llm, driver, metrics, admission, model_name)
+    completion, chat = OpenAIServingCompletion(*serving), OpenAIServingChat(*serving)
+    app = FastAPI(title="mistral7b", version="0.1.0", description=APP_DESCRIPTION)
     app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
     app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable)
     install_error_handlers(app)
@@ -174,7 +176,6 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
         return await chat.create(body, request)
 
     tokenization = OpenAIServingTokenization(llm, model_name, lambda: completion.context)
-
     @app.post("/tokenize", summary="Token ids of a prompt or a conversation", response_model=TokenizeResponse,
               responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest):
