@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from mistral7b.bench import sync
 from mistral7b.loading import load_model
 from mistral7b.sampling import SamplingParams
 
@@ -215,11 +216,6 @@ def print_gpu_table(rows: dict, peer: dict) -> None:
 def empty_cache(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def check_tiles(device) -> bool:

@@ -140,6 +140,7 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     metrics.watch(engine, driver, lambda: admission.pending)
     serving = (llm, driver, metrics, admission, model_name)
     completion, chat = OpenAIServingCompletion(*serving), OpenAIServingChat(*serving)
+    tokenization = OpenAIServingTokenization(llm, model_name, lambda: completion.context)
     app = FastAPI(title="mistral7b", version="0.1.0", description=APP_DESCRIPTION)
     app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
     app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable)
@@ -149,8 +150,7 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts or after it died",
              response_model=HealthResponse, responses={503: ERROR_RESPONSES[429]})
     async def health():
-        problem = unavailable() if unavailable is not None else None
-        if problem is not None:
+        if unavailable is not None and (problem := unavailable()) is not None:
             raise APIError(503, problem, type="server_error", code="engine_unavailable")
         return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
 
@@ -175,7 +175,7 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 
-    tokenization = OpenAIServingTokenization(llm, model_name, lambda: completion.context)
+
     @app.post("/tokenize", summary="Token ids of a prompt or a conversation", response_model=TokenizeResponse,
               responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest):
