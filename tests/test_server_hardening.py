@@ -240,6 +240,30 @@ def test_prompt_logprobs_across_prefill_chunks(llm):
         assert other.prompt_logprobs is None and other.finish_reason == "length"
 
 
+def _token_bytes(text: str) -> bytes:
+    """The bytes of a logprobs token, "bytes:\\xNN..." (part of a character) or plain text."""
+    return bytes.fromhex(text[6:].replace("\\x", "")) if text.startswith("bytes:") else text.encode()
+
+
+def test_logprob_tokens_split_characters_as_bytes(tc):
+    prompt = "Smile 😀, party 🎉 and 中文 now"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 3}
+    choice = tc.post(COMP, json=body).json()["choices"][0]
+    tokens, offsets, text = choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"], choice["text"]
+    assert any(t.startswith("bytes:") for t in tokens)  # the emoji take several tokens each
+    assert b"".join(map(_token_bytes, tokens)).decode("utf-8", "replace") == text  # it may stop mid-character
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    for t, at in zip(tokens, offsets):
+        assert t.startswith("bytes:") or text[at : at + len(t)] == t
+    assert all(len(top) == 3 for top in choice["logprobs"]["top_logprobs"][1:])
+    messages = [{"role": "user", "content": "Write three emoji and nothing else."}]
+    r = tc.post(CHAT, json={"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0,
+                            "logprobs": True, "top_logprobs": 2}).json()["choices"][0]
+    entries = r["logprobs"]["content"]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", "replace") == r["message"]["content"]
+    assert all(bytes(e["bytes"]) == _token_bytes(e["token"]) for e in entries)
+
+
 def test_echo_with_logprobs_gives_prompt_logprobs(tc, llm):
     prompt = "The capital of France is"
     ids = llm.encode_prompt(prompt)
@@ -249,7 +273,7 @@ def test_echo_with_logprobs_gives_prompt_logprobs(tc, llm):
     assert len(lp["tokens"]) == len(ids) + 3
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(_reference_prompt_logprobs(llm, ids), abs=1e-3)
-    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
     assert choice["text"].startswith(prompt)
     with tc.stream("POST", COMP, json={**body, "stream": True}) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]

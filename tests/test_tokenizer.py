@@ -396,6 +396,27 @@ def test_stream_holds_back_partial_characters(sp_pair):
     assert [stream.push(i) for i in ids] == ["", "", "€", "", "", "", "😀"] and stream.flush() == ""
 
 
+def test_token_bytes_spell_the_text(sp_pair, hf_pair, llama_gguf, smollm):
+    # Each token's bytes, joined, are the text as the reference decodes it (a SentencePiece-style
+    # first piece keeps the space its decoder drops), even where one token is half a character.
+    references = [lambda ids: sp_pair[2].decode(ids), lambda ids: hf_pair[2].decode(ids),
+                  lambda ids: llama_gguf[1].decode(ids), lambda ids: smollm[1].decode(ids)]
+    for tok, reference in zip([sp_pair[1], hf_pair[1], llama_gguf[0], smollm[0]], references):
+        for text in texts():
+            ids = tok.encode(text, bos=False)
+            joined = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8")
+            assert joined in (reference(ids), " " + reference(ids)), (SEED, tok, text)
+        assert tok.token_bytes(tok.eos_id) == b""
+
+
+def test_token_bytes_tell_byte_level_tokens_apart(smollm):
+    tok, _ = smollm
+    spelled = {tok.token_bytes(i) for i in range(tok.vocab_size) if i not in tok._special_ids}
+    assert len(spelled) == tok.vocab_size - len(tok._special_ids)  # decode() gives many U+FFFD alike
+    pieces = [tok.token_bytes(i) for i in tok.encode(" 😀", bos=False)]
+    assert len(pieces) > 1 and b"".join(pieces) == " 😀".encode()
+
+
 # ---- loading and errors -----------------------------------------------------------------------
 
 

@@ -246,12 +246,24 @@ class OpenAIServing:
         raise NotImplementedError
 
     def token_text(self, token_id: int) -> str:
+        """A token's text for logprobs. Unique per token as OpenAI's: a token that is part of a UTF-8
+        character is "bytes:" and its bytes escaped (where decoding it alone would give U+FFFD)."""
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            text = f"token_id:{token_id}" if self.tokenizer is None else _bytes_text(self.token_bytes(token_id))
             if len(self._token_texts) < 200_000:
                 self._token_texts[token_id] = text
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else b""
+
+
+def _bytes_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def finite(x: float) -> float:

@@ -91,8 +91,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def logprobs(self, entries) -> list[ChatTokenLogprob]:
         def one(token_id, lp):
-            t = self.token_text(token_id)
-            return dict(token=t, logprob=finite(lp), bytes=list(t.encode("utf-8", "replace")))
+            return dict(token=self.token_text(token_id), logprob=finite(lp), bytes=list(self.token_bytes(token_id)))
 
         return [ChatTokenLogprob(**one(e.token_id, e.logprob), top_logprobs=[TopLogprob(**one(i, lp)) for i, lp in e.top])
                 for e in entries]

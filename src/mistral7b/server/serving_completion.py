@@ -62,7 +62,7 @@ class OpenAIServingCompletion(OpenAIServing):
             chunks.append(self._stream_chunk(submission, CompletionChoice(
                 index=item.choice, text=echo, logprobs=self.logprobs(entries, 0) if want_lp else None,
                 finish_reason=None)))
-            submission.offsets[item.choice] = sum(len(self.token_text(e.token_id)) for e in entries) or len(echo)
+            submission.offsets[item.choice] = len(echo)
         lp = self.logprobs(item.logprobs or [], submission.offsets[item.choice]) if want_lp else None
         submission.offsets[item.choice] += len(item.text)
         choice = CompletionChoice(index=item.choice, text=item.text, logprobs=lp, finish_reason=item.finish_reason)
@@ -77,13 +77,15 @@ class OpenAIServingCompletion(OpenAIServing):
                                         model=self.model_name, choices=[], usage=usage)
 
     def logprobs(self, entries, offset: int) -> CompletionLogprobs:
+        """`text_offset` counts the characters of the text as detokenized, so a token inside a
+        character (its text "bytes:...") adds none and the one that completes it adds it."""
         tokens, token_lps, tops, offsets = [], [], [], []
+        decoder = self.tokenizer.decoder() if self.tokenizer is not None else None
         for e in entries:
-            t = self.token_text(e.token_id)
-            tokens.append(t)
+            tokens.append(self.token_text(e.token_id))
             token_lps.append(None if e.logprob is None else finite(e.logprob))  # an echoed first token
             tops.append(None if e.top is None else {self.token_text(i): finite(lp) for i, lp in e.top})
             offsets.append(offset)
-            offset += len(t)
+            offset += len(decoder.push(e.token_id)) if decoder is not None else 0
         return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
 

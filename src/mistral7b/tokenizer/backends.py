@@ -9,12 +9,14 @@ from pathlib import Path
 
 from ..utils import is_gguf
 from .chat import mistral_chat
-from .detokenize import StreamDecoder
+from .detokenize import StreamDecoder, bytes_to_unicode
 from .templates import render_chat_template
 
 # Tokens that end an assistant turn in common chat formats. Generation stops on them as on EOS,
 # when the tokenizer has them and its chat template writes them.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
 
 
 class TokenizerError(ValueError):
@@ -29,6 +31,7 @@ class Tokenizer:
         self.name = str(name)  # the file it came from, for messages
         self._sp, self._hf = sp, hf
         self._byte_ids, self._special_ids = set(), set()
+        self._byte_level = False  # a GPT-2 byte-level vocabulary: tokens spelled in `bytes_to_unicode`
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.chat_template, self.bos_token, self.eos_token = chat_template, bos_token, eos_token
         if sp is not None:
@@ -39,12 +42,13 @@ class Tokenizer:
         else:
             self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
             self.mistral_version = None
+            self._special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+            self._byte_level = hf.decoder is not None and b'"ByteLevel"' in hf.decoder.__getstate__()
             if getattr(hf.model, "byte_fallback", False):
                 # HF's ByteFallback decoder turns a whole run of <0xXX> tokens into one "\ufffd" per byte
                 # as soon as the run is not valid UTF-8, so a later byte can change the text of earlier
                 # ones (skipped special tokens don't end a run). The stream decoder waits for runs to end.
                 self._byte_ids = {i for t, i in hf.get_vocab().items() if len(t) == 6 and t.startswith("<0x")}
-                self._special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
         stops = {eos_id, *extra_stop_ids}
         for token in END_OF_TURN_TOKENS if chat_template else ():
             if token in chat_template and self.token_to_id(token) is not None:
@@ -107,6 +111,25 @@ class Tokenizer:
         """Text of `ids`, leaving out special and control tokens (<s>, </s>, [INST], <|im_end|>...)."""
         ids = [int(i) for i in ids]
         return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for inside a longer text: a "▁" piece keeps its space, a byte
+        token is its one byte (even where it is not UTF-8 by itself), and special tokens are b""
+        as `decode` leaves them out."""
+        i = int(token_id)
+        if self._sp is not None:
+            if self._sp.is_control(i) or self._sp.is_unknown(i):
+                return b"" if self._sp.is_control(i) else self._sp.decode([i]).encode()
+            piece = self._sp.id_to_piece(i)
+            return bytes([int(piece[3:5], 16)]) if self._sp.is_byte(i) else piece.replace("▁", " ").encode()
+        token = self._hf.id_to_token(i)
+        if token is None or i in self._special_ids:
+            return b""
+        if i in self._byte_ids:
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        return token.encode() if self._byte_level else token.replace("▁", " ").encode()
 
     def token_to_id(self, token: str) -> int | None:
         if self._sp is not None:

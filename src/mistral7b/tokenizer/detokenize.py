@@ -1,6 +1,16 @@
-"""Streaming detokenization: token ids in, text that is final out."""
+"""Detokenization: streaming (token ids in, text that is final out), and the byte alphabet of
+byte-level vocabularies that turns a token back into its bytes."""
 
 from __future__ import annotations
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet byte-level BPE vocabularies are spelled in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling = {b: chr(b) for b in printable}
+    for b in range(256):  # the rest (space, controls...) get characters from 256 on, in byte order
+        spelling.setdefault(b, chr(256 + len(spelling) - len(printable)))
+    return spelling
 
 
 class StreamDecoder:

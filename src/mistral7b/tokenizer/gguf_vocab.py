@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .backends import TokenizerError
+from .detokenize import bytes_to_unicode
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -29,21 +30,12 @@ GGUF_PRE_SPLITS = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, the alphabet byte-level BPE vocabularies are spelled in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    spelling = {b: chr(b) for b in printable}
-    for b in range(256):  # the rest (space, controls...) get characters from 256 on, in byte order
-        spelling.setdefault(b, chr(256 + len(spelling) - len(printable)))
-    return spelling
-
-
 def _gguf_byte_level(meta):
     """`tokenizer.ggml.model == "gpt2"`: byte-level BPE from the file's tokens and merges."""
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # A token written in plain text rather than the byte alphabet gets respelled, as HF does.
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
