@@ -81,6 +81,19 @@ def greedy(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[li
     return [r.output_ids for r in requests]
 
 
+@torch.no_grad()
+def assert_greedy_agrees(model, prompts: list[list[int]], got: list[list[int]], want: list[list[int]]):
+    """`got == want`, except that a sequence may part ways at a near-tie: where the two first differ, the
+    one-process model scores both tokens within 1e-4 (all-reduce order moves logits by about 1e-6)."""
+    for prompt, g, w in zip(prompts, got, want):
+        assert len(g) == len(w)
+        i = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        if i is not None:
+            logits = model(torch.tensor([prompt + w[:i]]))[0, -1].float()
+            gap = (logits[w[i]] - logits[g[i]]).item()
+            assert abs(gap) < 1e-4 * logits.abs().max().item(), f"token {i}: {g[i]} for {w[i]}, gap {gap:.3g}"
+
+
 # ------------------------------------------------------------------------------- shards, in process
 
 
@@ -178,7 +191,7 @@ class TestTwoRanks:
         prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 2 * W + 5, W + 1, 1)]
         want = greedy(Engine(tiny[2], None, max_batch=3, chunk_size=5), prompts, 12)
         got = greedy(tp_engine(tp2, monkeypatch, max_batch=3, chunk_size=5), prompts, 12)
-        assert got == want
+        assert_greedy_agrees(tiny[2], prompts, got, want)
         assert len(set(map(tuple, want))) > 1  # the prompts lead somewhere different
 
     @torch.no_grad()
@@ -226,7 +239,7 @@ class TestThreeRanks:
         prompts = [tokens[0, :n].tolist() for n in (9, 5)]
         want = greedy(Engine(default_model, None, max_batch=2, chunk_size=4), prompts, 4)
         got = greedy(tp_engine(tp3, monkeypatch, max_batch=2, chunk_size=4), prompts, 4)
-        assert got == want
+        assert_greedy_agrees(default_model, prompts, got, want)
 
     def test_dead_rank_fails_the_request_and_stops_the_others(self, tp3, monkeypatch):
         """Defined last: it kills a rank of the shared three-rank model."""
