@@ -30,9 +30,21 @@ def visible(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     return mask
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def shared_mask(memo: dict | None, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """`visible(...)[:, None]`, built once per forward pass for all layers with this window: their
+    k_pos is one tensor (`KVCache` shares positions between layers of one slot count)."""
+    if memo is None:
+        return visible(q_pos, k_pos, window)[:, None]
+    key = ("visible", window, q_pos.shape[1], k_pos.shape[1])
+    if key not in memo:
+        memo[key] = visible(q_pos, k_pos, window)[:, None]
+    return memo[key]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                   mask: Tensor | None = None) -> Tensor:
     """Reference kernel for any shape: dense mask, GQA shared inside SDPA (no repeated K/V)."""
-    mask = visible(q_pos, k_pos, window)[:, None]
+    mask = visible(q_pos, k_pos, window)[:, None] if mask is None else mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -62,19 +74,20 @@ def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
     return create_block_mask(mask_mod, batch, None, t_q, k_pos.shape[1], device=q_pos.device)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                     mask: Tensor | None = None) -> Tensor:
     """One query token per row: the query heads of each KV group become the query-length axis, so
     a plain MHA kernel reads every cached K/V once for the whole group (no repeated K/V)."""
     batch, n_heads, _, head_dim = q.shape
     n_kv = k.shape[1]
     grouped = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)
-    mask = visible(q_pos, k_pos, window)[:, None]  # [B, 1, 1, S], shared by the group
+    mask = visible(q_pos, k_pos, window)[:, None] if mask is None else mask  # [B, 1, 1, S], for the group
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
     return out.reshape(batch, n_heads, 1, head_dim)
 
 
 def reduction_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
-                               window: int | None) -> Tensor:
+                               window: int | None, mask: Tensor | None = None) -> Tensor:
     """Decode attention written as two sums that inductor turns into reductions over the key axis.
 
     A fused attention kernel for one query token runs one thread block per (row, KV head): 8 blocks at
@@ -86,7 +99,7 @@ def reduction_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k
     n_kv = k.shape[1]
     grouped = q.reshape(batch, n_kv, n_heads // n_kv, 1, head_dim).float()
     scores = (grouped * k[:, :, None].float()).sum(-1) * head_dim**-0.5  # [B, KV, group, S]
-    mask = visible(q_pos, k_pos, window)[:, None]  # [B, 1, 1, S]
+    mask = visible(q_pos, k_pos, window)[:, None] if mask is None else mask  # [B, 1, 1, S]
     # The finite minimum, not -inf: an idle row (position -1, no visible key) gets finite garbage, not NaN.
     probs = scores.masked_fill(~mask, torch.finfo(torch.float32).min).softmax(-1)
     out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # [B, KV, group, hd]
@@ -106,22 +119,23 @@ def attention(
     """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
 
     `self_only` says the keys are the queries' own tokens at positions 0..T-1. `memo` is a dict that
-    lives for one forward pass, so layers with the same window share one block mask.
+    lives for one forward pass, so layers with the same window share one mask or block mask.
     """
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
     if t_q == 1:
+        mask = shared_mask(memo, q_pos, k_pos, window)
         if _DECODE_KERNEL == "reduction" and q.is_cuda and torch.compiler.is_compiling():
-            return reduction_decode_attention(q, k, v, q_pos, k_pos, window)
-        return decode_attention(q, k, v, q_pos, k_pos, window)
+            return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
+        return decode_attention(q, k, v, q_pos, k_pos, window, mask)
     if q.is_cuda and t_q >= FLEX_MIN_TOKENS and use_flex():
         memo = {} if memo is None else memo
         key = ("block_mask", window, q.shape[0], t_q, t_k)
         if key not in memo:
             memo[key] = _block_mask(q_pos, k_pos, window)
         return _compiled_flex()(q, k, v, block_mask=memo[key], enable_gqa=q.shape[1] != k.shape[1])
-    return sdpa_attention(q, k, v, q_pos, k_pos, window)
+    return sdpa_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
 
 
 _FLEX_ENABLED = True

@@ -21,54 +21,64 @@ from .config import ModelConfig
 class LayerCache:
     k: Tensor  # [max_batch, n_kv_heads, size, head_dim]
     v: Tensor
-    pos: Tensor  # [max_batch, size] int64, position held by each slot, -1 when empty
+    pos: Tensor  # [max_batch, size] int64, position held by each slot, -1 when empty; shared, see KVCache
     window: int | None
 
     @property
     def size(self) -> int:
         return self.k.shape[2]
 
-    def update(self, k_new: Tensor, v_new: Tensor, q_pos: Tensor, rows: slice | Tensor, kv_len: int | None):
+    def update(self, k_new: Tensor, v_new: Tensor, q_pos: Tensor, rows: slice | Tensor, kv_len: int | None,
+               memo: dict | None = None):
         """Store the new keys/values; return (k, v, k_pos) that the new queries attend over.
 
         `rows` is a slice or a 1-D index tensor of cache rows, one per batch entry. `kv_len`, when
         given, bounds 1 + the largest position any of these rows holds after this call, so only the
-        leading slots that can be filled are read. Without it the whole buffer is read.
+        leading slots that can be filled are read. Without it the whole buffer is read. `memo` lives
+        for one forward pass: the first layer of each slot count writes the shared positions and
+        works out the slots, and the others reuse them and the same k_pos tensor.
 
         Decode (one token) writes first and reads the buffer: the slot it overwrites held position
         p - size, which the query no longer sees. A prefill chunk reads the old contents first and
         appends itself, since its early queries still need slots that its later tokens overwrite.
         """
+        memo = {} if memo is None else memo
         t = q_pos.shape[1]
         if t == 1:
             n = self.size if kv_len is None else min(kv_len, self.size)
-            self._write(rows, k_new, v_new, q_pos)
-            return self.k[rows, :, :n], self.v[rows, :, :n], self.pos[rows, :n]
+            self._write(rows, k_new, v_new, q_pos, memo)
+            k_pos = _memoized(memo, ("k_pos", self.size, n), lambda: self.pos[rows, :n])
+            return self.k[rows, :, :n], self.v[rows, :, :n], k_pos
         n = self.size if kv_len is None else min(kv_len - t, self.size)
+        # Read before the first layer's write changes the shared positions.
+        k_pos = _memoized(memo, ("k_pos", self.size, n), lambda: torch.cat([self.pos[rows, :n], q_pos], dim=1))
         k = torch.cat([self.k[rows, :, :n], k_new], dim=2)
         v = torch.cat([self.v[rows, :, :n], v_new], dim=2)
-        k_pos = torch.cat([self.pos[rows, :n], q_pos], dim=1)
         keep = min(t, self.size)
-        self._write(rows, k_new[:, :, -keep:], v_new[:, :, -keep:], q_pos[:, -keep:])
+        self._write(rows, k_new[:, :, -keep:], v_new[:, :, -keep:], q_pos[:, -keep:], memo)
         return k, v, k_pos
 
-    def _write(self, rows: slice | Tensor, k_new, v_new, q_pos):
+    def _write(self, rows: slice | Tensor, k_new, v_new, q_pos, memo: dict):
         """Scatter into slots `pos % size`. Rows whose position is -1 (idle rows riding along in a
         batched decode step) write their slot's old contents back, so one launch serves every row.
 
         Indexing the full buffers (not a view of the rows) matters under torch.compile: a write
         through a view is functionalised into a copy of the whole buffer.
         """
-        keep = q_pos >= 0
-        slots = q_pos.clamp(min=0) % self.size  # [B, T], distinct within a row since T <= size
-        if isinstance(rows, Tensor):
-            row_index = rows[:, None]
-        else:
-            row_index = (rows.start or 0) + torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
+        key = ("slots", self.size)
+        if key not in memo:
+            keep = q_pos >= 0
+            slots = q_pos.clamp(min=0) % self.size  # [B, T], distinct within a row since T <= size
+            if isinstance(rows, Tensor):
+                row_index = rows[:, None]
+            else:
+                row_index = (rows.start or 0) + torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
+            self.pos[row_index, slots] = torch.where(keep, q_pos, self.pos[row_index, slots])
+            memo[key] = row_index, slots, keep
+        row_index, slots, keep = memo[key]
         for buf, new in ((self.k, k_new), (self.v, v_new)):
             new = new.transpose(1, 2).to(buf.dtype)
             buf[row_index, :, slots] = torch.where(keep[..., None, None], new, buf[row_index, :, slots])
-        self.pos[row_index, slots] = torch.where(keep, q_pos, self.pos[row_index, slots])
 
     def read_span(self, row: int, start: int, end: int) -> tuple[Tensor, Tensor]:
         """K and V [n_kv_heads, end - start, head_dim] of positions [start, end) of `row`, read from
@@ -93,6 +103,12 @@ class LayerCache:
             offset += b - a
 
 
+def _memoized(memo: dict, key, make):
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
 def slot_ranges(size: int, start: int, end: int) -> list[tuple[int, int]]:
     """The slot ranges [a, b) that positions [start, end) occupy in a buffer of `size` slots, in
     position order: one range, or two when the span wraps round the end of the buffer."""
@@ -105,7 +121,11 @@ def slot_ranges(size: int, start: int, end: int) -> list[tuple[int, int]]:
 
 
 class KVCache:
-    """All layers' caches for up to `max_batch` sequences, preallocated once."""
+    """All layers' caches for up to `max_batch` sequences, preallocated once.
+
+    Every layer holds the same positions, so layers with the same slot count share one `pos`
+    tensor: a forward pass writes it, and builds its masks from it, once rather than per layer.
+    """
 
     def __init__(
         self,
@@ -120,14 +140,17 @@ class KVCache:
         self.max_seq_len = max_seq_len or config.max_seq_len
         self.layers: list[LayerCache] = []
         shape = lambda size: (max_batch, config.n_kv_heads, size, config.head_dim)  # noqa: E731
+        positions: dict[int, Tensor] = {}
         for window in config.layer_windows():
             rolls = window is not None and (config.has_window or window < self.max_seq_len)
             size = window if rolls else self.max_seq_len
+            if size not in positions:
+                positions[size] = torch.full((max_batch, size), -1, device=device, dtype=torch.long)
             self.layers.append(
                 LayerCache(
                     k=torch.zeros(shape(size), device=device, dtype=dtype),
                     v=torch.zeros(shape(size), device=device, dtype=dtype),
-                    pos=torch.full((max_batch, size), -1, device=device, dtype=torch.long),
+                    pos=positions[size],
                     window=window,
                 )
             )

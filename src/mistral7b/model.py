@@ -77,7 +77,7 @@ class AttentionInputs:
     """What every layer's attention reads in one forward pass, built once in `Transformer.forward`
     (mistral-inference's `CacheInputMetadata`): token positions [B, T], the rope tables, the cache rows
     of these sequences, kv_len (1 + the largest position held after this pass, or None), and a memo
-    that lets layers with the same window share one block mask."""
+    that lets layers share what depends on positions alone: cache slots, key positions and masks."""
 
     positions: Tensor
     rope: tuple[Tensor, Tensor]
@@ -109,7 +109,7 @@ class Attention(nn.Module):
             out = attention(q, k, v, positions, positions, self.window, self_only=True, memo=memo)
         else:
             # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
-            k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len)
+            k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len, memo)
             out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo)
         return self.reduce(self.wo(out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)))
 
