@@ -21,6 +21,7 @@ import json
 import torch
 
 from mistral7b.attention import decode_attention, reduction_decode_attention, sdpa_attention, visible
+from mistral7b.flash_decode import flash_decode
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 32, 32, 8, 128
 
@@ -71,7 +72,7 @@ def time_graph(fn, q, kv, q_pos, k_pos, window) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batches", default="1,8")
+    p.add_argument("--batches", default="1,8,64")
     p.add_argument("--slots", default="256,1024,4096")
     p.add_argument("--json", type=argparse.FileType("w"))
     args = p.parse_args()
@@ -83,7 +84,8 @@ def main() -> int:
             window = slots
             want = sdpa_attention(q[0].float(), kv[0][0].float(), kv[0][1].float(), q_pos, k_pos, window)
             assert visible(q_pos, k_pos, window).all()
-            kernels = {"sdpa": torch.compile(decode_attention, fullgraph=True),
+            kernels = {"flash": flash_decode,
+                       "sdpa": torch.compile(decode_attention, fullgraph=True),
                        "reduction": torch.compile(reduction_decode_attention, fullgraph=True),
                        "flex": flex_kernel(q_pos, k_pos, window)}
             kv_bytes = 2 * batch * KV_HEADS * slots * HEAD_DIM * 2

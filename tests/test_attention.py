@@ -130,9 +130,9 @@ def test_reduction_decode_is_finite_for_idle_rows_and_in_the_query_dtype():
 
 
 def test_decode_kernel_switch_names_the_choices():
-    assert decode_kernel() in ("sdpa", "reduction")
-    with pytest.raises(ValueError, match="sdpa, reduction"):
-        decode_kernel("flash")
+    assert decode_kernel() in ("flash", "sdpa", "reduction")
+    with pytest.raises(ValueError, match="flash, sdpa, reduction"):
+        decode_kernel("flex")
 
 
 def test_gqa_head_mapping_is_h_div_group():

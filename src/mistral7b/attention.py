@@ -125,6 +125,10 @@ def attention(
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
     if t_q == 1:
+        if q.is_cuda and _DECODE_KERNEL == "flash":
+            from .flash_decode import flash_decode
+
+            return flash_decode(q, k, v, q_pos, k_pos, window)
         mask = shared_mask(memo, q_pos, k_pos, window)
         if _DECODE_KERNEL == "reduction" and q.is_cuda and torch.compiler.is_compiling():
             return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
@@ -149,14 +153,14 @@ def use_flex(enabled: bool | None = None) -> bool:
     return _FLEX_ENABLED
 
 
-DECODE_KERNELS = ("sdpa", "reduction")
-_DECODE_KERNEL = "sdpa"
+DECODE_KERNELS = ("flash", "sdpa", "reduction")
+_DECODE_KERNEL = "flash"
 
 
 def decode_kernel(name: str | None = None) -> str:
-    """Which kernel compiled CUDA decode uses: "sdpa" (grouped SDPA, the default) or "reduction"
-    (`reduction_decode_attention`); pass a name to switch before compiling. benchmarks/decode_attention.py
-    times both, and the default follows its figures."""
+    """Which kernel CUDA decode uses: "flash" (`flash_decode`, split-K in Triton, the default), "sdpa"
+    (grouped SDPA) or "reduction" (`reduction_decode_attention`, compiled only); pass a name to switch
+    before compiling. benchmarks/decode_attention.py times them, and the default follows its figures."""
     global _DECODE_KERNEL
     if name is not None:
         if name not in DECODE_KERNELS:

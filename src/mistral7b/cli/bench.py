@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..attention import DECODE_KERNELS
+
 NAME = "bench"
 HELP = "benchmark the engine against HF transformers (see `mistral7b bench --help`)"
 DESCRIPTION = ("Our engine and HF transformers side by side, in one process on one card. Random weights at a "
@@ -28,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
     p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
-    p.add_argument("--decode-kernel", choices=("sdpa", "reduction"), default=None,
-                   help="attention kernel of compiled CUDA decode (mistral7b.attention.decode_kernel); default: sdpa")
+    p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default=None,
+                   help="attention kernel of compiled CUDA decode (mistral7b.attention.decode_kernel); default: flash")
     p.add_argument("--peer", nargs=2, metavar=("NAME", "DIR"), default=None, type=str,
                    help="after our figures, run a peer's batch-1 bf16 decode: `--peer gpt-fast DIR` (DIR holds "
                         "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "

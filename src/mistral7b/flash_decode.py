@@ -1,0 +1,141 @@
+"""Split-K decode attention (flash-decoding) in Triton: one query token per row against a KV cache.
+
+A fused attention kernel for one query token runs one program per (row, KV head): 8 programs at batch
+1 for the 4,096 keys of a full window, which leaves most of an H200 idle (measured: 86 us per layer at
+4,096 slots, against 17 us for FlexAttention's split decoding; benchmarks/decode_attention.py). Here
+the key axis is split across programs as well, each program handles the whole GQA group of query
+heads of its KV head (K/V read once for the group, never repeated), and a second kernel merges the
+partial softmaxes. Visibility comes from the positions stored beside each slot, as everywhere else in
+`attention`, so slot order (the rolling buffer) never matters.
+
+CUDA only; `triton` is imported when the kernel is first used, never on the CPU path. Registered as a
+custom op so that torch.compile and CUDA graphs treat it as one opaque launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+BLOCK_N = 64  # keys per inner step
+MIN_GROUP_ROWS = 16  # tl.dot needs at least 16 rows: the group's heads are padded up to this
+NO_WINDOW = 2**31 - 1  # farther than any position
+MAX_KEYS_PER_SPLIT = 256
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_plan(batch: int, kv_heads: int, slots: int, processors: int) -> tuple[int, int]:
+    """(splits, keys per split) of the key axis: programs enough to cover the GPU about twice, each
+    split a whole number of blocks and at most MAX_KEYS_PER_SPLIT keys. The cap matters because the
+    compiled step runs every `max_batch` row and idle rows cost nothing here: sized by the batch alone,
+    one live row among 8 got 5 splits of 832 keys instead of 32 of 128, and decode at 16k context ran
+    at 0.885 of 1k in `bench` (width 8) against 0.976 at width 1 (H200, 2026-12-04)."""
+    wanted = max(1, min(cdiv(slots, BLOCK_N), cdiv(2 * processors, batch * kv_heads)), cdiv(slots, MAX_KEYS_PER_SPLIT))
+    per_split = cdiv(cdiv(slots, wanted), BLOCK_N) * BLOCK_N
+    return cdiv(slots, per_split), per_split
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, m_ptr, l_ptr, acc_ptr,
+                       sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sqp_b, skp_b, skp_s,
+                       slots, window, scale, keys_per_split, splits,
+                       KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+        row_head = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row_head // KV_HEADS
+        kvh = row_head % KV_HEADS
+        g = tl.arange(0, GROUP_ROWS)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g[:, None] < GROUP, other=0.0)
+        q_pos = tl.load(qpos_ptr + b * sqp_b)
+        m_i = tl.full((GROUP_ROWS,), -1.0e30, tl.float32)  # finite: an empty split leaves exp() at 0, not NaN
+        l_i = tl.zeros((GROUP_ROWS,), tl.float32)
+        acc = tl.zeros((GROUP_ROWS, HEAD_DIM), tl.float32)
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, slots)
+        for offset in tl.range(0, keys_per_split, BLOCK):
+            n = start + offset + tl.arange(0, BLOCK)
+            inside = n < end
+            k_pos = tl.load(kpos_ptr + b * skp_b + n * skp_s, mask=inside, other=-1)
+            seen = inside & (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < window)
+            # Masked lanes issue no reads: empty slots and idle rows (position -1) cost nothing.
+            k = tl.load(k_ptr + b * sk_b + kvh * sk_h + n[:, None] * sk_s + d[None, :], mask=seen[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + b * sv_b + kvh * sv_h + n[:, None] * sv_s + d[None, :], mask=seen[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        out = (b * KV_HEADS * GROUP + heads) * splits + split  # [B, H, SPLITS] partials
+        valid = g < GROUP
+        tl.store(m_ptr + out, m_i, mask=valid)
+        tl.store(l_ptr + out, l_i, mask=valid)
+        tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=valid[:, None])
+
+    @triton.jit
+    def merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr):
+        row_head = tl.program_id(0)
+        s = tl.arange(0, SPLITS_POW2)
+        d = tl.arange(0, HEAD_DIM)
+        used = s < splits
+        m = tl.load(m_ptr + row_head * splits + s, mask=used, other=-1.0e30)
+        l = tl.load(l_ptr + row_head * splits + s, mask=used, other=0.0)
+        acc = tl.load(acc_ptr + (row_head * splits + s)[:, None] * HEAD_DIM + d[None, :], mask=used[:, None], other=0.0)
+        weight = tl.exp(m - tl.max(m, 0))
+        total = tl.sum(l * weight, 0)
+        merged = tl.sum(acc * weight[:, None], 0) / tl.maximum(total, 1e-30)  # no visible key: zeros, not NaN
+        tl.store(out_ptr + row_head * HEAD_DIM + d, merged.to(out_ptr.dtype.element_ty))
+
+    return partial_kernel, merge_kernel
+
+
+def flash_decode(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """q [B, H, 1, hd]; k, v [B, KV, S, hd] (any strides with a unit last stride); q_pos [B, 1];
+    k_pos [B, S] (-1: empty slot) -> [B, H, 1, hd]. Keys j visible to query i: i - W < j <= i."""
+    return torch.ops.mistral7b.flash_decode(q, k, v, q_pos, k_pos, -1 if window is None else window)
+
+
+@torch.library.custom_op("mistral7b::flash_decode", mutates_args=())
+def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+    batch, heads, _, head_dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits, keys_per_split = split_plan(batch, kv_heads, slots, processors)
+    partial_m = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
+    partial_l = torch.empty_like(partial_m)
+    partial_acc = torch.empty(batch, heads, splits, head_dim, device=q.device, dtype=torch.float32)
+    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    partial_kernel, merge_kernel = _kernels()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    partial_kernel[(batch * kv_heads, splits)](
+        q, k, v, q_pos, k_pos, partial_m, partial_l, partial_acc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q_pos.stride(0), k_pos.stride(0), k_pos.stride(1),
+        slots, window if window > 0 else NO_WINDOW, head_dim**-0.5, keys_per_split, splits,
+        KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(MIN_GROUP_ROWS, 1 << (group - 1).bit_length()),
+        HEAD_DIM=head_dim, BLOCK=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    merge_kernel[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits,
+                                   SPLITS_POW2=1 << (splits - 1).bit_length(), HEAD_DIM=head_dim)
+    return out
+
+
+@_flash_decode_op.register_fake
+def _(q, k, v, q_pos, k_pos, window):
+    return q.new_empty(q.shape)  # contiguous, as the kernel's output (q itself is often a strided view)
