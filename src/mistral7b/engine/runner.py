@@ -8,6 +8,7 @@ a `DecodeGroup` whose tokens the host reads later, so the host's bookkeeping can
 from __future__ import annotations
 
 import threading
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -42,6 +43,16 @@ class DecodeGroup:
         return self.tokens.tolist()
 
 
+def own_code(method):
+    """`method` bound to a copy of its function with a code object of its own. Dynamo keeps compiled
+    graphs, and counts them against its recompile limit (8), per code object; every runner recompiles
+    (its cache is new), so runners sharing `eager_decode`'s code made the fifth model or quantization
+    in one process fail with FailOnRecompileLimitHit."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return copy.__get__(method.__self__)
+
+
 def _on_graph_thread(compiled):
     def decode(*args):
         _cuda_graph_thread_state()
@@ -74,7 +85,7 @@ class ModelRunner:
             return compiled if mode is None else _on_graph_thread(compiled)
         # dynamic=None: after a second kv_len bucket is seen, kv_len becomes symbolic (one recompile),
         # and CUDA graphs are then recorded per bucket without compiling again.
-        compiled = torch.compile(self.eager_decode, mode=mode, fullgraph=True)
+        compiled = torch.compile(own_code(self.eager_decode), mode=mode, fullgraph=True)
         return compiled if mode is None else _on_graph_thread(compiled)
 
     def assign(self, request: Request) -> None:
