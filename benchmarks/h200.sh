@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call per group of runs on an H200 (see the device tool's README): checks first, then
 # timings, every table printed and every JSON/log written under $OUT.
+#   bash benchmarks/h200.sh smoke      # every GPU path once (run first; < 8 minutes)
 #   bash benchmarks/h200.sh quant      # int8/int4 vs bf16, ours and gpt-fast, 7B shape
 #   bash benchmarks/h200.sh kernels    # decode attention kernels, then int8 alone (METHODS=int8)
 #   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
@@ -20,10 +21,26 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     local name=$1 limit=$2; shift 2
     echo "=== $name ($(date +%T))"
     timeout "$limit" "$@" 2>&1 | grep -v -E "^linear: |UserWarning|warnings.warn" | tee "$OUT/$name.log"
-    echo "=== $name rc=${PIPESTATUS[0]}"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name rc=$rc" | tee -a "$OUT/$name.log"
 }
 
 case "${1:-}" in
+smoke)
+    # Issue 21: every GPU path once, before anything is timed; fails loudly (the last line counts).
+    step smoke-paths 300 python3 benchmarks/gpu_smoke.py
+    step smoke-structured 90 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
+        --tiny --engine --skip-cpu --runs 1
+    step smoke-prefix 120 python3 benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 8 \
+        --prefix-len 1024 --max-tokens 8 --runs 1
+    step smoke-engine-process 120 python3 benchmarks/serve_load.py --preset mistral-7b-v0.1 --engine-process \
+        --concurrency 8 --prompt-len 256 --max-tokens 32 --client-processes 2
+    if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+        step smoke-tp 150 python3 benchmarks/tp_bench.py --tp 2 --batches 1 --new-tokens 32 --runs 1 --no-compile
+    fi
+    grep -h -E "^=== .* rc=[1-9]|FAIL" "$OUT"/smoke-*.log && { echo "SMOKE FAILED"; exit 1; }
+    echo "SMOKE PASSED"
+    ;;
 quant)
     step quant-7b 540 python3 benchmarks/quant_bench.py --gpu --peer .peer/gpt-fast --methods ${METHODS:-bf16,int8,int4} \
         --json "$OUT/quant-7b.json"
@@ -56,5 +73,5 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 quant|kernels|speed|serving|structured" >&2; exit 2 ;;
+    echo "usage: $0 smoke|quant|kernels|speed|serving|structured" >&2; exit 2 ;;
 esac
