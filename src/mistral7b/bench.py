@@ -2,6 +2,12 @@
 
 Random weights at a preset's shape (speed does not depend on the values), shared by both engines.
 Figures are medians over `--runs`; the table goes to stdout and everything to `--json`.
+
+`--quantize int8|int4` runs our sections on those random weights quantized through the loader's
+quantizing path (HF stays bf16), and gpt-fast (`--peer`) quantizes its own the same way. A second
+table sets decode after the first token against the limit: the model's resident weight bytes
+(embeddings included, as issue 21 counts them) read once per decode step at `--bandwidth-tb-s`
+(4.3 TB/s, the copy bandwidth measured on the H200), so batch B's limit is B x bandwidth / bytes.
 """
 
 from __future__ import annotations
@@ -17,10 +23,27 @@ import torch
 
 from .attention import decode_kernel
 from .config import ModelConfig, preset
+from .quant import QuantConfig, QuantModule, resident_bytes
 from .engine import Engine, EngineConfig
-from .loading import Checkpoint, assemble
+from .loading import Checkpoint, assemble, canonical_views
 from .model import Transformer
 from .sampling import SamplingParams
+
+
+# Mistral's shape family at a size a CPU decodes in milliseconds (`--preset tiny`: checks and tests).
+TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
+                   sliding_window=128, max_seq_len=2048, name="tiny")
+H200_COPY_TB_S = 4.3
+
+
+def bench_config(name: str) -> ModelConfig:
+    """A preset's shape, or TINY; a ValueError naming the choices otherwise."""
+    if name == "tiny":
+        return TINY
+    try:
+        return preset(name)
+    except ValueError as e:
+        raise ValueError(f"{e}, or tiny") from None
 
 
 def sync(device):
@@ -93,6 +116,24 @@ def ours_from_hf(hf_model, config: ModelConfig, device):
     return assemble(Checkpoint(Path("random-weights"), config, tensors, 0), device, torch.bfloat16)
 
 
+def random_model(config: ModelConfig, device) -> Transformer:
+    """Random bf16 weights at this shape built on the device, N(0, 0.02) and norms 1 (no transformers)."""
+    with torch.device("meta"):
+        model = Transformer(config).to(torch.bfloat16)
+    model = model.to_empty(device=device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    return model
+
+
+def quantized(model: Transformer, quant: QuantConfig, device) -> Transformer:
+    """`model`'s weights streamed through the loader's quantizing path (a quantized copy, bf16 activations)."""
+    views = canonical_views(model)
+    checkpoint = Checkpoint(Path(f"random-{quant.label}"), model.config, iter(views.items()), len(views))
+    return assemble(checkpoint, device, torch.bfloat16, quant)
+
+
 def with_config(model: Transformer, config: ModelConfig) -> Transformer:
     """A model built from `config` holding `model`'s weights (shared, not copied): a variant such as
     full attention is a different config, never a model changed in place."""
@@ -116,15 +157,13 @@ def run_requests(engine: Engine, prompts, new_tokens):
 
 
 def main(args) -> int:
-    device = args.device
-    config = preset(args.preset)
-    import transformers
-
+    device, cuda = args.device, torch.device(args.device).type == "cuda"
+    config, quant = bench_config(args.preset), getattr(args, "quant", None)
     results: dict = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": None if args.no_hf else __import__("transformers").__version__,
         "preset": args.preset,
         "decode_kernel": decode_kernel(),
         "ours": {},
@@ -133,16 +172,15 @@ def main(args) -> int:
     }
     sections = set(args.sections.split(","))
     print(f"building random {args.preset} weights on {device}...", flush=True)
-    hf = build_hf(config, device)
-    model = ours_from_hf(hf, config, device)
+    hf = None if args.no_hf else build_hf(config, device)
+    model = random_model(config, device) if hf is None else ours_from_hf(hf, config, device)
     global OTHER_RESIDENT_BYTES
-    if args.no_hf:
-        del hf
-        hf = None
-    else:
-        OTHER_RESIDENT_BYTES = sum(p.numel() * p.element_size() for p in hf.parameters())
+    OTHER_RESIDENT_BYTES = 0 if hf is None else sum(p.numel() * p.element_size() for p in hf.parameters())
+    if quant is not None:
+        model = quantized(model, quant, device)
+        torch.cuda.empty_cache() if cuda else None  # the bf16 copy is gone: its memory must not count in peaks
+    results["weights"] = {"format": quant.label if quant else "bf16", "bytes": resident_bytes(model)}
     ours = results["ours"]
-    cuda = torch.device(device).type == "cuda"
     if sections & {"decode", "context"}:
         engine = Engine(model, None, EngineConfig(max_batch=max(args.batch, 1), compile=cuda))
         if "decode" in sections:
@@ -163,9 +201,12 @@ def main(args) -> int:
 
         del model, hf
         torch.cuda.empty_cache() if cuda else None
-        results["peers"] = {"gpt-fast": run_gpt_fast(args.peer[1], "bf16", args.prompt_len, args.new_tokens,
-                                                     runs=args.runs)}
+        results["peers"] = {"gpt-fast": run_gpt_fast(args.peer[1], quant.method if quant else "bf16", args.prompt_len,
+                                                     args.new_tokens, runs=args.runs,
+                                                     group_size=quant.group_size if quant and quant.group_size else 128)}
+    results["limit"] = limits(results, args)
     print_table(results, args)
+    print_limit_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
@@ -224,6 +265,8 @@ def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> 
     ours[f"prefill_{n}_window_one_pass_tok_s"] = n / t
     print(f"ours prefill {n} (window, one pass): {n / t:.0f} tok/s", flush=True)
     del one_pass
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        return  # quantized: with_config's dense variant cannot take its weights
     # The paper's promise: at long lengths the window must beat our own full attention.
     full_model = with_config(model, replace(config, sliding_window=None, max_seq_len=n + 8))
     full_engine = Engine(full_model, None, EngineConfig(max_batch=1, chunk_size=n))
@@ -318,3 +361,31 @@ def print_table(results, args):
                 "long_context_above_weights_gib", "weights_gib"):
         if key in ours:
             print(f"{key}: {ours[key] if not isinstance(ours[key], float) else round(ours[key], 3)}")
+
+
+def limits(results: dict, args) -> dict:
+    """Decode after the first token against the weight-read limit, ours and gpt-fast's (batch 1 only)."""
+    bandwidth = getattr(args, "bandwidth_tb_s", H200_COPY_TB_S) * 1e12
+    weight_bytes = results["weights"]["bytes"]
+    out = {"bandwidth_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "weights": results["weights"]["format"]}
+    gpt_fast = results.get("peers", {}).get("gpt-fast", {})
+    for batch in sorted({1, args.batch}):
+        limit = batch * bandwidth / weight_bytes
+        ours = results["ours"].get(f"decode_b{batch}_decode_only_tok_s")
+        out[f"b{batch}"] = {"limit_tok_s": limit, "ours_tok_s": ours,
+                            "gpt_fast_tok_s": gpt_fast.get("tok_s_decode_only") if batch == 1 else None,
+                            "ours_over_limit": ours / limit if ours is not None else None}
+    return out
+
+
+def print_limit_table(results: dict, args) -> None:
+    limit = results["limit"]
+    fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
+    print(f"\ndecode after the first token, {limit['weights']} weights ({limit['weight_bytes'] / 1e9:.3f} GB), limit = "
+          f"batch x {limit['bandwidth_bytes_per_s'] / 1e12:g} TB/s / weight bytes")
+    print("| tok/s | ours | gpt-fast | limit | ours / limit |\n|---|---|---|---|---|")
+    for batch in sorted({1, args.batch}):
+        row = limit[f"b{batch}"]
+        ratio = "-" if row["ours_over_limit"] is None else f"{row['ours_over_limit']:.2f}"
+        print(f"| decode b{batch} | {fmt(row['ours_tok_s'])} | {fmt(row['gpt_fast_tok_s'])} | {fmt(row['limit_tok_s'])} "
+              f"| {ratio} |")
