@@ -32,16 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-os.environ.update(NO_MULTICAST)  # before torch loads; spawned ranks and children inherit it
+import torch
 
-import torch  # noqa: E402
+from mistral7b.bench import NO_MULTICAST, random_prompts, run_requests
+from mistral7b.config import ModelConfig, preset
+from mistral7b.engine import Engine
+from mistral7b.model import Transformer
+from mistral7b.parallel import launch
 
-from mistral7b.bench import random_prompts, run_requests  # noqa: E402
-from mistral7b.config import ModelConfig, preset  # noqa: E402
-from mistral7b.engine import Engine  # noqa: E402
-from mistral7b.model import Transformer  # noqa: E402
-from mistral7b.parallel import launch  # noqa: E402
+os.environ.update(NO_MULTICAST)  # read when NCCL starts; spawned ranks and child processes inherit it
 
 # Mistral's shape family at a size a CPU runs in seconds (gloo ranks): 2 KV heads, so --tp 2 divides it.
 TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,

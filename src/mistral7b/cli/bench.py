@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--decode-kernel", choices=("sdpa", "reduction"), default=None,
                    help="attention kernel of compiled CUDA decode (mistral7b.attention.decode_kernel); default: sdpa")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard our model over N GPUs (mistral7b.parallel; N processes with gloo on CPU); bf16 only, "
+                        "no HF sections, no full-attention prefill variant")
     add_quantize_options(p)
     p.add_argument("--bandwidth-tb-s", type=float, default=H200_COPY_TB_S,
                    help="memory bandwidth for the limit column: weight bytes read once per decode step")
@@ -72,6 +75,10 @@ def checked(args):
     except ValueError as e:
         raise CLIError(str(e)) from None
     quant = quantize_of(args)
+    if args.tensor_parallel_size < 1:
+        raise CLIError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1 and quant:
+        raise CLIError("--tensor-parallel-size runs bf16 weights only: leave out --quantize")
     if args.bandwidth_tb_s <= 0:
         raise CLIError(f"--bandwidth-tb-s must be positive, got {args.bandwidth_tb_s}")
     return quant or None  # False (--quantize none): the random weights are bf16 already
