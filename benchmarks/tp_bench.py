@@ -79,7 +79,8 @@ def measure(model, args, config) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.warmup()
-    result = {"warmup_s": time.perf_counter() - t0}
+    result = {"warmup_s": time.perf_counter() - t0,
+              "gpu": torch.cuda.get_device_name() if cuda else None, "gpus": torch.cuda.device_count() if cuda else 0}
     for batch in args.batches:
         prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
         result[f"decode_b{batch}_tok_s"] = decode_rate(engine, prompts, args.new_tokens, args.runs)
@@ -158,9 +159,9 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(result))
         return 0
     passed = without_json(argv)  # each child writes its own --json
-    results = {"date": datetime.date.today().isoformat(), "device": args.device,
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-               "gpus": torch.cuda.device_count(), "torch": torch.__version__, "preset": args.preset,
+    # No CUDA here: the children own the GPUs (and say which they were), so nvidia-smi counts only theirs.
+    results = {"date": datetime.date.today().isoformat(), "device": args.device, "torch": torch.__version__,
+               "preset": args.preset,
                "tp": args.tp, "args": {k: str(v) for k, v in vars(args).items()}}
     runs = ([] if args.skip_single else [("single", "single")]) + [(h, f"tp{args.tp}_{h}") for h in args.heads.split(",")]
     for what, key in runs:
