@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from mistral7b.bench import TINY
 
@@ -71,3 +74,22 @@ def test_bench_bad_flags_are_one_line_errors(capsys):
         lines = [line for line in captured.err.splitlines() if line.strip()]
         assert len(lines) == 1 and not captured.out, captured
         assert lines[0].startswith("mistral7b: error: ") and message in lines[0]
+
+
+def test_serve_load_times_per_token_not_per_event():
+    """benchmarks/serve_load.py: a stream of one first token then two events of 8 tokens, 0.8 s apart:
+    TPOT and ITL are 0.1 s a token (the per-event gap is 0.8 s); with one event per token, ITL is each gap."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from serve_load import per_token, summarize
+    finally:
+        sys.path.pop(0)
+    bursts = {"start": 0.0, "times": [1.0, 1.8, 2.6], "done": 2.6, "usage": {"completion_tokens": 17},
+              "finish": "length"}
+    tpot, itl, exact = per_token(bursts)
+    assert tpot == pytest.approx(0.1) and itl == pytest.approx([0.1, 0.1]) and not exact
+    summary = summarize([bursts], wall=2.6, max_tokens=17)
+    assert summary["tpot_ms_p50"] == summary["itl_ms_p50"] == 100.0 and summary["itl_event_ms_p50"] == 800.0
+    steady = {"start": 0.0, "times": [0.5, 0.6, 0.8], "done": 0.8, "usage": {"completion_tokens": 3}, "finish": "length"}
+    tpot, itl, exact = per_token(steady)
+    assert tpot == pytest.approx(0.15) and itl == pytest.approx([0.1, 0.2]) and exact
