@@ -13,14 +13,18 @@ wall time, and whether the greedy tokens are equal.
 
 H200: python benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --json prefix.json
       python benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 64 --max-tokens 128
+          (the pool: --prefix-cache-gib, by default what the prompts' blocks need: 1.26 GiB here)
       python benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --prefix-len 6000   (prefix longer than W)
 CPU:  python benchmarks/prefix_bench.py --preset smollm2-135m --window 512 --prefix-len 1024 --suffix-len 64 \
           --n-prompts 8 --device cpu
+      python benchmarks/prefix_bench.py --preset smollm2-135m --window 128 --prefix-len 256 --suffix-len 32 \
+          --n-prompts 4 --device cpu --engine --max-tokens 4
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -56,6 +60,9 @@ def parse_args(argv=None):
                    "a second thread waiting for a busy core makes each small copy take milliseconds)")
     p.add_argument("--engine", action="store_true", help="measure TTFT through the Engine instead")
     p.add_argument("--max-tokens", type=int, default=1, help="--engine: greedy tokens per request")
+    p.add_argument("--prefix-cache-gib", type=float, default=None,
+                   help="--engine: the prefix pool (default: what the prompts' blocks need, at most half the free "
+                        "GPU memory)")
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -182,18 +189,47 @@ def engine_run(model, prompts, args, prefix_gib: float) -> dict:
     return out
 
 
+def pool_gib(args, model, prompts) -> tuple[float, str]:
+    """The prefix pool for --engine: --prefix-cache-gib if given, else what the prompts' blocks need
+    (the shared prefix once, each prompt's own complete blocks; a partial last block is never
+    stored), capped on CUDA at half the memory left after the engine's KV cache. (It was 2 x each
+    prompt's whole cache row: 64 GiB for 64 prompts of 4096 tokens or more at the 7B shape: out of memory.)"""
+    if args.prefix_cache_gib is not None:
+        return args.prefix_cache_gib, "--prefix-cache-gib"
+    dtype = next(model.parameters()).dtype
+    row = KVCache(model.config, 1, args.device, dtype, len(prompts[0]) + args.max_tokens + 1)
+    block_bytes = PrefixCache(row, 0, args.block_size).block_bytes
+    B = args.block_size
+    blocks = args.prefix_len // B + sum(len(p) // B - args.prefix_len // B for p in prompts) + 1
+    need = blocks * block_bytes / 2**30
+    if torch.device(args.device).type != "cuda":
+        return need, f"the prompts' {blocks} blocks of {block_bytes / 2**20:.2f} MiB"
+    free = torch.cuda.mem_get_info(torch.device(args.device))[0] - len(prompts) * row.nbytes()
+    cap = max(0.0, 0.5 * free / 2**30)
+    if need <= cap:
+        return need, f"the prompts' {blocks} blocks of {block_bytes / 2**20:.2f} MiB"
+    return cap, f"half the free memory (the prompts' blocks need {need:.2f} GiB: some will be evicted)"
+
+
 def engine_main(args, model, prompts) -> dict:
-    cache_bytes = KVCache(model.config, 1, args.device, next(model.parameters()).dtype, len(prompts[0]) + 1).nbytes()
-    budget_gib = 2 * len(prompts) * cache_bytes / 2**30  # room for every prompt's blocks
+    budget_gib, why = pool_gib(args, model, prompts)
+    print(f"prefix pool {budget_gib:.3f} GiB ({why})", flush=True)
     base = engine_run(model, prompts, args, 0.0)
+    free_memory(args.device)  # the first engine's cache must be gone before the second allocates its own
     cached = engine_run(model, prompts, args, budget_gib)
-    results = {"mode": "engine", "prefix_cache_gib": budget_gib,
+    results = {"mode": "engine", "prefix_cache_gib": budget_gib, "prefix_cache_gib_from": why,
                **{f"{k}_without": v for k, v in base.items() if k != "tokens"},
                **{f"{k}_with": v for k, v in cached.items() if k != "tokens"},
                "ttft_p50_ratio": cached["ttft_p50_s"] / base["ttft_p50_s"],
                "wall_speedup": base["wall_s"] / cached["wall_s"],
                "greedy_equal": f"{sum(a == b for a, b in zip(base['tokens'], cached['tokens']))}/{len(prompts)}"}
     return results
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:

@@ -3,18 +3,22 @@
 The server runs in this process (uvicorn in a thread, on 127.0.0.1) over either a real checkpoint
 (`--model SOURCE`) or a preset with random weights (`--preset mistral-7b-v0.1`, no checkpoint needed;
 prompts are random token ids either way). Every request asks for exactly `--max-tokens` tokens
-(`ignore_eos`, greedy) from client processes released together (`--client-processes`). Prints output tok/s, TTFT p50/p99, ITL p50/p99 (gaps between streamed tokens)
-and TPOT p50/p99 (per request: (last - first token time) / (tokens - 1)); `--json PATH` writes them.
+(`ignore_eos`, greedy) from client processes released together (`--client-processes`). Prints output
+tok/s, TTFT p50/p99, TPOT p50/p99 (per request: (latency - TTFT) / (output tokens - 1), as vLLM's
+benchmark_serving) and ITL p50/p99 per token (each gap between streamed events spread over the tokens
+the event delivered) and per event (vLLM's ITL); `--json PATH` writes them. See `per_token`.
 
     python benchmarks/serve_load.py --preset mistral-7b-v0.1 --json serve.json          # GPU defaults
     python benchmarks/serve_load.py --preset tiny --concurrency 4 --prompt-len 16 --max-tokens 8   # CPU sanity
+    python benchmarks/serve_load.py --preset tiny -c 4 --prompt-len 16 --max-tokens 32 --engine-process --decode-steps 8
 
 `--engine-process` runs the engine in its own process, as `mistral7b serve` does by default (the
 server's EngineClient; the engine process builds the same random weights from the same seed); without
 it the engine is a thread of the server's process (`serve --engine-in-process`).
 
 ITL note: on CUDA the engine decodes several steps per host sync (`decode_steps`), so tokens arrive
-in bursts; ITL p50 then sits near zero and TPOT is the steadier per-token figure.
+in bursts: with the engine in this process one event per token, several events at once (ITL p50 near
+zero); with `--engine-process` one event per step's tokens. TPOT is the steadier per-token figure.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class RandomLLM:
 
 
 def random_llm(config: ModelConfig, device, dtype, max_batch: int, max_seq_len: int | None = None,
-               compile: bool = False, seed: int = 0) -> RandomLLM:
+               compile: bool = False, seed: int = 0, decode_steps: int | None = None) -> RandomLLM:
     """Transformer(config) built straight on the device, weights N(0, 0.02), norms 1."""
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -76,15 +80,17 @@ def random_llm(config: ModelConfig, device, dtype, max_batch: int, max_seq_len: 
             else:
                 torch.nn.init.normal_(p, std=0.02)
     model.eval()
-    engine = Engine(model, None, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
+    engine = Engine(model, None, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile,
+                    decode_steps=decode_steps)
     return RandomLLM(model, engine, config.name)
 
 
 def preset_llm(name: str, device: str, dtype: str, max_batch: int, max_seq_len: int | None, compile: bool,
-               seed: int) -> RandomLLM:
+               seed: int, decode_steps: int | None = None) -> RandomLLM:
     """`random_llm` from JSON-friendly arguments: the engine process's factory (EngineLoad.factory)."""
     config = TINY if name == "tiny" else preset(name)
-    return random_llm(config, torch.device(device), getattr(torch, dtype), max_batch, max_seq_len, compile, seed)
+    return random_llm(config, torch.device(device), getattr(torch, dtype), max_batch, max_seq_len, compile, seed,
+                      decode_steps)
 
 
 def engine_process_llm(args, device, dtype):
@@ -99,7 +105,7 @@ def engine_process_llm(args, device, dtype):
     else:
         load = EngineLoad(factory="serve_load:preset_llm", factory_args=dict(
             name=args.preset, device=str(device), dtype=dtype_name, max_batch=args.max_batch,
-            max_seq_len=args.max_seq_len, compile=args.compile, seed=args.seed))
+            max_seq_len=args.max_seq_len, compile=args.compile, seed=args.seed, decode_steps=args.decode_steps))
     llm = RemoteLLM(load, name=args.model or args.preset)
     llm.client.warm_up()
     return llm
@@ -115,14 +121,18 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed request: the arrival time of each event that carries a choice, the final usage, and
+    the time of [DONE]. An event may carry several tokens (a multi-step decode delivers them together)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    times, usage, finish = [], None, None
+    times, usage, finish, done = [], None, None, None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
         async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = time.perf_counter()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
@@ -130,10 +140,34 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                 raise RuntimeError(event["error"]["message"])
             if event.get("usage"):
                 usage = event["usage"]
-            for choice in event["choices"]:  # the server streams one chunk per token here (no stop strings)
+            for choice in event["choices"]:
                 times.append(time.perf_counter())
                 finish = choice["finish_reason"] or finish
-    return {"start": start, "times": times, "usage": usage, "finish": finish, "end": time.perf_counter()}
+    end = time.perf_counter()
+    return {"start": start, "times": times, "usage": usage, "finish": finish, "done": done or end, "end": end}
+
+
+def per_token(result: dict) -> tuple[float | None, list[float], bool]:
+    """(TPOT, per-token ITLs, whether each event's token count is exact) of one request.
+
+    Tokens come from the usage chunk, not from the events: an event carries one token with the engine in
+    this process, and a whole engine step's tokens (8 on CUDA) with `--engine-process`. TPOT is vLLM
+    benchmark_serving's (benchmarks/benchmark_serving.py, calculate_metrics): (latency - TTFT) /
+    (output tokens - 1), latency taken at [DONE]. ITL: vLLM's list holds one gap per streamed chunk,
+    whatever it carries (backend_request_func.py); here each gap is spread over the tokens its event
+    delivered, one entry per token. The server does not say how many tokens an event holds (without
+    logprobs), so unless there is one event per token, the first event counts 1 token (the prefill's)
+    and the rest are split evenly over the later events: exact in total, estimated per event."""
+    n, times = result["usage"]["completion_tokens"], result["times"]
+    if n < 2 or not times:
+        return None, [], True
+    ttft = times[0] - result["start"]
+    tpot = (result["done"] - result["start"] - ttft) / (n - 1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if len(times) == n:
+        return tpot, gaps, True
+    per_event = (n - 1) / max(len(gaps), 1)  # equal weights, so one entry per event ranks as per token
+    return tpot, [g / per_event for g in gaps], False
 
 
 def load_in_children(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
@@ -189,8 +223,10 @@ def _client_process(url, model, prompts, max_tokens, concurrency, barrier, resul
 def summarize(results: list[dict], wall: float, max_tokens: int) -> dict:
     generated = sum(r["usage"]["completion_tokens"] for r in results)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
-    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in results if len(r["times"]) > 1]
+    measured = [per_token(r) for r in results]
+    tpot = [m[0] for m in measured if m[0] is not None]
+    itl = [x for m in measured for x in m[1]]
+    itl_event = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]  # vLLM's ITL: per chunk
     bad = [r for r in results if r["usage"]["completion_tokens"] != max_tokens or r["finish"] != "length"]
     ms = lambda x: round(1000 * x, 2)  # noqa: E731
     return {
@@ -198,6 +234,10 @@ def summarize(results: list[dict], wall: float, max_tokens: int) -> dict:
         "output_tok_s": round(generated / wall, 2),
         "ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
         "itl_ms_p50": ms(percentile(itl, 50)), "itl_ms_p99": ms(percentile(itl, 99)),
+        "itl_tokens_per_event": "exact (one token per event)" if all(m[2] for m in measured) else
+                                "estimated (first event 1 token, the rest split evenly)",
+        "itl_event_ms_p50": ms(percentile(itl_event, 50)), "itl_event_ms_p99": ms(percentile(itl_event, 99)),
+        "tokens_per_event": round(generated / max(1, sum(len(r["times"]) for r in results)), 2),
         "tpot_ms_p50": ms(percentile(tpot, 50)), "tpot_ms_p99": ms(percentile(tpot, 99)),
         "ttft_ms_mean": ms(statistics.fmean(ttft)) if ttft else None,
         "incomplete_requests": len(bad),
@@ -248,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=None, help="cache length per row (default: the config's)")
     ap.add_argument("--compile", action="store_true", help="compiled decode (CUDA graphs on GPU), preset only")
+    ap.add_argument("--decode-steps", type=int, default=None,
+                    help="preset only: decode steps back to back (default: the engine's, 8 on CUDA, 1 on CPU)")
     ap.add_argument("--concurrency", "-c", type=int, default=64)
     ap.add_argument("--requests", "-n", type=int, default=None, help="total requests (default: = concurrency)")
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -278,7 +320,8 @@ def main(argv=None) -> int:
         name = str(args.model)
     else:
         config = TINY if args.preset == "tiny" else preset(args.preset)
-        llm = random_llm(config, device, dtype, args.max_batch, args.max_seq_len, args.compile, args.seed)
+        llm = random_llm(config, device, dtype, args.max_batch, args.max_seq_len, args.compile, args.seed,
+                         args.decode_steps)
         name = args.preset
     load_s = time.perf_counter() - t0
     vocab = llm.engine.config.vocab_size
@@ -324,8 +367,10 @@ def main(argv=None) -> int:
             "load_s": round(load_s, 1), "torch": torch.__version__}
     rows = [("output tok/s", summary["output_tok_s"]),
             ("TTFT p50 / p99 (ms)", f"{summary['ttft_ms_p50']} / {summary['ttft_ms_p99']}"),
-            ("ITL  p50 / p99 (ms)", f"{summary['itl_ms_p50']} / {summary['itl_ms_p99']}"),
-            ("TPOT p50 / p99 (ms)", f"{summary['tpot_ms_p50']} / {summary['tpot_ms_p99']}"),
+            ("ITL  p50 / p99 (ms), per token", f"{summary['itl_ms_p50']} / {summary['itl_ms_p99']}"),
+            ("ITL  p50 / p99 (ms), per event (vLLM's)", f"{summary['itl_event_ms_p50']} / {summary['itl_event_ms_p99']}"
+                                                        f" ({summary['tokens_per_event']} tokens an event)"),
+            ("TPOT p50 / p99 (ms), per token", f"{summary['tpot_ms_p50']} / {summary['tpot_ms_p99']}"),
             ("requests / tokens", f"{summary['requests']} / {summary['generated_tokens']}"),
             ("wall (s)", summary["wall_s"])] + extra_rows
     print(f"{name} on {meta['gpu'] or device} ({meta['dtype']}), {n} requests x {args.prompt_len} prompt + "

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mistral7b.attention import (attention, causal_attention, decode_attention, decode_kernel,
+from mistral7b.attention import (DECODE_KERNELS, attention, causal_attention, decode_attention, decode_kernel,
                                  reduction_decode_attention, sdpa_attention, visible)
 
 
@@ -130,7 +130,9 @@ def test_reduction_decode_is_finite_for_idle_rows_and_in_the_query_dtype():
 
 
 def test_decode_kernel_switch_names_the_choices():
-    assert decode_kernel() in ("flash", "sdpa", "reduction")
+    from mistral7b.cli.bench import DECODE_KERNELS as BENCH_CHOICES
+
+    assert decode_kernel() in ("flash", "sdpa", "reduction") and BENCH_CHOICES == DECODE_KERNELS
     with pytest.raises(ValueError, match="flash, sdpa, reduction"):
         decode_kernel("flex")
 

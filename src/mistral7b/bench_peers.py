@@ -28,11 +28,13 @@ def check_gpt_fast_dir(directory: Path) -> Path:
 
 
 def run_gpt_fast(directory: Path, weights: str, prompt_len: int, new_tokens: int, batch: int = 1,
-                 runs: int = 3, timeout: float = 1200) -> dict:
-    """Run gpt-fast in a child process; returns its figures, or {"error": ...} if it failed."""
+                 runs: int = 3, timeout: float = 1200, group_size: int = 128) -> dict:
+    """Run gpt-fast in a child process; returns its figures, or {"error": ...} if it failed.
+    `group_size`: of int4 weights (gpt-fast's WeightOnlyInt4QuantHandler takes 32, 64, 128 or 256)."""
     directory = check_gpt_fast_dir(directory)
     cmd = [sys.executable, "-m", "mistral7b.bench_peers", str(directory), "--weights", weights,
-           "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--batch", str(batch), "--runs", str(runs)]
+           "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--batch", str(batch), "--runs", str(runs),
+           "--group-size", str(group_size)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
     except subprocess.TimeoutExpired:
@@ -44,7 +46,7 @@ def run_gpt_fast(directory: Path, weights: str, prompt_len: int, new_tokens: int
     return json.loads(lines[-1])
 
 
-def _random_gpt_fast_model(gf_model, weights: str, device: str):
+def _random_gpt_fast_model(gf_model, weights: str, device: str, group_size: int = 128):
     import torch
 
     with torch.device("meta"):
@@ -65,7 +67,7 @@ def _random_gpt_fast_model(gf_model, weights: str, device: str):
         import quantize  # gpt-fast's
 
         quantize.prepare_int4_weight_and_scales_and_zeros = _prepare_int4_for_current_torch(quantize)
-        handler = quantize.WeightOnlyInt4QuantHandler(model, groupsize=128)
+        handler = quantize.WeightOnlyInt4QuantHandler(model, groupsize=group_size)
         state = handler.create_quantized_state_dict()
         model = handler.convert_for_runtime()
         model.load_state_dict(state, assign=True)
@@ -96,7 +98,7 @@ def _child(args) -> dict:
     import model as gf_model
 
     device = "cuda"
-    model = _random_gpt_fast_model(gf_model, args.weights, device)
+    model = _random_gpt_fast_model(gf_model, args.weights, device, args.group_size)
     gf.decode_one_token = torch.compile(gf.decode_one_token, mode="reduce-overhead", fullgraph=True)
     prompt = torch.randint(0, 32000, (args.prompt_len,), device=device, dtype=torch.int)
 
@@ -116,7 +118,8 @@ def _child(args) -> dict:
         firsts.append(generate(2))
     total, first = statistics.median(totals), statistics.median(firsts)
     return {
-        "peer": "gpt-fast", "weights": args.weights, "batch": args.batch, "compile_s": compile_s,
+        "peer": "gpt-fast", "weights": args.weights if args.weights != "int4" else f"int4 g{args.group_size}",
+        "batch": args.batch, "compile_s": compile_s,
         "tok_s_with_prefill": args.batch * args.new_tokens / total,
         "tok_s_decode_only": args.batch * (args.new_tokens - 2) / max(total - first, 1e-9),
         "weights_gib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30,
@@ -131,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256), help="int4 groups")
     args = p.parse_args(argv)
     args.directory = check_gpt_fast_dir(args.directory)
     print(json.dumps(_child(args)), flush=True)

@@ -6,18 +6,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..attention import DECODE_KERNELS
+from .common import add_quantize_options
+
+H200_COPY_TB_S = 4.3  # mistral7b.bench's default, here so that --help needs no torch
+DECODE_KERNELS = ("flash", "sdpa", "reduction")  # mistral7b.attention.DECODE_KERNELS (a test checks), without torch
 
 NAME = "bench"
 HELP = "benchmark the engine against HF transformers (see `mistral7b bench --help`)"
 DESCRIPTION = ("Our engine and HF transformers side by side, in one process on one card. Random weights at a "
                "preset's shape (speed does not depend on the values), shared by both engines. Figures are medians "
-               "over --runs; the table goes to stdout and everything to --json.")
+               "over --runs; the table goes to stdout and everything to --json. --quantize int8|int4 runs ours (and "
+               "--peer gpt-fast) on those weights quantized; a second table sets decode against the limit: resident "
+               "weight bytes read once per step at --bandwidth-tb-s.")
 COMMON = None  # its own --device; no model or dtype
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="mistral-7b-v0.1", help="model shape, random bf16 weights")
+    p.add_argument("--preset", default="mistral-7b-v0.1",
+                   help="model shape, random bf16 weights: a preset, or 'tiny' (2 layers, dim 256: a quick check)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -32,8 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default=None,
                    help="attention kernel of compiled CUDA decode (mistral7b.attention.decode_kernel); default: flash")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard our model over N GPUs (mistral7b.parallel; N processes with gloo on CPU); bf16 only, "
+                        "no HF sections, no full-attention prefill variant")
+    add_quantize_options(p)
+    p.add_argument("--bandwidth-tb-s", type=float, default=H200_COPY_TB_S,
+                   help="memory bandwidth for the limit column: weight bytes read once per decode step")
     p.add_argument("--peer", nargs=2, metavar=("NAME", "DIR"), default=None, type=str,
-                   help="after our figures, run a peer's batch-1 bf16 decode: `--peer gpt-fast DIR` (DIR holds "
+                   help="after our figures, run a peer's batch-1 decode, with --quantize's weights: `--peer gpt-fast DIR` (DIR holds "
                         "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "
                         "into the table's 'best peer' column")
 
@@ -54,9 +66,29 @@ def peer_of(args):
         raise CLIError(str(e)) from None
 
 
-def run(args) -> int:
-    from .. import bench  # torch and transformers load only when the benchmark runs
+def checked(args):
+    """The shape and the quantization of `args`, checked before any work: one-line errors otherwise."""
+    from ..bench import bench_config
+    from .common import CLIError, quantize_of
 
+    try:
+        bench_config(args.preset)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    quant = quantize_of(args)
+    if args.tensor_parallel_size < 1:
+        raise CLIError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1 and quant:
+        raise CLIError("--tensor-parallel-size runs bf16 weights only: leave out --quantize")
+    if args.bandwidth_tb_s <= 0:
+        raise CLIError(f"--bandwidth-tb-s must be positive, got {args.bandwidth_tb_s}")
+    return quant or None  # False (--quantize none): the random weights are bf16 already
+
+
+def run(args) -> int:
+    from .. import bench  # torch loads only when the benchmark runs; transformers only with the HF sections
+
+    args.quant = checked(args)
     args.peer = peer_of(args)
     if args.decode_kernel is not None:
         from ..attention import decode_kernel

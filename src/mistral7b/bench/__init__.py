@@ -2,12 +2,19 @@
 
 Random weights at a preset's shape (speed does not depend on the values), shared by both engines.
 Figures are medians over `--runs`; the table goes to stdout and everything to `--json`.
+
+`--quantize int8|int4` runs our sections on those random weights quantized through the loader's
+quantizing path (HF stays bf16), and gpt-fast (`--peer`) quantizes its own the same way. A second
+table sets decode after the first token against the limit: the model's resident weight bytes
+(embeddings included, as issue 21 counts them) read once per decode step at `--bandwidth-tb-s`
+(4.3 TB/s, the copy bandwidth measured on the H200), so batch B's limit is B x bandwidth / bytes.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -15,12 +22,32 @@ from pathlib import Path
 
 import torch
 
-from .attention import decode_kernel
-from .config import ModelConfig, preset
-from .engine import Engine, EngineConfig
-from .loading import Checkpoint, assemble
-from .model import Transformer
-from .sampling import SamplingParams
+from ..attention import decode_kernel
+from ..config import ModelConfig, preset
+from ..quant import QuantConfig, QuantModule, resident_bytes
+from ..engine import Engine, EngineConfig
+from ..loading import Checkpoint, assemble, canonical_views
+from ..model import Transformer
+from ..sampling import SamplingParams
+from .report import limits, print_limit_table, print_table  # noqa: F401 - print_table is used by tests too
+
+
+# Mistral's shape family at a size a CPU decodes in milliseconds (`--preset tiny`: checks and tests).
+TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
+                   sliding_window=128, max_seq_len=2048, name="tiny")
+
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def bench_config(name: str) -> ModelConfig:
+    """A preset's shape, or TINY; a ValueError naming the choices otherwise."""
+    if name == "tiny":
+        return TINY
+    try:
+        return preset(name)
+    except ValueError as e:
+        raise ValueError(f"{e}, or tiny") from None
 
 
 def sync(device):
@@ -87,10 +114,28 @@ def build_hf(config: ModelConfig, device):
 
 
 def ours_from_hf(hf_model, config: ModelConfig, device):
-    from .loading.hf import to_canonical
+    from ..loading.hf import to_canonical
 
     tensors = ((to_canonical(n), t) for n, t in hf_model.state_dict().items())
     return assemble(Checkpoint(Path("random-weights"), config, tensors, 0), device, torch.bfloat16)
+
+
+def random_model(config: ModelConfig, device) -> Transformer:
+    """Random bf16 weights at this shape built on the device, N(0, 0.02) and norms 1 (no transformers)."""
+    with torch.device("meta"):
+        model = Transformer(config).to(torch.bfloat16)
+    model = model.to_empty(device=device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    return model
+
+
+def quantized(model: Transformer, quant: QuantConfig, device) -> Transformer:
+    """`model`'s weights streamed through the loader's quantizing path (a quantized copy, bf16 activations)."""
+    views = canonical_views(model)
+    checkpoint = Checkpoint(Path(f"random-{quant.label}"), model.config, iter(views.items()), len(views))
+    return assemble(checkpoint, device, torch.bfloat16, quant)
 
 
 def with_config(model: Transformer, config: ModelConfig) -> Transformer:
@@ -116,15 +161,13 @@ def run_requests(engine: Engine, prompts, new_tokens):
 
 
 def main(args) -> int:
-    device = args.device
-    config = preset(args.preset)
-    import transformers
-
+    device, cuda = args.device, torch.device(args.device).type == "cuda"
+    config, quant = bench_config(args.preset), getattr(args, "quant", None)
     results: dict = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": None if args.no_hf else __import__("transformers").__version__,
         "preset": args.preset,
         "decode_kernel": decode_kernel(),
         "ours": {},
@@ -133,16 +176,12 @@ def main(args) -> int:
     }
     sections = set(args.sections.split(","))
     print(f"building random {args.preset} weights on {device}...", flush=True)
-    hf = build_hf(config, device)
-    model = ours_from_hf(hf, config, device)
-    global OTHER_RESIDENT_BYTES
-    if args.no_hf:
-        del hf
-        hf = None
-    else:
-        OTHER_RESIDENT_BYTES = sum(p.numel() * p.element_size() for p in hf.parameters())
+    model, hf = build_models(config, args, quant)
+    tp = getattr(args, "tensor_parallel_size", 1)
+    results["weights"] = {"format": quant.label if quant else "bf16", "bytes": resident_bytes(model)}
+    if tp > 1:  # rank 0's shard: every rank reads its own at the same time
+        results["weights"] |= {"tensor_parallel_size": tp, "per": "GPU (rank 0's shard)"}
     ours = results["ours"]
-    cuda = torch.device(device).type == "cuda"
     if sections & {"decode", "context"}:
         engine = Engine(model, None, EngineConfig(max_batch=max(args.batch, 1), compile=cuda))
         if "decode" in sections:
@@ -158,17 +197,41 @@ def main(args) -> int:
         bench_long(model, config, args, ours)
     if hf is not None:
         bench_hf(hf, config, args, results)
+    if tp > 1:
+        model.close()  # the ranks exit
     if getattr(args, "peer", None):
-        from .bench_peers import run_gpt_fast
+        from ..bench_peers import run_gpt_fast
 
         del model, hf
         torch.cuda.empty_cache() if cuda else None
-        results["peers"] = {"gpt-fast": run_gpt_fast(args.peer[1], "bf16", args.prompt_len, args.new_tokens,
-                                                     runs=args.runs)}
+        results["peers"] = {"gpt-fast": run_gpt_fast(args.peer[1], quant.method if quant else "bf16", args.prompt_len,
+                                                     args.new_tokens, runs=args.runs,
+                                                     group_size=quant.group_size if quant and quant.group_size else 128)}
+    results["limit"] = limits(results, args)
     print_table(results, args)
+    print_limit_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def build_models(config: ModelConfig, args, quant: QuantConfig | None):
+    """(ours, HF's or None): random weights, shared with HF unless --no-hf, quantized with --quantize;
+    with --tensor-parallel-size N > 1, sharded over N ranks by mistral7b.parallel (random per rank, no HF)."""
+    global OTHER_RESIDENT_BYTES
+    device, tp = args.device, getattr(args, "tensor_parallel_size", 1)
+    if tp > 1:
+        from ..parallel import launch
+
+        os.environ.update(NO_MULTICAST)  # before the ranks start: they inherit it
+        return launch(config, tp, device=device, dtype=torch.bfloat16, timeout_s=600), None
+    hf = None if args.no_hf else build_hf(config, device)
+    model = random_model(config, device) if hf is None else ours_from_hf(hf, config, device)
+    OTHER_RESIDENT_BYTES = 0 if hf is None else sum(p.numel() * p.element_size() for p in hf.parameters())
+    if quant is not None:
+        model = quantized(model, quant, device)
+        torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None  # the bf16 copy is gone
+    return model, hf
 
 
 def bench_decode(engine: Engine, config: ModelConfig, args, ours: dict) -> None:
@@ -224,6 +287,8 @@ def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> 
     ours[f"prefill_{n}_window_one_pass_tok_s"] = n / t
     print(f"ours prefill {n} (window, one pass): {n / t:.0f} tok/s", flush=True)
     del one_pass
+    if not isinstance(model, Transformer) or any(isinstance(m, QuantModule) for m in model.modules()):
+        return  # sharded or quantized: with_config's dense variant cannot take its weights
     # The paper's promise: at long lengths the window must beat our own full attention.
     full_model = with_config(model, replace(config, sliding_window=None, max_seq_len=n + 8))
     full_engine = Engine(full_model, None, EngineConfig(max_batch=1, chunk_size=n))
@@ -286,35 +351,3 @@ def bench_hf(hf, config, args, results):
             t = timed(lambda: generate(prompts, cache_implementation="static"), device, max(1, args.runs - 1))
             results["hf_compiled"]["decode_b1_tok_s"] = args.new_tokens / t
             print(f"hf compiled decode b1: {args.new_tokens / t:.1f} tok/s", flush=True)
-
-
-def print_table(results, args):
-    ours, hf, hfc = results["ours"], results["hf"], results["hf_compiled"]
-    rows = [(f"decode b1 (prompt {args.prompt_len}, {args.new_tokens} new)", "decode_b1_tok_s"),
-            ("decode b1, after the first token", "decode_b1_decode_only_tok_s"),
-            (f"decode b{args.batch}", f"decode_b{args.batch}_tok_s")]
-    for n in [int(x) for x in args.prefill.split(",") if x]:
-        rows.append((f"prefill {n}, window", f"prefill_{n}_tok_s"))
-        rows.append((f"prefill {n}, window, one pass", f"prefill_{n}_window_one_pass_tok_s"))
-        rows.append((f"prefill {n}, full attention", f"prefill_{n}_full_attention_tok_s"))
-    rows += [("decode at 1024 context", "decode_at_1024_tok_s"), (f"decode at {args.context} context", f"decode_at_{args.context}_tok_s")]
-    fmt = lambda v: "-" if v is None else (f"{v:,.1f}" if v < 1000 else f"{v:,.0f}")  # noqa: E731
-    print(f"\n{results['device']} | torch {results['torch']} | transformers {results['transformers']} | {results['date']}")
-    print("| tok/s | ours | HF default | HF static+compile | best peer | ours / best peer |\n|---|---|---|---|---|---|")
-    gpt_fast = results.get("peers", {}).get("gpt-fast", {})
-    for label, key in rows:
-        a, b, c = ours.get(key), hf.get(key), hfc.get(key)
-        # gpt-fast is timed both ways too, so each figure meets its like
-        g = {"decode_b1_tok_s": gpt_fast.get("tok_s_with_prefill"),
-             "decode_b1_decode_only_tok_s": gpt_fast.get("tok_s_decode_only")}.get(key)
-        peers = [(x, n) for x, n in ((b, "HF default"), (c, "HF compiled"), (g, "gpt-fast")) if x is not None]
-        best, name = max(peers, default=(None, None))
-        ratio = f"{a / best:.2f}x" if a is not None and best else "-"
-        print(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(best) + ' ' + name if best else '-'} | {ratio} |")
-    if "error" in gpt_fast:
-        print(f"gpt-fast: {gpt_fast['error']}")
-    for key in ("context_ratio", "decode_b1_peak_gib", f"decode_b{args.batch}_peak_gib", "long_context_tokens",
-                "long_context_seconds", "long_context_prefill_seconds", "long_context_cache_gib", "long_context_peak_gib",
-                "long_context_above_weights_gib", "weights_gib"):
-        if key in ours:
-            print(f"{key}: {ours[key] if not isinstance(ours[key], float) else round(ours[key], 3)}")
