@@ -1,10 +1,11 @@
 """The app: `build_app(llm, ...)` with its routes and middleware, `serve()` under uvicorn, and
 `ServerThread` for tests and benchmarks (after vLLM's `api_server.py`).
 
-Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (JSON, or Server-Sent
-Events ending with `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus). A bounded wait queue
-(429 + Retry-After), bearer auth on /v1/* (`hmac.compare_digest`) and a body size limit (413) guard it;
-`connections` adds a header-read timeout, a connection cap (503) and rate-limited accept errors.
+Routes: `GET /v1/models` and `/v1/models/{id}`, `POST /v1/completions`, `POST /v1/chat/completions`
+(JSON, or Server-Sent Events ending with `data: [DONE]`), `POST /tokenize`, `/detokenize`, `GET /health`,
+`GET /metrics` (Prometheus). A bounded wait queue (429 + Retry-After), bearer auth on /v1/*
+(`hmac.compare_digest`) and a body size limit (413) guard it; `connections` adds header, body and
+keep-alive timeouts, connection caps (503) and rate-limited accept errors; `shutdown` drains on SIGTERM.
 """
 
 from __future__ import annotations
@@ -176,34 +177,8 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable,
                        unavailable_code=lambda: _unavailable_code(drain))
     install_error_handlers(app)
-    created_at = int(time.time())
-
-    @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts or after it died",
-             response_model=HealthResponse, responses={503: ERROR_RESPONSES[429]})
-    async def health():
-        if (problem := unavailable()) is not None:
-            raise APIError(503, problem, type="server_error", code=_unavailable_code(drain))
-        return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics_route():
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    def card() -> ModelCard:
-        return ModelCard(id=model_name, created=created_at, max_model_len=completion.limit)
-
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-    async def list_models():
-        return ModelList(data=[card()])
-
-    @app.get("/v1/models/{model:path}", summary="Retrieve a model", response_model=ModelCard,
-             responses=ERROR_RESPONSES)
-    async def retrieve_model(model: str):
-        check_model(model, model_name)
-        return card()
+    _add_probes(app, engine, admission, metrics, unavailable, drain)
+    _add_model_routes(app, model_name, lambda: completion.limit)
 
     @app.post("/v1/completions", summary="Create a completion", response_model=CompletionResponse,
               responses=_generation_responses(CompletionResponse))
@@ -228,6 +203,42 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
 
     app.openapi = lambda: openapi_with_limits(app, completion.context, engine.config.vocab_size)
     return app
+
+
+def _add_probes(app: FastAPI, engine, admission: Admission, metrics: Metrics, unavailable, drain: Drain) -> None:
+    """GET /health and GET /metrics (no auth)."""
+
+    @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts, after it died, or while "
+             "the server shuts down", response_model=HealthResponse, responses={503: ERROR_RESPONSES[429]})
+    async def health():
+        if (problem := unavailable()) is not None:
+            raise APIError(503, problem, type="server_error", code=_unavailable_code(drain))
+        return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics_route():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_model_routes(app: FastAPI, model_name: str, limit: Callable[[], int | None]) -> None:
+    """GET /v1/models and GET /v1/models/{id}, OpenAI's list and retrieve."""
+    created_at = int(time.time())
+
+    def card() -> ModelCard:
+        return ModelCard(id=model_name, created=created_at, max_model_len=limit())
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models():
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}", summary="Retrieve a model", response_model=ModelCard,
+             responses=ERROR_RESPONSES)
+    async def retrieve_model(model: str):
+        check_model(model, model_name)
+        return card()
 
 
 def openapi_with_limits(app: FastAPI, context: int, vocab_size: int) -> dict:
