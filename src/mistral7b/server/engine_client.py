@@ -219,7 +219,8 @@ class EngineClient:
                 self.conn.send_bytes(wire.encode(message))
             except OSError:  # the engine process is gone: the reader reports it
                 return
-        self.conn.close()
+        # Not closed here: the reader may be inside recv_bytes on it, and a connection closed under it
+        # fails with a TypeError. The engine exits on STOP (or is killed), the reader sees the EOF.
 
     def _read(self) -> None:
         fatal = None
@@ -234,8 +235,9 @@ class EngineClient:
         except (EOFError, OSError):
             pass
         except Exception:
-            log.exception("engine client failed")
-            self.process.kill()
+            if not self._closing:
+                log.exception("engine client failed")
+                self.process.kill()
         if not self._closing:
             self._died(fatal)
 
