@@ -29,11 +29,16 @@ PARTIAL = b"GET /ok HTTP/1.1\r\nHost: test\r\nX-Slow: "  # headers never finishe
 
 
 async def tiny_app(scope, receive, send):
-    """200 "ok"; /slow answers after 1 s (longer than the header timeouts used here)."""
+    """200 "ok"; /slow answers after 1 s (longer than the header timeouts used here); /hold never
+    answers, holding its connection busy until the client goes away."""
     if scope["type"] == "lifespan":
         for phase in ("startup", "shutdown"):
             await receive()
             await send({"type": f"lifespan.{phase}.complete"})
+        return
+    if scope["path"] == "/hold":
+        while (await receive())["type"] != "http.disconnect":
+            pass
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(1.0)
@@ -118,10 +123,12 @@ def test_incomplete_headers_are_closed_while_requests_succeed(caplog):
 
 
 def test_connections_over_the_limit_get_503_and_serving_goes_on(caplog):
+    """Every connection busy with a request: new ones get a 503. (Those waiting on their client would
+    make room instead: test_server_timeouts.)"""
     limit = 4
     with ServerThread(tiny_app, max_connections=limit, header_timeout=60) as server:
         connections = server.server.server_state.connections
-        holders = [_open(server, PARTIAL) for _ in range(limit)]
+        holders = [_open(server, b"GET /hold HTTP/1.1\r\nHost: test\r\n\r\n") for _ in range(limit)]
         _wait_for(lambda: len(connections) == limit)
         with httpx.Client(base_url=server.url) as client:
             refused = client.get("/ok")

@@ -4,6 +4,7 @@ generation routes do). Clients that must look like other hosts bind 127.0.0.x so
 
 from __future__ import annotations
 
+import selectors
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,10 +72,25 @@ def _response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(4096)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(body) < length:
         body += sock.recv(4096)
     return head + b"\r\n\r\n" + body
+
+
+def _answers(socks, wait: float) -> list[bytes]:
+    """What the server sent (up to 200 bytes each) on those of `socks` it answered within `wait` seconds."""
+    answers = []
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.1):
+                answers.append(_read_all(key.fileobj, 5)[:200])
+                selector.unregister(key.fileobj)
+    return answers
 
 
 def test_stalled_body_gets_408_and_close_while_slow_but_complete_bodies_succeed(caplog):
@@ -154,4 +170,26 @@ def test_slow_body_flood_does_not_lock_out_health_or_requests(caplog):
         for sock in flood:
             sock.close()
         _wait_for(lambda: not server.server.server_state.connections)
+    _no_tracebacks(caplog)
+
+
+def test_at_the_cap_the_longest_waiting_connections_make_room(caplog):
+    """A slow-body flood from many addresses, each under the per-client cap, fills every slot: new
+    clients still get served, as each new connection closes (408) the one that has waited longest."""
+    limit = 60
+    with ServerThread(echo_app(), max_connections=limit, max_per_client=limit // 4, header_timeout=30) as server:
+        flood = [_connect(server, f"127.0.0.{10 + i % 4}", _head() + BODY[:10]) for i in range(limit)]
+        _wait_for(lambda: len(server.server.server_state.connections) == limit)
+        # Without eviction the first call would get a 503. The first new connection takes the slot of the
+        # flood socket that waited longest; later ones (Connection: close) reuse the slot it leaves.
+        with httpx.Client(base_url=server.url, timeout=5, headers={"Connection": "close"}) as client:
+            for _ in range(5):
+                start = time.monotonic()
+                assert client.get("/health").status_code == 200
+                assert client.post("/echo", json={"text": "hi"}).json() == {"length": 2}
+                assert time.monotonic() - start < 1.0
+        answers = _answers(flood, 2.0)
+        assert len(answers) == 1 and all(a.startswith(b"HTTP/1.1 408") for a in answers), [a[:12] for a in answers]
+        for sock in flood:
+            sock.close()
     _no_tracebacks(caplog)

@@ -81,6 +81,7 @@ class ConnectionGuard:
     max_connections: int
     max_per_client: int
     per_client: dict  # open connections by client address
+    waiting: dict  # connections waiting on their client (for a request's headers or its body), oldest first
     refusals: RateLimitedLog
     timeouts: RateLimitedLog
     refusing: set  # refused connections still lingering (each holds a descriptor)
@@ -89,18 +90,35 @@ class ConnectionGuard:
         self._header_timer = self._body_timer = self._seen_cycle = None
         peer = transport.get_extra_info("peername")
         self._address = peer[0] if isinstance(peer, tuple) else peer
-        if len(self.server_state.connections) >= self.max_connections:
-            self._address = None
-            return self._refuse(transport, REFUSED, "%d open, the limit (--max-connections) is %d",
-                                len(self.server_state.connections), self.max_connections)
-        if self.per_client.get(self._address, 0) >= self.max_per_client:
+        if self._over_client_cap():
             self._address = None
             return self._refuse(transport, REFUSED_CLIENT, "%s has %d open, the limit (--max-connections-per-client) "
                                 "is %d", peer, self.max_per_client, self.max_per_client)
+        if len(self.server_state.connections) >= self.max_connections and not self._evict_oldest_waiting():
+            self._address = None
+            return self._refuse(transport, REFUSED, "%d open, the limit (--max-connections) is %d",
+                                len(self.server_state.connections), self.max_connections)
         self._refused = False
         self.per_client[self._address] = self.per_client.get(self._address, 0) + 1
         super().connection_made(transport)
         self._await_headers()
+
+    def _over_client_cap(self) -> bool:
+        # A per-client cap at the global one or above is no cap of its own: the global one speaks.
+        cap = self.max_per_client
+        return cap < self.max_connections and self.per_client.get(self._address, 0) >= cap
+
+    def _evict_oldest_waiting(self) -> bool:
+        """At the cap, make room by closing the connection that has waited longest on its client (a 408 if
+        it was sending a body): slow clients, from however many addresses, lose their slots before a new
+        client is refused. False if every connection is busy with a request."""
+        victim = next(iter(self.waiting), None)
+        if victim is None:
+            return False
+        self.timeouts.warning("at the connection limit (--max-connections %d): closing the connections that "
+                              "waited longest for their clients", self.max_connections)
+        victim._close_waiting()
+        return True
 
     def _refuse(self, transport, response: bytes, why: str, *args) -> None:
         self._refused, self.transport = True, transport
@@ -146,6 +164,7 @@ class ConnectionGuard:
             self._cancel_timers()
             if cycle is not None and cycle.more_body:
                 self._body_timer = self.loop.call_later(self.body_timeout, self._body_timeout, cycle)
+                self.waiting[self] = None
         elif cycle is not None and not cycle.more_body:
             self._cancel_body_timer()
         if cycle is not None and cycle.response_complete and self._header_timer is None:
@@ -154,14 +173,17 @@ class ConnectionGuard:
     def _await_headers(self) -> None:
         self._cancel_timers()
         self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout)
+        self.waiting[self] = None
 
     def _cancel_timers(self) -> None:
         self._cancel_body_timer()
+        self.waiting.pop(self, None)
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _cancel_body_timer(self) -> None:
+        self.waiting.pop(self, None)
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -171,18 +193,24 @@ class ConnectionGuard:
         if not self.transport.is_closing():
             self.timeouts.warning("closed a connection that sent no complete request headers in %g s",
                                   self.header_timeout)
-            self.transport.close()
+            self._close_waiting()
 
     def _body_timeout(self, cycle) -> None:
-        """A 408 (unless a response began) and close: the app reading the body sees a disconnect."""
         self._body_timer = None
         if self.transport.is_closing() or cycle is not self.cycle or not cycle.more_body:
             return
         self.timeouts.warning("closed a connection whose request body did not arrive in %g s (--body-timeout)",
                               self.body_timeout)
-        if not cycle.response_started:
-            self.transport.write(canned_response("408 Request Timeout", f"the request body did not arrive within "
-                                                 f"{self.body_timeout:g} s", "invalid_request_error",
+        self._close_waiting()
+
+    def _close_waiting(self) -> None:
+        """Close a connection waiting on its client; one in the middle of a request body gets a 408 first
+        (the app reading that body sees a disconnect)."""
+        self._cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete and not cycle.response_started:
+            self.transport.write(canned_response("408 Request Timeout", "the request body did not arrive in time "
+                                                 f"(the limit is {self.body_timeout:g} s)", "invalid_request_error",
                                                  "request_timeout"))
         self.transport.close()
 
@@ -190,12 +218,12 @@ class ConnectionGuard:
 def guarded_protocol(header_timeout: float, max_connections: int, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                      max_per_client: int | None = None) -> type:
     """uvicorn's HTTP protocol (h11, or httptools where installed) with `ConnectionGuard`, for one server.
-    `max_per_client` None: DEFAULT_MAX_CONNECTIONS_PER_CLIENT, never more than `max_connections`."""
+    `max_per_client` None: DEFAULT_MAX_CONNECTIONS_PER_CLIENT; at `max_connections` or more, no cap of its own."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    per_client = min(max_connections, max_per_client or DEFAULT_MAX_CONNECTIONS_PER_CLIENT)
+    per_client = max_per_client or DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     limits = {"header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections,
-              "max_per_client": per_client, "per_client": {}, "refusing": set(),
+              "max_per_client": per_client, "per_client": {}, "waiting": {}, "refusing": set(),
               "refusals": RateLimitedLog(log), "timeouts": RateLimitedLog(log)}
     return type("GuardedProtocol", (ConnectionGuard, AutoHTTPProtocol), limits)
 
