@@ -1,16 +1,20 @@
-"""Connection hardening under uvicorn: a header-read timeout, a cap on open connections, and
-rate-limited logging of accept errors.
+"""Connection hardening under uvicorn: header and body timeouts, caps on open connections (in all and
+per client address), rate-limited logging of accept errors, and the graceful shutdown's signals.
 
 uvicorn arms its keep-alive timer only after a response, so a client that connects and never finishes
-its headers holds a file descriptor forever; enough of them exhaust the process's descriptors. asyncio
+its headers, or sends headers and then stalls in the body, holds a file descriptor (and a connection
+slot) forever; enough of them lock everyone else out, then exhaust the process's descriptors. asyncio
 then logs a traceback for every failed `accept()`, and its accept loop goes on to `backlog` (2048)
 attempts per tick after the first EMFILE: tens of thousands of tracebacks a second. Hence:
 
 - `guarded_protocol`: uvicorn's HTTP protocol, plus a deadline for complete request headers (from
-  the connection, or from the end of the previous response) and a cap on open connections; a
-  connection over the cap gets a canned 503 and is closed.
+  the connection, or from the end of the previous response) and one for the body once the headers
+  are in (a canned 408, then close); a cap per client address and one on all open connections. At
+  the global cap the connection that has waited longest on its client makes room; if none is
+  waiting, the new connection gets a canned 503 and is closed.
 - `RateLimitedLog` and `GuardedServer`: the loop's exception handler turns accept errors (EMFILE and
-  kin) into at most one log line per interval, with the count of those suppressed.
+  kin) into at most one log line per interval, with the count of those suppressed; SIGTERM and
+  SIGINT start a drain (`shutdown.Drain`) instead of uvicorn's five-second cut.
 """
 
 from __future__ import annotations
