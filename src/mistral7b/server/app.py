@@ -73,14 +73,14 @@ class _Guard:
             problem = self._length_problem(scope)
             if problem is not None:
                 return await send_error(send_, *problem)
-            unavailable = self._engine_problem(path)
+            unavailable = self._service_problem(path)
             if unavailable is not None:
                 return await send_error(send_, 503, unavailable, type="server_error", code=self.unavailable_code())
             await self._limited(scope, receive, send_, state)
         finally:
             self.metrics.count_request(path, state["status"])
 
-    def _engine_problem(self, path: str) -> str | None:
+    def _service_problem(self, path: str) -> str | None:
         # Everything but the probes needs the engine's limits, which an engine process reports when ready.
         if path in ("/health", "/metrics"):
             return None
@@ -163,7 +163,7 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     shutdown, which the server begins on SIGTERM."""
     engine, metrics = llm.engine, Metrics()
     driver = getattr(llm, "client", None) or driver_for(engine)
-    drain = Drain(driver.fail_open)
+    drain = Drain(getattr(driver, "fail_open", None))
     unavailable = _unavailable(drain, getattr(driver, "unavailable", None))
     model_name = model_name or default_model_name(llm)
     admission = Admission(engine, max_queue, driver=driver)
