@@ -29,11 +29,16 @@ PARTIAL = b"GET /ok HTTP/1.1\r\nHost: test\r\nX-Slow: "  # headers never finishe
 
 
 async def tiny_app(scope, receive, send):
-    """200 "ok"; /slow answers after 1 s (longer than the header timeouts used here)."""
+    """200 "ok"; /slow answers after 1 s (longer than the header timeouts used here); /hold never
+    answers, holding its connection busy until the client goes away."""
     if scope["type"] == "lifespan":
         for phase in ("startup", "shutdown"):
             await receive()
             await send({"type": f"lifespan.{phase}.complete"})
+        return
+    if scope["path"] == "/hold":
+        while (await receive())["type"] != "http.disconnect":
+            pass
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(1.0)
@@ -118,10 +123,12 @@ def test_incomplete_headers_are_closed_while_requests_succeed(caplog):
 
 
 def test_connections_over_the_limit_get_503_and_serving_goes_on(caplog):
+    """Every connection busy with a request: new ones get a 503. (Those waiting on their client would
+    make room instead: test_server_timeouts.)"""
     limit = 4
     with ServerThread(tiny_app, max_connections=limit, header_timeout=60) as server:
         connections = server.server.server_state.connections
-        holders = [_open(server, PARTIAL) for _ in range(limit)]
+        holders = [_open(server, b"GET /hold HTTP/1.1\r\nHost: test\r\n\r\n") for _ in range(limit)]
         _wait_for(lambda: len(connections) == limit)
         with httpx.Client(base_url=server.url) as client:
             refused = client.get("/ok")
@@ -228,7 +235,9 @@ def test_descriptor_exhaustion_logs_one_line_without_tracebacks(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--max-connections", "0"], ["--header-timeout", "0"], ["--header-timeout", "inf"],
-                                  ["--header-timeout", "x"]])
+                                  ["--header-timeout", "x"], ["--body-timeout", "0"], ["--keep-alive-timeout", "-1"],
+                                  ["--max-connections-per-client", "0"], ["--shutdown-timeout", "-1"],
+                                  ["--shutdown-timeout", "nan"]])
 def test_bad_connection_flags_are_usage_errors(args, capsys):
     from mistral7b import cli
 
@@ -239,19 +248,38 @@ def test_bad_connection_flags_are_usage_errors(args, capsys):
 
 
 def test_serve_passes_the_connection_flags(monkeypatch):
-    """`mistral7b serve` hands --max-connections and --header-timeout to `serve` (model loading stubbed)."""
+    """`mistral7b serve` hands the connection and shutdown flags to `serve`, with the socket it bound
+    before loading the model (model loading stubbed)."""
     from mistral7b import cli
     from mistral7b.cli import serve as serve_command
     from mistral7b.server import app
 
-    seen = {}
+    seen, flags = {}, ("max_connections", "header_timeout", "body_timeout", "keep_alive_timeout",
+                       "max_connections_per_client", "shutdown_timeout")
     monkeypatch.setattr(serve_command, "load_llm", lambda args, config: "in-process llm")
-    monkeypatch.setattr(serve_command, "remote_llm", lambda args, config: "engine-process llm")
+    monkeypatch.setattr(serve_command, "remote_llm", lambda args, config: seen.update(bound=seen["sock"]) or "remote")
+    monkeypatch.setattr(serve_command, "listen_socket", lambda host, port: seen.update(sock=(host, port)) or "sock")
     monkeypatch.setattr(app, "serve", lambda llm, **kwargs: seen.update(kwargs, llm=llm))
-    assert cli.main(["serve", "--max-connections", "7", "--header-timeout", "2.5", "--no-prefix-cache"]) == 0
-    assert (seen["llm"], seen["max_connections"], seen["header_timeout"]) == ("engine-process llm", 7, 2.5)
+    assert cli.main(["serve", "--max-connections", "7", "--header-timeout", "2.5", "--body-timeout", "4",
+                     "--keep-alive-timeout", "3", "--max-connections-per-client", "5", "--shutdown-timeout", "0",
+                     "--no-prefix-cache", "--port", "9"]) == 0
+    assert [seen[k] for k in ("llm", "sock", *flags)] == ["remote", "sock", 7, 2.5, 4.0, 3.0, 5, 0.0]
+    assert seen["bound"] == ("127.0.0.1", 9)  # bound before the engine process started
     cli.main(["serve", "--no-prefix-cache", "--engine-in-process"])
-    assert (seen["llm"], seen["max_connections"], seen["header_timeout"]) == ("in-process llm", 1024, 10.0)
+    assert [seen[k] for k in ("llm", *flags)] == ["in-process llm", 1024, 10.0, 30.0, 5.0, 256, 30.0]
+
+
+def test_port_in_use_is_one_line_and_exit_1_before_the_model_loads():
+    """A missing model would fail the load: the port's error comes first, without a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run([sys.executable, "-m", "mistral7b.cli", "serve", "--port", str(port), "--model",
+                               "/nonexistent/model"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert done.stderr == f"mistral7b: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 FIT = textwrap.dedent("""

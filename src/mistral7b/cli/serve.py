@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..server.settings import (API_KEY_ENV, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-                               DEFAULT_MAX_QUEUE, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
+from ..server.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
+                               DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                               DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
 from .common import (CLIError, add_quantize_options, device_of, dtype_name, load_llm, model_source, port_number,
                      positive_int, quantize_of)
 
@@ -23,7 +24,11 @@ streams), so the two do not share one interpreter lock. If the engine process di
 request gets an error at once, /health answers 503 for {ENGINE_DEATH_GRACE_S:g} seconds, and the server exits
 with status {ENGINE_DIED_EXIT} for a supervisor (systemd, Kubernetes) to restart it; an engine process that sends
 nothing for --engine-step-timeout seconds while requests are open is killed, with the same result.
---engine-in-process keeps the engine on a thread of the HTTP process instead."""
+--engine-in-process keeps the engine on a thread of the HTTP process instead.
+
+On SIGTERM or SIGINT the server drains: new requests and /health get a 503, running requests get
+--shutdown-timeout seconds to finish, those left then end with an error (streams: an error event and
+[DONE]), and the server exits with status 0, stopping the engine process."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="open connections; more get a 503 and are closed (lowered to fit the open-file limit)")
     p.add_argument("--header-timeout", type=positive_seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
                    help="close a connection that has not sent complete request headers in this time")
+    p.add_argument("--max-connections-per-client", type=positive_int, default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                   metavar="N", help="open connections from one client address; more get a 503 (at most "
+                                     "--max-connections; behind a proxy every client has the proxy's address)")
+    p.add_argument("--body-timeout", type=positive_seconds, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                   help="answer 408 and close a connection whose request body has not arrived in this time")
+    p.add_argument("--keep-alive-timeout", type=positive_seconds, default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+                   metavar="SECONDS", help="close a keep-alive connection idle for this long")
+    p.add_argument("--shutdown-timeout", type=non_negative_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                   metavar="SECONDS", help="on SIGTERM or SIGINT, time running requests get to finish before they "
+                                           "end with an error (a second signal ends them at once)")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine on a thread of the HTTP process, not in a process of its own")
     p.add_argument("--engine-step-timeout", type=non_negative_float, default=DEFAULT_ENGINE_STEP_TIMEOUT,
@@ -71,12 +86,20 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_seconds(text: str) -> float:
+    return _seconds(text, lambda value: value > 0, "> 0")
+
+
+def non_negative_seconds(text: str) -> float:
+    return _seconds(text, lambda value: value >= 0, ">= 0")
+
+
+def _seconds(text: str, ok, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    if not (ok(value) and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds {expected}, got {text!r}")
     return value
 
 
@@ -102,11 +125,28 @@ def run(args) -> int:
                        "with `pip install fastapi uvicorn`") from None
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
                                  prefix_cache_gib=prefix_cache_gib(args))
-    llm = load_llm(args, engine_config) if args.engine_in_process else remote_llm(args, engine_config)
+    sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails in a moment
+    try:
+        llm = load_llm(args, engine_config) if args.engine_in_process else remote_llm(args, engine_config)
+    except BaseException:
+        sock.close()
+        raise
     serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           max_queue=args.max_queue, log_level=args.log_level, max_connections=args.max_connections,
-          header_timeout=args.header_timeout)
+          header_timeout=args.header_timeout, sock=sock, body_timeout=args.body_timeout,
+          keep_alive_timeout=args.keep_alive_timeout, max_connections_per_client=args.max_connections_per_client,
+          shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def listen_socket(host: str, port: int):
+    """The server's socket, bound now; a port in use (or a bad address) is one line and exit status 1."""
+    from ..server.connections import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except OSError as e:
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def remote_llm(args, engine_config):

@@ -1,25 +1,28 @@
 """The app: `build_app(llm, ...)` with its routes and middleware, `serve()` under uvicorn, and
 `ServerThread` for tests and benchmarks (after vLLM's `api_server.py`).
 
-Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (JSON, or Server-Sent
-Events ending with `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus). A bounded wait queue
-(429 + Retry-After), bearer auth on /v1/* (`hmac.compare_digest`) and a body size limit (413) guard it;
-`connections` adds a header-read timeout, a connection cap (503) and rate-limited accept errors.
+Routes: `GET /v1/models` and `/v1/models/{id}`, `POST /v1/completions`, `POST /v1/chat/completions`
+(JSON, or Server-Sent Events ending with `data: [DONE]`), `POST /tokenize`, `/detokenize`, `GET /health`,
+`GET /metrics` (Prometheus). A bounded wait queue (429 + Retry-After), bearer auth on /v1/*
+(`hmac.compare_digest`) and a body size limit (413) guard it; `connections` adds header, body and
+keep-alive timeouts, connection caps (503) and rate-limited accept errors; `shutdown` drains on SIGTERM.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
-from .connections import GuardedServer, guarded_config
+from .connections import GuardedServer, bind_socket, guarded_config
 from .driver import driver_for
 from .errors import ERROR_RESPONSES, APIError, BodyTooLarge, install_error_handlers, send_error
 from .metrics import Metrics
@@ -30,8 +33,11 @@ from .serving import Admission
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_tokenization import OpenAIServingTokenization
-from .settings import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
-                       ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT, LOOPBACK, fit_max_connections, resolve_api_key)
+from .settings import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+                       DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_MAX_QUEUE,
+                       DEFAULT_SHUTDOWN_TIMEOUT, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT, LOOPBACK, fit_max_connections,
+                       resolve_api_key)
+from .shutdown import FLUSH_S, Drain
 
 log = logging.getLogger("mistral7b.server")
 
@@ -39,9 +45,10 @@ log = logging.getLogger("mistral7b.server")
 class _Guard:
     """Pure ASGI middleware (so it also covers streamed bodies and 404s): auth, body limit, metrics."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int, unavailable=None):
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int, unavailable, unavailable_code):
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
-        self.unavailable = unavailable  # why the engine cannot serve now (starting, dead), or None
+        self.unavailable = unavailable  # why the server cannot serve now (shutting down, engine starting or dead)
+        self.unavailable_code = unavailable_code
         self.api_key = api_key.encode() if api_key else None
 
     def _authorized(self, scope) -> bool:
@@ -66,16 +73,16 @@ class _Guard:
             problem = self._length_problem(scope)
             if problem is not None:
                 return await send_error(send_, *problem)
-            unavailable = self._engine_problem(path)
+            unavailable = self._service_problem(path)
             if unavailable is not None:
-                return await send_error(send_, 503, unavailable, type="server_error", code="engine_unavailable")
+                return await send_error(send_, 503, unavailable, type="server_error", code=self.unavailable_code())
             await self._limited(scope, receive, send_, state)
         finally:
             self.metrics.count_request(path, state["status"])
 
-    def _engine_problem(self, path: str) -> str | None:
+    def _service_problem(self, path: str) -> str | None:
         # Everything but the probes needs the engine's limits, which an engine process reports when ready.
-        if self.unavailable is None or path in ("/health", "/metrics"):
+        if path in ("/health", "/metrics"):
             return None
         return self.unavailable()
 
@@ -109,12 +116,33 @@ class _Guard:
                 await send_error(send, 413, e.detail)
 
 
+def _unavailable(drain: Drain, engine_problem) -> Callable[[], str | None]:
+    """Why the server answers 503 now: shutting down, or the engine cannot serve (starting, dead)."""
+    return lambda: drain.problem() or (engine_problem() if engine_problem is not None else None)
+
+
+def _unavailable_code(drain: Drain) -> str:
+    return "server_shutting_down" if drain.active else "engine_unavailable"
+
+
 def default_model_name(llm) -> str:
     source = getattr(llm, "source", None)
     if source is None:
         return "mistral7b"
     name = Path(str(source)).name
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+MODEL_NAME_SHOWN = 100  # characters of an unknown model's name quoted back in the 404
+
+
+def check_model(asked: str, served: str) -> None:
+    """A 404 in OpenAI's shape unless `asked` is the served model; a long name is quoted cut short (a
+    client can send megabytes of it)."""
+    if asked != served:
+        shown = asked if len(asked) <= MODEL_NAME_SHOWN else f"{asked[:MODEL_NAME_SHOWN]}... ({len(asked)} characters)"
+        raise APIError(404, f"The model '{shown}' does not exist; this server serves '{served}'.", param="model",
+                       code="model_not_found")
 
 
 def _generation_responses(model) -> dict:
@@ -131,10 +159,12 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app for `llm` (an `LLM`, or anything with `.engine`, `.tokenizer`,
     `.encode_prompt` and `.chat_prompt`; a `RemoteLLM` has its engine in its own process, driven
-    through `.client`). `api_key` guards /v1/* with bearer auth."""
+    through `.client`). `api_key` guards /v1/* with bearer auth. `app.state.drain` is its graceful
+    shutdown, which the server begins on SIGTERM."""
     engine, metrics = llm.engine, Metrics()
     driver = getattr(llm, "client", None) or driver_for(engine)
-    unavailable = getattr(driver, "unavailable", None)
+    drain = Drain(getattr(driver, "fail_open", None))
+    unavailable = _unavailable(drain, getattr(driver, "unavailable", None))
     model_name = model_name or default_model_name(llm)
     admission = Admission(engine, max_queue, driver=driver)
     metrics.watch(engine, driver, lambda: admission.pending)
@@ -143,38 +173,24 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     tokenization = OpenAIServingTokenization(llm, model_name, lambda: completion.context)
     app = FastAPI(title="mistral7b", version="0.1.0", description=APP_DESCRIPTION)
     app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
-    app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable)
+    app.state.drain = drain
+    app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable,
+                       unavailable_code=lambda: _unavailable_code(drain))
     install_error_handlers(app)
-    created_at = int(time.time())
-
-    @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts or after it died",
-             response_model=HealthResponse, responses={503: ERROR_RESPONSES[429]})
-    async def health():
-        if unavailable is not None and (problem := unavailable()) is not None:
-            raise APIError(503, problem, type="server_error", code="engine_unavailable")
-        return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics_route():
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-    async def list_models():
-        return ModelList(data=[ModelCard(id=model_name, created=created_at, max_model_len=completion.limit)])
+    _add_probes(app, engine, admission, metrics, unavailable, drain)
+    _add_model_routes(app, model_name, lambda: completion.limit)
 
     @app.post("/v1/completions", summary="Create a completion", response_model=CompletionResponse,
               responses=_generation_responses(CompletionResponse))
     async def create_completion(body: CompletionRequest, request: Request):
+        check_model(body.model, model_name)
         return await completion.create(body, request)
 
     @app.post("/v1/chat/completions", summary="Create a chat completion", response_model=ChatCompletionResponse,
               responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        check_model(body.model, model_name)
         return await chat.create(body, request)
-
 
     @app.post("/tokenize", summary="Token ids of a prompt or a conversation", response_model=TokenizeResponse,
               responses=ERROR_RESPONSES)
@@ -187,6 +203,42 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
 
     app.openapi = lambda: openapi_with_limits(app, completion.context, engine.config.vocab_size)
     return app
+
+
+def _add_probes(app: FastAPI, engine, admission: Admission, metrics: Metrics, unavailable, drain: Drain) -> None:
+    """GET /health and GET /metrics (no auth)."""
+
+    @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts, after it died, or while "
+             "the server shuts down", response_model=HealthResponse, responses={503: ERROR_RESPONSES[429]})
+    async def health():
+        if (problem := unavailable()) is not None:
+            raise APIError(503, problem, type="server_error", code=_unavailable_code(drain))
+        return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics_route():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_model_routes(app: FastAPI, model_name: str, limit: Callable[[], int | None]) -> None:
+    """GET /v1/models and GET /v1/models/{id}, OpenAI's list and retrieve."""
+    created_at = int(time.time())
+
+    def card() -> ModelCard:
+        return ModelCard(id=model_name, created=created_at, max_model_len=limit())
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models():
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}", summary="Retrieve a model", response_model=ModelCard,
+             responses=ERROR_RESPONSES)
+    async def retrieve_model(model: str):
+        check_model(model, model_name)
+        return card()
 
 
 def openapi_with_limits(app: FastAPI, context: int, vocab_size: int) -> dict:
@@ -222,10 +274,16 @@ def _bound_integers(node, bound: dict) -> None:
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT):
-    """Run the server until interrupted. `api_key` defaults to $MISTRAL7B_API_KEY. With a `RemoteLLM`
-    whose engine process dies, the server answers 503 for ENGINE_DEATH_GRACE_S, then exits with
-    ENGINE_DIED_EXIT for a supervisor to restart it."""
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+          sock: socket.socket | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+          max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+          shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT):
+    """Run the server until SIGTERM or SIGINT, then drain (`shutdown`) and return. `api_key` defaults to
+    $MISTRAL7B_API_KEY. With a `RemoteLLM` whose engine process dies, the server answers 503 for
+    ENGINE_DEATH_GRACE_S, then exits with ENGINE_DIED_EXIT for a supervisor to restart it. `sock`: a
+    socket already bound to `host:port` (bound here if not given: a port in use raises OSError at once)."""
+    sock = sock or bind_socket(host, port)
     api_key = resolve_api_key(api_key)
     if host not in LOOPBACK and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
@@ -237,21 +295,20 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = 
         log.warning("compiling the decode step before serving (a minute or two on a GPU)")
         driver_for(llm.engine).warm_up()
     app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
-    config = guarded_config(app, header_timeout, fitted, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5)
-    server = GuardedServer(config)
+    config = guarded_config(app, header_timeout, fitted, body_timeout, max_connections_per_client, host=host,
+                            port=port, log_level=log_level, timeout_keep_alive=keep_alive_timeout,
+                            timeout_graceful_shutdown=FLUSH_S)
+    server = GuardedServer(config, drain=app.state.drain, shutdown_timeout=shutdown_timeout)
     if client is not None:
         client.on_death.append(lambda: threading.Timer(ENGINE_DEATH_GRACE_S, _stop, (server,)).start())
     try:
-        server.run()
-    except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C ends the graceful wait quietly
-        pass
+        server.run(sockets=[sock])
     finally:
         if client is not None:
-            client.close()
+            client.close()  # the engine process stops with the server
     if client is not None and client.dead:
         raise SystemExit(ENGINE_DIED_EXIT)
-    if not server.started:  # uvicorn logged why (say, the port is taken)
+    if not server.started:  # uvicorn logged why
         raise SystemExit(3)
 
 
@@ -264,10 +321,13 @@ class ServerThread:
     """uvicorn in a background thread on a free loopback port (tests and benchmarks)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, **limits):
+        """`limits`: guarded_config's and uvicorn's other keywords (body_timeout, timeout_keep_alive...)."""
         config = guarded_config(app, header_timeout, max_connections, host=host, port=port, log_level=log_level,
-                                timeout_graceful_shutdown=2)
-        self.server = GuardedServer(config)
+                                **{"timeout_graceful_shutdown": FLUSH_S, **limits})
+        drain = getattr(getattr(app, "state", None), "drain", None)  # a bare ASGI app (tests) has none
+        self.server = GuardedServer(config, drain=drain, shutdown_timeout=shutdown_timeout)
         self.host = host
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.port: int | None = None

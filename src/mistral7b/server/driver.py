@@ -161,17 +161,32 @@ class EngineDriver:
             _deliver_soon(loop, items)
 
     def _fail_all(self, message: str) -> None:
+        """On the engine thread: abort every request in flight and fail its subscriber."""
         with self._lock:
-            subs = list(self.subscribers.items())
-            self.subscribers.clear()
+            subs, self.subscribers = list(self.subscribers.values()), {}
             requests, self.requests = self.requests, {}
         for request in requests.values():
             self.engine.abort(request)
-        by_loop: dict = defaultdict(list)
-        for _, sub in subs:
-            by_loop[sub.loop].append((sub.queue, Item(sub.choice, "", [], None, None, error=message)))
-        for loop, items in by_loop.items():
-            _deliver_soon(loop, items)
+        deliver_errors(subs, message)
+
+    def fail_open(self, message: str) -> None:
+        """From any thread (a shutdown ending what is left): fail every open request's subscriber now;
+        the engine thread drops the requests before its next step."""
+        with self._lock:
+            subs, self.subscribers = list(self.subscribers.values()), {}
+            requests, self.requests = self.requests, {}
+            self._aborts += [r for r in requests.values() if not r.finished]
+        self._wake.set()
+        deliver_errors(subs, message)
+
+
+def deliver_errors(subs, message: str) -> None:
+    """Send each subscriber an error item: its request ends with `message` (streams: an error event)."""
+    by_loop: dict = defaultdict(list)
+    for sub in subs:
+        by_loop[sub.loop].append((sub.queue, Item(sub.choice, "", [], None, None, error=message)))
+    for loop, items in by_loop.items():
+        _deliver_soon(loop, items)
 
 
 def _deliver_soon(loop, items) -> None:

@@ -15,6 +15,7 @@ hangs (no message for `step_timeout` seconds while requests are open) is killed,
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import queue
@@ -30,7 +31,7 @@ from ..engine.request import Request
 from ..llm import LLM, _tokenizer_path
 from ..tokenizer import Tokenizer
 from . import engine_process, wire
-from .driver import Item, _deliver_soon, _Subscriber
+from .driver import Item, _deliver_soon, _Subscriber, deliver_errors
 from .errors import APIError
 from .engine_process import EngineLoad
 from .settings import DEFAULT_ENGINE_STEP_TIMEOUT
@@ -119,6 +120,8 @@ class EngineClient:
         self.process = ctx.Process(target=engine_process.main, args=(child, self.load.to_json()),
                                    name="mistral7b-engine", daemon=True)
         self.process.start()
+        # Before multiprocessing's own exit hook, which would wait forever for a process ignoring SIGTERM.
+        atexit.register(self.close)
         child.close()  # else its EOF would never reach us when the process dies
         threading.Thread(target=self._read, name="mistral7b-engine-reader", daemon=True).start()
         threading.Thread(target=self._write, name="mistral7b-engine-writer", daemon=True).start()
@@ -154,7 +157,10 @@ class EngineClient:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine process. (Closing our end would not do: the reader thread blocked in recv keeps
         the socket open, so the engine would never see its EOF.)"""
+        if self._closing:
+            return
         self._closing = True
+        atexit.unregister(self.close)
         self._outbox.put(wire.STOP)
         self._outbox.put(None)
         if self.process is not None:
@@ -193,6 +199,14 @@ class EngineClient:
         if was_open:
             self._outbox.put(wire.abort([request.id]))
 
+    def fail_open(self, message: str) -> None:
+        """Fail every open request with `message` (a shutdown ending what is left) and abort it in the engine."""
+        with self._lock:
+            ids = list(self.requests)
+        self._fail(ids, message)
+        if ids:
+            self._outbox.put(wire.abort(ids))
+
     def pending_aborts(self) -> int:
         """Always 0: an aborted request stops counting as open at once (`RemoteEngine.n_running`)."""
         return 0
@@ -205,7 +219,8 @@ class EngineClient:
                 self.conn.send_bytes(wire.encode(message))
             except OSError:  # the engine process is gone: the reader reports it
                 return
-        self.conn.close()
+        # Not closed here: the reader may be inside recv_bytes on it, and a connection closed under it
+        # fails with a TypeError. The engine exits on STOP (or is killed), the reader sees the EOF.
 
     def _read(self) -> None:
         fatal = None
@@ -220,8 +235,9 @@ class EngineClient:
         except (EOFError, OSError):
             pass
         except Exception:
-            log.exception("engine client failed")
-            self.process.kill()
+            if not self._closing:
+                log.exception("engine client failed")
+                self.process.kill()
         if not self._closing:
             self._died(fatal)
 
@@ -301,16 +317,15 @@ class EngineClient:
         return Item(sub.choice, "".join(texts), tokens[:n], new_logprobs or None, request.finish_reason)
 
     def _fail(self, ids: list[str], message: str) -> None:
-        by_loop: dict = defaultdict(list)
+        subs = []
         with self._lock:
             for rid in ids:
                 request, sub = self.requests.pop(rid, None), self.subscribers.pop(rid, None)
                 if request is not None and not request.finished:
                     request.finish_reason = "abort"
                 if sub is not None:
-                    by_loop[sub.loop].append((sub.queue, Item(sub.choice, "", [], None, None, error=message)))
-        for loop, items in by_loop.items():
-            _deliver_soon(loop, items)
+                    subs.append(sub)
+        deliver_errors(subs, message)
 
 
 class RemoteLLM:

@@ -4,7 +4,8 @@ cannot fork, and a model cannot be sent).
 
 It keeps what needs the model or the device: scheduling, sampling, logprobs and grammar state. It
 sends token ids back, one message per step (`wire`); the HTTP process detokenises them and applies
-stop strings. When the HTTP process goes away (the connection's EOF) it exits.
+stop strings. When the HTTP process goes away (the connection's EOF) it exits; it ignores SIGINT and
+SIGTERM, which the HTTP process handles by draining its requests before it stops this one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -57,6 +59,11 @@ class EngineLoad:
 def main(conn, load_json: str) -> None:
     """The process's entry point (spawned by `EngineClient.start`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: engine process: %(message)s", stream=sys.stderr)
+    # Ctrl-C reaches the whole process group, and systemd sends SIGTERM to the whole cgroup: the HTTP
+    # process drains its requests first, so this one ignores both and stops when told to (or at the EOF
+    # of the connection, if the HTTP process is gone).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     from . import wire
 
     try:

@@ -9,6 +9,10 @@ DEFAULT_MAX_QUEUE = 256  # requests waiting before the server answers 429
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_CONNECTIONS = 1024  # open connections; more get a 503 (lowered to fit the descriptor limit)
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a connection to send complete request headers
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256  # open connections from one client address (one cannot take every slot)
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a request body to arrive once its headers have; then 408
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds running requests get to finish after SIGTERM or SIGINT
 RESERVED_FDS = 128  # descriptors kept for the model, the log and the engine, outside the connection cap
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # When the engine process dies: open requests fail at once, /health answers 503 for this long (so probes
