@@ -2,7 +2,7 @@
 # One device call per group of runs on an H200 (see the device tool's README): checks first, then
 # timings, every table printed and every JSON/log written under $OUT.
 #   bash benchmarks/h200.sh smoke      # every GPU path once (run first; < 8 minutes)
-#   bash benchmarks/h200.sh quant      # int8/int4 vs bf16, ours and gpt-fast, 7B shape
+#   bash benchmarks/h200.sh quant      # int8/int4, ours and gpt-fast with the limit; the Triton int8 kernel
 #   bash benchmarks/h200.sh kernels    # decode attention kernels, then int8 alone (METHODS=int8)
 #   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
 #   bash benchmarks/h200.sh serving    # prefix cache; HTTP load with the engine as a thread and as a process
@@ -42,8 +42,14 @@ smoke)
     echo "SMOKE PASSED"
     ;;
 quant)
-    step quant-7b 540 python3 benchmarks/quant_bench.py --gpu --peer .peer/gpt-fast --methods ${METHODS:-bf16,int8,int4} \
-        --json "$OUT/quant-7b.json"
+    # Ours and gpt-fast on the same quantized weights, with the limit column (bench --quantize), then the
+    # Triton int8 kernel against the compiled reduction (quant/triton_int8.py; not yet the default).
+    for m in int4 int8; do
+        step bench-$m 270 python3 -m mistral7b.cli bench --no-hf --quantize $m --peer gpt-fast .peer/gpt-fast \
+            --sections decode --prefill "" --runs 2 --json "$OUT/bench-$m.json"
+    done
+    step quant-int8-triton 240 python3 benchmarks/quant_bench.py --gpu --methods int8 --int8-kernel triton \
+        --repeats 1 --json "$OUT/quant-int8-triton.json"
     ;;
 kernels)
     step decode-attention 150 python3 benchmarks/decode_attention.py --json "$OUT/decode-attention.json"

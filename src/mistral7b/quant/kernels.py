@@ -200,6 +200,9 @@ def _compiled_dequantize():
 
 
 CUDA_INT8_REDUCTION_ROWS = 16  # up to this many rows, compiled CUDA int8 runs as one reduction
+# "reduction" (measured: 159.5 tok/s at b1, 75.3 at b8, 7B shape, H200) or "triton" (`triton_int8`,
+# not yet measured on a GPU): the default follows benchmarks/gpu_smoke.py and quant_bench.py.
+CUDA_INT8_KERNEL = "reduction"
 
 
 def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
@@ -220,6 +223,10 @@ def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 
     Compiled decode (few rows): a multiply-and-sum over K that inductor fuses into one reduction reading
     int8, the form inductor itself gives a matrix-vector product. Otherwise: cast and cuBLAS."""
+    if CUDA_INT8_KERNEL == "triton" and x2.shape[0] <= 16:
+        from .triton_int8 import int8_rows_mm
+
+        return int8_rows_mm(x2, q, scale)
     if torch.compiler.is_compiling() and x2.shape[0] <= CUDA_INT8_REDUCTION_ROWS:
         out = (q[:, None, :].float() * x2[None].float()).sum(-1).t()  # [N, M]: a weight row serves all M
     else:

@@ -1,5 +1,5 @@
-"""The Triton split-K decode kernel, run by Triton's interpreter on the CPU (a subprocess: the
-interpreter is chosen when triton is imported)."""
+"""The Triton kernels (split-K decode attention, int8 weight-only matmul), run by Triton's interpreter
+on the CPU (a subprocess each: the interpreter is chosen when triton is imported)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,21 @@ import pytest
 from mistral7b.flash_decode import split_plan
 
 
-def test_kernel_matches_sdpa_on_rolling_buffers():
+def interpret(script: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("flash_decode_check.py"))],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name(script))], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return out
+
+
+def test_decode_kernel_matches_sdpa_on_rolling_buffers():
+    out = interpret("flash_decode_check.py")
     assert out.stdout.count(" ok") == 4 and "fake kernel: the real output strides" in out.stdout
+
+
+def test_int8_rows_matmul_matches_the_dequantized_weight():
+    assert interpret("triton_int8_check.py").stdout.count(" ok") == 4
 
 
 @pytest.mark.parametrize("batch, slots", [(1, 4096), (8, 4096), (1, 100), (64, 256), (3, 1)])
