@@ -154,3 +154,24 @@ def test_mistral_v3_request_renders_token_exact_and_v1_is_refused():
     assert tools.prompt_ids(llm, body, plan.tools) == mistral_common_ids(messages, TOOLS)
     with pytest.raises(APIError, match="v1"):
         tools.plan(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), _request(messages=ASK, tools=TOOLS))
+
+
+def test_tokenize_with_tools_is_mistral_v3_token_exact_and_v1_is_refused():
+    """/tokenize with tools renders as chat completions do: v3 token-exact with mistral-common; a 400
+    (param tools) on v1, as chat completions give."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mistral7b.server.errors import APIError
+    from mistral7b.server.serving_tokenization import OpenAIServingTokenization
+    from mistral7b.tokenizer import Tokenizer
+    from test_tool_calls import V1, V3, mistral_common_ids
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Weather {_seed()}?"}]
+    body = protocol.TokenizeChatRequest.model_validate({"messages": messages, "tools": TOOLS})
+    served = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V3)), MODEL, lambda: 4096)
+    assert asyncio.run(served.tokenize(body)).tokens == mistral_common_ids(messages, TOOLS)
+    v1 = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), MODEL, lambda: 4096)
+    with pytest.raises(APIError, match="v1") as refused:
+        asyncio.run(v1.tokenize(body))
+    assert refused.value.param == "tools"
