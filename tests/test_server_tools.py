@@ -89,6 +89,45 @@ def test_required_tool_call_streams_like_openai(client):
     jsonschema.validate(json.loads("".join(pieces)), PARAMETERS[first.function.name])
 
 
+def _calls(message):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or ()]
+
+
+def test_calls_cut_by_max_tokens_keep_the_complete_ones(server, client):
+    """finish_reason length inside the calls: the complete calls (a prefix of the uncut reply's, same
+    seed) in tool_calls, never raw call text as content; the same calls streamed; the tail counted."""
+    ask = [{"role": "user", "content": "Weather in Rome, Oslo and Lima for 2 days, please."}]
+    seed = _seed()
+    kw = dict(model=MODEL, messages=ask, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed)
+    full = client.chat.completions.create(max_tokens=90, **kw)
+    calls, used = _calls(full.choices[0].message), full.usage.completion_tokens
+    assert calls, (seed, full)
+    rng = random.Random(seed)
+    dropped = 0
+    for k in (rng.randrange(3, used),):
+        cut = client.chat.completions.create(max_tokens=k, **kw).choices[0]
+        if cut.finish_reason != "length":  # the cut fell after the last call, past its closing text
+            assert _calls(cut.message) == calls
+            continue
+        kept = _calls(cut.message)
+        assert kept == calls[:len(kept)] and len(kept) < len(calls) + 1, (seed, k, cut)
+        assert cut.message.content is None, (seed, k, cut.message.content)
+        streamed, content, finish = {}, "", None
+        for chunk in client.chat.completions.create(max_tokens=k, stream=True, **kw):
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                for tc in c.delta.tool_calls or ():
+                    name, args = streamed.get(tc.index, ("", ""))
+                    streamed[tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+                finish = c.finish_reason or finish
+        assert finish == "length" and content == "", (seed, k, content)
+        assert [(n, json.loads(a)) for n, a in list(streamed.values())[:len(kept)]] == kept
+        assert len(streamed) <= len(kept) + 1  # and at most the cut call announced before the cut
+        dropped += 2  # one per reply, the plain one and the stream
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f"mistral7b_tool_calls_dropped_total {float(dropped)}" in metrics
+
+
 def test_history_with_calls_and_results_and_auto(client):
     call = {"id": "abcDEF123", "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Rome", "days": 2})}}

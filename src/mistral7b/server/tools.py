@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..tokenizer import check_roles, with_safe_prompt
 from ..tool_calls import (MISTRAL_MARKER, MistralBackend, decode_with_marker, encode_mistral_v3, hermes_messages,
                           required_call_grammar, template_takes_tools)
-from ..tool_parser import StreamingToolParser, parse_tool_calls
+from ..tool_parser import StreamingToolParser, parse_cut_tool_calls, parse_tool_calls
 from .errors import APIError
 from .protocol import ChatCompletionRequest, DeltaToolCall, ResponseToolCall
 
@@ -120,6 +120,16 @@ def parse(plan_: ToolPlan, text: str) -> tuple[str | None, list[ResponseToolCall
     return content, [ResponseToolCall.model_validate(c) for c in calls]
 
 
+def parse_cut(plan_: ToolPlan, text: str) -> tuple[str | None, list[ResponseToolCall] | None, int] | None:
+    """A reply cut at max_tokens inside its calls: (content, the complete calls or None, incomplete
+    calls dropped); None where it is plain content."""
+    cut = parse_cut_tool_calls(text, plan_.fmt) if plan_.fmt is not None else None
+    if cut is None:
+        return None
+    content, calls, dropped = cut
+    return content, [ResponseToolCall.model_validate(c) for c in calls] or None, dropped
+
+
 class ToolStream:
     """One streamed choice's parser: engine text pieces in, OpenAI delta fields out."""
 
@@ -133,9 +143,13 @@ class ToolStream:
             text = MISTRAL_MARKER + text  # the marker opens a Mistral reply; decoding dropped it
         return _delta_fields(self.parser.push(text)) if text else []
 
-    def finish(self) -> list[dict]:
-        deltas, self.calls = self.parser.finish()
+    def finish(self, cut: bool = False) -> list[dict]:
+        deltas, self.calls = self.parser.finish(cut)
         return _delta_fields(deltas)
+
+    @property
+    def dropped(self) -> int:
+        return self.parser.dropped
 
 
 def _delta_fields(deltas: list[dict]) -> list[dict]:
