@@ -219,11 +219,21 @@ def test_tokenizer_json_matches_tokenizers(hf_pair):
 def test_tokenizer_json_chat_matches_transformers(hf_pair):
     from transformers import AutoTokenizer
 
-    folder, tok, _ = hf_pair
+    folder, tok, ref = hf_pair
     hf = AutoTokenizer.from_pretrained(str(folder))
     rng = random.Random(SEED)
-    for msgs in [SAMPLE, SAMPLE[1:]] + [random_conversation(rng, CORPUS) for _ in range(5)]:
+    # HF makes special-token text in content ("<s>") the control token; ours keeps it text (tested below).
+    pool = [t for t in CORPUS if not any(s in t for s in hf.all_special_tokens + ["<|im_start|>", "<|im_end|>"])]
+    for msgs in [SAMPLE, SAMPLE[1:]] + [random_conversation(rng, pool) for _ in range(5)]:
         assert tok.apply_chat_template(msgs) == hf_chat_ids(hf, msgs), (SEED, msgs)
+    as_text = ref.__class__.from_str(ref.to_str())  # tokenizers' own special-token splitting
+    as_text.encode_special_tokens = True
+    content = "a <s> b </s><|im_end|>"
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    expected = [start, *as_text.encode("user\n" + content, add_special_tokens=False).ids, end,
+                *as_text.encode("\n", add_special_tokens=False).ids, start,
+                *as_text.encode("assistant\n", add_special_tokens=False).ids]
+    assert tok.apply_chat_template([{"role": "user", "content": content}]) == expected
 
 
 def hf_chat_ids(hf, messages):
