@@ -506,8 +506,64 @@ def test_help_lists_every_flag_with_its_default(capsys):
             if not action.option_strings or action.help == "==SUPPRESS==" or action.dest == "help":
                 continue
             assert action.option_strings[-1] in text, (name, action.option_strings)
-            if action.dest != "version":
+            if action.dest != "version" and action.nargs != 0:  # flags say what they do, with no default
                 assert f"(default: {action.default})" in text, (name, action.dest)
+        if "--no-quantize-head" in text:
+            assert "(default: True)" not in text.split("--no-quantize-head", 1)[1][:120], name
+
+
+def _parses(argv) -> tuple[bool, str]:
+    """(whether argparse accepts `argv`, its error text)."""
+    from mistral7b import cli
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cli.build_parser().parse_args(argv)
+        return True, ""
+    except SystemExit:
+        return False, err.getvalue()
+
+
+def test_sampling_flags_share_the_engine_check():
+    """argparse refuses exactly what SamplingParams (the check the API's requests go through) refuses,
+    in its words: --repetition-penalty 0 is a usage error, as is 1e-40."""
+    from mistral7b.sampling import SamplingParamsError
+
+    rng = random.Random()
+    cases = [("--repetition-penalty", "repetition_penalty", float, t) for t in ("0", "1e-40", "-1", "nan", "1.3", "4e38")]
+    cases += [("--temperature", "temperature", float, t) for t in ("-0.5", "inf", "0", "1e-50")]
+    cases += [("--top-p", "top_p", float, t) for t in ("0", "1.5", "1", "x")] + [("--top-k", "top_k", int, t) for t in ("-1", "2.5")]
+    cases += [(flag, field, float, f"{rng.uniform(-1.5, 2.5):.3f}") for flag, field in
+              (("--temperature", "temperature"), ("--top-p", "top_p"), ("--min-p", "min_p"),
+               ("--repetition-penalty", "repetition_penalty")) for _ in range(3)]
+    cases += [("--max-tokens", "max_tokens", int, str(rng.randint(-3, 3))), ("--top-k", "top_k", int, str(rng.randint(-3, 3)))]
+    for flag, field, kind, text in cases:
+        try:
+            SamplingParams(**{field: kind(text)})
+            problem = None
+        except SamplingParamsError as e:
+            problem = str(e).removeprefix(field + " ")
+        except ValueError:
+            problem = "expected "  # not a number of that kind at all
+        accepted, err = _parses(["generate", "hi", flag, text])
+        assert accepted == (problem is None), (flag, text, err)
+        if problem is not None:
+            assert problem in err and "Traceback" not in err, (flag, text, err)
+
+
+def test_empty_prompt_is_refused_before_the_model_loads(monkeypatch, capsys):
+    from mistral7b import cli
+    from mistral7b.cli import generate
+
+    monkeypatch.setattr(generate, "load_llm", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["generate", ""]) == 1
+    assert "the prompt is empty" in capsys.readouterr().err
+    assert cli.main(["generate", " , ", "--token-ids"]) == 1
+    assert "no token ids" in capsys.readouterr().err
 
 
 def test_serve_answers_with_the_api_key(hf_llama_short):

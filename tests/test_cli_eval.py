@@ -62,7 +62,14 @@ def test_quantize_reaches_the_loader(smollm2, tmp_path, monkeypatch, capsys):
     f.write_text(TEXT.read_text()[:300])
     monkeypatch.setattr(mistral7b.llm, "LLM", recording_llm)
     assert run(str(f), "--json") == 0
-    assert json.loads(capsys.readouterr().out)["quantize"] is None
+    record = json.loads(capsys.readouterr().out)
+    assert record["quantize"] is None  # no flag; the formats the GGUF runs in are reported as used:
+    from mistral7b.quant import QuantModule
+
+    labels = {m.fmt.label() for m in smollm2.model.modules() if isinstance(m, QuantModule)}
+    formats = record["weight_formats"]
+    assert labels and labels <= set(formats) and all(v > 0 for v in formats.values()), record
+    assert next(iter(formats)).startswith("int4"), record  # most weights are Q4_1, held as int4
     assert run(str(f), "--quantize", "int4", "--group-size", "64", "--json") == 0
     assert json.loads(capsys.readouterr().out)["quantize"] == "int4 g64"
     assert run(str(f), "--quantize", "int8", "--no-quantize-head") == 0

@@ -89,6 +89,45 @@ def test_required_tool_call_streams_like_openai(client):
     jsonschema.validate(json.loads("".join(pieces)), PARAMETERS[first.function.name])
 
 
+def _calls(message):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or ()]
+
+
+def test_calls_cut_by_max_tokens_keep_the_complete_ones(server, client):
+    """finish_reason length inside the calls: the complete calls (a prefix of the uncut reply's, same
+    seed) in tool_calls, never raw call text as content; the same calls streamed; the tail counted."""
+    ask = [{"role": "user", "content": "Weather in Rome, Oslo and Lima for 2 days, please."}]
+    seed = _seed()
+    kw = dict(model=MODEL, messages=ask, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed)
+    full = client.chat.completions.create(max_tokens=90, **kw)
+    calls, used = _calls(full.choices[0].message), full.usage.completion_tokens
+    assert calls, (seed, full)
+    rng = random.Random(seed)
+    dropped = 0
+    for k in (rng.randrange(3, used),):
+        cut = client.chat.completions.create(max_tokens=k, **kw).choices[0]
+        if cut.finish_reason != "length":  # the cut fell after the last call, past its closing text
+            assert _calls(cut.message) == calls
+            continue
+        kept = _calls(cut.message)
+        assert kept == calls[:len(kept)] and len(kept) < len(calls) + 1, (seed, k, cut)
+        assert cut.message.content is None, (seed, k, cut.message.content)
+        streamed, content, finish = {}, "", None
+        for chunk in client.chat.completions.create(max_tokens=k, stream=True, **kw):
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                for tc in c.delta.tool_calls or ():
+                    name, args = streamed.get(tc.index, ("", ""))
+                    streamed[tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+                finish = c.finish_reason or finish
+        assert finish == "length" and content == "", (seed, k, content)
+        assert [(n, json.loads(a)) for n, a in list(streamed.values())[:len(kept)]] == kept
+        assert len(streamed) <= len(kept) + 1  # and at most the cut call announced before the cut
+        dropped += 2  # one per reply, the plain one and the stream
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f"mistral7b_tool_calls_dropped_total {float(dropped)}" in metrics
+
+
 def test_history_with_calls_and_results_and_auto(client):
     call = {"id": "abcDEF123", "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Rome", "days": 2})}}
@@ -154,3 +193,24 @@ def test_mistral_v3_request_renders_token_exact_and_v1_is_refused():
     assert tools.prompt_ids(llm, body, plan.tools) == mistral_common_ids(messages, TOOLS)
     with pytest.raises(APIError, match="v1"):
         tools.plan(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), _request(messages=ASK, tools=TOOLS))
+
+
+def test_tokenize_with_tools_is_mistral_v3_token_exact_and_v1_is_refused():
+    """/tokenize with tools renders as chat completions do: v3 token-exact with mistral-common; a 400
+    (param tools) on v1, as chat completions give."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mistral7b.server.errors import APIError
+    from mistral7b.server.serving_tokenization import OpenAIServingTokenization
+    from mistral7b.tokenizer import Tokenizer
+    from test_tool_calls import V1, V3, mistral_common_ids
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Weather {_seed()}?"}]
+    body = protocol.TokenizeChatRequest.model_validate({"messages": messages, "tools": TOOLS})
+    served = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V3)), MODEL, lambda: 4096)
+    assert asyncio.run(served.tokenize(body)).tokens == mistral_common_ids(messages, TOOLS)
+    v1 = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), MODEL, lambda: 4096)
+    with pytest.raises(APIError, match="v1") as refused:
+        asyncio.run(v1.tokenize(body))
+    assert refused.value.param == "tools"

@@ -25,7 +25,7 @@ from mistral7b.tool_calls import (
     required_call_grammar,
     template_takes_tools,
 )
-from mistral7b.tool_parser import StreamingToolParser, parse_tool_calls
+from mistral7b.tool_parser import StreamingToolParser, parse_cut_tool_calls, parse_tool_calls
 from mistral7b.tokenizer import Tokenizer
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -204,6 +204,52 @@ def test_parse_and_stream_round_trip(fmt):
                 else:
                     assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
         assert sorted(first) == list(range(len(calls)))
+
+
+def render_with_ends(fmt, calls, content=""):
+    """`render`'s text, and where each call's JSON object ends in it."""
+    text, ends = content + ("[TOOL_CALLS] [" if fmt == "mistral" else ""), []
+    for k, (n, a) in enumerate(calls):
+        text += (", " if k else "") if fmt == "mistral" else ("\n" if k else "") + "<tool_call>\n"
+        text += json.dumps({"name": n, "arguments": a})
+        ends.append(len(text))
+        text += "" if fmt == "mistral" else "\n</tool_call>"
+    return text + ("]" if fmt == "mistral" else ""), ends
+
+
+@pytest.mark.parametrize("fmt", ["mistral", "hermes"])
+def test_cut_reply_keeps_complete_calls(fmt):
+    """A reply cut at max_tokens: the calls complete before the cut, the rest dropped and counted,
+    nothing after the marker as content; the stream gives the same calls."""
+    rng = random.Random(SEED)
+    for trial in range(25):
+        calls = [(rng.choice(["get_weather", "book_table"]), random_args(rng)) for _ in range(rng.randint(1, 3))]
+        content = rng.choice(["", "Let me check. "])
+        text, ends = render_with_ends(fmt, calls, content)
+        assert text == render(fmt, calls, content) if fmt == "hermes" else json.loads(text[len(content) + 13:])
+        cut_at = rng.randrange(len(content) + 1, ends[-1])  # inside the marker or the calls
+        cut = text[:cut_at]
+        kept = [c for c, end in zip(calls, ends) if end <= cut_at]
+        whole = parse_tool_calls(cut, fmt)[1]
+        if whole:  # Hermes, cut between two blocks: a complete reply
+            assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole] == kept
+            assert parse_cut_tool_calls(cut, fmt) is None
+            continue
+        got_content, got, dropped = parse_cut_tool_calls(cut, fmt)  # (cut inside the marker: no calls either)
+        assert got_content == (content.strip() or None), (SEED, cut)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == kept, (SEED, cut)
+        assert dropped == 1, (SEED, cut)
+        parser, deltas, i = StreamingToolParser(fmt), [], 0
+        while i < len(cut):
+            deltas += parser.push(cut[i:i + rng.randint(1, 8)])
+            i = len(parser.text)
+        last, final = parser.finish(cut=True)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in final] == kept, (SEED, cut)
+        assert parser.dropped == 1
+        assert "".join(d["content"] for d in deltas + last if "content" in d) == content, (SEED, cut)
+    malformed = parse_cut_tool_calls(render(fmt, [("f", {})], "x").replace("{", "(", 1), fmt)
+    assert malformed is None  # calls that do not scan stay content, cut or not
+    assert parse_cut_tool_calls("plain text, cut", fmt) is None
 
 
 def test_integer_arguments_split_across_pieces():

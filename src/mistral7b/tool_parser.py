@@ -160,20 +160,50 @@ def _openai_call(call: _Call, s: str, call_id: str) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments(s)}}
 
 
-def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of a finished reply; a reply whose calls do not scan is all content."""
+def _scan_reply(text: str, fmt: str) -> tuple[int, list[_Call], bool] | None:
+    """(marker index, calls scanned, whether the list is complete), or None: no marker, or calls that do not scan."""
     start = text.find(MARKERS[fmt])
     if start < 0:
-        return text, []
+        return None
     calls: list[_Call] = []
     try:
-        complete = _scan_calls(fmt, text, start + len(MARKERS[fmt]), calls)
+        return start, calls, _scan_calls(fmt, text, start + len(MARKERS[fmt]), calls)
     except ValueError:
-        complete = False
-    if not complete:
+        return None
+
+
+def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a finished reply; a reply whose calls do not scan is all content."""
+    scanned = _scan_reply(text, fmt)
+    if scanned is None or not scanned[2]:
         return text, []
-    content = text[:start].strip()
-    return content or None, [_openai_call(c, text, new_call_id()) for c in calls]
+    start, calls, _ = scanned
+    return text[:start].strip() or None, [_openai_call(c, text, new_call_id()) for c in calls]
+
+
+def parse_cut_tool_calls(text: str, fmt: str) -> tuple[str | None, list[dict], int] | None:
+    """A reply cut short inside its calls (finish_reason "length"): (content before the calls, the
+    complete calls, how many incomplete ones were dropped); None where it holds no calls, or calls
+    that do not scan (then it is all content)."""
+    scanned = _scan_reply(text, fmt)
+    if scanned is None and text.find(MARKERS[fmt]) < 0:  # cut inside the marker: a call was opening
+        held = _marker_start(text, MARKERS[fmt])
+        return (text[:len(text) - held].strip() or None, [], 1) if held else None
+    if scanned is None or scanned[2]:
+        return None
+    start, calls, _ = scanned
+    done = [c for c in calls if c.end is not None]
+    return text[:start].strip() or None, [_openai_call(c, text, new_call_id()) for c in done], _dropped(calls)
+
+
+def _marker_start(text: str, marker: str, since: int = 0) -> int:
+    """Length of the tail of text[since:] that is the start of `marker` (0: none)."""
+    return next((k for k in range(min(len(marker) - 1, len(text) - since), 0, -1) if marker.startswith(text[-k:])), 0)
+
+
+def _dropped(calls: list[_Call]) -> int:
+    """Incomplete calls at the end of a cut list (at least the one being opened when the text stopped)."""
+    return max(1, sum(c.end is None for c in calls))
 
 
 class StreamingToolParser:
@@ -187,6 +217,7 @@ class StreamingToolParser:
         self.ids: list[str] = []
         self.args_sent: list[int] = []
         self.failed = False
+        self.dropped = 0  # incomplete calls left out of a reply cut at max_tokens
 
     def push(self, piece: str) -> list[dict]:
         self.text += piece
@@ -194,9 +225,7 @@ class StreamingToolParser:
         if self.tools_at is None:
             at = self.text.find(self.marker, self.sent)
             if at < 0:  # hold back a tail that may be the start of the marker
-                hold = next((k for k in range(min(len(self.marker) - 1, len(self.text) - self.sent), 0, -1)
-                             if self.marker.startswith(self.text[-k:])), 0)
-                return self._content(len(self.text) - hold)
+                return self._content(len(self.text) - _marker_start(self.text, self.marker, self.sent))
             deltas += self._content(at)
             self.tools_at = at + len(self.marker)
         if not self.failed:
@@ -207,12 +236,18 @@ class StreamingToolParser:
             deltas += self._call_deltas()
         return deltas
 
-    def finish(self) -> tuple[list[dict], list[dict]]:
-        """The last deltas, and the complete calls as message.tool_calls entries (empty: finish as content)."""
+    def finish(self, cut: bool = False) -> tuple[list[dict], list[dict]]:
+        """The last deltas, and the complete calls as message.tool_calls entries (empty: finish as content).
+        `cut`: the reply stopped at max_tokens; an incomplete call at its end is dropped (counted in
+        `dropped`), never sent as content."""
         if self.tools_at is None:
-            return self._content(len(self.text)), []
+            held = _marker_start(self.text, self.marker, self.sent) if cut else 0
+            self.dropped = int(held > 0)  # a call was opening when the reply was cut
+            return self._content(len(self.text) - held), []
         complete = not self.failed and _scan_calls(self.fmt, self.text, self.tools_at, self.calls)
-        if not self.ids and not complete:  # nothing announced: the whole reply was content after all
+        if cut and not complete and not self.failed:
+            self.dropped = _dropped(self.calls)
+        elif not self.ids and not complete:  # nothing announced: the whole reply was content after all
             return self._content(len(self.text), from_marker=True), []
         deltas = self._call_deltas()
         done = [c for c in self.calls if c.end is not None]

@@ -18,7 +18,10 @@ class CLIError(Exception):
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # A flag's "default" is its destination's value when absent, which reads backwards for a
+        # negative flag ("--no-quantize-head ... (default: True)"): flags say what they do, no default.
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
 
 
 def _ranged(kind, ok, expected: str):
@@ -40,8 +43,28 @@ def _ranged(kind, ok, expected: str):
 positive_int = _ranged(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0")
 non_negative_float = _ranged(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
-probability = _ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-unit_interval = _ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def sampling_value(name: str, kind=float):
+    """An argparse type for the SamplingParams field `name`, checked by SamplingParams itself (the one
+    validation the API uses too), so the CLI refuses what the engine would."""
+
+    def parse(text: str):
+        from ..sampling import SamplingParams, SamplingParamsError
+
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            SamplingParams(**{name: value})
+        except SamplingParamsError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(name + " ")) from None
+        return value
+
+    parse.__name__ = name.replace("_", " ")
+    return parse
 
 
 def window_size(text: str) -> int | str:
@@ -192,12 +215,16 @@ def common_options(model: bool = True, model_default_help: str = "the bundled de
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", "-n", type=positive_int, default=256, help="most tokens to generate")
-    g.add_argument("--temperature", "-t", type=non_negative_float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--min-p", type=unit_interval, default=0.0, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=non_negative_float, default=1.0, help="1 = off")
+    g.add_argument("--max-tokens", "-n", type=sampling_value("max_tokens", int), default=256,
+                   help="most tokens to generate")
+    g.add_argument("--temperature", "-t", type=sampling_value("temperature"), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=sampling_value("top_p"), default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--top-k", type=sampling_value("top_k", int), default=0,
+                   help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=sampling_value("min_p"), default=0.0,
+                   help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty"), default=1.0,
+                   help="> 0; 1 = off")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (None: random)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable)")

@@ -55,6 +55,15 @@ def read_text(path: Path) -> str:
     return text
 
 
+def weight_formats(model) -> dict[str, int]:
+    """The formats the weights run in, as `mistral7b info` names them -> parameters held in each
+    (`quantize` is only what was asked for: a GGUF runs in its own formats without a flag)."""
+    from ..quant import describe_weights
+
+    described = describe_weights(model)
+    return {label: d["params"] for label, d in sorted(described.items(), key=lambda kv: -kv[1]["params"])}
+
+
 def run(args) -> int:
     return run_perplexity(args)  # the only subcommand so far (argparse requires one)
 
@@ -73,6 +82,7 @@ def run_perplexity(args) -> int:
     if args.json:
         print_json({"file": str(args.file), "model": str(llm.source), "device": str(llm.device),
                     "dtype": str(llm.dtype).removeprefix("torch."), "quantize": quantize_label(quantize),
+                    "weight_formats": weight_formats(llm.model),
                     **result.to_dict()}, indent=None)
     else:
         how = "one pass through the cache" if result.mode == "cache" else (

@@ -57,12 +57,24 @@ def with_json_schema(params, path: str | None):
         raise CLIError(f"--json-schema: {path}: {e}") from None
 
 
-def _prompt_ids(args, llm, prompt: str, chat: bool) -> list[int]:
-    if llm.tokenizer is None and not args.token_ids:
-        raise CLIError(f"{llm.source}: this checkpoint has no tokenizer; pass the prompt as token ids with "
-                       "--token-ids, or put a tokenizer.json or tokenizer.model next to the weights")
+def check_prompt(args, prompt: str, chat: bool) -> list[int] | None:
+    """What can be said about the prompt before the model loads: its token ids with --token-ids, and
+    a CLIError for an empty prompt (a chat turn may be empty: the format still gives the model text)."""
+    if args.token_ids and chat:
+        raise CLIError("--token-ids cannot be combined with --chat or --safe-prompt")
     if args.token_ids:
         return parse_token_ids(prompt)
+    if not prompt and not chat:
+        raise CLIError("the prompt is empty: give some text to complete (or - to read it from stdin)")
+    return None
+
+
+def _prompt_ids(args, llm, prompt: str, chat: bool, token_ids: list[int] | None) -> list[int]:
+    if token_ids is not None:
+        return token_ids
+    if llm.tokenizer is None:
+        raise CLIError(f"{llm.source}: this checkpoint has no tokenizer; pass the prompt as token ids with "
+                       "--token-ids, or put a tokenizer.json or tokenizer.model next to the weights")
     if chat:
         return llm.chat_prompt([{"role": "user", "content": prompt}], safe_prompt=args.safe_prompt)
     return llm.encode_prompt(prompt)
@@ -75,10 +87,9 @@ def run(args) -> int:
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt
     params = with_json_schema(sampling_params(args), args.json_schema)
     chat = args.chat or args.safe_prompt
-    if args.token_ids and chat:
-        raise CLIError("--token-ids cannot be combined with --chat or --safe-prompt")
+    token_ids = check_prompt(args, prompt, chat)
     llm = load_llm(args)
-    request, deltas = llm.stream_request(_prompt_ids(args, llm, prompt, chat), params)
+    request, deltas = llm.stream_request(_prompt_ids(args, llm, prompt, chat, token_ids), params)
     out = sys.stdout
     interrupted = False
     try:

@@ -70,6 +70,7 @@ def validation_message(errors) -> tuple[str, str | None]:
     """(message, param) for pydantic's errors, in the words OpenAI uses."""
     if not errors:
         return "invalid request", None
+    errors = _meant_arm(errors)
     # In a union (a prompt, a message's content), the arm whose type matched says what is wrong, not the
     # type mismatches of the other arms.
     e = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
@@ -90,6 +91,18 @@ def validation_message(errors) -> tuple[str, str | None]:
         return f"Unrecognized request argument supplied: '{where}' (this server does not support it).", param
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"Invalid value for '{where}': {msg}{more}" if where else msg + more, param
+
+
+def _meant_arm(errors) -> list:
+    """For a body that is a union of models (/tokenize: a prompt, or messages), the errors of the model
+    the client meant: the one with the fewest missing or unknown fields (the first on a tie)."""
+    arms: dict = {}
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        arms.setdefault(loc[0] if loc and loc[0][:1].isupper() else None, []).append(e)
+    if len(arms) < 2 or None in arms:
+        return errors
+    return min(arms.values(), key=lambda es: sum(e.get("type") in ("missing", "extra_forbidden") for e in es))
 
 
 def _union_arm(segment: str) -> bool:

@@ -55,6 +55,7 @@ class ChatMessage(_Strict):
         return d
 
 
+ToolList = Annotated[list[Tool], Field(max_length=128)]
 TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
@@ -149,6 +150,8 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20, description="how many top log-probabilities per token")
     echo: bool = Field(False, description="prepend the prompt's text to the completion")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1: each choice is one sampled sequence")
+    split_special_tokens: bool = Field(False, description="extension: special-token text in a string prompt "
+                                       "(<|im_end|>) is plain text, not the control token")
 
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
@@ -209,7 +212,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     safe_prompt: bool = Field(False, description="extension: prepend Mistral's guardrail system prompt")
-    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tools: ToolList | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: 'auto' with tools, else 'none'")
     parallel_tool_calls: bool = True
@@ -363,13 +366,14 @@ class TokenizeCompletionRequest(_Strict):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = Field(True, description="prepend BOS, as /v1/completions does")
+    split_special_tokens: bool = Field(False, description="as /v1/completions' option")
 
 
 class TokenizeChatRequest(_Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
-    tools: list[dict] | None = Field(None, description="not supported yet: a request that sets it is refused")
+    tools: ToolList | None = Field(None, description="rendered into the prompt as /v1/chat/completions does")
 
 
 class TokenizeResponse(BaseModel):

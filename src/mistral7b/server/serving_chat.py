@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import Request
+from prometheus_client import Counter
 
 from . import tools
 from .driver import Item
 from .errors import APIError
+from .metrics import PREFIX as METRICS_PREFIX
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                        ChatCompletionStreamResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob, DeltaMessage,
                        TopLogprob, Usage)
@@ -16,6 +18,13 @@ from .serving import OpenAIServing, Submission, finite
 class OpenAIServingChat(OpenAIServing):
     id_prefix = "chatcmpl-"
     prompt_param = "messages"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        registry = getattr(self.metrics, "registry", None)
+        self.dropped_calls = None if registry is None else Counter(
+            f"{METRICS_PREFIX}_tool_calls_dropped", "Incomplete tool calls left out of replies cut at max_tokens.",
+            registry=registry)
 
     async def create(self, body: ChatCompletionRequest, request: Request):
         self.check_request(body)
@@ -47,10 +56,21 @@ class OpenAIServingChat(OpenAIServing):
         text = "".join(o.text)
         if plan is None or plan.fmt is None:
             return AssistantMessage(content=text), o.finish_reason
-        content, calls = tools.parse(plan, tools.reply_text(self.llm, plan, engine_request.output_ids, text))
+        reply = tools.reply_text(self.llm, plan, engine_request.output_ids, text)
+        content, calls = tools.parse(plan, reply)
+        if calls is None and o.finish_reason == "length":  # cut inside its calls: keep the complete ones
+            cut = tools.parse_cut(plan, reply)
+            if cut is not None:
+                content, calls, dropped = cut
+                self._count_dropped(dropped)
+                return AssistantMessage(content=content, tool_calls=calls), "length"
         if calls is None:
             return AssistantMessage(content=text), o.finish_reason
         return AssistantMessage(content=content, tool_calls=calls), "tool_calls"
+
+    def _count_dropped(self, n: int) -> None:
+        if n and self.dropped_calls is not None:
+            self.dropped_calls.inc(n)
 
     def _chunk(self, submission, index, delta, logprobs=None, finish_reason=None, usage=None, choices=None):
         if choices is None:
@@ -76,13 +96,14 @@ class OpenAIServingChat(OpenAIServing):
         """A tool-calling choice's chunks: content, or the calls' id and name, then argument fragments."""
         fields = stream.push(item.text, item.token_ids)
         if item.finish_reason is not None:
-            fields += stream.finish()
+            fields += stream.finish(cut=item.finish_reason == "length")
+            self._count_dropped(stream.dropped)
         if lp is not None and not fields:
             fields = [{}]
         chunks = [self._chunk(submission, item.choice, DeltaMessage(**f), lp if k == 0 else None)
                   for k, f in enumerate(fields)]
         if item.finish_reason is not None:
-            reason = "tool_calls" if stream.calls else item.finish_reason
+            reason = "tool_calls" if stream.calls and not stream.dropped else item.finish_reason
             chunks.append(self._chunk(submission, item.choice, DeltaMessage(), None, reason))
         return chunks
 

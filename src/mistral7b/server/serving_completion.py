@@ -19,7 +19,8 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: CompletionRequest, request: Request):
         self.check_request(body)
         prompts = body.prompts()
-        submission = await self.start(body, lambda: [self.llm.encode_prompt(p) for p in prompts], len(prompts))
+        submission = await self.start(body, lambda: [self.encode(p, body.split_special_tokens) for p in prompts],
+                                      len(prompts))
         echoes = self.echoes(body, prompts, submission)
         want_lp = body.logprobs is not None
         if body.stream:
@@ -33,6 +34,12 @@ class OpenAIServingCompletion(OpenAIServing):
                    for i, (o, r) in enumerate(zip(out, submission.requests))]
         return CompletionResponse(id=submission.id, created=submission.created, model=self.model_name,
                                   choices=choices, usage=Usage.of(submission.prompt_ids, sum(o.tokens for o in out)))
+
+    def encode(self, prompt, split_special_tokens: bool) -> list[int]:
+        """A prompt's ids; special-token text in a string is the control token unless split (as vLLM)."""
+        if split_special_tokens and isinstance(prompt, str) and self.tokenizer is not None:
+            return self.tokenizer.encode(prompt, bos=True, special=False)
+        return self.llm.encode_prompt(prompt)
 
     @staticmethod
     def echoed(body: CompletionRequest, engine_request) -> list:

@@ -18,10 +18,9 @@ import json
 from dataclasses import dataclass, field
 
 from ..tokenizer import check_roles, with_safe_prompt
-from ..tokenizer.templates import render_chat_template
 from ..tool_calls import (MISTRAL_MARKER, MistralBackend, decode_with_marker, encode_mistral_v3, hermes_messages,
                           required_call_grammar, template_takes_tools)
-from ..tool_parser import StreamingToolParser, parse_tool_calls
+from ..tool_parser import StreamingToolParser, parse_cut_tool_calls, parse_tool_calls
 from .errors import APIError
 from .protocol import ChatCompletionRequest, DeltaToolCall, ResponseToolCall
 
@@ -37,7 +36,16 @@ class ToolPlan:
 
 def uses_tools(body: ChatCompletionRequest) -> bool:
     """Whether the request needs the tool path: tools, or calls and results in its history."""
-    return bool(body.tools) or body.tool_choice is not None or any(m.tool_calls or m.role == "tool" for m in body.messages)
+    return bool(body.tools) or getattr(body, "tool_choice", None) is not None or any(m.tool_calls or m.role == "tool" for m in body.messages)
+
+
+def check_tool_format(tok) -> None:
+    """A 400 where the model's chat format cannot hold tools (no tokenizer, Mistral tokenizer v1)."""
+    if tok is None:
+        raise APIError(400, "this checkpoint has no tokenizer, so it has no chat format for tools", param="tools")
+    if getattr(tok, "_sp", None) is not None and tok.mistral_version != "v3":
+        raise APIError(400, "this model's chat format (Mistral tokenizer v1) has no tool tokens: tools and tool "
+                       "messages are not supported", param="tools")
 
 
 def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
@@ -47,12 +55,8 @@ def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     if choice not in ("none", "auto") and not tools:
         raise APIError(400, "tool_choice needs 'tools'", param="tool_choice")
-    if tok is None:
-        raise APIError(400, "this checkpoint has no tokenizer, so it has no chat format for tools", param="tools")
+    check_tool_format(tok)
     if getattr(tok, "_sp", None) is not None:
-        if tok.mistral_version != "v3":
-            raise APIError(400, "this model's chat format (Mistral tokenizer v1) has no tool tokens: tools and tool "
-                           "messages are not supported", param="tools")
         backend = MistralBackend.from_sentencepiece(tok._sp)
         result = ToolPlan("mistral", backend.controls.get(MISTRAL_MARKER), tools)
     else:
@@ -72,12 +76,13 @@ def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
     return result
 
 
-def prompt_ids(llm, body: ChatCompletionRequest, tools: list[dict]) -> list[int]:
-    """The prompt of a tool request (run off the event loop; ValueError for a conversation that does not fit)."""
+def prompt_ids(llm, body, tools: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The prompt of a tool request (run off the event loop; ValueError for a conversation that does not fit).
+    `body` is a chat completion request or a /tokenize one (which has no safe_prompt)."""
     tok = llm.tokenizer
     messages = [m.to_dict() for m in body.messages]
     check_roles(messages)
-    if body.safe_prompt:
+    if getattr(body, "safe_prompt", False):
         messages = with_safe_prompt(messages)
     if getattr(tok, "_sp", None) is not None:
         return encode_mistral_v3(MistralBackend.from_sentencepiece(tok._sp), messages, tools)
@@ -87,10 +92,8 @@ def prompt_ids(llm, body: ChatCompletionRequest, tools: list[dict]) -> list[int]
         for m in messages:  # templates that take tools read arguments as objects, as HF's do
             for call in m.get("tool_calls") or ():
                 call["function"]["arguments"] = _arguments(call["function"]["arguments"])
-        text = render_chat_template(tok.chat_template, messages, add_generation_prompt=True, tools=tools or None,
-                                    bos_token=tok.bos_token, eos_token=tok.eos_token)
-        return tok.encode(text, bos=False)
-    return tok.apply_chat_template(hermes_messages(messages, tools), add_generation_prompt=True)
+        return tok.apply_chat_template(messages, add_generation_prompt, tools=tools or None)
+    return tok.apply_chat_template(hermes_messages(messages, tools), add_generation_prompt)
 
 
 def _arguments(text: str):
@@ -117,6 +120,16 @@ def parse(plan_: ToolPlan, text: str) -> tuple[str | None, list[ResponseToolCall
     return content, [ResponseToolCall.model_validate(c) for c in calls]
 
 
+def parse_cut(plan_: ToolPlan, text: str) -> tuple[str | None, list[ResponseToolCall] | None, int] | None:
+    """A reply cut at max_tokens inside its calls: (content, the complete calls or None, incomplete
+    calls dropped); None where it is plain content."""
+    cut = parse_cut_tool_calls(text, plan_.fmt) if plan_.fmt is not None else None
+    if cut is None:
+        return None
+    content, calls, dropped = cut
+    return content, [ResponseToolCall.model_validate(c) for c in calls] or None, dropped
+
+
 class ToolStream:
     """One streamed choice's parser: engine text pieces in, OpenAI delta fields out."""
 
@@ -130,9 +143,13 @@ class ToolStream:
             text = MISTRAL_MARKER + text  # the marker opens a Mistral reply; decoding dropped it
         return _delta_fields(self.parser.push(text)) if text else []
 
-    def finish(self) -> list[dict]:
-        deltas, self.calls = self.parser.finish()
+    def finish(self, cut: bool = False) -> list[dict]:
+        deltas, self.calls = self.parser.finish(cut)
         return _delta_fields(deltas)
+
+    @property
+    def dropped(self) -> int:
+        return self.parser.dropped
 
 
 def _delta_fields(deltas: list[dict]) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..utils import is_gguf
 from .chat import mistral_chat
+from .content import encode_rendered, mask_specials
 from .detokenize import StreamDecoder, bytes_to_unicode
 from .templates import render_chat_template
 
@@ -32,6 +33,8 @@ class Tokenizer:
         self._sp, self._hf = sp, hf
         self._byte_ids, self._special_ids = set(), set()
         self._byte_level = False  # a GPT-2 byte-level vocabulary: tokens spelled in `bytes_to_unicode`
+        self._special_texts: list[str] = []  # the special tokens' text, which chat content may not produce
+        self._hf_as_text = None  # a copy of `hf` that splits special-token text (made when first needed)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.chat_template, self.bos_token, self.eos_token = chat_template, bos_token, eos_token
         if sp is not None:
@@ -42,7 +45,9 @@ class Tokenizer:
         else:
             self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
             self.mistral_version = None
-            self._special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+            added = hf.get_added_tokens_decoder()
+            self._special_ids = {i for i, t in added.items() if t.special}
+            self._special_texts = [t.content for t in added.values() if t.special]
             self._byte_level = hf.decoder is not None and b'"ByteLevel"' in hf.decoder.__getstate__()
             if getattr(hf.model, "byte_fallback", False):
                 # HF's ByteFallback decoder turns a whole run of <0xXX> tokens into one "\ufffd" per byte
@@ -98,14 +103,30 @@ class Tokenizer:
 
     # ---- text <-> ids -----------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, special: bool = True) -> list[int]:
         """Token ids of `text`, with BOS first if asked for and this tokenizer uses one (`add_bos`).
 
         SentencePiece models treat the text literally ("[INST]" in user text is not a control token),
-        as mistral-common does; `tokenizers` ones match their added special tokens, as HF does.
+        as mistral-common does; `tokenizers` ones match their added special tokens, as HF does, unless
+        `special` is False: then "<|im_end|>" is plain text, split into ordinary tokens.
         """
-        ids = self._sp.encode(text) if self._sp is not None else self._hf.encode(text, add_special_tokens=False).ids
+        if not text.isascii():
+            _check_unicode(text)
+        if self._sp is not None:
+            ids = self._sp.encode(text)
+        else:
+            ids = (self._hf if special else self._text_only()).encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos and self.add_bos and self.bos_id is not None else ids
+
+    def _text_only(self):
+        """The `tokenizers` tokenizer with special tokens split (a copy: the flag is shared state)."""
+        if self._hf_as_text is None:
+            import tokenizers
+
+            copy = tokenizers.Tokenizer.from_str(self._hf.to_str())
+            copy.encode_special_tokens = True
+            self._hf_as_text = copy
+        return self._hf_as_text
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, leaving out special and control tokens (<s>, </s>, [INST], <|im_end|>...)."""
@@ -142,18 +163,33 @@ class Tokenizer:
 
     # ---- chat -------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation in this model's chat format, ready for the reply to follow."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> list[int]:
+        """Token ids of a conversation in this model's chat format, ready for the reply to follow.
+
+        Control-token text inside messages (and `variables`, such as `tools`) stays text (`content`).
+        """
         if self._sp is not None:
             if self._sp.piece_to_id("[SYSTEM_PROMPT]") != self._sp.unk_id():
                 raise ValueError(f"{self.name}: Mistral tokenizer v7+ ([SYSTEM_PROMPT]) chat format is not supported")
             return mistral_chat(self._sp, self.mistral_version, messages, add_generation_prompt)
         if not self.chat_template:
             raise ValueError(f"this tokenizer has no chat template ({self.name})")
+        (messages, variables), unmask = mask_specials((messages, variables), self._special_texts)
         text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
-        return self.encode(text, bos=False)  # the template writes BOS itself if the model wants one
+                                    bos_token=self.bos_token, eos_token=self.eos_token, **variables)
+        if not unmask:  # the template writes BOS itself if the model wants one
+            return self.encode(text, bos=False)
+        return encode_rendered(text, unmask, self._special_texts, self.token_to_id,
+                               lambda piece: self.encode(piece, bos=False, special=False))
 
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # the backends' own errors would be TypeErrors about their argument types
+        raise ValueError("the text contains a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+                         "Unicode text") from None
 
 
 def _find_in_folder(folder: Path) -> Path | None:
