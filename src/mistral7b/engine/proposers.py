@@ -62,7 +62,7 @@ class DraftProposer:
         live = [i for i, cap in enumerate(caps) if cap > 0]
         if not live:
             return Proposal(tokens, [None] * len(requests))
-        logits = torch.stack([self._catch_up(requests[i]) for i in live])
+        logits = self._catch_up([requests[i] for i in live])
         for step in range(max(caps)):
             chosen, dist = self._choose(logits, [requests[i] for i in live], sampler)
             for i, t, d in zip(live, chosen.tolist(), dist):
@@ -77,23 +77,34 @@ class DraftProposer:
             self.proposed[r.row] = len(t)
         return Proposal(tokens, [None if d is None else torch.stack(d) for d in q])
 
-    def _catch_up(self, r: Request) -> torch.Tensor:
-        """Feed the tokens of `r` the draft cache lacks (in chunks); the draft's logits for the next one."""
-        if self.owner.get(r.row) is not r:
-            self.owner[r.row], self.held[r.row] = r, 0
-            self.cache.reset(slice(r.row, r.row + 1))
-        sequence = r.prompt_ids + r.output_ids
-        start = self.held[r.row]
-        while True:
-            end = min(len(sequence), start + self.chunk_size)
-            tokens = torch.tensor(sequence[start:end], device=self.device)[None]
-            positions = torch.arange(start, end, device=self.device)[None]
-            logits = self.model(tokens, positions, self.cache, rows=slice(r.row, r.row + 1), kv_len=end, last_only=True)
-            start = end
-            if end == len(sequence):
-                break
-        self.held[r.row] = len(sequence)
-        return logits[0, -1].float()
+    def _catch_up(self, requests: list[Request]) -> torch.Tensor:
+        """Feed the tokens each row's draft cache lacks (in chunks; rows at the same offsets share a
+        forward); the draft's logits [n, vocab] for each row's next token."""
+        spans = {}
+        for i, r in enumerate(requests):
+            if self.owner.get(r.row) is not r:
+                self.owner[r.row], self.held[r.row] = r, 0
+                self.cache.reset(slice(r.row, r.row + 1))
+            spans.setdefault((self.held[r.row], len(r.prompt_ids) + len(r.output_ids)), []).append(i)
+        out = [None] * len(requests)
+        for (start, end), members in spans.items():
+            group = [requests[i] for i in members]
+            for i, row_logits in zip(members, self._feed(group, start, end)):
+                out[i] = row_logits
+        return torch.stack(out)
+
+    def _feed(self, group: list[Request], start: int, end: int) -> torch.Tensor:
+        """Sequence tokens [start, end) of every request in `group` through the draft, chunk by chunk."""
+        rows = torch.tensor([r.row for r in group], device=self.device)
+        while start < end:
+            stop = min(end, start + self.chunk_size)
+            tokens = torch.tensor([(r.prompt_ids + r.output_ids)[start:stop] for r in group], device=self.device)
+            positions = torch.arange(start, stop, device=self.device).expand(len(group), stop - start)
+            logits = self.model(tokens, positions, self.cache, rows=rows, kv_len=stop, last_only=True)
+            start = stop
+        for r in group:
+            self.held[r.row] = end
+        return logits[:, -1].float()
 
     def _advance(self, requests: list[Request], last: list[int]) -> torch.Tensor:
         """Feed each row's newest draft token (one batched decode step); the logits [n, vocab] after it."""
