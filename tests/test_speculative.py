@@ -5,6 +5,7 @@ bad input. The sampling-distribution test is in test_speculative_sampling.py."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
 from mistral7b.engine.proposers import ngram_lookup
 from mistral7b.engine.speculative import Proposal
 from mistral7b.model import Transformer
+from mistral7b.server.metrics import Metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,6 +159,15 @@ def test_metrics_count_what_was_accepted(target):
     assert (stats.draft_tokens, stats.accepted_tokens, stats.verify_rows) == (e["draft"], e["accepted"], e["verify_rows"])
     assert stats.accepted_per_position == e["per_position"]
     assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
+    metrics = Metrics()  # and /metrics exports them under vLLM's names
+    metrics.watch(engine, SimpleNamespace(aborted=0, steps=0), lambda: 0)
+    text = metrics.render().decode()
+    exported = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("mistral7b:spec_decode"))
+    assert float(exported["mistral7b:spec_decode_num_draft_tokens_total"]) == e["draft"]
+    assert float(exported["mistral7b:spec_decode_num_accepted_tokens_total"]) == e["accepted"]
+    assert float(exported["mistral7b:spec_decode_num_drafts_total"]) == e["verify_rows"]
+    for j, n in enumerate(e["per_position"]):
+        assert float(exported[f'mistral7b:spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}}']) == n
 
 
 def test_sampling_features_logprobs_stops_and_penalties_match_plain(target):
