@@ -73,28 +73,31 @@ class SpecStats:
     """Counts since start, named after vLLM's spec-decode metrics."""
 
     num_tokens: int
-    verify_rows: int = 0  # row-steps that verified a proposal (at least one draft token)
+    row_steps: int = 0  # rows advanced by a speculative step, with or without a proposal
+    verify_rows: int = 0  # of those, rows that verified at least one draft token
     draft_tokens: int = 0
     accepted_tokens: int = 0
-    emitted_tokens: int = 0  # accepted + the target's own token, over verify_rows
+    emitted_tokens: int = 0  # accepted + the target's own token, over row_steps
     accepted_per_position: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.accepted_per_position = [0] * self.num_tokens
 
     def count(self, proposed: int, accepted: int) -> None:
+        self.row_steps += 1
+        self.emitted_tokens += accepted + 1
         if proposed == 0:
             return
         self.verify_rows += 1
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
-        self.emitted_tokens += accepted + 1
         for j in range(accepted):
             self.accepted_per_position[j] += 1
 
     @property
     def tokens_per_step(self) -> float:
-        return self.emitted_tokens / self.verify_rows if self.verify_rows else 0.0
+        """Tokens per target forward of a row (before stop rules drop any): 1 without speculation."""
+        return self.emitted_tokens / self.row_steps if self.row_steps else 0.0
 
 
 @dataclass
