@@ -69,6 +69,8 @@ def run_method(llm: LLM, spec: SpeculativeConfig | None, draft, prompts, max_tok
         decode = request.finish_time - request.first_token_time
         records.append({"kind": kind, "tokens": request.output_ids, "decode_s": decode,
                         **{k: after[k] - before[k] for k in after}})
+        print(f"  {spec.method if spec else 'plain'} {kind}: {len(request.output_ids)} tokens in {decode:.1f} s",
+              flush=True)
     return records
 
 

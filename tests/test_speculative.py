@@ -238,3 +238,16 @@ def test_bad_draft_and_flags_errors(target):
         SpeculativeConfig.parse("draft")
     with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative"):
         SpeculativeConfig.parse(None, 3)
+
+
+def test_greedy_equals_plain_with_prefix_cache(target):
+    """Prompts sharing a prefix longer than W: the second and third restore it from the prefix cache
+    (into a cache of W + k slots) and still decode what plain decoding without the cache gives."""
+    shared = random_prompts((40,), seed=17)[0]
+    prompts = [shared + tail for tail in random_prompts((3, 7, 5), seed=18)]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain, _ = generate(target, prompts, params, max_batch=1)
+    fast, engine = generate(target, prompts, params, SpeculativeConfig("ngram", 4), max_batch=1,
+                            prefix_cache_gib=0.01, prefix_block_size=8)
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert engine.prefix.counters.hit_requests == 2
