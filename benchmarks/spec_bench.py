@@ -17,6 +17,7 @@ H200: python benchmarks/spec_bench.py --device cuda --json spec.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="target model (default: the bundled SmolLM2-135M GGUF)")
     p.add_argument("--methods", default="ngram,self-int4", help="comma-separated: ngram, self-int4, draft:SRC")
     p.add_argument("--num-tokens", type=int, default=4, help="k, draft tokens per step")
+    p.add_argument("--min-ngram", type=int, default=1, help="n-gram: shortest match that proposes")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind only")
     p.add_argument("--device", default="cpu")
@@ -54,23 +56,26 @@ def load_prompts(llm: LLM, limit: int | None) -> list[tuple[str, list[int]]]:
     return prompts
 
 
-def run_method(llm: LLM, spec: SpeculativeConfig | None, draft, prompts, max_tokens: int) -> list[dict]:
-    """Greedy decode of every prompt with `spec` (None: plain); per prompt its tokens, decode time and counts."""
-    llm.engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, speculative=spec), draft_model=draft)
+def run_all(llm: LLM, engines: dict, prompts, max_tokens: int) -> dict[str, list[dict]]:
+    """Greedy decode of every prompt by every engine, the engines taking turns prompt by prompt (so a
+    shared machine's changing load falls on all of them alike); per engine and prompt its tokens,
+    decode time and counts."""
     params = SamplingParams(max_tokens=max_tokens)
-    llm.generate([prompts[0][1]], SamplingParams(max_tokens=8))  # warm-up
-    records = []
+    records = {name: [] for name in engines}
+    for name, engine in engines.items():  # warm-up
+        llm.engine = engine
+        llm.generate([prompts[0][1]], SamplingParams(max_tokens=8))
     for kind, ids in prompts:
-        before = _counts(llm.engine)
-        request = llm.engine.add(ids, params)
-        while not request.finished:
-            llm.engine.step()
-        after = _counts(llm.engine)
-        decode = request.finish_time - request.first_token_time
-        records.append({"kind": kind, "tokens": request.output_ids, "decode_s": decode,
-                        **{k: after[k] - before[k] for k in after}})
-        print(f"  {spec.method if spec else 'plain'} {kind}: {len(request.output_ids)} tokens in {decode:.1f} s",
-              flush=True)
+        for name, engine in engines.items():
+            before = _counts(engine)
+            request = engine.add(ids, params)
+            while not request.finished:
+                engine.step()
+            after = _counts(engine)
+            decode = request.finish_time - request.first_token_time
+            records[name].append({"kind": kind, "tokens": request.output_ids, "decode_s": decode,
+                                  **{k: after[k] - before[k] for k in after}})
+            print(f"  {name} {kind}: {len(request.output_ids)} tokens in {decode:.2f} s", flush=True)
     return records
 
 
@@ -107,13 +112,14 @@ def main(argv=None) -> None:
     prompts = load_prompts(llm, args.limit)
     kinds = sorted({k for k, _ in prompts})
     load = os.getloadavg()[0]
-    plain = run_method(llm, None, None, prompts, args.max_tokens)
-    table = []
+    engines = {"plain": Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1))}
     for method in args.methods.split(","):
-        spec = SpeculativeConfig.parse(method, args.num_tokens)
+        spec = dataclasses.replace(SpeculativeConfig.parse(method, args.num_tokens), min_ngram=args.min_ngram)
         draft = load_draft(spec, llm.source, llm.device, llm.dtype)
-        records = run_method(llm, spec, draft, prompts, args.max_tokens)
-        table += [{"method": method, **summarize(records, plain, kind)} for kind in kinds]
+        engines[method] = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, speculative=spec), draft_model=draft)
+    records = run_all(llm, engines, prompts, args.max_tokens)
+    plain = records.pop("plain")
+    table = [{"method": method, **summarize(r, plain, kind)} for method, r in records.items() for kind in kinds]
     for kind in kinds:
         table.append({"method": "plain", **summarize(plain, plain, kind)})
     print(f"load average at start {load:.1f}, after {os.getloadavg()[0]:.1f}; k = {args.num_tokens}, "
