@@ -64,3 +64,26 @@ def test_self_int4_draft_is_the_target_quantized(pair):
     # The int4 copy agrees with its source at times (about a quarter of drafts on these sharp random weights;
     # about 85% on the default model).
     assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def test_cli_flags(pair, capsys):
+    """`generate --speculative ... --num-speculative-tokens K` gives plain greedy's tokens; bad flags fail
+    with one line naming the problem."""
+    import json
+
+    from mistral7b import cli
+
+    (_, target_path), (_, draft_path) = pair
+    prompt = " ".join(str(t) for t in torch.randint(0, VOCAB, (12,)).tolist())
+    base = ["generate", prompt, "--token-ids", "--model", str(target_path), "--device", "cpu", "--max-tokens", "20",
+            "--json"]
+    outputs = []
+    for extra in ([], ["--speculative", "ngram"], ["--speculative", f"draft:{draft_path}", "--num-speculative-tokens", "3"]):
+        assert cli.main(base + extra) == 0
+        outputs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"])
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    for extra, message in ((["--speculative", "draft"], "draft needs the draft model's source: draft:SRC"),
+                           (["--num-speculative-tokens", "3"], "--num-speculative-tokens needs --speculative"),
+                           (["--speculative", "eagle"], "speculative method must be one of ngram, draft, self-int4")):
+        assert cli.main(base + extra) == 1
+        assert message in capsys.readouterr().err
