@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="target model (default: the bundled SmolLM2-135M GGUF)")
     p.add_argument("--methods", default="ngram,self-int4", help="comma-separated: ngram, self-int4, draft:SRC")
     p.add_argument("--num-tokens", type=int, default=4, help="k, draft tokens per step")
-    p.add_argument("--min-ngram", type=int, default=1, help="n-gram: shortest match that proposes")
+    p.add_argument("--min-ngram", type=int, default=2, help="n-gram: shortest match that proposes")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind only")
     p.add_argument("--device", default="cpu")
