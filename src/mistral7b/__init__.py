@@ -2,6 +2,7 @@
 
 from .cache import KVCache
 from .config import PRESETS, ModelConfig, ModelLoadError, preset
+from .engine import SpeculativeConfig
 from .evaluate import PerplexityResult, perplexity, text_perplexity
 from .llm import LLM, CompletionOutput
 from .loading import load_model
@@ -10,6 +11,7 @@ from .sampling import SamplingParams
 from .tokenizer import GUARDRAIL_PROMPT, Tokenizer, TokenizerError
 
 __all__ = [
+    "SpeculativeConfig",
     "LLM", "CompletionOutput", "SamplingParams", "Tokenizer", "TokenizerError", "GUARDRAIL_PROMPT",
     "ModelConfig", "ModelLoadError", "PRESETS", "preset", "KVCache", "Transformer", "load_model",
     "perplexity", "text_perplexity", "PerplexityResult",

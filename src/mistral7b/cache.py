@@ -134,7 +134,10 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         max_seq_len: int | None = None,
+        spare_slots: int = 0,
     ):
+        """`spare_slots` extra slots per layer let a speculative verify write k draft positions past
+        the newest one without overwriting any key still inside the window (engine/speculative.py)."""
         self.config = config
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or config.max_seq_len
@@ -143,7 +146,7 @@ class KVCache:
         positions: dict[int, Tensor] = {}
         for window in config.layer_windows():
             rolls = window is not None and (config.has_window or window < self.max_seq_len)
-            size = window if rolls else self.max_seq_len
+            size = (window if rolls else self.max_seq_len) + spare_slots
             if size not in positions:
                 positions[size] = torch.full((max_batch, size), -1, device=device, dtype=torch.long)
             self.layers.append(
@@ -159,6 +162,15 @@ class KVCache:
     def max_positions(self) -> int | None:
         """How many positions a sequence may reach, or None when every layer rolls."""
         return None if self.config.has_window else self.max_seq_len
+
+    def forget(self, row: int, start: int, end: int) -> None:
+        """Empty the slots of positions [start, end) of `row` (rejected draft tokens), so no later
+        query sees them; every layer of a slot count shares one `pos`, so each is cleared once."""
+        for pos in {id(layer.pos): layer.pos for layer in self.layers}.values():
+            size = pos.shape[1]
+            slots = torch.arange(start, end, device=pos.device) % size
+            held = pos[row, slots]
+            pos[row, slots] = torch.where(held >= start, torch.full_like(held, -1), held)
 
     def reset(self, rows: slice | None = None) -> None:
         """Empty the given rows (all by default) so new sequences can use them."""

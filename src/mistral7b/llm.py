@@ -53,7 +53,9 @@ class LLM:
         shape before the first token, then several times faster decode (benchmarks/RESULTS.md).
         `quantize` ("int8", "int4" or a mistral7b.quant.QuantConfig) quantizes the weights at load;
         a GGUF file runs in its own quantized formats without it. `tensor_parallel_size=N` splits the
-        model over N processes (GPUs, or gloo on CPU) with mistral7b.parallel; N divides the KV heads."""
+        model over N processes (GPUs, or gloo on CPU) with mistral7b.parallel; N divides the KV heads.
+        `speculative=SpeculativeConfig(method="ngram"|"draft"|"self-int4", num_tokens=k, draft=SRC)` turns
+        on speculative decoding (engine/speculative.py): same output distribution, more tokens per forward."""
         engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
         if source is None:
             from .default_model import default_model_path
@@ -64,7 +66,12 @@ class LLM:
         self.model = self._load(source, quantize, tensor_parallel_size)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
-        self.engine = Engine(self.model, self.tokenizer, engine_config)
+        draft = None
+        if engine_config.speculative is not None:
+            from .engine.proposers import load_draft
+
+            draft = load_draft(engine_config.speculative, source, self.device, self.dtype)
+        self.engine = Engine(self.model, self.tokenizer, engine_config, draft_model=draft)
 
     def _load(self, source, quantize, tensor_parallel_size: int):
         if tensor_parallel_size == 1:

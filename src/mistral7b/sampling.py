@@ -238,6 +238,24 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
     `bitmask` (on the logits' device, one row per row of `logits`) restricts each row to the tokens
     its grammar allows (structured.py); it applies after the penalties and logit_bias, before every filter.
     """
+    logits, penalised = adjusted_logits(logits, batch, rows, index, bitmask)
+    greedy = logits.argmax(-1)
+    if greedy_only:
+        if penalised:  # only penalties read the counts (a row's are zeroed when it is assigned)
+            batch.record(index, greedy)
+        return greedy
+    temperature = batch.temperature[index]
+    sampled = (warped_logits(logits, batch, rows, index).softmax(-1) / batch.noise(rows)).argmax(-1)
+    tokens = torch.where(temperature > 0, sampled, greedy)
+    if penalised:
+        batch.record(index, tokens)
+    return tokens
+
+
+def adjusted_logits(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor,
+                    bitmask: Tensor | None = None) -> tuple[Tensor, bool]:
+    """(logits after the penalties, logit_bias and bitmask; whether any row is penalised): what greedy
+    takes the argmax of and what the filters then warp."""
     penalised = bool(batch.penalised.intersection(rows))
     if penalised:  # most steps have none: skip five [rows, vocab] passes
         logits = apply_penalties(
@@ -253,21 +271,15 @@ def sample(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor, 
         logits = logits + batch.bias[index]
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
-    greedy = logits.argmax(-1)
-    if greedy_only:
-        if penalised:  # only penalties read the counts (a row's are zeroed when it is assigned)
-            batch.record(index, greedy)
-        return greedy
+    return logits, penalised
+
+
+def warped_logits(logits: Tensor, batch: SamplerBatch, rows: list[int], index: Tensor) -> Tensor:
+    """Adjusted logits after temperature, top-k, top-p and min-p: their softmax is what a sampled row draws from."""
     temperature = batch.temperature[index]
     if batch.filtering.intersection(rows):
-        filtered = filter_logits(logits, temperature, batch.top_k[index], batch.top_p[index], batch.min_p[index])
-    else:  # temperature only: the same logits without a [rows, vocab] sort
-        filtered = logits / temperature.clamp(min=1e-5)[:, None]
-    sampled = (filtered.softmax(-1) / batch.noise(rows)).argmax(-1)
-    tokens = torch.where(temperature > 0, sampled, greedy)
-    if penalised:
-        batch.record(index, tokens)
-    return tokens
+        return filter_logits(logits, temperature, batch.top_k[index], batch.top_p[index], batch.min_p[index])
+    return logits / temperature.clamp(min=1e-5)[:, None]  # temperature only: no [rows, vocab] sort
 
 
 def top_logprobs(logits: Tensor, tokens: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_quantize_options, CLIError, add_sampling_arguments, load_llm, note, one_line, sampling_params
+from .common import add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, one_line, sampling_params
 
 NAME = "chat"
 HELP = "interactive multi-turn chat"
@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (also settable with /system TEXT)")
     add_sampling_arguments(p)
     add_quantize_options(p)
+    add_speculative_options(p)
 
 
 class Session:

@@ -148,6 +148,26 @@ def quantize_label(quantize) -> str | None:
     return quantize.label if quantize is not None else None
 
 
+def add_speculative_options(p: argparse.ArgumentParser) -> None:
+    """--speculative ngram|self-int4|draft:SRC and --num-speculative-tokens K (engine/speculative.py)."""
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="ngram (prompt lookup), self-int4 (the model in int4 drafts) or draft:SRC (a draft model "
+                        "with the same tokenizer); the output distribution is unchanged")
+    g.add_argument("--num-speculative-tokens", type=positive_int, default=None, metavar="K",
+                   help="tokens proposed per step (default 4)")
+
+
+def speculative_of(args):
+    """The SpeculativeConfig of `add_speculative_options`' flags, or None."""
+    from ..engine import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def load_llm(args, engine_config=None, **options):
     """The model of --model (or the default) on --device in --dtype (quantized as --quantize asks), with an
     engine set up by `engine_config` (or EngineConfig's fields in `options`)."""
@@ -157,6 +177,8 @@ def load_llm(args, engine_config=None, **options):
     quantize = quantize_of(args) if hasattr(args, "quantize") else None
     source = model_source(args)
     t0 = time.perf_counter()
+    if engine_config is None and hasattr(args, "speculative"):
+        options["speculative"] = speculative_of(args)
     engine_config = engine_config or EngineConfig.of(None, **{"max_batch": 1, **options})
     llm = LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
               quantize=quantize)

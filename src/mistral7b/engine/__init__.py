@@ -5,5 +5,6 @@ buckets), `output` (detokenising, stop strings, hold-back) and `core` (`Engine.s
 from .config import EngineConfig
 from .core import Engine
 from .request import Delta, Request, TokenLogprob
+from .speculative import SpeculativeConfig
 
-__all__ = ["Engine", "EngineConfig", "Request", "Delta", "TokenLogprob"]
+__all__ = ["Engine", "EngineConfig", "Request", "Delta", "TokenLogprob", "SpeculativeConfig"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import ModelConfig
+from .speculative import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class EngineConfig:
     pipeline: bool | None = None  # launch the next decode steps before reading the last; None: on CUDA
     prefix_cache_gib: float = 0.0  # memory for cached prompt blocks (prefix caching); 0: off
     prefix_block_size: int | None = None  # tokens per cached block; None: 64, or the smallest cache layer if less
+    speculative: SpeculativeConfig | None = None  # speculative decoding (engine/speculative.py); None: off
 
     def __post_init__(self):
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -34,6 +36,8 @@ class EngineConfig:
         block = self.prefix_block_size
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"prefix_block_size must be a positive integer, got {block!r}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 
     @property
     def prefix_cache_bytes(self) -> int:

@@ -26,16 +26,20 @@ from .output import OutputProcessor
 from .request import Delta, Request
 from .runner import DecodeGroup, ModelRunner
 from .scheduler import Scheduler
+from .speculative import make_speculator
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None, **options):
-        """`config` holds the knobs; `options` (EngineConfig's fields: max_batch=..., chunk_size=...) change it."""
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None, draft_model=None,
+                 **options):
+        """`config` holds the knobs; `options` (EngineConfig's fields: max_batch=..., chunk_size=...) change it.
+        `draft_model` is the proposer of `speculative` methods "draft" and "self-int4" (LLM loads it)."""
         param = next(model.parameters())
         self.settings = EngineConfig.of(config, **options).resolved(model.config, param.device)
         s = self.settings
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile)
+        spare = s.speculative.num_tokens if s.speculative is not None else 0
+        self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare)
         self.prefix = self._prefix_cache(s)
         self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix)
         self.output = OutputProcessor(tokenizer)
@@ -43,6 +47,7 @@ class Engine:
         self.device, self.dtype, self.cache = self.runner.device, self.runner.dtype, self.runner.cache
         self.max_batch, self.chunk_size, self.prefill_budget = s.max_batch, s.chunk_size, s.prefill_budget
         self.compiled = s.compile
+        self.speculator = make_speculator(s, self.runner, draft_model, self.output, self.constraints)
         # Mutable between steps (benchmarks and tests switch them): several decode steps back to back,
         # and pipelined decode, which launches the next group of steps before reading the last one's tokens.
         self.decode_steps, self.pipeline = s.decode_steps, s.pipeline
@@ -129,7 +134,9 @@ class Engine:
         live = [r for r in running if not r.finished]
         decoding = [r for r in live if r.prefilled]  # before this step's prefill: those decode next step
         self._prefill([r for r in live if not r.prefilled], deltas)
-        if decoding:
+        if decoding and self.speculator is not None and self.speculator.active(decoding):
+            self._speculate(decoding, deltas)
+        elif decoding:
             self._decode(decoding, deltas)
         for d in deltas:
             if d.request.finished:
@@ -177,6 +184,16 @@ class Engine:
             self._inflight = group
         else:
             self.output.apply(decoding, group.tokens.tolist(), logprobs, deltas)
+
+    def _speculate(self, decoding: list[Request], deltas: list[Delta]) -> None:
+        """One speculative step (propose, verify, accept) for every decoding row, after reading any
+        decode group still in flight."""
+        if self._inflight is not None:
+            self._finish(self._inflight, deltas)
+            decoding = [r for r in decoding if not r.finished]
+            if not decoding:
+                return
+        self.speculator.step(decoding, deltas)
 
     def _bitmask(self, requests: list[Request]):
         """A callable giving the step's constraint bitmask (None for free rows), or None if all are free."""

@@ -62,13 +62,15 @@ def _on_graph_thread(compiled):
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, max_batch: int, max_seq_len: int | None, compile: bool):
+    def __init__(self, model: Transformer, max_batch: int, max_seq_len: int | None, compile: bool, spare_slots: int = 0):
+        """`spare_slots`: cache slots beyond each layer's window for speculative verifies (speculative.py)."""
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.max_batch = max_batch
         # A tensor-parallel model (mistral7b.parallel) hands out caches sharded by KV heads.
         new_cache = getattr(model, "new_cache", KVCache)
-        self.cache = new_cache(model.config, max_batch, self.device, self.dtype, max_seq_len)
+        spare = {"spare_slots": spare_slots} if spare_slots else {}
+        self.cache = new_cache(model.config, max_batch, self.device, self.dtype, max_seq_len, **spare)
         self.sampler = SamplerBatch(max_batch, model.config.vocab_size, self.device)
         self.compiled = compile
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
@@ -148,6 +150,22 @@ class ModelRunner:
             ready = torch.cuda.Event()
             ready.record()
         return DecodeGroup(decoding, steps, tokens, ready, tokens_t, positions_t), logprobs
+
+    def verify(self, requests: list[Request], drafts: list[list[int]]) -> torch.Tensor:
+        """One forward of each row's last token and its draft tokens (speculative decoding), as a
+        prefill chunk at the row's positions; the logits [n, T, vocab], T = 1 + the longest draft.
+        Shorter drafts are padded with repeats at the following positions; the engine forgets every
+        position it does not accept, so padding costs compute only."""
+        width = 1 + max(len(d) for d in drafts)
+        tokens, positions = [], []
+        for r, d in zip(requests, drafts):
+            fed = [r.output_ids[-1], *d]
+            tokens += fed + [fed[-1]] * (width - len(fed))
+            positions += range(r.position, r.position + width)
+        n = len(requests)
+        tokens_t, positions_t = self.to_device(tokens).view(n, width), self.to_device(positions).view(n, width)
+        kv_len = max(r.position for r in requests) + width
+        return self.model(tokens_t, positions_t, self.cache, rows=self.rows([r.row for r in requests]), kv_len=kv_len)
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)

@@ -32,7 +32,8 @@ class EngineCollector:
         aborted.add_metric([], self.driver.aborted)
         steps = CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine steps run.")
         steps.add_metric([], self.driver.steps)
-        return [running, waiting, aborted, steps, *prefix_cache_metrics(getattr(self.engine, "prefix", None))]
+        return [running, waiting, aborted, steps, *prefix_cache_metrics(getattr(self.engine, "prefix", None)),
+                *spec_decode_metrics(getattr(self.engine, "speculator", None))]
 
 
 PREFIX_CACHE_HELP = {  # vLLM's names (vllm:prefix_cache_queries_total, ...) with our prefix
@@ -56,6 +57,29 @@ def prefix_cache_metrics(prefix) -> list:
         metric.add_metric([], value)
         families.append(metric)
     return families
+
+
+def spec_decode_metrics(speculator) -> list:
+    """Speculative decoding's counters under vLLM's names (vllm:spec_decode_num_draft_tokens_total, ...)
+    with our prefix; none when speculation is off."""
+    if speculator is None:
+        return []
+    stats = speculator.stats
+    counts = {
+        "mistral7b:spec_decode_num_drafts": ("Row-steps that verified draft tokens.", stats.verify_rows),
+        "mistral7b:spec_decode_num_draft_tokens": ("Draft tokens proposed.", stats.draft_tokens),
+        "mistral7b:spec_decode_num_accepted_tokens": ("Draft tokens accepted.", stats.accepted_tokens),
+    }
+    families = []
+    for name, (help_text, value) in counts.items():
+        family = CounterMetricFamily(name, help_text)
+        family.add_metric([], value)
+        families.append(family)
+    per_position = CounterMetricFamily("mistral7b:spec_decode_num_accepted_tokens_per_pos",
+                                       "Draft tokens accepted, by position in the draft.", labels=["position"])
+    for position, value in enumerate(stats.accepted_per_position):
+        per_position.add_metric([str(position)], value)
+    return [*families, per_position]
 
 
 class Metrics:

@@ -1,0 +1,167 @@
+"""Proposers for speculative decoding: n-gram prompt lookup, and a draft model with its own cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..cache import KVCache
+from ..sampling import SamplerBatch, warped_logits
+from .request import Request
+from .speculative import Proposal
+
+
+def ngram_lookup(sequence: list[int], k: int, max_n: int = 4, min_n: int = 1) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens,
+    trying n = max_n down to min_n (longest match first); [] when nothing matches."""
+    if k < 1 or len(sequence) < 2:
+        return []
+    seq = np.asarray(sequence)
+    for n in range(min(max_n, len(seq) - 1), min_n - 1, -1):
+        suffix = seq[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # starts 0 .. len-1-n
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return seq[start : start + k].tolist()
+    return []
+
+
+class NgramProposer:
+    """Prompt lookup (llama.cpp's --lookup, vLLM's ngram): no second model; q is one-hot."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, requests: list[Request], caps: list[int], sampler: SamplerBatch) -> Proposal:
+        tokens = [ngram_lookup(r.prompt_ids + r.output_ids, cap, self.max_n, self.min_n) for r, cap in zip(requests, caps)]
+        return Proposal(tokens, [None] * len(requests))
+
+    def rollback(self, request: Request, kept: int) -> None:
+        pass
+
+
+class DraftProposer:
+    """A smaller model with the target's vocabulary proposes k tokens autoregressively. Its cache row
+    mirrors the target's row: `held[row]` positions of the sequence are in it; after a verify, the
+    accepted drafts stay and the rejected ones are forgotten, so the next proposal only feeds what the
+    draft has not seen (the target's correction token, or a new prompt in chunks)."""
+
+    def __init__(self, model, max_batch: int, num_tokens: int, chunk_size: int, max_seq_len: int | None):
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.cache = KVCache(model.config, max_batch, self.device, param.dtype, max_seq_len, spare_slots=num_tokens)
+        self.chunk_size = chunk_size
+        self.owner: dict[int, Request] = {}  # which request each row's draft cache belongs to
+        self.held: dict[int, int] = {}
+        self.proposed: dict[int, int] = {}
+
+    def propose(self, requests: list[Request], caps: list[int], sampler: SamplerBatch) -> Proposal:
+        tokens: list[list[int]] = [[] for _ in requests]
+        q: list[list[torch.Tensor] | None] = [None] * len(requests)
+        live = [i for i, cap in enumerate(caps) if cap > 0]
+        if not live:
+            return Proposal(tokens, [None] * len(requests))
+        logits = self._catch_up([requests[i] for i in live])
+        for step in range(max(caps)):
+            chosen, dist = self._choose(logits, [requests[i] for i in live], sampler)
+            for i, t, d in zip(live, chosen.tolist(), dist):
+                tokens[i].append(t)
+                if d is not None:
+                    q[i] = (q[i] or []) + [d]
+            live = [i for i in live if len(tokens[i]) < caps[i]]
+            if not live:
+                break
+            logits = self._advance([requests[i] for i in live], [tokens[i][-1] for i in live])
+        for r, t in zip(requests, tokens):
+            self.proposed[r.row] = len(t)
+        return Proposal(tokens, [None if d is None else torch.stack(d) for d in q])
+
+    def _catch_up(self, requests: list[Request]) -> torch.Tensor:
+        """Feed the tokens each row's draft cache lacks (in chunks; rows at the same offsets share a
+        forward); the draft's logits [n, vocab] for each row's next token."""
+        spans = {}
+        for i, r in enumerate(requests):
+            if self.owner.get(r.row) is not r:
+                self.owner[r.row], self.held[r.row] = r, 0
+                self.cache.reset(slice(r.row, r.row + 1))
+            spans.setdefault((self.held[r.row], len(r.prompt_ids) + len(r.output_ids)), []).append(i)
+        out = [None] * len(requests)
+        for (start, end), members in spans.items():
+            group = [requests[i] for i in members]
+            for i, row_logits in zip(members, self._feed(group, start, end)):
+                out[i] = row_logits
+        return torch.stack(out)
+
+    def _feed(self, group: list[Request], start: int, end: int) -> torch.Tensor:
+        """Sequence tokens [start, end) of every request in `group` through the draft, chunk by chunk."""
+        rows = torch.tensor([r.row for r in group], device=self.device)
+        while start < end:
+            stop = min(end, start + self.chunk_size)
+            tokens = torch.tensor([(r.prompt_ids + r.output_ids)[start:stop] for r in group], device=self.device)
+            positions = torch.arange(start, stop, device=self.device).expand(len(group), stop - start)
+            logits = self.model(tokens, positions, self.cache, rows=rows, kv_len=stop, last_only=True)
+            start = stop
+        for r in group:
+            self.held[r.row] = end
+        return logits[:, -1].float()
+
+    def _advance(self, requests: list[Request], last: list[int]) -> torch.Tensor:
+        """Feed each row's newest draft token (one batched decode step); the logits [n, vocab] after it."""
+        positions = [self.held[r.row] for r in requests]
+        tokens = torch.tensor(last, device=self.device)[:, None]
+        rows = torch.tensor([r.row for r in requests], device=self.device)
+        logits = self.model(tokens, torch.tensor(positions, device=self.device)[:, None], self.cache, rows=rows,
+                            kv_len=max(positions) + 1)
+        for r in requests:
+            self.held[r.row] += 1
+        return logits[:, -1].float()
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, requests: list[Request], sampler: SamplerBatch):
+        """The draft's token per row: the argmax for greedy rows, else a draw from q, the draft's logits
+        under the row's temperature and filters (penalties are left out: any q keeps the output exact)."""
+        rows = [r.row for r in requests]
+        index = torch.tensor(rows, device=logits.device)
+        greedy = logits.argmax(-1)
+        if all(r.params.greedy for r in requests):
+            return greedy, [None] * len(requests)
+        q = warped_logits(logits, sampler, rows, index).softmax(-1)
+        drawn = (q / sampler.noise(rows)).argmax(-1)
+        sampled = [not r.params.greedy for r in requests]
+        chosen = torch.where(torch.tensor(sampled, device=logits.device), drawn, greedy)
+        return chosen, [q[i] if s else None for i, s in enumerate(sampled)]
+
+    def rollback(self, request: Request, kept: int) -> None:
+        """Keep the first `kept` draft tokens fed to the draft cache; forget the rest."""
+        row = request.row
+        fed = self.proposed.pop(row, 0) - 1  # the last draft token is never fed
+        if fed <= 0:
+            return
+        keep_until = self.held[row] - fed + min(kept, fed)
+        self.cache.forget(row, keep_until, self.held[row])
+        self.held[row] = keep_until
+
+
+def check_draft(target_config, draft_config, target_context: int | None) -> None:
+    """A ValueError unless the draft can propose for the target: same vocabulary, and a context at least
+    as long as the target's (None: unbounded, with a sliding window)."""
+    if draft_config.vocab_size != target_config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft_config.vocab_size} tokens) differs from the "
+                         f"target's ({target_config.vocab_size}): speculative decoding needs the same tokenizer")
+    draft_context = None if draft_config.has_window else draft_config.max_seq_len
+    if draft_context is not None and (target_context is None or draft_context < target_context):
+        raise ValueError(f"the draft model's context ({draft_context} tokens) is shorter than the target's "
+                         f"({target_context or 'unbounded'}): pass max_seq_len={draft_context} or a longer draft")
+
+
+def load_draft(config, source, device, dtype):
+    """The draft model for `config` (a SpeculativeConfig): `config.draft` loaded by the project's loaders,
+    or for "self-int4" the target `source` again with its weights quantized to int4; None for n-gram."""
+    from ..loading import load_model
+
+    if config.method == "draft":
+        return load_model(config.draft, device, dtype)
+    if config.method == "self-int4":
+        return load_model(source, device, dtype, quantize="int4")
+    return None

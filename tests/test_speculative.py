@@ -1,0 +1,253 @@
+"""Speculative decoding on tiny random models: greedy output token-identical to plain decoding (past
+the sliding window, ragged batches, each proposer), the features that ride on sampling, metrics, and
+bad input. The sampling-distribution test is in test_speculative_sampling.py."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from checkpoints import randomize_
+
+from mistral7b import SamplingParams
+from mistral7b.config import ModelConfig
+from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
+from mistral7b.engine.proposers import ngram_lookup
+from mistral7b.engine.speculative import Proposal
+from mistral7b.model import Transformer
+from mistral7b.server.metrics import Metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+W = 16
+VOCAB = 64
+
+
+def tiny(window=W, max_seq_len=256, vocab=VOCAB, seed=1) -> Transformer:
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                         sliding_window=window, max_seq_len=max_seq_len)
+    return randomize_(Transformer(config).eval(), torch.Generator().manual_seed(seed))
+
+
+def perturbed(model: Transformer, scale: float, seed: int) -> Transformer:
+    """A draft that agrees with `model` often but not always."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return draft
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny()
+
+
+def generate(model, prompts, params, spec=None, draft=None, max_batch=4, **options):
+    engine = Engine(model, None, max_batch=max_batch, speculative=spec, draft_model=draft, **options)
+    requests = [engine.add(p, params if isinstance(params, SamplingParams) else params[i]) for i, p in enumerate(prompts)]
+    while engine.has_work():
+        engine.step()
+    return requests, engine
+
+
+def random_prompts(lengths, seed, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("method, k", [("ngram", 4), ("draft", 3), ("self", 5)])
+def test_greedy_equals_plain_past_window_ragged(target, method, k):
+    """Prompts and outputs much longer than W = 16, three rows of different lengths (plus a fourth that
+    joins later), a short max_tokens row that can take fewer drafts than k."""
+    draft = {"ngram": None, "draft": perturbed(target, 0.08, seed=3), "self": target}[method]
+    spec = SpeculativeConfig("ngram" if method == "ngram" else "draft", k, draft=None if method == "ngram" else "x")
+    prompts = random_prompts((5, 23, 40, 9, 30), seed=11)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 45, 50, 7, 33)]
+    plain, _ = generate(target, prompts, params)
+    fast, engine = generate(target, prompts, params, spec, draft)
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert [len(r.output_ids) for r in fast] == [p.max_tokens for p in params]
+    stats = engine.speculator.stats
+    assert stats.verify_rows > 0 and stats.draft_tokens > 0
+    if method == "self":  # a draft identical to the target is always right
+        assert stats.accepted_tokens == stats.draft_tokens
+    elif method == "draft":
+        assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def test_greedy_equals_plain_linear_cache_exact_fit():
+    """No window: a linear cache of max_seq_len positions, filled exactly (prompt + max_tokens = limit)."""
+    model = tiny(window=None, max_seq_len=48, seed=4)
+    prompts = random_prompts((8, 20), seed=12)
+    params = [SamplingParams(max_tokens=48 - len(p), ignore_eos=True) for p in prompts]
+    plain, _ = generate(model, prompts, params)
+    for spec, draft in ((SpeculativeConfig("ngram", 6), None), (SpeculativeConfig("draft", 4, draft="x"), perturbed(model, 0.05, 5))):
+        fast, _ = generate(model, prompts, params, spec, draft)
+        assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+
+
+def test_ngram_lookup_longest_latest_match():
+    seq = [1, 2, 3, 9, 7, 2, 3, 5, 6, 1, 2, 3]
+    # [1, 2, 3] (n = 3) occurs at 0, followed by 9 7 2; the shorter [2, 3] also occurs later (5) but loses.
+    assert ngram_lookup(seq, 3) == [9, 7, 2]
+    assert ngram_lookup([4, 2, 3, 8, 2, 3], 2) == [8, 2]  # n = 2: [2, 3] at 1
+    assert ngram_lookup([5, 1, 6, 1, 7, 1], 2) == [7, 1]  # n = 1: the latest earlier 1 (at 3) is followed by 7, 1
+    assert ngram_lookup([1, 2, 3, 4], 3) == []
+    assert ngram_lookup([3, 1, 2, 3, 1, 2], 4, max_n=2) == [3, 1, 2]
+    g = torch.Generator().manual_seed(16)
+    for _ in range(300):  # against a plain scan, on random sequences over a small alphabet
+        seq = torch.randint(0, 4, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        assert ngram_lookup(seq, 5) == scan_lookup(seq, 5), seq
+
+
+def scan_lookup(seq, k, max_n=4):
+    for n in range(max_n, 0, -1):
+        for i in range(len(seq) - n - 1, -1, -1):
+            if n < len(seq) and seq[i : i + n] == seq[-n:]:
+                return seq[i + n : i + n + k]
+    return []
+
+
+class ScriptedProposer:
+    """Proposes the reference continuation with one wrong token at a known place, and counts what the
+    engine should therefore accept."""
+
+    def __init__(self, reference: list[int], k: int):
+        self.reference, self.k, self.steps = reference, k, 0
+        self.expected = {"draft": 0, "accepted": 0, "per_position": [0] * k, "verify_rows": 0}
+
+    def propose(self, requests, caps, sampler):
+        (r,), (cap,) = requests, caps
+        done = len(r.output_ids)
+        drafts = self.reference[done : done + cap]
+        wrong = self.steps % (self.k + 1)  # k + 1: sometimes every draft is right
+        if wrong < len(drafts):
+            drafts[wrong] = (drafts[wrong] + 1) % VOCAB
+        self.steps += 1
+        accepted = min(wrong, len(drafts))
+        if drafts:
+            e = self.expected
+            e["draft"] += len(drafts)
+            e["accepted"] += accepted
+            e["verify_rows"] += 1
+            for j in range(accepted):
+                e["per_position"][j] += 1
+        return Proposal([drafts], [None])
+
+    def rollback(self, request, kept):
+        pass
+
+
+def test_metrics_count_what_was_accepted(target):
+    prompt = random_prompts((21,), seed=13)[0]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    (plain,), _ = generate(target, [prompt], params)
+    k = 4
+    engine = Engine(target, None, max_batch=2, speculative=SpeculativeConfig("ngram", k))
+    scripted = ScriptedProposer(plain.output_ids, k)
+    engine.speculator.proposer = scripted
+    request = engine.add(prompt, params)
+    while engine.has_work():
+        engine.step()
+    assert request.output_ids == plain.output_ids
+    stats, e = engine.speculator.stats, scripted.expected
+    assert (stats.draft_tokens, stats.accepted_tokens, stats.verify_rows) == (e["draft"], e["accepted"], e["verify_rows"])
+    assert stats.accepted_per_position == e["per_position"]
+    assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
+    metrics = Metrics()  # and /metrics exports them under vLLM's names
+    metrics.watch(engine, SimpleNamespace(aborted=0, steps=0), lambda: 0)
+    text = metrics.render().decode()
+    exported = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("mistral7b:spec_decode"))
+    assert float(exported["mistral7b:spec_decode_num_draft_tokens_total"]) == e["draft"]
+    assert float(exported["mistral7b:spec_decode_num_accepted_tokens_total"]) == e["accepted"]
+    assert float(exported["mistral7b:spec_decode_num_drafts_total"]) == e["verify_rows"]
+    for j, n in enumerate(e["per_position"]):
+        assert float(exported[f'mistral7b:spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}}']) == n
+
+
+def test_sampling_features_logprobs_stops_and_penalties_match_plain(target):
+    """Greedy with logit_bias and penalties (the sampler's adjustments apply at every verified position),
+    logprobs of every token, a stop token, and max_tokens: speculation changes none of them."""
+    prompts = random_prompts((12, 30, 18), seed=14)
+    plain_out, _ = generate(target, prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    stop = plain_out[1].output_ids[17]  # a token the second row emits mid-way
+    params = SamplingParams(max_tokens=30, logprobs=3, presence_penalty=0.7, frequency_penalty=0.3,
+                            repetition_penalty=1.2, logit_bias={5: 4.0, 7: -3.0}, stop_token_ids=[stop])
+    plain, _ = generate(target, prompts, params)
+    draft = perturbed(target, 0.05, seed=6)
+    for spec, dm in ((SpeculativeConfig("ngram", 4), None), (SpeculativeConfig("draft", 3, draft="x"), draft)):
+        fast, _ = generate(target, prompts, params, spec, dm)
+        for a, b in zip(fast, plain):
+            assert a.output_ids == b.output_ids and a.finish_reason == b.finish_reason
+            assert [t.token_id for t in a.logprobs] == b.output_ids
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+                assert [i for i, _ in x.top] == [i for i, _ in y.top]
+    assert any(r.finish_reason == "stop" for r in plain) and any(r.finish_reason == "length" for r in plain)
+
+
+def test_large_batch_turns_speculation_off(target):
+    prompts = random_prompts((6, 7, 8), seed=15)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 12, 12)]
+    plain, _ = generate(target, prompts, params)
+    engine = Engine(target, None, max_batch=4, speculative=SpeculativeConfig("ngram", 3, max_batch=2))
+    sizes, step = [], engine.speculator.step
+    engine.speculator.step = lambda decoding, deltas: (sizes.append(len(decoding)), step(decoding, deltas))
+    fast = [engine.add(p, q) for p, q in zip(prompts, params)]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert sizes and max(sizes) == 2  # three rows decode plainly; once the first has finished, two speculate
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="eagle"), "speculative method must be one of"),
+    (dict(num_tokens=0), "num_speculative_tokens must be an integer in [1, 16]"),
+    (dict(num_tokens=17), "num_speculative_tokens must be an integer in [1, 16]"),
+    (dict(num_tokens=2.0), "num_speculative_tokens must be an integer"),
+    (dict(method="draft"), "a draft model source"),
+    (dict(method="ngram", draft="x"), "a draft model source"),
+    (dict(min_ngram=3, max_ngram=2), "1 <= min_ngram <= max_ngram"),
+    (dict(max_batch=0), "speculative max_batch must be a positive integer"),
+])
+def test_bad_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        SpeculativeConfig(**kwargs)
+
+
+def test_bad_draft_and_flags_errors(target):
+    other_vocab = tiny(vocab=VOCAB + 1)
+    with pytest.raises(ValueError, match=r"draft model's vocabulary \(65 tokens\) differs from the target's \(64\)"):
+        Engine(target, None, speculative=SpeculativeConfig("draft", 2, draft="x"), draft_model=other_vocab)
+    linear, short = tiny(window=None, max_seq_len=256), tiny(window=None, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"draft model's context \(64 tokens\) is shorter than the target's \(256\)"):
+        Engine(linear, None, speculative=SpeculativeConfig("draft", 2, draft="x"), draft_model=short)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        Engine(target, None, speculative=SpeculativeConfig("self-int4", 2))
+    with pytest.raises(ValueError, match="speculative must be a SpeculativeConfig"):
+        EngineConfig(speculative="ngram")
+    assert SpeculativeConfig.parse("draft:/x/y.gguf", 5) == SpeculativeConfig("draft", 5, draft="/x/y.gguf")
+    assert SpeculativeConfig.parse("ngram") == SpeculativeConfig("ngram")
+    assert SpeculativeConfig.parse(None) is None
+    with pytest.raises(ValueError, match="draft needs the draft model's source"):
+        SpeculativeConfig.parse("draft")
+    with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative"):
+        SpeculativeConfig.parse(None, 3)
+
+
+def test_greedy_equals_plain_with_prefix_cache(target):
+    """Prompts sharing a prefix longer than W: the second and third restore it from the prefix cache
+    (into a cache of W + k slots) and still decode what plain decoding without the cache gives."""
+    shared = random_prompts((40,), seed=17)[0]
+    prompts = [shared + tail for tail in random_prompts((3, 7, 5), seed=18)]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain, _ = generate(target, prompts, params, max_batch=1)
+    fast, engine = generate(target, prompts, params, SpeculativeConfig("ngram", 4), max_batch=1,
+                            prefix_cache_gib=0.01, prefix_block_size=8)
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert engine.prefix.counters.hit_requests == 2
