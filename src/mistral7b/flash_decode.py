@@ -41,7 +41,7 @@ def split_plan(batch: int, kv_heads: int, slots: int, processors: int) -> tuple[
 
 
 @functools.cache
-def _kernels():
+def _partial_kernel():
     import triton
     import triton.language as tl
 
@@ -87,6 +87,14 @@ def _kernels():
         tl.store(l_ptr + out, l_i, mask=valid)
         tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=valid[:, None])
 
+    return partial_kernel
+
+
+@functools.cache
+def _merge_kernel():
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr):
         row_head = tl.program_id(0)
@@ -101,7 +109,7 @@ def _kernels():
         merged = tl.sum(acc * weight[:, None], 0) / tl.maximum(total, 1e-30)  # no visible key: zeros, not NaN
         tl.store(out_ptr + row_head * HEAD_DIM + d, merged.to(out_ptr.dtype.element_ty))
 
-    return partial_kernel, merge_kernel
+    return merge_kernel
 
 
 def flash_decode(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -121,7 +129,7 @@ def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tens
     partial_l = torch.empty_like(partial_m)
     partial_acc = torch.empty(batch, heads, splits, head_dim, device=q.device, dtype=torch.float32)
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
-    partial_kernel, merge_kernel = _kernels()
+    partial_kernel, merge_kernel = _partial_kernel(), _merge_kernel()
     q = q if q.stride(-1) == 1 else q.contiguous()
     partial_kernel[(batch * kv_heads, splits)](
         q, k, v, q_pos, k_pos, partial_m, partial_l, partial_acc,
