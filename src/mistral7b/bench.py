@@ -7,6 +7,7 @@ Figures are medians over `--runs`; the table goes to stdout and everything to `-
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import statistics
 import time
@@ -115,16 +116,26 @@ def run_requests(engine: Engine, prompts, new_tokens):
     return requests
 
 
+def build_models(config: ModelConfig, device, with_hf: bool):
+    """(HF model or None, ours) with the same random weights; without HF, transformers is never imported."""
+    if not with_hf:
+        torch.manual_seed(0)
+        with torch.device(device):
+            return None, Transformer(config).to(torch.bfloat16).eval()
+    hf = build_hf(config, device)
+    return hf, ours_from_hf(hf, config, device)
+
+
 def main(args) -> int:
     device = args.device
     config = preset(args.preset)
-    import transformers
+    transformers = None if args.no_hf else importlib.import_module("transformers")
 
     results: dict = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": transformers.__version__ if transformers is not None else None,
         "preset": args.preset,
         "decode_kernel": decode_kernel(),
         "ours": {},
@@ -133,13 +144,9 @@ def main(args) -> int:
     }
     sections = set(args.sections.split(","))
     print(f"building random {args.preset} weights on {device}...", flush=True)
-    hf = build_hf(config, device)
-    model = ours_from_hf(hf, config, device)
+    hf, model = build_models(config, device, with_hf=not args.no_hf)
     global OTHER_RESIDENT_BYTES
-    if args.no_hf:
-        del hf
-        hf = None
-    else:
+    if hf is not None:
         OTHER_RESIDENT_BYTES = sum(p.numel() * p.element_size() for p in hf.parameters())
     ours = results["ours"]
     cuda = torch.device(device).type == "cuda"
