@@ -9,6 +9,7 @@ it and exit when it closes. NCCL on CUDA, gloo on CPU; NVLink multicast is kept 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import sys
@@ -206,10 +207,27 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker_main, args=(spec, r, r, os.getpid()), name=f"mistral7b-tp{r}")
                  for r in range(1, tensor_parallel_size)]
-    for p in processes:
-        p.start()
+    with _script_hidden():
+        for p in processes:
+            p.start()
     cleanup = lambda: shutil.rmtree(folder, ignore_errors=True)  # noqa: E731
     return _start_rank0(spec, processes, cleanup)
+
+
+@contextlib.contextmanager
+def _script_hidden():
+    """Workers need nothing from the caller's script, but spawn re-runs it in each of them unless it
+    is guarded by `if __name__ == "__main__"` (building its models again, then failing to launch):
+    while they start, the script's path and spec are hidden from multiprocessing."""
+    main = vars(sys.modules.get("__main__") or contextlib)  # (no __main__: hide nothing that matters)
+    saved = {k: main[k] for k in ("__file__", "__spec__") if k in main}
+    main.pop("__file__", None)
+    main["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.pop("__spec__")
+        main.update(saved)
 
 
 def _start_rank0(spec: LaunchSpec, processes, cleanup) -> TensorParallelModel:
