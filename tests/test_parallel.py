@@ -288,12 +288,14 @@ def test_launches_in_a_row_quantized_and_bounded(tiny, tmp_path):
 
 
 def test_launch_from_an_unguarded_script(tiny, tmp_path):
-    """A script without `if __name__ == "__main__"` that loads a model and then launches: spawn must not
-    run the script again in each worker (it would load again, then fail to launch from a worker)."""
+    """A script without `if __name__ == "__main__"` that launches, then loads a model and launches again:
+    spawn must not run the script again in each worker (it would load again, then fail to launch from
+    a worker: issue 26's hang)."""
     script = tmp_path / "script.py"
     script.write_text(
         "import torch\nfrom mistral7b.loading import load_model\nfrom mistral7b.parallel import launch\n"
-        f"torch.set_num_threads(1)\none = load_model({str(tiny[1])!r})\nprint('loaded', flush=True)\n"
+        f"torch.set_num_threads(1)\nlaunch({str(tiny[1])!r}, 2, device='cpu', timeout_s={TIMEOUT_S}).close()\n"
+        f"one = load_model({str(tiny[1])!r})\nprint('loaded', flush=True)\n"
         f"model = launch({str(tiny[1])!r}, 2, device='cpu', timeout_s={TIMEOUT_S})\n"
         "tokens = torch.tensor([[1, 2, 3, 4]])\n"
         "print('diff', float((model(tokens) - one(tokens)).abs().max() / one(tokens).abs().max()))\n"
