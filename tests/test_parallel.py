@@ -23,6 +23,7 @@ from mistral7b import SamplingParams
 from mistral7b.cache import KVCache
 from mistral7b.engine import Engine
 from mistral7b.loading import load_model
+from mistral7b.loading.quantized import save_quantized
 from mistral7b.parallel import TensorParallelError, check_world_size, launch, local_config
 from mistral7b.parallel.startup import StartupError
 from mistral7b.parallel.loading import load_shard
@@ -148,7 +149,8 @@ def expected_shard(weights: dict[str, torch.Tensor], c, rank: int, world: int) -
 
 
 @pytest.mark.parametrize("fmt,quantize", [("hf", "none"), ("mistral-safetensors", "none"), ("mistral-pth", "none"),
-                                          ("gguf-Q8_0", "none"), ("gguf-Q4_1", None), ("hf", "int8")])
+                                          ("gguf-Q8_0", "none"), ("gguf-Q4_1", None), ("hf", "int8"),
+                                          ("ours-int4", None)])
 def test_each_rank_loads_its_slices(tiny, tmp_path, fmt, quantize):
     """Each rank's weights equal the one-process model's, cut by hand: dense, a GGUF's blocks kept (wo's
     split falls on a block boundary, 64 = 2 x 32 columns; w2's does not, 96 / 2 = 48, so w2 is read
@@ -158,6 +160,8 @@ def test_each_rank_loads_its_slices(tiny, tmp_path, fmt, quantize):
         path = write_mistral(hf, tmp_path / "m", fmt="safetensors" if fmt.endswith("safetensors") else "pth")
     elif fmt.startswith("gguf"):
         path = write_gguf(hf, tmp_path / "m.gguf", qtype=fmt.partition("-")[2])
+    elif fmt == "ours-int4":  # our quantized checkpoint, int4 g32: w2's split (48) falls inside a group
+        path = save_quantized(load_model(path, quantize=resolve("int4", 32)), tmp_path / "q")
     quant = resolve(quantize)
     full = load_model(path, quantize=quant)
     full_dense = dense_weights(load_model(path, quantize="none"))
@@ -171,7 +175,7 @@ def test_each_rank_loads_its_slices(tiny, tmp_path, fmt, quantize):
         assert got.keys() == want.keys()
         for name in want:
             assert torch.equal(got[name], (want if name in quantized else want_dense)[name]), (fmt, rank, name)
-        if fmt == "gguf-Q4_1":
+        if fmt in ("gguf-Q4_1", "ours-int4"):
             assert {"layers.0.attention.wqkv.weight", "layers.0.attention.wo.weight"} <= quantized
             assert "layers.0.feed_forward.w2.weight" not in quantized
         if quantize == "int8":

@@ -156,8 +156,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
         for m, fmt in modules.items():
             weight = _read_module(file, m, fmt, config, keys)
             for name, lo, hi in parts[m]:
-                part = cut(weight.map_rows(lambda t, lo=lo, hi=hi: t[lo:hi]), slice_of(name))
-                yield name, part if name in keep else part.dequantize()
+                rows = weight.map_rows(lambda t, lo=lo, hi=hi: t[lo:hi])
+                yield name, cut(rows if name in keep else rows.dequantize(), slice_of(name))
         for key in sorted(keys - quant_keys):
             tensor = _get(file, key)
             module = key.removesuffix(".weight")
