@@ -335,13 +335,21 @@ class TestThreeRanks:
 
     @torch.no_grad()
     def test_default_model_three_ranks(self, default_model, tp3, monkeypatch):
-        wo = tp3.shard.layers[0].attention.wo  # a third of each row's Q4_1 blocks (192 = 6 x 32 columns)
+        """Rank 0 holds exactly its cut of the one-process weights, Q4_1 blocks as stored (wo: 192 = 6 x 32
+        columns of each row); on real text the output agrees with one process."""
+        from mistral7b.tokenizer import Tokenizer
+
+        wo = tp3.shard.layers[0].attention.wo
         assert isinstance(wo, QuantModule) and wo.fmt.source == "Q4_1" and wo.in_features == 192
-        tokens = torch.randint(0, default_model.config.vocab_size, (1, 24))
+        got_w, want_w = dense_weights(tp3.shard), expected_shard(dense_weights(default_model), tp3.config, 0, 3)
+        assert got_w.keys() == want_w.keys() and all(torch.equal(got_w[k], want_w[k]) for k in want_w)
+        tokenizer = Tokenizer.from_source(DEFAULT_MODEL)
+        prompts = [tokenizer.encode(text, bos=True) for text in ("The capital of France is", "Water boils at")]
+        tokens = torch.tensor([prompts[0]])
         # The int4 kernel takes and returns bf16: each rank's partial sums of wo/w2 are rounded before the
-        # all-reduce, one process rounds the whole sum once (measured 1.1e-2 over 30 layers).
-        assert rel_err(tp3(tokens), default_model(tokens)) < 3e-2
-        prompts = [tokens[0, :n].tolist() for n in (9, 5)]
+        # all-reduce, where one process rounds the whole sum once (the weights themselves are equal, above).
+        a, b = tp3(tokens), default_model(tokens)
+        assert ((a - b).norm() / b.norm()).item() < 3e-2
         want = greedy(Engine(default_model, None, max_batch=2, chunk_size=4), prompts, 4)
         got = greedy(tp_engine(tp3, monkeypatch, max_batch=2, chunk_size=4), prompts, 4)
         assert_greedy_agrees(default_model, prompts, got, want, tie=3e-2)

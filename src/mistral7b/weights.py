@@ -1,15 +1,11 @@
-"""The canonical weight map: every weight of a `Transformer`, the module that holds it, and how it splits.
+"""The canonical weight map: each weight of a `Transformer` under its canonical name (Mistral's,
+unfused), the module and rows that hold it (q, k, v fused into `wqkv`; w1, w3 into `w13`), and how
+tensor parallelism splits it. Loading, quantization and sharding all read this map.
 
-Checkpoint formats map their tensor names onto the canonical ones (Mistral's, unfused:
-`layers.0.attention.wq.weight`). The model fuses q, k, v into one `wqkv` and w1, w3 into one `w13`;
-a `WeightSlot` gives the module and the rows of its weight that hold one canonical tensor. Loading,
-quantization and tensor parallelism all read this map.
-
-Tensor parallel rank r of N keeps KV heads [r*K/N, (r+1)*K/N) and the query heads that use them
-(whole GQA groups), and 1/N of the SwiGLU hidden units: wq/wk/wv/w1/w3 split by output rows
-(column parallel), wo/w2 by input columns (row parallel, each followed by an all-reduce). Norms and
-the embedding are replicated; the head is replicated or split by vocabulary rows. `Transformer(
-local_config(config, N))` is then exactly one rank's shard, and its weight map places each slice.
+Rank r of N keeps KV heads [r*K/N, (r+1)*K/N) with the query heads that use them, and 1/N of the
+SwiGLU units: wq/wk/wv/w1/w3 split by output rows, wo/w2 by input columns (each followed by an
+all-reduce); norms and the embedding are whole, the head whole or split by vocabulary rows.
+`Transformer(local_config(config, N))` is one rank's shard, and its own map places each slice.
 """
 
 from __future__ import annotations

@@ -97,12 +97,6 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def qk_heads(name: str, config: ModelConfig) -> int | None:
-    """Heads of the q or k projection called `name` (canonical), or None for any other tensor."""
-    slot = weight_map(config).get(name)
-    return slot.heads if slot is not None else None
-
-
 def _rotate_half(w, head_dim: int):
     """q/k rows of whole heads (all of them, or one rank's) from interleaved pairs to rotate-half; a
     quantized weight has its rows (and their scales) reordered the same way. Rows that are not whole

@@ -12,7 +12,8 @@ from pathlib import Path
 import json
 
 from ..config import ModelConfig, ModelLoadError, build_config, read_json
-from . import Checkpoint, half_to_interleaved, qk_heads
+from ..weights import weight_map
+from . import Checkpoint, half_to_interleaved
 from .safetensors_io import pickle_reader, safetensors_reader, write_weights
 
 
@@ -79,7 +80,7 @@ def save(model, path: str | Path) -> Path:
     config = model.config
 
     def interleave(name, t):
-        n = qk_heads(name, config)
+        n = getattr(weight_map(config).get(name), "heads", None)
         return t if n is None else half_to_interleaved(t, n)
 
     (path / "params.json").write_text(json.dumps(mistral_params(config), indent=2) + "\n")
