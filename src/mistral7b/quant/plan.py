@@ -38,10 +38,6 @@ class LoadPlan:
     sharding: Sharding = Sharding()
     whole: frozenset[str] = frozenset()
 
-    def group_sizes(self) -> list[int]:
-        """The int4/int8 group sizes in use (per-channel int8 counts as its width: not listed)."""
-        return sorted({f.group_size for f in self.formats.values() if f.group_size})
-
 
 def shardable(formats: dict[str, WeightFormat], config: ModelConfig, sharding: Sharding) -> dict[str, WeightFormat]:
     """The stored formats a rank can read as they are: a split of input columns must fall on group
