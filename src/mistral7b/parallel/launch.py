@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -183,6 +184,7 @@ def launch(source, tensor_parallel_size: int, device=None, dtype: torch.dtype | 
     `head` is "replicated" or "vocab" (the output projection split by vocabulary). On CPU each
     spawned worker uses `threads` torch threads (default: the cores shared out evenly)."""
     set_environment()
+    gc.collect()  # a model closed earlier may still sit in a reference cycle: free its memory first
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if dtype not in DTYPES:
