@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import math
 import subprocess
@@ -56,11 +55,11 @@ def has_quant() -> bool:
 
 def load(variant: str, path: Path, device: str, dtype: torch.dtype):
     """The model of one variant; "dequantized" works on every build (the GGUF expanded to `dtype`)."""
-    from mistral7b.loading import assemble, load_model, open_checkpoint
+    from mistral7b.loading import load_model
 
     if variant == "dequantized":
-        if "keep_quantized" in inspect.signature(open_checkpoint).parameters:
-            return assemble(open_checkpoint(path, keep_quantized=False), device, dtype)
+        if has_quant():
+            return load_model(path, device, dtype, quantize="none")
         return load_model(path, device, dtype)  # before mistral7b.quant, every GGUF loads dequantized
     if variant == "gguf":
         return load_model(path, device, dtype)

@@ -51,7 +51,7 @@ def test_json_equals_the_python_function(smollm2, tmp_path, capsys):
 
 def test_quantize_reaches_the_loader(smollm2, tmp_path, monkeypatch, capsys):
     """quantize= is None without the flag (a GGUF runs in its own formats), the QuantConfig of the flags
-    otherwise, and False for --quantize none."""
+    otherwise, and QuantConfig("none") for --quantize none."""
     seen = []
 
     def recording_llm(source, device=None, dtype=None, engine_config=None, quantize=None):
@@ -74,7 +74,7 @@ def test_quantize_reaches_the_loader(smollm2, tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["quantize"] == "int4 g64"
     assert run(str(f), "--quantize", "int8", "--no-quantize-head") == 0
     assert run(str(f), "--quantize", "none") == 0
-    assert seen == [None, resolve("int4", 64), resolve("int8", None, False), False]
+    assert seen == [None, resolve("int4", 64), resolve("int8", None, False), resolve("none")]
 
 
 def test_errors(tmp_path, capsys):

@@ -69,14 +69,16 @@ def test_info_reports_the_default_gguf_quantized():
         assert data["weight_formats"][label]["params"] == loaded[label]["params"]
     # the Q8_0 tensor is the tied embedding; describe_weights counts it again as the (shared) head
     assert c.tie_embeddings and data["weight_formats"]["int8 g32 (from Q8_0)"]["params"] == c.vocab_size * c.dim
-    text = run("info", "--dtype", "float32", "--device", "cpu", check=0).stdout
-    assert "weight format   int4 g32 (from Q4_1)" in text and "int8 g32 (from Q8_0)" in text
+    # --quantize int4 follows the file's grid: Q4_1 blocks kept, the tied head quantized anew, both g32
+    text = run("info", "--dtype", "float32", "--device", "cpu", "--quantize", "int4", check=0).stdout
+    assert "weight format   int4 g32 (from Q4_1) 65%, float32 17%, int4 g32 17% (as loaded with --quantize int4" in text
 
 
 @pytest.mark.parametrize("flags", [("int4",), ("int4", "--group-size", "64"), ("int8",)])
 def test_memory_quantized_bytes(flags):
     data = json.loads(run("memory", "--json", "--quantize", *flags, check=0).stdout)["quantized_weight_bytes"]
-    quant = resolve(flags[0], int(flags[2]) if len(flags) > 2 else None)
+    default = 128 if flags[0] == "int4" else None  # no source, so no grid of its own: int4 takes 128
+    quant = resolve(flags[0], int(flags[2]) if len(flags) > 2 else default)
     want = memory.quantized_weight_bytes(preset("mistral-7b-v0.1"), quant.method, quant.group_size)
     assert {k: data[k] for k in want} == want and data["format"] == quant.label
     text = run("memory", "--quantize", *flags, check=0).stdout

@@ -70,3 +70,125 @@ def test_readme_layout_matches_the_tree():
     assert not named - existing, f"README names what does not exist: {sorted(named - existing)}"
     missing = {n for n in existing if n.split("/")[0] not in top}
     assert not missing, f"README's layout table lacks: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------------------- one fact, one place
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module of the package that `path` imports, at the top or inside a function."""
+    name = _module_name(path).split(".")
+    package = name if path.name == "__init__.py" else name[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            found.add(".".join(base + ([node.module] if node.module else [])))
+            if not node.module:
+                found |= {".".join(base + [alias.name]) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mistral7b."):
+            found.add(node.module.removeprefix("mistral7b."))
+    return {m for m in found if m}
+
+
+def _code_strings(path: Path) -> list[str]:
+    """String constants and attribute names of a module, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            out.append(node.value)
+        elif isinstance(node, ast.Attribute):
+            out.append(node.attr)
+    return out
+
+
+CORE = {"config", "utils", "weights", "model", "attention", "cache"}
+# utils shares the GGUF header reader; the reader is a leaf (numpy and gguf only) that still lives in loading/
+LEAVES = {"loading.gguf_reader"}
+
+
+def test_lower_layers_never_import_upward():
+    """tokenizer/ never imports loading/ (nor anything above it); the core imports only the core."""
+    wrong = []
+    for path in _modules():
+        name = _module_name(path)
+        top = name.split(".")[0]
+        for imported in _imports(path) - LEAVES:
+            first = imported.split(".")[0]
+            if (top == "tokenizer" and first not in CORE | {"tokenizer"}) or (top in CORE and first not in CORE):
+                wrong.append(f"{name} imports {imported}")
+    assert not wrong, "imports from a lower layer up:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles_at_module_level():
+    graph = {}
+    for path in _modules():
+        tree = ast.parse(path.read_text())
+        top_level = ast.Module(body=[n for n in tree.body if isinstance(n, ast.ImportFrom)], type_ignores=[])
+        name, package = _module_name(path), _module_name(path).split(".")
+        package = package if path.name == "__init__.py" else package[:-1]
+        edges = set()
+        for node in top_level.body:
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                edges.add(".".join(base + ([node.module] if node.module else [])))
+        graph[name] = {e for e in edges if e and e != name}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        if state.get(node) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(node):] + [node]))
+        if state.get(node) == 2 or node not in graph:
+            return
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if not nxt.startswith(node + "."):  # a package importing its own modules is not a cycle
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        visit(node, [])
+
+
+def test_fused_layout_shard_rule_and_format_detection_live_in_one_place():
+    """The fused rows (wqkv = q, k, v; w13 = w1, w3) are named in code only by the model and the weight
+    map; the shard rule (heads and hidden units over N) only by the weight map; the checkpoint
+    format is told apart only by `loading.find_format`."""
+    fused, shard_rule, detection = set(), set(), set()
+    for path in _modules():
+        name = _module_name(path)
+        strings = _code_strings(path)
+        if any("wqkv" in s or "w13" in s for s in strings):
+            fused.add(name)
+        text = path.read_text()
+        if re.search(r"n_kv_heads\s*//\s*world|hidden_dim\s*//\s*world", text):
+            shard_rule.add(name)
+        if re.search(r'"params\.json"\)\.is_file\(\)|glob\("\*\.gguf"\)|(?<!def )is_quantized_folder\(', text):
+            detection.add(name)
+    assert fused == {"model", "weights"}, fused
+    assert shard_rule == {"weights"}, shard_rule
+    assert detection == {"loading"}, detection
+
+
+def test_bench_without_hf_never_imports_transformers(monkeypatch):
+    """`bench --no-hf` builds our model alone: an import of transformers would fail here."""
+    import sys
+
+    import torch
+
+    from mistral7b import bench
+    from mistral7b.config import ModelConfig
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=50)
+    hf, model = bench.build_models(config, "cpu", with_hf=False)
+    assert hf is None and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 50)

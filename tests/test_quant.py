@@ -119,7 +119,10 @@ def test_quant_embedding_lookup_is_exact(fmt):
 
 def test_quant_config_validation():
     assert resolve(None) is None
-    assert resolve("int4").group_size == 128 and resolve("int8").group_size is None
+    assert resolve("int4").group_size is None and resolve("int8").group_size is None  # None: the source's grid
+    assert resolve("int4").group_size_for(576) == 64 and resolve("int4").group_size_for(576, source_group=32) == 32
+    assert resolve("int4", 128).group_size_for(576, source_group=32) == 64  # asked for: the ceiling
+    assert resolve(False) == resolve("none") == QuantConfig("none") and QuantConfig("none").dense
     assert resolve("int4", 32, False) == QuantConfig("int4", 32, False)
     with pytest.raises(ValueError, match="unknown quantization method 'int3'"):
         resolve("int3")
@@ -139,7 +142,7 @@ def test_argparse_helpers():
     assert quant_config_from_args(p.parse_args([])) is None
     assert quant_config_from_args(p.parse_args(["--quantize", "int4", "--group-size", "64", "--no-quantize-head"])) \
         == QuantConfig("int4", 64, False)
-    assert quant_config_from_args(p.parse_args(["--quantize", "none"])) is False  # dequantize a GGUF
+    assert quant_config_from_args(p.parse_args(["--quantize", "none"])) == QuantConfig("none")  # dequantize a GGUF
     with pytest.raises(SystemExit):
         p.parse_args(["--quantize", "int2"])
 

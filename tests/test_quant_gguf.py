@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mistral7b import load_model
-from mistral7b.quant import describe_weights, resident_bytes
+from mistral7b.quant import describe_weights, resident_bytes, resolve
 from mistral7b.quant.gguf_blocks import FORMATS, repack
 from mistral7b.quant.linear import QuantEmbedding, QuantModule
 from checkpoints import gguf_tensors, hf_logits, hf_model, hf_with_gguf_roundtrip, llama_cpp_permute, rel_err, write_gguf
@@ -136,3 +136,20 @@ def test_smollm2_logits_and_greedy_tokens_match_fp32(smollm2, one_thread):
     agree = (chosen == seq[0, 12:]).float().mean().item()
     print(f"greedy agreement with fp32 over 32 tokens: {agree:.3f}")
     assert agree >= 0.9
+
+
+def test_smollm2_int4_keeps_the_files_grid(smollm2):
+    """--quantize int4 with no group size follows the file's grid: its Q4_1 blocks (groups of 32) go in
+    exactly as stored, and only the tied head (from Q8_0) is quantized anew, also in groups of 32. An
+    explicit --group-size still wins."""
+    path, stored, _ = smollm2
+    model = load_model(path, quantize="int4")
+    layer, kept = model.layers[0], stored.layers[0]
+    for name in ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
+        got, want = layer.get_submodule(name), kept.get_submodule(name)
+        assert (got.fmt.kind, got.group_size) == ("int4", 32), name
+        assert torch.equal(got.dequantize(), want.dequantize()), name  # the file's values, not requantized
+    assert (model.output.fmt.kind, model.output.group_size) == ("int4", 32)
+    assert set(describe_weights(model)) == {"int4 g32 (from Q4_1)", "int4 g32", "float32"}
+    coarse = load_model(path, quantize=resolve("int4", 64))
+    assert {m.group_size for m in coarse.modules() if isinstance(m, QuantModule)} == {64}

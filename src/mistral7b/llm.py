@@ -10,6 +10,7 @@ import torch
 
 from .engine import Engine, EngineConfig, Request, TokenLogprob
 from .loading import load_model
+from .quant.config import resolve as resolve_quantize
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, check_roles, with_safe_prompt
 from .utils import default_device, resolve_dtype
@@ -51,9 +52,10 @@ class LLM:
         that share a prefix reuse its KV (exact, sliding window included); off by default.
         `compile=True` compiles the decode step with CUDA graphs: about a minute and a half at the 7B
         shape before the first token, then several times faster decode (benchmarks/RESULTS.md).
-        `quantize` ("int8", "int4" or a mistral7b.quant.QuantConfig) quantizes the weights at load;
-        a GGUF file runs in its own quantized formats without it. `tensor_parallel_size=N` splits the
-        model over N processes (GPUs, or gloo on CPU) with mistral7b.parallel; N divides the KV heads.
+        `quantize` ("int8", "int4", "none" or a mistral7b.quant.QuantConfig) quantizes the weights at
+        load (also when sharded); a GGUF file runs in its own quantized formats without it.
+        `tensor_parallel_size=N` splits the model over N processes (GPUs, or gloo on CPU) with
+        mistral7b.parallel; N divides the KV heads.
         `speculative=SpeculativeConfig(method="ngram"|"draft"|"self-int4", num_tokens=k, draft=SRC)` turns
         on speculative decoding (engine/speculative.py): same output distribution, more tokens per forward."""
         engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
@@ -63,7 +65,8 @@ class LLM:
             source = default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = self._load(source, quantize, tensor_parallel_size)
+        self.quant = resolve_quantize(quantize)  # the one value every layer below reads
+        self.model = self._load(source, tensor_parallel_size)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
         draft = None
@@ -73,14 +76,12 @@ class LLM:
             draft = load_draft(engine_config.speculative, source, self.device, self.dtype)
         self.engine = Engine(self.model, self.tokenizer, engine_config, draft_model=draft)
 
-    def _load(self, source, quantize, tensor_parallel_size: int):
+    def _load(self, source, tensor_parallel_size: int):
         if tensor_parallel_size == 1:
-            return load_model(source, self.device, self.dtype, quantize=quantize)
-        if quantize not in (None, False, "none"):
-            raise ValueError("quantize= with tensor_parallel_size > 1 is not supported yet")
+            return load_model(source, self.device, self.dtype, quantize=self.quant)
         from .parallel import launch
 
-        return launch(source, tensor_parallel_size, self.device, self.dtype)
+        return launch(source, tensor_parallel_size, self.device, self.dtype, quant=self.quant)
 
     def close(self) -> None:
         """Stop tensor-parallel workers, if any (they also stop at exit)."""

@@ -115,11 +115,10 @@ def weight_bytes(config: ModelConfig) -> dict[str, int]:
 
 
 def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of every block linear as the model stores them (wqkv and w13 fused), all layers."""
-    c = config
-    per_layer = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), (c.dim, c.n_heads * c.head_dim),
-                 (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
-    return per_layer * c.n_layers
+    """(out, in) of every block linear as the model stores them (fused as the weight map says), all layers."""
+    from .weights import module_shapes
+
+    return [shape for module, shape in module_shapes(config).items() if module.startswith("layers.")]
 
 
 def quantized_linear_bytes(n: int, k: int, method: str, group_size: int | None, device: str = "cuda") -> int:

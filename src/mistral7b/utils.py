@@ -1,8 +1,9 @@
-"""Small shared facts: the one dtype table, `resolve_dtype`, the default device, the one GGUF detector, and
-host-to-device index copies."""
+"""Small shared facts: the one dtype table, `resolve_dtype`, the default device, the one GGUF detector
+and the shared GGUF reader, and host-to-device index copies."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,26 @@ def is_gguf(path: str | Path) -> bool:
         return True
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
+
+
+def read_gguf(path: str | Path):
+    """Open a GGUF file, turning the reader's many failure modes into one ModelLoadError.
+
+    Parsing the header of a large vocabulary takes seconds, so the model loader and the tokenizer
+    share one reader per unchanged file."""
+    stat = Path(path).stat()
+    return _read_gguf(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf(path: str, mtime_ns: int, size: int):
+    from .config import ModelLoadError
+    from .loading.gguf_reader import FastGGUFReader  # a leaf module (numpy and gguf only)
+
+    try:
+        return FastGGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:

@@ -131,8 +131,8 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
 
 
 def quantize_of(args):
-    """What to pass as quantize= for the flags of `add_quantize_options`: a QuantConfig, None (no flag:
-    a GGUF runs in its own formats) or False (--quantize none: dequantize into --dtype)."""
+    """What to pass as quantize= for the flags of `add_quantize_options`: a QuantConfig (method "none"
+    for --quantize none: dequantize into --dtype) or None (no flag: a GGUF runs in its own formats)."""
     from ..quant import quant_config_from_args
 
     try:
@@ -143,8 +143,6 @@ def quantize_of(args):
 
 def quantize_label(quantize) -> str | None:
     """"int4 g128", "int8", "none" or None, for JSON records."""
-    if quantize is False:
-        return "none"
     return quantize.label if quantize is not None else None
 
 

@@ -39,10 +39,10 @@ def run(args) -> int:
 
     dtype = resolve_dtype(dtype_name(args), torch.device("cpu")) if dtype_name(args) else None
     quantize = quantize_of(args)
-    if quantize or args.to == "quantized":
+    if (quantize is not None and not quantize.dense) or args.to == "quantized":
         print(convert_quantized(args, quantize, dtype))
         return 0
-    if quantize is False:
+    if quantize is not None:
         raise CLIError("--quantize none: a dense conversion needs no flag (use --to hf or --to mistral)")
     print(convert(args.src, args.dst, args.to, dtype, force=args.force, verify=args.verify, note=note,
                   strict=args.debug))
@@ -60,7 +60,7 @@ def convert_quantized(args, quantize, dtype):
 
     if args.to not in (None, "quantized"):
         raise CLIError(f"--quantize writes a quantized checkpoint; it cannot be combined with --to {args.to}")
-    if quantize is False:
+    if quantize is not None and quantize.dense:
         raise CLIError("--to quantized with --quantize none would store nothing quantized; drop --quantize none")
     checkpoint = open_checkpoint(args.src)  # a bad source fails here, before DST is touched
     src_dir = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import device_of, dtype_name, model_source, note, one_line, positive_int, print_json
+from .common import add_quantize_options, device_of, dtype_name, model_source, note, one_line, positive_int, print_json
+from .common import quantize_of
 
 NAME = "info"
 HELP = "config, parameter count, bytes and KV cache of a model (reads no weights)"
@@ -16,13 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="sequence length for the cache figures (None: the model's context length)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_quantize_options(p)  # the formats and group sizes a load with these flags would use
 
 
-def _stored(args, checkpoint, reader):
+def _stored(args, checkpoint):
     from ..loading.inspect import stored_tensors
 
     try:
-        return stored_tensors(checkpoint, reader)
+        return stored_tensors(checkpoint)
     except Exception as e:  # noqa: BLE001 - the header summary is a nicety; the config is the point
         if args.debug:
             raise
@@ -30,26 +32,24 @@ def _stored(args, checkpoint, reader):
         return None
 
 
-def weight_formats(stored: dict | None, fmt: str, load_dtype: str) -> dict | None:
-    """format label -> {"params", "stored_bytes"} of the weights as `load_model` will hold them, from the
-    headers alone: a GGUF's quantized types map through quant's GGUF table (Q4_1 -> "int4 g32 (from Q4_1)",
-    Q8_0 -> "int8 g32 (from Q8_0)"), its float tensors (norms) load in the activation dtype."""
-    if stored is None:
-        return None
-    from ..quant.gguf_blocks import FORMATS
+def weight_formats(checkpoint, quant, load_dtype: str) -> dict:
+    """format label -> {"params"} of the weights as a load with `quant` would hold them, from the load
+    plan (headers alone): a GGUF's Q4_1 -> "int4 g32 (from Q4_1)", the group sizes actually used."""
+    from ..quant.plan import make_plan
+    from ..weights import module_shapes
 
+    plan = make_plan(checkpoint.config, quant, checkpoint.formats)
+    shapes = module_shapes(checkpoint.config)
+    tied = checkpoint.config.tie_embeddings
     out: dict[str, dict[str, int]] = {}
-    for kind, v in stored["by_type"].items():
-        if fmt == "gguf" and kind in FORMATS:
-            label = FORMATS[kind].label()
-        elif kind.upper() in ("F32", "F16", "BF16", "FLOAT32", "FLOAT16", "BFLOAT16"):
-            label = load_dtype  # float tensors load in --dtype
-        else:
-            label = kind if fmt != "gguf" else f"{load_dtype} (dequantized from {kind})"
-        slot = out.setdefault(label, {"params": 0, "stored_bytes": 0})
-        slot["params"] += v["params"]
-        slot["stored_bytes"] += v["bytes"]
-    return out
+    dense = checkpoint.config.n_params
+    for module, fmt in plan.formats.items():
+        if module == "output" and tied and "tok_embeddings" in plan.formats:
+            continue  # the tied head is the embedding's table
+        rows, cols = shapes[module]
+        out.setdefault(fmt.label(), {"params": 0})["params"] += rows * cols
+        dense -= 0 if module == "output" and tied else rows * cols  # a quantized copy of a dense table
+    return {**out, load_dtype: {"params": dense}} if dense else out
 
 
 def format_line(formats: dict) -> str:
@@ -62,18 +62,20 @@ def format_line(formats: dict) -> str:
 def report(args) -> dict:
     """Everything `info` shows, as plain numbers."""
     from .. import memory
-    from ..loading.inspect import checkpoint_format, open_for_info
+    from ..loading import open_checkpoint
+    from ..loading.inspect import checkpoint_format
     from ..utils import default_device, resolve_dtype
 
-    checkpoint, reader = open_for_info(model_source(args))
+    quant = quantize_of(args)  # a bad mix fails before anything is read
+    checkpoint = open_checkpoint(model_source(args))  # a GGUF's header is parsed once, then shared
     config = checkpoint.config
-    stored = _stored(args, checkpoint, reader)
+    stored = _stored(args, checkpoint)
     dtype = resolve_dtype(dtype_name(args), device_of(args) or default_device())
     element = dtype.itemsize
     seq_len = args.seq_len or config.max_seq_len
     window = config.sliding_window
     load_dtype = str(dtype).removeprefix("torch.")
-    formats = weight_formats(stored, checkpoint_format(checkpoint), load_dtype)
+    formats = weight_formats(checkpoint, quant, load_dtype)
     return {
         "source": str(checkpoint.path),
         "format": checkpoint_format(checkpoint),
@@ -81,8 +83,9 @@ def report(args) -> dict:
         "n_params": config.n_params,
         "stored": stored,
         "weight_bytes": memory.weight_bytes(config),
-        "weight_format": format_line(formats) if formats else None,
+        "weight_format": format_line(formats),
         "weight_formats": formats,
+        "quantize": quant.label if quant is not None else None,
         "load_dtype": str(dtype).removeprefix("torch."),
         "kv_bytes_per_token": memory.kv_bytes_per_token(config, element),
         "kv_bytes_per_token_by_dtype": {"float32": memory.kv_bytes_per_token(config, 4),
@@ -123,8 +126,8 @@ def describe(data: dict, config) -> list[str]:
         kinds = ", ".join(f"{k} {v['tensors']} tensors / {fb(v['bytes'])}" for k, v in
                           sorted(stored["by_type"].items(), key=lambda kv: -kv[1]["bytes"]))
         lines.append(f"stored          {stored['params']:,} parameters in {fb(stored['bytes'])}: {kinds}")
-    if data.get("weight_formats"):
-        lines.append(f"weight format   {data['weight_format']} (as loaded without --quantize)")
+    flag = f"--quantize {data['quantize']}" if data["quantize"] else "no --quantize"
+    lines.append(f"weight format   {data['weight_format']} (as loaded with {flag})")
     lines += [
         f"KV per token    {fb(data['kv_bytes_per_token'])} in {data['load_dtype']} "
         f"(= 2 x {c.n_layers} layers x {c.n_kv_heads} KV heads x {c.head_dim} x {data['element_bytes']} bytes)",

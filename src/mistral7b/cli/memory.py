@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from ..quant.config import DEFAULT_GROUP_SIZE
 
 from .common import CLIError, add_quantize_options, positive_int, print_json, quantize_of, window_size
 
@@ -68,8 +71,10 @@ def run(args) -> int:
 
     config = memory_config(args)
     quant = quantize_of(args)
-    if quant is False:
+    if quant is not None and quant.dense:
         raise CLIError("--quantize none has no meaning here: the bf16 weights are always shown")
+    if quant is not None and quant.method == "int4" and quant.group_size is None:  # no source, so no grid
+        quant = dataclasses.replace(quant, group_size=DEFAULT_GROUP_SIZE)
     report = memory.report(config, args.seq_len, args.batch, args.dtype_bytes, quant=quant)
     if args.json:
         print_json(report)

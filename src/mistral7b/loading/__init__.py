@@ -1,16 +1,18 @@
 """Checkpoint loading: find the format, read its config, stream its tensors into a model.
 
-Every format module yields tensors under one canonical naming (Mistral's, unfused, q/k rows in
-rotate-half order). `assemble` builds the model on the meta device, allocates it once on the target
-device and copies each tensor into place as it arrives, so a checkpoint is never held twice. A
-checkpoint that is missing tensors, has extra ones or disagrees on a shape raises `ModelLoadError`
-and no model is returned.
+Every format module maps its tensors onto the canonical names of `mistral7b.weights` (Mistral's,
+unfused, q/k rows in rotate-half order) and reads, on request, only a slice of each (one rank's
+share under tensor parallelism). `assemble` builds the model on the meta device, allocates it once
+on the target device and copies each tensor into place as it arrives, so a checkpoint is never held
+twice. What goes where, quantized or not, is a `quant.plan.LoadPlan` decided before any tensor is
+read. A checkpoint that is missing tensors, has extra ones or disagrees on a shape raises
+`ModelLoadError` and no model is returned.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,18 +22,69 @@ from tqdm import tqdm
 from ..config import ModelConfig, ModelLoadError
 from ..model import Transformer
 from ..utils import is_gguf
+from ..weights import Slice, head_slot, local_config, weight_map
+
+SliceOf = Callable[[str], "Slice | None"]
+# A format's reader: (slice_of, keep) -> (canonical name, tensor); `keep` names the tensors wanted in
+# their stored quantized format (QuantizedWeight), every other one arrives dequantized.
+Reader = Callable[[SliceOf, Container[str]], Iterator[tuple[str, object]]]
+
+
+def _whole(name: str) -> None:
+    return None
 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint opened but not read: its config and a stream of (canonical name, tensor)."""
+    """A checkpoint opened but not read: its config, and its tensors on request (`stream`).
+
+    Format readers set `reader`; a stream of whole tensors (`tensors`, e.g. random weights) works too,
+    each sliced after it is made. `formats`: canonical name -> WeightFormat of the tensors stored
+    quantized; `interleaved`: q/k rows stored in interleaved pairs (Mistral, GGUF)."""
 
     path: Path
     config: ModelConfig
     tensors: "Iterator[tuple[str, torch.Tensor]] | None" = None
     n_tensors: int = 0
-    # canonical name -> format, for tensors the stream yields already quantized (QuantizedWeight)
     formats: dict = field(default_factory=dict)
+    reader: "Reader | None" = None
+    interleaved: bool = False
+    format: str = "tensors"
+
+    def stream(self, slice_of: SliceOf = _whole, keep: Container[str] = frozenset()):
+        """(canonical name, tensor or its slice), q/k rows in rotate-half order."""
+        if self.reader is not None:
+            items = self.reader(slice_of, keep)
+        else:
+            items = ((name, cut(t, slice_of(name))) for name, t in self.tensors)
+        slots = weight_map(self.config)
+        for name, tensor in items:
+            slot = slots.get(name)
+            if self.interleaved and slot is not None and slot.heads:
+                tensor = _rotate_half(tensor, self.config.head_dim)
+            yield name, tensor
+
+
+def cut(tensor, part: Slice | None):
+    """Rows or columns of a tensor or a QuantizedWeight (whole groups of columns)."""
+    from ..quant.qtensor import QuantizedWeight
+
+    if part is None:
+        return tensor
+    if not isinstance(tensor, QuantizedWeight):
+        return part.cut(tensor).contiguous()
+    if part.dim == 0:
+        return tensor.map_rows(part.cut)
+    from dataclasses import replace
+
+    g = tensor.group_size
+    if g == tensor.q.shape[1]:  # one group per row: the scales stay
+        return replace(tensor, q=part.cut(tensor.q).contiguous(), group_size=part.stop - part.start)
+    if part.start % g or part.stop % g:
+        raise ValueError(f"columns {part.start}:{part.stop} split groups of {g}")
+    groups = Slice(1, part.start // g, part.stop // g)
+    zero = None if tensor.zero is None else groups.cut(tensor.zero).contiguous()
+    return replace(tensor, q=part.cut(tensor.q).contiguous(), scale=groups.cut(tensor.scale).contiguous(), zero=zero)
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -44,105 +97,77 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def qk_heads(name: str, config: ModelConfig) -> int | None:
-    """Heads of the q or k projection called `name` (canonical), or None for any other tensor."""
-    if not name.startswith("layers."):
-        return None
-    kind = name.partition(".")[2].partition(".")[2]
-    return {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(kind)
-
-
-def qk_to_rotate_half(name: str, w, config: ModelConfig):
-    """A tensor as read from an interleaved-pairs checkpoint (Mistral, GGUF), q/k rows converted to
-    rotate-half; a quantized weight has its rows (and their scales) reordered the same way. A q/k of
-    the wrong shape is left as it is, for `assemble` to report."""
-    n = qk_heads(name, config)
-    if n is not None and w.shape[0] == n * config.head_dim:
-        if hasattr(w, "map_rows"):
-            return w.map_rows(lambda rows: interleaved_to_half(rows, n))
-        return interleaved_to_half(w, n)
-    return w
+def _rotate_half(w, head_dim: int):
+    """q/k rows of whole heads (all of them, or one rank's) from interleaved pairs to rotate-half; a
+    quantized weight has its rows (and their scales) reordered the same way. Rows that are not whole
+    heads are left as they are, for `assemble` to report the shape."""
+    if w.shape[0] % head_dim:
+        return w
+    n = w.shape[0] // head_dim
+    if hasattr(w, "map_rows"):
+        return w.map_rows(lambda rows: interleaved_to_half(rows, n))
+    return interleaved_to_half(w, n)
 
 
 def canonical_names(config: ModelConfig) -> list[str]:
-    names = ["tok_embeddings.weight", "norm.weight"]
-    if not config.tie_embeddings:
-        names.append("output.weight")
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        names += [p + "attention_norm.weight", p + "ffn_norm.weight"]
-        names += [p + f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
-        names += [p + f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
-    return names
+    return list(weight_map(config))
 
 
-def canonical_views(model: Transformer, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def canonical_views(model: Transformer, skip: Container[str] = frozenset()) -> dict[str, torch.Tensor]:
     """canonical name -> the parameter, or the rows of a fused parameter, that holds that weight
     (leaving out the weights of the modules in `skip`, which are quantized)."""
-    c = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
-    q, kv, hidden = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_dim
-    fused = {
-        "attention.wq": ("attention.wqkv", 0, q),
-        "attention.wk": ("attention.wqkv", q, q + kv),
-        "attention.wv": ("attention.wqkv", q + kv, q + 2 * kv),
-        "feed_forward.w1": ("feed_forward.w13", 0, hidden),
-        "feed_forward.w3": ("feed_forward.w13", hidden, 2 * hidden),
-    }
-    views = {}
-    for name in canonical_names(c):
-        if name.removesuffix(".weight") in skip or _fused_module(name) in skip:
-            continue
-        layer, _, rest = name.removeprefix("layers.").partition(".") if name.startswith("layers.") else ("", "", "")
-        key = rest.removesuffix(".weight")
-        if key in fused:
-            param, lo, hi = fused[key]
-            views[name] = params[f"layers.{layer}.{param}.weight"][lo:hi]
-        else:
-            views[name] = params[name]
-    return views
+    return {name: params[f"{s.module}.weight"][s.lo : s.hi] for name, s in weight_map(model.config).items()
+            if s.module not in skip}
 
 
-def _fused_module(name: str) -> str:
-    for part, fused in (("wq", "wqkv"), ("wk", "wqkv"), ("wv", "wqkv"), ("w1", "w13"), ("w3", "w13")):
-        for kind in ("attention", "feed_forward"):
-            suffix = f".{kind}.{part}.weight"
-            if name.endswith(suffix):
-                return name.removesuffix(suffix) + f".{kind}.{fused}"
-    return ""
-
-
-def assemble(checkpoint: Checkpoint, device=None, dtype=None, quant: "QuantConfig | None" = None) -> Transformer:
+def assemble(checkpoint: Checkpoint, device=None, dtype=None, plan=None) -> Transformer:
     """Build on meta, swap in the quantized modules the plan asks for, allocate once, then copy (or
-    quantize) each tensor into place as it arrives: a 16-bit copy of the model never exists."""
+    quantize) each tensor, or this rank's slice of it, into place as it arrives: a 16-bit copy of the
+    model never exists. `plan` is a LoadPlan (or a QuantConfig / None, planned here)."""
+    from ..quant.plan import LoadPlan, make_plan
+
+    if not isinstance(plan, LoadPlan):
+        plan = make_plan(checkpoint.config, plan, checkpoint.formats)
+    try:
+        return _assemble(checkpoint, torch.device(device or "cpu"), dtype or torch.float32, plan)
+    except ModelLoadError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{checkpoint.path}: could not read the weights ({e})") from None
+
+
+def _assemble(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, plan) -> Transformer:
     from ..quant import plan as quant_plan
 
-    device = torch.device(device or "cpu")
-    dtype = dtype or torch.float32
-    config = checkpoint.config
+    sharding = plan.sharding
+    config = local_config(checkpoint.config, sharding.world) if sharding.world > 1 else checkpoint.config
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
-    formats = quant_plan.plan(config, quant, checkpoint.formats)
-    modules = quant_plan.install(model, formats, device, dtype, checkpoint.path)
+    modules = quant_plan.install(model, plan.formats, device, dtype, checkpoint.path)
     _allocate(model, device)
     if config.tie_embeddings and "output" not in modules:
         model.output.weight = model.tok_embeddings.weight  # to_empty unties them
-    model.quant_config = quant
+    model.quant_config = plan.quant
     targets = _targets(model, modules, separate_head="output.weight" in checkpoint.formats)
     loaded: set[str] = set()
     bar = tqdm(
         total=checkpoint.n_tensors or None, desc=f"loading {checkpoint.path.name}", unit="tensor",
         file=sys.stderr, disable=None, leave=False,
     )
+    slice_of = lambda name: sharding.slice_of(checkpoint.config, name)  # noqa: E731
+    read_slice = lambda name: None if name in plan.whole else slice_of(name)  # noqa: E731
     with torch.no_grad(), bar:
-        for name, tensor in checkpoint.tensors:
+        for name, tensor in checkpoint.stream(read_slice, plan.keep):
             bar.update(1)
+            if name in plan.whole:  # quantized whole, then cut
+                tensor = cut(targets[name][0][0].fmt.quantize(tensor, name), slice_of(name))
             if name == "output.weight" and config.tie_embeddings and name not in targets:
                 continue  # some tied checkpoints store the shared matrix twice
             if name not in targets:
                 raise ModelLoadError(f"{checkpoint.path}: unexpected tensor {name!r} for this config")
             for target in targets[name]:
-                _place(checkpoint.path, name, tensor, target, dtype, requantize=quant is not None)
+                _place(checkpoint.path, name, tensor, target, dtype)
             loaded.add(name)
     missing = [n for n in targets if n not in loaded]
     if missing:
@@ -162,25 +187,21 @@ def _targets(model: Transformer, modules: dict, separate_head: bool) -> dict[str
     """canonical name -> where it goes: dense views of parameters, or (module, lo, hi) row ranges of a
     quantized module. A tied embedding also feeds a quantized head, unless the checkpoint stores that
     head on its own (`separate_head`: a quantized checkpoint of a tied model)."""
-    from ..quant.plan import linear_slots
-
-    tied, vocab = model.config.tie_embeddings, model.config.vocab_size
-    targets = {name: [view] for name, view in canonical_views(model, set(modules)).items()}
-    for name, slot in linear_slots(model.config).items():
-        if slot.module in modules and not (name == "output.weight" and tied and not separate_head):
-            targets[name] = [(modules[slot.module], slot.lo, slot.hi)]
-    if "tok_embeddings" in modules:
-        targets["tok_embeddings.weight"] = [(modules["tok_embeddings"], 0, vocab)]
+    config = model.config
+    tied, vocab = config.tie_embeddings, config.vocab_size
+    targets = {name: [view] for name, view in canonical_views(model, modules).items()}
+    slots = list(weight_map(config).values()) + [head_slot(config)] * (tied and separate_head)
+    for slot in slots:
+        if slot.module in modules:
+            targets[slot.name] = [(modules[slot.module], slot.lo, slot.hi)]
     if tied and "output" in modules and not separate_head:
         targets["tok_embeddings.weight"].append((modules["output"], 0, vocab))
     return targets
 
 
-def _place(path: Path, name: str, tensor, target, dtype: torch.dtype, requantize: bool) -> None:
-    """Copy one tensor into a dense view, or quantize it into rows of a quantized module (a tensor
-    that arrives quantized goes in as it is, unless an explicit quantize= asks to requantize it)."""
-    from ..quant.qtensor import QuantizedWeight
-
+def _place(path: Path, name: str, tensor, target, dtype: torch.dtype) -> None:
+    """Copy one tensor into a dense view, or into rows of a quantized module: as it is when it arrives
+    quantized (the plan kept it), else quantized into the module's format."""
     if isinstance(target, tuple):
         module, lo, hi = target
         shape = (hi - lo, module.in_features)
@@ -190,67 +211,64 @@ def _place(path: Path, name: str, tensor, target, dtype: torch.dtype, requantize
         raise ModelLoadError(
             f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config implies {shape}"
         )
+    from ..quant.qtensor import QuantizedWeight
+
+    quantized = isinstance(tensor, QuantizedWeight)
     if not isinstance(target, tuple):
-        target.copy_(tensor.dequantize(dtype) if isinstance(tensor, QuantizedWeight) else tensor)
+        target.copy_(tensor.dequantize(dtype) if quantized else tensor)
         return
-    if isinstance(tensor, QuantizedWeight) and requantize:
-        tensor = tensor.dequantize()
-    if not isinstance(tensor, QuantizedWeight):
-        tensor = module.fmt.quantize(tensor.to(module.target), name)
-    module.fill(lo, hi, tensor)
+    module.fill(lo, hi, tensor if quantized else module.fmt.quantize(tensor.to(module.target), name))
 
 
-def open_checkpoint(source: str | Path, keep_quantized: bool = True) -> Checkpoint:
-    """Recognise the format of `source` (a folder, a file or a hub id) and open it. With
-    `keep_quantized=False` a GGUF file's quantized tensors arrive dequantized."""
-    from . import gguf, hf, hub, mistral, quantized
+def find_format(source: str | Path) -> tuple[str, Path]:
+    """(format, path) of a checkpoint: "gguf" (a file), "mistral", "quantized" or "hf" (folders). A
+    hub id resolves to its cached folder; a config.json or params.json stands for its folder."""
+    from . import hub, quantized
 
     path = Path(source).expanduser()
     if not path.exists():
-        if hub.looks_like_hub_id(str(source)):
-            path = hub.resolve(str(source))
-        else:
+        if not hub.looks_like_hub_id(str(source)):
             raise ModelLoadError(f"{path}: no such file or folder")
+        path = hub.resolve(str(source))
     if path.is_file():
         if is_gguf(path):
-            return gguf.open_checkpoint(path, keep_quantized)
-        if path.name in ("config.json", "params.json"):
-            path = path.parent
-        else:
+            return "gguf", path
+        if path.name not in ("config.json", "params.json"):
             raise ModelLoadError(f"{path}: unknown checkpoint format (expected .gguf, or a folder)")
+        path = path.parent
     if (path / "params.json").is_file():
-        return mistral.open_checkpoint(path)
+        return "mistral", path
     if (path / "config.json").is_file():
-        if quantized.is_quantized_folder(path):
-            return quantized.open_checkpoint(path)
-        return hf.open_checkpoint(path)
+        return ("quantized" if quantized.is_quantized_folder(path) else "hf"), path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return gguf.open_checkpoint(ggufs[0], keep_quantized)
+        return "gguf", ggufs[0]
     raise ModelLoadError(
         f"{path}: unknown checkpoint format (no config.json, params.json or single .gguf file in this folder)"
     )
 
 
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    """Recognise the format of `source` (a folder, a file or a hub id) and open it (headers only)."""
+    import importlib
+
+    fmt, path = find_format(source)
+    checkpoint = importlib.import_module(f"{__name__}.{fmt}").open_checkpoint(path)
+    checkpoint.format = fmt
+    return checkpoint
+
+
 def load_model(source: str | Path, device=None, dtype=None, quantize=None) -> Transformer:
     """Load a Transformer from an HF folder, a Mistral folder, a .gguf file or a cached hub id.
 
-    `quantize` (None, "int8", "int4" or a QuantConfig) quantizes the block linears and the head while
-    streaming. Without it, a GGUF file's quantized tensors stay quantized in the nearest kernel format
-    (`dtype` then sets the activations only) and a quantized checkpoint (`convert --quantize`) loads as
-    saved. With it, a GGUF file is dequantized and quantized again. `quantize=False` (or "none")
-    dequantizes everything into `dtype`. Unknown methods raise ValueError.
+    `quantize` (None, "int8", "int4", "none" or a QuantConfig) quantizes the block linears and the head
+    while streaming. Without it, a GGUF file's quantized tensors stay quantized in the nearest kernel
+    format (`dtype` then sets the activations only) and a quantized checkpoint (`convert --quantize`)
+    loads as saved. With it, tensors already in the asked format (a GGUF's Q4 blocks under int4 on
+    their own grid of 32) are kept as they are and the others quantized again from their values;
+    "none" (or False) dequantizes everything into `dtype`. Unknown methods raise ValueError.
     """
     from ..quant.config import resolve
 
-    dense = quantize is False or quantize == "none"
-    quant = None if dense else resolve(quantize)
-    checkpoint = open_checkpoint(source, keep_quantized=quant is None and not dense)
-    if dense:
-        checkpoint.formats = {}  # every quantized tensor is dequantized into a dense view
-    try:
-        return assemble(checkpoint, device, dtype, quant)
-    except ModelLoadError:
-        raise
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{checkpoint.path}: could not read the weights ({e})") from None
+    quant = resolve(quantize)
+    return assemble(open_checkpoint(source), device, dtype, quant)

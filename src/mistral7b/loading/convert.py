@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelLoadError
-from . import Checkpoint, assemble, load_model, open_checkpoint
+from ..quant.config import QuantConfig
+from . import assemble, load_model, open_checkpoint
 from .inspect import checkpoint_format, source_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -52,7 +53,7 @@ def convert(src, dst, to: str | None = None, dtype: torch.dtype | None = None, f
     rebuild a GGUF's tokenizer instead of noting it."""
     from . import hf, mistral
 
-    checkpoint = open_checkpoint(src, keep_quantized=False)  # dequantized for a 16/32-bit writer; a bad source fails here, before DST is touched
+    checkpoint = open_checkpoint(src)  # a bad source fails here, before DST is touched
     fmt = checkpoint_format(checkpoint)
     to = to or ("mistral" if fmt == "hf" else "hf")
     dst = Path(dst).expanduser()
@@ -60,7 +61,7 @@ def convert(src, dst, to: str | None = None, dtype: torch.dtype | None = None, f
     check_destination(dst, src_dir, force)
     dtype = dtype or source_dtype(checkpoint)
     note(f"converting {checkpoint.path} ({fmt}) to the {to} layout in {str(dtype).removeprefix('torch.')}")
-    model = _assemble(checkpoint, dtype)
+    model = assemble(checkpoint, "cpu", dtype, QuantConfig("none"))  # dense, for a 16/32-bit writer
     dst.mkdir(parents=True, exist_ok=True)
     if to == "hf":
         extra = {}
@@ -80,16 +81,6 @@ def convert(src, dst, to: str | None = None, dtype: torch.dtype | None = None, f
         verify_logits(model, dst, dtype)
         note("verified: the converted model gives identical logits")
     return dst
-
-
-def _assemble(checkpoint: Checkpoint, dtype):
-    """`load_model` on a checkpoint already opened (a GGUF is parsed once), with its error wrapping."""
-    try:
-        return assemble(checkpoint, "cpu", dtype)
-    except ModelLoadError:
-        raise
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{checkpoint.path}: could not read the weights ({e})") from None
 
 
 def _rebuild_tokenizer(gguf_path: Path, dst: Path, note, strict: bool) -> None:

@@ -1,15 +1,16 @@
 """GGUF files (llama architecture).
 
-Quantized tensors (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) arrive repacked, exactly, into our int4/int8
-formats (`quant/gguf_blocks.py`) and run quantized; with `keep_quantized=False` (an explicit
-quantize= at load) they are dequantized with the `gguf` package instead. F32/F16/BF16 arrive as tensors.
+Quantized tensors (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) that the load plan keeps arrive repacked,
+exactly, into our int4/int8 formats (`quant/gguf_blocks.py`) and run quantized; the others are
+dequantized with the `gguf` package. F32/F16/BF16 arrive as tensors. A slice of rows is a byte range;
+a slice of columns is a byte range of every row when it falls on block boundaries (else whole rows
+are decoded and cut), so a tensor-parallel rank decodes only its blocks.
 llama.cpp's converter permutes q/k rows into interleaved pairs; they are converted back to
 rotate-half, which for a quantized tensor permutes the rows of its integers, scales and zeros alike.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, ModelLoadError, build_config
-from . import Checkpoint, qk_to_rotate_half
+from ..utils import read_gguf as read  # noqa: F401 - the format's reader, shared with the tokenizer
+from ..weights import Slice
+from . import Checkpoint, cut
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 _LAYER_NAMES = {
@@ -42,25 +45,6 @@ def to_canonical(name: str) -> str:
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
         return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
     return name
-
-
-def read(path: Path):
-    """Open a GGUF file with the gguf package, turning its many failure modes into one error.
-
-    Parsing the header of a large vocabulary takes seconds, so the model loader and the tokenizer
-    share one reader per unchanged file."""
-    stat = Path(path).stat()
-    return _read(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _read(path: str, mtime_ns: int, size: int):
-    from .gguf_reader import FastGGUFReader
-
-    try:
-        return FastGGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
-        raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
 
 
 _BULKY = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
@@ -116,34 +100,41 @@ def read_config(path: Path, reader) -> ModelConfig:
     return from_gguf_metadata(path, metadata(reader), has_output="output.weight" in names)
 
 
-def tensor_to_torch(t, keep_quantized: bool = False):
-    """A tensor of the reader as a torch tensor, or as a QuantizedWeight when it is quantized and
-    `keep_quantized` (2-D only: a quantized vector is dequantized)."""
+def tensor_to_torch(t, keep_quantized: bool = False, part: Slice | None = None):
+    """A tensor of the reader (or the slice `part` of it) as a torch tensor, or as a QuantizedWeight
+    when it is quantized and `keep_quantized` (2-D only: a quantized vector is dequantized)."""
     import gguf
 
     from ..quant.gguf_blocks import FORMATS, repack
 
-    shape = tuple(int(d) for d in reversed(t.shape))
+    shape = [int(d) for d in reversed(t.shape)]
+    data = t.data.reshape(shape[0], -1) if len(shape) == 2 else t.data
+    block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type] if data.dtype == np.uint8 else (1, 1)
+    if part is not None and part.dim == 0:
+        data, shape[0], part = data[part.start : part.stop], part.stop - part.start, None
+    elif part is not None and part.start % block == 0 and part.stop % block == 0:
+        data = data[:, part.start // block * type_size : part.stop // block * type_size]
+        shape[1], part = part.stop - part.start, None
     if keep_quantized and t.tensor_type.name in FORMATS and len(shape) == 2:
-        return repack(t.data, t.tensor_type.name, *shape)
+        return cut(repack(data, t.tensor_type.name, *shape), part)
     if t.tensor_type == gguf.GGMLQuantizationType.F32:
-        array = np.array(t.data, dtype=np.float32)  # a copy: the memory map is read-only
+        array = np.array(data, dtype=np.float32)  # a copy: the memory map is read-only
     elif t.tensor_type == gguf.GGMLQuantizationType.F16:
-        array = np.array(t.data, dtype=np.float16)
+        array = np.array(data, dtype=np.float16)
     else:
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(array).reshape(shape))
+        array = gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type)
+    return cut(torch.from_numpy(np.ascontiguousarray(array).reshape(shape)), part)
 
 
 def quantized_formats(reader) -> dict:
-    """canonical name -> WeightFormat of the 2-D tensors that stay quantized."""
+    """canonical name -> WeightFormat of the 2-D tensors stored quantized."""
     from ..quant.gguf_blocks import FORMATS
 
     return {to_canonical(t.name): FORMATS[t.tensor_type.name] for t in reader.tensors
             if t.tensor_type.name in FORMATS and len(t.shape) == 2}
 
 
-def open_checkpoint(path: Path, keep_quantized: bool = True) -> Checkpoint:
+def open_checkpoint(path: Path) -> Checkpoint:
     reader = read(path)
     config = read_config(path, reader)
     for t in reader.tensors:
@@ -153,14 +144,14 @@ def open_checkpoint(path: Path, keep_quantized: bool = True) -> Checkpoint:
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
 
-    def tensors():
+    def tensors(slice_of, keep):
         for t in reader.tensors:
             name = to_canonical(t.name)
             try:
-                w = tensor_to_torch(t, keep_quantized)
+                w = tensor_to_torch(t, name in keep, slice_of(name))
             except Exception as e:  # noqa: BLE001 - dequantizing garbage fails in numpy in many ways
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from None
-            yield name, qk_to_rotate_half(name, w, config)
+            yield name, w
 
-    formats = quantized_formats(reader) if keep_quantized else {}
-    return Checkpoint(path, config, tensors(), len(reader.tensors), formats)
+    return Checkpoint(path, config, n_tensors=len(reader.tensors), formats=quantized_formats(reader),
+                      reader=tensors, interleaved=True)

@@ -16,7 +16,7 @@ import torch
 from ..config import ModelConfig, ModelLoadError, build_config, read_json
 from ..utils import BY_DTYPE
 from . import Checkpoint
-from .safetensors_io import stream_pickle_free, stream_safetensors, write_weights
+from .safetensors_io import pickle_reader, safetensors_reader, write_weights
 
 HF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,11 +114,10 @@ def open_checkpoint(path: Path) -> Checkpoint:
     config = read_config(path / "config.json")
     files = weight_files(path)
     if files[0].suffix == ".bin":
-        stream, count = stream_pickle_free(files[0])
+        reader, count = pickle_reader(files[0], to_canonical)
     else:
-        stream, count = stream_safetensors(files)
-    tensors = ((to_canonical(name), t) for name, t in stream)
-    return Checkpoint(path, config, tensors, count)
+        reader, count = safetensors_reader(files, to_canonical)
+    return Checkpoint(path, config, n_tensors=count, reader=reader)
 
 
 def _single_window(config: ModelConfig) -> tuple[int | None, list[str] | None]:

@@ -5,29 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..utils import BY_SAFETENSORS, dtype_of, is_gguf
-from . import Checkpoint, open_checkpoint
+from ..utils import BY_SAFETENSORS, dtype_of
+from . import Checkpoint
 
 TIED_NAMES = ("output.weight", "lm_head.weight")
 
 
 def checkpoint_format(checkpoint: Checkpoint) -> str:
-    path = Path(checkpoint.path)
-    if path.is_file():
-        return "gguf"
-    return "mistral" if (path / "params.json").is_file() else "hf"
-
-
-def open_for_info(source) -> tuple[Checkpoint, object]:
-    """(checkpoint, GGUF reader or None): a .gguf file is parsed once for both the config and the
-    tensor headers (parsing its vocabulary is the slow part)."""
-    from . import gguf
-
-    path = Path(source).expanduser()
-    if is_gguf(path):
-        reader = gguf.read(path)
-        return Checkpoint(path, gguf.read_config(path, reader), None, len(reader.tensors)), reader
-    return open_checkpoint(source), None
+    """"gguf", "mistral" or "hf" (our quantized folders are HF-shaped)."""
+    return "hf" if checkpoint.format == "quantized" else checkpoint.format
 
 
 def _weight_files(checkpoint: Checkpoint) -> list[Path]:
@@ -61,23 +47,22 @@ def _file_entries(file: Path):
         yield name, str(t.dtype).removeprefix("torch."), t.numel(), t.numel() * t.element_size()
 
 
-def _entries(checkpoint: Checkpoint, reader=None):
+def _entries(checkpoint: Checkpoint):
     if checkpoint_format(checkpoint) == "gguf":
         from . import gguf
 
-        reader = reader or gguf.read(checkpoint.path)
-        for t in reader.tensors:
+        for t in gguf.read(checkpoint.path).tensors:  # the reader the checkpoint opened (cached)
             yield t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)
         return
     for file in _weight_files(checkpoint):
         yield from _file_entries(file)
 
 
-def stored_tensors(checkpoint: Checkpoint, reader=None) -> dict:
+def stored_tensors(checkpoint: Checkpoint) -> dict:
     """Parameter count and bytes by storage type, from the weight files' headers (no weights read)."""
     by_type: dict[str, dict[str, int]] = {}
     total = 0
-    for name, kind, numel, nbytes in _entries(checkpoint, reader):
+    for name, kind, numel, nbytes in _entries(checkpoint):
         if checkpoint.config.tie_embeddings and name in TIED_NAMES:
             continue  # a tied head stored a second time is the same parameters
         slot = by_type.setdefault(kind, {"tensors": 0, "params": 0, "bytes": 0})

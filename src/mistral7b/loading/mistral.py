@@ -12,8 +12,9 @@ from pathlib import Path
 import json
 
 from ..config import ModelConfig, ModelLoadError, build_config, read_json
-from . import Checkpoint, half_to_interleaved, qk_heads, qk_to_rotate_half
-from .safetensors_io import stream_pickle_free, stream_safetensors, write_weights
+from ..weights import weight_map
+from . import Checkpoint, half_to_interleaved
+from .safetensors_io import pickle_reader, safetensors_reader, write_weights
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -44,16 +45,14 @@ def read_config(path: Path) -> ModelConfig:
 def open_checkpoint(path: Path) -> Checkpoint:
     config = read_config(path / "params.json")
     if (path / "consolidated.safetensors").is_file():
-        stream, count = stream_safetensors([path / "consolidated.safetensors"])
+        reader, count = safetensors_reader([path / "consolidated.safetensors"])
     elif (path / "consolidated.00.pth").is_file():
         if (path / "consolidated.01.pth").exists():
             raise ModelLoadError(f"{path}: tensor-parallel shards (consolidated.01.pth) are not supported")
-        stream, count = stream_pickle_free(path / "consolidated.00.pth")
+        reader, count = pickle_reader(path / "consolidated.00.pth")
     else:
         raise ModelLoadError(f"{path}: no consolidated.safetensors or consolidated.00.pth next to params.json")
-
-    tensors = ((name, qk_to_rotate_half(name, t, config)) for name, t in stream)
-    return Checkpoint(path, config, tensors, count)
+    return Checkpoint(path, config, n_tensors=count, reader=reader, interleaved=True)
 
 
 def mistral_params(config: ModelConfig) -> dict:
@@ -81,7 +80,7 @@ def save(model, path: str | Path) -> Path:
     config = model.config
 
     def interleave(name, t):
-        n = qk_heads(name, config)
+        n = getattr(weight_map(config).get(name), "heads", None)
         return t if n is None else half_to_interleaved(t, n)
 
     (path / "params.json").write_text(json.dumps(mistral_params(config), indent=2) + "\n")

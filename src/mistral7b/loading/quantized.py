@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelLoadError
 from ..quant.config import FORMAT_VERSION
 from ..quant.qtensor import QuantizedWeight, WeightFormat
-from . import Checkpoint, hf
+from . import Checkpoint, cut, hf
 
 QUANT_METHOD = "mistral7b"
 FORMAT = "mistral7b-quantized"
@@ -45,12 +45,13 @@ def is_quantized_folder(path: Path) -> bool:
 
 
 def _parts(config) -> dict[str, list[tuple[str, int, int]]]:
-    """module path -> the canonical tensors it holds, as (name, lo, hi) row ranges."""
-    from ..quant.plan import linear_slots
+    """module path -> the canonical tensors it holds, as (name, lo, hi) row ranges (a tied head too)."""
+    from ..weights import head_slot, weight_map
 
-    parts: dict[str, list] = {"tok_embeddings": [("tok_embeddings.weight", 0, config.vocab_size)]}
-    for name, slot in linear_slots(config).items():
-        parts.setdefault(slot.module, []).append((name, slot.lo, slot.hi))
+    parts: dict[str, list] = {}
+    for slot in [*weight_map(config).values(), head_slot(config)][: None if config.tie_embeddings else -1]:
+        if slot.quantizable:
+            parts.setdefault(slot.module, []).append((slot.name, slot.lo, slot.hi))
     return parts
 
 
@@ -151,24 +152,23 @@ def open_checkpoint(path: Path) -> Checkpoint:
         formats.pop("output.weight", None)
     quant_keys = {f"{m}.{s}" for m in modules for s in ("qweight", "scales", "zeros")}
 
-    def tensors():
+    def tensors(slice_of, keep):
         for m, fmt in modules.items():
             weight = _read_module(file, m, fmt, config, keys)
             for name, lo, hi in parts[m]:
-                if name == "output.weight" and m == "tok_embeddings":
-                    continue
-                yield name, weight.map_rows(lambda t, lo=lo, hi=hi: t[lo:hi])
+                rows = weight.map_rows(lambda t, lo=lo, hi=hi: t[lo:hi])
+                yield name, cut(rows if name in keep else rows.dequantize(), slice_of(name))
         for key in sorted(keys - quant_keys):
             tensor = _get(file, key)
             module = key.removesuffix(".weight")
             if module in parts and module not in ("tok_embeddings", "output") and key.endswith(".weight"):
                 for name, lo, hi in parts[module]:  # a fused 16-bit linear: split it back
-                    yield name, tensor[lo:hi]
+                    yield name, cut(tensor[lo:hi], slice_of(name))
             else:
-                yield key, tensor
+                yield key, cut(tensor, slice_of(key))
 
     count = sum(len(p) for m, p in parts.items() if m in modules) + len(keys - quant_keys)
-    return Checkpoint(path, config, tensors(), count, formats)
+    return Checkpoint(path, config, n_tensors=count, formats=formats, reader=tensors)
 
 
 def _get(file: Path, key: str) -> torch.Tensor:
@@ -181,13 +181,9 @@ def _get(file: Path, key: str) -> torch.Tensor:
 
 def _read_module(file: Path, name: str, fmt: WeightFormat, config, keys: set[str]) -> QuantizedWeight:
     """One module's tensors, every shape and dtype checked against the config and its format."""
-    from ..quant.plan import in_features, linear_slots
+    from ..weights import module_shapes
 
-    if name == "tok_embeddings":
-        n = config.vocab_size
-    else:
-        n = max(s.hi for s in linear_slots(config).values() if s.module == name)
-    k = in_features(config, name)
+    n, k = module_shapes(config)[name]
     group = fmt.group_size or k
     if k % group:
         raise ModelLoadError(f"{file}: module {name!r} has group size {group}, which does not divide its width {k}")

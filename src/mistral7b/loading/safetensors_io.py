@@ -24,8 +24,9 @@ def _open(path: Path):
         raise ModelLoadError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def stream_safetensors(files: list[Path]) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
-    """Tensors one at a time, and how many there are; headers are checked up front.
+def safetensors_reader(files: list[Path], rename: Callable[[str], str] = str):
+    """(reader, tensor count) of safetensors files, headers checked up front. The reader yields
+    (rename(key), tensor or the slice asked for): `get_slice` reads just those bytes.
 
     Each tensor is read through its own short-lived memory map: pages of a map that stays open
     count as resident memory, so one long-lived map would make a load's peak RSS the checkpoint
@@ -36,28 +37,38 @@ def stream_safetensors(files: list[Path]) -> tuple[Iterator[tuple[str, torch.Ten
         with _open(path) as handle:
             names.append((path, list(handle.keys())))
 
-    def stream():
+    def read(slice_of, keep=()):
         for path, keys in names:
-            for name in keys:
+            for key in keys:
+                name = rename(key)
+                part = slice_of(name)
                 try:
                     with safe_open(str(path), framework="pt") as handle:
-                        tensor = handle.get_tensor(name)
-                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                    raise ModelLoadError(f"{path}: tensor {name!r} is corrupt or truncated ({e})") from None
+                        tensor = handle.get_tensor(key) if part is None else part.cut(handle.get_slice(key))
+                except (SafetensorError, OSError, ValueError, RuntimeError, IndexError) as e:
+                    raise ModelLoadError(f"{path}: tensor {key!r} is corrupt or truncated ({e})") from None
                 yield name, tensor
 
-    return stream(), sum(len(keys) for _, keys in names)
+    return read, sum(len(keys) for _, keys in names)
 
 
-def stream_pickle_free(path: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
-    """A torch checkpoint read with `weights_only=True`: no pickled code is ever executed."""
+def pickle_reader(path: Path, rename: Callable[[str], str] = str):
+    """(reader, tensor count) of a torch checkpoint read with `weights_only=True` (no pickled code is
+    ever executed), memory-mapped: a slice touches only the pages it copies."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for bad pickles; all mean the same to a user
         raise ModelLoadError(f"{path}: not a loadable weights-only torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise ModelLoadError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return iter(state.items()), len(state)
+
+    def read(slice_of, keep=()):
+        for key, tensor in state.items():
+            name = rename(key)
+            part = slice_of(name)
+            yield name, tensor if part is None else part.cut(tensor).clone()
+
+    return read, len(state)
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],

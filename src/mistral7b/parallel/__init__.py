@@ -6,7 +6,7 @@ which the engine drives like a `Transformer` (its caches come from `model.new_ca
 
 from .launch import launch
 from .runtime import ShardedKVCache, TensorParallelError, TensorParallelModel
-from .shard import check_world_size, local_config
+from ..weights import check_world_size, local_config
 
 __all__ = ["launch", "TensorParallelModel", "ShardedKVCache", "TensorParallelError", "check_world_size",
            "local_config"]

@@ -107,10 +107,6 @@ class ShardedKVCache(KVCache):
             super().reset(rows)
 
 
-def reset_rows(cache: KVCache, start: int, stop: int) -> None:
-    cache.reset(slice(start, None if stop < 0 else stop))
-
-
 def compiled_decode(shard: nn.Module, cache: KVCache, mode: str | None, backend: str):
     """One rank's decode step over all of `cache`'s rows, compiled as the engine compiles its own:
     fixed cache addresses (so CUDA graphs update them in place), the all-reduces traced into the graph."""
@@ -149,7 +145,7 @@ class Worker:
                     self.shard.config, max_batch, self.link.device, DTYPES[dtype], max_seq_len if max_seq_len > 0 else None
                 )
             elif op == OP_RESET:
-                reset_rows(self.caches[header[1]], header[2], header[3])
+                self.caches[header[1]].reset(slice(header[2], None if header[3] < 0 else header[3]))
             elif op == OP_DECODE:
                 _, batch, kv_len, cache_id = header[:4]
                 payload = self.link.receive_payload(2 * batch)

@@ -113,7 +113,7 @@ def _gguf_metadata(reader, path) -> dict | None:
 def _open_reader(source):
     """(reader, path) of a GGUF path, or of a `gguf.GGUFReader` already open."""
     if isinstance(source, (str, os.PathLike)):
-        from ..loading.gguf import read  # shares the reader the model loader opened
+        from ..utils import read_gguf as read  # shares the reader the model loader opened
 
         path = Path(source)
         try:
