@@ -111,7 +111,7 @@ def _code_strings(path: Path) -> list[str]:
     return out
 
 
-CORE = {"config", "utils", "weights", "model", "attention", "cache"}
+CORE = {"config", "utils", "weights", "model", "attention", "flash_decode", "cache"}
 # utils shares the GGUF header reader; the reader is a leaf (numpy and gguf only) that still lives in loading/
 LEAVES = {"loading.gguf_reader"}
 

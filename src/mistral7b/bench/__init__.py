@@ -163,6 +163,9 @@ def run_requests(engine: Engine, prompts, new_tokens):
 def main(args) -> int:
     device, cuda = args.device, torch.device(args.device).type == "cuda"
     config, quant = bench_config(args.preset), getattr(args, "quant", None)
+    if quant is not None and quant.method == "int4" and quant.group_size is None:
+        # random weights have no stored grid: name the group the loader will use (the label, gpt-fast's too)
+        quant = replace(quant, group_size=quant.group_size_for(config.dim))
     results: dict = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
