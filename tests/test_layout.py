@@ -190,5 +190,6 @@ def test_bench_without_hf_never_imports_transformers(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=50)
-    hf, model = bench.build_models(config, "cpu", with_hf=False)
+    args = __import__("argparse").Namespace(device="cpu", no_hf=True, tensor_parallel_size=1)
+    model, hf = bench.build_models(config, args, None)
     assert hf is None and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 50)
