@@ -64,7 +64,7 @@ class LLM:
         self.model = self._load(source, quantize, tensor_parallel_size)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
-        self.engine = Engine(self.model, self.tokenizer, engine_config)
+        self.engine = Engine(self.model, self.tokenizer, engine_config.within(self.model.config))
 
     def _load(self, source, quantize, tensor_parallel_size: int):
         if tensor_parallel_size == 1:

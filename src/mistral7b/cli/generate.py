@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from .common import add_quantize_options, CLIError, add_sampling_arguments, load_llm, note, print_json, sampling_params, timings_of
+from .common import add_quantize_options, CLIError, add_sampling_arguments, load_llm, note, positions_for, print_json, sampling_params, timings_of
 
 NAME = "generate"
 HELP = "stream a completion to stdout"
@@ -77,7 +77,7 @@ def run(args) -> int:
     chat = args.chat or args.safe_prompt
     if args.token_ids and chat:
         raise CLIError("--token-ids cannot be combined with --chat or --safe-prompt")
-    llm = load_llm(args)
+    llm = load_llm(args, max_seq_len=positions_for(prompt, args.max_tokens))  # one request: cache to fit
     request, deltas = llm.stream_request(_prompt_ids(args, llm, prompt, chat), params)
     out = sys.stdout
     interrupted = False

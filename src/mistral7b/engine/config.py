@@ -35,6 +35,13 @@ class EngineConfig:
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"prefix_block_size must be a positive integer, got {block!r}")
 
+    def within(self, model: ModelConfig) -> "EngineConfig":
+        """This config with max_seq_len no longer than the model's context (a cache sized to a request
+        may ask for more; the model's limit is what requests are checked against)."""
+        if self.max_seq_len and self.max_seq_len > model.max_seq_len:
+            return replace(self, max_seq_len=None)
+        return self
+
     @property
     def prefix_cache_bytes(self) -> int:
         return int(self.prefix_cache_gib * 2**30)
