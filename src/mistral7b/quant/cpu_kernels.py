@@ -53,7 +53,7 @@ def _build(variant: str) -> Path:
     from ..default_model import cache_dir
 
     source = SOURCE.encode()
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared"] + VARIANT_FLAGS[variant]
+    flags = ["-O3", "-std=gnu11", "-fPIC", "-shared"] + VARIANT_FLAGS[variant]
     tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"m7b_cpu_{variant}_{tag}.so"
     if target.is_file():
@@ -65,13 +65,9 @@ def _build(variant: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built, source_file = Path(tmp) / target.name, Path(tmp) / "cpu_kernels.c"
         source_file.write_text(SOURCE)
-        # OpenMP from the same libgomp that torch loaded (one thread pool); without it, one thread.
-        for extra in (["-fopenmp"], []):
-            cmd = [compiler, *flags, *extra, str(source_file), "-o", str(built), "-lm"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode == 0:
-                break
-        else:
+        cmd = [compiler, *flags, str(source_file), "-o", str(built), "-lm", "-pthread"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-300:]}")
         os.replace(built, target)  # atomic: a concurrent process sees no half-written library
     return target

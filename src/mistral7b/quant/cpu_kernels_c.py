@@ -13,6 +13,8 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 // with neither: the scalar loops below are the reference for both.
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -154,11 +156,117 @@ static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int
     for (; j < hi; j++) rows_dot(1, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, qx, dx, sx, out + j);
 }
 
+// ---------------------------------------------------------------------------------------- threads
+// A small pool of our own rather than OpenMP: the caller never waits for a helper that has not started.
+// Tiles are claimed one at a time from an atomic word (generation << 32 | next tile); the caller claims
+// too, and at the end waits only for tiles a helper is in the middle of. On a busy machine a helper
+// that is not scheduled simply does no work, where an OpenMP barrier would stall the whole step.
+// Helpers spin briefly for the next job, then sleep on a condition variable.
+
+typedef struct {
+    const uint8_t *w;
+    const float *d, *m, *dx, *sx;
+    const int8_t *qx;
+    float *out;
+    int64_t rows, k, n, nb, wrow, tiles;
+    int bits, helpers;
+} Job;
+
+#define TILE 16
+#define MAX_HELPERS 63
+static Job job;
+static _Atomic uint64_t claim;  // generation << 32 | next tile
+static _Atomic int64_t done_tiles;
+static _Atomic int sleepers;
+static int started;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+
+static void run_tile(const Job *j, int64_t t) {
+    const int64_t lo = t * TILE, hi = lo + TILE < j->n ? lo + TILE : j->n;
+    for (int64_t r = 0; r < j->rows; r++)
+        tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->qx + r * j->k, j->dx + r * j->nb,
+                 j->sx + r * j->nb, j->out + r * j->n);
+}
+
+// Claims and runs tiles of generation `gen` until none is left (or a newer job replaced it).
+static void work(uint64_t gen, const Job *j) {
+    for (;;) {
+        uint64_t word = atomic_load_explicit(&claim, memory_order_acquire);
+        if (word >> 32 != gen || (int64_t)(word & 0xffffffffu) >= j->tiles) return;
+        if (!atomic_compare_exchange_weak(&claim, &word, word + 1)) continue;
+        run_tile(j, (int64_t)(word & 0xffffffffu));
+        atomic_fetch_add_explicit(&done_tiles, 1, memory_order_release);
+    }
+}
+
+static void *helper(void *arg) {
+    const int index = (int)(intptr_t)arg;
+    uint64_t seen = 0;
+    for (;;) {
+        uint64_t gen = atomic_load_explicit(&claim, memory_order_acquire) >> 32;
+        for (int spin = 0; gen == seen && spin < 20000; spin++) {
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+            _mm_pause();
+#endif
+            gen = atomic_load_explicit(&claim, memory_order_acquire) >> 32;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&lock);
+            atomic_fetch_add(&sleepers, 1);
+            while ((gen = atomic_load(&claim) >> 32) == seen) pthread_cond_wait(&wake, &lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&lock);
+        }
+        seen = gen;
+        Job copy = job;  // valid if a claim of `gen` succeeds: the caller rewrites it only once all are done
+        if (index < copy.helpers) work(gen, &copy);
+    }
+    return NULL;
+}
+
+static int start_helpers(int wanted) {
+    pthread_mutex_lock(&lock);
+    for (; started < wanted && started < MAX_HELPERS; started++) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, (void *)(intptr_t)started)) break;
+        pthread_detach(thread);
+    }
+    int have = started;
+    pthread_mutex_unlock(&lock);
+    return have;
+}
+
+// Not reentrant: one caller at a time (the engine's single model thread); a lock keeps it safe anyway.
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_job(Job *j, int threads) {
+    pthread_mutex_lock(&caller);
+    j->helpers = j->tiles > 1 && threads > 1 ? start_helpers(threads - 1) : 0;
+    if (j->helpers > threads - 1) j->helpers = threads - 1;
+    job = *j;
+    uint64_t gen = (atomic_load(&claim) >> 32) + 1;
+    atomic_store_explicit(&done_tiles, 0, memory_order_relaxed);
+    atomic_store_explicit(&claim, gen << 32, memory_order_release);
+    if (job.helpers && atomic_load(&sleepers)) {
+        pthread_mutex_lock(&lock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&lock);
+    }
+    work(gen, &job);
+    while (atomic_load_explicit(&done_tiles, memory_order_acquire) < job.tiles) {
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+        _mm_pause();
+#endif
+    }
+    pthread_mutex_unlock(&caller);
+}
+
 // out[M, N] = x[M, K] @ w[N, K]^T; w: bits 4 -> [N, K / 2] nibbles, bits 8 -> [N, K] int8;
 // d, m: [N, K / 32] float32 (m may be NULL). Returns 0, or -1 when out of memory.
 int m7b_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const float *d,
                const float *m, int64_t n, float *out, int threads) {
-    const int64_t nb = k / QK, wrow = bits == 4 ? k / 2 : k, tile = 16;
+    const int64_t nb = k / QK;
     int8_t *qx = malloc(rows * k);
     float *dx = malloc(sizeof(float) * rows * nb * 2);
     if (!qx || !dx) {
@@ -168,13 +276,8 @@ int m7b_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, int bi
     }
     float *sx = dx + rows * nb;
     for (int64_t r = 0; r < rows; r++) quantize_row(x + r * k, k, qx + r * k, dx + r * nb, sx + r * nb);
-    const int64_t tiles = (n + tile - 1) / tile;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tiles > 1)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t lo = t * tile, hi = lo + tile < n ? lo + tile : n;
-        for (int64_t r = 0; r < rows; r++)
-            tile_dot(lo, hi, w, wrow, bits, d, m, nb, qx + r * k, dx + r * nb, sx + r * nb, out + r * n);
-    }
+    Job j = {w, d, m, dx, sx, qx, out, rows, k, n, nb, bits == 4 ? k / 2 : k, (n + TILE - 1) / TILE, bits, 0};
+    run_job(&j, threads);
     free(qx);
     free(dx);
     return 0;
