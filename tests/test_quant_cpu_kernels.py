@@ -66,6 +66,21 @@ def test_kernel_matches_numpy_reference(variant, kind, group):
     assert err < 2e-6, (variant, kind, err)  # float32 sums in another order, nothing more
 
 
+def test_bf16_activations_convert_inside_the_kernel():
+    """bf16 in and out: the float32 computation on the same values, rounded to bf16 at the end."""
+    n, k = 40, 128
+    weight = random_case("int4", n, k, 32, seed=5)
+    d, m = cpu_kernels.block_params(weight.scale, weight.zero, 32, 8)
+    packed = cpu_kernels.pack_nibbles(weight.q)
+    x = torch.randn(3, k).bfloat16()
+    got = cpu_kernels.linear(x, packed, 4, d, m, n)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, cpu_kernels.linear(x.float(), packed, 4, d, m, n).bfloat16())
+    strided = torch.randn(k, 3).bfloat16().t()  # not contiguous: goes through float32
+    assert torch.equal(cpu_kernels.linear(strided, packed, 4, d, m, n),
+                       cpu_kernels.linear(strided.float(), packed, 4, d, m, n).bfloat16())
+
+
 def test_nibble_packing_round_trips_and_follows_gguf():
     q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
     packed = cpu_kernels.pack_nibbles(q)

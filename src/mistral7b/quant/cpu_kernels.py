@@ -94,7 +94,7 @@ def open_variant(variant: str):
     lib = ctypes.CDLL(str(_build(variant)))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.m7b_linear.restype = ctypes.c_int
-    lib.m7b_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.m7b_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -148,16 +148,17 @@ def linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n:
 def _linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n: int, lib=None) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
+    if x2.dtype not in (torch.float32, torch.bfloat16) or not x2.is_contiguous():
         x2 = x2.float().contiguous()
+    bf16 = x2.dtype == torch.bfloat16  # converted inside the kernel: no cast ops around it
     rows, k = x2.shape
-    out = torch.empty(rows, n, dtype=torch.float32)
+    out = torch.empty(rows, n, dtype=x2.dtype)
     status = (lib or library()).m7b_linear(x2.data_ptr(), rows, k, weight.data_ptr(), bits, d.data_ptr(),
-                                  None if m is None else m.data_ptr(),
-                                  n, out.data_ptr(), torch.get_num_threads())
+                                           None if m is None else m.data_ptr(),
+                                           n, out.data_ptr(), torch.get_num_threads(), bf16)
     if status:
         raise MemoryError(f"cpu_qlinear: no memory for {rows} x {k} quantized activations")
-    if x.dtype != torch.float32:
+    if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.view(*shape[:-1], n)
 

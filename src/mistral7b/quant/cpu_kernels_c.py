@@ -262,24 +262,52 @@ static void run_job(Job *j, int threads) {
     pthread_mutex_unlock(&caller);
 }
 
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t to_bf16(float f) {  // round to nearest even, as torch does; NaN stays NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
 // out[M, N] = x[M, K] @ w[N, K]^T; w: bits 4 -> [N, K / 2] nibbles, bits 8 -> [N, K] int8;
-// d, m: [N, K / 32] float32 (m may be NULL). Returns 0, or -1 when out of memory.
-int m7b_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const float *d,
-               const float *m, int64_t n, float *out, int threads) {
+// d, m: [N, K / 32] float32 (m may be NULL). x and out are float32, or bfloat16 when `bf16` is set
+// (the same float32 arithmetic in between). Returns 0, or -1 when out of memory.
+int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const float *d,
+               const float *m, int64_t n, void *out, int threads, int bf16) {
     const int64_t nb = k / QK;
     int8_t *qx = malloc(rows * k);
     float *dx = malloc(sizeof(float) * rows * nb * 2);
-    if (!qx || !dx) {
+    float *scratch = bf16 ? malloc(sizeof(float) * (k > n ? k : n) * rows) : NULL;
+    if (!qx || !dx || (bf16 && !scratch)) {
         free(qx);
         free(dx);
+        free(scratch);
         return -1;
     }
     float *sx = dx + rows * nb;
-    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * k, k, qx + r * k, dx + r * nb, sx + r * nb);
-    Job j = {w, d, m, dx, sx, qx, out, rows, k, n, nb, bits == 4 ? k / 2 : k, (n + TILE - 1) / TILE, bits, 0};
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = (const float *)x + r * k;
+        if (bf16) {
+            for (int64_t i = 0; i < k; i++) scratch[i] = from_bf16(((const uint16_t *)x)[r * k + i]);
+            row = scratch;
+        }
+        quantize_row(row, k, qx + r * k, dx + r * nb, sx + r * nb);
+    }
+    float *result = bf16 ? scratch : (float *)out;
+    Job j = {w, d, m, dx, sx, qx, result, rows, k, n, nb, bits == 4 ? k / 2 : k, (n + TILE - 1) / TILE, bits, 0};
     run_job(&j, threads);
+    if (bf16)
+        for (int64_t i = 0; i < rows * n; i++) ((uint16_t *)out)[i] = to_bf16(scratch[i]);
     free(qx);
     free(dx);
+    free(scratch);
     return 0;
 }
 """
