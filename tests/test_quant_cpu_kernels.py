@@ -10,7 +10,13 @@ from mistral7b.quant import cpu_kernels
 from mistral7b.quant.linear import Int4Linear, Int8Linear
 from mistral7b.quant.qtensor import QuantizedWeight, WeightFormat, quantize_int4
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: cpu_kernels not built")
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: cpu_kernels not built")
+
+
+@pytest.fixture(autouse=True)
+def int8_activations(monkeypatch):
+    """The kernels are opt-in (MISTRAL7B_INT8_ACTIVATIONS=1): on for every test here."""
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
 VARIANTS = {"vnni": ["vnni", "avx2", "portable"], "avx2": ["avx2", "portable"], "portable": ["portable"]}
 
 
