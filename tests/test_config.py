@@ -79,3 +79,14 @@ def test_invalid_config_values():
     cfg = ModelConfig(n_layers=3, sliding_window=[4, None, 4])
     assert cfg.layer_windows() == [4, None, 4] and not cfg.has_window
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_engine_cache_sized_to_a_request_never_exceeds_the_model():
+    from mistral7b.cli.common import positions_for
+    from mistral7b.engine import EngineConfig
+
+    need = positions_for("What is the capital of France?", 128)
+    assert need % 256 == 0 and need >= len("What is the capital of France?") + 128
+    model = ModelConfig(max_seq_len=4096)
+    assert EngineConfig(max_seq_len=need).within(model).max_seq_len == need
+    assert EngineConfig(max_seq_len=10_000).within(model).max_seq_len is None  # the model's own limit

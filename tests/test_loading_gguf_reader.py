@@ -59,3 +59,17 @@ def test_truncated_header_is_an_error(tmp_path, keep):
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises((ValueError, IndexError)):
         FastGGUFReader(str(path))
+
+
+def test_released_pages_read_back_the_same(tmp_path):
+    path = tmp_path / "released.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("t", np.arange(4096, dtype=np.float32).reshape(64, 64))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = FastGGUFReader(str(path))
+    before = np.array(reader.tensors[0].data)
+    reader.release_pages()
+    assert np.array_equal(reader.tensors[0].data, before) and before[5, 7] == 5 * 64 + 7

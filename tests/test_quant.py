@@ -16,6 +16,14 @@ from checkpoints import hf_logits, hf_model, ours_from_hf, rel_err
 CPU = torch.device("cpu")
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Whole tiny models against their dequantized copies check loading, with torch's kernels: int8
+    activations (cpu_kernels, tested on their own in test_quant_cpu_kernels.py) move these random
+    models' sharp logits by several percent."""
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "0")
+
+
 def _filled(module, weight: QuantizedWeight, parts: int = 1):
     """Fill a module in `parts` row ranges, as the loader does for fused matrices."""
     module.to_empty(device=CPU)
@@ -37,7 +45,9 @@ def test_int4_linear_matches_dequantized(group, rows, dtype):
     want = F.linear(x.double(), weight.dequantize(torch.float64))
     got = module(x)
     assert got.dtype == dtype and got.shape == (2, rows, n)
-    assert rel_err(got, want) < 2e-2  # bf16 activations and bf16 scales/zeros
+    # bf16 activations and bf16 scales/zeros, or int8 activations per block of 32 (cpu_kernels; checked
+    # exactly against its own numpy reference in test_quant_cpu_kernels.py)
+    assert rel_err(got, want) < 3e-2
     assert torch.equal(module.unpack().q, weight.q)
 
 
@@ -57,7 +67,7 @@ def test_int8_linear_matches_dequantized(fmt, rows, dtype):
     module = _filled(Int8Linear(k, n, fmt, CPU), weight, parts=2)
     x = torch.randn(rows, k).to(dtype)
     want = F.linear(x.double(), weight.dequantize(torch.float64))
-    assert rel_err(module(x), want) < 2e-2
+    assert rel_err(module(x), want) < 3e-2  # as the int4 test
     back = module.unpack()
     assert torch.equal(back.q, weight.q)
     assert torch.allclose(back.scale, weight.scale, rtol=1e-2)
@@ -173,7 +183,7 @@ def dequantized_copy(model, hf):
 
 
 @pytest.mark.parametrize("quantize", ["int8", QuantConfig("int4", 32), QuantConfig("int4", 32, quantize_head=False)])
-def test_load_quantized_matches_dequantized(tiny_hf, quantize, one_thread):
+def test_load_quantized_matches_dequantized(tiny_hf, quantize, one_thread, torch_kernels):
     hf, folder = tiny_hf
     model = load_model(folder, quantize=quantize)
     quant = resolve(quantize)
@@ -192,7 +202,7 @@ def test_load_quantized_matches_dequantized(tiny_hf, quantize, one_thread):
     assert 1e-4 < err < (0.05 if quant.method == "int8" else 0.5)
 
 
-def test_load_tied_quantized_head(tmp_path, one_thread):
+def test_load_tied_quantized_head(tmp_path, one_thread, torch_kernels):
     hf = hf_model("llama", n_kv_heads=2, tie=True, seed=1)
     hf.save_pretrained(tmp_path)
     model = load_model(tmp_path, quantize=QuantConfig("int4", 32))
@@ -213,7 +223,7 @@ def fake_quant_int4(w: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round((x - lo) / step).clamp(0, 15) * step + lo).reshape(n, k)
 
 
-def test_group_size_is_a_ceiling_per_matrix(tiny_hf, one_thread):
+def test_group_size_is_a_ceiling_per_matrix(tiny_hf, one_thread, torch_kernels):
     """int4 g64 on a model whose w2 is 96 wide: w2 takes groups of 32, every other matrix 64."""
     hf, folder = tiny_hf
     model = load_model(folder, quantize=QuantConfig("int4", 64))

@@ -74,7 +74,7 @@ class LLM:
             from .engine.proposers import load_draft
 
             draft = load_draft(engine_config.speculative, source, self.device, self.dtype)
-        self.engine = Engine(self.model, self.tokenizer, engine_config, draft_model=draft)
+        self.engine = Engine(self.model, self.tokenizer, engine_config.within(self.model.config), draft_model=draft)
 
     def _load(self, source, tensor_parallel_size: int):
         if tensor_parallel_size == 1:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from .common import add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, print_json, sampling_params, timings_of
+from .common import add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, positions_for, print_json, sampling_params, timings_of
 
 NAME = "generate"
 HELP = "stream a completion to stdout"
@@ -89,7 +89,7 @@ def run(args) -> int:
     params = with_json_schema(sampling_params(args), args.json_schema)
     chat = args.chat or args.safe_prompt
     token_ids = check_prompt(args, prompt, chat)
-    llm = load_llm(args)
+    llm = load_llm(args, max_seq_len=positions_for(prompt, args.max_tokens))  # one request: cache to fit
     request, deltas = llm.stream_request(_prompt_ids(args, llm, prompt, chat, token_ids), params)
     out = sys.stdout
     interrupted = False

@@ -39,6 +39,13 @@ class EngineConfig:
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ValueError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 
+    def within(self, model: ModelConfig) -> "EngineConfig":
+        """This config with max_seq_len no longer than the model's context (a cache sized to a request
+        may ask for more; the model's limit is what requests are checked against)."""
+        if self.max_seq_len and self.max_seq_len > model.max_seq_len:
+            return replace(self, max_seq_len=None)
+        return self
+
     @property
     def prefix_cache_bytes(self) -> int:
         return int(self.prefix_cache_gib * 2**30)

@@ -9,11 +9,38 @@ element. The fields, parts and tensors are the reader's own (tests compare them 
 
 from __future__ import annotations
 
+import mmap
+import sys
+
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
+
+
+def _import_gguf_without_mistral_common():
+    """`gguf.vocab` imports mistral_common when it is installed (a dev dependency here: 1-4 s of a
+    2-core box's start-up) for tokenizer classes this project never uses. Hide it for that one import;
+    a later `import mistral_common` anywhere else works as usual."""
+    if "gguf" in sys.modules or "mistral_common" in sys.modules:
+        return
+    sys.modules["mistral_common"] = None  # makes `import mistral_common.<anything>` raise ImportError
+    try:
+        import gguf  # noqa: F401
+    finally:
+        del sys.modules["mistral_common"]
+
+
+_import_gguf_without_mistral_common()
+from gguf import GGUFReader, GGUFValueType  # noqa: E402
 
 
 class FastGGUFReader(GGUFReader):
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the file mapping (the weights were copied out while
+        loading; ~100 MB of RSS for the default model). The mapping stays valid: pages read again come
+        back from the page cache or the file."""
+        mapping = getattr(self.data, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
     def _plain(self) -> np.ndarray:
         plain = self.__dict__.get("_plain_data")
         if plain is None:  # `self.data` is the memmap the base __init__ opened first

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import cpu_kernels, kernels
 from .qtensor import QuantizedWeight, WeightFormat
 
 
@@ -65,11 +65,35 @@ class QuantModule(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.label()}"
 
 
+def integer_kernel(in_features: int, group_size: int, device: torch.device) -> bool:
+    """Whether a CPU matrix runs on cpu_kernels (int8 activations) rather than torch's kernels."""
+    return device.type == "cpu" and cpu_kernels.supports(in_features, group_size)
+
+
+def register_blocks(module: nn.Module, n: int, k: int, q_shape, q_dtype, has_min: bool) -> None:
+    """The buffers of cpu_kernels' layout: stored q, and per block of 32 `d` and `m` (w = d * q + m)."""
+    module.register_buffer("qweight", torch.empty(q_shape, dtype=q_dtype, device="meta"))
+    module.register_buffer("block_scale", torch.empty(n, k // cpu_kernels.BLOCK, device="meta"))
+    module.register_buffer("block_min", torch.empty(n, k // cpu_kernels.BLOCK, device="meta") if has_min else None)
+
+
+def regrouped(weight: QuantizedWeight, group_size: int) -> QuantizedWeight:
+    """A weight read back in blocks of 32, in its own groups again (each group's blocks share one scale)."""
+    step = group_size // weight.group_size
+    keep = (lambda t: None if t is None else t[:, ::step].contiguous())
+    return QuantizedWeight(weight.kind, weight.q, keep(weight.scale), keep(weight.zero), group_size, weight.source)
+
+
 class Int4Linear(QuantModule):
-    """int4 groups, `w = (q - 8) * scale + zero`, run by tinygemm."""
+    """int4 groups, `w = (q - 8) * scale + zero`, run by cpu_kernels on a CPU (int8 activations), else
+    by tinygemm."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight"):
         super().__init__(out_features, in_features, fmt, device)
+        self.integer = integer_kernel(in_features, self.group_size, self.target)
+        if self.integer:
+            register_blocks(self, out_features, in_features, (out_features, in_features // 2), torch.uint8, True)
+            return
         kernels.check_int4_shape(out_features, in_features, self.group_size, self.target)
         shape, dtype = kernels.packed_shape(out_features, in_features, self.target)
         g = in_features // self.group_size
@@ -78,11 +102,21 @@ class Int4Linear(QuantModule):
         self.register_buffer("scales_zeros", torch.empty(g, rows, 2, dtype=torch.bfloat16, device="meta"))
 
     def pack(self, weight: QuantizedWeight) -> None:
+        if self.integer:
+            self.qweight.copy_(cpu_kernels.pack_nibbles(weight.q))
+            d, m = cpu_kernels.block_params(weight.scale, weight.zero, self.group_size, offset=8)
+            self.block_scale.copy_(d)
+            self.block_min.copy_(m)
+            return
         zero = weight.zero if weight.zero is not None else torch.zeros_like(weight.scale)
         self.packed.copy_(kernels.pack_int4(weight.q, self.target))
         self.scales_zeros.copy_(kernels.pack_scales_zeros(weight.scale, zero, self.target))
 
     def unpack(self) -> QuantizedWeight:
+        if self.integer:
+            q, scale, mn = cpu_kernels.unpack_nibbles(self.qweight), self.block_scale, self.block_min
+            return regrouped(QuantizedWeight("int4", q, scale.clone(), mn + 8 * scale, cpu_kernels.BLOCK,
+                                             self.fmt.source), self.group_size)
         q = kernels.unpack_int4(self.packed, self.out_features, self.in_features).cpu()
         sz = self.scales_zeros[:, : self.out_features].float().cpu()
         return QuantizedWeight("int4", q, sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous(),
@@ -96,12 +130,17 @@ class Int4Linear(QuantModule):
         return w[: self.out_features].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer:
+            return cpu_kernels.linear(x, self.qweight, 4, self.block_scale, self.block_min, self.out_features)
         return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
 
 
 def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> str:
-    """"int8pack" (per channel, no zeros), "planes" (CPU groups the int4 kernel takes) or "dequant"."""
+    """"integer" (cpu_kernels), "int8pack" (per channel, no zeros), "planes" (CPU groups the int4 kernel
+    takes) or "dequant"."""
     group = fmt.group_size or in_features
+    if integer_kernel(in_features, group, device):
+        return "integer"
     if not fmt.has_zero and fmt.group_size is None:
         return "int8pack"
     if device.type == "cpu" and group in kernels.KERNEL_GROUP_SIZES:
@@ -117,6 +156,9 @@ class Int8Linear(QuantModule):
         self.kernel = int8_kernel(fmt, in_features, self.target)
         n, k, g = out_features, in_features, in_features // self.group_size
         meta = dict(device="meta")
+        if self.kernel == "integer":
+            register_blocks(self, n, k, (n, k), torch.int8, fmt.has_zero)
+            return
         if self.kernel == "planes":
             shape, dtype = kernels.packed_shape(n, k, self.target)
             for plane in ("hi", "lo"):
@@ -130,6 +172,13 @@ class Int8Linear(QuantModule):
         self.register_buffer("zeros", torch.empty(n, g, **meta) if fmt.has_zero else None)
 
     def pack(self, weight: QuantizedWeight) -> None:
+        if self.kernel == "integer":
+            self.qweight.copy_(weight.q)
+            d, m = cpu_kernels.block_params(weight.scale, weight.zero, self.group_size, offset=0)
+            self.block_scale.copy_(d)
+            if self.block_min is not None:
+                self.block_min.copy_(m)
+            return
         if self.kernel == "planes":
             hi, lo = kernels.split_int8_planes(weight.q)
             (hs, hz), (ls, lz) = kernels.plane_qparams(weight.scale, weight.zero)
@@ -144,6 +193,10 @@ class Int8Linear(QuantModule):
             self.zeros.copy_(weight.zero)
 
     def unpack(self) -> QuantizedWeight:
+        if self.kernel == "integer":
+            zero = None if self.block_min is None else self.block_min.clone()
+            return regrouped(QuantizedWeight("int8", self.qweight.clone(), self.block_scale.clone(), zero,
+                                             cpu_kernels.BLOCK, self.fmt.source), self.group_size)
         if self.kernel == "planes":
             n, k = self.out_features, self.in_features
             hi = kernels.unpack_int4(self.packed_hi, n, k).to(torch.int16) - 8
@@ -158,6 +211,9 @@ class Int8Linear(QuantModule):
                                self.fmt.source)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "integer":
+            q = self.qweight.view(torch.uint8)
+            return cpu_kernels.linear(x, q, 8, self.block_scale, self.block_min, self.out_features)
         if self.kernel == "planes":
             n, g = self.out_features, self.group_size
             return (kernels.int4_mm(x, self.packed_hi, g, self.scales_zeros_hi, n)

@@ -156,5 +156,7 @@ def gguf_tokenizer_args(source) -> dict | None:
     # llama.cpp adds BOS to SentencePiece vocabularies that don't say otherwise; HF follows it.
     add_bos = meta.get("add_bos_token", kind == "llama")
     bos_token, eos_token = (tokens[i] if i is not None and 0 <= i < len(tokens) else "" for i in (bos_id, eos_id))
+    if hasattr(reader, "release_pages"):  # the vocabulary is read last, after the weights were loaded
+        reader.release_pages()
     return dict(name=path, hf=hf, bos_id=bos_id, eos_id=eos_id, add_bos=bool(add_bos),
                 chat_template=meta.get("chat_template"), bos_token=bos_token, eos_token=eos_token)

@@ -1,0 +1,313 @@
+"""The C source of cpu_kernels, kept in a Python module so that every install (wheel, sdist, editable)
+carries it without package-data settings."""
+
+SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama.cpp's q4_1 x q8_0 dot product.
+//
+// Activations are quantized per row in blocks of 32: qx = round(x / dx), dx = max|x| / 127, and the
+// exact float sum sx of each block is kept. A weight block is w = d * q + m (q unsigned 4-bit nibbles,
+// or signed int8), so a block's dot is d * dx * sum(q * qx) + m * sx.
+//
+// Every output (row of x, row of w) is reduced by the same code in the same order whatever the number
+// of rows, the thread count or the split of outputs over threads: results are batch-invariant.
+// Built by cpu_kernels.py with -mavx2 or -mavx512vnni (chosen at run time from the CPU's flags), or
+// with neither: the scalar loops below are the reference for both.
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+#include <immintrin.h>
+#endif
+
+#define QK 32
+
+int m7b_abi(void) { return 2; }
+
+static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float *sx) {
+    for (int64_t b = 0; b < k / QK; b++) {
+        const float *v = x + b * QK;
+        float amax = 0.f, sum = 0.f;
+        for (int i = 0; i < QK; i++) {
+            float a = fabsf(v[i]);
+            amax = a > amax ? a : amax;
+            sum += v[i];
+        }
+        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        for (int i = 0; i < QK; i++) qx[b * QK + i] = (int8_t)lrintf(v[i] * id);
+        dx[b] = d;
+        sx[b] = sum;
+    }
+}
+
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+// 8 int32 partial sums of u * s over 32 bytes (u unsigned, s signed; |u * s| pairs fit int16).
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(M7B_VNNI)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256i load_q4(const uint8_t *p) {  // byte j: q[j] low nibble, q[j + 16] high
+    __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+static inline __m256i block_dot(const uint8_t *w, int bits, const int8_t *qx) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)qx);
+    if (bits == 4) return dot_u8s8(load_q4(w), x);
+    __m256i q = _mm256_loadu_si256((const __m256i *)w);  // signed: |q| times x with q's sign
+    return dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+}
+#endif
+
+#if defined(M7B_VNNI)
+// Two blocks per 512-bit register: [b lo | b hi | b+1 lo | b+1 hi] nibbles, as the x layout.
+static inline __m512i block_pair_dot(const uint8_t *w, int bits, const int8_t *qx) {
+    __m512i x = _mm512_loadu_si512((const void *)qx);
+    if (bits == 4) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+        both = _mm512_and_si512(_mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
+        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), both, x);
+    }
+    __m512i q = _mm512_loadu_si512((const void *)w);
+    __mmask64 neg = _mm512_movepi8_mask(q);
+    __m512i zero = _mm512_setzero_si512();
+    __m512i xs = _mm512_mask_sub_epi8(x, neg, zero, x);  // x with q's sign, |q| unsigned
+    return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(q), xs);
+}
+#endif
+
+// R outputs (weight rows w + r * wrow) for one quantized input row; each row's arithmetic is the same
+// whatever R is, so grouping rows never changes a result.
+static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, const float *d, const float *m,
+                            int64_t nb, const int8_t *qx, const float *dx, const float *sx, float *out) {
+    const int64_t stride = bits == 4 ? QK / 2 : QK;
+    for (int r = 0; r < R; r++) {
+        float offset = 0.f;
+        if (m)  // NULL: no offsets (symmetric int8), which saves reading a row of zeros
+            for (int64_t b = 0; b < nb; b++) offset += m[r * nb + b] * sx[b];
+        out[r] = offset;
+    }
+#if defined(M7B_VNNI)
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        for (int r = 0; r < R; r++) {
+            const float *dr = d + r * nb + b;
+            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(dr[0] * dx[b]), _mm256_set1_ps(dr[1] * dx[b + 1]), 1);
+            __m512 p = _mm512_cvtepi32_ps(block_pair_dot(w + r * wrow + b * stride, bits, qx + b * QK));
+            acc[r] = _mm512_fmadd_ps(p, scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1));
+        if (b < nb) {
+            __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + b * QK));
+            a = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r * nb + b] * dx[b]), a);
+        }
+        out[r] += hsum(a);
+    }
+#elif defined(M7B_AVX2)
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < R; r++) {
+            __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + b * QK));
+            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r * nb + b] * dx[b]), acc[r]);
+        }
+    for (int r = 0; r < R; r++) out[r] += hsum(acc[r]);
+#else
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *wb = w + r * wrow + b * stride;
+            const int8_t *xb = qx + b * QK;
+            int32_t s = 0;
+            for (int i = 0; i < QK; i++) {
+                int q = bits == 4 ? (i < 16 ? wb[i] & 15 : wb[i - 16] >> 4) : (int8_t)wb[i];
+                s += q * xb[i];
+            }
+            acc += (float)s * (d[r * nb + b] * dx[b]);
+        }
+        out[r] += acc;
+    }
+#endif
+}
+
+static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const float *d,
+                     const float *m, int64_t nb, const int8_t *qx, const float *dx, const float *sx, float *out) {
+    int64_t j = lo;
+    for (; j + 4 <= hi; j += 4) rows_dot(4, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, qx, dx, sx, out + j);
+    for (; j < hi; j++) rows_dot(1, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, qx, dx, sx, out + j);
+}
+
+// ---------------------------------------------------------------------------------------- threads
+// A small pool of our own rather than OpenMP: the caller never waits for a helper that has not started.
+// Tiles are claimed one at a time from an atomic word (generation << 32 | next tile); the caller claims
+// too, and at the end waits only for tiles a helper is in the middle of. On a busy machine a helper
+// that is not scheduled simply does no work, where an OpenMP barrier would stall the whole step.
+// Helpers spin briefly for the next job, then sleep on a condition variable.
+
+typedef struct {
+    const uint8_t *w;
+    const float *d, *m, *dx, *sx;
+    const int8_t *qx;
+    float *out;
+    int64_t rows, k, n, nb, wrow, tiles;
+    int bits, helpers;
+} Job;
+
+#define TILE 16
+#define MAX_HELPERS 63
+static Job job;
+static _Atomic uint64_t claim;  // generation << 32 | next tile
+static _Atomic int64_t done_tiles;
+static _Atomic int sleepers;
+static int started;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+
+static void run_tile(const Job *j, int64_t t) {
+    const int64_t lo = t * TILE, hi = lo + TILE < j->n ? lo + TILE : j->n;
+    for (int64_t r = 0; r < j->rows; r++)
+        tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->qx + r * j->k, j->dx + r * j->nb,
+                 j->sx + r * j->nb, j->out + r * j->n);
+}
+
+// Claims and runs tiles of generation `gen` until none is left (or a newer job replaced it).
+static void work(uint64_t gen, const Job *j) {
+    for (;;) {
+        uint64_t word = atomic_load_explicit(&claim, memory_order_acquire);
+        if (word >> 32 != gen || (int64_t)(word & 0xffffffffu) >= j->tiles) return;
+        if (!atomic_compare_exchange_weak(&claim, &word, word + 1)) continue;
+        run_tile(j, (int64_t)(word & 0xffffffffu));
+        atomic_fetch_add_explicit(&done_tiles, 1, memory_order_release);
+    }
+}
+
+static void *helper(void *arg) {
+    const int index = (int)(intptr_t)arg;
+    uint64_t seen = 0;
+    for (;;) {
+        uint64_t gen = atomic_load_explicit(&claim, memory_order_acquire) >> 32;
+        for (int spin = 0; gen == seen && spin < 20000; spin++) {
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+            _mm_pause();
+#endif
+            gen = atomic_load_explicit(&claim, memory_order_acquire) >> 32;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&lock);
+            atomic_fetch_add(&sleepers, 1);
+            while ((gen = atomic_load(&claim) >> 32) == seen) pthread_cond_wait(&wake, &lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&lock);
+        }
+        seen = gen;
+        Job copy = job;  // valid if a claim of `gen` succeeds: the caller rewrites it only once all are done
+        if (index < copy.helpers) work(gen, &copy);
+    }
+    return NULL;
+}
+
+static int start_helpers(int wanted) {
+    pthread_mutex_lock(&lock);
+    for (; started < wanted && started < MAX_HELPERS; started++) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, (void *)(intptr_t)started)) break;
+        pthread_detach(thread);
+    }
+    int have = started;
+    pthread_mutex_unlock(&lock);
+    return have;
+}
+
+// Not reentrant: one caller at a time (the engine's single model thread); a lock keeps it safe anyway.
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_job(Job *j, int threads) {
+    pthread_mutex_lock(&caller);
+    j->helpers = j->tiles > 1 && threads > 1 ? start_helpers(threads - 1) : 0;
+    if (j->helpers > threads - 1) j->helpers = threads - 1;
+    job = *j;
+    uint64_t gen = (atomic_load(&claim) >> 32) + 1;
+    atomic_store_explicit(&done_tiles, 0, memory_order_relaxed);
+    atomic_store_explicit(&claim, gen << 32, memory_order_release);
+    if (job.helpers && atomic_load(&sleepers)) {
+        pthread_mutex_lock(&lock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&lock);
+    }
+    work(gen, &job);
+    while (atomic_load_explicit(&done_tiles, memory_order_acquire) < job.tiles) {
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+        _mm_pause();
+#endif
+    }
+    pthread_mutex_unlock(&caller);
+}
+
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t to_bf16(float f) {  // round to nearest even, as torch does; NaN stays NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// out[M, N] = x[M, K] @ w[N, K]^T; w: bits 4 -> [N, K / 2] nibbles, bits 8 -> [N, K] int8;
+// d, m: [N, K / 32] float32 (m may be NULL). x and out are float32, or bfloat16 when `bf16` is set
+// (the same float32 arithmetic in between). Returns 0, or -1 when out of memory.
+int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const float *d,
+               const float *m, int64_t n, void *out, int threads, int bf16) {
+    const int64_t nb = k / QK;
+    int8_t *qx = malloc(rows * k);
+    float *dx = malloc(sizeof(float) * rows * nb * 2);
+    float *scratch = bf16 ? malloc(sizeof(float) * (k > n ? k : n) * rows) : NULL;
+    if (!qx || !dx || (bf16 && !scratch)) {
+        free(qx);
+        free(dx);
+        free(scratch);
+        return -1;
+    }
+    float *sx = dx + rows * nb;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = (const float *)x + r * k;
+        if (bf16) {
+            for (int64_t i = 0; i < k; i++) scratch[i] = from_bf16(((const uint16_t *)x)[r * k + i]);
+            row = scratch;
+        }
+        quantize_row(row, k, qx + r * k, dx + r * nb, sx + r * nb);
+    }
+    float *result = bf16 ? scratch : (float *)out;
+    Job j = {w, d, m, dx, sx, qx, result, rows, k, n, nb, bits == 4 ? k / 2 : k, (n + TILE - 1) / TILE, bits, 0};
+    run_job(&j, threads);
+    if (bf16)
+        for (int64_t i = 0; i < rows * n; i++) ((uint16_t *)out)[i] = to_bf16(scratch[i]);
+    free(qx);
+    free(dx);
+    free(scratch);
+    return 0;
+}
+"""

@@ -1,0 +1,172 @@
+"""cpu_kernels (int4/int8 weights x int8 activations) against a numpy reference written from the
+format's definition, on random blocks, for every instruction-set variant this CPU runs; batch
+invariance; the quantized linears on this path; and the fallback without a compiler."""
+
+import numpy as np
+import pytest
+import torch
+
+from mistral7b.quant import cpu_kernels
+from mistral7b.quant.linear import Int4Linear, Int8Linear
+from mistral7b.quant.qtensor import QuantizedWeight, WeightFormat, quantize_int4
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: cpu_kernels not built")
+
+
+@pytest.fixture(autouse=True)
+def int8_activations(monkeypatch):
+    """The kernels are opt-in (MISTRAL7B_INT8_ACTIVATIONS=1): on for every test here."""
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
+VARIANTS = {"vnni": ["vnni", "avx2", "portable"], "avx2": ["avx2", "portable"], "portable": ["portable"]}
+
+
+def reference(x: np.ndarray, q: np.ndarray, offset: int, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    """x [M, K] float32, weight q [N, K] integers with w = (q - offset) * scale + zero per group.
+    Activations: per block of 32, d = max|x| / 127 and round-half-even of x * (1 / d), in float32;
+    the constant term of each group uses the exact sums of x."""
+    m, k = x.shape
+    n, groups = scale.shape
+    group = k // groups
+    blocks = x.reshape(m, k // 32, 32)
+    d = np.abs(blocks).max(-1) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    qx = np.rint(blocks * inv[..., None]).astype(np.int64).reshape(m, k)
+    xq = (qx.reshape(m, k // 32, 32) * d[..., None].astype(np.float64)).reshape(m, k)  # what the kernel sees
+    # w = scale * q + (zero - offset * scale): the integer part meets the quantized activations, the
+    # per-group constant meets the exact sums of x (as llama.cpp's q4_1 x q8_1)
+    integer = (q.astype(np.float64).reshape(n, groups, group) * scale[..., None]).reshape(n, k)
+    constant = (0 if zero is None else zero) - offset * scale
+    sums = x.astype(np.float64).reshape(m, groups, group).sum(-1)
+    return xq @ integer.T + sums @ constant.T
+
+
+def random_case(kind: str, n: int, k: int, group: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, k // group, generator=g) / 20 + 1e-3
+    zero = torch.randn(n, k // group, generator=g) / 10
+    if kind == "int4":
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        return QuantizedWeight("int4", q, scale, zero, group)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    return QuantizedWeight("int8", q, scale, zero if kind == "int8z" else None, group)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[cpu_kernels.cpu_variant()])
+@pytest.mark.parametrize("kind,group", [("int4", 32), ("int4", 64), ("int8", 32), ("int8z", 32), ("int8", 96)])
+def test_kernel_matches_numpy_reference(variant, kind, group):
+    lib = cpu_kernels.open_variant(variant)
+    # rows not a multiple of the 4-row or 16-row tiles; 9 blocks of 32 leave a tail to the block pairs
+    n, k = 37, 288 if 288 % group == 0 else 384
+    weight = random_case(kind, n, k, group, seed=group)
+    offset = 8 if kind == "int4" else 0
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    x[2, :32] = 0  # an all-zero block
+    want = reference(x.numpy(), weight.q.numpy(), offset, weight.scale.double().numpy(),
+                     None if weight.zero is None else weight.zero.double().numpy())
+    d, m = cpu_kernels.block_params(weight.scale, weight.zero, group, offset)
+    if kind == "int4":
+        got = cpu_kernels.linear(x, cpu_kernels.pack_nibbles(weight.q), 4, d, m, n, lib=lib)
+    else:
+        got = cpu_kernels.linear(x, weight.q.view(torch.uint8), 8, d, None if weight.zero is None else m, n, lib=lib)
+    err = np.abs(got.double().numpy() - want).max() / np.abs(want).max()
+    assert err < 2e-6, (variant, kind, err)  # float32 sums in another order, nothing more
+
+
+def test_bf16_activations_convert_inside_the_kernel():
+    """bf16 in and out: the float32 computation on the same values, rounded to bf16 at the end."""
+    n, k = 40, 128
+    weight = random_case("int4", n, k, 32, seed=5)
+    d, m = cpu_kernels.block_params(weight.scale, weight.zero, 32, 8)
+    packed = cpu_kernels.pack_nibbles(weight.q)
+    x = torch.randn(3, k).bfloat16()
+    got = cpu_kernels.linear(x, packed, 4, d, m, n)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, cpu_kernels.linear(x.float(), packed, 4, d, m, n).bfloat16())
+    strided = torch.randn(k, 3).bfloat16().t()  # not contiguous: goes through float32
+    assert torch.equal(cpu_kernels.linear(strided, packed, 4, d, m, n),
+                       cpu_kernels.linear(strided.float(), packed, 4, d, m, n).bfloat16())
+
+
+def test_nibble_packing_round_trips_and_follows_gguf():
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = cpu_kernels.pack_nibbles(q)
+    assert torch.equal(cpu_kernels.unpack_nibbles(packed), q)
+    assert torch.equal(packed[:, 5] & 15, q[:, 5]) and torch.equal(packed[:, 5] >> 4, q[:, 21])  # Q4_0's order
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int8", 32)])
+def test_a_row_gives_the_same_bits_in_any_batch(fmt, threads):
+    """Batch invariance: a row's output is bit-identical alone, at any position of a batch, at any
+    batch size and thread count."""
+    n, k = 200, 576
+    weight = random_case("int4" if fmt.kind == "int4" else "int8", n, k, 32, seed=3)
+    module = (Int4Linear if fmt.kind == "int4" else Int8Linear)(k, n, fmt, torch.device("cpu"))
+    module.to_empty(device="cpu")
+    module.fill(0, n, weight)
+    assert module.integer if fmt.kind == "int4" else module.kernel == "integer"
+    row = torch.randn(1, k)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = module(row)
+        for batch in (2, 8, 33):
+            others = torch.randn(batch, k)
+            for at in (0, batch // 2, batch - 1):
+                mixed = others.clone()
+                mixed[at] = row[0]
+                assert torch.equal(module(mixed)[at], alone[0]), (batch, at)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_quantized_linears_take_the_integer_path_and_unpack_exactly():
+    n, k = 48, 128
+    for module, weight in ((Int4Linear(k, n, WeightFormat("int4", 64, True), "cpu"), quantize_int4(torch.randn(n, k), 64)),
+                           (Int8Linear(k, n, WeightFormat("int8", 32, True), "cpu"), random_case("int8z", n, k, 32, 4))):
+        module.to_empty(device="cpu")
+        module.fill(0, n, weight)
+        back = module.unpack()
+        assert back.group_size == weight.group_size and torch.equal(back.q, weight.q)
+        assert torch.allclose(back.scale, weight.scale) and torch.allclose(back.zero, weight.zero, atol=1e-6)
+
+
+def test_switch_and_no_compiler_fall_back_to_torch_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "0")
+    module = Int4Linear(64, 32, WeightFormat("int4", 32, True), "cpu")
+    assert not module.integer and hasattr(module, "packed")
+    monkeypatch.setenv("MISTRAL7B_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises((RuntimeError, OSError)):
+        cpu_kernels.open_variant("portable")
+
+
+def test_default_model_row_is_bit_identical_inside_a_batch_of_random_others(one_thread):
+    """The default quantized model (int4 + int8 head on cpu_kernels): a prompt alone and as row 3 of 9
+    (8 random others of the same length, one forward, then two decode steps at the same kv_len) gives
+    the same logits bit for bit. Still open (issue 26), all in attention: torch's CPU SDPA at 2 threads
+    splits work by batch (decode outputs differ by ~3e-8), and a different kv_len or prefill chunking
+    changes its sums in the last bits."""
+    from mistral7b import KVCache
+    from mistral7b.default_model import default_model_path
+    from mistral7b.loading import load_model
+
+    model = load_model(default_model_path(), "cpu", torch.float32)
+    vocab, t = model.config.vocab_size, 10
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, vocab, (1, t), generator=gen)
+    batch = torch.randint(0, vocab, (9, t), generator=gen)
+    batch[3] = prompt[0]
+
+    def run(tokens):
+        rows = tokens.shape[0]
+        cache = KVCache(model.config, rows, "cpu", torch.float32, 32)
+        steps = [model(tokens, torch.arange(t).expand(rows, t), cache, rows=slice(0, rows), kv_len=t)[:, -1]]
+        for i in range(2):
+            nxt = steps[-1].argmax(-1, keepdim=True)
+            steps.append(model(nxt, torch.full((rows, 1), t + i), cache, rows=slice(0, rows), kv_len=t + 1 + i)[:, -1])
+        return steps
+
+    with torch.no_grad():
+        alone, mixed = run(prompt), run(batch)
+    assert all(torch.equal(a[0], m[3]) for a, m in zip(alone, mixed))
