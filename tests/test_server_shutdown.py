@@ -132,7 +132,7 @@ def test_model_routes_retrieve_and_cut_unknown_names(llm):
             assert f"'{'m' * 100}... (900000 characters)'" in error["message"] and MODEL in error["message"]
 
 
-@pytest.mark.parametrize("sig, timeout, max_tokens", [(signal.SIGTERM, "30", 40), (signal.SIGINT, "0", 200)])
+@pytest.mark.parametrize("sig, timeout, max_tokens", [(signal.SIGTERM, "30", 200), (signal.SIGINT, "0", 200)])
 def test_signal_to_the_process_group_drains_and_exits_0(checkpoint, sig, timeout, max_tokens):  # noqa: F811
     """`mistral7b serve` with its engine process: both get the signal. With time to finish, every stream
     ends with its whole answer; with none, with an error event; then [DONE], exit 0, no engine left."""
