@@ -95,7 +95,9 @@ def _metric(http, name: str) -> float:
 
 def _events(response) -> tuple[list[dict], bool]:
     events, done = [], False
-    for line in response.iter_lines():
+    # SSE lines end at "\n" only: httpx's iter_lines also splits at U+2028 and friends, which random
+    # text from a tiny model can hold inside an event's JSON.
+    for line in b"".join(response.iter_bytes()).decode().split("\n"):
         if line == "data: [DONE]":
             done = True
         elif line.startswith("data: "):
