@@ -126,7 +126,7 @@ def test_calls_cut_by_max_tokens_keep_the_complete_ones(server, client):
         dropped += 2  # at most one per reply, the plain one and the stream
     counted = _dropped_total(server) - before
     # A cut right after a call's closing text leaves no tail to drop, so each reply counts 0 or 1.
-    assert counted <= dropped and (counted > 0 or dropped == 0 or cut.finish_reason == "length"), (seed, counted)
+    assert 0 <= counted <= dropped, (seed, counted, dropped)
 
 
 def _dropped_total(server) -> float:
