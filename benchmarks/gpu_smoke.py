@@ -2,8 +2,8 @@
 
 1. The split-K decode kernel (`flash_decode`) against SDPA with the dense mask in fp32: 7B head shapes,
    a wrapped rolling buffer, batch 1 and 8, an idle row.
-2. bf16, int8 (the compiled reduction and the Triton kernel) and int4 weights, compiled with CUDA graphs
-   at batch 1 and 8, all in this one process (eight compiled runners: the recompile-limit failure of 2026-12-04): every greedy token, teacher-forced
+2. bf16, int8 and int4 weights (torch's kernels and quant/triton_mm.py), compiled with CUDA graphs
+   at batch 1 and 8, all in this one process (ten compiled runners: the recompile-limit failure of 2026-12-04): every greedy token, teacher-forced
    through the eager path past the window, is the eager argmax or within a bf16 near-tie of it.
 Run first on a fresh GPU machine (`bash benchmarks/h200.sh smoke`); exits 1 on any failure.
 """
@@ -87,9 +87,9 @@ def method_checks(device, args) -> None:
     dense = random_model(config, device, torch.bfloat16)
     from mistral7b.quant import kernels
 
-    for method in ("bf16", "int8", "int8-triton", "int4"):
-        # int8-triton: the same int8 weights through quant/triton_int8.py (the candidate kernel).
-        kernels.CUDA_INT8_KERNEL = "triton" if method == "int8-triton" else "reduction"
+    for method in ("bf16", "int8", "int8-triton", "int4", "int4-triton"):
+        # -triton: the same weights through quant/triton_mm.py (MISTRAL7B_CUDA_ROWS_KERNEL=triton).
+        kernels.CUDA_ROWS_KERNEL = "triton" if method.endswith("-triton") else "torch"
         model = dense if method == "bf16" else quantize_model(dense, config, method.split("-")[0], device)
         for batch in (1, 8):
             name, engine = f"{method} compiled b{batch}", None

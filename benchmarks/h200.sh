@@ -2,7 +2,8 @@
 # One device call per group of runs on an H200 (see the device tool's README): checks first, then
 # timings, every table printed and every JSON/log written under $OUT.
 #   bash benchmarks/h200.sh smoke      # every GPU path once (run first; < 8 minutes)
-#   bash benchmarks/h200.sh quant      # int8/int4, ours and gpt-fast with the limit; the Triton int8 kernel
+#   bash benchmarks/h200.sh gemv       # decode's weight matmuls per kernel and matrix (which kernel to use)
+#   bash benchmarks/h200.sh quant      # int8/int4, ours (torch's kernels, then Triton's) and gpt-fast, the limit
 #   bash benchmarks/h200.sh kernels    # decode attention kernels, then int8 alone (METHODS=int8)
 #   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
 #   bash benchmarks/h200.sh serving    # prefix cache; HTTP load with the engine as a thread and as a process
@@ -41,15 +42,16 @@ smoke)
     grep -h -E "^=== .* rc=[1-9]|FAIL" "$OUT"/smoke-*.log && { echo "SMOKE FAILED"; exit 1; }
     echo "SMOKE PASSED"
     ;;
+gemv)
+    step gemv 240 python3 benchmarks/gemv_bench.py --json "$OUT/gemv.json"
+    ;;
 quant)
-    # Ours and gpt-fast on the same quantized weights, with the limit column (bench --quantize), then the
-    # Triton int8 kernel against the compiled reduction (quant/triton_int8.py; not yet the default).
+    # Ours (quant/triton_mm.py for few rows) and gpt-fast on the same quantized weights, with the limit
+    # column (bench --quantize); then ours on torch's kernels (KERNEL=torch).
     for m in int4 int8; do
-        step bench-$m 270 python3 -m mistral7b.cli bench --no-hf --quantize $m --peer gpt-fast .peer/gpt-fast \
-            --sections decode --prefill "" --runs 2 --json "$OUT/bench-$m.json"
+        step bench-$m 240 env MISTRAL7B_CUDA_ROWS_KERNEL=${KERNEL:-triton} python3 -m mistral7b.cli bench --no-hf \
+            --quantize $m --peer gpt-fast .peer/gpt-fast --sections decode --prefill "" --runs 2 --json "$OUT/bench-$m.json"
     done
-    step quant-int8-triton 240 python3 benchmarks/quant_bench.py --gpu --methods int8 --int8-kernel triton \
-        --repeats 1 --json "$OUT/quant-int8-triton.json"
     ;;
 kernels)
     step decode-attention 150 python3 benchmarks/decode_attention.py --json "$OUT/decode-attention.json"
@@ -79,5 +81,5 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 smoke|quant|kernels|speed|serving|structured" >&2; exit 2 ;;
+    echo "usage: $0 smoke|gemv|quant|kernels|speed|serving|structured" >&2; exit 2 ;;
 esac

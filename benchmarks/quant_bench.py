@@ -319,14 +319,14 @@ def main() -> int:
     p.add_argument("--prefill", type=int, default=4096)
     p.add_argument("--methods", default="bf16,int8,int4", help="with --gpu: which weights to time")
     p.add_argument("--peer", default=None, metavar="DIR", help="with --gpu: gpt-fast's folder; its b1 decode per method, same run")
-    p.add_argument("--int8-kernel", choices=("reduction", "triton"), default=None,
-                   help="with --gpu: CUDA int8 kernel for few rows (mistral7b.quant.kernels.CUDA_INT8_KERNEL)")
+    p.add_argument("--rows-kernel", choices=("torch", "triton"), default=None,
+                   help="with --gpu: CUDA int8/int4 kernels for few rows (MISTRAL7B_CUDA_ROWS_KERNEL)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.int8_kernel:
+    if args.rows_kernel:
         from mistral7b.quant import kernels
 
-        kernels.CUDA_INT8_KERNEL = args.int8_kernel
+        kernels.CUDA_ROWS_KERNEL = args.rows_kernel
     results = gpu(args) if args.gpu else cpu(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,4 +1,4 @@
-"""The Triton kernels (split-K decode attention, int8 weight-only matmul), run by Triton's interpreter
+"""The Triton kernels (split-K decode attention, int8/int4 weight-only matmuls), run by Triton's interpreter
 on the CPU (a subprocess each: the interpreter is chosen when triton is imported)."""
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def test_decode_kernel_matches_sdpa_on_rolling_buffers():
     assert out.stdout.count(" ok") == 4 and "fake kernel: the real output strides" in out.stdout
 
 
-def test_int8_rows_matmul_matches_the_dequantized_weight():
-    assert interpret("triton_int8_check.py").stdout.count(" ok") == 4
+def test_weight_only_matmuls_match_the_dequantized_weight():
+    """int8 per channel and int4 read from tinygemm's tile layout, several tile variants each."""
+    out = interpret("triton_mm_check.py").stdout
+    assert out.count(" ok") == 11 and "FAIL" not in out
 
 
 @pytest.mark.parametrize("batch, slots", [(1, 4096), (8, 4096), (1, 100), (64, 256), (3, 1)])

@@ -17,12 +17,33 @@ an H200 (benchmarks/quant_bench.py):
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
+# Few-row (decode) CUDA matmuls per format: "torch" (tinygemm for int4, a compiled reduction for int8) or
+# "triton" (`triton_mm`, on the same packed weights). "auto" takes what measured faster at the 7B shape on
+# an H200 (benchmarks/gemv_bench.py, 2026-12-04; one step's weight matmuls, bf16 cuBLAS 3.82 ms):
+# int8: Triton, 2.79 ms at 1 row, 3.00 at 8, 5.30 at 64 (end to end 275.9 tok/s at batch 1 against the
+# reduction's 155.6, 2,187 at batch 8 against 75); int4: tinygemm, 2.20 ms at 1 row (5.12 at 8), where
+# Triton's took 11.5-13.6. Read from the environment so that engine and tensor-parallel processes follow
+# the benchmark that starts them.
+CUDA_ROWS_KERNELS = ("auto", "torch", "triton")
+MEASURED_ROWS_KERNEL = {"int8": "triton", "int4": "torch"}
+CUDA_ROWS_KERNEL = os.environ.get("MISTRAL7B_CUDA_ROWS_KERNEL", "auto")
+if CUDA_ROWS_KERNEL not in CUDA_ROWS_KERNELS:
+    raise ValueError(f"MISTRAL7B_CUDA_ROWS_KERNEL must be one of {', '.join(CUDA_ROWS_KERNELS)}, "
+                     f"got {CUDA_ROWS_KERNEL!r}")
+
+
+def rows_kernel(kind: str) -> str:
+    """The CUDA kernel for few rows of `kind` ("int8" or "int4") weights."""
+    return MEASURED_ROWS_KERNEL[kind] if CUDA_ROWS_KERNEL == "auto" else CUDA_ROWS_KERNEL
+
+
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -155,7 +176,11 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     # Casts only when needed: at batch 1 on a CPU even a no-op cast's dispatch shows (122 matmuls a token).
     xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
-    if x.is_cuda:
+    if x.is_cuda and rows_kernel("int4") == "triton" and packed.shape[-1] == 4:
+        from .triton_mm import int4_tiles_mm  # rows < CUDA_DEQUANT_ROWS <= its MAX_ROWS
+
+        out = int4_tiles_mm(xb, packed, group_size, scales_zeros, n)
+    elif x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
     elif x.dtype == torch.float32:
         # The kernel takes bf16 activations, and rounding them alone flips the default model's greedy
@@ -200,9 +225,6 @@ def _compiled_dequantize():
 
 
 CUDA_INT8_REDUCTION_ROWS = 16  # up to this many rows, compiled CUDA int8 runs as one reduction
-# "reduction" (measured: 159.5 tok/s at b1, 75.3 at b8, 7B shape, H200) or "triton" (`triton_int8`,
-# not yet measured on a GPU): the default follows benchmarks/gpu_smoke.py and quant_bench.py.
-CUDA_INT8_KERNEL = "reduction"
 
 
 def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
@@ -223,8 +245,8 @@ def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 
     Compiled decode (few rows): a multiply-and-sum over K that inductor fuses into one reduction reading
     int8, the form inductor itself gives a matrix-vector product. Otherwise: cast and cuBLAS."""
-    if CUDA_INT8_KERNEL == "triton" and x2.shape[0] <= 16:
-        from .triton_int8 import int8_rows_mm
+    if x2.is_cuda and x2.shape[0] <= CUDA_DEQUANT_ROWS and rows_kernel("int8") == "triton":
+        from .triton_mm import int8_rows_mm  # its MAX_ROWS
 
         return int8_rows_mm(x2, q, scale)
     if torch.compiler.is_compiling() and x2.shape[0] <= CUDA_INT8_REDUCTION_ROWS:

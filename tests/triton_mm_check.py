@@ -1,0 +1,96 @@
+"""Run under TRITON_INTERPRET=1: the Triton weight-only matmuls (quant/triton_mm.py), interpreted on the
+CPU, against the dequantized weight in float64 on random shapes, each with several tile variants (fp32
+activations: the interpreter's bf16 is not the GPU's). The int4 weights are packed into tinygemm's CUDA
+layout by `kernels.pack_cuda_tiles_reference`, which the GPU smoke suite checks against torch's packer.
+Exits non-zero on a mismatch."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mistral7b.quant.kernels import inner_k_tiles, pack_cuda_tiles_reference
+from mistral7b.quant.triton_mm import int4_tiles, int4_tiles_mm, int8_rows, int8_rows_mm
+
+G = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
+    err = ((got.double() - want).norm() / want.norm()).item()
+    ok = err < 1e-5 and got.shape == want.shape
+    print(f"{name}: rel err {err:.1e} {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def int8_cases() -> int:
+    failures = 0
+    for (m, n, k), config in zip(((1, 40, 200), (8, 96, 128), (33, 17, 300), (64, 8200, 64)),
+                                 (None, dict(BLOCK_N=32, BLOCK_K=256), dict(BLOCK_N=16, BLOCK_K=128),
+                                  dict(BLOCK_N=64, BLOCK_K=128))):
+        x = torch.randn(m, k + 3, generator=G)[:, :k]  # a strided view, as activations can be
+        q = torch.randint(-128, 128, (n, k), generator=G, dtype=torch.int8)
+        scale = torch.rand(n, generator=G) / 64 + 1e-3
+        want = x.double() @ (q.double() * scale.double()[:, None]).t()
+        failures += not report(f"int8 M {m} N {n} K {k} {config}", int8_rows(x, q, scale, config), want)
+    return failures
+
+
+def int4_case(m: int, n: int, k: int, group: int, config: dict | None) -> bool:
+    n_pad = -(-n // 8) * 8
+    q = torch.randint(0, 16, (n_pad, k), generator=G, dtype=torch.uint8)
+    scale = torch.rand(n_pad, k // group, generator=G) / 16 + 1e-3
+    zero = torch.randn(n_pad, k // group, generator=G) / 8
+    packed = pack_cuda_tiles_reference(q)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    w = (q.double() - 8).view(n_pad, -1, group) * scale.double()[..., None] + zero.double()[..., None]
+    x = torch.randn(m, k, generator=G)
+    want = x.double() @ w.view(n_pad, k)[:n].t()
+    tile = 16 * inner_k_tiles(k)
+    name = f"int4 M {m} N {n} K {k} (tiles of {tile}) group {group} {config}"
+    return report(name, int4_tiles(x, packed, group, scales_zeros, n, config), want)
+
+
+def int4_cases() -> int:
+    cases = [((1, 36, 256, 128), None),                               # a group per tile, padded rows
+             ((16, 24, 384, 32), dict(BLOCK_N=16, TILES=2)),          # four groups in a tile, 3 tiles in 2 steps
+             ((40, 20, 384, 64), dict(BLOCK_N=32, TILES=2)),          # two groups in a tile, a 64-row tile
+             ((5, 72, 640, 128), dict(BLOCK_N=64, TILES=4)),          # 5 tiles in 2 steps, a partial step
+             ((8, 40, 512, 256), dict(BLOCK_N=16, TILES=1))]          # a group over two tiles
+    failures = sum(not int4_case(*shape, config) for shape, config in cases)
+    narrow = pack_cuda_tiles_reference(torch.randint(0, 16, (8, 192), dtype=torch.uint8))  # 4 inner k-tiles
+    try:
+        int4_tiles(torch.randn(1, 192), narrow, 64, torch.rand(3, 8, 2), 8)
+        print("int4 of 4 inner k-tiles accepted: FAIL")
+        failures += 1
+    except ValueError as e:
+        print(f"int4 of 4 inner k-tiles refused ok: {e}")
+    return failures
+
+
+def fake_matches_real() -> bool:
+    """The custom ops' fake kernels give the real outputs' shapes, strides and dtypes (inductor asserts them)."""
+    q4 = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
+    cases = [(int8_rows_mm, (torch.randn(4, 64), torch.randint(-128, 128, (32, 64), dtype=torch.int8), torch.rand(32))),
+             (int4_tiles_mm, (torch.randn(3, 128), pack_cuda_tiles_reference(q4), 128, torch.rand(1, 32, 2), 30))]
+    for op, args in cases:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        real = op(*args)
+        if (fake.shape, fake.stride(), fake.dtype) != (real.shape, real.stride(), real.dtype):
+            print(f"{op} fake kernel differs from the real one: FAIL")
+            return False
+    print("fake kernels: the real output shapes and strides ok")
+    return True
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    failures = int8_cases() + int4_cases()
+    return 1 if failures or not fake_matches_real() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
