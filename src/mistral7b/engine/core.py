@@ -41,7 +41,7 @@ class Engine:
         spare = s.speculative.num_tokens if s.speculative is not None else 0
         self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare)
         self.prefix = self._prefix_cache(s)
-        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix)
+        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix, s.batch_invariant)
         self.output = OutputProcessor(tokenizer)
         self.constraints = ConstraintManager(tokenizer, model.config.vocab_size, s.max_batch, self.runner.device)
         self.device, self.dtype, self.cache = self.runner.device, self.runner.dtype, self.runner.cache
