@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from checkpoints import hf_model
 from mistral7b import LLM, SamplingParams, load_model
 from mistral7b.loading import open_checkpoint
+from mistral7b.loading.quantized import save_quantized
 from mistral7b.quant import describe_weights
 from mistral7b.quant.linear import QuantModule
 
@@ -71,17 +72,15 @@ def quantize(w: torch.Tensor, bits: int, group: int, sym: bool, scale_dtype=torc
     return q, z, s
 
 
-def dequantize(q, z, s) -> torch.Tensor:
-    """The formats' common definition: w = (q - z) * s per group."""
-    n, k = q.shape
-    groups = s.shape[1]
-    return ((q.reshape(n, groups, -1) - z[..., None]).float() * s.float()[..., None]).reshape(n, k)
+def dequantize(q, z, s, g_idx) -> torch.Tensor:
+    """The formats' common definition: w[n, k] = (q[n, k] - z[n, g_idx[k]]) * s[n, g_idx[k]]."""
+    return (q - z[:, g_idx]).float() * s.float()[:, g_idx]
 
 
 # -------------------------------------------------------------------------- the formats' writers
 
 
-def awq_tensors(q, z, s):
+def awq_tensors(q, z, s, g_idx):
     return {"qweight": awq_pack(q.t()), "qzeros": awq_pack(z.t()), "scales": s.t().contiguous()}
 
 
@@ -93,9 +92,11 @@ def gptq_tensors(q, z, s, bits, v1=True, g_idx=None):
             "g_idx": (torch.arange(k) // group if g_idx is None else g_idx).to(torch.int32)}
 
 
-def ct_tensors(q, z, s, bits, sym):
+def ct_tensors(q, z, s, bits, sym, g_idx=None):
     out = {"weight_packed": pack_cols(q, bits), "weight_scale": s.contiguous(),
            "weight_shape": torch.tensor(list(q.shape), dtype=torch.int32)}
+    if g_idx is not None:  # actorder "group"
+        out["weight_g_idx"] = g_idx.to(torch.int32)
     if not sym:  # packed along the output dimension, as signed values + 2^(bits-1): the same unsigned z
         out["weight_zero_point"] = pack_rows(z, bits)
     return out
@@ -114,8 +115,10 @@ def qconfig(method, bits, group, sym=False, **extra):
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
 
 
-def write_checkpoint(hf, folder: Path, qc: dict, pack, bits: int, group: int, sym: bool) -> tuple[Path, Path]:
-    """(prequantized folder, fp32 folder of the same weights dequantized here)."""
+def write_checkpoint(hf, folder: Path, qc: dict, pack, bits: int, group: int, sym: bool,
+                     orders: dict | None = None) -> tuple[Path, Path]:
+    """(prequantized folder, fp32 folder of the same weights dequantized here). `orders` (act-order):
+    module -> the order its inputs are quantized in, groups taken along it (GPTQ's desc_act)."""
     import copy
 
     ref = copy.deepcopy(hf)
@@ -127,10 +130,17 @@ def write_checkpoint(hf, folder: Path, qc: dict, pack, bits: int, group: int, sy
             if not module.endswith(LINEARS):
                 tensors[key] = w
                 continue
-            q, z, s = quantize(w.float(), bits, group if group > 0 else w.shape[1], sym,
-                               torch.bfloat16 if qc["quant_method"] == "compressed-tensors" else torch.float16)
-            tensors.update({f"{module}.{part}": t for part, t in pack(q, z, s).items()})
-            ref.get_parameter(key).copy_(dequantize(q, z, s))
+            k = w.shape[1]
+            g = group if group > 0 else k
+            order = (orders or {}).get(module, torch.arange(k))
+            q_sorted, z, s = quantize(w.float()[:, order], bits, g, sym,
+                                      torch.bfloat16 if qc["quant_method"] == "compressed-tensors" else torch.float16)
+            q = torch.empty_like(q_sorted)
+            q[:, order] = q_sorted
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[order] = torch.arange(k) // g
+            tensors.update({f"{module}.{part}": t for part, t in pack(q, z, s, g_idx).items()})
+            ref.get_parameter(key).copy_(dequantize(q, z, s, g_idx))
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "model.safetensors"))
     config = hf.config.to_dict()
@@ -142,15 +152,15 @@ def write_checkpoint(hf, folder: Path, qc: dict, pack, bits: int, group: int, sy
 
 CASES = {  # name: (method, bits, group, sym, pack, our format)
     "awq": ("awq", 4, 128, False, awq_tensors, "int4 g128 (from AWQ)"),
-    "gptq4": ("gptq", 4, 128, False, lambda q, z, s: gptq_tensors(q, z, s, 4), "int4 g128 (from GPTQ)"),
-    "gptq4_v2_channel": ("gptq", 4, -1, True, lambda q, z, s: gptq_tensors(q, z, s, 4, v1=False),
+    "gptq4": ("gptq", 4, 128, False, lambda q, z, s, i: gptq_tensors(q, z, s, 4), "int4 g128 (from GPTQ)"),
+    "gptq4_v2_channel": ("gptq", 4, -1, True, lambda q, z, s, i: gptq_tensors(q, z, s, 4, v1=False),
                          "int4 g128 (from GPTQ)"),
-    "gptq8": ("gptq", 8, 64, False, lambda q, z, s: gptq_tensors(q, z, s, 8), "int8 g64 (from GPTQ)"),
-    "ct_w4a16": ("compressed-tensors", 4, 128, True, lambda q, z, s: ct_tensors(q, z, s, 4, True),
+    "gptq8": ("gptq", 8, 64, False, lambda q, z, s, i: gptq_tensors(q, z, s, 8), "int8 g64 (from GPTQ)"),
+    "ct_w4a16": ("compressed-tensors", 4, 128, True, lambda q, z, s, i: ct_tensors(q, z, s, 4, True),
                  "int4 g128 (from compressed-tensors)"),
-    "ct_w4a16_asym": ("compressed-tensors", 4, 64, False, lambda q, z, s: ct_tensors(q, z, s, 4, False),
+    "ct_w4a16_asym": ("compressed-tensors", 4, 64, False, lambda q, z, s, i: ct_tensors(q, z, s, 4, False),
                       "int4 g64 (from compressed-tensors)"),
-    "ct_w8a16": ("compressed-tensors", 8, -1, True, lambda q, z, s: ct_tensors(q, z, s, 8, True),
+    "ct_w8a16": ("compressed-tensors", 8, -1, True, lambda q, z, s, i: ct_tensors(q, z, s, 8, True),
                  "int8 (from compressed-tensors)"),
 }
 
@@ -270,21 +280,76 @@ def test_refusals_are_one_line(tmp_path, case, change, field):
     assert "\n" not in message and "quant_method" in message and f"{field}=" in message
 
 
-def test_act_order_is_refused_at_open_and_input_order_accepted(tmp_path):
-    """desc_act with a g_idx in input order (as static groups write it) runs; a permuted g_idx does not."""
+def act_orders(config, fused_alike: bool = True) -> dict:
+    """A random input order per matrix, shared by the matrices that read one input (q/k/v, gate/up), as
+    GPTQ's desc_act derives it from that input's statistics; `fused_alike=False` breaks that for k."""
+    orders = {}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn, mlp = torch.randperm(config.hidden_size), torch.randperm(config.hidden_size)
+        orders.update({p + "self_attn.q_proj": attn, p + "self_attn.k_proj": attn if fused_alike else attn.flip(0),
+                       p + "self_attn.v_proj": attn, p + "mlp.gate_proj": mlp, p + "mlp.up_proj": mlp,
+                       p + "self_attn.o_proj": torch.randperm(config.num_attention_heads * config.head_dim),
+                       p + "mlp.down_proj": torch.randperm(config.intermediate_size)})
+    return orders
+
+
+ACT_ORDER = {  # name: (quantization_config, bits, group, pack, our format)
+    "gptq4": (qconfig("gptq", 4, 128, desc_act=True), 4, 128,
+              lambda q, z, s, i: gptq_tensors(q, z, s, 4, g_idx=i), "int4 g128 act-order (from GPTQ)"),
+    "gptq8": (qconfig("gptq", 8, 64, desc_act=True), 8, 64,
+              lambda q, z, s, i: gptq_tensors(q, z, s, 8, g_idx=i), "int8 g64 act-order (from GPTQ)"),
+    "ct_w4a16": (qconfig("compressed-tensors", 4, 64, True), 4, 64,
+                 lambda q, z, s, i: ct_tensors(q, z, s, 4, True, i), "int4 g64 act-order (from compressed-tensors)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACT_ORDER))
+def test_act_order_runs_on_inputs_sorted_by_group(tmp_path, case, one_thread):
+    """desc_act / actorder "group": every weight read equals the spec's dequantization, the dense load
+    generates what the fp32 weights do, and the kernels (on inputs permuted once at load) stay close."""
+    qc, bits, group, pack, label = ACT_ORDER[case]
     hf = hf_model("mistral", dim=128, hidden=256, n_heads=4, n_kv_heads=2, head_dim=32, vocab=97, seed=fresh_seed())
-    qc = qconfig("gptq", 4, 128, desc_act=True)
-    in_order, _ = write_checkpoint(hf, tmp_path / "in_order", qc, lambda q, z, s: gptq_tensors(q, z, s, 4), 4, 128, False)
-    assert "desc_act" in open_checkpoint(in_order).quantization
-    perm = torch.randperm(256)
+    pre, ref = write_checkpoint(hf, tmp_path / case, qc, pack, bits, group, case != "gptq4", act_orders(hf.config))
+    checkpoint = open_checkpoint(pre)
+    labels = {fmt.label() for fmt in checkpoint.formats.values()}  # a matrix of one group needs no order
+    assert label in labels and labels <= {label, label.replace(" act-order", "")}
+    want = dict(open_checkpoint(ref).stream())
+    for name, w in checkpoint.stream(keep=frozenset(checkpoint.formats)):
+        assert torch.equal(w.dequantize() if name in checkpoint.formats else w, want[name]), name
+    prompt = [int(t) for t in torch.randint(0, 97, (8,))]
+    assert greedy(pre, prompt, quantize="none") == greedy(ref, prompt)
+    model, exact = load_model(pre), load_model(ref)
+    assert label in describe_weights(model)
+    tokens = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        want_logits = exact(tokens)
+        err = ((model(tokens) - want_logits).norm() / want_logits.norm()).item()
+    print(f"{case} act-order: logits on the kernels vs the fp32 weights {err:.2e}")
+    assert err < 3e-2
+    if case == "gptq8":  # asked for int8 per channel, the values are quantized again, in input order
+        assert set(describe_weights(load_model(pre, quantize="int8"))) == {"int8", "float32"}
+        with pytest.raises(ValueError, match="act-order"):
+            save_quantized(model, tmp_path / "ours")
 
-    def shuffled(q, z, s):
-        k = q.shape[1]
-        return gptq_tensors(q, z, s, 4, g_idx=(torch.arange(k) // 128)[perm[:k] % k] if k == 256 else None)
 
-    act, _ = write_checkpoint(hf, tmp_path / "act", qc, shuffled, 4, 128, False)
-    with pytest.raises(ValueError, match=r"quant_method 'gptq': desc_act=True .*g_idx") as info:
-        open_checkpoint(act)
+def test_act_order_refusals(tmp_path):
+    """Fused parts ordering one input differently, and groups of the wrong size, are refused at open."""
+    hf = hf_model("mistral", dim=128, hidden=256, n_heads=4, n_kv_heads=2, head_dim=32, vocab=97, seed=fresh_seed())
+    qc, bits, group, pack, _ = ACT_ORDER["gptq8"]  # groups of 64: two in each 128-wide input
+    apart, _ = write_checkpoint(hf, tmp_path / "apart", qc, pack, bits, group, False, act_orders(hf.config, False))
+    with pytest.raises(ValueError, match=r"quant_method 'gptq': g_idx='layers.0.attention.wqkv' .* differently"):
+        open_checkpoint(apart)
+
+    def uneven(q, z, s, g_idx):
+        g_idx = g_idx.clone()
+        g_idx[g_idx == 0] = 1 if len(g_idx) > 128 else 0  # group 0 empty, group 1 doubled
+        return gptq_tensors(q, z, s, 4, g_idx=g_idx)
+
+    qc, bits, group, _, _ = ACT_ORDER["gptq4"]
+    bad, _ = write_checkpoint(hf, tmp_path / "uneven", qc, uneven, bits, group, False, act_orders(hf.config))
+    with pytest.raises(ValueError, match=r"quant_method 'gptq': g_idx=.* other than 128") as info:
+        open_checkpoint(bad)
     assert "\n" not in str(info.value)
 
 

@@ -77,6 +77,8 @@ def cut(tensor, part: Slice | None):
         return part.cut(tensor).contiguous()
     if part.dim == 0:
         return tensor.map_rows(part.cut)
+    if tensor.perm is not None:
+        raise ValueError(f"columns {part.start}:{part.stop} of an act-order weight cut its groups")
     from dataclasses import replace
 
     g = tensor.group_size

@@ -21,16 +21,23 @@ the last bit; the kernels then round scales and zeros to bf16 as they do for a G
 output channel (GPTQ `group_size` -1) is read in groups of 128 (each scale repeated: exact), as the
 int4 kernels take groups of 32 to 256; int4 groups they do not take become int8 groups with zeros.
 
+Act-order (GPTQ `desc_act`, compressed-tensors `actorder` "group"): when `g_idx` does not keep each
+group a run of inputs, the inputs are sorted by group once at load (`input_order`), the integers'
+columns permuted alike, and the module permutes x the same way before its kernel (`in_perm`); the
+parts of a fused matrix (q/k/v, gate/up) share their input, so they must share that order (GPTQ
+derives it from the input's statistics, the same for each). Our own quantized layout does not store
+a permutation: `convert --to quantized` refuses such a model.
+
 Refused, with a one-line ValueError naming quant_method and the field: other methods, AWQ's GEMV,
 Marlin and exllama layouts and AWQ without zero points, bits other than 4 and 8, GPTQ checkpoint
-formats other than gptq/gptq_v2, act-order (`desc_act` / `actorder` "group") whose `g_idx` puts the
-inputs out of group order, and compressed-tensors formats other than pack-quantized, activation
-quantization, non-int types and more than one config group.
+formats other than gptq/gptq_v2, a `g_idx` with groups of other than group_size inputs or that orders
+the parts of a fused matrix differently, and compressed-tensors formats other than pack-quantized,
+activation quantization, non-int types and more than one config group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -200,22 +207,31 @@ def _integers(scheme: Scheme, name: str, t: dict, n: int, k: int, g: int):
     return unpack_words(t["weight_packed"], b, 1), z
 
 
-def _check_g_idx(scheme: Scheme, name: str, g_idx: Tensor | None, k: int, g: int) -> None:
-    """Our groups are runs of consecutive inputs: a g_idx that says otherwise (act-order) is refused."""
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // g):
-        field = "desc_act" if scheme.method == "gptq" else "actorder"
-        raise _refuse(scheme.method, field, "group" if field == "actorder" else True,
-                      f"{name}.g_idx puts the inputs out of group order")
+def input_order(scheme: Scheme, name: str, g_idx: Tensor, k: int, g: int) -> Tensor | None:
+    """None when `g_idx` keeps groups as runs of inputs, else the permutation that makes them so
+    (act-order: GPTQ's desc_act, compressed-tensors' actorder "group"); every group holds g inputs."""
+    g_idx = g_idx.long()
+    if torch.equal(g_idx, torch.arange(k) // g):
+        return None
+    if g_idx.shape != (k,) or not torch.equal(torch.bincount(g_idx, minlength=k // g), torch.full((k // g,), g)):
+        raise _refuse(scheme.method, "g_idx", name, f"groups of other than {g} inputs")
+    return torch.argsort(g_idx, stable=True)
 
 
-def decode(scheme: Scheme, name: str, t: dict, n: int, k: int) -> QuantizedWeight:
+def decode(scheme: Scheme, name: str, t: dict, n: int, k: int, perm: Tensor | None = None) -> QuantizedWeight:
     """One module's stored tensors (their names without the module prefix) as a QuantizedWeight in the
-    stored groups, `w = (q - z) * s` rewritten exactly (see the table above)."""
+    stored groups, `w = (q - z) * s` rewritten exactly (see the table above); `perm` (act-order, from
+    `input_order`) sorts the inputs by group."""
     g = scheme.group_size or k
     if k % g:
         raise ModelLoadError(f"{name}: group size {g} does not divide the input width {k}")
     q, z = _integers(scheme, name, t, n, k, g)
-    _check_g_idx(scheme, name, t.get("g_idx", t.get("weight_g_idx")), k, g)
+    g_idx = t.get("g_idx", t.get("weight_g_idx"))
+    order = torch.arange(k) if perm is None else perm
+    if g_idx is not None and not torch.equal(g_idx.long()[order], torch.arange(k) // g):
+        raise ModelLoadError(f"{name}: g_idx does not match the input order read at open")
+    if perm is not None:  # column j now holds input perm[j]: groups are runs again, scales unchanged
+        q = q[:, perm]
     s = t["scales"].t() if "scales" in t else t["weight_scale"]
     _expect(name, "scales" if "scales" in t else "weight_scale", s, (n, k // g))
     s = s.float().contiguous()
@@ -223,9 +239,9 @@ def decode(scheme: Scheme, name: str, t: dict, n: int, k: int) -> QuantizedWeigh
     zero = None if z is None else (mid - z.float()) * s  # exact: a small integer times a 16-bit float
     if scheme.bits == 4:
         return QuantizedWeight("int4", q.to(torch.uint8).contiguous(), s,
-                               torch.zeros_like(s) if zero is None else zero.contiguous(), g, scheme.source)
+                               torch.zeros_like(s) if zero is None else zero.contiguous(), g, scheme.source, perm)
     return QuantizedWeight("int8", (q - mid).to(torch.int8).contiguous(), s,
-                           None if zero is None else zero.contiguous(), g, scheme.source)
+                           None if zero is None else zero.contiguous(), g, scheme.source, perm)
 
 
 def to_format(weight: QuantizedWeight, fmt: WeightFormat) -> QuantizedWeight:
@@ -263,6 +279,30 @@ def _modules(files: list[Path], scheme: Scheme) -> tuple[dict, set[str]]:
     return modules, {key for parts in modules.values() for _, key in parts.values()}
 
 
+def _perms(scheme: Scheme, modules: dict, names: dict, shapes: dict, config: ModelConfig) -> dict:
+    """canonical name -> its act-order permutation or None, from the g_idx tensors (small: read at open).
+    The parts of a fused matrix share its input, so they must share one permutation."""
+    from ..weights import weight_map
+    from .safetensors_io import read_tensor
+
+    perms, fused = {}, {}
+    for prefix, name in names.items():
+        k = shapes[name][1]
+        key = modules[prefix].get("g_idx", modules[prefix].get("weight_g_idx"))
+        perms[name] = None if key is None else input_order(scheme, prefix, read_tensor(*key), k, scheme.group_size or k)
+        slot = weight_map(config).get(name)
+        fused.setdefault(slot.module if slot else name, []).append(name)
+    for module, parts in fused.items():
+        if all(perms[n] is None for n in parts):
+            continue
+        k = shapes[parts[0]][1]
+        orders = [torch.arange(k) if perms[n] is None else perms[n] for n in parts]
+        if not all(torch.equal(o, orders[0]) for o in orders):
+            raise _refuse(scheme.method, "g_idx", module, "the parts of a fused matrix order their inputs differently")
+        perms.update({n: orders[0] for n in parts})
+    return perms
+
+
 def open_checkpoint(path: Path, config: ModelConfig, qc: dict, files: list[Path]) -> Checkpoint:
     """An HF folder of `scheme_of(qc)`: quantized modules yield QuantizedWeight when kept (else their
     dequantized values), every other tensor is read as `hf` reads it."""
@@ -289,17 +329,14 @@ def open_checkpoint(path: Path, config: ModelConfig, qc: dict, files: list[Path]
     def load(prefix):
         return {part: read_tensor(file, key) for part, (file, key) in modules[prefix].items()}
 
-    if scheme.act_order:  # refused at open (g_idx is small), not half-way through a load
-        for prefix, name in names.items():
-            for file, key in (v for p, v in modules[prefix].items() if p in ("g_idx", "weight_g_idx")):
-                k = shapes[name][1]
-                _check_g_idx(scheme, prefix, read_tensor(file, key), k, scheme.group_size or k)
+    perms = _perms(scheme, modules, names, shapes, config)
+    formats = {name: replace(fmt, act_order=True) if perms[name] is not None else fmt for name, fmt in formats.items()}
 
     def tensors(slice_of, keep):
         yield from dense(slice_of, keep)
         for prefix, name in names.items():
             try:
-                weight = to_format(decode(scheme, prefix, load(prefix), *shapes[name]), formats[name])
+                weight = to_format(decode(scheme, prefix, load(prefix), *shapes[name], perms[name]), formats[name])
             except ModelLoadError as e:
                 raise type(e)(f"{path}: {e}") from None
             yield name, cut(weight if name in keep else weight.dequantize(), slice_of(name))

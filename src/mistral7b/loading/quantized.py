@@ -74,6 +74,10 @@ def save_quantized(model, path: str | Path, tokenizer=None) -> Path:
     modules = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
     if config.tie_embeddings and "tok_embeddings" in modules:
         modules.pop("output", None)  # the tied head is rebuilt from the embedding
+    permuted = [name for name, m in modules.items() if m.fmt.act_order]
+    if permuted:
+        raise ValueError(f"{permuted[0]} is act-order (inputs permuted), which this layout does not store; "
+                         "convert with --quantize int4 or int8")
     tensors, cache = [], {}
 
     def unpacked(name):
