@@ -353,6 +353,39 @@ def test_act_order_refusals(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("case", ["awq", "gptq8 act-order"])
+def test_tensor_parallel_ranks_read_their_slices(tmp_path, case):
+    """Each of 2 ranks holds the slices of the same weights: row splits stay quantized (an act-order
+    matrix keeps its permutation), a column split off the groups (AWQ's 128-wide wo in halves, any
+    act-order wo/w2) is read dense."""
+    from mistral7b.parallel.loading import load_shard
+
+    hf = hf_model("mistral", dim=128, hidden=256, n_heads=4, n_kv_heads=2, head_dim=32, vocab=97, seed=fresh_seed())
+    if case == "awq":
+        pre, ref = write_checkpoint(hf, tmp_path / "awq", qconfig("awq", 4, 128), awq_tensors, 4, 128, False)
+    else:
+        qc, bits, group, pack, _ = ACT_ORDER["gptq8"]
+        pre, ref = write_checkpoint(hf, tmp_path / "act", qc, pack, bits, group, False, act_orders(hf.config))
+    for rank in range(2):
+        shard, _ = load_shard(pre, rank, 2)
+        dense = dict(load_shard(ref, rank, 2)[0].named_modules())
+        kinds = {}
+        for name, module in shard.named_modules():
+            if isinstance(module, QuantModule):
+                w, held = dense[name].weight, module.dequantize()
+                assert ((held - w).abs().max() / w.abs().max()).item() < 2**-7, name
+                kinds[name.split(".", 2)[-1]] = module.fmt.label()
+            elif isinstance(module, torch.nn.Linear):
+                assert torch.equal(module.weight, dense[name].weight), name
+                kinds[name.split(".", 2)[-1]] = "dense"
+        want = ({"attention.wqkv": "int4 g128 (from AWQ)", "attention.wo": "dense",
+                 "feed_forward.w13": "int4 g128 (from AWQ)", "feed_forward.w2": "int4 g128 (from AWQ)"}
+                if case == "awq" else
+                {"attention.wqkv": "int8 g64 act-order (from GPTQ)", "attention.wo": "dense",
+                 "feed_forward.w13": "int8 g64 act-order (from GPTQ)", "feed_forward.w2": "dense"})
+        assert {k: v for k, v in kinds.items() if k in want} == want
+
+
 def test_info_names_the_format(tmp_path):
     from mistral7b.cli import build_parser
     from mistral7b.cli.info import describe, report
