@@ -102,14 +102,14 @@ def ct_tensors(q, z, s, bits, sym, g_idx=None):
     return out
 
 
-def qconfig(method, bits, group, sym=False, **extra):
+def qconfig(method, bits, group, sym=False, actorder=None, **extra):
     if method == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm", **extra}
     if method == "gptq":
         return {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": sym,
                 "checkpoint_format": "gptq", **extra}
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if group > 0 else "channel",
-               "group_size": group if group > 0 else None, "dynamic": False, "actorder": None}
+               "group_size": group if group > 0 else None, "dynamic": False, "actorder": actorder}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "ignore": ["lm_head"], **extra,
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
@@ -299,7 +299,7 @@ ACT_ORDER = {  # name: (quantization_config, bits, group, pack, our format)
               lambda q, z, s, i: gptq_tensors(q, z, s, 4, g_idx=i), "int4 g128 act-order (from GPTQ)"),
     "gptq8": (qconfig("gptq", 8, 64, desc_act=True), 8, 64,
               lambda q, z, s, i: gptq_tensors(q, z, s, 8, g_idx=i), "int8 g64 act-order (from GPTQ)"),
-    "ct_w4a16": (qconfig("compressed-tensors", 4, 64, True), 4, 64,
+    "ct_w4a16": (qconfig("compressed-tensors", 4, 64, True, "group"), 4, 64,
                  lambda q, z, s, i: ct_tensors(q, z, s, 4, True, i), "int4 g64 act-order (from compressed-tensors)"),
 }
 
@@ -312,6 +312,7 @@ def test_act_order_runs_on_inputs_sorted_by_group(tmp_path, case, one_thread):
     hf = hf_model("mistral", dim=128, hidden=256, n_heads=4, n_kv_heads=2, head_dim=32, vocab=97, seed=fresh_seed())
     pre, ref = write_checkpoint(hf, tmp_path / case, qc, pack, bits, group, case != "gptq4", act_orders(hf.config))
     checkpoint = open_checkpoint(pre)
+    assert "desc_act" in checkpoint.quantization or "actorder group" in checkpoint.quantization
     labels = {fmt.label() for fmt in checkpoint.formats.values()}  # a matrix of one group needs no order
     assert label in labels and labels <= {label, label.replace(" act-order", "")}
     want = dict(open_checkpoint(ref).stream())

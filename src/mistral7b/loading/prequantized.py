@@ -148,7 +148,7 @@ def _compressed(qc: dict) -> Scheme:
     group = _group(m, "group_size", w.get("group_size")) if strategy == "group" else None
     zeros = "none" if w.get("symmetric", True) else "signed"
     act = w.get("actorder") == "group"
-    detail = "pack-quantized, " + ("symmetric" if zeros == "none" else "asymmetric")
+    detail = "pack-quantized, " + ("symmetric" if zeros == "none" else "asymmetric") + ", actorder group" * act
     return Scheme(m, w["num_bits"], group, zeros, act, detail)
 
 
