@@ -79,6 +79,7 @@ def report(args) -> dict:
     return {
         "source": str(checkpoint.path),
         "format": checkpoint_format(checkpoint),
+        "quantization": checkpoint.quantization,  # a hub quantization found (AWQ, GPTQ, compressed-tensors)
         "config": config.to_dict(),
         "n_params": config.n_params,
         "stored": stored,
@@ -110,8 +111,9 @@ def describe(data: dict, config) -> list[str]:
     window_text = ("none (full attention)" if window is None else
                    f"{window} tokens" if not isinstance(window, tuple) else
                    ", ".join("full" if w is None else str(w) for w in window))
+    found = f", {data['quantization']}" if data.get("quantization") else ""
     lines = [
-        f"model           {data['source']} ({data['format']})",
+        f"model           {data['source']} ({data['format']}{found})",
         f"name            {c.name}",
         f"architecture    dim {c.dim}, {c.n_layers} layers, head_dim {c.head_dim}, hidden_dim {c.hidden_dim} (SwiGLU)",
         f"attention       {c.n_heads} query heads / {c.n_kv_heads} KV heads "

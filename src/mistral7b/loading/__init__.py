@@ -40,7 +40,8 @@ class Checkpoint:
 
     Format readers set `reader`; a stream of whole tensors (`tensors`, e.g. random weights) works too,
     each sliced after it is made. `formats`: canonical name -> WeightFormat of the tensors stored
-    quantized; `interleaved`: q/k rows stored in interleaved pairs (Mistral, GGUF)."""
+    quantized; `interleaved`: q/k rows stored in interleaved pairs (Mistral, GGUF); `quantization`:
+    the hub quantization found (e.g. "AWQ 4-bit g128 (GEMM)"), None for others."""
 
     path: Path
     config: ModelConfig
@@ -50,6 +51,7 @@ class Checkpoint:
     reader: "Reader | None" = None
     interleaved: bool = False
     format: str = "tensors"
+    quantization: str | None = None
 
     def stream(self, slice_of: SliceOf = _whole, keep: Container[str] = frozenset()):
         """(canonical name, tensor or its slice), q/k rows in rotate-half order."""
@@ -75,6 +77,8 @@ def cut(tensor, part: Slice | None):
         return part.cut(tensor).contiguous()
     if part.dim == 0:
         return tensor.map_rows(part.cut)
+    if tensor.perm is not None:
+        raise ValueError(f"columns {part.start}:{part.stop} of an act-order weight cut its groups")
     from dataclasses import replace
 
     g = tensor.group_size

@@ -111,8 +111,15 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
+    """The folder's tensors; a `quantization_config` (AWQ, GPTQ, compressed-tensors) is read by
+    `prequantized`, which keeps the stored integers."""
     config = read_config(path / "config.json")
     files = weight_files(path)
+    qc = read_json(path / "config.json").get("quantization_config")
+    if qc is not None:
+        from . import prequantized
+
+        return prequantized.open_checkpoint(path, config, qc, files)
     if files[0].suffix == ".bin":
         reader, count = pickle_reader(files[0], to_canonical)
     else:

@@ -30,6 +30,7 @@ from ..config import ModelLoadError
 from ..quant.config import FORMAT_VERSION
 from ..quant.qtensor import QuantizedWeight, WeightFormat
 from . import Checkpoint, cut, hf
+from .safetensors_io import read_tensor as _get
 
 QUANT_METHOD = "mistral7b"
 FORMAT = "mistral7b-quantized"
@@ -73,6 +74,10 @@ def save_quantized(model, path: str | Path, tokenizer=None) -> Path:
     modules = {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
     if config.tie_embeddings and "tok_embeddings" in modules:
         modules.pop("output", None)  # the tied head is rebuilt from the embedding
+    permuted = [name for name, m in modules.items() if m.fmt.act_order]
+    if permuted:
+        raise ValueError(f"{permuted[0]} is act-order (inputs permuted), which this layout does not store; "
+                         "convert with --quantize int4 or int8")
     tensors, cache = [], {}
 
     def unpacked(name):
@@ -169,14 +174,6 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
     count = sum(len(p) for m, p in parts.items() if m in modules) + len(keys - quant_keys)
     return Checkpoint(path, config, n_tensors=count, formats=formats, reader=tensors)
-
-
-def _get(file: Path, key: str) -> torch.Tensor:
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{file}: tensor {key!r} is corrupt or truncated ({e})") from None
 
 
 def _read_module(file: Path, name: str, fmt: WeightFormat, config, keys: set[str]) -> QuantizedWeight:

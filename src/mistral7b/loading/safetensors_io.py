@@ -24,9 +24,9 @@ def _open(path: Path):
         raise ModelLoadError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def safetensors_reader(files: list[Path], rename: Callable[[str], str] = str):
-    """(reader, tensor count) of safetensors files, headers checked up front. The reader yields
-    (rename(key), tensor or the slice asked for): `get_slice` reads just those bytes.
+def safetensors_reader(files: list[Path], rename: Callable[[str], str] = str, skip: frozenset[str] = frozenset()):
+    """(reader, tensor count) of safetensors files, headers checked up front, the keys in `skip` left
+    out. The reader yields (rename(key), tensor or the slice asked for): `get_slice` reads just those bytes.
 
     Each tensor is read through its own short-lived memory map: pages of a map that stays open
     count as resident memory, so one long-lived map would make a load's peak RSS the checkpoint
@@ -35,7 +35,7 @@ def safetensors_reader(files: list[Path], rename: Callable[[str], str] = str):
     names = []
     for path in files:
         with _open(path) as handle:
-            names.append((path, list(handle.keys())))
+            names.append((path, [key for key in handle.keys() if key not in skip]))
 
     def read(slice_of, keep=()):
         for path, keys in names:
@@ -50,6 +50,15 @@ def safetensors_reader(files: list[Path], rename: Callable[[str], str] = str):
                 yield name, tensor
 
     return read, sum(len(keys) for _, keys in names)
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One whole tensor of a safetensors file; a bad file is a ModelLoadError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: tensor {key!r} is corrupt or truncated ({e})") from None
 
 
 def pickle_reader(path: Path, rename: Callable[[str], str] = str):

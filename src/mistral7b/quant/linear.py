@@ -5,6 +5,8 @@ and allocated once), then `fill(lo, hi, weight)` copies quantized rows into a st
 target device. When every row is in, the staging copy is packed into the kernel's layout and freed:
 tinygemm's packing mixes rows, so a fused matrix (wqkv, w13) can only be packed whole. All state is
 buffers, never parameters, so `next(model.parameters())` stays a norm weight in the activation dtype.
+An act-order weight (inputs permuted so that groups are runs of columns) also keeps its permutation,
+`in_perm`, and permutes x before the kernel; the parts of a fused matrix share one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_kernels, kernels
-from .qtensor import QuantizedWeight, WeightFormat
+from .qtensor import QuantizedWeight, WeightFormat, unpermute
 
 
 class QuantModule(nn.Module):
@@ -26,16 +28,23 @@ class QuantModule(nn.Module):
         self.group_size = fmt.group_size or in_features
         self._staging: QuantizedWeight | None = None
         self._rows_in = 0
+        perm = torch.empty(in_features, dtype=torch.long, device="meta") if fmt.act_order else None
+        self.register_buffer("in_perm", perm)
 
     def fill(self, lo: int, hi: int, weight: QuantizedWeight) -> None:
         weight = self.fmt.conform(weight)
+        if (weight.perm is not None) != self.fmt.act_order:
+            raise ValueError(f"an {'un' * (weight.perm is None)}permuted weight for a {self.fmt.label()} matrix")
         if self._staging is None:
             n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
             on = dict(device=self.target)
             self._staging = QuantizedWeight(
                 weight.kind, torch.empty(n, k, dtype=weight.q.dtype, **on), torch.empty(n, g, **on),
-                torch.empty(n, g, **on) if weight.zero is not None else None, self.group_size, weight.source)
+                torch.empty(n, g, **on) if weight.zero is not None else None, self.group_size, weight.source,
+                weight.perm)
         s = self._staging
+        if s.perm is not None and not torch.equal(s.perm, weight.perm):
+            raise ValueError("the parts of a fused act-order matrix permute their inputs differently")
         s.q[lo:hi] = weight.q
         s.scale[lo:hi] = weight.scale
         if s.zero is not None:
@@ -45,6 +54,8 @@ class QuantModule(nn.Module):
             self._staging = None
             with torch.no_grad():
                 self.pack(s)
+                if s.perm is not None:
+                    self.in_perm.copy_(s.perm)
 
     @property
     def complete(self) -> bool:
@@ -53,13 +64,22 @@ class QuantModule(nn.Module):
     def pack(self, weight: QuantizedWeight) -> None:
         raise NotImplementedError
 
-    def unpack(self) -> QuantizedWeight:
-        """The weight in the device-independent form (on the CPU), exactly as packed."""
+    def unpack_packed(self) -> QuantizedWeight:
         raise NotImplementedError
 
+    def unpack(self) -> QuantizedWeight:
+        """The weight in the device-independent form (on the CPU), exactly as packed."""
+        weight = self.unpack_packed()
+        if self.in_perm is not None:
+            weight.perm = self.in_perm.cpu()
+        return weight
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The dense weight [N, K] this module multiplies by, on its device."""
+        """The dense weight [N, K] this module multiplies by (inputs in their order), on its device."""
         return self.unpack().dequantize(dtype).to(self.target)
+
+    def permute_input(self, x: Tensor) -> Tensor:
+        return x if self.in_perm is None else x.index_select(-1, self.in_perm)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.label()}"
@@ -112,7 +132,7 @@ class Int4Linear(QuantModule):
         self.packed.copy_(kernels.pack_int4(weight.q, self.target))
         self.scales_zeros.copy_(kernels.pack_scales_zeros(weight.scale, zero, self.target))
 
-    def unpack(self) -> QuantizedWeight:
+    def unpack_packed(self) -> QuantizedWeight:
         if self.integer:
             q, scale, mn = cpu_kernels.unpack_nibbles(self.qweight), self.block_scale, self.block_min
             return regrouped(QuantizedWeight("int4", q, scale.clone(), mn + 8 * scale, cpu_kernels.BLOCK,
@@ -127,9 +147,10 @@ class Int4Linear(QuantModule):
             return super().dequantize(dtype)
         rows = self.scales_zeros.shape[1]
         w = kernels.dequantize_tiles(self.packed, self.scales_zeros, self.group_size, rows, self.in_features)
-        return w[: self.out_features].to(dtype)
+        return unpermute(w[: self.out_features], self.in_perm).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.permute_input(x)
         if self.integer:
             return cpu_kernels.linear(x, self.qweight, 4, self.block_scale, self.block_min, self.out_features)
         return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
@@ -192,7 +213,7 @@ class Int8Linear(QuantModule):
         if self.zeros is not None:
             self.zeros.copy_(weight.zero)
 
-    def unpack(self) -> QuantizedWeight:
+    def unpack_packed(self) -> QuantizedWeight:
         if self.kernel == "integer":
             zero = None if self.block_min is None else self.block_min.clone()
             return regrouped(QuantizedWeight("int8", self.qweight.clone(), self.block_scale.clone(), zero,
@@ -211,6 +232,7 @@ class Int8Linear(QuantModule):
                                self.fmt.source)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.permute_input(x)
         if self.kernel == "integer":
             q = self.qweight.view(torch.uint8)
             return cpu_kernels.linear(x, q, 8, self.block_scale, self.block_min, self.out_features)
@@ -252,7 +274,7 @@ class QuantEmbedding(QuantModule):
         if self.zeros is not None:
             self.zeros.copy_(weight.zero if weight.zero is not None else torch.zeros_like(weight.scale))
 
-    def unpack(self) -> QuantizedWeight:
+    def unpack_packed(self) -> QuantizedWeight:
         q = self.qweight.cpu()
         if self.fmt.kind == "int4":
             q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)

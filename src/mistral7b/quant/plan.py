@@ -46,7 +46,9 @@ def shardable(formats: dict[str, WeightFormat], config: ModelConfig, sharding: S
     for name, fmt in formats.items():
         part = sharding.slice_of(config, name)
         g = fmt.group_size
-        if part is None or part.dim == 0 or g is None or (part.start % g == 0 and part.stop % g == 0):
+        # act-order's groups are scattered over the inputs: a rank holding some columns reads them dense
+        if part is None or part.dim == 0 or (not fmt.act_order and (g is None or (part.start % g == 0
+                                                                          and part.stop % g == 0))):
             out[name] = fmt
     return out
 
@@ -85,8 +87,8 @@ def make_plan(config: ModelConfig, quant: QuantConfig | None, stored: dict[str, 
 
 
 def _same(stored: WeightFormat | None, wanted: WeightFormat) -> bool:
-    return stored is not None and (stored.kind, stored.group_size, stored.has_zero) == (
-        wanted.kind, wanted.group_size, wanted.has_zero)
+    return stored is not None and (stored.kind, stored.group_size, stored.has_zero, stored.act_order) == (
+        wanted.kind, wanted.group_size, wanted.has_zero, wanted.act_order)
 
 
 def _requested(shapes: dict, quant: QuantConfig, parts: dict) -> dict[str, WeightFormat]:

@@ -7,6 +7,10 @@ per group of `group_size` consecutive inputs of a row; `group_size == K` is per 
 - "int8": q int8, `w = q * scale`, or `q * scale + zero` when `zero` is set (exact images of GGUF's
   Q5_K and of int4 groups, used when one fused matrix mixes formats).
 
+With `perm` (act-order: GPTQ's desc_act), column j holds input `perm[j]`: the inputs sorted by group, so
+each group is again a run of columns; the module multiplies `x[..., perm]`, and `dequantize` puts the
+columns back in input order.
+
 Scales and zeros are float32 here; the kernels round them to their compute dtype (bf16) when packing.
 Every row is quantized on its own, so quantizing a slice of rows equals slicing the quantized matrix:
 that makes it exact to fill a fused matrix (wqkv, w13) part by part while streaming.
@@ -28,6 +32,7 @@ class QuantizedWeight:
     zero: Tensor | None  # like scale, or None
     group_size: int
     source: str | None = None  # the format it came from, e.g. "Q4_1"
+    perm: Tensor | None = None  # int64 [K]: the input each column holds (act-order), None: column j
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,7 +47,7 @@ class QuantizedWeight:
         w = q * self.scale[..., None]
         if self.zero is not None:
             w = w + self.zero[..., None]
-        return w.view(n, k).to(dtype)
+        return unpermute(w.view(n, k), self.perm).to(dtype)
 
     def map_rows(self, fn) -> "QuantizedWeight":
         """The same weight with `fn` (a row slice or permutation) applied to q, scale and zero."""
@@ -64,6 +69,15 @@ class QuantizedWeight:
             return self
         zero = self.zero if self.zero is not None else torch.zeros_like(self.scale)
         return replace(self, kind="int8", q=(self.q.to(torch.int16) - 8).to(torch.int8), zero=zero)
+
+
+def unpermute(w: Tensor, perm: Tensor | None) -> Tensor:
+    """Columns held in the order `perm` (act-order) back in input order."""
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm.to(w.device)] = w
+    return out
 
 
 def check_group_size(name: str, k: int, group_size: int) -> None:
@@ -97,19 +111,23 @@ def quantize_int4(w: Tensor, group_size: int, source: str | None = None) -> Quan
 @dataclass(frozen=True)
 class WeightFormat:
     """The storage of one matrix: "int4" or "int8", groups of `group_size` (None: one per row),
-    with or without zeros, and where it came from (a GGUF type, or None when quantized here)."""
+    with or without zeros, where it came from (a GGUF type, or None when quantized here), and whether
+    its inputs are permuted (`act_order`: the module keeps the permutation and applies it to x)."""
 
     kind: str
     group_size: int | None = None
     has_zero: bool = False
     source: str | None = None
+    act_order: bool = False
 
     def label(self) -> str:
-        text = self.kind + (f" g{self.group_size}" if self.group_size else "")
+        text = self.kind + (f" g{self.group_size}" if self.group_size else "") + (" act-order" * self.act_order)
         return text + (f" (from {self.source})" if self.source else "")
 
     def quantize(self, w: Tensor, name: str = "weight") -> QuantizedWeight:
         """Quantize a float matrix into this format (a clear ValueError if the groups do not fit)."""
+        if self.act_order:
+            raise ValueError(f"{name}: quantizing into {self.label()} is not supported (it is read as stored)")
         if self.kind == "int4":
             check_group_size(name, w.shape[1], self.group_size)
             return quantize_int4(w, self.group_size)
@@ -133,6 +151,11 @@ def merge_formats(formats: list[WeightFormat]) -> WeightFormat:
     int4 when all are int4 groups of one size, else int8 with zeros at the smallest group size."""
     first = formats[0]
     sources = "+".join(dict.fromkeys(f.source for f in formats if f.source)) or None
+    if any(f.act_order for f in formats):  # one permutation of the shared input (the reader checks it)
+        want = (first.kind, first.group_size, first.has_zero, True)
+        if not all((f.kind, f.group_size, f.has_zero, f.act_order) == want for f in formats):
+            raise ValueError("the parts of a fused matrix mix act-order with other formats")
+        return replace(first, source=sources)
     if all((f.kind, f.group_size, f.has_zero) == (first.kind, first.group_size, first.has_zero) for f in formats):
         return replace(first, source=sources)
     if all(f.kind == "int4" and f.group_size == first.group_size for f in formats):
