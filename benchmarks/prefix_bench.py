@@ -34,7 +34,7 @@ import torch
 from mistral7b.cache import KVCache
 from mistral7b.config import ModelConfig, preset
 from mistral7b.model import Transformer
-from mistral7b.prefix_cache import PrefixCache
+from mistral7b.engine.prefix_cache import PrefixCache
 
 SHAPES = {  # SmolLM2-135M's shape (SPEC), for CPU runs; a window can be given with --window
     "smollm2-135m": ModelConfig(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3,

@@ -2,7 +2,7 @@
 `scheduler` (admission, cache rows, the prefill plan), `runner` (the model, compile, CUDA graphs, decode
 groups, kv_len buckets), `output` (detokenising, stop strings, hold-back), `constraints` (structured-output
 bitmasks per step), `speculative` (`SpeculativeConfig`, verify and acceptance), `proposers` (n-gram and
-draft-model proposals) and `core` (`Engine.step`)."""
+draft-model proposals), `prefix_cache` (cached prompt blocks) and `core` (`Engine.step`)."""
 
 from .config import EngineConfig
 from .core import Engine

@@ -18,7 +18,7 @@ import itertools
 import torch
 
 from ..model import Transformer
-from ..prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
+from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from ..sampling import SamplingParams
 from .config import EngineConfig
 from .constraints import ConstraintManager

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ..prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache
 from .request import Request
 
 

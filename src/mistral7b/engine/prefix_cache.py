@@ -51,7 +51,7 @@ Integration guide (the engine scheduler; everything runs on the engine thread, i
    multiple of B and at most len(prompt) - 1, so at least one prompt token is prefilled and gives
    the first token's logits. `load` rewrites the whole row (no reset needed). `match` + `restore`
    is the split form of `load`: a hit pins its blocks against eviction until restored, or until
-   `prefix.release(hit)` for a request dropped in between. tests/test_prefix_cache.py `_burst`
+   `prefix.release(hit)` for a request dropped in between. tests/test_engine_prefix_cache.py `_burst`
    is this recipe in miniature.
 3. After every prefill chunk [start, end) of a row: `prefix.store(row, prompt_ids, start, end)`,
    before any later chunk or decode step writes that row. It copies out the blocks that are now
@@ -82,8 +82,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
-from .utils import slice_or_index
+from ..cache import KVCache
+from ..utils import slice_or_index
 
 DEFAULT_BLOCK_SIZE = 64
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from checkpoints import rel_err
 from mistral7b import KVCache, ModelConfig, Transformer
-from mistral7b.prefix_cache import PrefixCache, block_keys
+from mistral7b.engine.prefix_cache import PrefixCache, block_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
