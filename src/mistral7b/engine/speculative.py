@@ -83,7 +83,8 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self.accepted_per_position = [0] * self.num_tokens
+        if not self.accepted_per_position:  # given when rebuilt from another process's counts
+            self.accepted_per_position = [0] * self.num_tokens
 
     def count(self, proposed: int, accepted: int) -> None:
         self.row_steps += 1
