@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -115,6 +116,25 @@ def test_serve_with_its_engine_process_speculates_and_counts(prompts, plain):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_stop_string_sees_the_grammar_after_each_token_of_a_step(llm):
+    """The HTTP side of an engine process, given one speculative step of several tokens of a constrained
+    reply: a stop string met where the value was unfinished is ignored, though the step ends complete."""
+    from mistral7b.engine.request import Request
+    from mistral7b.server.engine_client import EngineClient, _GrammarState
+    from mistral7b.server.engine_process import EngineLoad
+
+    client = EngineClient(EngineLoad(), llm.tokenizer)
+    request = Request([1], SamplingParams(stop=['"'], regex=r'\{"a": "x"\}'), "r")
+    client.output.prepare(request)
+    request._constraint = _GrammarState()
+    tokens = llm.tokenizer.encode('{"a": "x"}', bos=False)
+    sub = SimpleNamespace(metrics=SimpleNamespace(record_tokens=lambda *a: None), last_time=None, sent_tokens=0,
+                          choice=0)
+    accepting = [False] * (len(tokens) - 1) + [True]
+    item = client._advance(request, sub, ["r", tokens, None, None, None, accepting], 0.0)
+    assert request.output_ids == tokens and item.text == '{"a": "x"}' and item.finish_reason == "stop"
 
 
 def test_the_engine_config_survives_the_trip_to_the_engine_process():

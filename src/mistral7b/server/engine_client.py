@@ -303,14 +303,14 @@ class EngineClient:
         _, tokens, finish_reason, logprobs, prompt_logprobs, accepting = out
         if prompt_logprobs is not None:
             request.prompt_logprobs = [None if e is None else wire.logprob_of(e) for e in prompt_logprobs]
-        if accepting is not None:
-            request._constraint.accepting = accepting
         if request.first_token_time is None:
             request.first_token_time = now
         texts, new_logprobs, n = [], [], 0
         for n, token in enumerate(tokens, 1):
             request.output_ids.append(token)
             request.finish_reason = finish_reason if n == len(tokens) else None
+            if accepting is not None:
+                request._constraint.accepting = accepting[n - 1]
             if logprobs is not None and request.logprobs is not None:
                 new_logprobs.append(wire.logprob_of(logprobs[n - 1]))
             texts.append(emit_text(request, token).text)

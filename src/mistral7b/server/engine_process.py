@@ -163,7 +163,8 @@ class EngineLoop:
             tokens = [t for d in ds for t in d.token_ids]
             start = len(request.output_ids) - len(tokens)  # logprobs, if asked for, align with output_ids
             logprobs = None if request.logprobs is None else request.logprobs[start : start + len(tokens)]
-            outputs.append(self.wire.output(request, tokens, ds[-1].finish_reason, logprobs, start == 0))
+            accepting = [d.accepting for d in ds]
+            outputs.append(self.wire.output(request, tokens, ds[-1].finish_reason, logprobs, start == 0, accepting))
             if request.finished:
                 self.requests.pop(rid, None)
         return outputs
