@@ -183,7 +183,7 @@ def _request(**fields):
 def test_mistral_v3_request_renders_token_exact_and_v1_is_refused():
     from types import SimpleNamespace
 
-    from mistral7b.server import tools
+    from mistral7b.server import tool_plan
     from mistral7b.server.errors import APIError
     from mistral7b.tokenizer import Tokenizer
     from test_tool_calls import V1, V3, mistral_common_ids
@@ -195,12 +195,12 @@ def test_mistral_v3_request_renders_token_exact_and_v1_is_refused():
                 {"role": "user", "content": "And tomorrow?"}]
     body = _request(messages=messages, tools=TOOLS, tool_choice="required")
     llm = SimpleNamespace(tokenizer=Tokenizer.from_file(V3))
-    plan = tools.plan(llm, body)
+    plan = tool_plan.plan(llm, body)
     assert plan.fmt == "mistral" and plan.marker_id == llm.tokenizer.token_to_id("[TOOL_CALLS]")
     assert body.constraint()["grammar"].startswith(f"start: <[{plan.marker_id}]>")
-    assert tools.prompt_ids(llm, body, plan.tools) == mistral_common_ids(messages, TOOLS)
+    assert tool_plan.prompt_ids(llm, body, plan.tools) == mistral_common_ids(messages, TOOLS)
     with pytest.raises(APIError, match="v1"):
-        tools.plan(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), _request(messages=ASK, tools=TOOLS))
+        tool_plan.plan(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), _request(messages=ASK, tools=TOOLS))
 
 
 def test_tokenize_with_tools_is_mistral_v3_token_exact_and_v1_is_refused():

@@ -16,7 +16,8 @@ import torch
 
 import mistral_common
 from mistral7b.sampling import SamplingParams
-from mistral7b.tool_calls import (
+from mistral7b.tokenizer import Tokenizer
+from mistral7b.tools import (
     TOOL_CALL_ID,
     MistralBackend,
     decode_with_marker,
@@ -24,9 +25,8 @@ from mistral7b.tool_calls import (
     hermes_messages,
     required_call_grammar,
     template_takes_tools,
+    tool_parser,
 )
-from mistral7b.tool_parser import StreamingToolParser, parse_cut_tool_calls, parse_tool_calls
-from mistral7b.tokenizer import Tokenizer
 
 SEED = int.from_bytes(os.urandom(4), "little")
 print(f"test_tool_calls seed: {SEED}")
@@ -145,6 +145,14 @@ def test_mistral_v1_has_no_tools_and_ids_are_checked():
 # ---- parsing ------------------------------------------------------------------------------------
 
 
+def parse_tool_calls(text, fmt):
+    return tool_parser(fmt).parse(text)
+
+
+def parse_cut_tool_calls(text, fmt):
+    return tool_parser(fmt).parse_cut(text)
+
+
 def render(fmt, calls, content=""):
     body = [{"name": n, "arguments": a} for n, a in calls]
     if fmt == "mistral":
@@ -154,7 +162,7 @@ def render(fmt, calls, content=""):
 
 def stream(fmt, text, rng, tiny=False):
     """Feed `text` in random pieces (1 character at a time if `tiny`); return deltas and final calls."""
-    parser, deltas, i = StreamingToolParser(fmt), [], 0
+    parser, deltas, i = tool_parser(fmt), [], 0
     while i < len(text):
         n = 1 if tiny else rng.randint(1, 8)
         deltas += parser.push(text[i:i + n])
@@ -239,7 +247,7 @@ def test_cut_reply_keeps_complete_calls(fmt):
         assert got_content == (content.strip() or None), (SEED, cut)
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == kept, (SEED, cut)
         assert dropped == 1, (SEED, cut)
-        parser, deltas, i = StreamingToolParser(fmt), [], 0
+        parser, deltas, i = tool_parser(fmt), [], 0
         while i < len(cut):
             deltas += parser.push(cut[i:i + rng.randint(1, 8)])
             i = len(parser.text)
@@ -255,7 +263,7 @@ def test_cut_reply_keeps_complete_calls(fmt):
 def test_integer_arguments_split_across_pieces():
     # vllm#13622: "12" then "345" must stream as "12" + "345", never a re-serialised "12}" etc.
     pieces = ['[TOOL_CALLS] [{"name": "f", "arguments": {"n": 1', "2", "34", "5", ', "m": -', "7", "}}]"]
-    parser, args = StreamingToolParser("mistral"), ""
+    parser, args = tool_parser("mistral"), ""
     for piece in pieces:
         for d in parser.push(piece):
             for tc in d.get("tool_calls", []):
@@ -271,6 +279,9 @@ def test_integer_arguments_split_across_pieces():
     ("mistral", '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}', True),  # cut by max_tokens
     ("mistral", '[TOOL_CALLS] {"name": "f", "arguments": {}}', False),
     ("mistral", '[TOOL_CALLS] [{"arguments": {"a": 1}}]', False),
+    ("mistral", '[TOOL_CALLS] [{"name": 5, "arguments": {}}]', False),  # a name is a string, never announced otherwise
+    # pydantic_core's partial parse takes a missing ',' for the end of the text (jiter#162): never complete, never a call
+    ("mistral", '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1 "b": 2}}]', True),
     ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n', True),
     ("hermes", '<tool_call>\n{"name": "f" "arguments": {}}\n</tool_call>', True),
     ("hermes", "<tool_call>not json</tool_call>", False),
@@ -287,6 +298,36 @@ def test_malformed_calls_are_plain_content(fmt, text, announced):
     assert calls == []
     assert all("tool_calls" not in d for d in deltas)
     assert "".join(d["content"] for d in deltas) == text
+
+
+def test_call_keys_in_any_order_keep_the_raw_arguments():
+    for body in ('{"arguments": {"a": [1,  2]}, "name": "f"}', '{"name": "f", "id": "abcDEF123", "arguments": {"a": [1,  2]}}'):
+        text = "[TOOL_CALLS] [" + body + "]"
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in parse_tool_calls(text, "mistral")[1]] == \
+               [("f", '{"a": [1,  2]}')]
+        deltas, _ = stream("mistral", text, random.Random(SEED))
+        assert [(c.function.name, c.function.arguments) for c in accumulate(deltas).tool_calls] == [("f", '{"a": [1,  2]}')]
+
+
+def test_partial_json_tells_unfinished_from_wrong():
+    """Every proper prefix of a JSON value is unfinished (never wrong), the whole value ends where it
+    ends, and text that can never become JSON is wrong."""
+    from mistral7b.tools.partial_json import Incomplete, value_at
+
+    value = {"city": "Zürich", "n": -12.5e3, "ok": [True, None, 'a\\"b'], "f": False, "e": 1e-7, "u": "é😀"}
+    for ascii_only in (True, False):
+        text = json.dumps(value, ensure_ascii=ascii_only) + ', "next"'
+        end = text.index(', "next"')
+        for cut in range(1, end):
+            with pytest.raises(Incomplete):
+                value_at(text[:cut], 0)
+        assert value_at(text, 0) == (value, end)
+    with pytest.raises(Incomplete):
+        value_at("12", 0)  # a number at the end may go on
+    assert value_at("12 ", 0) == (12, 2)
+    for wrong in ('{"a": }', '{"a" 1', '["\\x"]', "[1,,", "{1: 2}", "nulx"):
+        with pytest.raises(ValueError):
+            value_at(wrong, 0)
 
 
 def test_text_without_calls_streams_unchanged():
@@ -360,7 +401,7 @@ def test_required_call_with_the_default_model(smollm):
         assert len(calls) == 1 and (n < 4 or calls[0]["function"]["name"] == "get_weather")
         for c in calls:
             validate_call(c)
-        stream_decoder, parser, deltas = tok.decoder(), StreamingToolParser("hermes"), []
+        stream_decoder, parser, deltas = tok.decoder(), tool_parser("hermes"), []
         for token in out.token_ids:  # as the server would stream it, token by token
             deltas += parser.push(stream_decoder.push(token))
         deltas += parser.push(stream_decoder.flush())

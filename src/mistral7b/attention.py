@@ -86,6 +86,21 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tens
     return out.reshape(batch, n_heads, 1, head_dim)
 
 
+def rowwise_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, mask: Tensor) -> Tensor:
+    """CPU decode, one row at a time over the keys it would read alone: SDPA's arithmetic depends on
+    the key length, which in a batch is the longest row's, so a greedy answer changed with the batch it
+    ran in (issue 26). Each row reads min(position + 1, slots) keys, what `kv_len` gives it alone."""
+    out = torch.zeros_like(q)
+    slots = k.shape[2]
+    for row, position in enumerate(q_pos[:, 0].tolist()):
+        if position < 0:
+            continue  # an idle row: nothing reads its output
+        n = min(position + 1, slots)
+        one = slice(row, row + 1)
+        out[one] = decode_attention(q[one], k[one, :, :n], v[one, :, :n], None, None, None, mask[one, ..., :n])
+    return out
+
+
 def reduction_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                                window: int | None, mask: Tensor | None = None) -> Tensor:
     """Decode attention written as two sums that inductor turns into reductions over the key axis.
@@ -132,6 +147,8 @@ def attention(
         mask = shared_mask(memo, q_pos, k_pos, window)
         if _DECODE_KERNEL == "reduction" and q.is_cuda and torch.compiler.is_compiling():
             return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
+        if q.device.type == "cpu" and q.shape[0] > 1 and not torch.compiler.is_compiling():
+            return rowwise_decode_attention(q, k, v, q_pos, mask)
         return decode_attention(q, k, v, q_pos, k_pos, window, mask)
     if q.is_cuda and t_q >= FLEX_MIN_TOKENS and use_flex():
         memo = {} if memo is None else memo

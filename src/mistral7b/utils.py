@@ -90,7 +90,7 @@ def read_gguf(path: str | Path):
 @functools.lru_cache(maxsize=2)
 def _read_gguf(path: str, mtime_ns: int, size: int):
     from .config import ModelLoadError
-    from .loading.gguf_reader import FastGGUFReader  # a leaf module (numpy and gguf only)
+    from .gguf_reader import FastGGUFReader  # numpy and gguf only: loaded on the first GGUF
 
     try:
         return FastGGUFReader(path)

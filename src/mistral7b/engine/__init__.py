@@ -1,6 +1,8 @@
-"""The engine, split as vLLM splits it: `request` (the state of a request), `scheduler` (admission,
-cache rows, the prefill plan), `runner` (the model, compile, CUDA graphs, decode groups, kv_len
-buckets), `output` (detokenising, stop strings, hold-back) and `core` (`Engine.step`)."""
+"""The engine, split as vLLM splits it: `config` (`EngineConfig`), `request` (the state of a request),
+`scheduler` (admission, cache rows, the prefill plan), `runner` (the model, compile, CUDA graphs, decode
+groups, kv_len buckets), `output` (detokenising, stop strings, hold-back), `constraints` (structured-output
+bitmasks per step), `speculative` (`SpeculativeConfig`, verify and acceptance), `proposers` (n-gram and
+draft-model proposals) and `core` (`Engine.step`)."""
 
 from .config import EngineConfig
 from .core import Engine

@@ -22,6 +22,9 @@ class EngineConfig:
     prefix_cache_gib: float = 0.0  # memory for cached prompt blocks (prefix caching); 0: off
     prefix_block_size: int | None = None  # tokens per cached block; None: 64, or the smallest cache layer if less
     speculative: SpeculativeConfig | None = None  # speculative decoding (engine/speculative.py); None: off
+    # Each prompt is cut into prefill chunks by its own length alone, never by what else runs, so that a
+    # request's answer does not depend on its batch; None: on the CPU (a GPU keeps the denser packing).
+    batch_invariant: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -61,6 +64,7 @@ class EngineConfig:
             prefill_budget=self.prefill_budget or chunk,
             decode_steps=self.decode_steps or (8 if cuda else 1),
             pipeline=cuda if self.pipeline is None else self.pipeline,
+            batch_invariant=not cuda if self.batch_invariant is None else self.batch_invariant,
         )
 
     @classmethod

@@ -35,23 +35,21 @@ class Engine:
         """`config` holds the knobs; `options` (EngineConfig's fields: max_batch=..., chunk_size=...) change it.
         `draft_model` is the proposer of `speculative` methods "draft" and "self-int4" (LLM loads it)."""
         param = next(model.parameters())
-        self.settings = EngineConfig.of(config, **options).resolved(model.config, param.device)
-        s = self.settings
+        s = EngineConfig.of(config, **options).resolved(model.config, param.device)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         spare = s.speculative.num_tokens if s.speculative is not None else 0
         self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare)
         self.prefix = self._prefix_cache(s)
-        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix)
+        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix, s.batch_invariant)
         self.output = OutputProcessor(tokenizer)
         self.constraints = ConstraintManager(tokenizer, model.config.vocab_size, s.max_batch, self.runner.device)
-        self.device, self.dtype, self.cache = self.runner.device, self.runner.dtype, self.runner.cache
+        self.device, self.cache = self.runner.device, self.runner.cache
         self.max_batch, self.chunk_size, self.prefill_budget = s.max_batch, s.chunk_size, s.prefill_budget
         self.compiled = s.compile
         self.speculator = make_speculator(s, self.runner, draft_model, self.output, self.constraints)
         # Mutable between steps (benchmarks and tests switch them): several decode steps back to back,
         # and pipelined decode, which launches the next group of steps before reading the last one's tokens.
         self.decode_steps, self.pipeline = s.decode_steps, s.pipeline
-        self.lock = self.scheduler.lock
         self._ids = itertools.count()
         self._inflight: DecodeGroup | None = None
         self._warmed = False
@@ -84,10 +82,6 @@ class Engine:
     @property
     def rows(self) -> list[Request | None]:
         return self.scheduler.rows
-
-    @property
-    def waiting(self):
-        return self.scheduler.waiting
 
     @property
     def n_running(self) -> int:

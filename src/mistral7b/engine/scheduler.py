@@ -31,8 +31,10 @@ class PrefillChunk:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int, prefix: PrefixCache | None = None):
+    def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int, prefix: PrefixCache | None = None,
+                 batch_invariant: bool = False):
         self.max_batch, self.chunk_size, self.prefill_budget = max_batch, chunk_size, prefill_budget
+        self.batch_invariant = batch_invariant
         self.prefix = prefix
         self.looked_up: set[Request] = set()  # requests already matched against the prefix cache
         self.waiting: deque[Request] = deque()
@@ -79,16 +81,22 @@ class Scheduler:
     def plan_prefill(self, pending: list[Request]) -> list[PrefillChunk]:
         """Up to `prefill_budget` prompt tokens, oldest request first, each request at most one chunk.
         Requests at the same offset share one forward ([B, n] tokens), so a burst of new prompts costs
-        a few large forwards rather than one small forward each."""
+        a few large forwards rather than one small forward each. Batch-invariant: a chunk ends where the
+        request alone would end it, and requests share a forward only when their chunks are equal (a
+        chunk boundary changes the attention kernel, and with it a greedy answer: issue 26)."""
         if self.prefix is not None:
             pending = self._look_up(pending)
         budget, plan = self.prefill_budget, []
         while pending and budget > 0:
             start = pending[0].n_prefilled
-            n = min(self.chunk_size, budget, len(pending[0].prompt_ids) - start)
-            if self.prefix is not None:  # the oldest incomplete block must still be in the row to store it
-                n = min(n, self.prefix.max_chunk(start))
-            group = [r for r in pending if r.n_prefilled == start and len(r.prompt_ids) - start >= n]
+            cap = self.prefill_budget if self.batch_invariant else budget  # a fixed cap, or what is left
+            n = self.chunk_length(pending[0], cap)
+            if n > budget:
+                break  # batch-invariant: the oldest request's next chunk waits for a step with room
+            if self.batch_invariant:
+                group = [r for r in pending if r.n_prefilled == start and self.chunk_length(r, cap) == n]
+            else:
+                group = [r for r in pending if r.n_prefilled == start and len(r.prompt_ids) - start >= n]
             group = group[: max(1, budget // n)]
             if self.prefix is not None:
                 for request in group:
@@ -99,6 +107,16 @@ class Scheduler:
             budget -= n * len(group)
             pending = [r for r in pending if r not in group]
         return plan
+
+    def chunk_length(self, request: Request, budget: int) -> int:
+        """The next prefill chunk of `request`: at most `chunk_size` and `budget` tokens."""
+        start = request.n_prefilled
+        n = min(self.chunk_size, budget, len(request.prompt_ids) - start)
+        if self.prefix is not None:  # the oldest incomplete block must still be in the row to store it
+            n = min(n, self.prefix.max_chunk(start))
+            if self.batch_invariant:  # end at each block, where a prefix hit may start the next chunk
+                n = min(n, self.prefix.block_size - start % self.prefix.block_size)
+        return n
 
     def _look_up(self, pending: list[Request]) -> list[Request]:
         """Restore cached prefixes into the rows of requests about to start; return those that may be

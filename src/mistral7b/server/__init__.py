@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server over the continuous-batching engine, split as vLLM splits it:
-`protocol` (request and response models), `serving*` (the endpoints), `app` (`build_app`, the routes,
-`serve`), `driver` (the engine thread), `engine_client` / `engine_process` / `wire` (the engine in a
-process of its own), `metrics` (Prometheus), `errors` (OpenAI-shaped errors), and
-`settings` (defaults the command line shares, importable without FastAPI)."""
+`protocol` (request and response models; `protocol_tools`: those of tools and response_format),
+`serving` and `serving_completion`, `serving_chat`, `serving_tokenization` (the endpoints),
+`tool_plan` (a chat request's tool path over the `tools` package), `app` (`build_app`, the routes,
+`serve`), `connections` (timeouts and caps per connection), `shutdown` (the drain on SIGTERM), `driver`
+(the engine thread), `engine_client` / `engine_process` / `wire` (the engine in a process of its own),
+`metrics` (Prometheus), `errors` (OpenAI-shaped errors), and `settings` (defaults the command line
+shares, importable without FastAPI)."""
 
 _EXPORTS = {"build_app": "app", "serve": "app", "ServerThread": "app", "default_model_name": "app",
             "EngineDriver": "driver", "driver_for": "driver"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from prometheus_client import Counter
 
-from . import tools
+from . import tool_plan
 from .driver import Item
 from .errors import APIError
 from .metrics import PREFIX as METRICS_PREFIX
@@ -30,16 +30,16 @@ class OpenAIServingChat(OpenAIServing):
         self.check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        plan = tools.plan(self.llm, body) if tools.uses_tools(body) else None  # sets a call grammar first
+        plan = tool_plan.plan(self.llm, body) if tool_plan.uses_tools(body) else None  # sets a call grammar first
         if plan is not None:
-            encode = lambda: [tools.prompt_ids(self.llm, body, plan.tools)]  # noqa: E731
+            encode = lambda: [tool_plan.prompt_ids(self.llm, body, plan.tools)]  # noqa: E731
         else:
             messages = [m.to_dict() for m in body.messages]
             encode = lambda: [self.llm.chat_prompt(messages, body.safe_prompt)]  # noqa: E731
         submission = await self.start(body, encode, 1)
         if body.stream:
             if plan is not None and plan.fmt is not None:
-                submission.tools = [tools.ToolStream(plan) for _ in submission.requests]
+                submission.tools = [tool_plan.ToolStream(plan) for _ in submission.requests]
             first = [self._chunk(submission, i, DeltaMessage(role="assistant", content=""))
                      for i in range(len(submission.requests))]
             return self.stream(request, submission, body, first)
@@ -56,10 +56,10 @@ class OpenAIServingChat(OpenAIServing):
         text = "".join(o.text)
         if plan is None or plan.fmt is None:
             return AssistantMessage(content=text), o.finish_reason
-        reply = tools.reply_text(self.llm, plan, engine_request.output_ids, text)
-        content, calls = tools.parse(plan, reply)
+        reply = tool_plan.reply_text(self.llm, plan, engine_request.output_ids, text)
+        content, calls = tool_plan.parse(plan, reply)
         if calls is None and o.finish_reason == "length":  # cut inside its calls: keep the complete ones
-            cut = tools.parse_cut(plan, reply)
+            cut = tool_plan.parse_cut(plan, reply)
             if cut is not None:
                 content, calls, dropped = cut
                 self._count_dropped(dropped)

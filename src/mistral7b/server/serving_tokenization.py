@@ -1,5 +1,5 @@
 """`POST /tokenize` and `POST /detokenize` (after vLLM's `serving_tokenization.py`). For messages the ids
-are exactly those `/v1/chat/completions` runs: the same `LLM.chat_prompt` (or, with tools, `tools.prompt_ids`)
+are exactly those `/v1/chat/completions` runs: the same `LLM.chat_prompt` (or, with tools, `tool_plan.prompt_ids`)
 renders them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from starlette.concurrency import run_in_threadpool
 
 from ..tokenizer import check_roles
-from . import tools
+from . import tool_plan
 from .errors import APIError
 from .protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest,
                        TokenizeResponse)
@@ -37,8 +37,8 @@ class OpenAIServingTokenization:
     def _render(self, body) -> list[int]:
         if isinstance(body, TokenizeCompletionRequest):
             return self.tokenizer.encode(body.prompt, bos=body.add_special_tokens, special=not body.split_special_tokens)
-        if tools.uses_tools(body):
-            return tools.prompt_ids(self.llm, body, [t.model_dump(exclude_none=True) for t in body.tools or []],
+        if tool_plan.uses_tools(body):
+            return tool_plan.prompt_ids(self.llm, body, [t.model_dump(exclude_none=True) for t in body.tools or []],
                                     body.add_generation_prompt)
         messages = [m.to_dict() for m in body.messages]
         if body.add_generation_prompt:
@@ -49,8 +49,8 @@ class OpenAIServingTokenization:
     async def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         self._check(body.model)
         param = "prompt" if isinstance(body, TokenizeCompletionRequest) else "messages"
-        if param == "messages" and tools.uses_tools(body):
-            tools.check_tool_format(self.tokenizer)
+        if param == "messages" and tool_plan.uses_tools(body):
+            tool_plan.check_tool_format(self.tokenizer)
         try:
             ids = await run_in_threadpool(self._render, body)
         except (ValueError, TypeError, UnicodeError) as e:

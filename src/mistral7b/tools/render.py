@@ -1,43 +1,19 @@
-"""Tool calling: prompts with tools, parsing calls out of model output, and grammars that force a call.
-
-Two call formats:
-
-* "mistral": Mistral's tokenizer v3. Tools go in `[AVAILABLE_TOOLS] [...] [/AVAILABLE_TOOLS]` before the
-  last user turn, calls are `[TOOL_CALLS]` then a JSON list of {"name", "arguments"}, results are
-  `[TOOL_RESULTS] {"content", "call_id"} [/TOOL_RESULTS]` (token-exact with mistral-common's
-  `encode_chat_completion`). `[TOOL_CALLS]` is a control token that decoding drops, so the parser
-  reads text with it written out (`decode_with_marker`).
-* "hermes": for ChatML-style Jinja templates without tool support, the default model's included
-  (SmolLM2's template only knows role and content). The rule (Hermes / Qwen 2.5's): the tools' JSON
-  goes in the system prompt inside <tools></tools> (`hermes_messages`), and each call is
-  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`; tool results come back as user
-  turns in <tool_response></tool_response>. A template that takes `tools` itself renders them.
-
-The OpenAI results are built here: `message.tool_calls` entries and streamed `delta.tool_calls`
-chunks (index, id, type and name first, then argument fragments: the raw text of the arguments
-object as the model writes it, so fragments always concatenate to the final arguments, digits of
-one integer split across tokens included; vllm#13622 re-serialised partial JSON instead).
-A malformed call is returned as plain content.
-"""
+"""Tools, calls and results into prompts. `encode_mistral_v3`: Mistral's tokenizer v3, token-exact with
+mistral-common's `encode_chat_completion` (tools in `[AVAILABLE_TOOLS]` before the last user turn,
+calls after `[TOOL_CALLS]`, results in `[TOOL_RESULTS]`). `hermes_messages`: the Hermes / Qwen 2.5
+rule for Jinja templates without tools, the default model's included: the tools' JSON in the system
+prompt inside <tools></tools>, calls as <tool_call> blocks, results as user turns in <tool_response>."""
 
 from __future__ import annotations
 
 import json
 import re
-import secrets
-import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # Mistral's (vllm#9019): exactly 9 letters or digits
-MISTRAL_MARKER = "[TOOL_CALLS]"
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-
-
-def new_call_id() -> str:
-    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
-
-
-# ---- Mistral v3 encoding ----------------------------------------------------------------------
+from ..tokenizer import check_roles
+from .base import TOOL_CALL_ID
+from .hermes import HERMES_CLOSE, HERMES_OPEN
+from .mistral import MISTRAL_MARKER
 
 
 @dataclass
@@ -66,12 +42,12 @@ class MistralBackend:
 
 def mistral_tool_json(tool: dict) -> dict:
     """An OpenAI tool as mistral-common writes it into [AVAILABLE_TOOLS]."""
-    function = _function_of(tool)
+    function = function_of(tool)
     return {"type": "function", "function": {"name": function["name"], "description": function.get("description") or "",
                                              "parameters": function.get("parameters") or {}}}
 
 
-def _function_of(tool: dict) -> dict:
+def function_of(tool: dict) -> dict:
     if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(tool.get("function"), dict):
         raise ValueError(f"a tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {tool!r}")
     function = tool["function"]
@@ -80,7 +56,7 @@ def _function_of(tool: dict) -> dict:
     return function
 
 
-def _json_or_text(text):
+def json_or_text(text):
     """mistral-common's normalisation of arguments and results: JSON text becomes its value."""
     if text is None or text == "":
         return {}
@@ -92,7 +68,7 @@ def _json_or_text(text):
         return text
 
 
-def _text(content) -> str:
+def text_of(content) -> str:
     if content is None:
         return ""
     if isinstance(content, list):  # OpenAI content parts
@@ -102,21 +78,20 @@ def _text(content) -> str:
 
 def _group(messages: list[dict]) -> tuple[str, list[dict]]:
     """mistral-common's normalizer: system prompts joined, runs of one role merged (tool messages kept apart)."""
-    system = "\n\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system" and m.get("content"))
+    check_roles(messages)
+    system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") == "system" and m.get("content"))
     turns: list[dict] = []
     for m in messages:
         role = m.get("role")
-        if role not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"unknown chat role {role!r}: expected 'system', 'user', 'assistant' or 'tool'")
         if role == "system":
             continue
         if role != "tool" and turns and turns[-1]["role"] == role:
             last = turns[-1]
-            last["content"] = "\n\n".join(t for t in (last["content"], _text(m.get("content"))) if t)
+            last["content"] = "\n\n".join(t for t in (last["content"], text_of(m.get("content"))) if t)
             last["tool_calls"] += list(m.get("tool_calls") or [])
             last["prefix"] |= bool(m.get("prefix"))
             continue
-        turns.append({**m, "content": _text(m.get("content")), "tool_calls": list(m.get("tool_calls") or []),
+        turns.append({**m, "content": text_of(m.get("content")), "tool_calls": list(m.get("tool_calls") or []),
                       "prefix": bool(m.get("prefix"))})
     if not turns or turns[0]["role"] != "user":
         turns.insert(0, {"role": "user", "content": "", "tool_calls": [], "prefix": False})
@@ -128,7 +103,7 @@ def _call_json(call: dict) -> dict:
     call_id = call.get("id")
     if call_id is not None and not TOOL_CALL_ID.match(str(call_id)):
         raise ValueError(f"tool call id {call_id!r} must be exactly 9 letters or digits (Mistral's format)")
-    out = {"name": function.get("name"), "arguments": _json_or_text(function.get("arguments"))}
+    out = {"name": function.get("name"), "arguments": json_or_text(function.get("arguments"))}
     if call_id and call_id != "null":
         out["id"] = call_id
     return out
@@ -153,7 +128,7 @@ def encode_mistral_v3(backend: MistralBackend, messages: list[dict], tools: list
         elif role == "tool":
             if not turn.get("tool_call_id"):
                 raise ValueError("a tool message needs the tool_call_id of the call it answers")
-            result = {"content": _json_or_text(content), "call_id": turn["tool_call_id"]}
+            result = {"content": json_or_text(content), "call_id": turn["tool_call_id"]}
             ids += [backend.control("[TOOL_RESULTS]"), *backend.encode(dumps(result)), backend.control("[/TOOL_RESULTS]")]
         else:
             if turn["tool_calls"] and content:
@@ -167,14 +142,6 @@ def encode_mistral_v3(backend: MistralBackend, messages: list[dict], tools: list
             if not turn["prefix"]:
                 ids.append(backend.eos_id)
     return ids
-
-
-def decode_with_marker(token_ids: list[int], decode, marker_id: int | None, marker: str = MISTRAL_MARKER) -> str:
-    """Decoded text with the `marker_id` control token written out as `marker` (decoding drops it)."""
-    if marker_id is None or marker_id not in token_ids:
-        return decode(token_ids)
-    cut = token_ids.index(marker_id)
-    return decode(token_ids[:cut]) + marker + decode_with_marker(token_ids[cut + 1:], decode, marker_id, marker)
 
 
 # ---- Hermes-style rendering for templates without tools ----------------------------------------
@@ -200,63 +167,21 @@ def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict
     that knows only those: tools into the system prompt, calls as <tool_call> blocks, results as user turns."""
     out = [dict(m) for m in messages]
     if tools:
-        listing = "\n".join(json.dumps({"type": "function", "function": _function_of(t)}, ensure_ascii=False) for t in tools)
+        listing = "\n".join(json.dumps({"type": "function", "function": function_of(t)}, ensure_ascii=False) for t in tools)
         text = HERMES_SYSTEM.format(tools=listing)
         if out and out[0].get("role") == "system":
-            out[0] = {"role": "system", "content": _text(out[0].get("content")) + "\n\n" + text}
+            out[0] = {"role": "system", "content": text_of(out[0].get("content")) + "\n\n" + text}
         else:
             out.insert(0, {"role": "system", "content": text})
     rendered = []
     for m in out:
         if m.get("role") == "assistant" and m.get("tool_calls"):
             blocks = [HERMES_OPEN + "\n" + json.dumps({"name": c["function"]["name"],
-                                                       "arguments": _json_or_text(c["function"].get("arguments"))},
+                                                       "arguments": json_or_text(c["function"].get("arguments"))},
                                                       ensure_ascii=False) + "\n" + HERMES_CLOSE for c in m["tool_calls"]]
-            rendered.append({"role": "assistant", "content": "\n".join(filter(None, [_text(m.get("content")), *blocks]))})
+            rendered.append({"role": "assistant", "content": "\n".join(filter(None, [text_of(m.get("content")), *blocks]))})
         elif m.get("role") == "tool":
-            rendered.append({"role": "user", "content": f"<tool_response>\n{_text(m.get('content'))}\n</tool_response>"})
+            rendered.append({"role": "user", "content": f"<tool_response>\n{text_of(m.get('content'))}\n</tool_response>"})
         else:
-            rendered.append({"role": m.get("role"), "content": _text(m.get("content"))})
+            rendered.append({"role": m.get("role"), "content": text_of(m.get("content"))})
     return rendered
-
-
-# ---- grammars for tool_choice "required" or a named function -----------------------------------
-
-
-def call_schema(tools: list[dict], name: str | None = None) -> dict:
-    """JSON schema of one call {"name", "arguments"} to any of `tools` (or only the one named)."""
-    functions = [_function_of(t) for t in tools]
-    if name is not None:
-        functions = [f for f in functions if f["name"] == name]
-        if not functions:
-            raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
-    if not functions:
-        raise ValueError("tool_choice 'required' needs at least one tool")
-    options = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                 "arguments": f.get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
-    return options[0] if len(options) == 1 else {"anyOf": options}
-
-
-def required_call_grammar(tools: list[dict], fmt: str, name: str | None = None, parallel: bool = True,
-                          marker_id: int | None = None) -> str:
-    """A Lark grammar (SamplingParams.grammar) whose every sentence is a valid call in format `fmt`.
-
-    "mistral" needs the id of the [TOOL_CALLS] control token (`marker_id`); the calls follow it as
-    mistral-common writes them (" [" then the list). `parallel=False` allows exactly one call.
-    """
-    from .structured import JSON_OPTIONS  # compact JSON, as json.dumps writes it
-
-    one = call_schema(tools, name)
-    schema = json.dumps({**one, "x-guidance": JSON_OPTIONS})
-    if fmt == "mistral":
-        if marker_id is None:
-            raise ValueError("the Mistral format's call grammar needs the [TOOL_CALLS] token id")
-        array = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1}),
-                 "x-guidance": JSON_OPTIONS}
-        return f"start: <[{int(marker_id)}]> \" \" calls\ncalls: %json {json.dumps(array)}\n"
-    if fmt == "hermes":
-        more = f' ("\\n{HERMES_OPEN}\\n" call "\\n{HERMES_CLOSE}")*' if parallel else ""
-        return (f'start: "{HERMES_OPEN}\\n" call "\\n{HERMES_CLOSE}"{more}\n'
-                f"call: %json {schema}\n")
-    raise ValueError(f"unknown tool call format {fmt!r} (expected 'mistral' or 'hermes')")

@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
-from mistral7b.loading.gguf_reader import FastGGUFReader
+from mistral7b.gguf_reader import FastGGUFReader
 
 
 def assert_same_reader(path):

@@ -1,26 +1,16 @@
-"""Tool calling on /v1/chat/completions: rendering the prompt, constraining, and parsing the reply.
-
-The chat format decides the call format (tool_calls.py):
-* Mistral tokenizer v3: `encode_mistral_v3` (token-exact with mistral-common); calls are
-  `[TOOL_CALLS] [...]`, parsed "mistral". The v1 format has no tool tokens: tools are a 400.
-* A Jinja template that reads `tools` renders them itself; one that does not (the default model's)
-  gets the Hermes rule (`hermes_messages`). Either way the calls are parsed with the Hermes rule
-  (`<tool_call>{"name", "arguments"}</tool_call>`), the one templates that take tools use.
-
-tool_choice "required" or a named function constrains the output to valid calls (a grammar through
-the structured-output engine); "auto" parses a call if the reply is one, else it is content; "none"
-still shows the tools but never parses. A malformed call is plain content.
-"""
+"""The tool path of /v1/chat/completions and /tokenize over the `tools` package: a request's call
+format (Mistral tokenizer v3's own, v1 a 400; else Hermes, rendered by a template that reads `tools`
+or by `hermes_messages`), its prompt, its forced-call grammar (tool_choice "required" or a named
+function), and its reply as response models ("auto" parses a call if the reply is one; "none" shows
+the tools but never parses)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from ..tokenizer import check_roles, with_safe_prompt
-from ..tool_calls import (MISTRAL_MARKER, MistralBackend, decode_with_marker, encode_mistral_v3, hermes_messages,
-                          required_call_grammar, template_takes_tools)
-from ..tool_parser import StreamingToolParser, parse_cut_tool_calls, parse_tool_calls
+from ..tools import (MISTRAL_MARKER, MistralBackend, decode_with_marker, encode_mistral_v3, hermes_messages,
+                     json_or_text, required_call_grammar, template_takes_tools, tool_parser)
 from .errors import APIError
 from .protocol import ChatCompletionRequest, DeltaToolCall, ResponseToolCall
 
@@ -57,8 +47,7 @@ def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
         raise APIError(400, "tool_choice needs 'tools'", param="tool_choice")
     check_tool_format(tok)
     if getattr(tok, "_sp", None) is not None:
-        backend = MistralBackend.from_sentencepiece(tok._sp)
-        result = ToolPlan("mistral", backend.controls.get(MISTRAL_MARKER), tools)
+        result = ToolPlan("mistral", tok.token_to_id(MISTRAL_MARKER), tools)  # v3, checked above: a control token
     else:
         result = ToolPlan("hermes", None, tools)
     if choice == "none":
@@ -91,16 +80,9 @@ def prompt_ids(llm, body, tools: list[dict], add_generation_prompt: bool = True)
     if template_takes_tools(tok.chat_template):
         for m in messages:  # templates that take tools read arguments as objects, as HF's do
             for call in m.get("tool_calls") or ():
-                call["function"]["arguments"] = _arguments(call["function"]["arguments"])
+                call["function"]["arguments"] = json_or_text(call["function"]["arguments"])
         return tok.apply_chat_template(messages, add_generation_prompt, tools=tools or None)
     return tok.apply_chat_template(hermes_messages(messages, tools), add_generation_prompt)
-
-
-def _arguments(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def reply_text(llm, plan_: ToolPlan, token_ids: list[int], text: str) -> str:
@@ -112,22 +94,15 @@ def reply_text(llm, plan_: ToolPlan, token_ids: list[int], text: str) -> str:
 
 def parse(plan_: ToolPlan, text: str) -> tuple[str | None, list[ResponseToolCall] | None]:
     """(content, tool_calls or None) of a finished reply."""
-    if plan_.fmt is None:
-        return text, None
-    content, calls = parse_tool_calls(text, plan_.fmt)
-    if not calls:
-        return text, None
-    return content, [ResponseToolCall.model_validate(c) for c in calls]
+    content, calls = tool_parser(plan_.fmt).parse(text) if plan_.fmt is not None else (text, [])
+    return (content, [ResponseToolCall.model_validate(c) for c in calls]) if calls else (text, None)
 
 
 def parse_cut(plan_: ToolPlan, text: str) -> tuple[str | None, list[ResponseToolCall] | None, int] | None:
     """A reply cut at max_tokens inside its calls: (content, the complete calls or None, incomplete
     calls dropped); None where it is plain content."""
-    cut = parse_cut_tool_calls(text, plan_.fmt) if plan_.fmt is not None else None
-    if cut is None:
-        return None
-    content, calls, dropped = cut
-    return content, [ResponseToolCall.model_validate(c) for c in calls] or None, dropped
+    cut = tool_parser(plan_.fmt).parse_cut(text) if plan_.fmt is not None else None
+    return cut and (cut[0], [ResponseToolCall.model_validate(c) for c in cut[1]] or None, cut[2])
 
 
 class ToolStream:
@@ -135,8 +110,9 @@ class ToolStream:
 
     def __init__(self, plan_: ToolPlan):
         self.plan = plan_
-        self.parser = StreamingToolParser(plan_.fmt)
+        self.parser = tool_parser(plan_.fmt)
         self.calls: list[dict] = []
+        self.dropped = 0  # incomplete calls left out of a reply cut at max_tokens
 
     def push(self, text: str, token_ids: list[int]) -> list[dict]:
         if self.plan.marker_id is not None and self.plan.marker_id in token_ids:
@@ -145,20 +121,12 @@ class ToolStream:
 
     def finish(self, cut: bool = False) -> list[dict]:
         deltas, self.calls = self.parser.finish(cut)
+        self.dropped = self.parser.dropped
         return _delta_fields(deltas)
-
-    @property
-    def dropped(self) -> int:
-        return self.parser.dropped
 
 
 def _delta_fields(deltas: list[dict]) -> list[dict]:
-    """StreamingToolParser's deltas as DeltaMessage keyword arguments (tool calls as models, with only
+    """The parser's deltas as DeltaMessage keyword arguments (tool calls as models, with only
     the fields each chunk carries set, so the stream shows them as OpenAI's do)."""
-    out = []
-    for d in deltas:
-        if "tool_calls" in d:
-            out.append({"tool_calls": [DeltaToolCall.model_validate(c) for c in d["tool_calls"]]})
-        else:
-            out.append({"content": d["content"]})
-    return out
+    return [{"tool_calls": [DeltaToolCall.model_validate(c) for c in d["tool_calls"]]} if "tool_calls" in d
+            else {"content": d["content"]} for d in deltas]
