@@ -3,8 +3,8 @@ model and prompts; per batch, tokens per verify step (mean accepted draft tokens
 of decode after the first token over plain decode.
 
 Random weights say little about acceptance: their greedy text falls into loops that prompt lookup
-predicts (ngram accepts ~90% at the tiny shape), while an int4 copy agrees with them only at times;
-benchmarks/spec_bench.py measures real weights. The speculative engine speculates at every batch
+predicts or not (ngram accepted 36% to 95% of drafts over runs at the tiny shape, each run drawing new
+weights), and an int4 copy agrees with them at times; benchmarks/spec_bench.py measures real weights. The speculative engine speculates at every batch
 measured (its `max_batch` is raised to --batch), so the b8 figure is speculation at batch 8.
 """
 
