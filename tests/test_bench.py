@@ -62,13 +62,39 @@ def test_bench_quantized_limit_table(tmp_path):
     assert row[2].strip() == f"{figures['ours']['decode_b1_decode_only_tok_s']:,.1f}"
 
 
+def test_bench_speculative_figures(tmp_path):
+    """--speculative ngram: the decode section again through the speculative engine, with tokens per verify
+    (accepted + 1, so within [1, k + 1]) and the speed-up over plain decode in the JSON and a table."""
+    out, k = tmp_path / "bench.json", 3
+    result = bench("--device", "cpu", "--preset", "tiny", "--no-hf", "--sections", "decode", "--prefill", "",
+                   "--batch", 2, "--prompt-len", 8, "--new-tokens", 12, "--runs", 1, "--speculative", "ngram",
+                   "--num-speculative-tokens", k, "--json", out)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    spec = figures["speculative"]
+    assert spec["method"] == "ngram" and spec["num_tokens"] == k
+    lines = result.stdout.splitlines()
+    assert "| batch | tokens per verify | acceptance | plain tok/s | speculative tok/s | speed-up |" in lines
+    for batch in (1, 2):
+        row = spec[f"b{batch}"]
+        assert 1 <= row["tokens_per_verify"] <= k + 1
+        assert 0 <= row["accepted_tokens"] <= row["draft_tokens"]
+        assert row["acceptance_rate"] == (row["accepted_tokens"] / row["draft_tokens"] if row["draft_tokens"] else 0)
+        plain = figures["ours"][f"decode_b{batch}_decode_only_tok_s"]
+        assert row["decode_only_tok_s"] > 0 and row["speedup"] == row["decode_only_tok_s"] / plain
+        table = next(line for line in lines if line.startswith(f"| {batch} |")).split("|")
+        assert table[2].strip() == f"{row['tokens_per_verify']:,.2f}" and table[6].strip() == f"{row['speedup']:,.2f}x"
+
+
 def test_bench_bad_flags_are_one_line_errors(capsys):
     """Checked before any work, in-process: exit 1 and one line naming the problem."""
     from mistral7b.cli import main
 
     for args, message in ((("--quantize", "int8", "--group-size", "64"), "--group-size applies to int4 only"),
                           (("--preset", "nope"), "or tiny"),
-                          (("--bandwidth-tb-s", "0"), "--bandwidth-tb-s must be positive")):
+                          (("--bandwidth-tb-s", "0"), "--bandwidth-tb-s must be positive"),
+                          (("--num-speculative-tokens", "2"), "--num-speculative-tokens needs --speculative"),
+                          (("--speculative", "ngram", "--num-speculative-tokens", "17"), "in [1, 16], got 17")):
         assert main(["bench", "--device", "cpu", *args]) == 1
         captured = capsys.readouterr()
         lines = [line for line in captured.err.splitlines() if line.strip()]

@@ -280,6 +280,15 @@ class Constraint:
         """Advance by the token chosen; False if the grammar rejects it (the matcher is then in error)."""
         return self.matcher.consume_token(int(token))
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the grammar allows from here, without consuming any."""
+        return self.matcher.validate_tokens([int(t) for t in tokens])
+
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` tokens consumed (a speculative draft's, once its masks are filled)."""
+        if n and not self.matcher.rollback(n):
+            raise RuntimeError(f"the grammar could not roll back {n} tokens: {self.error}")
+
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-token bits for the next step into `bitmask[row]` (a CPU int32 tensor)."""
         from llguidance.torch import fill_next_token_bitmask

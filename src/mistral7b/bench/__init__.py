@@ -186,14 +186,7 @@ def main(args) -> int:
         results["weights"] |= {"tensor_parallel_size": tp, "per": "GPU (rank 0's shard)"}
     ours = results["ours"]
     if sections & {"decode", "context"}:
-        engine = Engine(model, None, EngineConfig(max_batch=max(args.batch, 1), compile=cuda))
-        if "decode" in sections:
-            bench_decode(engine, config, args, ours)
-        if "context" in sections:
-            bench_context(engine, config, args, ours)
-        # Its cache (4 GiB at batch 8) and CUDA-graph pool must not count in the later sections' peaks.
-        del engine
-        release_compiled(device)
+        bench_decode_sections(model, config, args, results, sections)
     if "prefill" in sections:
         bench_prefill(model, config, args, ours)
     if "long" in sections and args.long_context:
@@ -213,6 +206,10 @@ def main(args) -> int:
     results["limit"] = limits(results, args)
     print_table(results, args)
     print_limit_table(results, args)
+    if "speculative" in results:
+        from .speculative import print_speculative_table
+
+        print_speculative_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
@@ -235,6 +232,24 @@ def build_models(config: ModelConfig, args, quant: QuantConfig | None):
         model = quantized(model, quant, device)
         torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None  # the bf16 copy is gone
     return model, hf
+
+
+def bench_decode_sections(model: Transformer, config: ModelConfig, args, results: dict, sections: set) -> None:
+    """Decode and context on one engine; with --speculative, decode again through a speculative engine."""
+    device = args.device
+    engine = Engine(model, None, EngineConfig(max_batch=max(args.batch, 1), compile=torch.device(device).type == "cuda"))
+    if "decode" in sections:
+        bench_decode(engine, config, args, results["ours"])
+    if "context" in sections:
+        bench_context(engine, config, args, results["ours"])
+    # Its cache (4 GiB at batch 8) and CUDA-graph pool must not count in the later sections' peaks.
+    del engine
+    release_compiled(device)
+    if "decode" in sections and getattr(args, "spec", None) is not None:
+        from .speculative import bench_speculative
+
+        bench_speculative(model, config, args, results)
+        release_compiled(device)
 
 
 def bench_decode(engine: Engine, config: ModelConfig, args, ours: dict) -> None:

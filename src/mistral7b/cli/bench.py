@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_quantize_options
+from .common import add_quantize_options, add_speculative_options
 
 H200_COPY_TB_S = 4.3  # mistral7b.bench's default, here so that --help needs no torch
 DECODE_KERNELS = ("flash", "sdpa", "reduction")  # mistral7b.attention.DECODE_KERNELS (a test checks), without torch
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after our figures, run a peer's batch-1 decode, with --quantize's weights: `--peer gpt-fast DIR` (DIR holds "
                         "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "
                         "into the table's 'best peer' column")
+    add_speculative_options(p)  # the decode section again through a speculative engine (mistral7b.bench.speculative)
 
 
 def peer_of(args):
@@ -69,17 +70,20 @@ def peer_of(args):
 def checked(args):
     """The shape and the quantization of `args`, checked before any work: one-line errors otherwise."""
     from ..bench import bench_config
-    from .common import CLIError, quantize_of
+    from .common import CLIError, quantize_of, speculative_of
 
     try:
         bench_config(args.preset)
     except ValueError as e:
         raise CLIError(str(e)) from None
     quant = quantize_of(args)
+    args.spec = speculative_of(args)
     if args.tensor_parallel_size < 1:
         raise CLIError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
     if args.tensor_parallel_size > 1 and quant:
         raise CLIError("--tensor-parallel-size runs bf16 weights only: leave out --quantize")
+    if args.spec is not None and args.tensor_parallel_size > 1:
+        raise CLIError("--speculative does not run with tensor parallelism yet: leave out --tensor-parallel-size")
     if args.bandwidth_tb_s <= 0:
         raise CLIError(f"--bandwidth-tb-s must be positive, got {args.bandwidth_tb_s}")
     return quant or None  # False (--quantize none): the random weights are bf16 already

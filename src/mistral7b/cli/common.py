@@ -41,6 +41,7 @@ def _ranged(kind, ok, expected: str):
 
 
 positive_int = _ranged(int, lambda v: v >= 1, "a positive integer")
+integer = _ranged(int, lambda v: True, "an integer")
 non_negative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0")
 non_negative_float = _ranged(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
@@ -152,8 +153,9 @@ def add_speculative_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative", default=None, metavar="METHOD",
                    help="ngram (prompt lookup), self-int4 (the model in int4 drafts) or draft:SRC (a draft model "
                         "with the same tokenizer); the output distribution is unchanged")
-    g.add_argument("--num-speculative-tokens", type=positive_int, default=None, metavar="K",
-                   help="tokens proposed per step (default 4)")
+    # A plain int: the range is SpeculativeConfig's to check, so k < 1 and k > 16 get the same one line.
+    g.add_argument("--num-speculative-tokens", type=integer, default=None, metavar="K",
+                   help="tokens proposed per step, 1 to 16 (default 4)")
 
 
 def speculative_of(args):
@@ -163,7 +165,7 @@ def speculative_of(args):
     try:
         return SpeculativeConfig.parse(getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None))
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(str(e).replace("num_speculative_tokens", "--num-speculative-tokens")) from None
 
 
 TEMPLATE_SLACK = 512  # positions a chat template and BOS may add to a prompt

@@ -68,6 +68,15 @@ class EngineConfig:
         )
 
     @classmethod
+    def from_dict(cls, fields: dict) -> "EngineConfig":
+        """The inverse of `dataclasses.asdict` (how `serve` sends the config to its engine process as JSON):
+        the nested speculative config comes back as a SpeculativeConfig."""
+        spec = fields.get("speculative")
+        if isinstance(spec, dict):
+            fields = {**fields, "speculative": SpeculativeConfig(**spec)}
+        return cls(**fields)
+
+    @classmethod
     def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
         """`config` (or the defaults) with `options` changed; an unknown option is a TypeError naming it."""
         return replace(config or cls(), **options)

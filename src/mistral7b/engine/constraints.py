@@ -6,6 +6,9 @@ step) the host fills its row of one shared bitmask [max_batch, ceil(vocab/32)], 
 been queued on the device, so the masks are computed while the device runs the step; the sampler
 applies the bitmask on the device. Unconstrained rows of the same batch get all-ones rows.
 
+Speculative decoding (speculative.py) masks every verified position: `verify_bitmasks` feeds a row's
+draft through its matcher to fill each position's mask, then rolls the matcher back.
+
 Why constrained rows run one decode step at a time, never pipelined: the next mask needs the token
 just chosen, on the host. While any constrained row decodes, the engine launches single steps and reads
 their tokens at once; the unconstrained rows beside them lose multi-step decode for those steps only.
@@ -61,6 +64,30 @@ class ConstraintManager:
         structured.fill_bitmask(rows, constrained)
         # Safe to reuse the pinned buffer next step: constrained steps are read (synchronised) at once.
         return rows.to(self.device, non_blocking=True)
+
+    def verify_bitmasks(self, requests: list[Request], drafts: list[list[int]], width: int) -> torch.Tensor | None:
+        """The device bitmasks [width, n, words] of a speculative verify, or None when no row is constrained.
+        Position j of a constrained row is its grammar after its first j draft tokens: each verified position
+        is masked as plain decoding would mask it there. Past the tokens the grammar allows (or a stop token)
+        a row stays all-ones: verification rejects or ends the row before it gets there. Each matcher is
+        rolled back to where it began, so the output processor then consumes the accepted tokens and the
+        target's own, exactly as in plain decoding: a rejected draft leaves no trace in the grammar."""
+        constrained = [(r._constraint, i) for i, r in enumerate(requests) if r._constraint is not None]
+        if not constrained:
+            return None
+        host = structured.allocate_bitmask(width * len(requests), self.vocab_size).view(width, len(requests), -1)
+        for constraint, i in constrained:
+            draft, stops = drafts[i], requests[i]._stop_ids
+            usable = constraint.valid_prefix(draft)
+            consumed = 0
+            for j in range(width):
+                constraint.fill(host[j], i)
+                if j >= usable or draft[j] in stops:  # a stop token ends the row: it is never consumed
+                    break
+                constraint.consume(draft[j])
+                consumed += 1
+            constraint.rollback(consumed)
+        return host.to(self.device)
 
 
 def settle(request: Request, token: int) -> None:

@@ -48,7 +48,10 @@ class OutputProcessor:
 def advance(request: Request, token: int) -> Delta:
     """Append a token, apply stop rules, and return the text that became final."""
     finish_token(request, token)
-    return emit_text(request, token)
+    delta = emit_text(request, token)
+    if request._constraint is not None:
+        delta.accepting = request._constraint.is_accepting()
+    return delta
 
 
 def finish_token(request: Request, token: int) -> None:

@@ -62,6 +62,9 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    # A constrained request's grammar could end after this token: a speculative step emits several
+    # tokens, and the HTTP side of an engine process needs this per token for stop strings.
+    accepting: bool | None = None
 
     @property
     def finished(self) -> bool:

@@ -13,8 +13,11 @@ p+j-W, which a later query still sees if p+j is rejected. The cache keeps W + k 
 linear cache max_seq_len + k), so a draft only overwrites positions outside every window, and the
 rejected positions' slots are emptied (`KVCache.forget`) so no later query sees them.
 
-Rows with a structured-output constraint get no proposal (their grammar would need rolling back);
-they still advance one token per step in the same forward.
+Rows with a structured-output constraint speculate too. Their draft is cut after the tokens their
+grammar allows; each verified position is masked by the grammar as it stands after the draft tokens
+before it (`ConstraintManager.verify_bitmasks` feeds the draft through the matcher, then rolls it back);
+the output processor then consumes only what was accepted, so a rejection leaves the grammar where plain
+decoding would have it.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self.accepted_per_position = [0] * self.num_tokens
+        if not self.accepted_per_position:  # given when rebuilt from another process's counts
+            self.accepted_per_position = [0] * self.num_tokens
 
     def count(self, proposed: int, accepted: int) -> None:
         self.row_steps += 1
@@ -124,9 +128,10 @@ class Speculator:
     def step(self, decoding: list[Request], deltas: list[Delta]) -> None:
         caps = [self._cap(r) for r in decoding]
         proposal = self.proposer.propose(decoding, caps, self.runner.sampler)
+        within_grammar(decoding, proposal)
         logits = self.runner.verify(decoding, proposal.tokens).float()
-        mask = self.constraints.bitmask(decoding) if self.constraints.any_constrained(decoding) else None
-        emitted = accept(logits, decoding, proposal, self.runner.sampler, mask)
+        masks = self.constraints.verify_bitmasks(decoding, proposal.tokens, logits.shape[1])  # while verify runs
+        emitted = accept(logits, decoding, proposal, self.runner.sampler, masks)
         width = logits.shape[1]
         for r, drafts, tokens in zip(decoding, proposal.tokens, emitted):
             kept = len(tokens) - 1  # draft tokens accepted
@@ -136,9 +141,7 @@ class Speculator:
         self._emit(decoding, logits, emitted, deltas)
 
     def _cap(self, r: Request) -> int:
-        """Draft tokens row `r` may take: none for constrained rows, and never past max_tokens."""
-        if r._constraint is not None:
-            return 0
+        """Draft tokens row `r` may take: never past max_tokens."""
         return max(0, min(self.config.num_tokens, r.params.max_tokens - len(r.output_ids) - 1))
 
     def _emit(self, decoding, logits, emitted, deltas) -> None:
@@ -152,11 +155,26 @@ class Speculator:
             self.output.apply(requests, [tokens.tolist()], [lp], deltas)
 
 
+def within_grammar(requests: list[Request], proposal: Proposal) -> None:
+    """Cut each constrained row's draft after the tokens its grammar allows: a forbidden one is rejected
+    for sure (p = 0 there). A sampled row drafted by a model keeps that first forbidden token: rejecting
+    it and resampling from max(0, p - q) keeps the output exact, where sampling from p would not."""
+    for i, r in enumerate(requests):
+        tokens, q = proposal.tokens[i], proposal.q[i]
+        if r._constraint is None or not tokens:
+            continue
+        keep = r._constraint.valid_prefix(tokens)
+        if keep < len(tokens) and q is not None:
+            keep += 1
+        proposal.tokens[i] = tokens[:keep]
+        proposal.q[i] = None if q is None else q[:keep]
+
+
 def accept(logits: torch.Tensor, requests: list[Request], proposal: Proposal, sampler: SamplerBatch,
-           bitmask: torch.Tensor | None) -> list[list[int]]:
+           bitmasks: torch.Tensor | None) -> list[list[int]]:
     """Walk the verify logits [n, T, vocab] position by position; per row, the tokens it emits: the
-    accepted draft tokens, then the target's correction (or bonus) token. `bitmask` applies at position 0
-    (only constrained rows need it, and they have no proposal)."""
+    accepted draft tokens, then the target's correction (or bonus) token. `bitmasks` [T, n, words], when
+    a row is constrained, masks each position (ConstraintManager.verify_bitmasks)."""
     n = len(requests)
     out: list[list[int]] = [[] for _ in range(n)]
     live = list(range(n))
@@ -169,7 +187,8 @@ def accept(logits: torch.Tensor, requests: list[Request], proposal: Proposal, sa
         drafts = [proposal.tokens[i][j] if j < len(proposal.tokens[i]) else -1 for i in live]
         draft = torch.tensor(drafts, device=device)
         q = [proposal.q[i][j] if proposal.q[i] is not None and j < len(proposal.q[i]) else None for i in live]
-        token, ok = decide(logits[live, j], sampler, rows, index, draft, q, bitmask if j == 0 else None)
+        mask = None if bitmasks is None else bitmasks[j, live]
+        token, ok = decide(logits[live, j], sampler, rows, index, draft, q, mask)
         next_live = []
         for i, t, a in zip(live, token.tolist(), ok.tolist()):
             out[i].append(t)

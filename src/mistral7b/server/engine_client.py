@@ -28,6 +28,7 @@ from ..engine.constraints import ConstraintManager
 from ..engine.core import validate_request
 from ..engine.output import OutputProcessor, emit_text
 from ..engine.request import Request
+from ..engine.speculative import SpecStats
 from ..llm import LLM, _tokenizer_path
 from ..tokenizer import Tokenizer
 from . import engine_process, wire
@@ -46,6 +47,7 @@ class RemoteEngine:
     def __init__(self, client: "EngineClient", tokenizer):
         self.client, self.tokenizer = client, tokenizer
         self.prefix = None  # the prefix cache's last counters, when it has one
+        self.speculator = None  # speculative decoding's last counters, when it is on (metrics.spec_decode_metrics)
         self.max_batch = 0
 
     def ready(self, info: dict) -> None:
@@ -54,6 +56,8 @@ class RemoteEngine:
         self.compiled = info["compiled"]
         self.constraints = ConstraintManager(self.tokenizer, info["vocab_size"], info["max_batch"], None)
         self.prefix = _PrefixStats() if info["prefix_cache"] else None
+        k = info.get("speculative")
+        self.speculator = None if k is None else SimpleNamespace(stats=SpecStats(k))
         self.max_batch = info["max_batch"]
 
     def validate(self, prompt_ids: list[int], params) -> None:
@@ -249,6 +253,8 @@ class EngineClient:
             self.steps, self.aborted = stats["steps"], stats["aborted"]
             if self.engine.prefix is not None and stats["prefix"] is not None:
                 self.engine.prefix.values = stats["prefix"]
+            if self.engine.speculator is not None and stats.get("spec") is not None:
+                self.engine.speculator.stats = SpecStats(**stats["spec"])
         elif op == "failed":
             self._fail(message["ids"], message["message"])
         elif op == "ready":
@@ -297,14 +303,14 @@ class EngineClient:
         _, tokens, finish_reason, logprobs, prompt_logprobs, accepting = out
         if prompt_logprobs is not None:
             request.prompt_logprobs = [None if e is None else wire.logprob_of(e) for e in prompt_logprobs]
-        if accepting is not None:
-            request._constraint.accepting = accepting
         if request.first_token_time is None:
             request.first_token_time = now
         texts, new_logprobs, n = [], [], 0
         for n, token in enumerate(tokens, 1):
             request.output_ids.append(token)
             request.finish_reason = finish_reason if n == len(tokens) else None
+            if accepting is not None:
+                request._constraint.accepting = accepting[n - 1]
             if logprobs is not None and request.logprobs is not None:
                 new_logprobs.append(wire.logprob_of(logprobs[n - 1]))
             texts.append(emit_text(request, token).text)

@@ -10,6 +10,7 @@ SIGTERM, which the HTTP process handles by draining its requests before it stops
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ class EngineLoad:
         from ..quant import QuantConfig
 
         quantize = QuantConfig(**self.quantize) if isinstance(self.quantize, dict) else self.quantize
-        return LLM(self.source, device=self.device, dtype=self.dtype, engine_config=EngineConfig(**self.engine),
+        return LLM(self.source, device=self.device, dtype=self.dtype, engine_config=EngineConfig.from_dict(self.engine),
                    quantize=quantize)
 
 
@@ -88,7 +89,8 @@ def _info(engine) -> dict:
     return {"vocab_size": engine.config.vocab_size, "max_seq_len": engine.config.max_seq_len,
             "max_positions": engine.cache.max_positions, "max_batch": engine.max_batch,
             "compiled": engine.compiled, "prefix_cache": engine.prefix is not None,
-            "has_tokenizer": engine.tokenizer is not None}
+            "has_tokenizer": engine.tokenizer is not None,
+            "speculative": engine.speculator.config.num_tokens if engine.speculator is not None else None}
 
 
 class EngineLoop:
@@ -161,14 +163,17 @@ class EngineLoop:
             tokens = [t for d in ds for t in d.token_ids]
             start = len(request.output_ids) - len(tokens)  # logprobs, if asked for, align with output_ids
             logprobs = None if request.logprobs is None else request.logprobs[start : start + len(tokens)]
-            outputs.append(self.wire.output(request, tokens, ds[-1].finish_reason, logprobs, start == 0))
+            accepting = [d.accepting for d in ds]
+            outputs.append(self.wire.output(request, tokens, ds[-1].finish_reason, logprobs, start == 0, accepting))
             if request.finished:
                 self.requests.pop(rid, None)
         return outputs
 
     def _send(self, outputs: list) -> None:
         prefix = self.engine.prefix
-        stats = {"steps": self.steps, "aborted": self.aborted, "prefix": prefix.metrics() if prefix else None}
+        speculator = self.engine.speculator
+        stats = {"steps": self.steps, "aborted": self.aborted, "prefix": prefix.metrics() if prefix else None,
+                 "spec": dataclasses.asdict(speculator.stats) if speculator is not None else None}
         self.conn.send_bytes(self.wire.encode({"op": "step", "out": outputs, "stats": stats}))
 
     def _send_failed(self, ids: list[str], message: str) -> None:

@@ -61,17 +61,18 @@ STOP = {"op": "stop"}  # the HTTP process is closing: exit
 # -- engine -> HTTP ---------------------------------------------------------------------------------
 
 
-def output(request, tokens: list[int], finish_reason: str | None, logprobs: list | None, first: bool) -> list:
+def output(request, tokens: list[int], finish_reason: str | None, logprobs: list | None, first: bool,
+           accepting: list) -> list:
     """One request's part of a step: [id, tokens, finish_reason, logprobs, prompt_logprobs, accepting].
-    `accepting` (constrained requests) says whether the grammar could end here: a stop string may
-    end the value only then (constraints.stop_string_cut)."""
+    `accepting` (constrained requests; one per token, as a speculative step emits several) says whether
+    the grammar could end after that token: a stop string may end the value only there
+    (constraints.stop_string_cut)."""
     if logprobs is not None:
         logprobs = [_logprob(e) for e in logprobs]
     prompt = None
     if first and request.prompt_logprobs is not None:
         prompt = [None if e is None else _logprob(e) for e in request.prompt_logprobs]
-    constraint = request._constraint
-    accepting = None if constraint is None else bool(constraint.is_accepting())
+    accepting = None if request._constraint is None else [bool(a) for a in accepting]
     return [request.id, tokens, finish_reason, logprobs, prompt, accepting]
 
 
