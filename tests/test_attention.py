@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mistral7b.attention import (DECODE_KERNELS, attention, causal_attention, decode_attention, decode_kernel,
+from mistral7b.attention import (DECODE_KERNELS, attention, causal_attention, decode_attention,
                                  reduction_decode_attention, sdpa_attention, visible)
 
 
@@ -129,12 +129,21 @@ def test_reduction_decode_is_finite_for_idle_rows_and_in_the_query_dtype():
     assert _rel(got[:1], want) < 1e-2
 
 
-def test_decode_kernel_switch_names_the_choices():
+def test_decode_kernel_is_the_models_and_names_the_choices():
+    """The kernel is a setting of each model (two models in one process may differ), checked by name."""
     from mistral7b.cli.bench import DECODE_KERNELS as BENCH_CHOICES
+    from mistral7b.config import preset
+    from mistral7b.model import Transformer
 
-    assert decode_kernel() in ("flash", "sdpa", "reduction") and BENCH_CHOICES == DECODE_KERNELS
+    assert BENCH_CHOICES == DECODE_KERNELS
+    config = preset("mistral-7b-v0.1")
+    with torch.device("meta"):
+        a, b = Transformer(config), Transformer(config)
+    a.use_decode_kernel("sdpa")
+    assert (a.decode_kernel, b.decode_kernel) == ("sdpa", "flash")
     with pytest.raises(ValueError, match="flash, sdpa, reduction"):
-        decode_kernel("flex")
+        b.use_decode_kernel("flex")
+    assert b.decode_kernel == "flash"
 
 
 def test_gqa_head_mapping_is_h_div_group():

@@ -130,27 +130,29 @@ def attention(
     window: int | None,
     self_only: bool = False,
     memo: dict | None = None,
+    decode_kernel: str = "flash",
 ) -> Tensor:
     """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
 
     `self_only` says the keys are the queries' own tokens at positions 0..T-1. `memo` is a dict that
     lives for one forward pass, so layers with the same window share one mask or block mask.
+    `decode_kernel` picks CUDA decode's kernel (`check_decode_kernel`).
     """
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
     if t_q == 1:
-        if q.is_cuda and _DECODE_KERNEL == "flash":
+        if q.is_cuda and decode_kernel == "flash":
             from .flash_decode import flash_decode
 
             return flash_decode(q, k, v, q_pos, k_pos, window)
         mask = shared_mask(memo, q_pos, k_pos, window)
-        if _DECODE_KERNEL == "reduction" and q.is_cuda and torch.compiler.is_compiling():
+        if decode_kernel == "reduction" and q.is_cuda and torch.compiler.is_compiling():
             return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
         if q.device.type == "cpu" and q.shape[0] > 1 and not torch.compiler.is_compiling():
             return rowwise_decode_attention(q, k, v, q_pos, mask)
         return decode_attention(q, k, v, q_pos, k_pos, window, mask)
-    if q.is_cuda and t_q >= FLEX_MIN_TOKENS and use_flex():
+    if q.is_cuda and t_q >= FLEX_MIN_TOKENS:
         memo = {} if memo is None else memo
         key = ("block_mask", window, q.shape[0], t_q, t_k)
         if key not in memo:
@@ -159,28 +161,13 @@ def attention(
     return sdpa_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
 
 
-_FLEX_ENABLED = True
-
-
-def use_flex(enabled: bool | None = None) -> bool:
-    """Whether GPU prefill uses FlexAttention; pass a bool to switch (benchmarks compare both)."""
-    global _FLEX_ENABLED
-    if enabled is not None:
-        _FLEX_ENABLED = enabled
-    return _FLEX_ENABLED
-
-
 DECODE_KERNELS = ("flash", "sdpa", "reduction")
-_DECODE_KERNEL = "flash"
 
 
-def decode_kernel(name: str | None = None) -> str:
-    """Which kernel CUDA decode uses: "flash" (`flash_decode`, split-K in Triton, the default), "sdpa"
-    (grouped SDPA) or "reduction" (`reduction_decode_attention`, compiled only); pass a name to switch
-    before compiling. benchmarks/decode_attention.py times them, and the default follows its figures."""
-    global _DECODE_KERNEL
-    if name is not None:
-        if name not in DECODE_KERNELS:
-            raise ValueError(f"unknown decode kernel {name!r}; choose one of {', '.join(DECODE_KERNELS)}")
-        _DECODE_KERNEL = name
-    return _DECODE_KERNEL
+def check_decode_kernel(name: str) -> str:
+    """CUDA decode's attention kernel: "flash" (`flash_decode`, split-K in Triton, the default), "sdpa"
+    (grouped SDPA) or "reduction" (`reduction_decode_attention`, compiled only). benchmarks/
+    decode_attention.py times them, and the default follows its figures."""
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"unknown decode kernel {name!r}; choose one of {', '.join(DECODE_KERNELS)}")
+    return name

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention
+from .attention import attention, check_decode_kernel
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -83,6 +83,7 @@ class AttentionInputs:
     rope: tuple[Tensor, Tensor]
     rows: slice | Tensor
     kv_len: int | None
+    decode_kernel: str = "flash"
     memo: dict = field(default_factory=dict)
 
 
@@ -110,7 +111,8 @@ class Attention(nn.Module):
         else:
             # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
             k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len, memo)
-            out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo)
+            out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo,
+                            decode_kernel=inputs.decode_kernel)
         return self.reduce(self.wo(out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)))
 
 
@@ -164,6 +166,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.decode_kernel = "flash"  # CUDA decode attention (attention.check_decode_kernel)
+
+    def use_decode_kernel(self, name: str) -> None:
+        """Switch CUDA decode's attention kernel; before compiling (benchmarks compare them)."""
+        self.decode_kernel = check_decode_kernel(name)
 
     def forward(
         self,
@@ -188,7 +195,7 @@ class Transformer(nn.Module):
                 raise ValueError("positions are required with a cache")
             positions = torch.arange(t, device=tokens.device).expand(batch, t)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        inputs = AttentionInputs(positions, rope, slice(0, batch) if rows is None else rows, kv_len)
+        inputs = AttentionInputs(positions, rope, slice(0, batch) if rows is None else rows, kv_len, self.decode_kernel)
         cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.tok_embeddings(tokens)
         for layer, layer_cache in zip(self.layers, cache_layers):

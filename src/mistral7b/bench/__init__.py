@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from ..attention import decode_kernel
 from ..config import ModelConfig, preset
 from ..quant import QuantConfig, QuantModule, resident_bytes
 from ..engine import Engine, EngineConfig
@@ -172,7 +171,7 @@ def main(args) -> int:
         "torch": torch.__version__,
         "transformers": None if args.no_hf else __import__("transformers").__version__,
         "preset": args.preset,
-        "decode_kernel": decode_kernel(),
+        "decode_kernel": getattr(args, "decode_kernel", None) or "flash",
         "ours": {},
         "hf": {},
         "hf_compiled": {},
@@ -231,6 +230,8 @@ def build_models(config: ModelConfig, args, quant: QuantConfig | None):
     if quant is not None:
         model = quantized(model, quant, device)
         torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None  # the bf16 copy is gone
+    if getattr(args, "decode_kernel", None):
+        model.use_decode_kernel(args.decode_kernel)
     return model, hf
 
 

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default=None,
-                   help="attention kernel of compiled CUDA decode (mistral7b.attention.decode_kernel); default: flash")
+                   help="attention kernel of compiled CUDA decode (Transformer.use_decode_kernel); default: flash")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard our model over N GPUs (mistral7b.parallel; N processes with gloo on CPU); bf16 only, "
                         "no HF sections, no full-attention prefill variant")
@@ -94,8 +94,4 @@ def run(args) -> int:
 
     args.quant = checked(args)
     args.peer = peer_of(args)
-    if args.decode_kernel is not None:
-        from ..attention import decode_kernel
-
-        decode_kernel(args.decode_kernel)
     return bench.main(args) or 0
