@@ -167,6 +167,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.decode_kernel = "flash"  # CUDA decode attention (attention.check_decode_kernel)
+        self.lora = None  # a lora.LoRABank once adapters are enabled (lora.enable_lora)
 
     def use_decode_kernel(self, name: str) -> None:
         """Switch CUDA decode's attention kernel; before compiling (benchmarks compare them)."""
@@ -180,6 +181,7 @@ class Transformer(nn.Module):
         rows: slice | Tensor | None = None,
         kv_len: int | None = None,
         last_only: bool = False,
+        adapters: Tensor | None = None,
     ) -> Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
 
@@ -187,7 +189,8 @@ class Transformer(nn.Module):
         `positions` [B, T] say where each token sits, `rows` which cache rows hold these sequences (a
         slice or an index tensor), and
         `kv_len` (optional) 1 + the largest position held after this call, so short sequences read
-        only the leading cache slots.
+        only the leading cache slots. `adapters` [B] (a device tensor) is each row's LoRA slot, 0 for
+        none; the bank's linears read it for this forward (None: every row runs the base model).
         """
         batch, t = tokens.shape
         if positions is None:
@@ -196,6 +199,10 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=tokens.device).expand(batch, t)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         inputs = AttentionInputs(positions, rope, slice(0, batch) if rows is None else rows, kv_len, self.decode_kernel)
+        if self.lora is not None:
+            self.lora.index = adapters
+        elif adapters is not None:
+            raise ValueError("adapters given, but this model has no LoRA slots (lora.enable_lora)")
         cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.tok_embeddings(tokens)
         for layer, layer_cache in zip(self.layers, cache_layers):

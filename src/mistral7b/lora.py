@@ -1,0 +1,137 @@
+"""LoRA adapters, many at once: a bank of adapter slots beside the model's linears, and the batched delta.
+
+`enable_lora(model, max_loras, max_rank)` wraps every block linear and the head in a `LoRALinear` that
+adds `B_s A_s x` to the base output, s the slot of each batch row (0: no adapter, all zeros). Each
+linear's slots are stacked into A [S, parts * R, in] and B [S, out, parts * R], so one forward over rows
+with different adapters is a gather by slot and two batched matmuls (punica's BGMV), never a loop over
+adapters; the base kernel (dense or quantized) is untouched. A fused linear (q, k, v or gate, up) stacks
+its parts' A along the rank and places each part's B in its own rows and rank columns, so the product
+is exactly the parts' deltas side by side. The slots are allocated once, so loading an adapter copies
+into place and the row index is a device tensor: no host sync on the decode path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .weights import head_slot, weight_map
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """The adapter a request runs with: a name (its handle) and the PEFT folder it is read from."""
+
+    name: str
+    path: str
+
+
+class LoRABank:
+    """The adapter slots of one model: per linear module, the stacked A and B, and this forward's
+    `index` [B] (each batch row's slot; None when no row uses an adapter), set by `Transformer.forward`."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
+        param = next(model.parameters())
+        self.config, self.max_loras, self.max_rank = model.config, max_loras, max_rank
+        self.index: Tensor | None = None
+        slots = 1 + max_loras
+        self.parts: dict[str, int] = {}
+        for slot in _linear_slots(model.config):
+            self.parts[slot.module] = self.parts.get(slot.module, 0) + 1
+        self.a: dict[str, Tensor] = {}
+        self.b: dict[str, Tensor] = {}
+        for module, parts in self.parts.items():
+            rows, cols = _shape(model.config, module)
+            on = dict(device=param.device, dtype=param.dtype)
+            self.a[module] = torch.zeros(slots, parts * max_rank, cols, **on)
+            self.b[module] = torch.zeros(slots, rows, parts * max_rank, **on)
+
+    def write(self, slot: int, weights: dict[str, tuple[Tensor, Tensor]], scale: float) -> None:
+        """Fill `slot` with an adapter: canonical weight name -> (A [r, in], B [out, r]); B is scaled here."""
+        if not 1 <= slot <= self.max_loras:
+            raise ValueError(f"LoRA slot {slot} is not in 1..{self.max_loras}")
+        self.clear(slot)
+        slots = _slot_map(self.config)
+        part_of = _part_numbers(self.config)
+        with torch.no_grad():
+            for name, (a, b) in weights.items():
+                s = slots[name]
+                r, lo = a.shape[0], part_of[name] * self.max_rank
+                if r > self.max_rank:
+                    raise ValueError(f"adapter rank r={r} exceeds max_lora_rank={self.max_rank}")
+                self.a[s.module][slot, lo : lo + r] = a
+                self.b[s.module][slot, s.lo : s.hi, lo : lo + r] = b * scale
+
+    def clear(self, slot: int) -> None:
+        with torch.no_grad():
+            for module in self.parts:
+                self.a[module][slot].zero_()
+                self.b[module][slot].zero_()
+
+    def delta(self, module: str, x: Tensor) -> Tensor:
+        """B_s A_s x for each row of x [B, T, in], s = that row's slot: gather, then two bmm."""
+        a = self.a[module][self.index]  # [B, rank, in]
+        b = self.b[module][self.index]  # [B, out, rank]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class LoRALinear(nn.Module):
+    """A linear (any kernel: dense or quantized) plus this forward's LoRA delta of each row."""
+
+    def __init__(self, base: nn.Module, bank: LoRABank, module: str):
+        super().__init__()
+        self.base, self.module = base, module
+        self.__dict__["bank"] = bank  # shared by every wrapper; not a submodule (its tensors are not weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.bank.index is None:
+            return out
+        return out + self.bank.delta(self.module, x.to(out.dtype)).to(out.dtype)
+
+
+def enable_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRABank:
+    """Wrap the model's block linears and head in `LoRALinear`s over one new bank (idempotent)."""
+    if getattr(model, "lora", None) is not None:
+        return model.lora
+    if not isinstance(max_loras, int) or max_loras < 1 or not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_loras and max_lora_rank must be positive integers, got {max_loras!r}, {max_rank!r}")
+    bank = LoRABank(model, max_loras, max_rank)
+    for module in bank.parts:
+        parent_name, _, attr = module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), bank, module))
+    model.lora = bank
+    return bank
+
+
+def _linear_slots(config):
+    """The weight slots an adapter may target: every block linear's part, and the head."""
+    return [s for s in weight_map(config).values() if s.quantizable and s.module != "tok_embeddings"] + (
+        [head_slot(config)] if config.tie_embeddings else [])
+
+
+def _slot_map(config) -> dict:
+    return {s.name: s for s in _linear_slots(config)}
+
+
+def _part_numbers(config) -> dict[str, int]:
+    """canonical name -> its place among its module's parts (q 0, k 1, v 2; gate 0, up 1; others 0)."""
+    seen: dict[str, int] = {}
+    numbers = {}
+    for s in _linear_slots(config):
+        numbers[s.name] = seen.get(s.module, 0)
+        seen[s.module] = numbers[s.name] + 1
+    return numbers
+
+
+def _shape(config, module: str) -> tuple[int, int]:
+    slots = [s for s in _linear_slots(config) if s.module == module]
+    return max(s.hi for s in slots), slots[0].cols
+
+
+def linear_names(config) -> frozenset[str]:
+    """The canonical weight names an adapter can target (the loader refuses any other)."""
+    return frozenset(_slot_map(config))

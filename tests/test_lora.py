@@ -1,0 +1,105 @@
+"""LoRA adapters: PEFT's logits on HF transformers, many adapters in one batch, int8 base weights, and
+the errors for what cannot be run. Every adapter is fresh and random (PEFT starts B at zero)."""
+
+import json
+
+import pytest
+import torch
+
+from checkpoints import hf_logits, hf_model, ours_from_hf, rel_err
+from mistral7b.loading.peft import read_adapter
+from mistral7b.lora import enable_lora
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def peft_adapter(hf, path, r, seed, alpha=16, rslora=False, targets=ALL_LINEARS):
+    """Save a random PEFT LoRA adapter of `hf` to `path`; return the PEFT model (the reference)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0)
+    peft = get_peft_model(copy.deepcopy(hf), config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_A" in name or "lora_B" in name:  # both random and of a size that moves the logits
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    peft.save_pretrained(path)
+    return peft
+
+
+@pytest.fixture(scope="module")
+def base():
+    return hf_model("mistral", n_kv_heads=2, window=8, seed=int(torch.randint(1 << 30, ())))
+
+
+def _tokens(vocab, batch, t):
+    return torch.randint(0, vocab, (batch, t))
+
+
+@pytest.mark.parametrize("r,rslora", [(8, False), (64, False), (64, True)])
+def test_logits_equal_peft(base, tmp_path, r, rslora):
+    peft = peft_adapter(base, tmp_path, r, seed=r, rslora=rslora)
+    ours = ours_from_hf(base)
+    bank = enable_lora(ours, max_loras=2, max_rank=64)
+    adapter = read_adapter(tmp_path, ours.config)
+    bank.write(1, adapter.weights, adapter.scale)
+    tokens = _tokens(base.config.vocab_size, 2, 20)
+    with torch.no_grad():
+        got = ours(tokens, adapters=torch.ones(2, dtype=torch.long))
+        plain = ours(tokens)
+    want = hf_logits(peft, tokens)
+    assert rel_err(plain, hf_logits(base, tokens)) < 1e-5  # slot 0 / no adapters: the base model
+    assert rel_err(plain, want) > 1e-2  # the adapter really changes the logits
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_batch_mixes_slots_row_by_row(base, tmp_path):
+    """Rows with slots 2, 0, 1 in one forward equal each row run alone with its slot."""
+    ours = ours_from_hf(base)
+    bank = enable_lora(ours, max_loras=3, max_rank=16)
+    for slot, r in ((1, 8), (2, 16)):
+        peft_adapter(base, tmp_path / str(slot), r, seed=slot, targets=["q_proj", "v_proj", "down_proj"])
+        adapter = read_adapter(tmp_path / str(slot), ours.config)
+        bank.write(slot, adapter.weights, adapter.scale)
+    tokens = _tokens(base.config.vocab_size, 3, 12)
+    slots = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        together = ours(tokens, adapters=slots)
+        for i in range(3):
+            alone = ours(tokens[i : i + 1], adapters=slots[i : i + 1])
+            assert (together[i] - alone[0]).abs().max().item() < 1e-5
+
+
+def _write_config(path, **fields):
+    c = json.loads((path / "adapter_config.json").read_text())
+    c.update(fields)
+    (path / "adapter_config.json").write_text(json.dumps(c))
+
+
+@pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"), ("peft_type", "IA3"),
+                                         ("modules_to_save", ["lm_head"]), ("rank_pattern", {"q_proj": 4})])
+def test_unsupported_configs_are_refused_naming_the_field(base, tmp_path, field, value):
+    peft_adapter(base, tmp_path, 4, seed=0, targets=["q_proj"])
+    _write_config(tmp_path, **{field: value})
+    ours = ours_from_hf(base)
+    with pytest.raises(ValueError, match=field if field != "use_dora" else "DoRA") as e:
+        read_adapter(tmp_path, ours.config)
+    assert "\n" not in str(e.value)
+
+
+def test_embedding_adapter_is_refused(base, tmp_path):
+    peft_adapter(base, tmp_path, 4, seed=0, targets=["embed_tokens"])
+    with pytest.raises(ValueError, match="embed_tokens.*not a LoRA weight of a linear"):
+        read_adapter(tmp_path, ours_from_hf(base).config)
+
+
+def test_rank_above_the_bank_is_refused(base, tmp_path):
+    peft_adapter(base, tmp_path, 32, seed=0, targets=["q_proj"])
+    ours = ours_from_hf(base)
+    bank = enable_lora(ours, max_loras=1, max_rank=16)
+    adapter = read_adapter(tmp_path, ours.config)
+    with pytest.raises(ValueError, match="r=32 exceeds max_lora_rank=16"):
+        bank.write(1, adapter.weights, adapter.scale)
