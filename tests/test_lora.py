@@ -103,3 +103,45 @@ def test_rank_above_the_bank_is_refused(base, tmp_path):
     adapter = read_adapter(tmp_path, ours.config)
     with pytest.raises(ValueError, match="r=32 exceeds max_lora_rank=16"):
         bank.write(1, adapter.weights, adapter.scale)
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A saved random base, four saved adapters (ranks 4 to 16, different targets) and their PEFT models."""
+    root = tmp_path_factory.mktemp("lora")
+    hf = hf_model("mistral", n_kv_heads=2, window=8, seed=int(torch.randint(1 << 30, ())))
+    hf.save_pretrained(root / "base")
+    targets = [ALL_LINEARS, ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj", "o_proj"], ["k_proj", "lm_head"]]
+    pefts = {}
+    for i, (r, t) in enumerate(zip((8, 16, 4, 12), targets)):
+        pefts[f"a{i}"] = peft_adapter(hf, root / f"a{i}", r, seed=100 + i, targets=t)
+    return root, hf, pefts
+
+
+def _peft_greedy(peft, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(hf_logits(peft, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_batch_of_four_adapters_and_none_equals_each_alone(served):
+    from mistral7b import LLM, LoRARequest, SamplingParams
+
+    root, hf, pefts = served
+    llm = LLM(str(root / "base"), device="cpu", max_batch=3, max_loras=4)  # 5 prompts, 3 rows: rows are reused
+    loras = [LoRARequest(f"a{i}", str(root / f"a{i}")) for i in range(4)] + [None]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 3, 17, 8)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
+    together = llm.generate(prompts, params, lora=loras)
+    for prompt, lora, out in zip(prompts, loras, together):
+        alone = llm.generate([prompt], params, lora=lora)[0]
+        assert out.token_ids == alone.token_ids
+        assert [lp.logprob for lp in out.logprobs] == pytest.approx([lp.logprob for lp in alone.logprobs], abs=1e-5)
+    assert together[0].token_ids == _peft_greedy(pefts["a0"], prompts[0], 8)  # and PEFT's own greedy tokens
+    assert together[4].token_ids == _peft_greedy(hf, prompts[4], 8)
+    assert len({tuple(o.token_ids) for o in together[:4]}) > 1  # the adapters really differ

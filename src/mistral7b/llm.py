@@ -10,6 +10,7 @@ import torch
 
 from .engine import Engine, EngineConfig, Request, TokenLogprob
 from .loading import load_model
+from .lora import LoRARequest
 from .quant.config import resolve as resolve_quantize
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, check_roles, with_safe_prompt
@@ -115,24 +116,22 @@ class LLM:
             messages = with_safe_prompt(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 lora: LoRARequest | list[LoRARequest | None] | None = None) -> list[CompletionOutput]:
         """One output per prompt; ragged prompts run together as one continuously batched workload.
-        `params` is one SamplingParams for all prompts or a list of one per prompt."""
+        `params` is one SamplingParams for all prompts or a list of one per prompt; `lora` likewise one
+        LoRARequest (a PEFT adapter, loaded on first use) or a list of one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode_prompt(p) for p in prompts]
-        if isinstance(params, (list, tuple)):
-            if len(params) != len(encoded):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(encoded)} prompts")
-            per_prompt = list(params)
-        else:
-            per_prompt = [params or SamplingParams()] * len(encoded)
+        per_prompt = _per_prompt(SamplingParams() if params is None else params, len(encoded), "SamplingParams")
+        adapters = _per_prompt(lora, len(encoded), "LoRARequests")
         for ids, p in zip(encoded, per_prompt):  # reject the whole call before any work starts
             self.engine.validate(ids, p)
         requests = []
         try:
-            for ids, p in zip(encoded, per_prompt):
-                requests.append(self.engine.add(ids, p))
+            for ids, p, adapter in zip(encoded, per_prompt, adapters):
+                requests.append(self.engine.add(ids, p, lora=adapter))
             while not all(r.finished for r in requests):
                 self.engine.step()
         finally:
@@ -163,6 +162,15 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, safe_prompt: bool = False) -> CompletionOutput:
         return self.generate([self.chat_prompt(messages, safe_prompt)], params)[0]
+
+
+def _per_prompt(value, n: int, what: str) -> list:
+    """One value per prompt: a list of n as given, or one value repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} {what} for {n} prompts")
+        return list(value)
+    return [value] * n
 
 
 def _tokenizer_path(source) -> Path:

@@ -25,10 +25,16 @@ class EngineConfig:
     # Each prompt is cut into prefill chunks by its own length alone, never by what else runs, so that a
     # request's answer does not depend on its batch; None: on the CPU (a GPU keeps the denser packing).
     batch_invariant: bool | None = None
+    max_loras: int = 4  # LoRA adapters loaded at once (engine/adapters.py); their slots are made on the first load
+    max_lora_rank: int = 16  # the largest adapter rank those slots hold
 
     def __post_init__(self):
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("chunk_size", "prefill_budget", "max_seq_len", "decode_steps"):  # 0 means the default, as None
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):

@@ -20,6 +20,7 @@ import torch
 from ..model import Transformer
 from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from ..sampling import SamplingParams
+from .adapters import AdapterRegistry
 from .config import EngineConfig
 from .constraints import ConstraintManager
 from .output import OutputProcessor
@@ -50,6 +51,7 @@ class Engine:
         # Mutable between steps (benchmarks and tests switch them): several decode steps back to back,
         # and pipelined decode, which launches the next group of steps before reading the last one's tokens.
         self.decode_steps, self.pipeline = s.decode_steps, s.pipeline
+        self.adapters = AdapterRegistry(model, s.max_loras, s.max_lora_rank, self._slots_in_use)
         self._ids = itertools.count()
         self._inflight: DecodeGroup | None = None
         self._warmed = False
@@ -66,13 +68,38 @@ class Engine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_ids, params, self.config.vocab_size, self.cache.max_positions, self.constraints)
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, lora=None) -> Request:
+        """Queue a request; `lora` (a lora.LoRARequest, loaded on first use, or a loaded adapter's name)
+        runs it with that adapter."""
         self.validate(prompt_ids, params)
-        request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}")
+        slot = self.adapters.slot(self._check_lora(lora))
+        request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}", lora_slot=slot)
         self.constraints.prepare(request)
         self.output.prepare(request)
         self.scheduler.add(request)
         return request
+
+    def load_lora(self, name: str, path) -> None:
+        """Load the PEFT adapter at `path` under `name` (see engine/adapters.py)."""
+        self.adapters.load(name, self._check_lora(path))
+
+    def unload_lora(self, name: str) -> None:
+        self.adapters.unload(name)
+
+    def _check_lora(self, lora):
+        """`lora` as given, or a ValueError naming the setting that adapters cannot run with yet."""
+        if lora is None:
+            return None
+        for setting, on in (("compile", self.compiled), ("prefix_cache_gib", self.prefix is not None),
+                            ("tensor_parallel_size", hasattr(self.model, "new_cache"))):
+            if on:
+                raise ValueError(f"LoRA adapters cannot run with {setting} yet")
+        return lora
+
+    def _slots_in_use(self) -> set[int]:
+        with self.scheduler.lock:
+            requests = [*self.scheduler.rows, *self.scheduler.waiting]
+        return {r.lora_slot for r in requests if r is not None and not r.finished}
 
     def abort(self, request: Request) -> None:
         """Drop a request wherever it is. Safe from any thread: a running request's cache row is

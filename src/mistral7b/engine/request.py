@@ -27,6 +27,7 @@ class Request:
     # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
     row: int | None = None
+    lora_slot: int = 0  # the LoRA adapter's slot in the model's bank (engine/adapters.py); 0: the base model
     n_prefilled: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

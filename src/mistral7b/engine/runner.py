@@ -72,6 +72,8 @@ class ModelRunner:
         spare = {"spare_slots": spare_slots} if spare_slots else {}
         self.cache = new_cache(model.config, max_batch, self.device, self.dtype, max_seq_len, **spare)
         self.sampler = SamplerBatch(max_batch, model.config.vocab_size, self.device)
+        # Each cache row's LoRA slot, on the device: a forward gathers its rows' slots without a host sync.
+        self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.compiled = compile
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
 
@@ -94,6 +96,7 @@ class ModelRunner:
         """Give `request` its row: an empty cache row and the row's sampling parameters."""
         self.cache.reset(slice(request.row, request.row + 1))
         self.sampler.assign(request.row, request.params, request.prompt_ids)
+        self.row_slots[request.row] = request.lora_slot
 
     def prefill(self, chunk: PrefillChunk) -> torch.Tensor:
         """Run one prefill forward; the logits [B, vocab] of each request's last token in it. A request
@@ -103,7 +106,8 @@ class ModelRunner:
         positions = torch.arange(start, start + n, device=self.device).expand(len(group), n)
         rows = self.rows([r.row for r in group])
         every = any(r.params.prompt_logprobs is not None for r in group)
-        logits = self.model(tokens, positions, self.cache, rows=rows, kv_len=start + n, last_only=not every)
+        logits = self.model(tokens, positions, self.cache, rows=rows, kv_len=start + n, last_only=not every,
+                            **self.adapters(group, rows))
         if every:
             for i, r in enumerate(group):
                 if r.params.prompt_logprobs is not None:
@@ -135,9 +139,10 @@ class ModelRunner:
         rows = [r.row for r in decoding]
         greedy = all(r.params.greedy for r in decoding)
         index = self.to_device(rows)
+        adapters = self.adapters(decoding, slice(0, width))
         chosen, logprobs = [], []
         for _ in range(steps):
-            logits = self.decode_fn(tokens_t, positions_t, kv_len)[index, -1]
+            logits = self.decode_fn(tokens_t, positions_t, kv_len, **adapters)[index, -1]
             mask = bitmask() if bitmask is not None else None  # host work while the device runs the forward
             step_tokens = sample(logits, self.sampler, rows, index, greedy, bitmask=mask)
             chosen.append(step_tokens)
@@ -165,7 +170,8 @@ class ModelRunner:
         n = len(requests)
         tokens_t, positions_t = self.to_device(tokens).view(n, width), self.to_device(positions).view(n, width)
         kv_len = max(r.position for r in requests) + width
-        return self.model(tokens_t, positions_t, self.cache, rows=self.rows([r.row for r in requests]), kv_len=kv_len)
+        rows = self.rows([r.row for r in requests])
+        return self.model(tokens_t, positions_t, self.cache, rows=rows, kv_len=kv_len, **self.adapters(requests, rows))
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)
@@ -173,6 +179,13 @@ class ModelRunner:
     def rows(self, rows: list[int]) -> slice | torch.Tensor:
         """Cache rows as a slice when they are consecutive (a view), else as an index tensor."""
         return slice_or_index(rows, self.device)
+
+    def adapters(self, requests: list[Request], rows: slice | torch.Tensor) -> dict:
+        """The forward's `adapters` argument: the slots of cache rows `rows`, or nothing when none of
+        `requests` runs an adapter (the base model alone, no delta computed)."""
+        if not any(r.lora_slot for r in requests):
+            return {}
+        return {"adapters": self.row_slots[rows]}
 
     def kv_len(self, needed: int) -> int:
         """Compiled graphs are recorded per kv_len, so round it up to the next of 256, 384, 512, 768,
@@ -184,8 +197,8 @@ class ModelRunner:
             bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
         return min(bucket, max(layer.size for layer in self.cache.layers))
 
-    def eager_decode(self, tokens, positions, kv_len):
-        return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
+    def eager_decode(self, tokens, positions, kv_len, **adapters):
+        return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len, **adapters)
 
     @staticmethod
     def logprobs(requests, logits, tokens):
