@@ -203,3 +203,53 @@ def test_int8_base_equals_dequantized_base_plus_adapter(served):
     print(f"int8 vs dequantized twin: {rel_err(got, want):.2e} with the adapter; the adapter moves {moved:.2e}")
     assert rel_err(got, want) < 1e-2
     assert moved > 0.1
+
+
+# ------------------------------------------------------------------------------------------ the server
+
+
+def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
+    """`model: <adapter>` answers as LLM.generate(..., lora=...); /v1/models lists adapters; load and
+    unload work at run time; an unknown adapter is a 404 naming it."""
+    import httpx
+
+    from mistral7b import LLM, LoRARequest, SamplingParams
+    from mistral7b.server import ServerThread, build_app
+
+    root, hf, _ = served
+    llm = LLM(str(root / "base"), device="cpu", max_batch=4, max_loras=2)
+    prompt = torch.randint(0, hf.config.vocab_size, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
+    want = {name: llm.generate([prompt], params, lora=LoRARequest(name, str(root / name)))[0] for name in ("a1", "a2")}
+    want["base"] = llm.generate([prompt], params)[0]
+    llm.engine.unload_lora("a1")
+    llm.engine.unload_lora("a2")
+    with ServerThread(build_app(llm, "base"), log_level="warning") as server, httpx.Client(base_url=server.url) as http:
+        def complete(model):
+            return http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 6,
+                                                      "temperature": 0, "logprobs": 1, "ignore_eos": True})
+
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["base"]
+        r = complete("a1")
+        assert r.status_code == 404 and "'a1' does not exist" in r.json()["error"]["message"]
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1")})
+        assert r.status_code == 200, r.text
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "a2", "lora_path": str(root / "a2")}).status_code == 200
+        models = http.get("/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [("base", None), ("a1", "base"), ("a2", "base")]
+        for name in ("a1", "a2", "base"):
+            r = complete(name)
+            assert r.status_code == 200, r.text
+            logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+            assert logprobs == pytest.approx([lp.logprob for lp in want[name].logprobs], abs=1e-5)
+        assert want["a1"].token_ids != want["a2"].token_ids or want["a1"].logprobs != want["a2"].logprobs
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1")})
+        assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(root / "nowhere")})
+        assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a1"}).status_code == 200
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "a1"})
+        assert r.status_code == 404 and "'a1'" in r.json()["error"]["message"]
+        r = complete("a1")
+        assert r.status_code == 404 and "'a1' does not exist" in r.json()["error"]["message"]
+        assert "'a2'" in r.json()["error"]["message"]  # the 404 names what is served

@@ -72,8 +72,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                            "are open (then as if it died); 0: never")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
+    p.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=PATH",
+                   help="PEFT LoRA adapters to load at start, each served as model NAME (needs --engine-in-process)")
+    p.add_argument("--max-loras", type=positive_int, default=4, help="LoRA adapters loaded at once")
+    p.add_argument("--max-lora-rank", type=positive_int, default=16, help="the largest LoRA rank that can be loaded")
     add_quantize_options(p)
     add_speculative_options(p)
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def non_negative_float(text: str) -> float:
@@ -104,9 +115,28 @@ def _seconds(text: str, ok, expected: str) -> float:
     return value
 
 
+def check_lora_options(args) -> None:
+    """--lora-modules with settings that adapters cannot run with yet: one line, before anything loads."""
+    if not args.lora_modules:
+        return
+    if not args.engine_in_process:
+        raise CLIError("--lora-modules needs --engine-in-process (the engine process does not load LoRA adapters yet)")
+    for flag, on in (("--compile", args.compile), ("--prefix-cache-gib", args.prefix_cache_gib)):
+        if on:
+            raise CLIError(f"--lora-modules cannot be combined with {flag} yet")
+
+
+def load_lora_modules(llm, modules: list[tuple[str, str]]) -> None:
+    for name, path in modules:
+        try:
+            llm.engine.load_lora(name, path)
+        except ValueError as e:
+            raise CLIError(f"--lora-modules {name}={path}: {e}") from None
+
+
 def prefix_cache_gib(args) -> float:
-    """--no-prefix-cache: 0; --prefix-cache-gib: as given; else the default for the device."""
-    if args.no_prefix_cache:
+    """--no-prefix-cache or --lora-modules: 0; --prefix-cache-gib: as given; else the default for the device."""
+    if args.no_prefix_cache or args.lora_modules:
         return 0.0
     if args.prefix_cache_gib is not None:
         return args.prefix_cache_gib
@@ -124,11 +154,14 @@ def run(args) -> int:
     except ImportError as e:
         raise CLIError(f"the HTTP server is not available ({e}); install the server dependencies "
                        "with `pip install fastapi uvicorn`") from None
+    check_lora_options(args)
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
-                                 prefix_cache_gib=prefix_cache_gib(args), speculative=speculative_of(args))
+                                 prefix_cache_gib=prefix_cache_gib(args), speculative=speculative_of(args),
+                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails in a moment
     try:
         llm = load_llm(args, engine_config) if args.engine_in_process else remote_llm(args, engine_config)
+        load_lora_modules(llm, args.lora_modules)
     except BaseException:
         sock.close()
         raise

@@ -1,7 +1,8 @@
 """The app: `build_app(llm, ...)` with its routes and middleware, `serve()` under uvicorn, and
 `ServerThread` for tests and benchmarks (after vLLM's `api_server.py`).
 
-Routes: `GET /v1/models` and `/v1/models/{id}`, `POST /v1/completions`, `POST /v1/chat/completions`
+Routes: `GET /v1/models` and `/v1/models/{id}`, `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`
+(serving_models), `POST /v1/completions`, `POST /v1/chat/completions`
 (JSON, or Server-Sent Events ending with `data: [DONE]`), `POST /tokenize`, `/detokenize`, `GET /health`,
 `GET /metrics` (Prometheus). A bounded wait queue (429 + Retry-After), bearer auth on /v1/*
 (`hmac.compare_digest`) and a body size limit (413) guard it; `connections` adds header, body and
@@ -27,11 +28,12 @@ from .driver import driver_for
 from .errors import ERROR_RESPONSES, APIError, BodyTooLarge, install_error_handlers, send_error
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeChatRequest,
+                       DetokenizeRequest, DetokenizeResponse, HealthResponse, TokenizeChatRequest,
                        TokenizeCompletionRequest, TokenizeResponse)
 from .serving import Admission
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
+from .serving_models import ServedModels, add_model_routes
 from .serving_tokenization import OpenAIServingTokenization
 from .settings import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
                        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT, DEFAULT_MAX_QUEUE,
@@ -133,18 +135,6 @@ def default_model_name(llm) -> str:
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
-MODEL_NAME_SHOWN = 100  # characters of an unknown model's name quoted back in the 404
-
-
-def check_model(asked: str, served: str) -> None:
-    """A 404 in OpenAI's shape unless `asked` is the served model; a long name is quoted cut short (a
-    client can send megabytes of it)."""
-    if asked != served:
-        shown = asked if len(asked) <= MODEL_NAME_SHOWN else f"{asked[:MODEL_NAME_SHOWN]}... ({len(asked)} characters)"
-        raise APIError(404, f"The model '{shown}' does not exist; this server serves '{served}'.", param="model",
-                       code="model_not_found")
-
-
 def _generation_responses(model) -> dict:
     # Before OpenAPI 3.2 an event stream's `schema` describes one event (schemathesis reads it so).
     event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
@@ -168,9 +158,10 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     model_name = model_name or default_model_name(llm)
     admission = Admission(engine, max_queue, driver=driver)
     metrics.watch(engine, driver, lambda: admission.pending)
-    serving = (llm, driver, metrics, admission, model_name)
+    models = ServedModels(engine, model_name)
+    serving = (llm, driver, metrics, admission, models)
     completion, chat = OpenAIServingCompletion(*serving), OpenAIServingChat(*serving)
-    tokenization = OpenAIServingTokenization(llm, model_name, lambda: completion.context)
+    tokenization = OpenAIServingTokenization(llm, models, lambda: completion.context)
     app = FastAPI(title="mistral7b", version="0.1.0", description=APP_DESCRIPTION)
     app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
     app.state.drain = drain
@@ -178,18 +169,16 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
                        unavailable_code=lambda: _unavailable_code(drain))
     install_error_handlers(app)
     _add_probes(app, engine, admission, metrics, unavailable, drain)
-    _add_model_routes(app, model_name, lambda: completion.limit)
+    add_model_routes(app, models, lambda: completion.limit)
 
     @app.post("/v1/completions", summary="Create a completion", response_model=CompletionResponse,
               responses=_generation_responses(CompletionResponse))
     async def create_completion(body: CompletionRequest, request: Request):
-        check_model(body.model, model_name)
         return await completion.create(body, request)
 
     @app.post("/v1/chat/completions", summary="Create a chat completion", response_model=ChatCompletionResponse,
               responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        check_model(body.model, model_name)
         return await chat.create(body, request)
 
     @app.post("/tokenize", summary="Token ids of a prompt or a conversation", response_model=TokenizeResponse,
@@ -221,24 +210,6 @@ def _add_probes(app: FastAPI, engine, admission: Admission, metrics: Metrics, un
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-def _add_model_routes(app: FastAPI, model_name: str, limit: Callable[[], int | None]) -> None:
-    """GET /v1/models and GET /v1/models/{id}, OpenAI's list and retrieve."""
-    created_at = int(time.time())
-
-    def card() -> ModelCard:
-        return ModelCard(id=model_name, created=created_at, max_model_len=limit())
-
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-    async def list_models():
-        return ModelList(data=[card()])
-
-    @app.get("/v1/models/{model:path}", summary="Retrieve a model", response_model=ModelCard,
-             responses=ERROR_RESPONSES)
-    async def retrieve_model(model: str):
-        check_model(model, model_name)
-        return card()
 
 
 def openapi_with_limits(app: FastAPI, context: int, vocab_size: int) -> dict:

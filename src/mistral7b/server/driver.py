@@ -72,12 +72,12 @@ class EngineDriver:
         self.warmed.wait()
         return self
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sub: _Subscriber):
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sub: _Subscriber, lora=None):
         self.start()
         with self._lock:
             self.subscribers[request_id] = sub
         try:
-            request = self.engine.add(prompt_ids, params, request_id)
+            request = self.engine.add(prompt_ids, params, request_id, lora=lora)
         except BaseException:
             with self._lock:
                 self.subscribers.pop(request_id, None)

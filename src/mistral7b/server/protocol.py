@@ -254,6 +254,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "mistral7b"
     max_model_len: int | None = None
+    root: str | None = None  # a LoRA adapter's folder (vLLM's field)
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

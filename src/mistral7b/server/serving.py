@@ -79,9 +79,10 @@ class OpenAIServing:
     default_max_tokens: int | None = None  # None: the rest of the context
     prompt_param = "prompt"
 
-    def __init__(self, llm, driver, metrics, admission: Admission, model_name: str):
+    def __init__(self, llm, driver, metrics, admission: Admission, models):
+        """`models`: the served names, the base model's and its LoRA adapters' (serving_models)."""
         self.llm, self.driver, self.metrics, self.admission = llm, driver, metrics, admission
-        self.model_name = model_name
+        self.models, self.model_name = models, models.base
         self.engine = llm.engine
         self.tokenizer = getattr(llm, "tokenizer", None)
         self._token_texts: dict[int, str] = {}
@@ -98,9 +99,7 @@ class OpenAIServing:
     # -- checks ----------------------------------------------------------------------------------
 
     def check_request(self, body: SamplingRequest) -> None:
-        if body.model != self.model_name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
-                           param="model", code="model_not_found")
+        self.models.resolve(body.model)
         vocab = self.engine.config.vocab_size
         for name, value, bound in (("max_tokens", body.max_tokens, self.context),
                                    ("max_completion_tokens", body.max_completion_tokens, self.context),
@@ -149,7 +148,8 @@ class OpenAIServing:
             prompt_ids = await self._encode(encode)
             plan = [(i * body.n + j, ids, self._validated(body, ids, j))
                     for i, ids in enumerate(prompt_ids) for j in range(body.n)]
-            return self._submit(prompt_ids, plan, f"{self.id_prefix}{uuid.uuid4().hex}")
+            lora = self.models.resolve(body.model)
+            return self._submit(prompt_ids, plan, f"{self.id_prefix}{uuid.uuid4().hex}", lora)
         finally:
             admission.pending -= n_seqs
 
@@ -171,16 +171,19 @@ class OpenAIServing:
             raise APIError(400, str(e), param=self.prompt_param, code=code) from None
         return params
 
-    def _submit(self, prompt_ids, plan, rid: str) -> Submission:
+    def _submit(self, prompt_ids, plan, rid: str, lora: str | None = None) -> Submission:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         submitted = []
         try:
             for index, ids, params in plan:
                 sub = _Subscriber(loop, queue, index, self.metrics)
-                submitted.append(self.driver.submit(ids, params, f"{rid}-{index}", sub))
-        except BaseException:
+                adapter = {"lora": lora} if lora is not None else {}  # an engine process takes no adapters
+                submitted.append(self.driver.submit(ids, params, f"{rid}-{index}", sub, **adapter))
+        except BaseException as e:
             for r in submitted:
                 self.driver.abort(r)
+            if isinstance(e, LookupError):  # the adapter was unloaded since the request named it
+                raise APIError(404, str(e), param="model", code="model_not_found") from None
             raise
         return Submission(rid, prompt_ids, submitted, queue)
 

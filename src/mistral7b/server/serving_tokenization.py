@@ -14,9 +14,10 @@ from .protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatReques
 
 
 class OpenAIServingTokenization:
-    def __init__(self, llm, model_name: str, max_model_len):
-        """`max_model_len()` gives the context (read when asked, as the engine's vocabulary size)."""
-        self.llm, self.model_name, self._max_model_len = llm, model_name, max_model_len
+    def __init__(self, llm, models, max_model_len):
+        """`models`: the served names (serving_models.ServedModels); `max_model_len()` gives the context
+        (read when asked, as the engine's vocabulary size)."""
+        self.llm, self.models, self._max_model_len = llm, models, max_model_len
         self.tokenizer = getattr(llm, "tokenizer", None)
 
     @property
@@ -28,9 +29,8 @@ class OpenAIServingTokenization:
         return self.llm.engine.config.vocab_size
 
     def _check(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
-                           param="model", code="model_not_found")
+        if model is not None:
+            self.models.resolve(model)  # an adapter shares the base model's tokenizer
         if self.tokenizer is None:
             raise APIError(400, "this checkpoint has no tokenizer")
 
