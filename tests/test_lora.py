@@ -253,3 +253,39 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
         r = complete("a1")
         assert r.status_code == 404 and "'a1' does not exist" in r.json()["error"]["message"]
         assert "'a2'" in r.json()["error"]["message"]  # the 404 names what is served
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "--lora-modules needs --engine-in-process"),
+    (["--engine-in-process", "--compile"], "cannot be combined with --compile"),
+    (["--engine-in-process", "--prefix-cache-gib", "1"], "cannot be combined with --prefix-cache-gib"),
+])
+def test_serve_refuses_lora_modules_it_cannot_run_in_one_line(capsys, extra, message):
+    from mistral7b import cli
+
+    assert cli.main(["serve", "--lora-modules", "a=/nowhere", "--port", "0", *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_unloading_keeps_the_slot_until_its_requests_finish(served):
+    """An adapter unloaded while a request runs with it: the name goes at once, the slot (and the
+    request's answer) stays until that request finishes, then a new adapter may take it."""
+    from mistral7b import LLM, LoRARequest, SamplingParams
+
+    root, hf, _ = served
+    llm = LLM(str(root / "base"), device="cpu", max_batch=2, max_loras=1)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
+    prompt = [1, 2, 3, 4, 5]
+    want = llm.generate([prompt], params, lora=LoRARequest("a0", str(root / "a0")))[0]
+    request = llm.engine.add(prompt, params, lora="a0")
+    llm.engine.step()
+    llm.engine.unload_lora("a0")
+    with pytest.raises(ValueError, match="all 1 LoRA slots are in use"):
+        llm.engine.load_lora("a1", root / "a1")
+    while not request.finished:
+        llm.engine.step()
+    assert request.output_ids == want.token_ids
+    llm.engine.load_lora("a1", root / "a1")
+    with pytest.raises(LookupError, match="'a0' is not loaded"):
+        llm.engine.add(prompt, params, lora="a0")
