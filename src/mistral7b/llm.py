@@ -58,7 +58,9 @@ class LLM:
         `tensor_parallel_size=N` splits the model over N processes (GPUs, or gloo on CPU) with
         mistral7b.parallel; N divides the KV heads.
         `speculative=SpeculativeConfig(method="ngram"|"draft"|"self-int4", num_tokens=k, draft=SRC)` turns
-        on speculative decoding (engine/speculative.py): same output distribution, more tokens per forward."""
+        on speculative decoding (engine/speculative.py): same output distribution, more tokens per forward.
+        `max_loras` and `max_lora_rank` size the LoRA adapter slots (made when `generate(..., lora=...)` or
+        `engine.load_lora` first loads one)."""
         engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
         if source is None:
             from .default_model import default_model_path
