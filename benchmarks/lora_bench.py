@@ -1,0 +1,99 @@
+"""LoRA: what the batched adapter delta costs per decode step, on the model and KVCache directly.
+
+Random weights at a preset's shape (speed does not depend on the values). Each batch size is timed
+three ways: the base model (no adapters), every row on one of `--adapters` adapters of rank `--rank` on
+all linears (head included), and the same with half the rows on the base model (slot 0). Eager, no
+CUDA graphs: the delta's gathers and bmm add kernel launches, which graphs would hide.
+
+H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64
+CPU:  python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from mistral7b.cache import KVCache
+from mistral7b.config import ModelConfig, preset
+from mistral7b.lora import _linear_slots, enable_lora
+from mistral7b.model import Transformer
+
+TINY = ModelConfig(dim=512, n_layers=4, head_dim=64, hidden_dim=1536, n_heads=8, n_kv_heads=2, vocab_size=32000,
+                   sliding_window=None, max_seq_len=4096, name="tiny")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mistral-7b-v0.1", help="a mistral7b preset or tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--adapters", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--context", type=int, default=512, help="position of the decoded token")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def build(args):
+    config = TINY if args.preset == "tiny" else preset(args.preset)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = Transformer(config).to(dtype).eval()
+    bank = enable_lora(model, args.adapters, args.rank)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for slot in range(1, args.adapters + 1):  # random adapters: speed does not depend on the values
+        weights = {s.name: (torch.randn(args.rank, s.cols, generator=g) * 0.01,
+                            torch.randn(s.hi - s.lo, args.rank, generator=g) * 0.01) for s in _linear_slots(config)}
+        bank.write(slot, weights, 1.0)
+    return model, config, dtype
+
+
+def time_decode(model, cache, batch, context, adapters, steps, device) -> float:
+    tokens = torch.ones(batch, 1, dtype=torch.long, device=device)
+    positions = torch.full((batch, 1), context, device=device)
+    kw = {} if adapters is None else {"adapters": adapters}
+
+    def step():
+        model(tokens, positions, cache, rows=slice(0, batch), kv_len=context + 1, **kw)
+
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    model, config, dtype = build(args)
+    rows = []
+    for batch in args.batch:
+        cache = KVCache(config, batch, torch.device(args.device), dtype, args.context + 8)
+        every = (torch.arange(batch) % args.adapters + 1).to(args.device)
+        half = torch.where(torch.arange(batch, device=args.device) % 2 == 0, every, 0)
+        times = {name: time_decode(model, cache, batch, args.context, a, args.steps, args.device)
+                 for name, a in (("base", None), ("all rows", every), ("half rows", half))}
+        rows.append({"batch": batch, **{k: round(v, 3) for k, v in times.items()}})
+        print(f"batch {batch:3d}: base {times['base']:.2f} ms, {args.adapters} adapters r{args.rank} on every row "
+              f"{times['all rows']:.2f} ms (x{times['all rows'] / times['base']:.2f}), "
+              f"on half the rows {times['half rows']:.2f} ms", flush=True)
+        del cache
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": config.name, "device": args.device, "rank": args.rank,
+                       "adapters": args.adapters, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
