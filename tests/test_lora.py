@@ -289,3 +289,20 @@ def test_unloading_keeps_the_slot_until_its_requests_finish(served):
     llm.engine.load_lora("a1", root / "a1")
     with pytest.raises(LookupError, match="'a0' is not loaded"):
         llm.engine.add(prompt, params, lora="a0")
+
+
+def test_an_engine_in_its_own_process_refuses_adapters_in_one_line():
+    """`serve` without --engine-in-process: the base model is served, and a load is a clear 400."""
+    import asyncio
+
+    from mistral7b.server.errors import APIError
+    from mistral7b.server.serving_models import LoadLoRAAdapterRequest, ServedModels
+
+    models = ServedModels(object(), "base")  # a RemoteLLM's engine stand-in: no adapter registry
+    assert models.resolve("base") is None and [c.id for c in models.cards(0, None)] == ["base"]
+    with pytest.raises(APIError) as e:
+        asyncio.run(models.load(LoadLoRAAdapterRequest(lora_name="a", lora_path="/nowhere")))
+    assert e.value.status == 400 and "--engine-in-process" in e.value.message
+    with pytest.raises(APIError) as e:
+        models.resolve("a")
+    assert e.value.status == 404 and "'a' does not exist" in e.value.message
