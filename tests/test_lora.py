@@ -306,3 +306,16 @@ def test_an_engine_in_its_own_process_refuses_adapters_in_one_line():
     with pytest.raises(APIError) as e:
         models.resolve("a")
     assert e.value.status == 404 and "'a' does not exist" in e.value.message
+
+
+def test_speculative_verify_runs_with_the_adapter(served):
+    """n-gram drafts are verified by the adapter's forward: greedy tokens equal plain decoding's."""
+    from mistral7b import LLM, LoRARequest, SamplingParams, SpeculativeConfig
+
+    root, _, _ = served
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 8, 9, 8, 9, 8]]
+    loras = [LoRARequest("a0", str(root / "a0")), LoRARequest("a2", str(root / "a2"))]
+    plain = LLM(str(root / "base"), device="cpu", max_batch=2).generate(prompts, params, lora=loras)
+    spec = LLM(str(root / "base"), device="cpu", max_batch=2, speculative=SpeculativeConfig("ngram", 3))
+    assert [o.token_ids for o in spec.generate(prompts, params, lora=loras)] == [o.token_ids for o in plain]

@@ -24,7 +24,7 @@ class AdapterRegistry:
         self.model, self.max_loras, self.max_rank, self.in_use = model, max_loras, max_rank, in_use
         self.slots: dict[str, int] = {}
         self.paths: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # Engine.add holds it from looking a slot up until the request is queued
 
     def load(self, name: str, path: str | Path) -> int:
         """Read the PEFT adapter at `path` into a free slot under `name`; its slot. A ValueError if the
@@ -33,7 +33,7 @@ class AdapterRegistry:
 
         if not isinstance(name, str) or not name:
             raise ValueError("an adapter needs a non-empty name")
-        with self._lock:
+        with self.lock:
             if name in self.slots:
                 raise ValueError(f"adapter {name!r} is already loaded")
             adapter = read_adapter(path, self.model.config)
@@ -44,7 +44,7 @@ class AdapterRegistry:
             return slot
 
     def unload(self, name: str) -> None:
-        with self._lock:
+        with self.lock:
             if name not in self.slots:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded")
             del self.slots[name], self.paths[name]
@@ -54,7 +54,7 @@ class AdapterRegistry:
         if lora is None:
             return 0
         name = lora if isinstance(lora, str) else lora.name
-        with self._lock:
+        with self.lock:
             if name in self.slots:
                 return self.slots[name]
         if isinstance(lora, LoRARequest):
@@ -68,7 +68,7 @@ class AdapterRegistry:
 
     def names(self) -> dict[str, str]:
         """name -> path of every adapter loaded."""
-        with self._lock:
+        with self.lock:
             return dict(self.paths)
 
     def _free_slot(self) -> int:

@@ -72,11 +72,13 @@ class Engine:
         """Queue a request; `lora` (a lora.LoRARequest, loaded on first use, or a loaded adapter's name)
         runs it with that adapter."""
         self.validate(prompt_ids, params)
-        slot = self.adapters.slot(self._check_lora(lora))
-        request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}", lora_slot=slot)
+        lora = self._check_lora(lora)
+        request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}")
         self.constraints.prepare(request)
         self.output.prepare(request)
-        self.scheduler.add(request)
+        with self.adapters.lock:  # queued before another thread can unload the adapter and reuse its slot
+            request.lora_slot = self.adapters.slot(lora)
+            self.scheduler.add(request)
         return request
 
     def load_lora(self, name: str, path) -> None:
