@@ -258,7 +258,6 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
 @pytest.mark.parametrize("extra,message", [
     ([], "--lora-modules needs --engine-in-process"),
     (["--engine-in-process", "--compile"], "cannot be combined with --compile"),
-    (["--engine-in-process", "--prefix-cache-gib", "1"], "cannot be combined with --prefix-cache-gib"),
 ])
 def test_serve_refuses_lora_modules_it_cannot_run_in_one_line(capsys, extra, message):
     from mistral7b import cli
@@ -319,3 +318,24 @@ def test_speculative_verify_runs_with_the_adapter(served):
     plain = LLM(str(root / "base"), device="cpu", max_batch=2).generate(prompts, params, lora=loras)
     spec = LLM(str(root / "base"), device="cpu", max_batch=2, speculative=SpeculativeConfig("ngram", 3))
     assert [o.token_ids for o in spec.generate(prompts, params, lora=loras)] == [o.token_ids for o in plain]
+
+
+def test_prefix_cache_serves_the_base_model_only(served):
+    """Cached blocks hold the base model's keys and values: a request with an adapter neither restores
+    nor stores them, and its answer equals one without a prefix cache; base requests still hit."""
+    from mistral7b import LLM, LoRARequest, SamplingParams
+
+    root, hf, _ = served
+    prompt = torch.randint(0, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)
+    lora = LoRARequest("a0", str(root / "a0"))
+    want = LLM(str(root / "base"), device="cpu", max_batch=2).generate([prompt, prompt], params, lora=[None, lora])
+    llm = LLM(str(root / "base"), device="cpu", max_batch=2, prefix_cache_gib=0.01, prefix_block_size=8)
+    base = llm.generate([prompt], params)[0]  # stores the prompt's blocks
+    hits = llm.engine.prefix.counters.hits
+    got = llm.generate([prompt], params, lora=lora)[0]
+    assert llm.engine.prefix.counters.hits == hits  # the adapter's request did not restore base blocks
+    assert got.token_ids == want[1].token_ids and base.token_ids == want[0].token_ids
+    assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want[1].logprobs], abs=1e-5)
+    llm.generate([prompt], params)
+    assert llm.engine.prefix.counters.hits > hits  # base requests still hit

@@ -121,9 +121,8 @@ def check_lora_options(args) -> None:
         return
     if not args.engine_in_process:
         raise CLIError("--lora-modules needs --engine-in-process (the engine process does not load LoRA adapters yet)")
-    for flag, on in (("--compile", args.compile), ("--prefix-cache-gib", args.prefix_cache_gib)):
-        if on:
-            raise CLIError(f"--lora-modules cannot be combined with {flag} yet")
+    if args.compile:
+        raise CLIError("--lora-modules cannot be combined with --compile yet")
 
 
 def load_lora_modules(llm, modules: list[tuple[str, str]]) -> None:
@@ -135,8 +134,8 @@ def load_lora_modules(llm, modules: list[tuple[str, str]]) -> None:
 
 
 def prefix_cache_gib(args) -> float:
-    """--no-prefix-cache or --lora-modules: 0; --prefix-cache-gib: as given; else the default for the device."""
-    if args.no_prefix_cache or args.lora_modules:
+    """--no-prefix-cache: 0; --prefix-cache-gib: as given; else the default for the device."""
+    if args.no_prefix_cache:
         return 0.0
     if args.prefix_cache_gib is not None:
         return args.prefix_cache_gib

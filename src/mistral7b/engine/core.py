@@ -92,8 +92,7 @@ class Engine:
         """`lora` as given, or a ValueError naming the setting that adapters cannot run with yet."""
         if lora is None:
             return None
-        for setting, on in (("compile", self.compiled), ("prefix_cache_gib", self.prefix is not None),
-                            ("tensor_parallel_size", hasattr(self.model, "new_cache"))):
+        for setting, on in (("compile", self.compiled), ("tensor_parallel_size", hasattr(self.model, "new_cache"))):
             if on:
                 raise ValueError(f"LoRA adapters cannot run with {setting} yet")
         return lora
@@ -172,7 +171,8 @@ class Engine:
             if self.scheduler.prefix is not None:
                 end = chunk.start + chunk.length
                 for request in chunk.requests:
-                    self.prefix.store(request.row, request.prompt_ids, chunk.start, end)
+                    if not request.lora_slot:  # an adapter's keys and values are not the base model's
+                        self.prefix.store(request.row, request.prompt_ids, chunk.start, end)
             done = []
             for i, request in enumerate(chunk.requests):
                 request.n_prefilled += chunk.length

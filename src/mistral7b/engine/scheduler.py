@@ -100,7 +100,7 @@ class Scheduler:
             group = group[: max(1, budget // n)]
             if self.prefix is not None:
                 for request in group:
-                    if request not in self.looked_up:  # a miss: count it (the row is already empty)
+                    if request not in self.looked_up and not request.lora_slot:  # a miss: count it (row empty)
                         self.prefix.load(request.row, request.prompt_ids)
                         self.looked_up.add(request)
             plan.append(PrefillChunk(group, start, n))
@@ -124,7 +124,8 @@ class Scheduler:
         prefix, ready = self.prefix, []
         busy = [(r.prompt_ids, r.n_prefilled) for r in pending if r in self.looked_up]
         for request in pending:
-            if request in self.looked_up:
+            # Cached blocks hold the base model's keys and values: a request with a LoRA adapter computes its own.
+            if request in self.looked_up or request.lora_slot:
                 ready.append(request)
                 continue
             if prefix.waits_for(request.prompt_ids, busy):
