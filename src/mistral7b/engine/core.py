@@ -83,7 +83,8 @@ class Engine:
 
     def load_lora(self, name: str, path) -> None:
         """Load the PEFT adapter at `path` under `name` (see engine/adapters.py)."""
-        self.adapters.load(name, self._check_lora(path))
+        self._check_lora(name)
+        self.adapters.load(name, path)
 
     def unload_lora(self, name: str) -> None:
         self.adapters.unload(name)
