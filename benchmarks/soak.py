@@ -112,9 +112,9 @@ async def run_one(client: httpx.AsyncClient, kind: str) -> str:
             "A person as JSON.", response_format=fmt, max_tokens=60)))["choices"][0]
         _valid(choice["message"]["content"], PERSON, choice["finish_reason"])
     elif kind == "tools":
-        choice = random.choice(["required", {"type": "function", "function": {"name": "get_weather"}}])
+        tool_choice = random.choice(["required", {"type": "function", "function": {"name": "get_weather"}}])
         choice = _check(await _post(client, "/v1/chat/completions", _chat(
-            "What is the weather in Rome for 3 days?", tools=TOOLS, tool_choice=choice, parallel_tool_calls=False,
+            "What is the weather in Rome for 3 days?", tools=TOOLS, tool_choice=tool_choice, parallel_tool_calls=False,
             max_tokens=60)))["choices"][0]
         calls = choice["message"].get("tool_calls") or []
         if choice["finish_reason"] != "tool_calls" or not calls:
@@ -126,8 +126,8 @@ async def run_one(client: httpx.AsyncClient, kind: str) -> str:
         _check(await _post(client, "/v1/completions", body))
     elif kind == "timeout":
         try:  # more tokens than the client waits for: the server must drop it when the connection goes
-            await _post(client, "/v1/completions", {"prompt": _prompt(), "max_tokens": 400, "ignore_eos": True},
-                              timeout=0.5)
+            _check(await _post(client, "/v1/completions", {"prompt": _prompt(), "max_tokens": 400, "ignore_eos": True},
+                               timeout=0.5))
         except httpx.TimeoutException:
             return "asked"
     elif kind == "bad":
@@ -235,14 +235,16 @@ async def soak(url: str, server_pid: int, engine: int | None, args) -> tuple[lis
 
 
 def settle(url: str, seconds: float = 30) -> dict:
-    """The engine's gauges once the load stops: every dropped or timed-out request must have left it."""
+    """The engine's gauges once the load stops (every dropped or timed-out request must have left it), and
+    its abort and prefix-cache counters."""
     gauges = {}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         text = httpx.get(url + "/metrics", timeout=10).text
         gauges = {name: float(line.split()[-1]) for line in text.splitlines() for name in
-                  ("num_requests_running", "num_requests_waiting", "sequences_aborted_total")
-                  if line.startswith("mistral7b_" + name + " ")}
+                  ("num_requests_running", "num_requests_waiting", "sequences_aborted_total",
+                   "prefix_cache_queries_total", "prefix_cache_hits_total")
+                  if line.startswith((f"mistral7b_{name} ", f"mistral7b:{name} "))}
         if gauges.get("num_requests_running") == 0 and gauges.get("num_requests_waiting") == 0:
             break
         time.sleep(1)
