@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ class LLM:
     """A model, its tokenizer (if the checkpoint has one) and an engine.
 
     `source=None` uses the bundled default model. Prompts are strings, or token id lists for
-    checkpoints without a tokenizer.
+    checkpoints without a tokenizer. `close()` (or leaving `with LLM(...) as llm:`) frees the engine,
+    its KV cache and the weights.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class LLM:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.quant = resolve_quantize(quantize)  # the one value every layer below reads
-        self.model = self._load(source, tensor_parallel_size)
+        self._model = self._load(source, tensor_parallel_size)
         self.source = source
         self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
         draft = None
@@ -77,7 +79,7 @@ class LLM:
             from .engine.proposers import load_draft
 
             draft = load_draft(engine_config.speculative, source, self.device, self.dtype)
-        self.engine = Engine(self.model, self.tokenizer, engine_config.within(self.model.config), draft_model=draft)
+        self._engine = Engine(self.model, self.tokenizer, engine_config.within(self.model.config), draft_model=draft)
 
     def _load(self, source, tensor_parallel_size: int):
         if tensor_parallel_size == 1:
@@ -87,9 +89,39 @@ class LLM:
         return launch(source, tensor_parallel_size, self.device, self.dtype, quant=self.quant)
 
     def close(self) -> None:
-        """Stop tensor-parallel workers, if any (they also stop at exit)."""
-        if hasattr(self.model, "close"):
-            self.model.close()
+        """Free the engine, its KV cache and the weights, and stop tensor-parallel workers, if any (they
+        also stop at exit); using the LLM afterwards raises "this LLM is closed". Closing twice is fine."""
+        model, self._model, self._engine = self._model, None, None
+        if model is None:
+            return
+        if hasattr(model, "close"):
+            model.close()
+        del model
+        gc.collect()  # the engine's parts refer to each other: free the memory now, not at some later collection
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def model(self):
+        if self._model is None:
+            raise RuntimeError("this LLM is closed")
+        return self._model
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("this LLM is closed")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:  # tests and benchmarks swap in engines of other settings
+        self._engine = engine
 
     @property
     def config(self):
@@ -123,23 +155,24 @@ class LLM:
         """One output per prompt; ragged prompts run together as one continuously batched workload.
         `params` is one SamplingParams for all prompts or a list of one per prompt; `lora` likewise one
         LoRARequest (a PEFT adapter, loaded on first use) or a list of one per prompt (None: the base model)."""
+        engine = self.engine  # a closed LLM says so before anything else
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode_prompt(p) for p in prompts]
         per_prompt = _per_prompt(SamplingParams() if params is None else params, len(encoded), "SamplingParams")
         adapters = _per_prompt(lora, len(encoded), "LoRARequests")
         for ids, p in zip(encoded, per_prompt):  # reject the whole call before any work starts
-            self.engine.validate(ids, p)
+            engine.validate(ids, p)
         requests = []
         try:
             for ids, p, adapter in zip(encoded, per_prompt, adapters):
-                requests.append(self.engine.add(ids, p, lora=adapter))
+                requests.append(engine.add(ids, p, lora=adapter))
             while not all(r.finished for r in requests):
-                self.engine.step()
+                engine.step()
         finally:
             for r in requests:
                 if not r.finished:
-                    self.engine.abort(r)
+                    engine.abort(r)
         return [CompletionOutput.of(r) for r in requests]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
@@ -157,8 +190,8 @@ class LLM:
                         if d.request is request and d.text:
                             yield d.text
             finally:
-                if not request.finished:
-                    self.engine.abort(request)
+                if not request.finished and self._engine is not None:  # close() has dropped every request
+                    self._engine.abort(request)
 
         return request, deltas()
 
