@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 
+import torch
 from tqdm import tqdm
 
 from .evaluate import perplexity
@@ -43,6 +44,8 @@ class _Harness:
             max_batch = int(batch_size)
         if max_batch is not None:
             engine_options["max_batch"] = int(max_batch)
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = None  # lm-eval's CLI asks for cuda unless told otherwise: run where we can, as its hf does
         self.llm = LLM(None if pretrained in (None, "", "None") else pretrained, device=device, dtype=dtype,
                        quantize=quantize, **engine_options)
         if self.llm.tokenizer is None:
