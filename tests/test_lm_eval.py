@@ -94,7 +94,8 @@ def test_local_completions_matches_hf(server, hf):
 
 
 def test_local_chat_completions_generates(server, llm):
-    """generate_until through /v1/chat/completions: each answer is the greedy reply LLM.chat gives."""
+    """generate_until through /v1/chat/completions: each answer is the greedy reply LLM.chat gives, and
+    the Python model's with `--apply_chat_template`."""
     from mistral7b.sampling import SamplingParams
 
     ours = _evaluate("local-chat-completions", f"base_url={server.url}/v1/chat/completions,model={MODEL}",
@@ -106,6 +107,8 @@ def test_local_chat_completions_generates(server, llm):
         messages = [{"role": "user", "content": f"Question: {doc['question']}\nAnswer:"}]
         assert sample["resps"][0][0] == llm.chat(messages, params).text, sample["arguments"]
     assert "exact_match,none" in ours["results"]["tiny_gen"]
+    python = _evaluate("mistral7b", "quantize=false", ["tiny_gen"], apply_chat_template=True)
+    assert _limited(python, "tiny_gen") == _limited(ours, "tiny_gen")  # the same chat prompt, as text
 
 
 def test_module_does_not_import_lm_eval_and_runs_lm_evals_cli():

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .evaluate import perplexity
 from .llm import LLM
 from .sampling import SamplingParams
+from .tokenizer.templates import render_chat_template
 
 WAVE = 256  # requests given to the engine at once: bounds the prompt log-probabilities held in memory
 
@@ -80,6 +81,17 @@ class _Harness:
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
+
+    def chat_template(self, chat_template=False) -> str:
+        return (self.tokenizer.chat_template or "") if chat_template else ""
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as text (`--apply_chat_template`); tok_encode reads its control tokens back."""
+        t = self.tokenizer
+        if not t.chat_template:  # Mistral's sentencepiece chat formats are token ids, with no text form
+            raise ValueError(f"{t.name} has no chat template to render as text")
+        return render_chat_template(t.chat_template, chat_history, add_generation_prompt=add_generation_prompt,
+                                    bos_token=t.bos_token, eos_token=t.eos_token)
 
     # ---- requests -----------------------------------------------------------------------------------
 
