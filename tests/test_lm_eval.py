@@ -120,3 +120,30 @@ def test_module_does_not_import_lm_eval_and_runs_lm_evals_cli():
                           "--limit", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tiny_mc" in out.stdout and "acc" in out.stdout
+
+
+def test_rolling_is_exact_past_the_sliding_window(tmp_path):
+    """A text five windows long, scored through the engine's rolling cache, equals one HF forward over it."""
+    import torch
+    from types import SimpleNamespace
+
+    from checkpoints import hf_logits, hf_model, write_mistral
+    from lm_eval.api.model import LM
+
+    from mistral7b.lm_eval_model import MistralLM
+
+    class Words:  # a tokenizer for a checkpoint without one: "5 17 3" is [5, 17, 3]
+        bos_id, eos_id = 1, 2
+
+        def encode(self, text, bos=False):
+            return [int(w) for w in text.split()]
+
+    hf = hf_model("mistral", seed=0, window=8)
+    lm = MistralLM.__new__(MistralLM)
+    LM.__init__(lm)
+    lm.llm, lm.tokenizer, lm.add_bos_token = LLM(write_mistral(hf, tmp_path / "m")), Words(), False
+    ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    (score,) = lm.loglikelihood_rolling([SimpleNamespace(args=(" ".join(map(str, ids)),))], disable_tqdm=True)
+    tokens = torch.tensor([[1] + ids])
+    expected = hf_logits(hf, tokens)[0, :-1].log_softmax(-1).gather(-1, tokens[0, 1:, None]).sum().item()
+    assert math.isclose(score, expected, rel_tol=1e-5), (score, expected)
