@@ -190,6 +190,11 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     async def detokenize(body: DetokenizeRequest):
         return await tokenization.detokenize(body)
 
+    @app.get("/tokenizer_info", summary="Special tokens and chat template (vLLM's; lm-eval's remote tokenizer)",
+             responses=ERROR_RESPONSES)
+    async def tokenizer_info() -> dict:
+        return tokenization.tokenizer_info()
+
     app.openapi = lambda: openapi_with_limits(app, completion.context, engine.config.vocab_size)
     return app
 

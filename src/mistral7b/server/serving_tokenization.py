@@ -1,4 +1,4 @@
-"""`POST /tokenize` and `POST /detokenize` (after vLLM's `serving_tokenization.py`). For messages the ids
+"""`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` (after vLLM's `serving_tokenization.py`). For messages the ids
 are exactly those `/v1/chat/completions` runs: the same `LLM.chat_prompt` (or, with tools, `tool_plan.prompt_ids`)
 renders them."""
 
@@ -64,3 +64,12 @@ class OpenAIServingTokenization:
                 raise APIError(400, f"tokens[{i}] = {t} is not a token id: the vocabulary has {self.vocab_size} "
                                f"ids (0..{self.vocab_size - 1})", param="tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    def tokenizer_info(self) -> dict:
+        """What lm-eval's `remote` tokenizer backend reads (the keys of vLLM's answer that it uses): with
+        this and /tokenize, `lm_eval --model local-completions` needs no tokenizer files of its own."""
+        self._check(None)
+        t = self.tokenizer
+        return {"tokenizer_class": type(t).__name__, "bos_token": t.bos_token or None,
+                "eos_token": t.eos_token or None, "pad_token": None, "chat_template": t.chat_template,
+                "model_max_length": self.max_model_len}
