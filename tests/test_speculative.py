@@ -15,7 +15,7 @@ from checkpoints import randomize_
 from mistral7b import SamplingParams
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
-from mistral7b.engine.proposers import ngram_lookup
+from mistral7b.engine.proposers import SuffixCache, ngram_lookup
 from mistral7b.engine.speculative import Proposal
 from mistral7b.model import Transformer
 from mistral7b.server.metrics import Metrics
@@ -214,6 +214,8 @@ def test_large_batch_turns_speculation_off(target):
     (dict(method="ngram", draft="x"), "a draft model source"),
     (dict(min_ngram=3, max_ngram=2), "1 <= min_ngram <= max_ngram"),
     (dict(max_batch=0), "speculative max_batch must be a positive integer"),
+    (dict(suffix_cache_tokens=-1), "suffix cache size must be a whole number of tokens"),
+    (dict(method="self-int4", suffix_cache_tokens=100), "suffix cache works with method 'ngram' only"),
 ])
 def test_bad_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -238,6 +240,56 @@ def test_bad_draft_and_flags_errors(target):
         SpeculativeConfig.parse("draft")
     with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative"):
         SpeculativeConfig.parse(None, 3)
+    with pytest.raises(ValueError, match="--speculative-suffix-cache needs --speculative ngram"):
+        SpeculativeConfig.parse(None, None, 1000)
+    assert SpeculativeConfig.parse("ngram", None, 1000) == SpeculativeConfig("ngram", suffix_cache_tokens=1000)
+
+
+def newest_continuation(stored: list[list[int]], context: list[int], k: int, max_n=4, min_n=2) -> list[int]:
+    """By brute force: the newest stored sequence holding the context's longest last n-gram with a token
+    after it, continued from its last such occurrence."""
+    for n in range(min(max_n, len(context)), min_n - 1, -1):
+        key = context[-n:]
+        for seq in reversed(stored):
+            ends = [e for e in range(n, len(seq)) if seq[e - n : e] == key]
+            if ends:
+                return seq[ends[-1] : ends[-1] + k]
+    return []
+
+
+def test_suffix_cache_finds_the_newest_continuation_within_its_capacity():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    capacity = int(torch.randint(40, 120, (1,), generator=g))
+    cache, kept = SuffixCache(capacity, 4, 2), []
+    for _ in range(30):
+        seq = torch.randint(0, 6, (int(torch.randint(1, 50, (1,), generator=g)),), generator=g).tolist()
+        cache.add(seq)
+        kept.append(seq[-capacity:])
+        while sum(map(len, kept)) > capacity:
+            kept.pop(0)
+        assert cache.size == sum(map(len, kept)) <= capacity
+        for _ in range(5):
+            context = torch.randint(0, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+            assert cache.lookup(context, 3) == newest_continuation(kept, context, 3), (kept, context)
+
+
+def test_suffix_cache_drafts_from_earlier_requests_and_keeps_greedy_exact(target):
+    """Prompts of random tokens give prompt lookup little; a second round of the same prompts finds the
+    first round's outputs in the suffix cache: many more drafts accepted, the same greedy tokens."""
+    prompts = random_prompts([12, 20, 9], seed=int(torch.randint(0, 2**31, ()).item()))
+    params = SamplingParams(max_tokens=40, temperature=0)
+    plain = [r.output_ids for r in generate(target, prompts, params)[0]]
+    accepted = {}
+    for cap in (0, 10_000):
+        engine = Engine(target, None, max_batch=4, speculative=SpeculativeConfig("ngram", 4, suffix_cache_tokens=cap))
+        for _ in range(2):  # one request at a time: the second round sees the first round's outputs
+            for prompt, want in zip(prompts, plain):
+                request = engine.add(prompt, params)
+                while engine.has_work():
+                    engine.step()
+                assert request.output_ids == want
+        accepted[cap] = engine.speculator.stats.accepted_tokens
+    assert accepted[10_000] >= accepted[0] + 3 * 20  # most of each repeated 40-token output came as drafts
 
 
 def test_greedy_equals_plain_with_prefix_cache(target):

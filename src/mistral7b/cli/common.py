@@ -156,6 +156,9 @@ def add_speculative_options(p: argparse.ArgumentParser) -> None:
     # A plain int: the range is SpeculativeConfig's to check, so k < 1 and k > 16 get the same one line.
     g.add_argument("--num-speculative-tokens", type=integer, default=None, metavar="K",
                    help="tokens proposed per step, 1 to 16 (default 4)")
+    g.add_argument("--speculative-suffix-cache", type=integer, default=None, metavar="TOKENS",
+                   help="with ngram: also draft from earlier requests' outputs, keeping up to TOKENS of them "
+                        "(default 0: off)")
 
 
 def speculative_of(args):
@@ -163,7 +166,8 @@ def speculative_of(args):
     from ..engine import SpeculativeConfig
 
     try:
-        return SpeculativeConfig.parse(getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None))
+        return SpeculativeConfig.parse(getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None),
+                                       getattr(args, "speculative_suffix_cache", None))
     except ValueError as e:
         raise CLIError(str(e).replace("num_speculative_tokens", "--num-speculative-tokens")) from None
 

@@ -164,6 +164,8 @@ class Engine:
         for d in deltas:
             if d.request.finished:
                 self.scheduler.release(d.request)
+                if self.speculator is not None:
+                    self.speculator.finished(d.request)
         return deltas
 
     def _prefill(self, pending: list[Request], deltas: list[Delta]) -> None:

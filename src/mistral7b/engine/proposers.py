@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
@@ -27,18 +29,72 @@ def ngram_lookup(sequence: list[int], k: int, max_n: int = 4, min_n: int = 1) ->
     return []
 
 
-class NgramProposer:
-    """Prompt lookup (llama.cpp's --lookup, vLLM's ngram): no second model; q is one-hot."""
+class SuffixCache:
+    """Earlier requests' outputs as a source of drafts (SuffixDecoding's idea, as an n-gram index): for
+    every n-gram (n = min_n .. max_n) of the stored outputs, where its latest occurrence continues. Agents
+    and templated replies repeat across requests, where a request's own text has nothing to match. The
+    outputs are kept first in, first out, at most `capacity` tokens in all."""
 
-    def __init__(self, max_n: int = 4, min_n: int = 1):
-        self.max_n, self.min_n = max_n, min_n
+    def __init__(self, capacity: int, max_n: int, min_n: int):
+        self.capacity, self.max_n, self.min_n = capacity, max_n, min_n
+        self.sequences: OrderedDict[int, list[int]] = OrderedDict()
+        self.index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (sequence, where it continues)
+        self.size = self.next_id = 0
+
+    def add(self, tokens: list[int]) -> None:
+        tokens = tokens[-self.capacity :]
+        while self.sequences and self.size + len(tokens) > self.capacity:
+            self._evict()
+        sid, self.next_id = self.next_id, self.next_id + 1
+        self.sequences[sid] = tokens
+        self.size += len(tokens)
+        for key, end in self._ngrams(tokens):
+            self.index[key] = (sid, end)
+
+    def lookup(self, context: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the longest of the context's last n-grams seen before."""
+        for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
+            hit = self.index.get(tuple(context[-n:]))
+            if hit is not None:
+                sid, end = hit
+                return self.sequences[sid][end : end + k]
+        return []
+
+    def _ngrams(self, tokens: list[int]):
+        for n in range(self.min_n, self.max_n + 1):
+            for end in range(n, len(tokens)):  # an n-gram with at least one token after it
+                yield tuple(tokens[end - n : end]), end
+
+    def _evict(self) -> None:
+        sid, tokens = self.sequences.popitem(last=False)
+        self.size -= len(tokens)
+        for key, _ in self._ngrams(tokens):
+            if self.index.get(key, (None,))[0] == sid:  # a later sequence may have taken the key over
+                del self.index[key]
+
+
+class NgramProposer:
+    """Prompt lookup (llama.cpp's --lookup, vLLM's ngram): no second model; q is one-hot. With a
+    `suffix` cache, a row whose own text has no match looks in earlier requests' outputs."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 1, suffix: SuffixCache | None = None):
+        self.max_n, self.min_n, self.suffix = max_n, min_n, suffix
 
     def propose(self, requests: list[Request], caps: list[int], sampler: SamplerBatch) -> Proposal:
-        tokens = [ngram_lookup(r.prompt_ids + r.output_ids, cap, self.max_n, self.min_n) for r, cap in zip(requests, caps)]
+        tokens = []
+        for r, cap in zip(requests, caps):
+            context = r.prompt_ids + r.output_ids
+            own = ngram_lookup(context, cap, self.max_n, self.min_n)
+            tokens.append(own if own or self.suffix is None or cap < 1 else self.suffix.lookup(context, cap))
         return Proposal(tokens, [None] * len(requests))
 
     def rollback(self, request: Request, kept: int) -> None:
         pass
+
+    def finished(self, request: Request) -> None:
+        """Keep a finished request's output (led by its prompt's last n-gram, so its start matches too)."""
+        if self.suffix is not None and request.output_ids:
+            self.suffix.add(request.prompt_ids[-self.max_n :] + request.output_ids)
 
 
 class DraftProposer:

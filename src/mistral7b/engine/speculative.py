@@ -45,6 +45,8 @@ class SpeculativeConfig:
     # Speculate only while at most this many rows decode: a larger batch is compute-bound and a verify
     # of k+1 tokens per row then costs about k+1 decode steps. 8 is a guess to be measured on the GPU.
     max_batch: int = 8
+    # n-gram only: earlier requests' outputs, up to this many tokens, as drafts (proposers.SuffixCache); 0: off
+    suffix_cache_tokens: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -58,18 +60,29 @@ class SpeculativeConfig:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ValueError(f"speculative max_batch must be a positive integer, got {self.max_batch!r}")
+        cap = self.suffix_cache_tokens
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ValueError(f"the speculative suffix cache size must be a whole number of tokens, got {cap!r}")
+        if cap and self.method != "ngram":
+            raise ValueError(f"the speculative suffix cache works with method 'ngram' only, not {self.method!r}")
 
     @classmethod
-    def parse(cls, spec: str | None, num_tokens: int | None = None) -> "SpeculativeConfig | None":
-        """From the CLI's `--speculative ngram|self-int4|draft:SRC` and `--num-speculative-tokens`."""
+    def parse(cls, spec: str | None, num_tokens: int | None = None,
+              suffix_cache_tokens: int | None = None) -> "SpeculativeConfig | None":
+        """From the CLI's `--speculative ngram|self-int4|draft:SRC`, `--num-speculative-tokens` and
+        `--speculative-suffix-cache`."""
         if not spec:
             if num_tokens is not None:
                 raise ValueError("--num-speculative-tokens needs --speculative")
+            if suffix_cache_tokens is not None:
+                raise ValueError("--speculative-suffix-cache needs --speculative ngram")
             return None
         method, _, draft = spec.partition(":")
         if method == "draft" and not draft:
             raise ValueError("--speculative draft needs the draft model's source: draft:SRC")
         options = {} if num_tokens is None else {"num_tokens": num_tokens}
+        if suffix_cache_tokens is not None:
+            options["suffix_cache_tokens"] = suffix_cache_tokens
         return cls(method, draft=draft or None, **options)
 
 
@@ -139,6 +152,11 @@ class Speculator:
             self.proposer.rollback(r, kept)
             self.stats.count(len(drafts), kept)
         self._emit(decoding, logits, emitted, deltas)
+
+    def finished(self, request: Request) -> None:
+        """A request has ended: proposers that learn from earlier outputs keep its output."""
+        if hasattr(self.proposer, "finished"):
+            self.proposer.finished(request)
 
     def _cap(self, r: Request) -> int:
         """Draft tokens row `r` may take: never past max_tokens."""
@@ -250,10 +268,12 @@ def make_speculator(settings, runner, draft_model, output, constraints) -> Specu
         return None
     if hasattr(runner.model, "new_cache"):
         raise ValueError("speculative decoding with tensor parallelism is not supported yet")
-    from .proposers import DraftProposer, NgramProposer, check_draft
+    from .proposers import DraftProposer, NgramProposer, SuffixCache, check_draft
 
     if config.method == "ngram":
-        proposer = NgramProposer(config.max_ngram, config.min_ngram)
+        suffix = SuffixCache(config.suffix_cache_tokens, config.max_ngram, config.min_ngram) \
+            if config.suffix_cache_tokens else None
+        proposer = NgramProposer(config.max_ngram, config.min_ngram, suffix)
     else:
         if draft_model is None:
             raise ValueError(f"speculative method {config.method!r} needs a draft model (LLM loads it)")
