@@ -86,16 +86,26 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tens
     return out.reshape(batch, n_heads, 1, head_dim)
 
 
-def rowwise_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, mask: Tensor) -> Tensor:
-    """CPU decode, one row at a time over the keys it would read alone: SDPA's arithmetic depends on
-    the key length, which in a batch is the longest row's, so a greedy answer changed with the batch it
-    ran in (issue 26). Each row reads min(position + 1, slots) keys, what `kv_len` gives it alone."""
+def row_key_counts(memo: dict | None, q_pos: Tensor, slots: int) -> list[int]:
+    """Keys each decode row reads alone, min(position + 1, slots) (0: idle), read from the device once
+    per forward pass and shared by the layers through `memo`."""
+    key = ("row_key_counts", slots)
+    if memo is not None and key in memo:
+        return memo[key]
+    counts = [min(p + 1, slots) if p >= 0 else 0 for p in q_pos[:, 0].tolist()]
+    if memo is not None:
+        memo[key] = counts
+    return counts
+
+
+def rowwise_decode_attention(q: Tensor, k: Tensor, v: Tensor, counts: list[int], mask: Tensor) -> Tensor:
+    """CPU decode, one row at a time over the keys it would read alone (`row_key_counts`): SDPA's
+    arithmetic depends on the key length, which in a batch is the longest row's, so a greedy answer
+    changed with the batch it ran in (issue 26)."""
     out = torch.zeros_like(q)
-    slots = k.shape[2]
-    for row, position in enumerate(q_pos[:, 0].tolist()):
-        if position < 0:
+    for row, n in enumerate(counts):
+        if n == 0:
             continue  # an idle row: nothing reads its output
-        n = min(position + 1, slots)
         one = slice(row, row + 1)
         out[one] = decode_attention(q[one], k[one, :, :n], v[one, :, :n], None, None, None, mask[one, ..., :n])
     return out
@@ -150,7 +160,7 @@ def attention(
         if decode_kernel == "reduction" and q.is_cuda and torch.compiler.is_compiling():
             return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
         if q.device.type == "cpu" and q.shape[0] > 1 and not torch.compiler.is_compiling():
-            return rowwise_decode_attention(q, k, v, q_pos, mask)
+            return rowwise_decode_attention(q, k, v, row_key_counts(memo, q_pos, k.shape[2]), mask)
         return decode_attention(q, k, v, q_pos, k_pos, window, mask)
     if q.is_cuda and t_q >= FLEX_MIN_TOKENS:
         memo = {} if memo is None else memo

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .triton_mm import MAX_ROWS, int4_supported, int4_tiles_mm, int8_rows_mm
+
 CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
 # Few-row (decode) CUDA matmuls per format: "torch" (tinygemm for int4, a compiled reduction for int8) or
 # "triton" (`triton_mm`, on the same packed weights). "auto" takes what measured faster at the 7B shape on
@@ -176,10 +178,8 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     # Casts only when needed: at batch 1 on a CPU even a no-op cast's dispatch shows (122 matmuls a token).
     xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
-    if x.is_cuda and rows_kernel("int4") == "triton" and packed.shape[-1] == 4:
-        from .triton_mm import int4_tiles_mm  # rows < CUDA_DEQUANT_ROWS <= its MAX_ROWS
-
-        out = int4_tiles_mm(xb, packed, group_size, scales_zeros, n)
+    if x.is_cuda and rows_kernel("int4") == "triton" and int4_supported(packed):
+        out = int4_tiles_mm(xb, packed, group_size, scales_zeros, n)  # rows < CUDA_DEQUANT_ROWS <= its MAX_ROWS
     elif x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
     elif x.dtype == torch.float32:
@@ -245,9 +245,7 @@ def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 
     Compiled decode (few rows): a multiply-and-sum over K that inductor fuses into one reduction reading
     int8, the form inductor itself gives a matrix-vector product. Otherwise: cast and cuBLAS."""
-    if x2.is_cuda and x2.shape[0] <= CUDA_DEQUANT_ROWS and rows_kernel("int8") == "triton":
-        from .triton_mm import int8_rows_mm  # its MAX_ROWS
-
+    if x2.is_cuda and x2.shape[0] <= MAX_ROWS and rows_kernel("int8") == "triton":
         return int8_rows_mm(x2, q, scale)
     if torch.compiler.is_compiling() and x2.shape[0] <= CUDA_INT8_REDUCTION_ROWS:
         out = (q[:, None, :].float() * x2[None].float()).sum(-1).t()  # [N, M]: a weight row serves all M
