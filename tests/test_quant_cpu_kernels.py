@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C comp
 
 @pytest.fixture(autouse=True)
 def int8_activations(monkeypatch):
-    """The kernels are opt-in (MISTRAL7B_INT8_ACTIVATIONS=1): on for every test here."""
+    """On for every test here, whatever MISTRAL7B_INT8_ACTIVATIONS the environment sets."""
     monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
 VARIANTS = {"vnni": ["vnni", "avx2", "portable"], "avx2": ["avx2", "portable"], "portable": ["portable"]}
 
@@ -23,7 +23,7 @@ VARIANTS = {"vnni": ["vnni", "avx2", "portable"], "avx2": ["avx2", "portable"], 
 def reference(x: np.ndarray, q: np.ndarray, offset: int, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
     """x [M, K] float32, weight q [N, K] integers with w = (q - offset) * scale + zero per group.
     Activations: per block of 32, d = max|x| / 127 and round-half-even of x * (1 / d), in float32;
-    the constant term of each group uses the exact sums of x."""
+    the result is the dequantized activations times the dequantized weights, in float64."""
     m, k = x.shape
     n, groups = scale.shape
     group = k // groups
@@ -32,12 +32,10 @@ def reference(x: np.ndarray, q: np.ndarray, offset: int, scale: np.ndarray, zero
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
     qx = np.rint(blocks * inv[..., None]).astype(np.int64).reshape(m, k)
     xq = (qx.reshape(m, k // 32, 32) * d[..., None].astype(np.float64)).reshape(m, k)  # what the kernel sees
-    # w = scale * q + (zero - offset * scale): the integer part meets the quantized activations, the
-    # per-group constant meets the exact sums of x (as llama.cpp's q4_1 x q8_1)
-    integer = (q.astype(np.float64).reshape(n, groups, group) * scale[..., None]).reshape(n, k)
-    constant = (0 if zero is None else zero) - offset * scale
-    sums = x.astype(np.float64).reshape(m, groups, group).sum(-1)
-    return xq @ integer.T + sums @ constant.T
+    w = (q.astype(np.float64) - offset).reshape(n, groups, group) * scale[..., None]
+    if zero is not None:
+        w = w + zero[..., None]
+    return xq @ w.reshape(n, k).T
 
 
 def random_case(kind: str, n: int, k: int, group: int, seed: int):

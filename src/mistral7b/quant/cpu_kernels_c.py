@@ -4,8 +4,11 @@ carries it without package-data settings."""
 SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama.cpp's q4_1 x q8_0 dot product.
 //
 // Activations are quantized per row in blocks of 32: qx = round(x / dx), dx = max|x| / 127, and the
-// exact float sum sx of each block is kept. A weight block is w = d * q + m (q unsigned 4-bit nibbles,
-// or signed int8), so a block's dot is d * dx * sum(q * qx) + m * sx.
+// block's sum sx = dx * sum(qx) is kept. A weight block is w = d * q + m (q unsigned 4-bit nibbles, or
+// signed int8), so a block's dot is d * dx * sum(q * qx) + m * sx: exactly the dequantized weights times
+// the dequantized activations. (The exact sum of x in m * sx, as an earlier version had, mixes two
+// views of x: with q offset from 0 to 15, the error then weighs by w - m instead of w, 2.5x larger, and
+// cost +1.2% perplexity on the default model where this costs +0.3%.)
 //
 // Every output (row of x, row of w) is reduced by the same code in the same order whatever the number
 // of rows, the thread count or the split of outputs over threads: results are batch-invariant.
@@ -14,6 +17,7 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,21 +28,21 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 
 #define QK 32
 
-int m7b_abi(void) { return 2; }
+int m7b_abi(void) { return 3; }
 
 static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float *sx) {
     for (int64_t b = 0; b < k / QK; b++) {
         const float *v = x + b * QK;
-        float amax = 0.f, sum = 0.f;
+        float amax = 0.f;
         for (int i = 0; i < QK; i++) {
             float a = fabsf(v[i]);
             amax = a > amax ? a : amax;
-            sum += v[i];
         }
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        for (int i = 0; i < QK; i++) qx[b * QK + i] = (int8_t)lrintf(v[i] * id);
+        int32_t sum = 0;
+        for (int i = 0; i < QK; i++) sum += qx[b * QK + i] = (int8_t)lrintf(v[i] * id);
         dx[b] = d;
-        sx[b] = sum;
+        sx[b] = d * (float)sum;
     }
 }
 
@@ -254,7 +258,13 @@ static void run_job(Job *j, int threads) {
         pthread_mutex_unlock(&lock);
     }
     work(gen, &job);
-    while (atomic_load_explicit(&done_tiles, memory_order_acquire) < job.tiles) {
+    // A helper descheduled in the middle of a tile holds the step until it runs again: past a short
+    // spin, give this core away rather than burn the time slice it may be waiting for.
+    for (int spin = 0; atomic_load_explicit(&done_tiles, memory_order_acquire) < job.tiles; spin++) {
+        if (spin > 2000) {
+            sched_yield();
+            continue;
+        }
 #if defined(M7B_AVX2) || defined(M7B_VNNI)
         _mm_pause();
 #endif
