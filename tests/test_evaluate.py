@@ -174,11 +174,15 @@ def test_default_model_matches_hf_gguf(smollm2):
     assert got.nll_sum == pytest.approx(hf_token_nll(hf, head).sum().item(), rel=1e-4)
 
 
-def test_default_model_runs_quantized_near_hf_gguf(smollm2):
-    """The GGUF's own quantized kernels (bf16 scales, two-half fp32 activations) stay within 0.1%."""
+@pytest.mark.parametrize("int8_activations,rel", [("1", 4e-3), ("0", 1e-3)])
+def test_default_model_runs_quantized_near_hf_gguf(smollm2, int8_activations, rel, monkeypatch):
+    """The GGUF's own quantized kernels stay near HF on the dequantized file: the default int8
+    activations (cpu_kernels, llama.cpp's scheme; -0.2% seen here) within 0.4%, torch's kernels (bf16 scales, two-half
+    fp32 activations) within 0.1%."""
     from mistral7b import LLM
     from mistral7b.default_model import default_model_path
 
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", int8_activations)
     _, hf, ids = smollm2
     quantized = LLM(default_model_path(), device="cpu", dtype="float32", max_batch=1, max_seq_len=1)
     from mistral7b.quant.linear import Int4Linear
@@ -187,7 +191,8 @@ def test_default_model_runs_quantized_near_hf_gguf(smollm2):
     head = ids[:768]
     got = perplexity(quantized.model, head, chunk_size=384, progress=False)
     want = hf_token_nll(hf, head).sum().item()
-    assert got.nll_sum == pytest.approx(want, rel=1e-3)  # measured 3.2e-4 on 1,536 tokens
+    print(f"int8 activations {int8_activations}: NLL sum {got.nll_sum:.4f} vs HF {want:.4f} ({got.nll_sum / want - 1:+.2e})")
+    assert got.nll_sum == pytest.approx(want, rel=rel)  # torch's kernels: 3.2e-4 seen on 1,536 tokens, 5.0e-4 on 768
 
 
 def test_default_model_knows_english(smollm2):

@@ -3,8 +3,8 @@ times activations quantized to int8 per block of 32, llama.cpp's q4_1 x q8_0 dot
 
 The C source is compiled once at first use into the cache folder (about a second; plain C, no torch
 headers) for the CPU's best instruction set (AVX-512 VNNI, AVX2 or portable C) and called through
-ctypes. Only with MISTRAL7B_INT8_ACTIVATIONS=1 (see `enabled`), and with a compiler; otherwise the
-quantized linears keep torch's kernels (fp32/bf16 activations); `available()` says which.
+ctypes. On by default where a compiler is found; MISTRAL7B_INT8_ACTIVATIONS=0 (see `enabled`), or no
+compiler, keeps torch's kernels (fp32/bf16 activations); `available()` says which.
 
 The result of one output depends only on its input row and weight row, never on the batch around it,
 the thread count or how outputs are split over threads (batch invariance, issue 26).
@@ -12,6 +12,7 @@ the thread count or how outputs are split over threads (batch invariance, issue 
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -28,6 +29,8 @@ from torch import Tensor
 from .cpu_kernels_c import SOURCE
 
 BLOCK = 32
+# The threads these kernels split a matmul over inside `decode_threads` (None elsewhere: torch's count).
+_DECODE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("m7b_decode_threads", default=None)
 ENV_SWITCH = "MISTRAL7B_INT8_ACTIVATIONS"
 VARIANT_FLAGS = {
     "vnni": ["-DM7B_VNNI", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
@@ -74,10 +77,11 @@ def _build(variant: str) -> Path:
 
 
 def enabled() -> bool:
-    """MISTRAL7B_INT8_ACTIVATIONS=1 turns these kernels on; off by default for now: on the default
-    model they cost +1.24% perplexity against the fp32 dequantized weights (27k tokens of
-    tests/data/licenses.txt, context 1024; target +0.4%). Read when a model is built."""
-    return os.environ.get(ENV_SWITCH, "0") == "1"
+    """On unless MISTRAL7B_INT8_ACTIVATIONS=0. On the default model they cost +0.37% perplexity against
+    the fp32 dequantized weights (16.7258 vs 16.6646, 27k tokens of tests/data/licenses.txt, context
+    1024; llama.cpp's q8 activations cost 0.24-0.36%) and run about 1.5x faster at batch 1. Read when a
+    model is built."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 @functools.cache
@@ -101,6 +105,39 @@ def open_variant(variant: str):
 
 def available() -> bool:
     return enabled() and library() is not None
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting hyperthread siblings once (a matmul thread per sibling
+    only contends for the same core's units)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def decode_threads(fn, threads: int):
+    """`fn` with these kernels splitting each matmul over `threads` and torch's own ops on one thread.
+    A decode step's other ops are too small to split, and an OpenMP team with a descheduled member
+    stalls each of them for a time slice: on a busy 2-core machine (load 5-6) a default-model step took
+    35-260 ms with 2 torch threads and 25-34 ms with one. This pool never waits for a helper that has
+    not started."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before, token = torch.get_num_threads(), _DECODE_THREADS.set(threads)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+            _DECODE_THREADS.reset(token)
+
+    return wrapper
 
 
 def supports(in_features: int, group_size: int) -> bool:
@@ -156,7 +193,7 @@ def _linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n
     out = torch.empty(rows, n, dtype=x2.dtype)
     status = (lib or library()).m7b_linear(x2.data_ptr(), rows, k, weight.data_ptr(), bits, d.data_ptr(),
                                            None if m is None else m.data_ptr(),
-                                           n, out.data_ptr(), torch.get_num_threads(), bf16)
+                                           n, out.data_ptr(), _DECODE_THREADS.get() or torch.get_num_threads(), bf16)
     if status:
         raise MemoryError(f"cpu_qlinear: no memory for {rows} x {k} quantized activations")
     if out.dtype != x.dtype:
