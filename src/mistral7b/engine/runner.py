@@ -16,6 +16,7 @@ import torch
 
 from ..cache import KVCache
 from ..model import Transformer
+from ..quant import cpu_kernels
 from ..sampling import SamplerBatch, sample, top_logprobs
 from ..utils import slice_or_index, to_device
 from .request import Request, TokenLogprob
@@ -76,6 +77,9 @@ class ModelRunner:
         self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.compiled = compile
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
+        if self.device.type == "cpu":
+            threads = min(torch.get_num_threads(), cpu_kernels.physical_cores())
+            self.decode_fn = cpu_kernels.decode_threads(self.decode_fn, threads)
 
     def _compile_decode(self):
         """torch.compile with CUDA graphs over all `max_batch` rows. The cache buffers keep fixed
