@@ -73,12 +73,16 @@ class LayerCache:
                 row_index = rows[:, None]
             else:
                 row_index = (rows.start or 0) + torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
-            self.pos[row_index, slots] = torch.where(keep, q_pos, self.pos[row_index, slots])
+            # On a CPU, eagerly, asking whether every row writes costs nothing and spares each layer
+            # the read of the old slots (an index op, the dearest op of a default-model decode step).
+            if q_pos.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
+                keep = None
+            self.pos[row_index, slots] = q_pos if keep is None else torch.where(keep, q_pos, self.pos[row_index, slots])
             memo[key] = row_index, slots, keep
         row_index, slots, keep = memo[key]
         for buf, new in ((self.k, k_new), (self.v, v_new)):
             new = new.transpose(1, 2).to(buf.dtype)
-            buf[row_index, :, slots] = torch.where(keep[..., None, None], new, buf[row_index, :, slots])
+            buf[row_index, :, slots] = new if keep is None else torch.where(keep[..., None, None], new, buf[row_index, :, slots])
 
     def read_span(self, row: int, start: int, end: int) -> tuple[Tensor, Tensor]:
         """K and V [n_kv_heads, end - start, head_dim] of positions [start, end) of `row`, read from
