@@ -33,13 +33,20 @@ from gguf import GGUFReader, GGUFValueType  # noqa: E402
 
 
 class FastGGUFReader(GGUFReader):
-    def release_pages(self) -> None:
-        """Drop this process's resident pages of the file mapping (the weights were copied out while
-        loading; ~100 MB of RSS for the default model). The mapping stays valid: pages read again come
-        back from the page cache or the file."""
+    def release_pages(self, start: int = 0, length: int | None = None) -> None:
+        """Drop this process's resident pages of the file mapping, or of bytes [start, start + length)
+        of it (whole pages inside that range): the weights are copied out while loading, ~100 MB of RSS
+        for the default model. The mapping stays valid: pages read again come back from the page cache."""
         mapping = getattr(self.data, "_mmap", None)
-        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if length is None:
             mapping.madvise(mmap.MADV_DONTNEED)
+            return
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def _plain(self) -> np.ndarray:
         plain = self.__dict__.get("_plain_data")

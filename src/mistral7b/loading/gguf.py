@@ -152,6 +152,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
             except Exception as e:  # noqa: BLE001 - dequantizing garbage fails in numpy in many ways
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from None
             yield name, w
+            reader.release_pages(t.data_offset, t.n_bytes)  # copied out by now: RSS holds one tensor's pages
 
     return Checkpoint(path, config, n_tensors=len(reader.tensors), formats=quantized_formats(reader),
                       reader=tensors, interleaved=True)
