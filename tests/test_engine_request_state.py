@@ -73,8 +73,9 @@ def request_writes(source: str, fields: bool = True) -> list[int]:
                 lines.append(t.lineno)
         if isinstance(node, ast.Call):
             f = node.func
-            if isinstance(f, ast.Attribute) and f.attr in MUTATORS and isinstance(f.value, (ast.Attribute, ast.Subscript)) \
-                    and _reaches_request(f.value):
+            part_of_request = isinstance(f, ast.Attribute) and isinstance(f.value, (ast.Attribute, ast.Subscript)) \
+                and _reaches_request(f.value)
+            if part_of_request and f.attr in MUTATORS:
                 lines.append(node.lineno)
             if isinstance(f, ast.Name) and f.id == "setattr" and node.args and _reaches_request(node.args[0]):
                 lines.append(node.lineno)

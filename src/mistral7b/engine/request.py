@@ -1,8 +1,5 @@
-"""A request's state as it moves through the engine, and what one token adds to it.
-
-Only the Request's own methods and the scheduler (engine/scheduler.py) change a request; the output
-processor keeps its text in the request's `TextStream` and reads the rest.
-"""
+"""A request's state as it moves through the engine, and what one token adds to it. Only Request's own
+methods and the scheduler change a request; the output processor writes only its `TextStream`."""
 
 from __future__ import annotations
 

@@ -38,9 +38,8 @@ class PrefillChunk:
 class Scheduler:
     def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int, prefix: PrefixCache | None = None,
                  batch_invariant: bool = False, output=None):
-        """`output`: the OutputProcessor that turns the tokens of `update_from_output` into deltas."""
         self.max_batch, self.chunk_size, self.prefill_budget = max_batch, chunk_size, prefill_budget
-        self.output = output
+        self.output = output  # the OutputProcessor: each token of `update_from_output` to a Delta
         self.batch_invariant = batch_invariant
         self.prefix = prefix
         self.looked_up: set[Request] = set()  # requests already matched against the prefix cache
