@@ -287,7 +287,7 @@ class EngineClient:
             _deliver_soon(loop, items)
 
     def _advance(self, request: Request, sub: _Subscriber, out: list, now: float) -> Item:
-        """Apply one step's tokens to the request as `engine.output` would have in-process."""
+        """Apply one step's tokens to the request as the scheduler would have in-process."""
         _, tokens, finish_reason, logprobs, prompt_logprobs, accepting = out
         if prompt_logprobs is not None:
             request.add_prompt_logprobs([None if e is None else wire.logprob_of(e) for e in prompt_logprobs], True)
