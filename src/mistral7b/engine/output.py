@@ -37,8 +37,7 @@ class OutputProcessor:
 
 
 class TextStream:
-    """One request's text as its tokens arrive: decoded, cut at a stop string, and held back where it
-    could still grow into one, so a stream never shows text that a stop string later removes."""
+    """One request's text as its tokens arrive: decoded, cut at a stop string, held back where it could grow into one."""
 
     def __init__(self, decoder=None, stops: list[str] | None = None):
         self.decoder, self.stops = decoder, stops
