@@ -6,8 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mistral7b.engine.output import advance, scan_stops
+from mistral7b.engine.output import OutputProcessor, TextStream, scan_stops
 from mistral7b.engine.request import Request
+from mistral7b.engine.scheduler import Scheduler
 from mistral7b.sampling import SamplingParams
 
 
@@ -38,6 +39,18 @@ def test_scan_stops_equals_naive_search(chunks, stops):
         scanned, held = len(text), got[1]
 
 
+def _request(params: SamplingParams, pieces: list[str]) -> Request:
+    request = Request([1], params)
+    request.prepare(frozenset(), TextStream(_Decoder(pieces), params.stop))
+    return request
+
+
+def advance(request: Request, token: int):
+    """One token through the scheduler and the output processor, as the engine takes it."""
+    (delta,) = Scheduler(1, 1, 1, output=OutputProcessor()).update_from_output([request], [[token]], [None])
+    return delta
+
+
 class _Decoder:
     """Token id i decodes to PIECES[i] (a stand-in for the tokenizer's streaming decoder)."""
 
@@ -58,8 +71,7 @@ class _Decoder:
 def test_advance_text_is_the_naive_cut(pieces, tokens, stops):
     """Streamed text never shows a stop string, and the final text is cut where a naive search cuts."""
     tokens = [t % len(pieces) for t in tokens]
-    request = Request([1], SamplingParams(max_tokens=len(tokens), stop=stops))
-    request._decoder = _Decoder(pieces)
+    request = _request(SamplingParams(max_tokens=len(tokens), stop=stops), pieces)
     streamed = ""
     for token in tokens:
         streamed += advance(request, token).text
@@ -85,8 +97,7 @@ def test_long_stop_string_costs_little_per_token():
     """A 5,000-character stop string that the text never starts: the old held-back loop built one
     prefix per possible length (5,000 per token); the tail search looks at its first character."""
     stop = _CountingStr("b" * 4999 + "c")
-    request = Request([1], SamplingParams(max_tokens=10_000, stop=[stop]))
-    request._decoder = _Decoder(["a" * 7])
+    request = _request(SamplingParams(max_tokens=10_000, stop=[stop]), ["a" * 7])
     for _ in range(200):
         advance(request, 0)
     assert request.text == "a" * 1400

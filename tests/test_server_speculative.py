@@ -122,13 +122,12 @@ def test_a_stop_string_sees_the_grammar_after_each_token_of_a_step(llm):
     """The HTTP side of an engine process, given one speculative step of several tokens of a constrained
     reply: a stop string met where the value was unfinished is ignored, though the step ends complete."""
     from mistral7b.engine.request import Request
-    from mistral7b.server.engine_client import EngineClient, _GrammarState
+    from mistral7b.server.engine_client import EngineClient
     from mistral7b.server.engine_process import EngineLoad
 
     client = EngineClient(EngineLoad(), llm.tokenizer)
     request = Request([1], SamplingParams(stop=['"'], regex=r'\{"a": "x"\}'), "r")
     client.output.prepare(request)
-    request._constraint = _GrammarState()
     tokens = llm.tokenizer.encode('{"a": "x"}', bos=False)
     sub = SimpleNamespace(metrics=SimpleNamespace(record_tokens=lambda *a: None), last_time=None, sent_tokens=0,
                           choice=0)

@@ -16,7 +16,7 @@ their tokens at once; the unconstrained rows beside them lose multi-step decode 
 Ending: the grammar allows EOS only where the value is complete, so "stop" means a complete value; a
 grammar that can go no further ends the request at once with "stop"; `max_tokens` cutting an
 unfinished value gives "length"; a stop string never cuts a value: met inside an unfinished value it
-is ignored, and once the value is complete it ends the request with the value whole.
+is ignored, and once the value is complete it ends the request with the value whole (output.TextStream).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .request import Request
 
 
 class ConstraintManager:
-    """Builds requests' constraints, fills the bitmask for a step, and settles their finish reasons."""
+    """Builds requests' constraints and fills the bitmask for a step (`settle` corrects their finish reasons)."""
 
     def __init__(self, tokenizer, vocab_size: int, max_batch: int, device: torch.device):
         self.tokenizer, self.vocab_size, self.max_batch, self.device = tokenizer, vocab_size, max_batch, device
@@ -39,14 +39,15 @@ class ConstraintManager:
         if params.constrained and self.tokenizer is None:
             raise ValueError("structured outputs (json_schema, regex, grammar, choice) need a checkpoint with a tokenizer")
 
-    def prepare(self, request: Request) -> None:
-        """Compile the request's constraint (StructuredOutputError naming the problem if it does not)."""
-        if not request.params.constrained:
-            return
-        self.validate(request.params)
+    def build(self, params) -> structured.Constraint | None:
+        """The constraint of a request with `params`, or None if it has none (StructuredOutputError naming
+        the problem if it does not compile)."""
+        if not params.constrained:
+            return None
+        self.validate(params)
         if self._ll_tokenizer is None:
             self._ll_tokenizer = structured.ll_tokenizer(self.tokenizer, self.vocab_size)
-        request._constraint = structured.Constraint.from_params(request.params, self._ll_tokenizer)
+        return structured.Constraint.from_params(params, self._ll_tokenizer)
 
     @staticmethod
     def any_constrained(requests: list[Request]) -> bool:
@@ -70,7 +71,7 @@ class ConstraintManager:
         Position j of a constrained row is its grammar after its first j draft tokens: each verified position
         is masked as plain decoding would mask it there. Past the tokens the grammar allows (or a stop token)
         a row stays all-ones: verification rejects or ends the row before it gets there. Each matcher is
-        rolled back to where it began, so the output processor then consumes the accepted tokens and the
+        rolled back to where it began, so the scheduler then consumes the accepted tokens and the
         target's own, exactly as in plain decoding: a rejected draft leaves no trace in the grammar."""
         constrained = [(r._constraint, i) for i, r in enumerate(requests) if r._constraint is not None]
         if not constrained:
@@ -90,25 +91,13 @@ class ConstraintManager:
         return host.to(self.device)
 
 
-def settle(request: Request, token: int) -> None:
-    """Advance a constrained request's grammar by `token` and correct its finish reason (called by
-    output.advance after the stop rules): "stop" only on a complete value."""
-    constraint = request._constraint
-    if token not in request._stop_ids and not constraint.consume(token):
+def settle(constraint, token: int, stop_ids: frozenset, reason: str | None) -> str | None:
+    """Advance a constrained request's grammar by `token` and correct the finish `reason` that the stop
+    rules gave it (scheduler.stop_reason): "stop" only on a complete value."""
+    if token not in stop_ids and not constraint.consume(token):
         # The sampler only picks allowed tokens, so this means the matcher failed: end as unfinished.
-        request.finish_reason = "length"
-        return
-    reason = structured.finish_reason(constraint, request.finish_reason)
+        return "length"
+    reason = structured.finish_reason(constraint, reason)
     if reason == "length" and constraint.is_stopped() and constraint.is_accepting():
         reason = "stop"  # the last token allowed completed the value
-    request.finish_reason = reason
-
-
-def stop_string_cut(request: Request, cut: int | None) -> int | None:
-    """Where a stop string cuts the text (output.advance): a constrained request's value is never cut.
-    A stop string ends it, with its text whole, once the value is complete, and is ignored before."""
-    if cut is None or request._constraint is None:
-        return cut
-    if request._constraint.is_accepting():
-        request.finish_reason = "stop"
-    return None
+    return reason

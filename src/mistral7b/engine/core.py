@@ -2,9 +2,9 @@
 
 Every `step()` admits waiting requests into free cache rows (`Scheduler`), pushes a bounded number of
 prompt tokens through chunked prefill (so a long prompt never stalls the streams already running),
-then advances every decoding row in one forward (`ModelRunner`), and turns the chosen tokens into
-final text (`OutputProcessor`). Sequences join and leave the batch at every step. `LLM.generate` and
-the HTTP server both drive it.
+then advances every decoding row in one forward (`ModelRunner`). The scheduler updates the requests
+from the chosen tokens, which the `OutputProcessor` turns into final text. Sequences join and leave
+the batch at every step. `LLM.generate` and the HTTP server both drive it.
 
 With `prefix_cache_gib > 0` a `PrefixCache` sits beside the KV cache: the scheduler restores a
 request's cached prefix into its row before its first chunk, and every prefill chunk's complete
@@ -41,13 +41,14 @@ class Engine:
         spare = s.speculative.num_tokens if s.speculative is not None else 0
         self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare)
         self.prefix = self._prefix_cache(s)
-        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix, s.batch_invariant)
         self.output = OutputProcessor(tokenizer)
+        self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix, s.batch_invariant,
+                                   self.output)
         self.constraints = ConstraintManager(tokenizer, model.config.vocab_size, s.max_batch, self.runner.device)
         self.device, self.cache = self.runner.device, self.runner.cache
         self.max_batch, self.chunk_size, self.prefill_budget = s.max_batch, s.chunk_size, s.prefill_budget
         self.compiled = s.compile
-        self.speculator = make_speculator(s, self.runner, draft_model, self.output, self.constraints)
+        self.speculator = make_speculator(s, self.runner, draft_model, self.scheduler, self.constraints)
         # Mutable between steps (benchmarks and tests switch them): several decode steps back to back,
         # and pipelined decode, which launches the next group of steps before reading the last one's tokens.
         self.decode_steps, self.pipeline = s.decode_steps, s.pipeline
@@ -74,11 +75,9 @@ class Engine:
         self.validate(prompt_ids, params)
         lora = self._check_lora(lora)
         request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}")
-        self.constraints.prepare(request)
-        self.output.prepare(request)
+        self.output.prepare(request, self.constraints.build(params))
         with self.adapters.lock:  # queued before another thread can unload the adapter and reuse its slot
-            request.lora_slot = self.adapters.slot(lora)
-            self.scheduler.add(request)
+            self.scheduler.add(request, self.adapters.slot(lora))
         return request
 
     def load_lora(self, name: str, path) -> None:
@@ -176,15 +175,11 @@ class Engine:
                 for request in chunk.requests:
                     if not request.lora_slot:  # an adapter's keys and values are not the base model's
                         self.prefix.store(request.row, request.prompt_ids, chunk.start, end)
-            done = []
-            for i, request in enumerate(chunk.requests):
-                request.n_prefilled += chunk.length
-                if request.prefilled:
-                    done.append(i)
+            done = self.scheduler.prefilled(chunk)
             if done:
                 requests = [chunk.requests[i] for i in done]
                 tokens, logprobs = self.runner.sample(requests, logits[done], self._bitmask(requests))
-                self.output.apply(requests, [tokens.tolist()], [logprobs], deltas)
+                deltas += self.scheduler.update_from_output(requests, [tokens.tolist()], [logprobs])
 
     def _decode(self, decoding: list[Request], deltas: list[Delta]) -> None:
         """Advance every decoding row. When nothing waits to be prefilled, several steps run back to
@@ -209,7 +204,7 @@ class Engine:
         if pipelined:
             self._inflight = group
         else:
-            self.output.apply(decoding, group.tokens.tolist(), logprobs, deltas)
+            deltas += self.scheduler.update_from_output(decoding, group.tokens.tolist(), logprobs)
 
     def _speculate(self, decoding: list[Request], deltas: list[Delta]) -> None:
         """One speculative step (propose, verify, accept) for every decoding row, after reading any
@@ -230,7 +225,7 @@ class Engine:
     def _finish(self, group: DecodeGroup, deltas: list[Delta]) -> None:
         """Read an in-flight group's tokens (waiting for those steps only) and advance its requests."""
         self._inflight = None
-        self.output.apply(group.requests, group.read(), [None] * group.steps, deltas)
+        deltas += self.scheduler.update_from_output(group.requests, group.read(), [None] * group.steps)
 
 
 def _remaining(decoding: list[Request], prev: DecodeGroup | None) -> int:

@@ -1,4 +1,4 @@
-"""The output processor: tokens in, final text out, with stop tokens, stop strings and hold-back.
+"""The output processor: tokens in, final text out, with stop strings and hold-back.
 
 Text that could still grow into a stop string is held back until the next tokens settle it, so a
 stream never shows text that a stop string later removes.
@@ -6,89 +6,67 @@ stream never shows text that a stop string later removes.
 
 from __future__ import annotations
 
-import time
-
-from .constraints import settle, stop_string_cut
-from .request import Delta, Request, TokenLogprob
+from .request import Delta, Request
 
 
 class OutputProcessor:
+    """Turns each token a request takes into a Delta of final text. It writes only the request's
+    `TextStream`; the scheduler appends the token first and applies the finish reason after."""
+
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
         self.default_stop_ids = frozenset(getattr(tokenizer, "stop_token_ids", None) or ())
-        # False in an engine process: the HTTP process detokenises and applies stop strings (emit_text).
+        # False in an engine process: the HTTP process detokenises and applies stop strings.
         self.detokenize = True
 
-    def prepare(self, request: Request) -> None:
-        """Set up a new request's stop tokens, logprob list and streaming decoder."""
-        eos = frozenset() if request.params.ignore_eos else self.default_stop_ids
-        request._stop_ids = frozenset(request.params.stop_token_ids) | eos
-        if request.params.logprobs is not None:
-            request.logprobs = []
-        if self.tokenizer is not None and self.detokenize:
-            request._decoder = self.tokenizer.decoder()
+    def prepare(self, request: Request, constraint=None) -> None:
+        """Give a new request its stop tokens, its text stream (with a streaming decoder) and its grammar."""
+        params = request.params
+        eos = frozenset() if params.ignore_eos else self.default_stop_ids
+        decoder = self.tokenizer.decoder() if self.tokenizer is not None and self.detokenize else None
+        request.prepare(frozenset(params.stop_token_ids) | eos, TextStream(decoder, params.stop), constraint)
 
-    def apply(self, requests: list[Request], token_rows: list[list[int]], logprobs: list, deltas: list[Delta]) -> None:
-        """Advance each request by its tokens, step by step (`token_rows[step][i]` is request i's)."""
-        logprobs = [None if lp is None else [t.tolist() for t in lp] for lp in logprobs]
-        now = time.monotonic()
-        for step_tokens, lp in zip(token_rows, logprobs):
-            for i, (request, token) in enumerate(zip(requests, step_tokens)):
-                if request.finished:
-                    continue
-                if request.first_token_time is None:
-                    request.first_token_time = now
-                if lp is not None and request.logprobs is not None:
-                    n = request.params.logprobs
-                    top = list(zip(lp[2][i][:n], lp[1][i][:n]))
-                    request.logprobs.append(TokenLogprob(token, lp[0][i], top))
-                deltas.append(advance(request, token))
+    @staticmethod
+    def delta(request: Request, token: int, reason: str | None, accepting: bool | None) -> Delta:
+        """The Delta of `token`, just appended to `request` with the token-level finish `reason` (None: it
+        goes on): its final text, and "stop" instead if a stop string ends the request there. `accepting`
+        (constrained requests): whether the grammar could end here, where alone a stop string may end it."""
+        stop_token = token in request._stop_ids
+        text, stopped = request._stream.push(None if stop_token else token, reason is not None, accepting)
+        return Delta(request, text, [token], "stop" if stopped else reason, accepting)
 
 
-def advance(request: Request, token: int) -> Delta:
-    """Append a token, apply stop rules, and return the text that became final."""
-    finish_token(request, token)
-    delta = emit_text(request, token)
-    if request._constraint is not None:
-        delta.accepting = request._constraint.is_accepting()
-    return delta
+class TextStream:
+    """One request's text as its tokens arrive: decoded, cut at a stop string, held back where it could grow into one."""
 
+    def __init__(self, decoder=None, stops: list[str] | None = None):
+        self.decoder, self.stops = decoder, stops
+        self.decoded = ""  # all text decoded so far, including what is held back
+        self.scanned = 0  # characters of `decoded` already searched for stop strings
+        self.held = 0  # trailing characters of those that could still grow into a stop string
+        self.text = ""  # final text: stop strings removed, nothing held back
 
-def finish_token(request: Request, token: int) -> None:
-    """The token-level rules (what an engine process applies): append it; stop token, max_tokens, grammar."""
-    request.output_ids.append(token)
-    if token in request._stop_ids:
-        request.finish_reason = "stop"
-    elif len(request.output_ids) >= request.params.max_tokens:
-        request.finish_reason = "length"
-    if request._constraint is not None:
-        settle(request, token)
-
-
-def emit_text(request: Request, token: int) -> Delta:
-    """The text rules, after `finish_token` (the HTTP process applies them to the engine process's tokens):
-    decode `token`, cut at a stop string or hold back what could grow into one; the Delta of final text."""
-    params = request.params
-    if request._decoder is not None and token not in request._stop_ids:
-        request._decoded += request._decoder.push(token)
-    if request.finished and request._decoder is not None:
-        request._decoded += request._decoder.flush()
-    emitted = len(request.text)
-    final = request._decoded
-    if params.stop:
-        cut, hold = scan_stops(final, params.stop, request._stop_scanned, request._stop_held)
-        request._stop_scanned, request._stop_held = len(final), hold
-        cut = stop_string_cut(request, cut)
-        if cut is not None:
-            final = final[:cut]
-            request.finish_reason = "stop"
-        elif not request.finished:
-            final = final[: len(final) - hold]
-    new_text = final[emitted:]
-    request.text = final if len(final) > emitted else request.text
-    if request.finished:
-        request.finish_time = time.monotonic()
-    return Delta(request, new_text, [token], request.finish_reason)
+    def push(self, token: int | None, finished: bool, accepting: bool | None) -> tuple[str, bool]:
+        """Decode `token` (None: a stop token, which has no text); (the text that became final, whether a
+        stop string ends the request). A constrained value (`accepting` not None) is never cut: a stop
+        string ends it, text whole, once the value is complete, and is ignored before."""
+        if self.decoder is not None and token is not None:
+            self.decoded += self.decoder.push(token)
+        if finished and self.decoder is not None:
+            self.decoded += self.decoder.flush()
+        emitted, final, stopped = len(self.text), self.decoded, False
+        if self.stops:
+            cut, self.held = scan_stops(final, self.stops, self.scanned, self.held)
+            self.scanned = len(final)
+            if cut is not None and accepting is not None:
+                cut, stopped = None, accepting
+            if cut is not None:
+                final, stopped = final[:cut], True
+            elif not (finished or stopped):
+                final = final[: len(final) - self.held]
+        if len(final) > emitted:
+            self.text = final
+        return final[emitted:], stopped
 
 
 def scan_stops(text: str, stops: list[str], scanned: int, held: int) -> tuple[int | None, int]:

@@ -1,4 +1,5 @@
-"""A request's state as it moves through the engine, and what one token adds to it."""
+"""A request's state as it moves through the engine, and what one token adds to it. Only Request's own
+methods and the scheduler change a request; the output processor writes only its `TextStream`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ class Request:
     params: SamplingParams
     id: str = ""
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # final text: stop strings removed, nothing held back
     finish_reason: str | None = None  # "stop", "length" or "abort"
     logprobs: list[TokenLogprob] | None = None
     # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
@@ -32,12 +32,38 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
-    _decoder: object = None
     _constraint: object = None  # structured.Constraint of a json_schema/regex/grammar/choice request
     _stop_ids: frozenset = frozenset()
-    _decoded: str = ""  # all text decoded so far, including what is held back
-    _stop_scanned: int = 0  # characters of _decoded already searched for stop strings
-    _stop_held: int = 0  # trailing characters of those that could still grow into a stop string
+    _stream: object = None  # output.TextStream: the output processor's decoded text and stop-string scan
+
+    def prepare(self, stop_ids: frozenset, stream, constraint=None) -> None:
+        """Set what is fixed once the request is added: its stop tokens, its text stream, its grammar."""
+        self._stop_ids, self._stream, self._constraint = stop_ids, stream, constraint
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    def append_token(self, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Append a token sampled at time `now` (and its log-probabilities, if the request asked for them)."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.output_ids.append(token)
+        if logprob is not None and self.logprobs is not None:
+            self.logprobs.append(logprob)
+
+    def finish(self, reason: str) -> None:
+        """End the request: "stop", "length" or "abort"."""
+        self.finish_reason, self.finish_time = reason, time.monotonic()
+
+    def add_prompt_logprobs(self, entries: list[TokenLogprob | None], first: bool) -> None:
+        """Record prompt log-probabilities in prompt order; `first`: they begin at the first prompt token."""
+        if first:
+            self.prompt_logprobs = []
+        self.prompt_logprobs.extend(entries)
+
+    @property
+    def text(self) -> str:
+        """The final text: stop strings removed, nothing held back."""
+        return "" if self._stream is None else self._stream.text
 
     @property
     def finished(self) -> bool:

@@ -211,18 +211,17 @@ class ModelRunner:
 
 
 def record_prompt_logprobs(request: Request, logits: torch.Tensor, start: int) -> None:
-    """Append the log-probabilities of prompt tokens start+1 .. start+len(logits) (those that the chunk's
+    """Add the log-probabilities of prompt tokens start+1 .. start+len(logits) (those that the chunk's
     positions predict) to `request.prompt_logprobs`; the first prompt token gets None."""
-    if start == 0:
-        request.prompt_logprobs = [None]
+    entries = [None] if start == 0 else []
     targets = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
-    if not targets:
-        return
-    chosen, top_values, top_ids = top_logprobs(logits[: len(targets)], torch.tensor(targets, device=logits.device),
-                                               request.params.prompt_logprobs)
-    k = request.params.prompt_logprobs
-    for token, lp, values, ids in zip(targets, chosen.tolist(), top_values.tolist(), top_ids.tolist()):
-        request.prompt_logprobs.append(TokenLogprob(token, lp, list(zip(ids[:k], values[:k]))))
+    if targets:
+        chosen, top_values, top_ids = top_logprobs(logits[: len(targets)], torch.tensor(targets, device=logits.device),
+                                                   request.params.prompt_logprobs)
+        k = request.params.prompt_logprobs
+        for token, lp, values, ids in zip(targets, chosen.tolist(), top_values.tolist(), top_ids.tolist()):
+            entries.append(TokenLogprob(token, lp, list(zip(ids[:k], values[:k]))))
+    request.add_prompt_logprobs(entries, first=start == 0)
 
 
 def _cuda_graph_thread_state() -> None:

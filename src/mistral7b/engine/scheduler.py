@@ -1,4 +1,4 @@
-"""Admission, cache rows, and the prefill plan of each step.
+"""Admission, cache rows, the prefill plan of each step, and every change to a request's state.
 
 Each running sequence owns one row of the preallocated cache. Waiting requests take free rows in
 arrival order; a finished or aborted request gives its row back at the start of the next step, never
@@ -8,6 +8,10 @@ thread while one thread steps the engine.
 With a prefix cache, a request is looked up when its first prefill chunk is about to be planned (not
 on admission), and held back while another request is computing a block of the prefix they share, so
 a burst of requests with one system prompt computes it once (the recipe in `prefix_cache`'s docstring).
+
+After each forward the scheduler updates the requests from its output (nano-vllm's `postprocess`,
+vLLM's `update_from_output`): it appends the tokens, applies the stop rules, and asks the output
+processor for each token's text, which may end the request at a stop string.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from .constraints import settle
 from .prefix_cache import PrefixCache
-from .request import Request
+from .request import Delta, Request, TokenLogprob
 
 
 @dataclass
@@ -32,8 +37,9 @@ class PrefillChunk:
 
 class Scheduler:
     def __init__(self, max_batch: int, chunk_size: int, prefill_budget: int, prefix: PrefixCache | None = None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, output=None):
         self.max_batch, self.chunk_size, self.prefill_budget = max_batch, chunk_size, prefill_budget
+        self.output = output  # the OutputProcessor: each token of `update_from_output` to a Delta
         self.batch_invariant = batch_invariant
         self.prefix = prefix
         self.looked_up: set[Request] = set()  # requests already matched against the prefix cache
@@ -41,8 +47,10 @@ class Scheduler:
         self.rows: list[Request | None] = [None] * max_batch
         self.lock = threading.RLock()
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, lora_slot: int = 0) -> None:
+        """Queue `request`, to run with the LoRA adapter in `lora_slot` (0: none)."""
         with self.lock:
+            request.lora_slot = lora_slot
             self.waiting.append(request)
 
     def abort(self, request: Request) -> None:
@@ -51,8 +59,7 @@ class Scheduler:
             if request in self.waiting:
                 self.waiting.remove(request)
             if not request.finished:
-                request.finish_reason = "abort"
-                request.finish_time = time.monotonic()
+                request.finish("abort")
 
     def schedule(self) -> tuple[list[Request], list[Request]]:
         """Free finished rows, admit waiting requests into free rows; return (admitted, running)."""
@@ -77,6 +84,31 @@ class Scheduler:
                 self.rows[request.row] = None
                 request.row = None
             self.looked_up.discard(request)
+
+    @staticmethod
+    def prefilled(chunk: PrefillChunk) -> list[int]:
+        """Count a prefill chunk as computed; the indices of its requests whose prompt is now complete."""
+        for request in chunk.requests:
+            request.n_prefilled += chunk.length
+        return [i for i, request in enumerate(chunk.requests) if request.prefilled]
+
+    def update_from_output(self, requests: list[Request], token_rows: list[list[int]], logprobs: list) -> list[Delta]:
+        """Advance each request by its sampled tokens, step by step (`token_rows[step][i]` is request i's;
+        `logprobs[step]` theirs, or None): append each, end the request on a stop token, max_tokens, its
+        grammar or a stop string (dropping its later tokens); the deltas, in order."""
+        logprobs = [None if lp is None else [t.tolist() for t in lp] for lp in logprobs]
+        now, deltas = time.monotonic(), []
+        for step_tokens, lp in zip(token_rows, logprobs):
+            for i, (request, token) in enumerate(zip(requests, step_tokens)):
+                if request.finished:
+                    continue
+                request.append_token(token, _logprob(lp, i, token, request.params.logprobs), now)
+                reason = stop_reason(request, token)
+                accepting = None if request._constraint is None else request._constraint.is_accepting()
+                deltas.append(self.output.delta(request, token, reason, accepting))
+                if deltas[-1].finished:
+                    request.finish(deltas[-1].finish_reason)
+        return deltas
 
     def plan_prefill(self, pending: list[Request]) -> list[PrefillChunk]:
         """Up to `prefill_budget` prompt tokens, oldest request first, each request at most one chunk.
@@ -154,3 +186,23 @@ class Scheduler:
     def prefilling(self) -> bool:
         """True while a request waits for a row or has prompt tokens left to prefill."""
         return bool(self.waiting) or any(not r.prefilled for r in self.rows if r is not None)
+
+
+def stop_reason(request: Request, token: int) -> str | None:
+    """The token-level rules (what an engine process applies) for `token`, just appended: a stop token,
+    max_tokens, the grammar; the finish reason, or None."""
+    reason = None
+    if token in request._stop_ids:
+        reason = "stop"
+    elif len(request.output_ids) >= request.params.max_tokens:
+        reason = "length"
+    if request._constraint is not None:
+        reason = settle(request._constraint, token, request._stop_ids, reason)
+    return reason
+
+
+def _logprob(step: list | None, i: int, token: int, n: int | None) -> TokenLogprob | None:
+    """Row i's entry of one step's (chosen, top values, top ids) lists, when its request asked for `n`."""
+    if step is None or n is None:
+        return None
+    return TokenLogprob(token, step[0][i], list(zip(step[2][i][:n], step[1][i][:n])))

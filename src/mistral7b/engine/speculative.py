@@ -16,7 +16,7 @@ rejected positions' slots are emptied (`KVCache.forget`) so no later query sees 
 Rows with a structured-output constraint speculate too. Their draft is cut after the tokens their
 grammar allows; each verified position is masked by the grammar as it stands after the draft tokens
 before it (`ConstraintManager.verify_bitmasks` feeds the draft through the matcher, then rolls it back);
-the output processor then consumes only what was accepted, so a rejection leaves the grammar where plain
+the scheduler then consumes only what was accepted, so a rejection leaves the grammar where plain
 decoding would have it.
 """
 
@@ -130,9 +130,9 @@ class Proposal:
 class Speculator:
     """One speculative step for the engine: propose, verify, accept, roll back, emit."""
 
-    def __init__(self, config: SpeculativeConfig, runner, proposer, output, constraints):
+    def __init__(self, config: SpeculativeConfig, runner, proposer, scheduler, constraints):
         self.config, self.runner, self.proposer = config, runner, proposer
-        self.output, self.constraints = output, constraints
+        self.scheduler, self.constraints = scheduler, constraints
         self.stats = SpecStats(config.num_tokens)
 
     def active(self, decoding: list[Request]) -> bool:
@@ -163,14 +163,14 @@ class Speculator:
         return max(0, min(self.config.num_tokens, r.params.max_tokens - len(r.output_ids) - 1))
 
     def _emit(self, decoding, logits, emitted, deltas) -> None:
-        """Hand each row's tokens to the output processor position by position (stop rules and
+        """Hand each row's tokens to the scheduler position by position (stop rules and
         max_tokens apply there: tokens after a stop are dropped), with log-probabilities if asked."""
         for j in range(max(len(t) for t in emitted)):
             idx = [i for i, t in enumerate(emitted) if len(t) > j]
             requests = [decoding[i] for i in idx]
             tokens = torch.tensor([emitted[i][j] for i in idx])
             lp = self.runner.logprobs(requests, logits[idx, j], tokens.to(logits.device))
-            self.output.apply(requests, [tokens.tolist()], [lp], deltas)
+            deltas += self.scheduler.update_from_output(requests, [tokens.tolist()], [lp])
 
 
 def within_grammar(requests: list[Request], proposal: Proposal) -> None:
@@ -261,7 +261,7 @@ def uniform(sampler: SamplerBatch, rows: list[int], device) -> torch.Tensor:
     return u
 
 
-def make_speculator(settings, runner, draft_model, output, constraints) -> Speculator | None:
+def make_speculator(settings, runner, draft_model, scheduler, constraints) -> Speculator | None:
     """The engine's Speculator for `settings.speculative` (None when off), with its proposer."""
     config = settings.speculative
     if config is None:
@@ -280,4 +280,4 @@ def make_speculator(settings, runner, draft_model, output, constraints) -> Specu
         check_draft(runner.model.config, draft_model.config, runner.cache.max_positions)
         proposer = DraftProposer(draft_model, runner.max_batch, config.num_tokens, settings.chunk_size,
                                  runner.cache.max_seq_len)
-    return Speculator(config, runner, proposer, output, constraints)
+    return Speculator(config, runner, proposer, scheduler, constraints)

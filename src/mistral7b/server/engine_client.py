@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from ..engine.constraints import ConstraintManager
 from ..engine.core import validate_request
-from ..engine.output import OutputProcessor, emit_text
+from ..engine.output import OutputProcessor
 from ..engine.request import Request
 from ..engine.speculative import SpecStats
 from ..llm import LLM, _tokenizer_path
@@ -80,16 +80,6 @@ class _PrefixStats:
 
     def metrics(self) -> dict:
         return self.values
-
-
-class _GrammarState:
-    """A constrained request's grammar lives in the engine process; its last step says whether the value
-    could end there, which is all a stop string needs to know (constraints.stop_string_cut)."""
-
-    accepting = False
-
-    def is_accepting(self) -> bool:
-        return self.accepting
 
 
 class EngineClient:
@@ -182,8 +172,6 @@ class EngineClient:
     def submit(self, prompt_ids: list[int], params, request_id: str, sub: _Subscriber) -> Request:
         request = Request(list(prompt_ids), params, request_id)
         self.output.prepare(request)
-        if params.constrained:
-            request._constraint = _GrammarState()
         with self._lock:
             if self.dead:
                 raise APIError(503, self.dead, type="server_error", code="engine_dead")
@@ -199,7 +187,7 @@ class EngineClient:
             self.subscribers.pop(request.id, None)
             was_open = self.requests.pop(request.id, None) is not None and not request.finished
             if was_open:
-                request.finish_reason, request.finish_time = "abort", time.monotonic()
+                request.finish("abort")
         if was_open:
             self._outbox.put(wire.abort([request.id]))
 
@@ -299,25 +287,24 @@ class EngineClient:
             _deliver_soon(loop, items)
 
     def _advance(self, request: Request, sub: _Subscriber, out: list, now: float) -> Item:
-        """Apply one step's tokens to the request as `engine.output` would have in-process."""
+        """Apply one step's tokens to the request as the scheduler would have in-process."""
         _, tokens, finish_reason, logprobs, prompt_logprobs, accepting = out
         if prompt_logprobs is not None:
-            request.prompt_logprobs = [None if e is None else wire.logprob_of(e) for e in prompt_logprobs]
-        if request.first_token_time is None:
-            request.first_token_time = now
+            request.add_prompt_logprobs([None if e is None else wire.logprob_of(e) for e in prompt_logprobs], True)
         texts, new_logprobs, n = [], [], 0
         for n, token in enumerate(tokens, 1):
-            request.output_ids.append(token)
-            request.finish_reason = finish_reason if n == len(tokens) else None
-            if accepting is not None:
-                request._constraint.accepting = accepting[n - 1]
-            if logprobs is not None and request.logprobs is not None:
-                new_logprobs.append(wire.logprob_of(logprobs[n - 1]))
-            texts.append(emit_text(request, token).text)
+            entry = None if logprobs is None or request.logprobs is None else wire.logprob_of(logprobs[n - 1])
+            if entry is not None:
+                new_logprobs.append(entry)
+            request.append_token(token, entry, now)
+            # The engine's stop rules ended it after the last token; a stop string here may end it sooner.
+            delta = self.output.delta(request, token, finish_reason if n == len(tokens) else None,
+                                      None if accepting is None else accepting[n - 1])
+            if delta.finished:
+                request.finish(delta.finish_reason)
+            texts.append(delta.text)
             if request.finished:
                 break
-        if request.logprobs is not None:
-            request.logprobs += new_logprobs
         sub.metrics.record_tokens(request, n, now, sub.last_time, request.finish_reason)
         sub.last_time, sub.sent_tokens = now, sub.sent_tokens + n
         return Item(sub.choice, "".join(texts), tokens[:n], new_logprobs or None, request.finish_reason)
@@ -328,7 +315,7 @@ class EngineClient:
             for rid in ids:
                 request, sub = self.requests.pop(rid, None), self.subscribers.pop(rid, None)
                 if request is not None and not request.finished:
-                    request.finish_reason = "abort"
+                    request.finish("abort")
                 if sub is not None:
                     subs.append(sub)
         deliver_errors(subs, message)

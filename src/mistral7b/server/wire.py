@@ -66,7 +66,7 @@ def output(request, tokens: list[int], finish_reason: str | None, logprobs: list
     """One request's part of a step: [id, tokens, finish_reason, logprobs, prompt_logprobs, accepting].
     `accepting` (constrained requests; one per token, as a speculative step emits several) says whether
     the grammar could end after that token: a stop string may end the value only there
-    (constraints.stop_string_cut)."""
+    (output.TextStream.push)."""
     if logprobs is not None:
         logprobs = [_logprob(e) for e in logprobs]
     prompt = None
