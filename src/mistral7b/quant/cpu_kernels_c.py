@@ -28,7 +28,7 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 
 #define QK 32
 
-int m7b_abi(void) { return 3; }
+int m7b_abi(void) { return 4; }
 
 static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float *sx) {
     for (int64_t b = 0; b < k / QK; b++) {
@@ -78,20 +78,70 @@ static inline __m256i block_dot(const uint8_t *w, int bits, const int8_t *qx) {
 #endif
 
 #if defined(M7B_VNNI)
-// Two blocks per 512-bit register: [b lo | b hi | b+1 lo | b+1 hi] nibbles, as the x layout.
-static inline __m512i block_pair_dot(const uint8_t *w, int bits, const int8_t *qx) {
-    __m512i x = _mm512_loadu_si512((const void *)qx);
+// A pair of weight blocks as dpbusd's unsigned operand: nibbles in the x layout [b lo | b hi | b+1 lo |
+// b+1 hi], or |q| for int8, whose signs (`neg`) pair_dot then puts on x.
+static inline __m512i pair_weights(const uint8_t *w, int bits, __mmask64 *neg) {
     if (bits == 4) {
         __m256i raw = _mm256_loadu_si256((const __m256i *)w);
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-        both = _mm512_and_si512(_mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
-        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), both, x);
+        return _mm512_and_si512(_mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
     }
     __m512i q = _mm512_loadu_si512((const void *)w);
-    __mmask64 neg = _mm512_movepi8_mask(q);
-    __m512i zero = _mm512_setzero_si512();
-    __m512i xs = _mm512_mask_sub_epi8(x, neg, zero, x);  // x with q's sign, |q| unsigned
-    return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(q), xs);
+    *neg = _mm512_movepi8_mask(q);
+    return _mm512_abs_epi8(q);
+}
+
+static inline __m512i pair_dot(__m512i wu, __mmask64 neg, int bits, const int8_t *qx) {
+    __m512i x = _mm512_loadu_si512((const void *)qx);
+    if (bits == 8) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, x);
+}
+
+static inline __m512 pair_scale(const float *v) {  // [v0 x 8 | v1 x 8]
+    return _mm512_insertf32x8(_mm512_set1_ps(v[0]), _mm256_set1_ps(v[1]), 1);
+}
+
+// R weight rows x S activation rows (rows of qx k apart, of out n apart): each pair of weight blocks is
+// unpacked once for all S rows. Every output takes the same float operations in the same order
+// whatever R and S are (a product d * dx is the same in a lane as in a scalar), so grouping rows never
+// changes a result.
+static inline __attribute__((always_inline)) void grid_dot(
+        int R, int S, const uint8_t *w, int64_t wrow, int bits, const float *d, const float *m, int64_t nb,
+        const int8_t *qx, int64_t k, const float *dx, const float *sx, float *out, int64_t n) {
+    const int64_t stride = bits == 4 ? QK / 2 : QK;
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) {
+            float offset = 0.f;
+            if (m)  // NULL: no offsets (symmetric int8), which saves reading a row of zeros
+                for (int64_t b = 0; b < nb; b++) offset += m[r * nb + b] * sx[s * nb + b];
+            out[s * n + r] = offset;
+        }
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __m512 xd[4];
+        for (int s = 0; s < S; s++) xd[s] = pair_scale(dx + s * nb + b);
+        for (int r = 0; r < R; r++) {
+            __mmask64 neg = 0;
+            __m512i wu = pair_weights(w + r * wrow + b * stride, bits, &neg);
+            __m512 wd = pair_scale(d + r * nb + b);
+            for (int s = 0; s < S; s++) {
+                __m512 p = _mm512_cvtepi32_ps(pair_dot(wu, neg, bits, qx + s * k + b * QK));
+                acc[r][s] = _mm512_fmadd_ps(p, _mm512_mul_ps(wd, xd[s]), acc[r][s]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) {
+            __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r][s]), _mm512_extractf32x8_ps(acc[r][s], 1));
+            if (b < nb) {
+                __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + s * k + b * QK));
+                a = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r * nb + b] * dx[s * nb + b]), a);
+            }
+            out[s * n + r] += hsum(a);
+        }
 }
 #endif
 
@@ -106,27 +156,7 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
             for (int64_t b = 0; b < nb; b++) offset += m[r * nb + b] * sx[b];
         out[r] = offset;
     }
-#if defined(M7B_VNNI)
-    __m512 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        for (int r = 0; r < R; r++) {
-            const float *dr = d + r * nb + b;
-            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(dr[0] * dx[b]), _mm256_set1_ps(dr[1] * dx[b + 1]), 1);
-            __m512 p = _mm512_cvtepi32_ps(block_pair_dot(w + r * wrow + b * stride, bits, qx + b * QK));
-            acc[r] = _mm512_fmadd_ps(p, scale, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1));
-        if (b < nb) {
-            __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + b * QK));
-            a = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r * nb + b] * dx[b]), a);
-        }
-        out[r] += hsum(a);
-    }
-#elif defined(M7B_AVX2)
+#if defined(M7B_AVX2)
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++)
@@ -153,11 +183,41 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
 #endif
 }
 
+// Outputs [lo, hi) of every activation row.
 static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const float *d,
-                     const float *m, int64_t nb, const int8_t *qx, const float *dx, const float *sx, float *out) {
-    int64_t j = lo;
-    for (; j + 4 <= hi; j += 4) rows_dot(4, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, qx, dx, sx, out + j);
-    for (; j < hi; j++) rows_dot(1, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, qx, dx, sx, out + j);
+                     const float *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
+                     const float *dx, const float *sx, float *out) {
+#if defined(M7B_VNNI)
+    for (int64_t s = 0; s < rows; s += 4) {
+        const int S = rows - s < 4 ? (int)(rows - s) : 4;
+        const int8_t *xs = qx + s * k;
+        const float *dxs = dx + s * nb, *sxs = sx + s * nb;
+        int64_t j = lo;
+        for (; j + 4 <= hi; j += 4) {
+            const uint8_t *wj = w + j * wrow;
+            const float *dj = d + j * nb, *mj = m ? m + j * nb : m;
+            float *o = out + s * n + j;
+            switch (S) {  // constant shapes, so that each grid's accumulators stay in registers
+                case 4: grid_dot(4, 4, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
+                case 3: grid_dot(4, 3, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
+                case 2: grid_dot(4, 2, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
+                default: grid_dot(4, 1, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n);
+            }
+        }
+        for (; j < hi; j++)
+            grid_dot(1, S, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, xs, k, dxs, sxs,
+                     out + s * n + j, n);
+    }
+#else
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *xr = qx + r * k;
+        const float *dxr = dx + r * nb, *sxr = sx + r * nb;
+        float *o = out + r * n;
+        int64_t j = lo;
+        for (; j + 4 <= hi; j += 4) rows_dot(4, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, xr, dxr, sxr, o + j);
+        for (; j < hi; j++) rows_dot(1, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, xr, dxr, sxr, o + j);
+    }
+#endif
 }
 
 // ---------------------------------------------------------------------------------------- threads
@@ -188,9 +248,7 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 
 static void run_tile(const Job *j, int64_t t) {
     const int64_t lo = t * TILE, hi = lo + TILE < j->n ? lo + TILE : j->n;
-    for (int64_t r = 0; r < j->rows; r++)
-        tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->qx + r * j->k, j->dx + r * j->nb,
-                 j->sx + r * j->nb, j->out + r * j->n);
+    tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->rows, j->k, j->n, j->qx, j->dx, j->sx, j->out);
 }
 
 // Claims and runs tiles of generation `gen` until none is left (or a newer job replaced it).
