@@ -1,80 +1,114 @@
-"""The 2-core CPU target against llama.cpp: the default model, 128 new greedy tokens, 2 threads, one run.
+"""CPU decode against llama.cpp in the same run: same GGUF, same prompt token ids, same threads, greedy.
 
-Ours (`LLM`: load time, time to the first token, decode tok/s) in this process, and llama.cpp
-(llama-cpp-python 0.3.36) on the same GGUF file in a subprocess under `--peer-python`, the python of
-a separate venv that built it:
+Each run is a fresh process, and runs alternate between the engines (ours, llama.cpp, ours, ...) for
+`--rounds` rounds, so a change in the machine's load falls on both. Every process loads the model,
+generates `--warmup-tokens` untimed, then `--new-tokens` timed; it reports decode tok/s ((n - 1) /
+(last token time - first)), time to the first token of the timed run, load time, process start (spawn)
+to its first token, and its peak RSS. The table prints each run with the load average before it,
+min/median/max decode tok/s per engine, ours / llama.cpp (medians), how many greedy tokens agree (common
+prefix), and the machine's ceiling: memory copy bandwidth / weight bytes read per token.
 
-    python3 -m venv .peer-venv && CMAKE_BUILD_PARALLEL_LEVEL=1 .peer-venv/bin/pip install llama-cpp-python==0.3.36
-    python benchmarks/cpu_peer.py --peer-python .peer-venv/bin/python
-    python benchmarks/cpu_peer.py --peer-python .peer-venv/bin/python --ours none:float32,int4:bfloat16
+Shapes (`--shape`): `default` (the bundled model), `1b` (TinyLlama's shape: dim 2048, 22 layers) and
+`7b` (Mistral-7B's: dim 4096, 32 layers, ~3.8 GB): Q4_0 GGUFs with random weights that
+benchmarks/bench_gguf.py writes once into ~/.cache/mistral7b/bench/. Random weights make random text:
+the agreement only says whether both engines compute the same greedy path.
 
-Both read the same prompt token ids (our tokenizer's). Decode tok/s = (tokens - 1) / (time of the last
-token - time of the first), the median over `--runs`; load is the model's construction, imports excluded.
-`--ours` lists `QUANTIZE:DTYPE` pairs (QUANTIZE `none` is the GGUF as this build loads it).
+The peer is llama-cpp-python 0.3.36 in its own venv (building it from source takes ~10 minutes on 2
+cores; here it was built once into a wheel under the git-ignored .peer/):
+
+    CMAKE_BUILD_PARALLEL_LEVEL=2 pip wheel --no-deps llama-cpp-python==0.3.36 -w .peer/cpu   # GGML_NATIVE is on by default
+    python3 -m venv .peer/venv && .peer/venv/bin/pip install .peer/cpu/llama_cpp_python-0.3.36-*.whl
+
+Its AMX weight repack segfaults on the 2-core AVX-512/AMX machine, so llama_cpp_worker.py loads with
+`use_extra_bufts = False` and `n_threads_batch = n_threads`; the table says so. Ours runs
+benchmarks/ours_worker.py under this python with this checkout's src/ first on PYTHONPATH and the
+environment passed through (MISTRAL7B_INT8_ACTIVATIONS picks the activation path; the table prints
+which ran). The final measurement, on a quiet machine:
+
+    for t in 1 2; do for s in default 1b 7b; do
+      PYTHONPATH=src python benchmarks/cpu_peer.py --shape $s --threads $t --json cpu_peer_${s}_${t}t.json
+    done; done
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_gguf  # noqa: E402
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+ENGINES = ("ours", "llama.cpp")
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
-def run_ours(path: Path, quantize: str, dtype: str, prompt: list[int], args) -> dict:
-    from mistral7b import LLM, SamplingParams
-
-    kwargs = {}
-    if quantize != "none":
-        if "quantize" not in inspect.signature(LLM).parameters:
-            return {"skipped": "this build's LLM takes no quantize="}
-        kwargs["quantize"] = quantize
-    t0 = time.perf_counter()
-    llm = LLM(path, device="cpu", dtype=dtype, max_batch=1, **kwargs)
-    load_s = time.perf_counter() - t0
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
-    runs = []
-    for _ in range(args.runs + 1):  # the first run warms up
-        request = llm.engine.add(prompt, params)
-        while not request.finished:
-            llm.engine.step()
-        n = len(request.output_ids)
-        runs.append({"tokens": list(request.output_ids),
-                     "first_token_s": request.first_token_time - request.arrival_time,
-                     "decode_tok_s": (n - 1) / (request.finish_time - request.first_token_time)})
-    return summarize(runs[1:], load_s)
+def cpu_summary() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "cpus": os.cpu_count()}
 
 
-def run_peer(path: Path, prompt: list[int], args) -> dict:
-    worker = Path(__file__).with_name("llama_cpp_worker.py")
-    request = {"task": "generate", "model": str(path), "threads": args.threads,
-               "prompts": [prompt] * (args.runs + 1), "new_tokens": args.new_tokens}
-    out = subprocess.run([args.peer_python, str(worker)], input=json.dumps(request), capture_output=True, text=True)
+def copy_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Memory copy bandwidth in GB/s (bytes read + bytes written, STREAM's convention), best of `repeats`."""
+    torch.set_num_threads(threads)
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def worker_command(engine: str, args) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    if engine == "ours":
+        src = str(HERE.parent / "src")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        return [sys.executable, str(HERE / "ours_worker.py")], env
+    return [str(args.peer_python), str(HERE / "llama_cpp_worker.py")], env
+
+
+def spawn(engine: str, round_: int, path: Path, prompt: list[int], args) -> dict:
+    """One process of `engine`: its figures, with the 1-minute load average just before the spawn."""
+    request = {"task": "generate", "model": str(path), "threads": args.threads, "dtype": args.dtype,
+               "prompts": [prompt], "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens}
+    command, env = worker_command(engine, args)
+    load_before = os.getloadavg()
+    spawned = time.monotonic()
+    out = subprocess.run(command, input=json.dumps(request), capture_output=True, text=True, env=env)
+    wall_s = time.monotonic() - spawned
     if out.returncode:
-        raise SystemExit(f"llama.cpp worker failed:\n{out.stderr[-2000:]}")
-    peer = json.loads(out.stdout)
-    result = summarize(peer["runs"][1:], peer["load_s"])
-    result["version"] = peer["version"]
-    return result
-
-
-def summarize(runs: list[dict], load_s: float) -> dict:
-    return {
-        "load_s": load_s,
-        "first_token_s": statistics.median(r["first_token_s"] for r in runs),
-        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-        "decode_tok_s_runs": [r["decode_tok_s"] for r in runs],
-        "tokens": runs[0]["tokens"],
-    }
+        raise SystemExit(f"{engine} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    run = result["runs"][0]
+    return {"engine": engine, "round": round_, "load_average_before": list(load_before),
+            "decode_tok_s": run["decode_tok_s"], "first_token_s": run["first_token_s"],
+            "load_s": result["load_s"], "start_to_first_token_s": result["first_token_at"] - spawned,
+            "start_to_import_s": result["started_at"] - spawned, "peak_rss_bytes": result["peak_rss_bytes"],
+            "process_wall_s": wall_s, "tokens": run["tokens"], "version": result["version"],
+            "settings": result["settings"]}
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -84,51 +118,121 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def print_table(rows: dict, peer: dict | None, args) -> None:
-    print(f"\n{platform.processor() or platform.machine()} | {args.threads} threads | torch {torch.__version__} | "
-          f"{args.new_tokens} new greedy tokens | median of {args.runs} | load average {args.load_before} before, "
-          f"{os.getloadavg()[0]:.1f} after (other jobs on the machine skew both engines)")
-    print("| engine | load s | first token s | decode tok/s | decode vs llama.cpp | same tokens as llama.cpp |")
-    print("|---|---|---|---|---|---|")
-    if peer:
-        print(f"| llama.cpp (llama-cpp-python {peer['version']}) | {peer['load_s']:.2f} | {peer['first_token_s']:.3f} | "
-              f"{peer['decode_tok_s']:.1f} | 1.00x | - |")
-    for name, r in rows.items():
-        if "skipped" in r:
-            print(f"| ours {name} | skipped: {r['skipped']} | | | | |")
+def summarize(runs: list[dict]) -> dict:
+    """Per engine: decode tok/s min/median/max and the other figures' medians; then ours / llama.cpp and
+    the greedy agreement of each round."""
+    engines = {}
+    for engine in ENGINES:
+        mine = [r for r in runs if r["engine"] == engine]
+        if not mine:
             continue
-        ratio = f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer else "-"
-        same = f"{common_prefix(r['tokens'], peer['tokens'])}/{len(peer['tokens'])} prefix" if peer else "-"
-        print(f"| ours {name} | {r['load_s']:.2f} | {r['first_token_s']:.3f} | {r['decode_tok_s']:.1f} | {ratio} | {same} |")
+        decode = [r["decode_tok_s"] for r in mine]
+        engines[engine] = {
+            "decode_tok_s": {"min": min(decode), "median": statistics.median(decode), "max": max(decode)},
+            **{k: statistics.median(r[k] for r in mine)
+               for k in ("first_token_s", "load_s", "start_to_first_token_s", "peak_rss_bytes")},
+            "same_tokens_every_round": all(r["tokens"] == mine[0]["tokens"] for r in mine),
+            "version": mine[0]["version"], "settings": mine[0]["settings"],
+        }
+    summary = {"engines": engines}
+    if len(engines) == 2:
+        summary["ours_over_llama_cpp"] = (engines["ours"]["decode_tok_s"]["median"]
+                                          / engines["llama.cpp"]["decode_tok_s"]["median"])
+        rounds = sorted({r["round"] for r in runs})
+        by = {(r["engine"], r["round"]): r["tokens"] for r in runs}
+        summary["agreement"] = [common_prefix(by["ours", i], by["llama.cpp", i]) for i in rounds]
+    return summary
+
+
+def print_table(meta: dict, runs: list[dict], summary: dict) -> None:
+    engines = summary["engines"]
+    peer = engines.get("llama.cpp")
+    cpu = meta["cpu"]
+    print(f"\n{cpu['model']} ({cpu['cpus']} CPUs; {' '.join(cpu['flags'])}) | {meta['threads']} threads | "
+          f"torch {meta['torch']}")
+    print(f"model {meta['model']} ({meta['shape']}, {meta['file_bytes'] / 1e6:.0f} MB) | prompt {meta['prompt_tokens']} "
+          f"tokens | {meta['new_tokens']} new greedy tokens | {meta['rounds']} rounds alternating "
+          f"{', '.join(ENGINES)} | a process per run, {meta['warmup_tokens']} warm-up tokens untimed")
+    print(f"ours: {engines['ours']['settings'] if 'ours' in engines else '-'}")
+    if peer:
+        print(f"llama.cpp: llama-cpp-python {peer['version']}, {peer['settings']}")
+    print(f"ceiling: memory copy {meta['copy_gb_s']:.1f} GB/s / {meta['weight_bytes_per_token'] / 1e6:.1f} MB of "
+          f"weights per token = {meta['ceiling_tok_s']:.1f} tok/s")
+    print("\n| round | engine | load avg before (1/5/15 min) | decode tok/s | first token s | load s | "
+          "start to first token s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        load = "/".join(f"{x:.2f}" for x in r["load_average_before"])
+        print(f"| {r['round']} | {r['engine']} | {load} | {r['decode_tok_s']:.1f} | {r['first_token_s']:.3f} | "
+              f"{r['load_s']:.2f} | {r['start_to_first_token_s']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+    print("\n| engine | decode tok/s min / median / max | of ceiling | first token s | load s | "
+          "start to first token s | peak RSS MB | same tokens every round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, e in engines.items():
+        d = e["decode_tok_s"]
+        print(f"| {name} | {d['min']:.1f} / {d['median']:.1f} / {d['max']:.1f} | "
+              f"{d['median'] / meta['ceiling_tok_s']:.0%} | {e['first_token_s']:.3f} | {e['load_s']:.2f} | "
+              f"{e['start_to_first_token_s']:.2f} | {e['peak_rss_bytes'] / 2**20:.0f} | {e['same_tokens_every_round']} |")
+    if "ours_over_llama_cpp" in summary:
+        agree = ", ".join(f"{n}/{meta['new_tokens']}" for n in summary["agreement"])
+        print(f"\nours / llama.cpp, median decode: {summary['ours_over_llama_cpp']:.2f}x | greedy tokens in common "
+              f"(prefix) per round: {agree}")
+
+
+def model_path(args) -> Path:
+    if args.model:
+        return args.model
+    if args.shape == "default":
+        from mistral7b.default_model import default_model_path
+
+        return Path(default_model_path())
+    return bench_gguf.ensure(args.shape)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("default", "1b", "7b"), default="default")
+    p.add_argument("--model", type=Path, default=None, help="a GGUF file instead of --shape")
+    p.add_argument("--peer-python", default=str(HERE.parent / ".peer" / "venv" / "bin" / "python"),
+                   help="python of the venv with llama-cpp-python; 'none': ours only")
+    p.add_argument("--dtype", default="float32", help="our LLM's dtype")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup-tokens", type=int, default=16, help="untimed tokens each process generates first")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args()
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="a GGUF file (default: the bundled model)")
-    p.add_argument("--peer-python", default=None, help="python of the venv with llama-cpp-python (omit: ours only)")
-    p.add_argument("--ours", default="none:float32", help="QUANTIZE:DTYPE pairs, comma-separated")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+    args = parse_args()
     from mistral7b import Tokenizer
-    from mistral7b.default_model import default_model_path
 
-    torch.set_num_threads(args.threads)
-    args.load_before = f"{os.getloadavg()[0]:.1f}"
-    path = args.model or default_model_path()
+    path = model_path(args)
     prompt = Tokenizer.from_source(path).encode(PROMPT, bos=True)
-    peer = run_peer(path, prompt, args) if args.peer_python else None
-    rows = {}
-    for pair in args.ours.split(","):
-        quantize, _, dtype = pair.partition(":")
-        rows[pair] = run_ours(path, quantize, dtype or "float32", prompt, args)
-    print_table(rows, peer, args)
+    engines = ENGINES if args.peer_python != "none" else ENGINES[:1]
+    copy_gb_s = copy_bandwidth(args.threads)
+    per_token = bench_gguf.weight_bytes_per_token(path)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_summary(), "threads": args.threads,
+            "torch": torch.__version__, "python": platform.python_version(), "model": str(path),
+            "shape": args.model and "--model" or args.shape, "file_bytes": path.stat().st_size,
+            "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens,
+            "rounds": args.rounds, "dtype": args.dtype, "copy_gb_s": copy_gb_s, "weight_bytes_per_token": per_token,
+            "ceiling_tok_s": copy_gb_s * 1e9 / per_token,
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MISTRAL7B_", "OMP_"))}}
+    runs = []
+    for round_ in range(1, args.rounds + 1):
+        for engine in engines:
+            runs.append(spawn(engine, round_, path, prompt, args))
+            r = runs[-1]
+            print(f"round {round_} {engine}: {r['decode_tok_s']:.1f} tok/s (load average before "
+                  f"{r['load_average_before'][0]:.2f})", file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    print_table(meta, runs, summary)
     if args.json:
-        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": str(path), "threads": args.threads,
-                                         "torch": torch.__version__, "load_average_before": args.load_before,
-                                         "load_average_after": os.getloadavg()[0], "llama_cpp": peer, "ours": rows}, indent=2))
+        peer = summary["engines"].get("llama.cpp")
+        meta["llama_cpp_python"] = peer and peer["version"]
+        args.json.write_text(json.dumps({**meta, "summary": summary, "runs": runs}, indent=2))
     return 0
 
 

@@ -1,0 +1,88 @@
+"""Our engine as one benchmark process: the `generate` protocol of `llama_cpp_worker.py`, for `cpu_peer.py`.
+
+One JSON request on stdin, one JSON result on stdout:
+
+    {"model": PATH, "threads": 2, "dtype": "float32", "prompts": [[ids...], ...], "new_tokens": 128,
+     "warmup_tokens": 16}
+
+`LLM(path, device="cpu", dtype=..., max_batch=1)` with the cache sized to the request (like llama.cpp's
+n_ctx), greedy. The worker's start and the first token are on time.monotonic(), so the caller measures
+process start to first token from its spawn; the result also holds the peak RSS, and which activation
+path ran (`mistral7b.quant.cpu_kernels.available()`: int8 activations, or torch's float kernels) under
+the environment the caller passed through (MISTRAL7B_INT8_ACTIVATIONS).
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED_AT = time.monotonic()
+
+import json  # noqa: E402 - after the start time
+import os  # noqa: E402
+import sys  # noqa: E402
+
+
+def one_run(llm, prompt: list[int], n_new: int) -> dict:
+    """Greedy tokens through the engine's step loop; each token is timed as it appears."""
+    from mistral7b import SamplingParams
+
+    params = SamplingParams(max_tokens=n_new, ignore_eos=True, temperature=0.0)
+    times, first_at = [], None
+    start = time.perf_counter()
+    request = llm.engine.add(prompt, params)
+    while not request.finished:
+        llm.engine.step()
+        now = time.perf_counter()
+        if request.output_ids and first_at is None:
+            first_at = time.monotonic()
+        times += [now] * (len(request.output_ids) - len(times))
+    tokens = [int(t) for t in request.output_ids]
+    return {"tokens": tokens, "first_token_s": times[0] - start, "total_s": times[-1] - start,
+            "first_token_at": first_at, "decode_tok_s": (len(tokens) - 1) / max(times[-1] - times[0], 1e-9)}
+
+
+def activations() -> str:
+    from mistral7b.quant import cpu_kernels
+
+    switch = os.environ.get(cpu_kernels.ENV_SWITCH)
+    mode = "int8 activations" if cpu_kernels.available() else "float activations (torch kernels)"
+    return f"{mode}, {cpu_kernels.ENV_SWITCH}={switch if switch is not None else 'unset'}"
+
+
+def generate(request: dict) -> dict:
+    import torch
+
+    from mistral7b import LLM
+
+    torch.set_num_threads(request["threads"])
+    n_new, warmup = request["new_tokens"], request.get("warmup_tokens", 0)
+    longest = max(len(p) for p in request["prompts"])
+    t0 = time.perf_counter()
+    llm = LLM(request["model"], device="cpu", dtype=request["dtype"], max_batch=1,
+              max_seq_len=longest + max(n_new, warmup) + 8)
+    load_s = time.perf_counter() - t0
+    first = one_run(llm, request["prompts"][0], warmup) if warmup else None
+    runs = [one_run(llm, prompt, n_new) for prompt in request["prompts"]]
+    return {"version": torch.__version__, "load_s": load_s, "runs": runs, "started_at": STARTED_AT,
+            "first_token_at": (first or runs[0])["first_token_at"],
+            "peak_rss_bytes": peak_rss_bytes(),
+            "settings": f"dtype {request['dtype']}, {activations()}, torch threads {torch.get_num_threads()}"}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM: since its exec; getrusage's ru_maxrss would carry over the
+    parent's peak across fork + exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> int:
+    json.dump(generate(json.load(sys.stdin)), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
