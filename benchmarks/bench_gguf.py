@@ -44,11 +44,14 @@ SHAPES = {
 }
 
 BLOCK = 32
-# (bytes per block, scale sigma): element std is about 4.6 sigma for Q4_0 and 73 sigma for Q8_0.
-# The head is larger so that greedy picks win by a margin that numerical noise rarely flips.
+RECIPE = 2  # in the file name: a change to how the weights are drawn writes new files
+# Scale sigmas: a weight's std is about 4.6 sigma in Q4_0 and 73 sigma in Q8_0. The layers' weights are
+# small (std ~0.01); the embedding's are ~1 so that each position's token still shows through the
+# residual stream at the last layer (else greedy decoding settles on one token and repeats it), and
+# the head's ~0.1 so that greedy picks win by margins that numerical noise rarely flips.
 BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34}
 LAYER_SIGMA = 0.02 / 8
-HEAD_SIGMA = 0.1 / 73
+SIGMAS = {"token_embd.weight": {"Q4_0": 1 / 4.6, "Q8_0": 1 / 73}, "output.weight": {"Q4_0": 0.1 / 4.6, "Q8_0": 0.1 / 73}}
 
 
 def cache_dir() -> Path:
@@ -167,7 +170,7 @@ def write(shape: Shape, path: Path, tokenizer_source: Path, seed: int = 0) -> No
         if qtype == "F32":
             writer.write_tensor_data(np.ones(dims, dtype=np.float32))
         else:
-            sigma = HEAD_SIGMA if name == "output.weight" else LAYER_SIGMA
+            sigma = SIGMAS.get(name, {}).get(qtype, LAYER_SIGMA)
             writer.write_tensor_data(random_blocks(rng, dims[0], dims[1], qtype, sigma))
     writer.close()
     tmp.rename(path)
@@ -182,7 +185,7 @@ def ensure(name: str, tokenizer_source: Path | None = None, directory: Path | No
     shape = SHAPES[name]
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"random-llama-{name}-{shape.layer_type}.gguf"
+    path = directory / f"random-llama-{name}-{shape.layer_type}-r{RECIPE}.gguf"
     if not path.is_file():
         print(f"writing {path} ...", file=sys.stderr, flush=True)
         write(shape, path, tokenizer_source)
