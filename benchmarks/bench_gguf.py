@@ -51,7 +51,8 @@ RECIPE = 2  # in the file name: a change to how the weights are drawn writes new
 # the head's ~0.1 so that greedy picks win by margins that numerical noise rarely flips.
 BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34}
 LAYER_SIGMA = 0.02 / 8
-SIGMAS = {"token_embd.weight": {"Q4_0": 1 / 4.6, "Q8_0": 1 / 73}, "output.weight": {"Q4_0": 0.1 / 4.6, "Q8_0": 0.1 / 73}}
+SIGMAS = {"token_embd.weight": {"Q4_0": 1 / 4.6, "Q8_0": 1 / 73},
+          "output.weight": {"Q4_0": 0.1 / 4.6, "Q8_0": 0.1 / 73}}
 
 
 def cache_dir() -> Path:
@@ -132,7 +133,8 @@ def add_metadata(writer, shape: Shape, vocab: int) -> None:
     import gguf
 
     writer.add_name(f"random llama {shape.name} ({shape.layer_type}, benchmarks/bench_gguf.py)")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if shape.layer_type == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[shape.layer_type]
+    writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(vocab)
     writer.add_context_length(shape.context)

@@ -2,11 +2,12 @@
 
 Each run is a fresh process, and runs alternate between the engines (ours, llama.cpp, ours, ...) for
 `--rounds` rounds, so a change in the machine's load falls on both. Every process loads the model,
-generates `--warmup-tokens` untimed, then `--new-tokens` timed; it reports decode tok/s ((n - 1) /
-(last token time - first)), time to the first token of the timed run, load time, process start (spawn)
-to its first token, and its peak RSS. The table prints each run with the load average before it,
-min/median/max decode tok/s per engine, ours / llama.cpp (medians), how many greedy tokens agree (common
-prefix), and the machine's ceiling: memory copy bandwidth / weight bytes read per token.
+generates `--warmup-tokens` untimed, then `--new-tokens` timed. It reports decode tok/s ((n - 1) /
+(last token time - first)), the timed run's time to first token, load time, process start (spawn) to
+the first token it makes (the warm-up's), and its peak RSS (VmHWM). The table prints each run with the
+load average before it; per engine min/median/max decode tok/s; ours / llama.cpp (medians); how many
+greedy tokens agree (common prefix); and the machine's ceiling, memory copy bandwidth / weight bytes
+read per token.
 
 Shapes (`--shape`): `default` (the bundled model), `1b` (TinyLlama's shape: dim 2048, 22 layers) and
 `7b` (Mistral-7B's: dim 4096, 32 layers, ~3.8 GB): Q4_0 GGUFs with random weights that
@@ -16,8 +17,11 @@ the agreement only says whether both engines compute the same greedy path.
 The peer is llama-cpp-python 0.3.36 in its own venv (building it from source takes ~10 minutes on 2
 cores; here it was built once into a wheel under the git-ignored .peer/):
 
-    CMAKE_BUILD_PARALLEL_LEVEL=2 pip wheel --no-deps llama-cpp-python==0.3.36 -w .peer/cpu   # GGML_NATIVE is on by default
+    CMAKE_BUILD_PARALLEL_LEVEL=2 pip wheel --no-deps llama-cpp-python==0.3.36 -w .peer/cpu  # native build
     python3 -m venv .peer/venv && .peer/venv/bin/pip install .peer/cpu/llama_cpp_python-0.3.36-*.whl
+
+(the wheel's dependencies, numpy, typing-extensions, diskcache and jinja2, come from the pip index).
+`--peer-python` defaults to that venv's python.
 
 Its AMX weight repack segfaults on the 2-core AVX-512/AMX machine, so llama_cpp_worker.py loads with
 `use_extra_bufts = False` and `n_threads_batch = n_threads`; the table says so. Ours runs
@@ -26,7 +30,7 @@ environment passed through (MISTRAL7B_INT8_ACTIVATIONS picks the activation path
 which ran). The final measurement, on a quiet machine:
 
     for t in 1 2; do for s in default 1b 7b; do
-      PYTHONPATH=src python benchmarks/cpu_peer.py --shape $s --threads $t --json cpu_peer_${s}_${t}t.json
+      .venv/bin/python benchmarks/cpu_peer.py --shape $s --threads $t --json cpu_peer_${s}_${t}t.json
     done; done
 """
 
@@ -45,7 +49,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+SRC = HERE.parent / "src"  # this checkout's mistral7b, for this process and ours_worker.py
+sys.path[:0] = [str(HERE), str(SRC)]
 import bench_gguf  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -84,8 +89,7 @@ def copy_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
 def worker_command(engine: str, args) -> tuple[list[str], dict]:
     env = dict(os.environ)
     if engine == "ours":
-        src = str(HERE.parent / "src")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
         return [sys.executable, str(HERE / "ours_worker.py")], env
     return [str(args.peer_python), str(HERE / "llama_cpp_worker.py")], env
 
@@ -150,9 +154,9 @@ def print_table(meta: dict, runs: list[dict], summary: dict) -> None:
     cpu = meta["cpu"]
     print(f"\n{cpu['model']} ({cpu['cpus']} CPUs; {' '.join(cpu['flags'])}) | {meta['threads']} threads | "
           f"torch {meta['torch']}")
-    print(f"model {meta['model']} ({meta['shape']}, {meta['file_bytes'] / 1e6:.0f} MB) | prompt {meta['prompt_tokens']} "
-          f"tokens | {meta['new_tokens']} new greedy tokens | {meta['rounds']} rounds alternating "
-          f"{', '.join(ENGINES)} | a process per run, {meta['warmup_tokens']} warm-up tokens untimed")
+    print(f"model {meta['model']} ({meta['shape']}, {meta['file_bytes'] / 1e6:.0f} MB) | "
+          f"prompt {meta['prompt_tokens']} tokens | {meta['new_tokens']} new greedy tokens | "
+          f"{meta['rounds']} rounds alternating {', '.join(ENGINES)} | a process per run, {meta['warmup_tokens']} warm-up tokens untimed")
     print(f"ours: {engines['ours']['settings'] if 'ours' in engines else '-'}")
     if peer:
         print(f"llama.cpp: llama-cpp-python {peer['version']}, {peer['settings']}")
@@ -172,7 +176,8 @@ def print_table(meta: dict, runs: list[dict], summary: dict) -> None:
         d = e["decode_tok_s"]
         print(f"| {name} | {d['min']:.1f} / {d['median']:.1f} / {d['max']:.1f} | "
               f"{d['median'] / meta['ceiling_tok_s']:.0%} | {e['first_token_s']:.3f} | {e['load_s']:.2f} | "
-              f"{e['start_to_first_token_s']:.2f} | {e['peak_rss_bytes'] / 2**20:.0f} | {e['same_tokens_every_round']} |")
+              f"{e['start_to_first_token_s']:.2f} | {e['peak_rss_bytes'] / 2**20:.0f} | "
+              f"{e['same_tokens_every_round']} |")
     if "ours_over_llama_cpp" in summary:
         agree = ", ".join(f"{n}/{meta['new_tokens']}" for n in summary["agreement"])
         print(f"\nours / llama.cpp, median decode: {summary['ours_over_llama_cpp']:.2f}x | greedy tokens in common "
@@ -206,6 +211,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.peer_python != "none" and not Path(args.peer_python).is_file():
+        raise SystemExit(f"no llama-cpp-python venv at {args.peer_python} (see --help), or --peer-python none")
     from mistral7b import Tokenizer
 
     path = model_path(args)
