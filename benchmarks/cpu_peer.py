@@ -7,7 +7,8 @@ generates `--warmup-tokens` untimed, then `--new-tokens` timed. It reports decod
 the first token it makes (the warm-up's), and its peak RSS (VmHWM). The table prints each run with the
 load average before it; per engine min/median/max decode tok/s; ours / llama.cpp (medians); how many
 greedy tokens agree (common prefix); and the machine's ceiling, memory copy bandwidth / weight bytes
-read per token.
+read per token. "Other cores busy" is what the rest of the machine did during each run (all CPU time
+less the run's own, per second of the run): above ~0.1 the run was not alone.
 
 Shapes (`--shape`): `default` (the bundled model), `1b` (TinyLlama's shape: dim 2048, 22 layers) and
 `7b` (Mistral-7B's: dim 4096, 32 layers, ~3.8 GB): Q4_0 GGUFs with random weights that
@@ -40,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -94,20 +96,39 @@ def worker_command(engine: str, args) -> tuple[list[str], dict]:
     return [str(args.peer_python), str(HERE / "llama_cpp_worker.py")], env
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (/proc/stat: all but idle and iowait), or None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def spawn(engine: str, round_: int, path: Path, prompt: list[int], args) -> dict:
-    """One process of `engine`: its figures, with the 1-minute load average just before the spawn."""
+    """One process of `engine`: its figures, with the load average just before the spawn and the cores
+    that other processes kept busy while it ran (machine busy time less its own CPU time, per second)."""
     request = {"task": "generate", "model": str(path), "threads": args.threads, "dtype": args.dtype,
                "prompts": [prompt], "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens}
     command, env = worker_command(engine, args)
     load_before = os.getloadavg()
+    busy, own = busy_cpu_seconds(), children_cpu_seconds()
     spawned = time.monotonic()
     out = subprocess.run(command, input=json.dumps(request), capture_output=True, text=True, env=env)
     wall_s = time.monotonic() - spawned
+    busy_after = busy_cpu_seconds()
+    others = None if busy is None else max(0.0, (busy_after - busy) - (children_cpu_seconds() - own)) / wall_s
     if out.returncode:
         raise SystemExit(f"{engine} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     run = result["runs"][0]
-    return {"engine": engine, "round": round_, "load_average_before": list(load_before),
+    return {"engine": engine, "round": round_, "load_average_before": list(load_before), "other_cores_busy": others,
             "decode_tok_s": run["decode_tok_s"], "first_token_s": run["first_token_s"],
             "load_s": result["load_s"], "start_to_first_token_s": result["first_token_at"] - spawned,
             "start_to_import_s": result["started_at"] - spawned, "peak_rss_bytes": result["peak_rss_bytes"],
@@ -156,19 +177,22 @@ def print_table(meta: dict, runs: list[dict], summary: dict) -> None:
           f"torch {meta['torch']}")
     print(f"model {meta['model']} ({meta['shape']}, {meta['file_bytes'] / 1e6:.0f} MB) | "
           f"prompt {meta['prompt_tokens']} tokens | {meta['new_tokens']} new greedy tokens | "
-          f"{meta['rounds']} rounds alternating {', '.join(ENGINES)} | a process per run, {meta['warmup_tokens']} warm-up tokens untimed")
+          f"{meta['rounds']} rounds alternating {', '.join(ENGINES)} | a process per run, "
+          f"{meta['warmup_tokens']} warm-up tokens untimed")
     print(f"ours: {engines['ours']['settings'] if 'ours' in engines else '-'}")
     if peer:
         print(f"llama.cpp: llama-cpp-python {peer['version']}, {peer['settings']}")
     print(f"ceiling: memory copy {meta['copy_gb_s']:.1f} GB/s / {meta['weight_bytes_per_token'] / 1e6:.1f} MB of "
           f"weights per token = {meta['ceiling_tok_s']:.1f} tok/s")
-    print("\n| round | engine | load avg before (1/5/15 min) | decode tok/s | first token s | load s | "
-          "start to first token s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| round | engine | load avg before (1/5/15 min) | other cores busy during | decode tok/s | "
+          "first token s | load s | start to first token s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         load = "/".join(f"{x:.2f}" for x in r["load_average_before"])
-        print(f"| {r['round']} | {r['engine']} | {load} | {r['decode_tok_s']:.1f} | {r['first_token_s']:.3f} | "
-              f"{r['load_s']:.2f} | {r['start_to_first_token_s']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+        others = "-" if r["other_cores_busy"] is None else f"{r['other_cores_busy']:.2f}"
+        print(f"| {r['round']} | {r['engine']} | {load} | {others} | {r['decode_tok_s']:.1f} | "
+              f"{r['first_token_s']:.3f} | {r['load_s']:.2f} | {r['start_to_first_token_s']:.2f} | "
+              f"{r['peak_rss_bytes'] / 2**20:.0f} |")
     print("\n| engine | decode tok/s min / median / max | of ceiling | first token s | load s | "
           "start to first token s | peak RSS MB | same tokens every round |")
     print("|---|---|---|---|---|---|---|---|")
