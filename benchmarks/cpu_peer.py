@@ -173,8 +173,8 @@ def print_table(meta: dict, runs: list[dict], summary: dict) -> None:
     engines = summary["engines"]
     peer = engines.get("llama.cpp")
     cpu = meta["cpu"]
-    print(f"\n{cpu['model']} ({cpu['cpus']} CPUs; {' '.join(cpu['flags'])}) | {meta['threads']} threads | "
-          f"torch {meta['torch']}")
+    print(f"\n{meta['date']} | {cpu['model']} ({cpu['cpus']} CPUs; {' '.join(cpu['flags'])}) | "
+          f"{meta['threads']} threads | torch {meta['torch']}")
     print(f"model {meta['model']} ({meta['shape']}, {meta['file_bytes'] / 1e6:.0f} MB) | "
           f"prompt {meta['prompt_tokens']} tokens | {meta['new_tokens']} new greedy tokens | "
           f"{meta['rounds']} rounds alternating {', '.join(ENGINES)} | a process per run, "
@@ -244,8 +244,8 @@ def main() -> int:
     engines = ENGINES if args.peer_python != "none" else ENGINES[:1]
     copy_gb_s = copy_bandwidth(args.threads)
     per_token = bench_gguf.weight_bytes_per_token(path)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_summary(), "threads": args.threads,
-            "torch": torch.__version__, "python": platform.python_version(), "model": str(path),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu_summary(),
+            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(), "model": str(path),
             "shape": args.model and "--model" or args.shape, "file_bytes": path.stat().st_size,
             "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens,
             "rounds": args.rounds, "dtype": args.dtype, "copy_gb_s": copy_gb_s, "weight_bytes_per_token": per_token,
