@@ -245,7 +245,8 @@ def main() -> int:
     copy_gb_s = copy_bandwidth(args.threads)
     per_token = bench_gguf.weight_bytes_per_token(path)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu_summary(),
-            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(), "model": str(path),
+            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+            "model": str(path),
             "shape": args.model and "--model" or args.shape, "file_bytes": path.stat().st_size,
             "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens,
             "rounds": args.rounds, "dtype": args.dtype, "copy_gb_s": copy_gb_s, "weight_bytes_per_token": per_token,
