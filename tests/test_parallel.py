@@ -53,6 +53,17 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_kernels():
+    """These tests compare ranks with one process weight for weight, on torch's quantized kernels: with
+    cpu_kernels a shard whose width misses the blocks of 32 (w2's 48 columns here) would run on torch's
+    kernels beside a one-process model on cpu_kernels, and differ by int8-activation rounding, not by
+    the split. `test_ranks_on_cpu_kernels_equal_one_process` covers cpu_kernels."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random Mistral-shaped HF checkpoint with a window (4 heads, 2 KV heads) and its one-process model."""
@@ -287,6 +298,30 @@ def test_launches_in_a_row_quantized_and_bounded(tiny, tmp_path):
     try:
         tokens = torch.randint(0, VOCAB, (2, W + 2))
         assert rel_err(model(tokens), load_model(tmp_path / "h128")(tokens)) < 1e-5
+    finally:
+        model.close()
+
+
+@torch.no_grad()
+def test_ranks_on_cpu_kernels_equal_one_process(tmp_path, monkeypatch):
+    """int4 g32 on cpu_kernels (int8 activations, the CPU default) over 2 ranks, every shard width a
+    multiple of 32: each rank quantizes the same blocks of activations as one process does and sums in
+    float32, so the logits agree to float32 summation order and greedy tokens are equal."""
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
+    hf = hf_model("mistral", seed=int(torch.randint(0, 2**31, ())), window=W, vocab=VOCAB + 1, hidden=128)
+    hf.save_pretrained(tmp_path / "h128")
+    quant = resolve("int4", 32)
+    one = load_model(tmp_path / "h128", quantize=quant)
+    assert one.layers[0].feed_forward.w2.integer  # on cpu_kernels
+    with deadline(120):
+        model = launch(tmp_path / "h128", 2, device="cpu", timeout_s=TIMEOUT_S, quant=quant)
+    try:
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+        prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (W + 3, 5)]
+        assert rel_err(model(torch.tensor(prompts[:1])), one(torch.tensor(prompts[:1]))) < 1e-4
+        want = greedy(Engine(one, None, max_batch=2, chunk_size=5), prompts, 8)
+        got = greedy(Engine(model, None, max_batch=2, chunk_size=5), prompts, 8)
+        assert_greedy_agrees(one, prompts, got, want, tie=1e-4)
     finally:
         model.close()
 
