@@ -59,18 +59,19 @@ def test_logits_equal_peft(base, tmp_path, r, rslora):
 
 
 def test_batch_mixes_slots_row_by_row(base, tmp_path):
-    """Rows with slots 2, 0, 1 in one forward equal each row run alone with its slot."""
+    """Rows with slots 2, 0, 1, 2 in one forward (slot 2's rows apart: gathered and added back by index)
+    equal each row run alone with its slot."""
     ours = ours_from_hf(base)
     bank = enable_lora(ours, max_loras=3, max_rank=16)
     for slot, r in ((1, 8), (2, 16)):
         peft_adapter(base, tmp_path / str(slot), r, seed=slot, targets=["q_proj", "v_proj", "down_proj"])
         adapter = read_adapter(tmp_path / str(slot), ours.config)
         bank.write(slot, adapter.weights, adapter.scale)
-    tokens = _tokens(base.config.vocab_size, 3, 12)
-    slots = torch.tensor([2, 0, 1])
+    tokens = _tokens(base.config.vocab_size, 4, 12)
+    slots = torch.tensor([2, 0, 1, 2])
     with torch.no_grad():
         together = ours(tokens, adapters=slots)
-        for i in range(3):
+        for i in range(4):
             alone = ours(tokens[i : i + 1], adapters=slots[i : i + 1])
             assert (together[i] - alone[0]).abs().max().item() < 1e-5
 
