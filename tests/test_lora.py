@@ -323,22 +323,32 @@ def test_speculative_verify_runs_with_the_adapter(served):
     assert [o.token_ids for o in spec.generate(prompts, params, lora=loras)] == [o.token_ids for o in plain]
 
 
-def test_prefix_cache_serves_the_base_model_only(served):
-    """Cached blocks hold the base model's keys and values: a request with an adapter neither restores
-    nor stores them, and its answer equals one without a prefix cache; base requests still hit."""
+def test_prefix_cache_blocks_are_keyed_by_adapter(served):
+    """A second request of one adapter restores the first's prompt blocks; the same prompt with another
+    adapter, none, or a new adapter loaded under the old name restores nothing; every answer equals the
+    run without a prefix cache."""
     from mistral7b import LLM, LoRARequest, SamplingParams
 
     root, hf, _ = served
-    prompt = torch.randint(0, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompt = torch.randint(0, hf.config.vocab_size, (40,)).tolist()
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)
-    lora = LoRARequest("a0", str(root / "a0"))
-    want = LLM(str(root / "base"), device="cpu", max_batch=2).generate([prompt, prompt], params, lora=[None, lora])
+    a0, a1 = (LoRARequest(n, str(root / n)) for n in ("a0", "a1"))
+    want = LLM(str(root / "base"), device="cpu", max_batch=3).generate([prompt] * 3, params, lora=[a0, a1, None])
     llm = LLM(str(root / "base"), device="cpu", max_batch=2, prefix_cache_gib=0.01, prefix_block_size=8)
-    base = llm.generate([prompt], params)[0]  # stores the prompt's blocks
-    hits = llm.engine.prefix.counters.hits
-    got = llm.generate([prompt], params, lora=lora)[0]
-    assert llm.engine.prefix.counters.hits == hits  # the adapter's request did not restore base blocks
-    assert got.token_ids == want[1].token_ids and base.token_ids == want[0].token_ids
-    assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want[1].logprobs], abs=1e-5)
-    llm.generate([prompt], params)
-    assert llm.engine.prefix.counters.hits > hits  # base requests still hit
+
+    def restored(lora, expected):
+        """Run the prompt alone; check its answer; return the prompt tokens it restored from the cache."""
+        hits = llm.engine.prefix.counters.hits
+        got = llm.generate([prompt], params, lora=lora)[0]
+        assert got.token_ids == expected.token_ids
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in expected.logprobs], abs=1e-5)
+        return llm.engine.prefix.counters.hits - hits
+
+    whole = (len(prompt) - 1) // 8 * 8  # every whole block but the one holding the last prompt token
+    assert restored(a0, want[0]) == 0
+    assert restored(a0, want[0]) == whole  # one adapter shares its prefixes
+    assert restored(a1, want[1]) == 0 and restored(None, want[2]) == 0  # nor another adapter's, nor the base's
+    assert restored(None, want[2]) == whole and restored(a1, want[1]) == whole
+    llm.engine.unload_lora("a0")
+    llm.engine.load_lora("a0", root / "a1")  # the old a0's blocks must not serve the new one
+    assert restored("a0", want[1]) == 0
