@@ -227,6 +227,7 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
     want["base"] = llm.generate([prompt], params)[0]
     llm.engine.unload_lora("a1")
     llm.engine.unload_lora("a2")
+    llm.chat_prompt = lambda messages, safe_prompt=False: prompt  # a random checkpoint has no tokenizer, no chat format
     with ServerThread(build_app(llm, "base"), log_level="warning") as server, httpx.Client(base_url=server.url) as http:
         def complete(model):
             return http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 6,
@@ -245,6 +246,10 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
             assert r.status_code == 200, r.text
             logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
             assert logprobs == pytest.approx([lp.logprob for lp in want[name].logprobs], abs=1e-5)
+            assert r.json()["model"] == name  # the adapter's name, as vLLM answers
+            assert _streamed_models(http, "/v1/completions", {"prompt": prompt}, name) == {name}
+            chat = {"messages": [{"role": "user", "content": "hello"}]}
+            assert _streamed_models(http, "/v1/chat/completions", chat, name) == {name}
         assert want["a1"].token_ids != want["a2"].token_ids or want["a1"].logprobs != want["a2"].logprobs
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1")})
         assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
@@ -256,6 +261,20 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
         r = complete("a1")
         assert r.status_code == 404 and "'a1' does not exist" in r.json()["error"]["message"]
         assert "'a2'" in r.json()["error"]["message"]  # the 404 names what is served
+
+
+def _streamed_models(http, route, body, model) -> set[str]:
+    """The `model` of every chunk of a streamed request (with the usage chunk) and of its answer unstreamed."""
+    import json as json_
+
+    body = {**body, "model": model, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json_.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    r = http.post(route, json=body)
+    assert r.status_code == 200, r.text
+    assert len(chunks) > 2 and chunks[-1]["usage"] is not None
+    return {c["model"] for c in chunks} | {r.json()["model"]}
 
 
 @pytest.mark.parametrize("extra,message", [
