@@ -2,9 +2,10 @@
 
 `enable_lora(model, max_loras, max_rank)` wraps every block linear and the head in a `LoRALinear` that
 adds `B_s A_s x` to the base output, s the slot of each batch row (0: no adapter). Each linear's slots
-are stacked into A [S, parts * R, in] and B [S, out, parts * R]. A forward groups its rows by slot once
-(shared by every linear through the bank's per-forward plan) and runs one `x_g A_s^T B_s^T` per slot
-present, added into the output rows by index_add_ (punica's SGMV idea): never a per-row copy of B (the
+are stacked into A [S, parts * R, in] and B^T [S, parts * R, out] (x A^T B^T then reads B^T row by row:
+on one CPU thread 0.06 ms against 0.10 reading B, for 2 rows of a 32000-row head). A forward groups its
+rows by slot once (shared by every linear through the bank's `index`) and runs one `x_g A_s^T B_s^T`
+per slot present, added into the output rows (punica's SGMV idea): never a per-row copy of B (the
 head's is vocab x rank), rows on no adapter cost nothing, and the base kernel (dense or quantized) is
 untouched. A fused linear (q, k, v or gate, up) stacks its parts' A along the rank and places each
 part's B in its own rows and rank columns, so the product is exactly the parts' deltas side by side.
@@ -31,7 +32,7 @@ class LoRARequest:
 
 
 class LoRABank:
-    """The adapter slots of one model: per linear module, the stacked A and B, and this forward's
+    """The adapter slots of one model: per linear module, the stacked A and B^T, and this forward's
     `index` [B] (each batch row's slot; None when no row uses an adapter), set by `Transformer.forward`."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
@@ -43,12 +44,12 @@ class LoRABank:
         for slot in _linear_slots(model.config):
             self.parts[slot.module] = self.parts.get(slot.module, 0) + 1
         self.a: dict[str, Tensor] = {}
-        self.b: dict[str, Tensor] = {}
+        self.bt: dict[str, Tensor] = {}
         for module, parts in self.parts.items():
             rows, cols = _shape(model.config, module)
             on = dict(device=param.device, dtype=param.dtype)
             self.a[module] = torch.zeros(slots, parts * max_rank, cols, **on)
-            self.b[module] = torch.zeros(slots, rows, parts * max_rank, **on)
+            self.bt[module] = torch.zeros(slots, parts * max_rank, rows, **on)
 
     def write(self, slot: int, weights: dict[str, tuple[Tensor, Tensor]], scale: float) -> None:
         """Fill `slot` with an adapter: canonical weight name -> (A [r, in], B [out, r]); B is scaled here."""
@@ -64,13 +65,13 @@ class LoRABank:
                 if r > self.max_rank:
                     raise ValueError(f"adapter rank r={r} exceeds max_lora_rank={self.max_rank}")
                 self.a[s.module][slot, lo : lo + r] = a
-                self.b[s.module][slot, s.lo : s.hi, lo : lo + r] = b * scale
+                self.bt[s.module][slot, lo : lo + r, s.lo : s.hi] = (b * scale).t()
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():
             for module in self.parts:
                 self.a[module][slot].zero_()
-                self.b[module][slot].zero_()
+                self.bt[module][slot].zero_()
 
     @property
     def index(self) -> Tensor | None:
@@ -94,10 +95,9 @@ class LoRABank:
 
     def add_delta(self, module: str, x: Tensor, out: Tensor) -> Tensor:
         """out (x's base output [B, ..., out]) plus B_s A_s x on each row, s = that row's slot."""
-        a, b = self.a[module], self.b[module]
+        a, bt = self.a[module], self.bt[module]
         for slot, rows in self.groups():
-            x_g = x[rows].to(a.dtype)
-            delta = torch.nn.functional.linear(torch.nn.functional.linear(x_g, a[slot]), b[slot]).to(out.dtype)
+            delta = (torch.nn.functional.linear(x[rows].to(a.dtype), a[slot]) @ bt[slot]).to(out.dtype)
             if isinstance(rows, slice):
                 out[rows] += delta
             else:
