@@ -5,8 +5,9 @@ keys and values instead of recomputing them. Prompts are cut into blocks of B to
 block i's key is blake2b(key of block i-1 || the block's token ids as int32), so a key names the
 whole prefix up to the end of its block. A request with a LoRA adapter computes other keys and values
 than the base model's: block 0's parent key is then a hash of the adapter's key (its name and load
-number, engine/adapters.py), so requests of one adapter share prefixes and never anyone else's. A stored block holds, for every layer, the K and V of its
-B positions, in one preallocated pool on the cache's device and dtype (the memory budget).
+number, engine/adapters.py), so requests of one adapter share prefixes and never anyone else's. A
+stored block holds, for every layer, the K and V of its B positions, in one preallocated pool on the
+cache's device and dtype (the memory budget).
 
 Which positions a restore needs. A prefill of L tokens leaves, in a layer whose buffer has S slots
 (S = W for a rolling layer, `max_seq_len` for a linear one), exactly positions [max(0, L - S), L),
