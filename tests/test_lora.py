@@ -343,31 +343,36 @@ def test_speculative_verify_runs_with_the_adapter(served):
 
 
 def test_prefix_cache_blocks_are_keyed_by_adapter(served):
-    """A second request of one adapter restores the first's prompt blocks; the same prompt with another
-    adapter, none, or a new adapter loaded under the old name restores nothing; every answer equals the
-    run without a prefix cache."""
+    """A second request of one adapter restores the first's prompt blocks (also in one burst, where it
+    waits for them); the same prompt with another adapter, none, or a new adapter loaded under the old
+    name restores nothing; every answer equals the run without a prefix cache."""
     from mistral7b import LLM, LoRARequest, SamplingParams
 
     root, hf, _ = served
     prompt = torch.randint(0, hf.config.vocab_size, (40,)).tolist()
+    shared = torch.randint(0, hf.config.vocab_size, (24,)).tolist()
+    burst = [shared + torch.randint(0, hf.config.vocab_size, (9,)).tolist() for _ in range(3)]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)
     a0, a1 = (LoRARequest(n, str(root / n)) for n in ("a0", "a1"))
-    want = LLM(str(root / "base"), device="cpu", max_batch=3).generate([prompt] * 3, params, lora=[a0, a1, None])
-    llm = LLM(str(root / "base"), device="cpu", max_batch=2, prefix_cache_gib=0.01, prefix_block_size=8)
+    plain = LLM(str(root / "base"), device="cpu", max_batch=3)
+    want = plain.generate([prompt] * 3, params, lora=[a0, a1, None])
+    want_burst = plain.generate(burst, params, lora=[a1, a1, None])
+    llm = LLM(str(root / "base"), device="cpu", max_batch=3, prefix_cache_gib=0.01, prefix_block_size=8)
 
-    def restored(lora, expected):
-        """Run the prompt alone; check its answer; return the prompt tokens it restored from the cache."""
+    def restored(lora, expected, prompts=(prompt,)):
+        """Run the prompts; check their answers; return the prompt tokens restored from the cache."""
         hits = llm.engine.prefix.counters.hits
-        got = llm.generate([prompt], params, lora=lora)[0]
-        assert got.token_ids == expected.token_ids
-        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in expected.logprobs], abs=1e-5)
+        for got, e in zip(llm.generate(list(prompts), params, lora=lora), expected, strict=True):
+            assert got.token_ids == e.token_ids
+            assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in e.logprobs], abs=1e-5)
         return llm.engine.prefix.counters.hits - hits
 
     whole = (len(prompt) - 1) // 8 * 8  # every whole block but the one holding the last prompt token
-    assert restored(a0, want[0]) == 0
-    assert restored(a0, want[0]) == whole  # one adapter shares its prefixes
-    assert restored(a1, want[1]) == 0 and restored(None, want[2]) == 0  # nor another adapter's, nor the base's
-    assert restored(None, want[2]) == whole and restored(a1, want[1]) == whole
+    assert restored(a0, want[:1]) == 0
+    assert restored(a0, want[:1]) == whole  # one adapter shares its prefixes
+    assert restored(a1, want[1:2]) == 0 and restored(None, want[2:]) == 0  # nor another adapter's, nor the base's
+    assert restored(None, want[2:]) == whole and restored(a1, want[1:2]) == whole
+    assert restored([a1, a1, None], want_burst, burst) == len(shared)  # the second a1 request: the shared blocks
     llm.engine.unload_lora("a0")
     llm.engine.load_lora("a0", root / "a1")  # the old a0's blocks must not serve the new one
-    assert restored("a0", want[1]) == 0
+    assert restored("a0", want[1:2]) == 0
