@@ -177,16 +177,21 @@ def _dequantized_twin(model):
     return dense
 
 
-def test_int8_base_equals_dequantized_base_plus_adapter(served):
+@pytest.mark.parametrize("int8_activations", ["0", "1"])
+def test_int8_base_equals_dequantized_base_plus_adapter(served, monkeypatch, int8_activations):
     """The delta adds to whatever the base kernel returns: an int8 base with an adapter equals a dense
     twin holding the int8 weights dequantized and rounding as the CPU kernel does (activations and
     results in bf16), with the same adapter. One linear's outputs agree to 1e-5; through the whole model
     only the kernels' summation order differs, which can flip a bf16 rounding (2^-8 relative) here and
-    there, and the sharp random layers amplify it: observed 0 to 1.5e-3 of the logits' scale, so 1e-2,
-    where the adapter moves them by over 1."""
+    there, and the sharp random layers amplify it: observed 0 to 6e-3 of the logits' scale, so 1e-2,
+    where the adapter moves them by over 1.
+    With cpu_kernels' int8 activations (the CPU default) the base linear itself differs from the
+    dequantized twin (activations rounded to int8): there the adapter's part of the linear (output less
+    the base's) agrees to 1e-5 and the logits to the bound below."""
     from mistral7b import LLM
     from mistral7b.quant.linear import QuantModule
 
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", int8_activations)
     root, hf, _ = served
     llm = LLM(str(root / "base"), device="cpu", dtype="float32", quantize="int8", max_batch=2)
     assert any(isinstance(m, QuantModule) for m in llm.model.modules())
@@ -201,10 +206,16 @@ def test_int8_base_equals_dequantized_base_plus_adapter(served):
         moved = rel_err(want, dense(tokens))
         x = llm.model.layers[0].attention_norm(llm.model.tok_embeddings(tokens))  # the same input to both
         llm.model.lora.index = dense.lora.index = slots  # what each forward sets
-        one_linear = rel_err(llm.model.layers[0].attention.wqkv(x), dense.layers[0].attention.wqkv(x))
-    assert one_linear < 1e-5
-    print(f"int8 vs dequantized twin: {rel_err(got, want):.2e} with the adapter; the adapter moves {moved:.2e}")
-    assert rel_err(got, want) < 1e-2
+        ours, twin = llm.model.layers[0].attention.wqkv, dense.layers[0].attention.wqkv
+        one_linear = rel_err(ours(x), twin(x))
+        one_delta = rel_err(ours(x) - ours.base(x), twin(x) - twin.base(x))
+    print(f"int8 (activations {int8_activations}) vs dequantized twin: one linear {one_linear:.2e}, its adapter "
+          f"part {one_delta:.2e}, logits {rel_err(got, want):.2e}; the adapter moves {moved:.2e}")
+    assert one_delta < 1e-5
+    assert one_linear < (1e-5 if int8_activations == "0" else 5e-2)
+    # int8 activations alone put the random sharp model's logits 2.9e-2 to 6.5e-2 off the twin (seen):
+    # 0.2 there, still far under the adapter's own effect (over 0.1, seen ~1).
+    assert rel_err(got, want) < (1e-2 if int8_activations == "0" else 0.2)
     assert moved > 0.1
 
 
