@@ -3,14 +3,23 @@
 Random weights at a preset's shape (speed does not depend on the values). Each batch size is timed
 three ways: the base model (no adapters), every row on one of `--adapters` adapters of rank `--rank` on
 all linears (head included), and the same with half the rows on the base model (slot 0). Eager, no
-CUDA graphs: the delta's gathers and bmm add kernel launches, which graphs would hide.
+CUDA graphs: the delta adds two matmuls and a scatter per slot present and linear, kernel launches that
+graphs would hide.
 
 H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64
-CPU:  OMP_NUM_THREADS=1 python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu --steps 30
+CPU:  OMP_NUM_THREADS=1 python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu --steps 30 --rounds 5
 
-Seen on the shared 2-core CPU (2026-12-04, tiny shape, fp32, 4 adapters of rank 16, one thread, three runs
-on a loaded machine): batch 1 x1.08 to x1.26 the base step, batch 8 x1.28 to x1.43; the gathers of each
-row's B (the head's 32000 x 16 per row above all) are most of it. Not yet run on a GPU.
+Seen on the shared 2-core CPU (tiny shape, fp32, 4 adapters of rank 16, one thread, --steps 30):
+- 2026-12-04, per-row gather of A and B and two bmm, three runs on a loaded machine: batch 1 x1.08 to
+  x1.26 the base step, batch 8 x1.28 to x1.43; the gathers of each row's B (the head's 32000 x 16 per
+  row above all) were most of it.
+- 2026-12-04 23:44-23:46 UTC, load average 4.4-5.2, --rounds 5, three runs of each alternated: the per-row gather
+  x1.13-1.25 at batch 1, x1.29-1.42 at batch 8 (fastest: base 16.82 ms, every row 21.72, half 21.69);
+  rows grouped by slot, one matmul pair per slot (lora.py) x0.85-1.10 at batch 1, x1.14-1.18 at batch 8
+  (fastest: base 16.21 ms, every row 18.45, half the rows 17.12).
+Four rank-16 adapters on every linear add 26% to the base weights' elements at the tiny shape (the fused
+q/k/v and gate/up B read with their zero blocks), 3.6% at the 7B shape: what a memory-bound step reads
+more. Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--context", type=int, default=512, help="position of the decoded token")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the three ways in turn this many times and keep each one's fastest (a loaded machine)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -86,8 +97,11 @@ def main(argv=None) -> None:
         cache = KVCache(config, batch, torch.device(args.device), dtype, args.context + 8)
         every = (torch.arange(batch) % args.adapters + 1).to(args.device)
         half = torch.where(torch.arange(batch, device=args.device) % 2 == 0, every, 0)
-        times = {name: time_decode(model, cache, batch, args.context, a, args.steps, args.device)
-                 for name, a in (("base", None), ("all rows", every), ("half rows", half))}
+        times: dict[str, float] = {}
+        for _ in range(args.rounds):  # in turn, so a burst of load from other jobs hits every way alike
+            for name, a in (("base", None), ("all rows", every), ("half rows", half)):
+                t = time_decode(model, cache, batch, args.context, a, args.steps, args.device)
+                times[name] = min(times.get(name, t), t)
         rows.append({"batch": batch, **{k: round(v, 3) for k, v in times.items()}})
         print(f"batch {batch:3d}: base {times['base']:.2f} ms, {args.adapters} adapters r{args.rank} on every row "
               f"{times['all rows']:.2f} ms (x{times['all rows'] / times['base']:.2f}), "

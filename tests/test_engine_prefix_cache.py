@@ -281,6 +281,8 @@ def test_counters_and_metrics():
     assert not prefix.waits_for(x, [(other, 2 * B)])  # computing block 2, which x does not share
     assert not prefix.waits_for(x[: 2 * B], [(other, B)])  # restoring 2 blocks would leave x nothing to compute
     assert not prefix.waits_for(x, [])
+    assert prefix.peek(x, adapter="a#1") == 0  # an adapter's keys: none of the base model's blocks
+    assert prefix.waits_for(x, [(other, 0, "a#1")], adapter="a#1") and not prefix.waits_for(x, [(other, 0, "a#1")])
     # a block is 2 (K, V) x layers x kv heads x B x head_dim x 4 bytes
     assert prefix.block_bytes == 2 * 2 * 2 * B * 16 * 4
 
@@ -291,6 +293,8 @@ def test_keys_chain_the_whole_prefix():
     changed = [ids[0] ^ 1] + ids[1:]
     assert all(a != b for a, b in zip(keys, block_keys(changed, B, 3)))  # a change in block 0 changes every key
     assert block_keys(ids[:B] + changed[B:], B, 3)[0] == keys[0]
+    by_adapter = [block_keys(ids, B, 3, adapter) for adapter in ("a#1", "a#2", "b#1")]
+    assert len({k for keys_ in by_adapter + [keys] for k in keys_}) == 12  # no key shared across adapters
 
 
 def test_bad_arguments_are_refused():

@@ -59,18 +59,19 @@ def test_logits_equal_peft(base, tmp_path, r, rslora):
 
 
 def test_batch_mixes_slots_row_by_row(base, tmp_path):
-    """Rows with slots 2, 0, 1 in one forward equal each row run alone with its slot."""
+    """Rows with slots 2, 0, 1, 2 in one forward (slot 2's rows apart: gathered and added back by index)
+    equal each row run alone with its slot."""
     ours = ours_from_hf(base)
     bank = enable_lora(ours, max_loras=3, max_rank=16)
     for slot, r in ((1, 8), (2, 16)):
         peft_adapter(base, tmp_path / str(slot), r, seed=slot, targets=["q_proj", "v_proj", "down_proj"])
         adapter = read_adapter(tmp_path / str(slot), ours.config)
         bank.write(slot, adapter.weights, adapter.scale)
-    tokens = _tokens(base.config.vocab_size, 3, 12)
-    slots = torch.tensor([2, 0, 1])
+    tokens = _tokens(base.config.vocab_size, 4, 12)
+    slots = torch.tensor([2, 0, 1, 2])
     with torch.no_grad():
         together = ours(tokens, adapters=slots)
-        for i in range(3):
+        for i in range(4):
             alone = ours(tokens[i : i + 1], adapters=slots[i : i + 1])
             assert (together[i] - alone[0]).abs().max().item() < 1e-5
 
@@ -176,18 +177,21 @@ def _dequantized_twin(model):
     return dense
 
 
-def test_int8_base_equals_dequantized_base_plus_adapter(served, monkeypatch):
+@pytest.mark.parametrize("int8_activations", ["0", "1"])
+def test_int8_base_equals_dequantized_base_plus_adapter(served, monkeypatch, int8_activations):
     """The delta adds to whatever the base kernel returns: an int8 base with an adapter equals a dense
     twin holding the int8 weights dequantized and rounding as the CPU kernel does (activations and
     results in bf16), with the same adapter. One linear's outputs agree to 1e-5; through the whole model
     only the kernels' summation order differs, which can flip a bf16 rounding (2^-8 relative) here and
-    there, and the sharp random layers amplify it: observed 0 to 1.5e-3 of the logits' scale, so 1e-2,
-    where the adapter moves them by over 1. (On torch's kernels: cpu_kernels' int8 activations round
-    the input, which the twin does not model.)"""
+    there, and the sharp random layers amplify it: observed 0 to 6e-3 of the logits' scale, so 1e-2,
+    where the adapter moves them by over 1.
+    With cpu_kernels' int8 activations (the CPU default) the base linear itself differs from the
+    dequantized twin (activations rounded to int8): there the adapter's part of the linear (output less
+    the base's) agrees to 1e-5 and the logits to the bound below."""
     from mistral7b import LLM
     from mistral7b.quant.linear import QuantModule
 
-    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "0")
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", int8_activations)
     root, hf, _ = served
     llm = LLM(str(root / "base"), device="cpu", dtype="float32", quantize="int8", max_batch=2)
     assert any(isinstance(m, QuantModule) for m in llm.model.modules())
@@ -202,10 +206,16 @@ def test_int8_base_equals_dequantized_base_plus_adapter(served, monkeypatch):
         moved = rel_err(want, dense(tokens))
         x = llm.model.layers[0].attention_norm(llm.model.tok_embeddings(tokens))  # the same input to both
         llm.model.lora.index = dense.lora.index = slots  # what each forward sets
-        one_linear = rel_err(llm.model.layers[0].attention.wqkv(x), dense.layers[0].attention.wqkv(x))
-    assert one_linear < 1e-5
-    print(f"int8 vs dequantized twin: {rel_err(got, want):.2e} with the adapter; the adapter moves {moved:.2e}")
-    assert rel_err(got, want) < 1e-2
+        ours, twin = llm.model.layers[0].attention.wqkv, dense.layers[0].attention.wqkv
+        one_linear = rel_err(ours(x), twin(x))
+        one_delta = rel_err(ours(x) - ours.base(x), twin(x) - twin.base(x))
+    print(f"int8 (activations {int8_activations}) vs dequantized twin: one linear {one_linear:.2e}, its adapter "
+          f"part {one_delta:.2e}, logits {rel_err(got, want):.2e}; the adapter moves {moved:.2e}")
+    assert one_delta < 1e-5
+    assert one_linear < (1e-5 if int8_activations == "0" else 5e-2)
+    # int8 activations alone put the random sharp model's logits 2.9e-2 to 6.5e-2 off the twin (seen):
+    # 0.2 there, still far under the adapter's own effect (over 0.1, seen ~1).
+    assert rel_err(got, want) < (1e-2 if int8_activations == "0" else 0.2)
     assert moved > 0.1
 
 
@@ -228,6 +238,7 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
     want["base"] = llm.generate([prompt], params)[0]
     llm.engine.unload_lora("a1")
     llm.engine.unload_lora("a2")
+    llm.chat_prompt = lambda messages, safe_prompt=False: prompt  # a random checkpoint has no tokenizer, no chat format
     with ServerThread(build_app(llm, "base"), log_level="warning") as server, httpx.Client(base_url=server.url) as http:
         def complete(model):
             return http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 6,
@@ -246,6 +257,10 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
             assert r.status_code == 200, r.text
             logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
             assert logprobs == pytest.approx([lp.logprob for lp in want[name].logprobs], abs=1e-5)
+            assert r.json()["model"] == name  # the adapter's name, as vLLM answers
+            assert _streamed_models(http, "/v1/completions", {"prompt": prompt}, name) == {name}
+            chat = {"messages": [{"role": "user", "content": "hello"}]}
+            assert _streamed_models(http, "/v1/chat/completions", chat, name) == {name}
         assert want["a1"].token_ids != want["a2"].token_ids or want["a1"].logprobs != want["a2"].logprobs
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1")})
         assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
@@ -257,6 +272,20 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
         r = complete("a1")
         assert r.status_code == 404 and "'a1' does not exist" in r.json()["error"]["message"]
         assert "'a2'" in r.json()["error"]["message"]  # the 404 names what is served
+
+
+def _streamed_models(http, route, body, model) -> set[str]:
+    """The `model` of every chunk of a streamed request (with the usage chunk) and of its answer unstreamed."""
+    import json as json_
+
+    body = {**body, "model": model, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json_.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    r = http.post(route, json=body)
+    assert r.status_code == 200, r.text
+    assert len(chunks) > 2 and chunks[-1]["usage"] is not None
+    return {c["model"] for c in chunks} | {r.json()["model"]}
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -324,22 +353,37 @@ def test_speculative_verify_runs_with_the_adapter(served):
     assert [o.token_ids for o in spec.generate(prompts, params, lora=loras)] == [o.token_ids for o in plain]
 
 
-def test_prefix_cache_serves_the_base_model_only(served):
-    """Cached blocks hold the base model's keys and values: a request with an adapter neither restores
-    nor stores them, and its answer equals one without a prefix cache; base requests still hit."""
+def test_prefix_cache_blocks_are_keyed_by_adapter(served):
+    """A second request of one adapter restores the first's prompt blocks (also in one burst, where it
+    waits for them); the same prompt with another adapter, none, or a new adapter loaded under the old
+    name restores nothing; every answer equals the run without a prefix cache."""
     from mistral7b import LLM, LoRARequest, SamplingParams
 
     root, hf, _ = served
-    prompt = torch.randint(0, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompt = torch.randint(0, hf.config.vocab_size, (40,)).tolist()
+    shared = torch.randint(0, hf.config.vocab_size, (24,)).tolist()
+    burst = [shared + torch.randint(0, hf.config.vocab_size, (9,)).tolist() for _ in range(3)]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)
-    lora = LoRARequest("a0", str(root / "a0"))
-    want = LLM(str(root / "base"), device="cpu", max_batch=2).generate([prompt, prompt], params, lora=[None, lora])
-    llm = LLM(str(root / "base"), device="cpu", max_batch=2, prefix_cache_gib=0.01, prefix_block_size=8)
-    base = llm.generate([prompt], params)[0]  # stores the prompt's blocks
-    hits = llm.engine.prefix.counters.hits
-    got = llm.generate([prompt], params, lora=lora)[0]
-    assert llm.engine.prefix.counters.hits == hits  # the adapter's request did not restore base blocks
-    assert got.token_ids == want[1].token_ids and base.token_ids == want[0].token_ids
-    assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want[1].logprobs], abs=1e-5)
-    llm.generate([prompt], params)
-    assert llm.engine.prefix.counters.hits > hits  # base requests still hit
+    a0, a1 = (LoRARequest(n, str(root / n)) for n in ("a0", "a1"))
+    plain = LLM(str(root / "base"), device="cpu", max_batch=3)
+    want = plain.generate([prompt] * 3, params, lora=[a0, a1, None])
+    want_burst = plain.generate(burst, params, lora=[a1, a1, None])
+    llm = LLM(str(root / "base"), device="cpu", max_batch=3, prefix_cache_gib=0.01, prefix_block_size=8)
+
+    def restored(lora, expected, prompts=(prompt,)):
+        """Run the prompts; check their answers; return the prompt tokens restored from the cache."""
+        hits = llm.engine.prefix.counters.hits
+        for got, e in zip(llm.generate(list(prompts), params, lora=lora), expected, strict=True):
+            assert got.token_ids == e.token_ids
+            assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in e.logprobs], abs=1e-5)
+        return llm.engine.prefix.counters.hits - hits
+
+    whole = (len(prompt) - 1) // 8 * 8  # every whole block but the one holding the last prompt token
+    assert restored(a0, want[:1]) == 0
+    assert restored(a0, want[:1]) == whole  # one adapter shares its prefixes
+    assert restored(a1, want[1:2]) == 0 and restored(None, want[2:]) == 0  # nor another adapter's, nor the base's
+    assert restored(None, want[2:]) == whole and restored(a1, want[1:2]) == whole
+    assert restored([a1, a1, None], want_burst, burst) == len(shared)  # the second a1 request: the shared blocks
+    llm.engine.unload_lora("a0")
+    llm.engine.load_lora("a0", root / "a1")  # the old a0's blocks must not serve the new one
+    assert restored("a0", want[1:2]) == 0

@@ -3,11 +3,14 @@
 The bank is made on the first load (`max_loras` slots of rank up to `max_lora_rank`). A request holds
 its adapter's slot until it finishes: unloading takes the name away at once, and the slot is reused
 only once no request still running or waiting holds it. Any thread may load or unload; a load writes
-only a slot that no row reads, so it never disturbs a forward in flight.
+only a slot that no row reads, so it never disturbs a forward in flight. Each load gets a key (its
+name and load number) that no other load shares, even one of the same name or into the same slot: the
+prefix cache keys an adapter's blocks by it.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 
@@ -24,6 +27,8 @@ class AdapterRegistry:
         self.model, self.max_loras, self.max_rank, self.in_use = model, max_loras, max_rank, in_use
         self.slots: dict[str, int] = {}
         self.paths: dict[str, str] = {}
+        self.keys: dict[int, str] = {}  # slot -> the key of the adapter last loaded into it
+        self.loads = itertools.count(1)
         self.lock = threading.RLock()  # Engine.add holds it from looking a slot up until the request is queued
 
     def load(self, name: str, path: str | Path) -> int:
@@ -41,6 +46,7 @@ class AdapterRegistry:
             slot = self._free_slot()
             bank.write(slot, adapter.weights, adapter.scale)
             self.slots[name], self.paths[name] = slot, str(path)
+            self.keys[slot] = f"{name}#{next(self.loads)}"
             return slot
 
     def unload(self, name: str) -> None:
@@ -65,6 +71,10 @@ class AdapterRegistry:
                     return self.slots[name]
                 raise
         raise UnknownAdapter(f"adapter {name!r} is not loaded")
+
+    def key(self, slot: int) -> str | None:
+        """The key of the adapter in `slot` (None for 0, the base model); stable while a request holds the slot."""
+        return self.keys[slot] if slot else None
 
     def names(self) -> dict[str, str]:
         """name -> path of every adapter loaded."""

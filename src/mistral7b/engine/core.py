@@ -77,7 +77,8 @@ class Engine:
         request = Request(list(prompt_ids), params, request_id or f"req-{next(self._ids)}")
         self.output.prepare(request, self.constraints.build(params))
         with self.adapters.lock:  # queued before another thread can unload the adapter and reuse its slot
-            self.scheduler.add(request, self.adapters.slot(lora))
+            slot = self.adapters.slot(lora)
+            self.scheduler.add(request, slot, self.adapters.key(slot))
         return request
 
     def load_lora(self, name: str, path) -> None:
@@ -173,8 +174,7 @@ class Engine:
             if self.scheduler.prefix is not None:
                 end = chunk.start + chunk.length
                 for request in chunk.requests:
-                    if not request.lora_slot:  # an adapter's keys and values are not the base model's
-                        self.prefix.store(request.row, request.prompt_ids, chunk.start, end)
+                    self.prefix.store(request.row, request.prompt_ids, chunk.start, end, request.lora_key)
             done = self.scheduler.prefilled(chunk)
             if done:
                 requests = [chunk.requests[i] for i in done]

@@ -3,8 +3,11 @@
 Requests that share a prompt prefix (a system prompt, few-shot examples, a chat history) reuse its
 keys and values instead of recomputing them. Prompts are cut into blocks of B tokens (default 64);
 block i's key is blake2b(key of block i-1 || the block's token ids as int32), so a key names the
-whole prefix up to the end of its block. A stored block holds, for every layer, the K and V of its
-B positions, in one preallocated pool on the cache's device and dtype (the memory budget).
+whole prefix up to the end of its block. A request with a LoRA adapter computes other keys and values
+than the base model's: block 0's parent key is then a hash of the adapter's key (its name and load
+number, engine/adapters.py), so requests of one adapter share prefixes and never anyone else's. A
+stored block holds, for every layer, the K and V of its B positions, in one preallocated pool on the
+cache's device and dtype (the memory budget).
 
 Which positions a restore needs. A prefill of L tokens leaves, in a layer whose buffer has S slots
 (S = W for a rolling layer, `max_seq_len` for a linear one), exactly positions [max(0, L - S), L),
@@ -88,11 +91,13 @@ from ..utils import slice_or_index
 DEFAULT_BLOCK_SIZE = 64
 
 
-def block_keys(prompt_ids: list[int], block_size: int, n_blocks: int) -> list[bytes]:
-    """Keys of the first `n_blocks` complete blocks: each hashes its parent's key and its token ids."""
+def block_keys(prompt_ids: list[int], block_size: int, n_blocks: int, adapter: str | None = None) -> list[bytes]:
+    """Keys of the first `n_blocks` complete blocks: each hashes its parent's key and its token ids;
+    block 0's parent is the `adapter` key's hash (none for the base model)."""
     data = array("i", prompt_ids[: n_blocks * block_size]).tobytes()
     step = 4 * block_size
-    keys, key = [], b""
+    keys = []
+    key = b"" if adapter is None else hashlib.blake2b(b"lora\0" + adapter.encode(), digest_size=16).digest()
     for i in range(n_blocks):
         key = hashlib.blake2b(key + data[i * step : (i + 1) * step], digest_size=16).digest()
         keys.append(key)
@@ -159,11 +164,11 @@ class PrefixCache:
 
     # -- lookups --------------------------------------------------------------------------------
 
-    def match(self, prompt_ids: list[int]) -> PrefixHit:
-        """The longest cached prefix of whole blocks, leaving at least one token to compute; pinned
-        until `restore` or `release`."""
+    def match(self, prompt_ids: list[int], adapter: str | None = None) -> PrefixHit:
+        """The longest cached prefix of whole blocks (of the base model, or of the LoRA `adapter` key),
+        leaving at least one token to compute; pinned until `restore` or `release`."""
         n_blocks = (len(prompt_ids) - 1) // self.block_size
-        path = self._cached_path(block_keys(prompt_ids, self.block_size, n_blocks))
+        path = self._cached_path(block_keys(prompt_ids, self.block_size, n_blocks, adapter))
         for block in path:
             block.pins += 1
         self._touch(path)
@@ -175,18 +180,20 @@ class PrefixCache:
         c.hit_requests += n_tokens > 0
         return PrefixHit(n_tokens, tuple(path))
 
-    def peek(self, prompt_ids: list[int]) -> int:
+    def peek(self, prompt_ids: list[int], adapter: str | None = None) -> int:
         """How many tokens `match` would find now, with no side effect (no pins, counters or LRU touch)."""
         n_blocks = (len(prompt_ids) - 1) // self.block_size
-        return len(self._cached_path(block_keys(prompt_ids, self.block_size, n_blocks))) * self.block_size
+        return len(self._cached_path(block_keys(prompt_ids, self.block_size, n_blocks, adapter))) * self.block_size
 
-    def waits_for(self, prompt_ids: list[int], others: list[tuple[list[int], int]]) -> bool:
-        """True when one of `others` (a request mid-prefill: its prompt ids and prefill offset) is now
-        computing a block that this prompt shares with it and could restore: starting this request
-        later, after that block is stored, saves recomputing it."""
+    def waits_for(self, prompt_ids: list[int], others: list[tuple], adapter: str | None = None) -> bool:
+        """True when one of `others` (a request mid-prefill: its prompt ids, prefill offset and, if
+        any, adapter key) is now computing a block that this prompt shares with it and could restore:
+        starting this request later, after that block is stored, saves recomputing it."""
         B = self.block_size
-        for ids, offset in others:
+        for ids, offset, *other_adapter in others:
             end = (offset // B + 1) * B  # the end of the block that request is computing
+            if (other_adapter or [None])[0] != adapter:
+                continue  # another model's keys and values: nothing to share
             if end <= len(ids) and end < len(prompt_ids) and prompt_ids[:end] == ids[:end]:
                 return True
         return False
@@ -204,9 +211,9 @@ class PrefixCache:
         finally:
             self.release(hit)
 
-    def load(self, row: int, prompt_ids: list[int]) -> int:
+    def load(self, row: int, prompt_ids: list[int], adapter: str | None = None) -> int:
         """`match` then `restore`: the number of prompt tokens now in `row` (0 on a miss)."""
-        return self.restore(row, self.match(prompt_ids))
+        return self.restore(row, self.match(prompt_ids, adapter))
 
     def release(self, hit: PrefixHit) -> None:
         """Unpin a hit's blocks (done by `restore`; call it for a hit that will not be restored)."""
@@ -234,16 +241,16 @@ class PrefixCache:
         """The longest prefill chunk starting at `start` whose complete blocks `store` can still read."""
         return self.min_size - start % self.block_size
 
-    def store(self, row: int, prompt_ids: list[int], start: int, end: int) -> int:
-        """After a prefill chunk wrote positions [start, end) of `row`: copy out the blocks now complete
-        and not yet stored. Returns the number of tokens stored."""
+    def store(self, row: int, prompt_ids: list[int], start: int, end: int, adapter: str | None = None) -> int:
+        """After a prefill chunk wrote positions [start, end) of `row` (with the LoRA `adapter` key, if
+        any): copy out the blocks now complete and not yet stored. Returns the number of tokens stored."""
         if not 0 <= start < end <= len(prompt_ids):
             raise ValueError(f"chunk [{start}, {end}) is not inside a prompt of {len(prompt_ids)} tokens")
         B = self.block_size
         n_complete = end // B
         if self.capacity == 0 or n_complete == 0:
             return 0
-        keys = block_keys(prompt_ids, B, n_complete)
+        keys = block_keys(prompt_ids, B, n_complete, adapter)
         path = self._cached_path(keys)
         first_new = len(path)
         if first_new == n_complete:

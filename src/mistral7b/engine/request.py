@@ -28,6 +28,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     row: int | None = None
     lora_slot: int = 0  # the LoRA adapter's slot in the model's bank (engine/adapters.py); 0: the base model
+    lora_key: str | None = None  # that adapter's load key (engine/adapters.py), in its prefix-cache block keys
     n_prefilled: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

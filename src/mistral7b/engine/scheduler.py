@@ -47,10 +47,10 @@ class Scheduler:
         self.rows: list[Request | None] = [None] * max_batch
         self.lock = threading.RLock()
 
-    def add(self, request: Request, lora_slot: int = 0) -> None:
-        """Queue `request`, to run with the LoRA adapter in `lora_slot` (0: none)."""
+    def add(self, request: Request, lora_slot: int = 0, lora_key: str | None = None) -> None:
+        """Queue `request`, to run with the LoRA adapter in `lora_slot` (0: none), whose load key is `lora_key`."""
         with self.lock:
-            request.lora_slot = lora_slot
+            request.lora_slot, request.lora_key = lora_slot, lora_key
             self.waiting.append(request)
 
     def abort(self, request: Request) -> None:
@@ -132,8 +132,8 @@ class Scheduler:
             group = group[: max(1, budget // n)]
             if self.prefix is not None:
                 for request in group:
-                    if request not in self.looked_up and not request.lora_slot:  # a miss: count it (row empty)
-                        self.prefix.load(request.row, request.prompt_ids)
+                    if request not in self.looked_up:  # a miss: count it (row empty)
+                        self.prefix.load(request.row, request.prompt_ids, request.lora_key)
                         self.looked_up.add(request)
             plan.append(PrefillChunk(group, start, n))
             budget -= n * len(group)
@@ -154,20 +154,19 @@ class Scheduler:
         """Restore cached prefixes into the rows of requests about to start; return those that may be
         planned now, without the ones held back until another request has stored a block they share."""
         prefix, ready = self.prefix, []
-        busy = [(r.prompt_ids, r.n_prefilled) for r in pending if r in self.looked_up]
+        busy = [(r.prompt_ids, r.n_prefilled, r.lora_key) for r in pending if r in self.looked_up]
         for request in pending:
-            # Cached blocks hold the base model's keys and values: a request with a LoRA adapter computes its own.
-            if request in self.looked_up or request.lora_slot:
+            if request in self.looked_up:
                 ready.append(request)
                 continue
-            if prefix.waits_for(request.prompt_ids, busy):
+            if prefix.waits_for(request.prompt_ids, busy, request.lora_key):
                 continue
             # Prompt log-probabilities need every prompt position's logits: such a request computes its prompt.
-            if request.params.prompt_logprobs is None and prefix.peek(request.prompt_ids) > 0:
-                request.n_prefilled = prefix.load(request.row, request.prompt_ids)
+            if request.params.prompt_logprobs is None and prefix.peek(request.prompt_ids, request.lora_key) > 0:
+                request.n_prefilled = prefix.load(request.row, request.prompt_ids, request.lora_key)
                 self.looked_up.add(request)
             # About to compute its first uncached block: later requests sharing it wait for it.
-            busy.append((request.prompt_ids, request.n_prefilled))
+            busy.append((request.prompt_ids, request.n_prefilled, request.lora_key))
             ready.append(request)
         return ready
 

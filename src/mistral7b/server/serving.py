@@ -58,6 +58,7 @@ class Submission:
     offsets: list[int] = field(default_factory=list)  # text characters streamed so far, per choice
     tools: list | None = None  # serving_chat's ToolStream per choice, for a streamed tool-calling request
     echoes: list | None = None  # serving_completion's echo text per choice, until its first chunk is sent
+    model: str = ""  # the name the responses carry in `model`: the LoRA adapter's, else the base model's
 
 
 @dataclass
@@ -185,7 +186,7 @@ class OpenAIServing:
             if isinstance(e, LookupError):  # the adapter was unloaded since the request named it
                 raise APIError(404, str(e), param="model", code="model_not_found") from None
             raise
-        return Submission(rid, prompt_ids, submitted, queue)
+        return Submission(rid, prompt_ids, submitted, queue, model=lora or self.model_name)
 
     def abort(self, submission: Submission) -> None:
         for r in submission.requests:

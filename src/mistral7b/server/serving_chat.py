@@ -48,7 +48,7 @@ class OpenAIServingChat(OpenAIServing):
                               logprobs=ChatLogprobs(content=self.logprobs(o.logprobs)) if body.logprobs else None)
                    for i, o in enumerate(out)
                    for message, reason in [self._message(plan, submission.requests[i], o)]]
-        return ChatCompletionResponse(id=submission.id, created=submission.created, model=self.model_name,
+        return ChatCompletionResponse(id=submission.id, created=submission.created, model=submission.model,
                                       choices=choices, usage=Usage.of(submission.prompt_ids, sum(o.tokens for o in out)))
 
     def _message(self, plan, engine_request, o) -> tuple[AssistantMessage, str]:
@@ -76,7 +76,7 @@ class OpenAIServingChat(OpenAIServing):
         if choices is None:
             choices = [ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]
         chunk = ChatCompletionStreamResponse(id=submission.id, object="chat.completion.chunk", created=submission.created,
-                                             model=self.model_name, system_fingerprint=None, choices=choices)
+                                             model=submission.model, system_fingerprint=None, choices=choices)
         if usage is not None:
             chunk.usage = usage
         return chunk

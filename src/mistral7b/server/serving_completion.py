@@ -32,7 +32,7 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = [CompletionChoice(index=i, text=echoes[i] + "".join(o.text), finish_reason=o.finish_reason,
                                     logprobs=self.logprobs(self.echoed(body, r) + o.logprobs, 0) if want_lp else None)
                    for i, (o, r) in enumerate(zip(out, submission.requests))]
-        return CompletionResponse(id=submission.id, created=submission.created, model=self.model_name,
+        return CompletionResponse(id=submission.id, created=submission.created, model=submission.model,
                                   choices=choices, usage=Usage.of(submission.prompt_ids, sum(o.tokens for o in out)))
 
     def encode(self, prompt, split_special_tokens: bool) -> list[int]:
@@ -77,11 +77,11 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _stream_chunk(self, submission: Submission, choice: CompletionChoice) -> CompletionStreamResponse:
         return CompletionStreamResponse(id=submission.id, object="text_completion", created=submission.created,
-                                        model=self.model_name, choices=[choice])
+                                        model=submission.model, choices=[choice])
 
     def usage_chunk(self, submission: Submission, usage: Usage):
         return CompletionStreamResponse(id=submission.id, object="text_completion", created=submission.created,
-                                        model=self.model_name, choices=[], usage=usage)
+                                        model=submission.model, choices=[], usage=usage)
 
     def logprobs(self, entries, offset: int) -> CompletionLogprobs:
         """`text_offset` counts the characters of the text as detokenized, so a token inside a
