@@ -266,6 +266,8 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
         assert r.status_code == 400 and "already loaded" in r.json()["error"]["message"]
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(root / "nowhere")})
         assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "~no_such_user_m7b/a"})
+        assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]  # not a 500
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a1"}).status_code == 200
         r = http.post("/v1/unload_lora_adapter", json={"lora_name": "a1"})
         assert r.status_code == 404 and "'a1'" in r.json()["error"]["message"]

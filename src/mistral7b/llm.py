@@ -15,7 +15,7 @@ from .lora import LoRARequest
 from .quant.config import resolve as resolve_quantize
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, check_roles, with_safe_prompt
-from .utils import default_device, resolve_dtype
+from .utils import default_device, expand_path, resolve_dtype
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _tokenizer_path(source) -> Path:
     """Where the tokenizer of a checkpoint lives: the GGUF itself, or the checkpoint folder."""
     from .loading import hub
 
-    path = Path(source).expanduser()
+    path = expand_path(source)
     if path.exists():
         return path.parent if path.name in ("config.json", "params.json") else path
     return hub.resolve(str(source))

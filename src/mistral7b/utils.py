@@ -66,6 +66,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 GGUF_MAGIC = b"GGUF"
 
 
+def expand_path(path: str | Path) -> Path:
+    """`path` with a leading ~ or ~user expanded; as written when that user has no home (a folder may
+    really be named "~x"), where `Path.expanduser` raises RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def is_gguf(path: str | Path) -> bool:
     """A file with GGUF's magic bytes, or named `.gguf`: such a file is meant to be one, so a corrupt one
     reaches the GGUF reader and its clear error rather than "unknown format"."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig, ModelLoadError
 from ..model import Transformer
-from ..utils import is_gguf
+from ..utils import expand_path, is_gguf
 from ..weights import Slice, head_slot, local_config, weight_map
 
 SliceOf = Callable[[str], "Slice | None"]
@@ -229,7 +229,7 @@ def find_format(source: str | Path) -> tuple[str, Path]:
     hub id resolves to its cached folder; a config.json or params.json stands for its folder."""
     from . import hub, quantized
 
-    path = Path(source).expanduser()
+    path = expand_path(source)
     if not path.exists():
         if not hub.looks_like_hub_id(str(source)):
             raise ModelLoadError(f"{path}: no such file or folder")

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..lora import linear_names
+from ..utils import expand_path
 from .hf import to_canonical
 
 _TENSOR = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -60,7 +61,7 @@ def read_config(path: Path) -> tuple[int, float]:
 
 def read_adapter(path: str | Path, config: ModelConfig) -> Adapter:
     """The adapter in folder `path` for a model of `config`, checked name by name and shape by shape."""
-    path = Path(path).expanduser()
+    path = expand_path(path)
     rank, scale = read_config(path)
     file = path / "adapter_model.safetensors"
     if not file.is_file():
