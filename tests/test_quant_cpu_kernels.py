@@ -21,9 +21,11 @@ VARIANTS = {"vnni": ["vnni", "avx2", "portable"], "avx2": ["avx2", "portable"], 
 
 
 def reference(x: np.ndarray, q: np.ndarray, offset: int, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    """x [M, K] float32, weight q [N, K] integers with w = (q - offset) * scale + zero per group.
-    Activations: per block of 32, d = max|x| / 127 and round-half-even of x * (1 / d), in float32;
-    the result is the dequantized activations times the dequantized weights, in float64."""
+    """x [M, K] float32, weight q [N, K] integers with w = (q - offset) * scale + zero per group, held as
+    the kernels hold it: w = d * q + m with d = scale and m = zero - offset * d in float16 (GGUF's own
+    precision; m computed in float32 from the rounded d). Activations: per block of 32, d = max|x| / 127
+    and round-half-even of x * (1 / d), in float32; the result is the dequantized activations times the
+    dequantized weights, in float64."""
     m, k = x.shape
     n, groups = scale.shape
     group = k // groups
@@ -32,9 +34,9 @@ def reference(x: np.ndarray, q: np.ndarray, offset: int, scale: np.ndarray, zero
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
     qx = np.rint(blocks * inv[..., None]).astype(np.int64).reshape(m, k)
     xq = (qx.reshape(m, k // 32, 32) * d[..., None].astype(np.float64)).reshape(m, k)  # what the kernel sees
-    w = (q.astype(np.float64) - offset).reshape(n, groups, group) * scale[..., None]
-    if zero is not None:
-        w = w + zero[..., None]
+    d16 = scale.astype(np.float16).astype(np.float32)
+    m16 = ((0 if zero is None else zero.astype(np.float32)) - np.float32(offset) * d16).astype(np.float16)
+    w = q.astype(np.float64).reshape(n, groups, group) * d16[..., None] + m16.astype(np.float64)[..., None]
     return xq @ w.reshape(n, k).T
 
 
@@ -126,7 +128,10 @@ def test_quantized_linears_take_the_integer_path_and_unpack_exactly():
         module.fill(0, n, weight)
         back = module.unpack()
         assert back.group_size == weight.group_size and torch.equal(back.q, weight.q)
-        assert torch.allclose(back.scale, weight.scale) and torch.allclose(back.zero, weight.zero, atol=1e-6)
+        assert torch.equal(back.scale, weight.scale.half().float())  # float16 per block, as GGUF
+        # zero = m + offset * d, m in float16: off by m's rounding (2^-11 of |m|) at most
+        bound = 2**-11 * (weight.zero.abs() + 8 * weight.scale.abs()).max()
+        assert torch.allclose(back.zero, weight.zero, rtol=0, atol=bound)
 
 
 def test_switch_and_no_compiler_fall_back_to_torch_kernels(monkeypatch, tmp_path):

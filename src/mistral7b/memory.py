@@ -127,14 +127,14 @@ def quantized_linear_bytes(n: int, k: int, method: str, group_size: int | None, 
     block: 8 on CUDA, 16 on CPU), in the largest supported group size up to `group_size` that
     divides k (as the loader picks it); int8: one byte per value plus one bf16 scale per row. On a CPU
     running cpu_kernels (int8 activations, the default), a matrix whose width and groups fall on blocks
-    of 32 holds its values unpadded plus a float32 scale (int4: and offset) per block of 32."""
+    of 32 holds its values unpadded plus a float16 scale (int4: and offset) per block of 32."""
     from .quant import cpu_kernels
     from .quant.config import fitting_group_size
 
     group = (fitting_group_size(k, group_size) or group_size) if method == "int4" else k
     if device == "cpu" and cpu_kernels.supports(k, group):
         per_block = 2 if method == "int4" else 1
-        return (n * k // 2 if method == "int4" else n * k) + n * (k // cpu_kernels.BLOCK) * 4 * per_block
+        return (n * k // 2 if method == "int4" else n * k) + n * (k // cpu_kernels.BLOCK) * 2 * per_block
     if method == "int4":
         rows = -(-n // (8 if device == "cuda" else 16)) * (8 if device == "cuda" else 16)
         return rows * k // 2 + (k // group) * rows * 2 * 2

@@ -163,11 +163,13 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
 
 
 def block_params(scale: Tensor, zero: Tensor | None, group_size: int, offset: int) -> tuple[Tensor, Tensor]:
-    """Per-block (d, m) [N, K / 32] float32 so that w = d * stored + m, for w = (q - offset) * scale + zero."""
+    """Per-block (d, m) [N, K / 32] float16 so that w = d * stored + m, for w = (q - offset) * scale + zero:
+    2 bytes each, as GGUF stores them (its Q4/Q8 values exactly), not 4 (a 7B decode step reads 20% fewer
+    bytes). m comes from the rounded d, so that the rounding errs by (q - offset) * (d - scale), centred."""
     r = group_size // BLOCK
-    d = scale.float().repeat_interleave(r, dim=1)
-    z = torch.zeros_like(d) if zero is None else zero.float().repeat_interleave(r, dim=1)
-    return d.contiguous(), (z - offset * d).contiguous()
+    d = scale.float().repeat_interleave(r, dim=1).half()
+    z = 0 if zero is None else zero.float().repeat_interleave(r, dim=1)
+    return d.contiguous(), (z - offset * d.float()).half().contiguous()
 
 
 # ------------------------------------------------------------------------------ the matmul

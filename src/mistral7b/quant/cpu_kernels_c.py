@@ -28,7 +28,27 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 
 #define QK 32
 
-int m7b_abi(void) { return 4; }
+// Block scales and offsets are IEEE half floats, as GGUF stores them: 2 bytes each per 32 weights.
+static inline float h2f(uint16_t h) {
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);  // inf, nan
+    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) u = sign;
+    else {  // subnormal: normalise the mantissa
+        int shift = -1;
+        do { man <<= 1; shift++; } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - shift) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+int m7b_abi(void) { return 5; }
 
 static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float *sx) {
     for (int64_t b = 0; b < k / QK; b++) {
@@ -101,19 +121,23 @@ static inline __m512 pair_scale(const float *v) {  // [v0 x 8 | v1 x 8]
     return _mm512_insertf32x8(_mm512_set1_ps(v[0]), _mm256_set1_ps(v[1]), 1);
 }
 
+static inline __m512 pair_scale_h(const uint16_t *v) {
+    return _mm512_insertf32x8(_mm512_set1_ps(h2f(v[0])), _mm256_set1_ps(h2f(v[1])), 1);
+}
+
 // R weight rows x S activation rows (rows of qx k apart, of out n apart): each pair of weight blocks is
 // unpacked once for all S rows. Every output takes the same float operations in the same order
 // whatever R and S are (a product d * dx is the same in a lane as in a scalar), so grouping rows never
 // changes a result.
 static inline __attribute__((always_inline)) void grid_dot(
-        int R, int S, const uint8_t *w, int64_t wrow, int bits, const float *d, const float *m, int64_t nb,
+        int R, int S, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m, int64_t nb,
         const int8_t *qx, int64_t k, const float *dx, const float *sx, float *out, int64_t n) {
     const int64_t stride = bits == 4 ? QK / 2 : QK;
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++) {
             float offset = 0.f;
             if (m)  // NULL: no offsets (symmetric int8), which saves reading a row of zeros
-                for (int64_t b = 0; b < nb; b++) offset += m[r * nb + b] * sx[s * nb + b];
+                for (int64_t b = 0; b < nb; b++) offset += h2f(m[r * nb + b]) * sx[s * nb + b];
             out[s * n + r] = offset;
         }
     __m512 acc[4][4];
@@ -126,7 +150,7 @@ static inline __attribute__((always_inline)) void grid_dot(
         for (int r = 0; r < R; r++) {
             __mmask64 neg = 0;
             __m512i wu = pair_weights(w + r * wrow + b * stride, bits, &neg);
-            __m512 wd = pair_scale(d + r * nb + b);
+            __m512 wd = pair_scale_h(d + r * nb + b);
             for (int s = 0; s < S; s++) {
                 __m512 p = _mm512_cvtepi32_ps(pair_dot(wu, neg, bits, qx + s * k + b * QK));
                 acc[r][s] = _mm512_fmadd_ps(p, _mm512_mul_ps(wd, xd[s]), acc[r][s]);
@@ -138,7 +162,7 @@ static inline __attribute__((always_inline)) void grid_dot(
             __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r][s]), _mm512_extractf32x8_ps(acc[r][s], 1));
             if (b < nb) {
                 __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + s * k + b * QK));
-                a = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r * nb + b] * dx[s * nb + b]), a);
+                a = _mm256_fmadd_ps(p, _mm256_set1_ps(h2f(d[r * nb + b]) * dx[s * nb + b]), a);
             }
             out[s * n + r] += hsum(a);
         }
@@ -147,13 +171,13 @@ static inline __attribute__((always_inline)) void grid_dot(
 
 // R outputs (weight rows w + r * wrow) for one quantized input row; each row's arithmetic is the same
 // whatever R is, so grouping rows never changes a result.
-static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, const float *d, const float *m,
+static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m,
                             int64_t nb, const int8_t *qx, const float *dx, const float *sx, float *out) {
     const int64_t stride = bits == 4 ? QK / 2 : QK;
     for (int r = 0; r < R; r++) {
         float offset = 0.f;
         if (m)  // NULL: no offsets (symmetric int8), which saves reading a row of zeros
-            for (int64_t b = 0; b < nb; b++) offset += m[r * nb + b] * sx[b];
+            for (int64_t b = 0; b < nb; b++) offset += h2f(m[r * nb + b]) * sx[b];
         out[r] = offset;
     }
 #if defined(M7B_AVX2)
@@ -162,7 +186,7 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
     for (int64_t b = 0; b < nb; b++)
         for (int r = 0; r < R; r++) {
             __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + b * QK));
-            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r * nb + b] * dx[b]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(h2f(d[r * nb + b]) * dx[b]), acc[r]);
         }
     for (int r = 0; r < R; r++) out[r] += hsum(acc[r]);
 #else
@@ -176,7 +200,7 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
                 int q = bits == 4 ? (i < 16 ? wb[i] & 15 : wb[i - 16] >> 4) : (int8_t)wb[i];
                 s += q * xb[i];
             }
-            acc += (float)s * (d[r * nb + b] * dx[b]);
+            acc += (float)s * (h2f(d[r * nb + b]) * dx[b]);
         }
         out[r] += acc;
     }
@@ -184,8 +208,8 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
 }
 
 // Outputs [lo, hi) of every activation row.
-static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const float *d,
-                     const float *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
+static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
+                     const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
                      const float *dx, const float *sx, float *out) {
 #if defined(M7B_VNNI)
     for (int64_t s = 0; s < rows; s += 4) {
@@ -195,7 +219,7 @@ static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int
         int64_t j = lo;
         for (; j + 4 <= hi; j += 4) {
             const uint8_t *wj = w + j * wrow;
-            const float *dj = d + j * nb, *mj = m ? m + j * nb : m;
+            const uint16_t *dj = d + j * nb, *mj = m ? m + j * nb : m;
             float *o = out + s * n + j;
             switch (S) {  // constant shapes, so that each grid's accumulators stay in registers
                 case 4: grid_dot(4, 4, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
@@ -229,7 +253,8 @@ static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int
 
 typedef struct {
     const uint8_t *w;
-    const float *d, *m, *dx, *sx;
+    const uint16_t *d, *m;
+    const float *dx, *sx;
     const int8_t *qx;
     float *out;
     int64_t rows, k, n, nb, wrow, tiles;
@@ -347,8 +372,8 @@ static uint16_t to_bf16(float f) {  // round to nearest even, as torch does; NaN
 // out[M, N] = x[M, K] @ w[N, K]^T; w: bits 4 -> [N, K / 2] nibbles, bits 8 -> [N, K] int8;
 // d, m: [N, K / 32] float32 (m may be NULL). x and out are float32, or bfloat16 when `bf16` is set
 // (the same float32 arithmetic in between). Returns 0, or -1 when out of memory.
-int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const float *d,
-               const float *m, int64_t n, void *out, int threads, int bf16) {
+int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const uint16_t *d,
+               const uint16_t *m, int64_t n, void *out, int threads, int bf16) {
     const int64_t nb = k / QK;
     int8_t *qx = malloc(rows * k);
     float *dx = malloc(sizeof(float) * rows * nb * 2);

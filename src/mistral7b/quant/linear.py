@@ -93,8 +93,9 @@ def integer_kernel(in_features: int, group_size: int, device: torch.device) -> b
 def register_blocks(module: nn.Module, n: int, k: int, q_shape, q_dtype, has_min: bool) -> None:
     """The buffers of cpu_kernels' layout: stored q, and per block of 32 `d` and `m` (w = d * q + m)."""
     module.register_buffer("qweight", torch.empty(q_shape, dtype=q_dtype, device="meta"))
-    module.register_buffer("block_scale", torch.empty(n, k // cpu_kernels.BLOCK, device="meta"))
-    module.register_buffer("block_min", torch.empty(n, k // cpu_kernels.BLOCK, device="meta") if has_min else None)
+    blocks = dict(size=(n, k // cpu_kernels.BLOCK), dtype=torch.float16, device="meta")
+    module.register_buffer("block_scale", torch.empty(**blocks))
+    module.register_buffer("block_min", torch.empty(**blocks) if has_min else None)
 
 
 def regrouped(weight: QuantizedWeight, group_size: int) -> QuantizedWeight:
@@ -134,7 +135,7 @@ class Int4Linear(QuantModule):
 
     def unpack_packed(self) -> QuantizedWeight:
         if self.integer:
-            q, scale, mn = cpu_kernels.unpack_nibbles(self.qweight), self.block_scale, self.block_min
+            q, scale, mn = cpu_kernels.unpack_nibbles(self.qweight), self.block_scale.float(), self.block_min.float()
             return regrouped(QuantizedWeight("int4", q, scale.clone(), mn + 8 * scale, cpu_kernels.BLOCK,
                                              self.fmt.source), self.group_size)
         q = kernels.unpack_int4(self.packed, self.out_features, self.in_features).cpu()
@@ -215,8 +216,8 @@ class Int8Linear(QuantModule):
 
     def unpack_packed(self) -> QuantizedWeight:
         if self.kernel == "integer":
-            zero = None if self.block_min is None else self.block_min.clone()
-            return regrouped(QuantizedWeight("int8", self.qweight.clone(), self.block_scale.clone(), zero,
+            zero = None if self.block_min is None else self.block_min.float()
+            return regrouped(QuantizedWeight("int8", self.qweight.clone(), self.block_scale.float(), zero,
                                              cpu_kernels.BLOCK, self.fmt.source), self.group_size)
         if self.kernel == "planes":
             n, k = self.out_features, self.in_features
