@@ -121,8 +121,10 @@ static inline __m512 pair_scale(const float *v) {  // [v0 x 8 | v1 x 8]
     return _mm512_insertf32x8(_mm512_set1_ps(v[0]), _mm256_set1_ps(v[1]), 1);
 }
 
-static inline __m512 pair_scale_h(const uint16_t *v) {
-    return _mm512_insertf32x8(_mm512_set1_ps(h2f(v[0])), _mm256_set1_ps(h2f(v[1])), 1);
+static inline void halves_to_floats(const uint16_t *h, float *f, int64_t count) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+    for (; i < count; i++) f[i] = h2f(h[i]);
 }
 
 // R weight rows x S activation rows (rows of qx k apart, of out n apart): each pair of weight blocks is
@@ -133,11 +135,14 @@ static inline __attribute__((always_inline)) void grid_dot(
         int R, int S, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m, int64_t nb,
         const int8_t *qx, int64_t k, const float *dx, const float *sx, float *out, int64_t n) {
     const int64_t stride = bits == 4 ? QK / 2 : QK;
+    float df[4 * nb], mf[m ? 4 * nb : 1];  // the rows' scales and offsets, widened once (not per block)
+    halves_to_floats(d, df, R * nb);
+    if (m) halves_to_floats(m, mf, R * nb);
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++) {
             float offset = 0.f;
             if (m)  // NULL: no offsets (symmetric int8), which saves reading a row of zeros
-                for (int64_t b = 0; b < nb; b++) offset += h2f(m[r * nb + b]) * sx[s * nb + b];
+                for (int64_t b = 0; b < nb; b++) offset += mf[r * nb + b] * sx[s * nb + b];
             out[s * n + r] = offset;
         }
     __m512 acc[4][4];
@@ -150,7 +155,7 @@ static inline __attribute__((always_inline)) void grid_dot(
         for (int r = 0; r < R; r++) {
             __mmask64 neg = 0;
             __m512i wu = pair_weights(w + r * wrow + b * stride, bits, &neg);
-            __m512 wd = pair_scale_h(d + r * nb + b);
+            __m512 wd = pair_scale(df + r * nb + b);
             for (int s = 0; s < S; s++) {
                 __m512 p = _mm512_cvtepi32_ps(pair_dot(wu, neg, bits, qx + s * k + b * QK));
                 acc[r][s] = _mm512_fmadd_ps(p, _mm512_mul_ps(wd, xd[s]), acc[r][s]);
@@ -162,7 +167,7 @@ static inline __attribute__((always_inline)) void grid_dot(
             __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r][s]), _mm512_extractf32x8_ps(acc[r][s], 1));
             if (b < nb) {
                 __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + s * k + b * QK));
-                a = _mm256_fmadd_ps(p, _mm256_set1_ps(h2f(d[r * nb + b]) * dx[s * nb + b]), a);
+                a = _mm256_fmadd_ps(p, _mm256_set1_ps(df[r * nb + b] * dx[s * nb + b]), a);
             }
             out[s * n + r] += hsum(a);
         }
