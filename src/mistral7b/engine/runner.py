@@ -77,9 +77,12 @@ class ModelRunner:
         self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.compiled = compile
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
+        # A verify forward (speculative decoding) is a decode step of a few tokens: threaded the same way.
+        self.verify_fn = self.model
         if self.device.type == "cpu":
             threads = min(torch.get_num_threads(), cpu_kernels.physical_cores())
             self.decode_fn = cpu_kernels.decode_threads(self.decode_fn, threads)
+            self.verify_fn = cpu_kernels.decode_threads(self.model, threads)
 
     def _compile_decode(self):
         """torch.compile with CUDA graphs over all `max_batch` rows. The cache buffers keep fixed
@@ -175,7 +178,7 @@ class ModelRunner:
         tokens_t, positions_t = self.to_device(tokens).view(n, width), self.to_device(positions).view(n, width)
         kv_len = max(r.position for r in requests) + width
         rows = self.rows([r.row for r in requests])
-        return self.model(tokens_t, positions_t, self.cache, rows=rows, kv_len=kv_len, **self.adapters(requests, rows))
+        return self.verify_fn(tokens_t, positions_t, self.cache, rows=rows, kv_len=kv_len, **self.adapters(requests, rows))
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)
