@@ -35,6 +35,13 @@ class QuantModule(nn.Module):
         weight = self.fmt.conform(weight)
         if (weight.perm is not None) != self.fmt.act_order:
             raise ValueError(f"an {'un' * (weight.perm is None)}permuted weight for a {self.fmt.label()} matrix")
+        if (lo, hi) == (0, self.out_features) and self._staging is None:  # whole: no staging copy
+            self._rows_in = hi
+            with torch.no_grad():
+                self.pack(weight)
+                if weight.perm is not None:
+                    self.in_perm.copy_(weight.perm)
+            return
         if self._staging is None:
             n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
             on = dict(device=self.target)
