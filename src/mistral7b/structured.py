@@ -38,6 +38,7 @@ without a host round trip) cannot run constrained rows: their next mask needs th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -118,21 +119,19 @@ def grammar_of(params) -> tuple[str, str] | None:
     return given[0], _BUILDERS[given[0]](getattr(params, given[0]))
 
 
-_VALID: OrderedDict[str, str] = OrderedDict()  # grammar text -> "" or its error, most recent last
-
-
 def check(kind: str, grammar: str) -> None:
     """Raise StructuredOutputError naming the problem if the grammar does not compile."""
-    from llguidance import LLMatcher
-
-    error = _VALID.get(grammar)
-    if error is None:
-        error = LLMatcher.validate_grammar(grammar)
-        _VALID[grammar] = error
-        while len(_VALID) > 256:
-            _VALID.popitem(last=False)
+    error = _grammar_error(grammar)
     if error:
         raise StructuredOutputError(f"invalid {kind}: {error.strip()}")
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_error(grammar: str) -> str:
+    """"" or why the grammar does not compile (a pure function of the text, so memoized)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.validate_grammar(grammar)
 
 
 def validate_params(params) -> None:
@@ -215,7 +214,8 @@ class CacheStats:
 
 
 class GrammarCache:
-    """Compiled grammars keyed by grammar text, least recently used dropped first.
+    """One tokenizer's compiled grammars keyed by grammar text, least recently used dropped first, and
+    the llguidance thread pool that fills their masks for large batches (made on first use).
 
     A cached entry is a pristine matcher; each request gets a `deep_copy()` (microseconds), which
     shares the compiled grammar and the lexer states built so far, so a repeated schema skips
@@ -226,7 +226,22 @@ class GrammarCache:
         self.ll_tokenizer, self.max_size = ll_tok, max_size
         self._entries: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()  # the server validates on its loop while the engine thread admits
+        self._executor = None
         self.stats = CacheStats()
+
+    def executor(self, rows: int):
+        """The thread pool for filling `rows` masks, or None where one thread is faster."""
+        if rows < _PARALLEL_ROWS or (os.cpu_count() or 1) < 8:
+            return None
+        if self._executor is None:
+            from llguidance import LLExecutor
+
+            self._executor = LLExecutor(num_threads=max(2, min(8, (os.cpu_count() or 2) // 2)))
+        return self._executor
+
+    def close(self) -> None:
+        """Drop the thread pool (llguidance stops its threads when the executor is freed)."""
+        self._executor = None
 
     def matcher(self, kind: str, grammar: str):
         from llguidance import LLMatcher
@@ -250,17 +265,6 @@ class GrammarCache:
         return pristine.deep_copy()
 
 
-_CACHES: dict[int, GrammarCache] = {}
-
-
-def grammar_cache(ll_tok) -> GrammarCache:
-    """The process-wide cache for one llguidance tokenizer."""
-    cache = _CACHES.get(id(ll_tok))
-    if cache is None or cache.ll_tokenizer is not ll_tok:
-        cache = _CACHES[id(ll_tok)] = GrammarCache(ll_tok)
-    return cache
-
-
 class Constraint:
     """One request's grammar state: consume tokens, fill its bitmask row, say whether it may end."""
 
@@ -269,12 +273,13 @@ class Constraint:
 
     @classmethod
     def from_params(cls, params, ll_tok, cache: GrammarCache | None = None) -> "Constraint | None":
-        """The constraint a SamplingParams asks for (None if it has none), compiled through the cache."""
+        """The constraint a SamplingParams asks for (None if it has none), compiled through the cache
+        (without one: compiled afresh)."""
         found = grammar_of(params)
         if found is None:
             return None
         kind, grammar = found
-        return cls((cache or grammar_cache(ll_tok)).matcher(kind, grammar), kind)
+        return cls((cache or GrammarCache(ll_tok, max_size=0)).matcher(kind, grammar), kind)
 
     def consume(self, token: int) -> bool:
         """Advance by the token chosen; False if the grammar rejects it (the matcher is then in error)."""
@@ -310,17 +315,7 @@ class Constraint:
 
 # ---- batch helpers ----------------------------------------------------------------------------
 
-_EXECUTOR = None
 _PARALLEL_ROWS = 8  # fewer rows: a thread pool's wake-ups cost more than the masks (0.6 vs 3 ms for 8 on 2 cores)
-
-
-def _executor():
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from llguidance import LLExecutor
-
-        _EXECUTOR = LLExecutor(num_threads=max(2, min(8, (os.cpu_count() or 2) // 2)))
-    return _EXECUTOR
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
@@ -330,17 +325,19 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return allocate_token_bitmask(rows, vocab_size)
 
 
-def fill_bitmask(bitmask: torch.Tensor, constrained: list[tuple[Constraint, int]]) -> None:
-    """Fill the rows of constrained requests (in threads for large batches on large hosts) and set
-    every other row to all-allowed."""
+def fill_bitmask(bitmask: torch.Tensor, constrained: list[tuple[Constraint, int]],
+                 cache: GrammarCache | None = None) -> None:
+    """Fill the rows of constrained requests (in `cache`'s threads for large batches on large hosts)
+    and set every other row to all-allowed."""
     from llguidance.torch import fill_next_token_bitmask_par
 
     taken = {row for _, row in constrained}
     free = [row for row in range(bitmask.shape[0]) if row not in taken]
     if free:
         bitmask[free] = -1
-    if len(constrained) >= _PARALLEL_ROWS and (os.cpu_count() or 1) >= 8:
-        fill_next_token_bitmask_par(_executor(), [(c.matcher, row) for c, row in constrained], bitmask)
+    executor = cache.executor(len(constrained)) if cache is not None else None
+    if executor is not None:
+        fill_next_token_bitmask_par(executor, [(c.matcher, row) for c, row in constrained], bitmask)
     else:
         for constraint, row in constrained:
             constraint.fill(bitmask, row)
