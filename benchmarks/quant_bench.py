@@ -189,7 +189,7 @@ def gpu(args) -> dict:
 
 
 def gpt_fast_rows(args, methods) -> dict:
-    from mistral7b.bench_peers import run_gpt_fast
+    from mistral7b.bench.peers import run_gpt_fast
 
     rows = {}
     for method in methods:
