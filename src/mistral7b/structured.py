@@ -176,31 +176,21 @@ class _SentencePieceVocab:
         return [self._sp.piece_to_id(p) for p in pieces]
 
 
-_LL_TOKENIZERS: dict[int, tuple[object, object]] = {}  # id(Tokenizer) -> (Tokenizer, LLTokenizer)
-
-
 def ll_tokenizer(tokenizer, vocab_size: int | None = None):
-    """The llguidance tokenizer of one of our `Tokenizer`s (built once per tokenizer, ~0.3 s).
+    """The llguidance tokenizer of one of our `Tokenizer`s (~0.3 s: its owner, a GrammarCache, keeps it).
 
     `vocab_size` is the model's (its logits' width): ids past the tokenizer's own are never allowed.
     EOS for the grammar is every stop token of the chat format (</s>, <|im_end|>...).
     """
     from llguidance import LLTokenizer, TokenizerWrapper
 
-    key = (id(tokenizer), vocab_size)
-    cached = _LL_TOKENIZERS.get(key)
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
     eos = sorted(tokenizer.stop_token_ids) or None
     sp, hf = getattr(tokenizer, "_sp", None), getattr(tokenizer, "_hf", None)
     if sp is not None:
-        ll = LLTokenizer(TokenizerWrapper(_SentencePieceVocab(sp)), n_vocab=vocab_size, eos_token=eos)
-    elif hf is not None:  # tokenizer.json, and GGUF vocabularies rebuilt as `tokenizers` models
-        ll = LLTokenizer(hf.to_str(), n_vocab=vocab_size, eos_token=eos)
-    else:
-        raise StructuredOutputError(f"structured outputs need a SentencePiece or tokenizers backend ({tokenizer!r})")
-    _LL_TOKENIZERS[key] = (tokenizer, ll)
-    return ll
+        return LLTokenizer(TokenizerWrapper(_SentencePieceVocab(sp)), n_vocab=vocab_size, eos_token=eos)
+    if hf is not None:  # tokenizer.json, and GGUF vocabularies rebuilt as `tokenizers` models
+        return LLTokenizer(hf.to_str(), n_vocab=vocab_size, eos_token=eos)
+    raise StructuredOutputError(f"structured outputs need a SentencePiece or tokenizers backend ({tokenizer!r})")
 
 
 # ---- compile cache and per-request matchers ---------------------------------------------------
