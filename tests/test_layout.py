@@ -219,7 +219,8 @@ def module_state(source: str) -> list[tuple[str, int]]:
     tree = ast.parse(source)
     containers = set()
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         if getattr(node, "value", None) is not None and _is_container(node.value):
             containers |= {t.id for t in targets if isinstance(t, ast.Name)}
     found = []
@@ -247,7 +248,8 @@ def test_no_module_level_mutable_state():
 def test_state_checker_catches_what_it_replaced():
     """The old structured.py executor (a global set on first use), its process-wide grammar caches, and a
     module-level list grown by a function are found; a constant table is not."""
-    old_executor = "_EXECUTOR = None\n\ndef _executor():\n    global _EXECUTOR\n    if _EXECUTOR is None:\n        _EXECUTOR = 1\n"
+    old_executor = ("_EXECUTOR = None\n\ndef _executor():\n    global _EXECUTOR\n"
+                    "    if _EXECUTOR is None:\n        _EXECUTOR = 1\n")
     assert module_state(old_executor) == [("_EXECUTOR", 4)]
     caches = "_CACHES: dict[int, object] = {}\n\ndef cache(k):\n    _CACHES[k] = object()\n"
     assert module_state(caches) == [("_CACHES", 4)]
@@ -279,7 +281,8 @@ def foreign_writes(path: Path, source: str | None = None) -> list[tuple[str, int
     modules = _imported_modules(path, tree)
     found = []
     for node in ast.walk(tree):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AugAssign) else [])
         for t in targets:
             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules:
                 found.append((f"{t.value.id}.{t.attr}", node.lineno))
@@ -306,7 +309,8 @@ def test_library_never_imports_bench():
         if name == "bench" or name.startswith("bench.") or name in BENCH_USERS:
             continue
         tree = ast.parse(path.read_text())
-        absolute = {a.name.removeprefix("mistral7b.") for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        absolute = {a.name.removeprefix("mistral7b.")
+                    for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         wrong += [f"{name} imports {m}" for m in _imports(path) | absolute if m == "bench" or m.startswith("bench.")]
     assert not wrong, "\n".join(wrong)
     assert not (PACKAGE / "bench_peers.py").exists() and (PACKAGE / "bench" / "peers.py").is_file()

@@ -205,7 +205,8 @@ class CacheStats:
 
 class GrammarCache:
     """One tokenizer's compiled grammars keyed by grammar text, least recently used dropped first, and
-    the llguidance thread pool that fills their masks for large batches (made on first use).
+    the llguidance thread pool that fills their masks for large batches (made on first use, freed with
+    the cache).
 
     A cached entry is a pristine matcher; each request gets a `deep_copy()` (microseconds), which
     shares the compiled grammar and the lexer states built so far, so a repeated schema skips
@@ -228,10 +229,6 @@ class GrammarCache:
 
             self._executor = LLExecutor(num_threads=max(2, min(8, (os.cpu_count() or 2) // 2)))
         return self._executor
-
-    def close(self) -> None:
-        """Drop the thread pool (llguidance stops its threads when the executor is freed)."""
-        self._executor = None
 
     def matcher(self, kind: str, grammar: str):
         from llguidance import LLMatcher

@@ -163,7 +163,8 @@ def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tens
 # ------------------------------------------------------------------------------ matmuls
 
 
-def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int, rows_kernel: str = "auto") -> Tensor:
+def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
+            rows_kernel: str = "auto") -> Tensor:
     """x [..., K] @ the int4 weight [N, K]^T, in x's dtype (few CUDA rows: `rows_kernel`, see pick_rows_kernel)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
