@@ -49,7 +49,7 @@ def kernel_table(reduction: bool) -> dict:
         "int4 triton": (lambda x, w, n: int4_tiles_mm(x, w["int4"][0], GROUP, w["int4"][1], n), "int4"),
     }
     if reduce is not None:
-        table["int8 reduction"] = (lambda x, w, n: reduce(x, *w["int8"]), "int8")
+        table["int8 reduction"] = (lambda x, w, n: reduce(x, *w["int8"], "torch"), "int8")
     return table
 
 

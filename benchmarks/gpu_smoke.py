@@ -85,12 +85,12 @@ def method_checks(device, args) -> None:
     config = preset("mistral-7b-v0.1").with_(dim=1024, n_layers=4, hidden_dim=3584, n_heads=8, n_kv_heads=2,
                                              sliding_window=args.window, vocab_size=32000)
     dense = random_model(config, device, torch.bfloat16)
-    from mistral7b.quant import kernels
+    from mistral7b.quant.linear import use_rows_kernel
 
     for method in ("bf16", "int8", "int8-triton", "int4", "int4-triton"):
-        # -triton: the same weights through quant/triton_mm.py (MISTRAL7B_CUDA_ROWS_KERNEL=triton).
-        kernels.CUDA_ROWS_KERNEL = "triton" if method.endswith("-triton") else "torch"
         model = dense if method == "bf16" else quantize_model(dense, config, method.split("-")[0], device)
+        # -triton: the same weights through quant/triton_mm.py (MISTRAL7B_CUDA_ROWS_KERNEL=triton).
+        use_rows_kernel(model, "triton" if method.endswith("-triton") else "torch")
         for batch in (1, 8):
             name, engine = f"{method} compiled b{batch}", None
             try:

@@ -189,7 +189,7 @@ def gpu(args) -> dict:
 
 
 def gpt_fast_rows(args, methods) -> dict:
-    from mistral7b.bench_peers import run_gpt_fast
+    from mistral7b.bench.peers import run_gpt_fast
 
     rows = {}
     for method in methods:
@@ -323,10 +323,8 @@ def main() -> int:
                    help="with --gpu: CUDA int8/int4 kernels for few rows (MISTRAL7B_CUDA_ROWS_KERNEL)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.rows_kernel:
-        from mistral7b.quant import kernels
-
-        kernels.CUDA_ROWS_KERNEL = args.rows_kernel
+    if args.rows_kernel:  # every load from here on plans with it, in this process and the ones it starts
+        os.environ["MISTRAL7B_CUDA_ROWS_KERNEL"] = args.rows_kernel
     results = gpu(args) if args.gpu else cpu(args)
     if args.json:
         with open(args.json, "w") as f:

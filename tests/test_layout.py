@@ -193,3 +193,124 @@ def test_bench_without_hf_never_imports_transformers(monkeypatch):
     args = __import__("argparse").Namespace(device="cpu", no_hf=True, tensor_parallel_size=1)
     model, hf = bench.build_models(config, args, None)
     assert hf is None and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 50)
+
+
+# ------------------------------------------------------------------------ no module-level mutable state
+
+MUTATORS = {"append", "extend", "insert", "update", "setdefault", "pop", "popitem", "clear", "add", "discard",
+            "remove", "move_to_end", "appendleft", "__setitem__", "__delitem__"}
+CONTAINERS = {"dict", "list", "set", "OrderedDict", "defaultdict", "deque", "Counter", "WeakValueDictionary",
+              "WeakKeyDictionary"}
+# Being removed by the EngineClient change (issue 23 item 5); delete the entry with it.
+KNOWN_STATE = {("server.driver", "_drivers")}
+
+
+def _is_container(value) -> bool:
+    if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)):
+        return True
+    f = value.func if isinstance(value, ast.Call) else None
+    return (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None) in CONTAINERS
+
+
+def module_state(source: str) -> list[tuple[str, int]]:
+    """(name, line) of each `global` statement, and of each change anywhere in the module to a container
+    bound at module level: item or slice assignment, `del`, `+=`, or a mutating method. A container
+    never changed after it is built is a constant table; functools caches of pure functions are allowed."""
+    tree = ast.parse(source)
+    containers = set()
+    for node in tree.body:
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if getattr(node, "value", None) is not None and _is_container(node.value):
+            containers |= {t.id for t in targets if isinstance(t, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found += [(name, node.lineno) for name in node.names]
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            for t in node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]:
+                base = t.value if isinstance(t, ast.Subscript) else t if isinstance(node, ast.AugAssign) else None
+                if isinstance(base, ast.Name) and base.id in containers:
+                    found.append((base.id, node.lineno))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+            if isinstance(node.func.value, ast.Name) and node.func.value.id in containers:
+                found.append((node.func.value.id, node.lineno))
+    return found
+
+
+def test_no_module_level_mutable_state():
+    """Settings and shared objects live on objects: no `global`, no module-level container changed at run time."""
+    found = [f"{_module_name(p)}:{line} {name}" for p in _modules() for name, line in module_state(p.read_text())
+             if (_module_name(p), name) not in KNOWN_STATE]
+    assert not found, "module-level mutable state:\n" + "\n".join(found)
+
+
+def test_state_checker_catches_what_it_replaced():
+    """The old structured.py executor (a global set on first use), its process-wide grammar caches, and a
+    module-level list grown by a function are found; a constant table is not."""
+    old_executor = ("_EXECUTOR = None\n\ndef _executor():\n    global _EXECUTOR\n"
+                    "    if _EXECUTOR is None:\n        _EXECUTOR = 1\n")
+    assert module_state(old_executor) == [("_EXECUTOR", 4)]
+    caches = "_CACHES: dict[int, object] = {}\n\ndef cache(k):\n    _CACHES[k] = object()\n"
+    assert module_state(caches) == [("_CACHES", 4)]
+    valid = "from collections import OrderedDict\n_VALID = OrderedDict()\n\ndef f(g):\n    _VALID.popitem(last=False)\n"
+    assert module_state(valid) == [("_VALID", 5)]
+    assert module_state("SEEN = []\n\ndef f(x):\n    SEEN += [x]\n") == [("SEEN", 4)]
+    assert module_state("TABLE = {'a': 1}\n\ndef f(k):\n    return TABLE[k]\n") == []
+
+
+def _imported_modules(path: Path, tree) -> set[str]:
+    """Local names that `path` binds to modules of the package (`from . import x`, `import mistral7b.x as y`)."""
+    package = _module_name(path).split(".") if path.name == "__init__.py" else _module_name(path).split(".")[:-1]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                target = PACKAGE.joinpath(*base, alias.name)
+                if target.with_suffix(".py").is_file() or (target / "__init__.py").is_file():
+                    names.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            names |= {a.asname for a in node.names if a.asname and a.name.startswith("mistral7b")}
+    return names
+
+
+def foreign_writes(path: Path, source: str | None = None) -> list[tuple[str, int]]:
+    """(module.name, line) of each assignment to another module's attribute: a setting kept on a module."""
+    tree = ast.parse(path.read_text() if source is None else source)
+    modules = _imported_modules(path, tree)
+    found = []
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AugAssign) else [])
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules:
+                found.append((f"{t.value.id}.{t.attr}", node.lineno))
+    return found
+
+
+def test_no_module_is_configured_from_outside():
+    """No module sets another module's attributes (as benchmarks once set quant.kernels.CUDA_ROWS_KERNEL)."""
+    found = [f"{_module_name(p)}:{line} {name}" for p in _modules() for name, line in foreign_writes(p)]
+    assert not found, "\n".join(found)
+    old = "from . import kernels\n\ndef f():\n    kernels.CUDA_ROWS_KERNEL = 'triton'\n"
+    assert foreign_writes(PACKAGE / "quant" / "a_module.py", old) == [("kernels.CUDA_ROWS_KERNEL", 4)]
+
+
+# ------------------------------------------------------------------------------ the bench stays outside
+
+BENCH_USERS = {"cli.bench"}  # the command; everything else in the library runs without the benchmark
+
+
+def test_library_never_imports_bench():
+    wrong = []
+    for path in _modules():
+        name = _module_name(path)
+        if name == "bench" or name.startswith("bench.") or name in BENCH_USERS:
+            continue
+        tree = ast.parse(path.read_text())
+        absolute = {a.name.removeprefix("mistral7b.")
+                    for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        wrong += [f"{name} imports {m}" for m in _imports(path) | absolute if m == "bench" or m.startswith("bench.")]
+    assert not wrong, "\n".join(wrong)
+    assert not (PACKAGE / "bench_peers.py").exists() and (PACKAGE / "bench" / "peers.py").is_file()

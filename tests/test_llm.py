@@ -206,6 +206,9 @@ def test_string_prompt_without_tokenizer(tmp_path):
     MistralForCausalLM(cfg).save_pretrained(tmp_path)
     tiny = LLM(str(tmp_path), device="cpu")
     assert tiny.tokenizer is None
+    assert tiny.load_seconds > 0  # measured by the LLM itself, and read-only
+    with pytest.raises(AttributeError):
+        tiny.load_seconds = 0.0
     with pytest.raises(ValueError, match="tokenizer"):
         tiny.generate("hello", SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="tokenizer"):

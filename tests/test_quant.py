@@ -275,6 +275,23 @@ def test_unknown_quantize_method(tiny_hf):
         load_model(tiny_hf[1], quantize="fp4")
 
 
+def test_rows_kernel_is_read_at_the_load_and_carried_by_each_module(tiny_hf, monkeypatch):
+    """MISTRAL7B_CUDA_ROWS_KERNEL is read when a load is planned (engine and tensor-parallel processes
+    inherit it) and each quantized module carries it; use_rows_kernel changes it on a loaded model."""
+    from mistral7b.quant.linear import QuantModule, use_rows_kernel
+
+    monkeypatch.setenv("MISTRAL7B_CUDA_ROWS_KERNEL", "triton")
+    model = load_model(tiny_hf[1], quantize="int8")
+    modules = [m for m in model.modules() if isinstance(m, QuantModule)]
+    assert modules and {m.rows_kernel for m in modules} == {"triton"}
+    use_rows_kernel(model, "torch")
+    assert {m.rows_kernel for m in modules} == {"torch"}
+    assert kernels.pick_rows_kernel("int8", "auto") == "triton" and kernels.pick_rows_kernel("int4", "auto") == "torch"
+    monkeypatch.setenv("MISTRAL7B_CUDA_ROWS_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="MISTRAL7B_CUDA_ROWS_KERNEL must be one of"):
+        load_model(tiny_hf[1], quantize="int8")
+
+
 @pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int8"), WeightFormat("int8", 32),
                                  WeightFormat("int8", 16, True)])
 def test_quantized_linears_trace_in_one_graph(fmt):

@@ -230,6 +230,23 @@ def test_cache_hits_and_independent_matchers(backend):
     assert cache.stats.misses == 2
 
 
+def test_mask_threads_belong_to_each_cache(backend, monkeypatch):
+    """The thread pool that fills large batches' masks is the cache's own, made on first use; a small batch
+    (or a small host) fills in the calling thread; masks filled either way are equal."""
+    tok, ll = backend
+    cache = GrammarCache(ll)
+    assert cache.executor(8) is None or (__import__("os").cpu_count() or 1) >= 8
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert cache.executor(7) is None and cache._executor is None
+    pool = cache.executor(8)
+    assert pool is not None and cache.executor(9) is pool and GrammarCache(ll).executor(8) is not pool
+    constraints = [(Constraint.from_params(SamplingParams(choice=["yes", "no"]), ll, cache), r) for r in range(8)]
+    threaded, plain = allocate_bitmask(8, tok.vocab_size), allocate_bitmask(8, tok.vocab_size)
+    fill_bitmask(threaded, constraints, cache)
+    fill_bitmask(plain, constraints)
+    assert torch.equal(threaded, plain) and not (plain == -1).all()
+
+
 def test_finish_reason_rules(backend):
     tok, ll = backend
     c = Constraint.from_params(SamplingParams(choice=["ab"]), ll)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class LLM:
         on speculative decoding (engine/speculative.py): same output distribution, more tokens per forward.
         `max_loras` and `max_lora_rank` size the LoRA adapter slots (made when `generate(..., lora=...)` or
         `engine.load_lora` first loads one)."""
+        start = time.perf_counter()
         engine_config = EngineConfig.of(engine_config, **engine_options)  # a wrong option fails before loading
         if source is None:
             from .default_model import default_model_path
@@ -82,6 +84,12 @@ class LLM:
 
             draft = load_draft(engine_config.speculative, source, self.device, self.dtype)
         self._engine = Engine(self.model, self.tokenizer, engine_config.within(self.model.config), draft_model=draft)
+        self._load_seconds = time.perf_counter() - start
+
+    @property
+    def load_seconds(self) -> float:
+        """Seconds this LLM took to load: tokenizer, weights (and draft) and engine."""
+        return self._load_seconds
 
     def _load(self, source, tensor_parallel_size: int):
         if tensor_parallel_size == 1:

@@ -38,6 +38,7 @@ without a host round trip) cannot run constrained rows: their next mask needs th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -118,21 +119,19 @@ def grammar_of(params) -> tuple[str, str] | None:
     return given[0], _BUILDERS[given[0]](getattr(params, given[0]))
 
 
-_VALID: OrderedDict[str, str] = OrderedDict()  # grammar text -> "" or its error, most recent last
-
-
 def check(kind: str, grammar: str) -> None:
     """Raise StructuredOutputError naming the problem if the grammar does not compile."""
-    from llguidance import LLMatcher
-
-    error = _VALID.get(grammar)
-    if error is None:
-        error = LLMatcher.validate_grammar(grammar)
-        _VALID[grammar] = error
-        while len(_VALID) > 256:
-            _VALID.popitem(last=False)
+    error = _grammar_error(grammar)
     if error:
         raise StructuredOutputError(f"invalid {kind}: {error.strip()}")
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_error(grammar: str) -> str:
+    """"" or why the grammar does not compile (a pure function of the text, so memoized)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.validate_grammar(grammar)
 
 
 def validate_params(params) -> None:
@@ -177,31 +176,21 @@ class _SentencePieceVocab:
         return [self._sp.piece_to_id(p) for p in pieces]
 
 
-_LL_TOKENIZERS: dict[int, tuple[object, object]] = {}  # id(Tokenizer) -> (Tokenizer, LLTokenizer)
-
-
 def ll_tokenizer(tokenizer, vocab_size: int | None = None):
-    """The llguidance tokenizer of one of our `Tokenizer`s (built once per tokenizer, ~0.3 s).
+    """The llguidance tokenizer of one of our `Tokenizer`s (~0.3 s: its owner, a GrammarCache, keeps it).
 
     `vocab_size` is the model's (its logits' width): ids past the tokenizer's own are never allowed.
     EOS for the grammar is every stop token of the chat format (</s>, <|im_end|>...).
     """
     from llguidance import LLTokenizer, TokenizerWrapper
 
-    key = (id(tokenizer), vocab_size)
-    cached = _LL_TOKENIZERS.get(key)
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
     eos = sorted(tokenizer.stop_token_ids) or None
     sp, hf = getattr(tokenizer, "_sp", None), getattr(tokenizer, "_hf", None)
     if sp is not None:
-        ll = LLTokenizer(TokenizerWrapper(_SentencePieceVocab(sp)), n_vocab=vocab_size, eos_token=eos)
-    elif hf is not None:  # tokenizer.json, and GGUF vocabularies rebuilt as `tokenizers` models
-        ll = LLTokenizer(hf.to_str(), n_vocab=vocab_size, eos_token=eos)
-    else:
-        raise StructuredOutputError(f"structured outputs need a SentencePiece or tokenizers backend ({tokenizer!r})")
-    _LL_TOKENIZERS[key] = (tokenizer, ll)
-    return ll
+        return LLTokenizer(TokenizerWrapper(_SentencePieceVocab(sp)), n_vocab=vocab_size, eos_token=eos)
+    if hf is not None:  # tokenizer.json, and GGUF vocabularies rebuilt as `tokenizers` models
+        return LLTokenizer(hf.to_str(), n_vocab=vocab_size, eos_token=eos)
+    raise StructuredOutputError(f"structured outputs need a SentencePiece or tokenizers backend ({tokenizer!r})")
 
 
 # ---- compile cache and per-request matchers ---------------------------------------------------
@@ -215,7 +204,9 @@ class CacheStats:
 
 
 class GrammarCache:
-    """Compiled grammars keyed by grammar text, least recently used dropped first.
+    """One tokenizer's compiled grammars keyed by grammar text, least recently used dropped first, and
+    the llguidance thread pool that fills their masks for large batches (made on first use, freed with
+    the cache).
 
     A cached entry is a pristine matcher; each request gets a `deep_copy()` (microseconds), which
     shares the compiled grammar and the lexer states built so far, so a repeated schema skips
@@ -226,7 +217,18 @@ class GrammarCache:
         self.ll_tokenizer, self.max_size = ll_tok, max_size
         self._entries: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()  # the server validates on its loop while the engine thread admits
+        self._executor = None
         self.stats = CacheStats()
+
+    def executor(self, rows: int):
+        """The thread pool for filling `rows` masks, or None where one thread is faster."""
+        if rows < _PARALLEL_ROWS or (os.cpu_count() or 1) < 8:
+            return None
+        if self._executor is None:
+            from llguidance import LLExecutor
+
+            self._executor = LLExecutor(num_threads=max(2, min(8, (os.cpu_count() or 2) // 2)))
+        return self._executor
 
     def matcher(self, kind: str, grammar: str):
         from llguidance import LLMatcher
@@ -250,17 +252,6 @@ class GrammarCache:
         return pristine.deep_copy()
 
 
-_CACHES: dict[int, GrammarCache] = {}
-
-
-def grammar_cache(ll_tok) -> GrammarCache:
-    """The process-wide cache for one llguidance tokenizer."""
-    cache = _CACHES.get(id(ll_tok))
-    if cache is None or cache.ll_tokenizer is not ll_tok:
-        cache = _CACHES[id(ll_tok)] = GrammarCache(ll_tok)
-    return cache
-
-
 class Constraint:
     """One request's grammar state: consume tokens, fill its bitmask row, say whether it may end."""
 
@@ -269,12 +260,13 @@ class Constraint:
 
     @classmethod
     def from_params(cls, params, ll_tok, cache: GrammarCache | None = None) -> "Constraint | None":
-        """The constraint a SamplingParams asks for (None if it has none), compiled through the cache."""
+        """The constraint a SamplingParams asks for (None if it has none), compiled through the cache
+        (without one: compiled afresh)."""
         found = grammar_of(params)
         if found is None:
             return None
         kind, grammar = found
-        return cls((cache or grammar_cache(ll_tok)).matcher(kind, grammar), kind)
+        return cls((cache or GrammarCache(ll_tok, max_size=0)).matcher(kind, grammar), kind)
 
     def consume(self, token: int) -> bool:
         """Advance by the token chosen; False if the grammar rejects it (the matcher is then in error)."""
@@ -310,17 +302,7 @@ class Constraint:
 
 # ---- batch helpers ----------------------------------------------------------------------------
 
-_EXECUTOR = None
 _PARALLEL_ROWS = 8  # fewer rows: a thread pool's wake-ups cost more than the masks (0.6 vs 3 ms for 8 on 2 cores)
-
-
-def _executor():
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from llguidance import LLExecutor
-
-        _EXECUTOR = LLExecutor(num_threads=max(2, min(8, (os.cpu_count() or 2) // 2)))
-    return _EXECUTOR
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
@@ -330,17 +312,19 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return allocate_token_bitmask(rows, vocab_size)
 
 
-def fill_bitmask(bitmask: torch.Tensor, constrained: list[tuple[Constraint, int]]) -> None:
-    """Fill the rows of constrained requests (in threads for large batches on large hosts) and set
-    every other row to all-allowed."""
+def fill_bitmask(bitmask: torch.Tensor, constrained: list[tuple[Constraint, int]],
+                 cache: GrammarCache | None = None) -> None:
+    """Fill the rows of constrained requests (in `cache`'s threads for large batches on large hosts)
+    and set every other row to all-allowed."""
     from llguidance.torch import fill_next_token_bitmask_par
 
     taken = {row for _, row in constrained}
     free = [row for row in range(bitmask.shape[0]) if row not in taken]
     if free:
         bitmask[free] = -1
-    if len(constrained) >= _PARALLEL_ROWS and (os.cpu_count() or 1) >= 8:
-        fill_next_token_bitmask_par(_executor(), [(c.matcher, row) for c, row in constrained], bitmask)
+    executor = cache.executor(len(constrained)) if cache is not None else None
+    if executor is not None:
+        fill_next_token_bitmask_par(executor, [(c.matcher, row) for c, row in constrained], bitmask)
     else:
         for constraint, row in constrained:
             constraint.fill(bitmask, row)

@@ -67,13 +67,12 @@ def timed(fn, device, runs):
     return statistics.median(times)
 
 
-OTHER_RESIDENT_BYTES = 0  # the HF model's weights while it shares the card; not ours to count
-
-
-def peak_gib(device) -> float | None:
-    if torch.device(device).type != "cuda":
+def peak_gib(args) -> float | None:
+    """Peak CUDA memory since `reset_peak`, less `args.other_resident_bytes` (the HF model's weights while
+    it shares the card: not ours to count; set by `build_models`)."""
+    if torch.device(args.device).type != "cuda":
         return None
-    return (torch.cuda.max_memory_allocated() - OTHER_RESIDENT_BYTES) / 2**30
+    return (torch.cuda.max_memory_allocated() - getattr(args, "other_resident_bytes", 0)) / 2**30
 
 
 def release_compiled(device) -> None:
@@ -195,7 +194,7 @@ def main(args) -> int:
     if tp > 1:
         model.close()  # the ranks exit
     if getattr(args, "peer", None):
-        from ..bench_peers import run_gpt_fast
+        from .peers import run_gpt_fast
 
         del model, hf
         torch.cuda.empty_cache() if cuda else None
@@ -217,7 +216,6 @@ def main(args) -> int:
 def build_models(config: ModelConfig, args, quant: QuantConfig | None):
     """(ours, HF's or None): random weights, shared with HF unless --no-hf, quantized with --quantize;
     with --tensor-parallel-size N > 1, sharded over N ranks by mistral7b.parallel (random per rank, no HF)."""
-    global OTHER_RESIDENT_BYTES
     device, tp = args.device, getattr(args, "tensor_parallel_size", 1)
     if tp > 1:
         from ..parallel import launch
@@ -226,7 +224,7 @@ def build_models(config: ModelConfig, args, quant: QuantConfig | None):
         return launch(config, tp, device=device, dtype=torch.bfloat16, timeout_s=600), None
     hf = None if args.no_hf else build_hf(config, device)
     model = random_model(config, device) if hf is None else ours_from_hf(hf, config, device)
-    OTHER_RESIDENT_BYTES = 0 if hf is None else sum(p.numel() * p.element_size() for p in hf.parameters())
+    args.other_resident_bytes = 0 if hf is None else sum(p.numel() * p.element_size() for p in hf.parameters())
     if quant is not None:
         model = quantized(model, quant, device)
         torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None  # the bf16 copy is gone
@@ -262,7 +260,7 @@ def bench_decode(engine: Engine, config: ModelConfig, args, ours: dict) -> None:
         t = timed(lambda: finished.append(run_requests(engine, prompts, args.new_tokens)), device, args.runs)
         ours[f"decode_b{batch}_tok_s"] = batch * args.new_tokens / t
         ours[f"decode_b{batch}_decode_only_tok_s"] = statistics.median(decode_only_rate(r) for r in finished[1:])
-        ours[f"decode_b{batch}_peak_gib"] = peak_gib(device)
+        ours[f"decode_b{batch}_peak_gib"] = peak_gib(args)
         print(f"ours decode b{batch}: {ours[f'decode_b{batch}_tok_s']:.1f} tok/s with the prefill, "
               f"{ours[f'decode_b{batch}_decode_only_tok_s']:.1f} after the first token", flush=True)
 
@@ -295,7 +293,7 @@ def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> 
         reset_peak(device)
         t = timed(lambda: run_requests(prefill_engine, prompts, 1), device, args.runs)
         ours[f"prefill_{n}_tok_s"] = n / t
-        ours[f"prefill_{n}_peak_gib"] = peak_gib(device)
+        ours[f"prefill_{n}_peak_gib"] = peak_gib(args)
         print(f"ours prefill {n} (window, chunked): {n / t:.0f} tok/s", flush=True)
     del prefill_engine
     # One flex pass over the whole prompt, to pick the chunk size by measurement.
@@ -331,7 +329,7 @@ def bench_long(model: Transformer, config: ModelConfig, args, ours: dict) -> Non
     ours["long_context_seconds"] = time.perf_counter() - t0
     ours["long_context_prefill_seconds"] = r.first_token_time - r.arrival_time
     ours["long_context_cache_gib"] = long_engine.cache.nbytes() / 2**30
-    ours["long_context_peak_gib"] = peak_gib(device)
+    ours["long_context_peak_gib"] = peak_gib(args)
     ours["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     if ours["long_context_peak_gib"] is not None:  # issue 13's figure: what the long prompt adds to the weights
         ours["long_context_above_weights_gib"] = ours["long_context_peak_gib"] - ours["weights_gib"]

@@ -62,7 +62,7 @@ def bench_speculative(model, config: ModelConfig, args, results: dict) -> None:
             "draft_tokens": stats.draft_tokens,
             "accepted_tokens": stats.accepted_tokens,
             "speedup": rate / plain if plain else None,
-            "peak_gib": peak_gib(device),
+            "peak_gib": peak_gib(args),
         }
         print(f"ours speculative ({spec.method}, k={spec.num_tokens}) b{batch}: {rate:.1f} tok/s after the first "
               f"token, {stats.tokens_per_step:.2f} tokens per verify", flush=True)

@@ -55,7 +55,7 @@ def peer_of(args):
     """(name, folder) of --peer, checked before any GPU work; a usage-level one-line error otherwise."""
     if args.peer is None:
         return None
-    from ..bench_peers import check_gpt_fast_dir
+    from ..bench.peers import check_gpt_fast_dir
     from .common import CLIError
 
     name, folder = args.peer

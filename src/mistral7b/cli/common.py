@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from ..utils import LOAD_DTYPES
 
@@ -191,14 +190,11 @@ def load_llm(args, engine_config=None, **options):
 
     quantize = quantize_of(args) if hasattr(args, "quantize") else None
     source = model_source(args)
-    t0 = time.perf_counter()
     if engine_config is None and hasattr(args, "speculative"):
         options["speculative"] = speculative_of(args)
     engine_config = engine_config or EngineConfig.of(None, **{"max_batch": 1, **options})
-    llm = LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
-              quantize=quantize)
-    llm.load_seconds = time.perf_counter() - t0
-    return llm
+    return LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
+               quantize=quantize)
 
 
 def sampling_params(args):

@@ -33,7 +33,7 @@ class ConstraintManager:
     def __init__(self, tokenizer, vocab_size: int, max_batch: int, device: torch.device):
         self.tokenizer, self.vocab_size, self.max_batch, self.device = tokenizer, vocab_size, max_batch, device
         self._bitmask: torch.Tensor | None = None  # host int32 [max_batch, words], allocated on first use
-        self._ll_tokenizer = None
+        self._grammars: structured.GrammarCache | None = None  # compiled grammars and the mask threads
 
     def validate(self, params) -> None:
         if params.constrained and self.tokenizer is None:
@@ -45,9 +45,9 @@ class ConstraintManager:
         if not params.constrained:
             return None
         self.validate(params)
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = structured.ll_tokenizer(self.tokenizer, self.vocab_size)
-        return structured.Constraint.from_params(params, self._ll_tokenizer)
+        if self._grammars is None:
+            self._grammars = structured.GrammarCache(structured.ll_tokenizer(self.tokenizer, self.vocab_size))
+        return structured.Constraint.from_params(params, self._grammars.ll_tokenizer, self._grammars)
 
     @staticmethod
     def any_constrained(requests: list[Request]) -> bool:
@@ -62,7 +62,7 @@ class ConstraintManager:
         if self._bitmask is None:
             self._bitmask = structured.allocate_bitmask(self.max_batch, self.vocab_size)
         rows = self._bitmask[: len(requests)]
-        structured.fill_bitmask(rows, constrained)
+        structured.fill_bitmask(rows, constrained, self._grammars)
         # Safe to reuse the pinned buffer next step: constrained steps are read (synchronised) at once.
         return rows.to(self.device, non_blocking=True)
 

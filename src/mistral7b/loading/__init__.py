@@ -148,7 +148,7 @@ def _assemble(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, 
     config = local_config(checkpoint.config, sharding.world) if sharding.world > 1 else checkpoint.config
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
-    modules = quant_plan.install(model, plan.formats, device, dtype, checkpoint.path)
+    modules = quant_plan.install(model, plan.formats, device, dtype, checkpoint.path, plan.rows_kernel)
     _allocate(model, device)
     if config.tie_embeddings and "output" not in modules:
         model.output.weight = model.tok_embeddings.weight  # to_empty unties them

@@ -16,6 +16,7 @@ scales (and are more accurate).
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 METHODS = ("int8", "int4")
@@ -23,6 +24,8 @@ NONE = "none"  # the method that dequantizes everything into the activation dtyp
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 DEFAULT_GROUP_SIZE = 128
 FORMAT_VERSION = 1  # of the quantized checkpoint layout (loading/quantized.py)
+CUDA_ROWS_KERNELS = ("auto", "torch", "triton")  # few-row CUDA matmuls: kernels.pick_rows_kernel
+ROWS_KERNEL_ENV = "MISTRAL7B_CUDA_ROWS_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,16 @@ def resolve(quantize: "str | QuantConfig | bool | None", group_size: int | None 
     if not isinstance(quantize, str):
         raise ValueError(f"quantize must be None, 'int8', 'int4' or a QuantConfig, got {type(quantize).__name__}")
     return QuantConfig(quantize, group_size, quantize_head)
+
+
+def cuda_rows_kernel(setting: str | None = None) -> str:
+    """The few-row CUDA kernel setting of a load: `setting`, else MISTRAL7B_CUDA_ROWS_KERNEL, else "auto".
+    Read from the environment when a load is planned, so that engine and tensor-parallel processes follow
+    the benchmark that starts them; the quantized modules then carry it (`QuantModule.rows_kernel`)."""
+    setting = setting or os.environ.get(ROWS_KERNEL_ENV) or "auto"
+    if setting not in CUDA_ROWS_KERNELS:
+        raise ValueError(f"{ROWS_KERNEL_ENV} must be one of {', '.join(CUDA_ROWS_KERNELS)}, got {setting!r}")
+    return setting
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:

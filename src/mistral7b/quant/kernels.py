@@ -17,7 +17,6 @@ an H200 (benchmarks/quant_bench.py):
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +30,14 @@ CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles an
 # an H200 (benchmarks/gemv_bench.py, 2026-12-04; one step's weight matmuls, bf16 cuBLAS 3.82 ms):
 # int8: Triton, 2.79 ms at 1 row, 3.00 at 8, 5.30 at 64 (end to end 275.9 tok/s at batch 1 against the
 # reduction's 155.6, 2,187 at batch 8 against 75); int4: tinygemm, 2.20 ms at 1 row (5.12 at 8), where
-# Triton's took 11.5-13.6. Read from the environment so that engine and tensor-parallel processes follow
-# the benchmark that starts them.
-CUDA_ROWS_KERNELS = ("auto", "torch", "triton")
+# Triton's took 11.5-13.6. Each quantized module carries its setting (`QuantModule.rows_kernel`, from
+# MISTRAL7B_CUDA_ROWS_KERNEL when the load is planned: config.cuda_rows_kernel).
 MEASURED_ROWS_KERNEL = {"int8": "triton", "int4": "torch"}
-CUDA_ROWS_KERNEL = os.environ.get("MISTRAL7B_CUDA_ROWS_KERNEL", "auto")
-if CUDA_ROWS_KERNEL not in CUDA_ROWS_KERNELS:
-    raise ValueError(f"MISTRAL7B_CUDA_ROWS_KERNEL must be one of {', '.join(CUDA_ROWS_KERNELS)}, "
-                     f"got {CUDA_ROWS_KERNEL!r}")
 
 
-def rows_kernel(kind: str) -> str:
-    """The CUDA kernel for few rows of `kind` ("int8" or "int4") weights."""
-    return MEASURED_ROWS_KERNEL[kind] if CUDA_ROWS_KERNEL == "auto" else CUDA_ROWS_KERNEL
+def pick_rows_kernel(kind: str, setting: str) -> str:
+    """The CUDA kernel for few rows of `kind` ("int8" or "int4") weights under `setting` (auto, torch, triton)."""
+    return MEASURED_ROWS_KERNEL[kind] if setting == "auto" else setting
 
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -169,8 +163,9 @@ def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tens
 # ------------------------------------------------------------------------------ matmuls
 
 
-def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
-    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype."""
+def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
+            rows_kernel: str = "auto") -> Tensor:
+    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype (few CUDA rows: `rows_kernel`, see pick_rows_kernel)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
@@ -178,7 +173,7 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     # Casts only when needed: at batch 1 on a CPU even a no-op cast's dispatch shows (122 matmuls a token).
     xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
-    if x.is_cuda and rows_kernel("int4") == "triton" and int4_supported(packed):
+    if x.is_cuda and pick_rows_kernel("int4", rows_kernel) == "triton" and int4_supported(packed):
         out = int4_tiles_mm(xb, packed, group_size, scales_zeros, n)  # rows < CUDA_DEQUANT_ROWS <= its MAX_ROWS
     elif x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
@@ -227,17 +222,17 @@ def _compiled_dequantize():
 CUDA_INT8_REDUCTION_ROWS = 16  # up to this many rows, compiled CUDA int8 runs as one reduction
 
 
-def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """Per-channel int8: q [N, K], scale [N] in bf16."""
+def int8_mm(x: Tensor, q: Tensor, scale: Tensor, rows_kernel: str = "auto") -> Tensor:
+    """Per-channel int8: q [N, K], scale [N] in bf16 (few CUDA rows: `rows_kernel`, see pick_rows_kernel)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x.is_cuda:
-        return int8_mm_cuda(x2, q, scale).view(*shape[:-1], q.shape[0])
+        return int8_mm_cuda(x2, q, scale, rows_kernel).view(*shape[:-1], q.shape[0])
     out = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), q, scale)
     return out.to(x.dtype).view(*shape[:-1], q.shape[0])
 
 
-def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor, rows_kernel: str = "auto") -> Tensor:
     """x2 [M, K] @ (q * scale)^T without `aten._weight_int8pack_mm`, which on CUDA is a one-thread-per-
     output fp32 kernel (15 tok/s at the 7B shape, H200, 2026-12-02). Inductor's weight-only pattern
     rewrites `mm(x, q.to(bf16)) * scale` with bf16 scales into that op (and its lowering fails in torch
@@ -245,7 +240,7 @@ def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 
     Compiled decode (few rows): a multiply-and-sum over K that inductor fuses into one reduction reading
     int8, the form inductor itself gives a matrix-vector product. Otherwise: cast and cuBLAS."""
-    if x2.is_cuda and x2.shape[0] <= MAX_ROWS and rows_kernel("int8") == "triton":
+    if x2.is_cuda and x2.shape[0] <= MAX_ROWS and pick_rows_kernel("int8", rows_kernel) == "triton":
         return int8_rows_mm(x2, q, scale)
     if torch.compiler.is_compiling() and x2.shape[0] <= CUDA_INT8_REDUCTION_ROWS:
         out = (q[:, None, :].float() * x2[None].float()).sum(-1).t()  # [N, M]: a weight row serves all M

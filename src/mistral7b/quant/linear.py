@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_kernels, kernels
+from .config import cuda_rows_kernel
 from .qtensor import QuantizedWeight, WeightFormat, unpermute
 
 
@@ -28,6 +29,7 @@ class QuantModule(nn.Module):
         self.group_size = fmt.group_size or in_features
         self._staging: QuantizedWeight | None = None
         self._rows_in = 0
+        self.rows_kernel = "auto"  # few-row CUDA matmuls: kernels.pick_rows_kernel (set by use_rows_kernel)
         perm = torch.empty(in_features, dtype=torch.long, device="meta") if fmt.act_order else None
         self.register_buffer("in_perm", perm)
 
@@ -161,7 +163,7 @@ class Int4Linear(QuantModule):
         x = self.permute_input(x)
         if self.integer:
             return cpu_kernels.linear(x, self.qweight, 4, self.block_scale, self.block_min, self.out_features)
-        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
+        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features, self.rows_kernel)
 
 
 def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> str:
@@ -246,11 +248,19 @@ class Int8Linear(QuantModule):
             return cpu_kernels.linear(x, q, 8, self.block_scale, self.block_min, self.out_features)
         if self.kernel == "planes":
             n, g = self.out_features, self.group_size
-            return (kernels.int4_mm(x, self.packed_hi, g, self.scales_zeros_hi, n)
-                    + kernels.int4_mm(x, self.packed_lo, g, self.scales_zeros_lo, n))
+            return (kernels.int4_mm(x, self.packed_hi, g, self.scales_zeros_hi, n, self.rows_kernel)
+                    + kernels.int4_mm(x, self.packed_lo, g, self.scales_zeros_lo, n, self.rows_kernel))
         if self.kernel == "int8pack":
-            return kernels.int8_mm(x, self.qweight, self.scales.view(-1))
+            return kernels.int8_mm(x, self.qweight, self.scales.view(-1), self.rows_kernel)
         return kernels.dequant_mm(x, self.qweight, self.scales, self.zeros, self.group_size)
+
+
+def use_rows_kernel(model: nn.Module, setting: str) -> None:
+    """Run few CUDA rows of every quantized module of `model` through `setting` ("auto", "torch", "triton")."""
+    setting = cuda_rows_kernel(setting)
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.rows_kernel = setting
 
 
 def quant_linear(in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight") -> QuantModule:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig, ModelLoadError
 from ..weights import Sharding, local_config, module_shapes, weight_map
-from .config import QuantConfig
+from .config import QuantConfig, cuda_rows_kernel
 from .linear import QuantEmbedding, quant_linear
 from .qtensor import WeightFormat, merge_formats
 
@@ -30,13 +30,15 @@ class LoadPlan:
     """`formats`: module path -> format of the quantized modules; `keep`: canonical names read in their
     stored quantized format (the rest arrive dense); `sharding`: which slice this process reads;
     `whole`: names read whole and cut after quantizing (int8's scale spans a whole row, so a rank
-    holding some of its columns needs all of them to match one process)."""
+    holding some of its columns needs all of them to match one process); `rows_kernel`: the few-row CUDA
+    kernel setting the quantized modules carry (MISTRAL7B_CUDA_ROWS_KERNEL when the plan is made)."""
 
     formats: dict[str, WeightFormat] = field(default_factory=dict)
     keep: frozenset[str] = frozenset()
     quant: QuantConfig | None = None
     sharding: Sharding = Sharding()
     whole: frozenset[str] = frozenset()
+    rows_kernel: str = field(default_factory=cuda_rows_kernel)
 
 
 def shardable(formats: dict[str, WeightFormat], config: ModelConfig, sharding: Sharding) -> dict[str, WeightFormat]:
@@ -114,8 +116,9 @@ def _requested(shapes: dict, quant: QuantConfig, parts: dict) -> dict[str, Weigh
 
 
 def install(model: nn.Module, formats: dict[str, WeightFormat], device: torch.device, dtype: torch.dtype,
-            path) -> dict[str, nn.Module]:
-    """Replace the planned modules of a meta-device model by empty quantized ones."""
+            path, rows_kernel: str = "auto") -> dict[str, nn.Module]:
+    """Replace the planned modules of a meta-device model by empty quantized ones (running few CUDA
+    rows through `rows_kernel`)."""
     modules = {}
     for name, fmt in formats.items():
         parent_name, _, attr = name.rpartition(".")
@@ -128,6 +131,7 @@ def install(model: nn.Module, formats: dict[str, WeightFormat], device: torch.de
                 new = quant_linear(old.in_features, old.out_features, fmt, device, name)
         except ValueError as e:
             raise ModelLoadError(f"{path}: cannot use {fmt.label()} for {name}: {e}") from None
+        new.rows_kernel = rows_kernel
         setattr(parent, attr, new)
         modules[name] = new
     return modules

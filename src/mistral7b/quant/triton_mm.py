@@ -5,7 +5,7 @@ Decode is bound by weight bytes. Each program streams a band of weight rows once
 and multiplies all M <= 64 activation rows on the tensor cores, so each weight byte is read once whatever
 M is. Tile shapes are autotuned per matrix shape on first use. Measured at the 7B shape on an H200
 (benchmarks/gemv_bench.py, 2026-12-04): the int8 kernel reads at 1.8-3.4 TB/s and is the CUDA default
-for up to 64 rows (`kernels.rows_kernel`); the int4 one reaches only 0.1-0.8 TB/s (tinygemm 1.3-1.9 at
+for up to 64 rows (`kernels.pick_rows_kernel`); the int4 one reaches only 0.1-0.8 TB/s (tinygemm 1.3-1.9 at
 one row), so int4 stays on tinygemm unless MISTRAL7B_CUDA_ROWS_KERNEL=triton. Tests run both kernels
 in Triton's interpreter on the CPU.
 """

@@ -1,7 +1,7 @@
 """Peers for `mistral7b bench`: gpt-fast's own model.py and generate.py, from a folder the user fetched.
 
 gpt-fast sets inductor flags globally when its generate.py is imported and its compiled decode keeps
-CUDA-graph pools alive, so it runs in a child process (`python -m mistral7b.bench_peers`) that prints
+CUDA-graph pools alive, so it runs in a child process (`python -m mistral7b.bench.peers`) that prints
 one JSON line. Weights are random at gpt-fast's "Mistral-7B" shape, as ours are.
 """
 
@@ -32,7 +32,7 @@ def run_gpt_fast(directory: Path, weights: str, prompt_len: int, new_tokens: int
     """Run gpt-fast in a child process; returns its figures, or {"error": ...} if it failed.
     `group_size`: of int4 weights (gpt-fast's WeightOnlyInt4QuantHandler takes 32, 64, 128 or 256)."""
     directory = check_gpt_fast_dir(directory)
-    cmd = [sys.executable, "-m", "mistral7b.bench_peers", str(directory), "--weights", weights,
+    cmd = [sys.executable, "-m", "mistral7b.bench.peers", str(directory), "--weights", weights,
            "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--batch", str(batch), "--runs", str(runs),
            "--group-size", str(group_size)]
     try:
