@@ -6,14 +6,12 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 // Activations are quantized per row in blocks of 32: qx = round(x / dx), dx = max|x| / 127, and the
 // block's sum sx = dx * sum(qx) is kept. A weight block is w = d * q + m (q unsigned 4-bit nibbles, or
 // signed int8), so a block's dot is d * dx * sum(q * qx) + m * sx: exactly the dequantized weights times
-// the dequantized activations. (The exact sum of x in m * sx, as an earlier version had, mixes two
-// views of x: with q offset from 0 to 15, the error then weighs by w - m instead of w, 2.5x larger, and
-// cost +1.2% perplexity on the default model where this costs +0.3%.)
+// the dequantized activations. (The exact sum of x in m * sx mixes two views of x: the error then
+// weighs by w - m instead of w, 2.5x larger: +1.2% perplexity on the default model instead of +0.3%.)
 //
 // Every output (row of x, row of w) is reduced by the same code in the same order whatever the number
 // of rows, the thread count or the split of outputs over threads: results are batch-invariant.
-// Built by cpu_kernels.py with -mavx2 or -mavx512vnni (chosen at run time from the CPU's flags), or
-// with neither: the scalar loops below are the reference for both.
+// Built with -mavx2 or -mavx512vnni (from the CPU's flags) or neither: the scalar loops are the reference.
 
 #include <math.h>
 #include <pthread.h>
@@ -32,19 +30,10 @@ SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama
 static inline float h2f(uint16_t h) {
 #if defined(M7B_AVX2) || defined(M7B_VNNI)
     return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);  // inf, nan
-    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);
-    else if (!man) u = sign;
-    else {  // subnormal: normalise the mantissa
-        int shift = -1;
-        do { man <<= 1; shift++; } while (!(man & 0x400));
-        u = sign | ((uint32_t)(112 - shift) << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+#else  // exact through ldexpf; the all-ones exponent is inf or nan
+    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float v = exp == 0x1f ? (man ? NAN : INFINITY) : ldexpf((float)(exp ? man | 0x400 : man), (exp ? exp : 1) - 25);
+    return h & 0x8000 ? -v : v;
 #endif
 }
 
