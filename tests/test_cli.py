@@ -476,7 +476,8 @@ def test_negative_max_tokens_is_a_usage_error():
 
 @pytest.mark.parametrize("args", [["generate", "hi", "--top-p", "1.5"], ["generate", "hi", "--temperature", "-1"],
                                   ["memory", "--seq-len", "0"], ["chat", "--top-k", "x"], ["serve", "--port", "70000"],
-                                  ["convert", "a", "b", "--to", "gguf"], ["frobnicate"], []])
+                                  ["convert", "a", "b", "--to", "gguf"], ["frobnicate"], [],
+                                  ["generate", "hi", "--threads", "0"]])
 def test_bad_usage_exits_2(args, capsys):
     """In-process (argparse fails before any model work), to spare a process start per case."""
     from mistral7b import cli
@@ -600,3 +601,18 @@ def test_serve_answers_with_the_api_key(hf_llama_short):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_threads_sets_torch_threads(capsys):
+    """--threads N is torch's thread count for the run (CPU decode then uses at most the physical cores)."""
+    import torch
+
+    from mistral7b import cli
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cli.main(["generate", "hi", "--threads", "1", "--max-tokens", "2", "--device", "cpu"]) in (0, None)
+        assert torch.get_num_threads() == 1 and capsys.readouterr().out.strip()
+    finally:
+        torch.set_num_threads(before)

@@ -189,6 +189,10 @@ def load_llm(args, engine_config=None, **options):
     from ..llm import LLM
 
     quantize = quantize_of(args) if hasattr(args, "quantize") else None
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)  # the engine's CPU decode threads follow torch's count
     source = model_source(args)
     if engine_config is None and hasattr(args, "speculative"):
         options["speculative"] = speculative_of(args)
@@ -242,6 +246,9 @@ def common_options(model: bool = True, model_default_help: str = "the bundled de
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help=f"weights and cache dtype; {dtype_help}")
+    if model:
+        p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="CPU threads (None: torch's count, at most the physical cores for decode)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 
