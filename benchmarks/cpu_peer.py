@@ -116,6 +116,8 @@ def spawn(engine: str, round_: int, path: Path, prompt: list[int], args) -> dict
     that other processes kept busy while it ran (machine busy time less its own CPU time, per second)."""
     request = {"task": "generate", "model": str(path), "threads": args.threads, "dtype": args.dtype,
                "prompts": [prompt], "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens}
+    if engine == "ours":
+        request["batch"] = args.batch  # llama.cpp runs the prompts one after another: its b1 figure
     command, env = worker_command(engine, args)
     load_before = os.getloadavg()
     busy, own = busy_cpu_seconds(), children_cpu_seconds()
@@ -179,7 +181,9 @@ def print_table(meta: dict, runs: list[dict], summary: dict) -> None:
           f"prompt {meta['prompt_tokens']} tokens | {meta['new_tokens']} new greedy tokens | "
           f"{meta['rounds']} rounds alternating {', '.join(ENGINES)} | a process per run, "
           f"{meta['warmup_tokens']} warm-up tokens untimed")
-    print(f"ours: {engines['ours']['settings'] if 'ours' in engines else '-'}")
+    batch = meta.get("ours_batch", 1)
+    rows = f"; batch {batch}: total tok/s of {batch} rows, llama.cpp one at a time" if batch > 1 else ""
+    print(f"ours: {engines['ours']['settings'] if 'ours' in engines else '-'}{rows}")
     if peer:
         print(f"llama.cpp: llama-cpp-python {peer['version']}, {peer['settings']}")
     print(f"ceiling: memory copy {meta['copy_gb_s']:.1f} GB/s / {meta['weight_bytes_per_token'] / 1e6:.1f} MB of "
@@ -229,6 +233,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmup-tokens", type=int, default=16, help="untimed tokens each process generates first")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1,
+                   help="ours decodes this many copies of the prompt together (total tok/s); llama.cpp one at a time")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -246,7 +252,7 @@ def main() -> int:
     per_token = bench_gguf.weight_bytes_per_token(path)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpu": cpu_summary(),
             "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-            "model": str(path),
+            "model": str(path), "ours_batch": args.batch,
             "shape": args.model and "--model" or args.shape, "file_bytes": path.stat().st_size,
             "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens,
             "rounds": args.rounds, "dtype": args.dtype, "copy_gb_s": copy_gb_s, "weight_bytes_per_token": per_token,

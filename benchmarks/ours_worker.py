@@ -42,6 +42,26 @@ def one_run(llm, prompt: list[int], n_new: int) -> dict:
             "first_token_at": first_at, "decode_tok_s": (len(tokens) - 1) / max(times[-1] - times[0], 1e-9)}
 
 
+def batch_run(llm, prompt: list[int], n_new: int, batch: int) -> dict:
+    """`batch` copies of the prompt decoded together: total decode tok/s over the rows, from the step
+    every row has its first token to the step the last finishes (the rows' greedy tokens are equal)."""
+    from mistral7b import SamplingParams
+
+    params = SamplingParams(max_tokens=n_new, ignore_eos=True, temperature=0.0)
+    start = time.perf_counter()
+    requests = [llm.engine.add(prompt, params) for _ in range(batch)]
+    first_at = first = None
+    while not all(r.finished for r in requests):
+        llm.engine.step()
+        if first is None and all(r.output_ids for r in requests):
+            first, first_at = time.perf_counter(), time.monotonic()
+    end = time.perf_counter()
+    tokens = [int(t) for t in requests[0].output_ids]
+    decoded = sum(len(r.output_ids) - 1 for r in requests)
+    return {"tokens": tokens, "first_token_s": first - start, "total_s": end - start, "first_token_at": first_at,
+            "decode_tok_s": decoded / max(end - first, 1e-9)}
+
+
 def activations() -> str:
     from mistral7b.quant import cpu_kernels
 
@@ -59,11 +79,15 @@ def generate(request: dict) -> dict:
     n_new, warmup = request["new_tokens"], request.get("warmup_tokens", 0)
     longest = max(len(p) for p in request["prompts"])
     t0 = time.perf_counter()
-    llm = LLM(request["model"], device="cpu", dtype=request["dtype"], max_batch=1,
+    batch = request.get("batch", 1)
+    llm = LLM(request["model"], device="cpu", dtype=request["dtype"], max_batch=batch,
               max_seq_len=longest + max(n_new, warmup) + 8)
     load_s = time.perf_counter() - t0
     first = one_run(llm, request["prompts"][0], warmup) if warmup else None
-    runs = [one_run(llm, prompt, n_new) for prompt in request["prompts"]]
+    if batch > 1:
+        runs = [batch_run(llm, prompt, n_new, batch) for prompt in request["prompts"]]
+    else:
+        runs = [one_run(llm, prompt, n_new) for prompt in request["prompts"]]
     return {"version": torch.__version__, "load_s": load_s, "runs": runs, "started_at": STARTED_AT,
             "first_token_at": (first or runs[0])["first_token_at"],
             "peak_rss_bytes": peak_rss_bytes(),
