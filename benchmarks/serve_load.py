@@ -13,7 +13,7 @@ the event delivered) and per event (vLLM's ITL); `--json PATH` writes them. See 
     python benchmarks/serve_load.py --preset tiny -c 4 --prompt-len 16 --max-tokens 32 --engine-process --decode-steps 8
 
 `--engine-process` runs the engine in its own process, as `mistral7b serve` does by default (the
-server's EngineClient; the engine process builds the same random weights from the same seed); without
+server's EngineProcessClient; the engine process builds the same random weights from the same seed); without
 it the engine is a thread of the server's process (`serve --engine-in-process`).
 
 ITL note: on CUDA the engine decodes several steps per host sync (`decode_steps`), so tokens arrive

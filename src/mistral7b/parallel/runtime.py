@@ -1,7 +1,7 @@
 """Rank 0 drives, the other ranks follow.
 
-Rank 0 holds `TensorParallelModel`, a stand-in for `Transformer` (same forward, same full `config`)
-that the engine drives unchanged. Each call first broadcasts a small command header over a gloo
+Rank 0 holds `TensorParallelModel`, which the engine's runner drives as it drives a `Transformer`
+(`engine.runner.RunnableModel`: forward, `new_cache`, `compile_decode`, the full `config`). Each call first broadcasts a small command header over a gloo
 group, then its token/position/row tensors over the default group (NCCL on GPUs), and then runs the
 forward on rank 0's shard; the workers run the same forward on theirs, meeting at the two
 all-reduces of every layer. Caches are sharded by KV heads: `new_cache` allocates rank 0's part and

@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -118,11 +117,6 @@ class _Guard:
                 await send_error(send, 413, e.detail)
 
 
-def _unavailable(drain: Drain, client: EngineClient) -> Callable[[], str | None]:
-    """Why the server answers 503 now: shutting down, or the engine cannot serve (starting, dead)."""
-    return lambda: drain.problem() or client.unavailable()
-
-
 def _unavailable_code(drain: Drain) -> str:
     return "server_shutting_down" if drain.active else "engine_unavailable"
 
@@ -151,7 +145,8 @@ def build_app(client: EngineClient, model_name: str | None = None, api_key: str 
     engine: apps over the same engine share it), or an `EngineProcessClient`. `api_key` guards /v1/*
     with bearer auth. `app.state.drain` is its graceful shutdown, which the server begins on SIGTERM."""
     metrics, drain = Metrics(), Drain(client.fail_open)
-    unavailable = _unavailable(drain, client)
+    # Why the server answers 503 now: shutting down, or the engine cannot serve (starting, dead).
+    unavailable = lambda: drain.problem() or client.unavailable()  # noqa: E731
     model_name = model_name or default_model_name(client.name)
     admission = Admission(client, max_queue)
     metrics.watch(client, lambda: admission.pending)
@@ -246,8 +241,9 @@ def _bound_integers(node, bound: dict) -> None:
             _bound_integers(value, bound)
 
 
-def serve(client: EngineClient, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+def serve(client: EngineClient, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info",
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
           sock: socket.socket | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
           keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,

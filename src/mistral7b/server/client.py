@@ -66,7 +66,6 @@ class EngineClient(Protocol):
         """Why the engine cannot serve generation now (starting, or dead), or None."""
 
     def start(self) -> EngineClient:
-        """Get ready to serve (an engine in this process compiles here; an engine process reports ready
-        by itself, later)."""
+        """Get ready to serve: an engine on a thread compiles here, an engine process reports later."""
 
     def close(self) -> None: ...

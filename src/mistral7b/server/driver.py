@@ -56,9 +56,12 @@ class EngineDriver:
     def __init__(self, llm):
         """`llm`: an `LLM`, or anything with its `engine`, `tokenizer`, `source`, `encode_prompt` and
         `chat_prompt`; its engine now is the one driven."""
-        self.llm, self.engine = llm, llm.engine
+        self.engine = llm.engine
         self.name, self.tokenizer, self.adapters = llm.source, llm.tokenizer, self.engine.adapters
         self.model_info = ModelInfo.of(self.engine)
+        # The LLM renders prompts; the engine validates requests and loads adapters itself.
+        self.encode_prompt, self.chat_prompt = llm.encode_prompt, llm.chat_prompt
+        self.validate, self.load_lora = self.engine.validate, self.engine.load_lora
         self.on_death: list = []
         self.subscribers: dict[str, Subscriber] = {}
         self.requests: dict[str, Any] = {}
@@ -94,18 +97,6 @@ class EngineDriver:
 
     def unavailable(self) -> str | None:
         return None
-
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return self.llm.encode_prompt(prompt)
-
-    def chat_prompt(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
-        return self.llm.chat_prompt(messages, safe_prompt)
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_ids, params)
-
-    def load_lora(self, name: str, path) -> None:
-        self.engine.load_lora(name, path)
 
     def stats(self) -> EngineStats:
         engine = self.engine

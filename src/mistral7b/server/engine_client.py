@@ -73,8 +73,8 @@ class EngineProcessClient:
     @classmethod
     def launch(cls, load: EngineLoad, name: str | None = None,
                step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT) -> "EngineProcessClient":
-        """Start the engine process, which loads the model while this one loads the tokenizer (none for
-        a `load.factory` model, whose prompts are token ids)."""
+        """Load the tokenizer here (none for a `load.factory` model, whose prompts are token ids), then
+        start the engine process, which loads the model."""
         if load.source is None and load.factory is None:
             from ..default_model import default_model_path
 

@@ -58,7 +58,7 @@ class EngineLoad:
 
 
 def main(conn, load_json: str) -> None:
-    """The process's entry point (spawned by `EngineClient.start`)."""
+    """The process's entry point (spawned by `EngineProcessClient.start`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: engine process: %(message)s", stream=sys.stderr)
     # Ctrl-C reaches the whole process group, and systemd sends SIGTERM to the whole cgroup: the HTTP
     # process drains its requests first, so this one ignores both and stops when told to (or at the EOF
