@@ -332,7 +332,7 @@ def test_an_engine_in_its_own_process_refuses_adapters_in_one_line():
     from mistral7b.server.errors import APIError
     from mistral7b.server.serving_models import LoadLoRAAdapterRequest, ServedModels
 
-    models = ServedModels(object(), "base")  # a RemoteLLM's engine stand-in: no adapter registry
+    models = ServedModels(object(), "base")  # an engine process client's stand-in: no adapter registry
     assert models.resolve("base") is None and [c.id for c in models.cards(0, None)] == ["base"]
     with pytest.raises(APIError) as e:
         asyncio.run(models.load(LoadLoRAAdapterRequest(lora_name="a", lora_path="/nowhere")))
