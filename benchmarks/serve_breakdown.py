@@ -27,7 +27,7 @@ import uvicorn
 
 import serve_load
 from mistral7b.config import preset
-from mistral7b.server import ServerThread, build_app, driver_for
+from mistral7b.server import EngineDriver, ServerThread, build_app
 
 SETUPS = {  # label: (uvicorn loop, uvicorn http, switch interval s, client processes)
     "h11": ("asyncio", "h11", 0.005, 8),
@@ -109,7 +109,7 @@ def main() -> int:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.concurrency)]
     t = time.perf_counter()
-    driver = driver_for(llm.engine).warm_up()
+    driver = EngineDriver(llm).start()
     print(f"warm-up {time.perf_counter() - t:.1f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
           f", torch {torch.__version__}", flush=True)
     timings = instrument(llm.engine, driver)
@@ -120,7 +120,7 @@ def main() -> int:
             uvicorn.Config = functools.partial(make_config, loop=loop, http=http)
             sys.setswitchinterval(switch)
             try:
-                with ServerThread(build_app(llm, "m", max_queue=256), log_level="warning") as server:
+                with ServerThread(build_app(driver, "m", max_queue=256), log_level="warning") as server:
                     serve_load.load_in_children(server.url, "m", prompts, 16, args.concurrency, procs)
                     timings.summary()
                     results, wall = serve_load.load_in_children(server.url, "m", prompts, args.max_tokens,

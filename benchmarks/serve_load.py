@@ -13,7 +13,7 @@ the event delivered) and per event (vLLM's ITL); `--json PATH` writes them. See 
     python benchmarks/serve_load.py --preset tiny -c 4 --prompt-len 16 --max-tokens 32 --engine-process --decode-steps 8
 
 `--engine-process` runs the engine in its own process, as `mistral7b serve` does by default (the
-server's EngineClient; the engine process builds the same random weights from the same seed); without
+server's EngineProcessClient; the engine process builds the same random weights from the same seed); without
 it the engine is a thread of the server's process (`serve --engine-in-process`).
 
 ITL note: on CUDA the engine decodes several steps per host sync (`decode_steps`), so tokens arrive
@@ -38,7 +38,7 @@ import torch
 from mistral7b.config import ModelConfig, preset
 from mistral7b.engine import Engine
 from mistral7b.model import Transformer
-from mistral7b.server import ServerThread, build_app, driver_for
+from mistral7b.server import EngineDriver, ServerThread, build_app
 
 # A few-layer model of Mistral's shape family for CPU smoke runs (`--preset tiny`).
 TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
@@ -46,7 +46,7 @@ TINY = ModelConfig(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, 
 
 
 class RandomLLM:
-    """What `build_app` needs from an `LLM`, for a random-weight model without a tokenizer."""
+    """What `EngineDriver` needs from an `LLM`, for a random-weight model without a tokenizer."""
 
     def __init__(self, model: Transformer, engine: Engine, name: str):
         self.model, self.engine, self.tokenizer, self.source = model, engine, None, name
@@ -93,9 +93,9 @@ def preset_llm(name: str, device: str, dtype: str, max_batch: int, max_seq_len: 
                       decode_steps)
 
 
-def engine_process_llm(args, device, dtype):
-    """A RemoteLLM whose engine process loads --model, or builds --preset's random weights; ready."""
-    from mistral7b.server.engine_client import RemoteLLM
+def engine_process_client(args, device, dtype):
+    """An EngineProcessClient whose engine process loads --model, or builds --preset's random weights; ready."""
+    from mistral7b.server.engine_client import EngineProcessClient
     from mistral7b.server.engine_process import EngineLoad
 
     dtype_name = str(dtype).replace("torch.", "")
@@ -106,9 +106,7 @@ def engine_process_llm(args, device, dtype):
         load = EngineLoad(factory="serve_load:preset_llm", factory_args=dict(
             name=args.preset, device=str(device), dtype=dtype_name, max_batch=args.max_batch,
             max_seq_len=args.max_seq_len, compile=args.compile, seed=args.seed, decode_steps=args.decode_steps))
-    llm = RemoteLLM(load, name=args.model or args.preset)
-    llm.client.warm_up()
-    return llm
+    return EngineProcessClient.launch(load, name=args.model or args.preset).warm_up()
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -312,8 +310,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
+    llm = None  # in this process only
     if args.engine_process:
-        llm = engine_process_llm(args, device, dtype)
+        client = engine_process_client(args, device, dtype)
         name = str(args.model or args.preset)
     elif args.model:
         llm = LLM(args.model, device=device, dtype=dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
@@ -324,23 +323,24 @@ def main(argv=None) -> int:
                          args.decode_steps)
         name = args.preset
     load_s = time.perf_counter() - t0
-    vocab = llm.engine.config.vocab_size
+    if llm is not None:
+        client = EngineDriver(llm)
+        t = time.perf_counter()
+        client.start()  # on the server's engine thread, which owns the CUDA graphs
+        if llm.engine.compiled:
+            print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
+    vocab = client.model_info.vocab_size
     rng = random.Random(args.seed)
     n = args.requests or args.concurrency
     prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(n)]
 
-    if llm.engine.compiled and not args.engine_process:  # on the server's engine thread, which owns the CUDA graphs
-        t = time.perf_counter()
-        driver_for(llm.engine).warm_up()
-        print(f"engine warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
-    with ServerThread(build_app(llm, name, max_queue=max(256, n)), log_level="warning") as server:
+    with ServerThread(build_app(client, name, max_queue=max(256, n)), log_level="warning") as server:
         for _ in range(args.warmup):  # a burst like the load, shorter: the shapes it meets are seen once
             load_in_children(server.url, name, prompts[: args.concurrency], min(args.max_tokens, 16), args.concurrency,
                              args.client_processes)
         results, wall = load_in_children(server.url, name, prompts, args.max_tokens, args.concurrency,
                                          args.client_processes)
-    if args.engine_process:
-        llm.close()
+    client.close()
 
     summary = summarize(results, wall, args.max_tokens)
     extra_rows = []

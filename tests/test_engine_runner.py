@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mistral7b.cache import KVCache
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, runner
-from mistral7b.model import Transformer
+from mistral7b.model import Transformer, own_code
 from mistral7b.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +20,7 @@ def test_compiled_runners_do_not_share_a_recompile_budget(monkeypatch):
     limit (8) and failed, as issue 21's quant bench did on the GPU. Dynamo with the eager backend
     keeps the test fast and is where the limit lives."""
     compile_ = torch.compile
-    monkeypatch.setattr(runner.torch, "compile", lambda fn, mode=None, **kw: compile_(fn, backend="eager", **kw))
+    monkeypatch.setattr(runner.torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     prompt = torch.randint(0, 97, (5,)).tolist()
     for layers in range(1, 11):
@@ -38,11 +39,21 @@ def test_compiled_runners_do_not_share_a_recompile_budget(monkeypatch):
 
 
 def test_own_code_is_a_distinct_code_object():
-    class Thing:
-        def method(self, x):
-            return x + 1
+    def fn(x):
+        return x + offset
 
-    thing = Thing()
-    copy = runner.own_code(thing.method)
-    assert copy(1) == 2 and copy.__self__ is thing
-    assert copy.__func__.__code__ is not Thing.method.__code__
+    offset = 1
+    copy = own_code(fn)
+    assert copy(1) == 2 and copy.__code__ is not fn.__code__ and copy.__closure__ is fn.__closure__
+
+
+def test_the_runner_drives_a_transformer_through_its_interface():
+    """A plain Transformer is a RunnableModel: the runner's cache is the one its `new_cache` makes, with
+    the speculative spare slots, and it is one process (tensor-parallel models are checked in test_parallel)."""
+    config = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
+                         sliding_window=8, max_seq_len=64)
+    model = Transformer(config).eval()
+    assert isinstance(model, runner.RunnableModel) and model.tensor_parallel_size == 1
+    made = runner.ModelRunner(model, 2, None, compile=False, spare_slots=3)
+    assert type(made.cache) is KVCache and made.cache.max_batch == 2
+    assert min(layer.size for layer in made.cache.layers) == config.sliding_window + 3

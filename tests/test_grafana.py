@@ -18,7 +18,7 @@ from test_server_engine_process import ENGINE  # noqa: E402
 from test_server_engine_process import checkpoint  # noqa: E402,F401 (a fixture)
 
 from mistral7b.llm import LLM  # noqa: E402
-from mistral7b.server import ServerThread, build_app  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "grafana.json"
 METRIC = re.compile(r"\bmistral7b[_:][A-Za-z0-9_:]*")
@@ -29,7 +29,7 @@ SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? ")
 def exported(checkpoint):  # noqa: F811
     """{metric name: label names} as the server's /metrics serves them."""
     llm = LLM(str(checkpoint), device="cpu", **ENGINE)
-    with ServerThread(build_app(llm, "tiny")) as server:
+    with ServerThread(build_app(EngineDriver(llm), "tiny")) as server:
         done = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3},
                           timeout=60)
         assert done.status_code == 200

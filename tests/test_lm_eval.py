@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from mistral7b.default_model import default_model_path  # noqa: E402
 from mistral7b.llm import LLM  # noqa: E402
-from mistral7b.server import ServerThread, build_app  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "examples" / "lm_eval"
@@ -60,7 +60,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with ServerThread(build_app(llm, MODEL), log_level="warning") as st:
+    with ServerThread(build_app(EngineDriver(llm), MODEL), log_level="warning") as st:
         yield st
 
 

@@ -228,7 +228,7 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
     import httpx
 
     from mistral7b import LLM, LoRARequest, SamplingParams
-    from mistral7b.server import ServerThread, build_app
+    from mistral7b.server import EngineDriver, ServerThread, build_app
 
     root, hf, _ = served
     llm = LLM(str(root / "base"), device="cpu", max_batch=4, max_loras=2)
@@ -239,7 +239,7 @@ def test_server_picks_adapters_by_model_and_loads_unloads_them(served):
     llm.engine.unload_lora("a1")
     llm.engine.unload_lora("a2")
     llm.chat_prompt = lambda messages, safe_prompt=False: prompt  # a random checkpoint has no tokenizer, no chat format
-    with ServerThread(build_app(llm, "base"), log_level="warning") as server, httpx.Client(base_url=server.url) as http:
+    with ServerThread(build_app(EngineDriver(llm), "base"), log_level="warning") as server, httpx.Client(base_url=server.url) as http:
         def complete(model):
             return http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 6,
                                                       "temperature": 0, "logprobs": 1, "ignore_eos": True})
@@ -332,7 +332,7 @@ def test_an_engine_in_its_own_process_refuses_adapters_in_one_line():
     from mistral7b.server.errors import APIError
     from mistral7b.server.serving_models import LoadLoRAAdapterRequest, ServedModels
 
-    models = ServedModels(object(), "base")  # a RemoteLLM's engine stand-in: no adapter registry
+    models = ServedModels(object(), "base")  # an engine process client's stand-in: no adapter registry
     assert models.resolve("base") is None and [c.id for c in models.cards(0, None)] == ["base"]
     with pytest.raises(APIError) as e:
         asyncio.run(models.load(LoadLoRAAdapterRequest(lora_name="a", lora_path="/nowhere")))

@@ -22,6 +22,7 @@ from checkpoints import hf_model, rel_err, write_gguf, write_mistral
 from mistral7b import SamplingParams
 from mistral7b.cache import KVCache
 from mistral7b.engine import Engine
+from mistral7b.engine.runner import RunnableModel
 from mistral7b.loading import load_model
 from mistral7b.loading.quantized import save_quantized
 from mistral7b.parallel import TensorParallelError, check_world_size, launch, local_config
@@ -83,6 +84,7 @@ def tp2(tiny):
 
 def tp_engine(model, monkeypatch, **kwargs) -> Engine:
     """An engine over the tensor-parallel model: the runner takes its cache from `model.new_cache`."""
+    assert isinstance(model, RunnableModel) and model.tensor_parallel_size > 1
     engine = Engine(model, None, **kwargs)
     assert type(engine.runner.cache).__name__ == "ShardedKVCache"
     return engine
@@ -205,7 +207,7 @@ class TestTwoRanks:
         tokens = torch.randint(0, VOCAB, (2, 3 * W + 3))
         assert rel_err(tp2(tokens), ref(tokens)) < 1e-5
         # Chunked prefill past the window into a rolling cache, then decode, on cache rows 1 and 2.
-        caches = (tp2.new_cache(tp2.config, 3), KVCache(ref.config, 3))
+        caches = (tp2.new_cache(3), KVCache(ref.config, 3))
         rows = slice(1, 3)
         for start in range(0, tokens.shape[1], 5):
             chunk = tokens[:, start : start + 5]
@@ -237,7 +239,7 @@ class TestTwoRanks:
         """Every rank traces its decode step with the all-reduces inside one graph (dynamo's eager
         backend here: inductor takes a minute per rank on two cores; the GPU run uses CUDA graphs)."""
         ref = tiny[2]
-        caches = (tp2.new_cache(tp2.config, 2), KVCache(ref.config, 2))
+        caches = (tp2.new_cache(2), KVCache(ref.config, 2))
         step = tp2.compile_decode(caches[0], mode=None, backend="eager")
         tokens = torch.randint(0, VOCAB, (2, W + 3))
         kv_len = tokens.shape[1]  # one bound for every step (as the engine's buckets): a single trace

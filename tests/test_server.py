@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 
 from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.sampling import SamplingParams  # noqa: E402
-from mistral7b.server import ServerThread, build_app, driver_for  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 
 MODEL = "smollm2-test"
 MAX_TOKENS = 16
@@ -45,6 +45,12 @@ def llm():
 
 
 @pytest.fixture(scope="module")
+def engine_driver(llm):
+    """The engine's one EngineDriver: every app of this module is built over it."""
+    return EngineDriver(llm)
+
+
+@pytest.fixture(scope="module")
 def refs(llm):
     """Greedy references, one prompt at a time, through LLM.generate (before any server runs)."""
     ids = [llm.chat_prompt(m) for m in CHATS] + [llm.encode_prompt(p) for p in PROMPTS]
@@ -53,8 +59,8 @@ def refs(llm):
 
 
 @pytest.fixture(scope="module")
-def server(llm, refs):
-    with ServerThread(build_app(llm, MODEL), log_level="warning") as st:
+def server(engine_driver, refs):
+    with ServerThread(build_app(engine_driver, MODEL), log_level="warning") as st:
         yield st
 
 
@@ -408,10 +414,10 @@ def test_body_too_big(http):
     _check_error(http.post(COMP, content=chunked(), headers={"content-type": "application/json"}), 413)
 
 
-def test_api_key(llm):
+def test_api_key(engine_driver):
     from fastapi.testclient import TestClient
 
-    tc = TestClient(build_app(llm, MODEL, api_key="s3cret"))
+    tc = TestClient(build_app(engine_driver, MODEL, api_key="s3cret"))
     _check_error(tc.get("/v1/models"), 401)
     _check_error(tc.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     _check_error(tc.post(CHAT, json={"model": MODEL, "messages": MSG}), 401)
@@ -420,10 +426,10 @@ def test_api_key(llm):
     assert tc.get("/health").status_code == 200
 
 
-def test_full_queue_gives_429(server, llm):
+def test_full_queue_gives_429(server, llm, engine_driver):
     """max_queue=0: requests are taken only while a cache row is free; the ninth (8 rows) gets 429."""
     engine = llm.engine
-    with ServerThread(build_app(llm, MODEL, max_queue=0)) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+    with ServerThread(build_app(engine_driver, MODEL, max_queue=0)) as st, httpx.Client(base_url=st.url, timeout=60) as c:
         body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4000, "ignore_eos": True, "stream": True}
         streams = []
         try:
@@ -440,7 +446,7 @@ def test_full_queue_gives_429(server, llm):
         _wait_idle(engine, timeout=15)
         # with the rows free again the same server accepts
         r = c.post(COMP, json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 2})
-        assert r.status_code == 200 and driver_for(engine).engine is engine
+        assert r.status_code == 200 and engine_driver.engine is engine
 
 
 def test_metrics(http):

@@ -256,17 +256,17 @@ def test_serve_passes_the_connection_flags(monkeypatch):
 
     seen, flags = {}, ("max_connections", "header_timeout", "body_timeout", "keep_alive_timeout",
                        "max_connections_per_client", "shutdown_timeout")
-    monkeypatch.setattr(serve_command, "load_llm", lambda args, config: "in-process llm")
-    monkeypatch.setattr(serve_command, "remote_llm", lambda args, config: seen.update(bound=seen["sock"]) or "remote")
+    monkeypatch.setattr(serve_command, "local_client", lambda args, config: "in-process client")
+    monkeypatch.setattr(serve_command, "remote_client", lambda args, config: seen.update(bound=seen["sock"]) or "remote")
     monkeypatch.setattr(serve_command, "listen_socket", lambda host, port: seen.update(sock=(host, port)) or "sock")
-    monkeypatch.setattr(app, "serve", lambda llm, **kwargs: seen.update(kwargs, llm=llm))
+    monkeypatch.setattr(app, "serve", lambda client, **kwargs: seen.update(kwargs, client=client))
     assert cli.main(["serve", "--max-connections", "7", "--header-timeout", "2.5", "--body-timeout", "4",
                      "--keep-alive-timeout", "3", "--max-connections-per-client", "5", "--shutdown-timeout", "0",
                      "--no-prefix-cache", "--port", "9"]) == 0
-    assert [seen[k] for k in ("llm", "sock", *flags)] == ["remote", "sock", 7, 2.5, 4.0, 3.0, 5, 0.0]
+    assert [seen[k] for k in ("client", "sock", *flags)] == ["remote", "sock", 7, 2.5, 4.0, 3.0, 5, 0.0]
     assert seen["bound"] == ("127.0.0.1", 9)  # bound before the engine process started
     cli.main(["serve", "--no-prefix-cache", "--engine-in-process"])
-    assert [seen[k] for k in ("llm", *flags)] == ["in-process llm", 1024, 10.0, 30.0, 5.0, 256, 30.0]
+    assert [seen[k] for k in ("client", *flags)] == ["in-process client", 1024, 10.0, 30.0, 5.0, 256, 30.0]
 
 
 def test_port_in_use_is_one_line_and_exit_1_before_the_model_loads():

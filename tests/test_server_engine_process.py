@@ -29,8 +29,8 @@ from test_tokenizer import train_tokenizer_json  # noqa: E402
 
 from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.sampling import SamplingParams  # noqa: E402
-from mistral7b.server import ServerThread, build_app  # noqa: E402
-from mistral7b.server.engine_client import RemoteLLM  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
+from mistral7b.server.engine_client import EngineProcessClient  # noqa: E402
 from mistral7b.server.engine_process import EngineLoad  # noqa: E402
 
 MODEL = "tiny"
@@ -65,7 +65,7 @@ def _greedy(llm, prompt_ids, max_tokens, **kw):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    remote = RemoteLLM(EngineLoad(source=str(checkpoint), device="cpu", engine=ENGINE))
+    remote = EngineProcessClient.launch(EngineLoad(source=str(checkpoint), device="cpu", engine=ENGINE))
     with ServerThread(build_app(remote, MODEL)) as st:
         codes = []
         with httpx.Client(base_url=st.url, timeout=30) as c:
@@ -107,7 +107,7 @@ def _events(response) -> tuple[list[dict], bool]:
 
 def test_startup_then_completions_match_in_process(server, http, llm):
     assert server.startup_codes[0] == 503 and server.startup_codes[-1] == 200
-    assert server.remote.client.process.pid != os.getpid()
+    assert server.remote.process.pid != os.getpid()
     for prompt in PROMPTS[:2]:
         ids = llm.encode_prompt(prompt)
         ref = _greedy(llm, ids, 12)
@@ -285,7 +285,7 @@ def test_structured_output_and_its_stop_strings_match_in_process(server, llm):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a", "b"]}
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 40, "temperature": 0,
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
-    with ServerThread(build_app(llm, MODEL)) as local:
+    with ServerThread(build_app(EngineDriver(llm), MODEL)) as local:
         for extra in ({}, {"stop": ["\"", "}"]}):
             got = [httpx.post(url + "/v1/chat/completions", json={**body, **extra}, timeout=60).json()
                    for url in (server.url, local.url)]

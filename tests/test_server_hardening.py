@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from mistral7b.llm import LLM  # noqa: E402
-from mistral7b.server import build_app  # noqa: E402
+from mistral7b.server import EngineDriver, build_app  # noqa: E402
 
 MODEL = "smollm2-test"
 CHAT = "/v1/chat/completions"
@@ -26,8 +26,14 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def tc(llm):
-    with TestClient(build_app(llm, MODEL)) as c:
+def engine_driver(llm):
+    """The engine's one EngineDriver: every app of this module is built over it."""
+    return EngineDriver(llm)
+
+
+@pytest.fixture(scope="module")
+def tc(engine_driver):
+    with TestClient(build_app(engine_driver, MODEL)) as c:
         yield c
 
 
@@ -57,18 +63,18 @@ def test_aborted_rows_are_free_for_admission_at_once(llm):
     import asyncio
 
     from mistral7b.sampling import SamplingParams
-    from mistral7b.server.driver import EngineDriver, _Subscriber
+    from mistral7b.server.driver import Subscriber
     from mistral7b.server.metrics import Metrics
     from mistral7b.server.serving import Admission
 
     engine = llm.engine
-    driver = EngineDriver(engine)
-    driver.start = lambda: None  # this test plays the engine thread: nothing else steps the engine
-    admission = Admission(engine, max_queue=0, driver=driver)
+    driver = EngineDriver(llm)
+    driver._start_thread = lambda: None  # this test plays the engine thread: nothing else steps the engine
+    admission = Admission(driver, max_queue=0)
     loop, metrics = asyncio.new_event_loop(), Metrics()
     params = SamplingParams(max_tokens=1000, ignore_eos=True)
     try:
-        subs = [_Subscriber(loop, asyncio.Queue(), i, metrics) for i in range(engine.max_batch)]
+        subs = [Subscriber(loop, asyncio.Queue(), i, metrics) for i in range(engine.max_batch)]
         running = [driver.submit([1, 2, 3], params, f"abort-{i}", sub) for i, sub in enumerate(subs)]
         engine.step()
         assert engine.n_running == engine.max_batch and admission.full(1)
@@ -196,8 +202,8 @@ def test_bad_token_id_prompt_says_which(tc, prompt, words):
         assert w in message, message
 
 
-def test_too_many_prompts_blame_the_prompt_list(llm):
-    with TestClient(build_app(llm, MODEL, max_queue=0)) as c:
+def test_too_many_prompts_blame_the_prompt_list(llm, engine_driver):
+    with TestClient(build_app(engine_driver, MODEL, max_queue=0)) as c:
         many = {"model": MODEL, "prompt": ["hi"] * (llm.engine.max_batch + 1), "max_tokens": 1}
         message = _error(c.post(COMP, json=many), 400, "prompt")
         assert f"{llm.engine.max_batch + 1} prompts" in message

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from mistral7b.llm import LLM  # noqa: E402
-from mistral7b.server import ServerThread, build_app  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 
 SYSTEM = " ".join(f"Rule {i}: answer briefly and politely, in plain English." for i in range(12))
 
@@ -27,7 +27,7 @@ def test_metrics_show_prefix_cache_hits():
     shared = llm.encode_prompt(SYSTEM)
     block = llm.engine.prefix.block_size
     assert len(shared) > 2 * block
-    with ServerThread(build_app(llm, "m"), log_level="warning") as server, httpx.Client(base_url=server.url, timeout=120) as http:
+    with ServerThread(build_app(EngineDriver(llm), "m"), log_level="warning") as server, httpx.Client(base_url=server.url, timeout=120) as http:
         before = http.get("/metrics").text
         assert _metric(before, "mistral7b:prefix_cache_hits_total") == 0
         for question in ("What is two plus two?", "Name a colour."):

@@ -26,7 +26,7 @@ from test_server_engine_process import _engine_pid, _events, _free_port, _health
 from test_server_engine_process import checkpoint  # noqa: E402,F401 (a fixture)
 
 from mistral7b.llm import LLM  # noqa: E402
-from mistral7b.server import ServerThread, build_app  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 from mistral7b.server.shutdown import DRAINING, FLUSH_S, Drain  # noqa: E402
 
 MODEL = "tiny"
@@ -44,6 +44,12 @@ def llm(checkpoint):  # noqa: F811
 
     llm.engine.step = slow_step
     return llm
+
+
+@pytest.fixture(scope="module")
+def engine_driver(llm):
+    """The engine's one EngineDriver: every app of this module is built over it."""
+    return EngineDriver(llm)
 
 
 def _stream(url: str, max_tokens: int, model: str = MODEL) -> tuple[list[dict], bool]:
@@ -78,9 +84,9 @@ def test_drain_clock():
     assert Drain().finished(0)  # nothing open: done at once
 
 
-def test_running_requests_finish_while_new_ones_and_health_get_503(llm):
+def test_running_requests_finish_while_new_ones_and_health_get_503(engine_driver):
     max_tokens = 60
-    with ServerThread(build_app(llm, MODEL), shutdown_timeout=30) as server, ThreadPoolExecutor(2) as pool:
+    with ServerThread(build_app(engine_driver, MODEL), shutdown_timeout=30) as server, ThreadPoolExecutor(2) as pool:
         streams = [pool.submit(_stream, server.url, max_tokens) for _ in range(2)]
         _first_token_seen(server)
         server.server.handle_exit(signal.SIGTERM, None)
@@ -97,8 +103,8 @@ def test_running_requests_finish_while_new_ones_and_health_get_503(llm):
         assert not server.thread.is_alive() and server.server.drain.ended_at is None
 
 
-def test_a_second_signal_ends_open_requests_with_an_error_and_done(llm):
-    with ServerThread(build_app(llm, MODEL), shutdown_timeout=30) as server, ThreadPoolExecutor(2) as pool:
+def test_a_second_signal_ends_open_requests_with_an_error_and_done(engine_driver):
+    with ServerThread(build_app(engine_driver, MODEL), shutdown_timeout=30) as server, ThreadPoolExecutor(2) as pool:
         stream = pool.submit(_stream, server.url, 200)
         whole = pool.submit(httpx.post, server.url + "/v1/completions", timeout=60,
                             json={"model": MODEL, "prompt": "hello", "max_tokens": 200, "ignore_eos": True})
@@ -115,8 +121,8 @@ def test_a_second_signal_ends_open_requests_with_an_error_and_done(llm):
         assert not server.thread.is_alive() and time.monotonic() - started < 200 * STEP_S / 2
 
 
-def test_model_routes_retrieve_and_cut_unknown_names(llm):
-    with ServerThread(build_app(llm, MODEL)) as server:
+def test_model_routes_retrieve_and_cut_unknown_names(engine_driver):
+    with ServerThread(build_app(engine_driver, MODEL)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         listed = client.models.list().data[0]
         assert client.models.retrieve(MODEL) == listed  # OpenAI's Model type, parsed by its client

@@ -27,7 +27,7 @@ from test_server_engine_process import _free_port, _health, _until  # noqa: E402
 
 from mistral7b import LLM, SamplingParams, SpeculativeConfig  # noqa: E402
 from mistral7b.engine import EngineConfig  # noqa: E402
-from mistral7b.server import ServerThread, build_app  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,7 +83,7 @@ def complete_all(client: httpx.Client, prompts: list[str]) -> list[str]:
 
 
 def test_engine_on_a_thread_speculates_and_counts(llm, prompts, plain):
-    with ServerThread(build_app(llm, MODEL)) as st, httpx.Client(base_url=st.url, timeout=120) as c:
+    with ServerThread(build_app(EngineDriver(llm), MODEL)) as st, httpx.Client(base_url=st.url, timeout=120) as c:
         assert complete_all(c, prompts) == plain
         drafted, accepted = spec_counts(c.get("/metrics").text)
     assert drafted > 0 and 0 < accepted <= drafted
@@ -122,10 +122,10 @@ def test_a_stop_string_sees_the_grammar_after_each_token_of_a_step(llm):
     """The HTTP side of an engine process, given one speculative step of several tokens of a constrained
     reply: a stop string met where the value was unfinished is ignored, though the step ends complete."""
     from mistral7b.engine.request import Request
-    from mistral7b.server.engine_client import EngineClient
+    from mistral7b.server.engine_client import EngineProcessClient
     from mistral7b.server.engine_process import EngineLoad
 
-    client = EngineClient(EngineLoad(), llm.tokenizer)
+    client = EngineProcessClient(EngineLoad(), llm.tokenizer)
     request = Request([1], SamplingParams(stop=['"'], regex=r'\{"a": "x"\}'), "r")
     client.output.prepare(request)
     tokens = llm.tokenizer.encode('{"a": "x"}', bos=False)
@@ -149,10 +149,10 @@ def test_serve_hands_the_speculative_config_to_either_engine(monkeypatch):
     from mistral7b.server import app
 
     seen = {}
-    monkeypatch.setattr(serve_command, "load_llm", lambda args, config: seen.update(thread=config.speculative))
-    monkeypatch.setattr(serve_command, "remote_llm", lambda args, config: seen.update(process=config.speculative))
+    monkeypatch.setattr(serve_command, "local_client", lambda args, config: seen.update(thread=config.speculative))
+    monkeypatch.setattr(serve_command, "remote_client", lambda args, config: seen.update(process=config.speculative))
     monkeypatch.setattr(serve_command, "listen_socket", lambda host, port: "sock")
-    monkeypatch.setattr(app, "serve", lambda llm, **kwargs: None)
+    monkeypatch.setattr(app, "serve", lambda client, **kwargs: None)
     assert cli.main(["serve", "--speculative", "ngram", "--num-speculative-tokens", "2", "--engine-in-process"]) == 0
     assert cli.main(["serve", "--speculative", "draft:/small.gguf"]) == 0
     assert seen == {"thread": SpeculativeConfig("ngram", 2), "process": SpeculativeConfig("draft", 4, draft="/small.gguf")}
@@ -171,7 +171,7 @@ def test_bad_speculative_flags_are_one_line_before_the_model_loads(flags, messag
     from mistral7b import cli
     from mistral7b.cli import serve as serve_command
 
-    for name in ("load_llm", "remote_llm", "listen_socket"):
+    for name in ("local_client", "remote_client", "listen_socket"):
         monkeypatch.setattr(serve_command, name, lambda *a, name=name: pytest.fail(f"{name} ran"))
     assert cli.main(["serve", *flags]) == 1
     captured = capsys.readouterr()

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from mistral7b import LLM
-from mistral7b.server import ServerThread, build_app
+from mistral7b.server import EngineDriver, ServerThread, build_app
 
 MODEL = "smollm2"
 
@@ -22,7 +22,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with ServerThread(build_app(llm, MODEL), log_level="warning") as st:
+    with ServerThread(build_app(EngineDriver(llm), MODEL), log_level="warning") as st:
         yield st
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from mistral7b.llm import LLM  # noqa: E402
-from mistral7b.server import ServerThread, build_app, protocol  # noqa: E402
+from mistral7b.server import EngineDriver, ServerThread, build_app, protocol  # noqa: E402
 
 MODEL = "smollm2-tools"
 BOOK = {"type": "object", "additionalProperties": False, "required": ["people", "time", "guest"], "properties": {
@@ -37,7 +37,7 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(build_app(LLM(), MODEL), log_level="warning") as st:
+    with ServerThread(build_app(EngineDriver(LLM()), MODEL), log_level="warning") as st:
         yield st
 
 
@@ -209,6 +209,7 @@ def test_tokenize_with_tools_is_mistral_v3_token_exact_and_v1_is_refused():
     import asyncio
     from types import SimpleNamespace
 
+    from mistral7b.engine import ModelInfo
     from mistral7b.server.errors import APIError
     from mistral7b.server.serving_tokenization import OpenAIServingTokenization
     from mistral7b.tokenizer import Tokenizer
@@ -216,9 +217,10 @@ def test_tokenize_with_tools_is_mistral_v3_token_exact_and_v1_is_refused():
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Weather {_seed()}?"}]
     body = protocol.TokenizeChatRequest.model_validate({"messages": messages, "tools": TOOLS})
-    served = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V3)), MODEL, lambda: 4096)
+    info = ModelInfo(32768, 4096, None, "float32", 1, False, False, None)  # an engine client's, in part
+    served = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V3), model_info=info), MODEL)
     assert asyncio.run(served.tokenize(body)).tokens == mistral_common_ids(messages, TOOLS)
-    v1 = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V1)), MODEL, lambda: 4096)
+    v1 = OpenAIServingTokenization(SimpleNamespace(tokenizer=Tokenizer.from_file(V1), model_info=info), MODEL)
     with pytest.raises(APIError, match="v1") as refused:
         asyncio.run(v1.tokenize(body))
     assert refused.value.param == "tools"

@@ -18,6 +18,7 @@ from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
 from mistral7b.engine.proposers import SuffixCache, ngram_lookup
 from mistral7b.engine.speculative import Proposal
 from mistral7b.model import Transformer
+from mistral7b.server.driver import EngineDriver
 from mistral7b.server.metrics import Metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,7 +161,8 @@ def test_metrics_count_what_was_accepted(target):
     assert stats.accepted_per_position == e["per_position"]
     assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
     metrics = Metrics()  # and /metrics exports them under vLLM's names
-    metrics.watch(engine, SimpleNamespace(aborted=0, steps=0), lambda: 0)
+    llm = SimpleNamespace(engine=engine, source=None, tokenizer=None, encode_prompt=None, chat_prompt=None)
+    metrics.watch(EngineDriver(llm), lambda: 0)
     text = metrics.render().decode()
     exported = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("mistral7b:spec_decode"))
     assert float(exported["mistral7b:spec_decode_num_draft_tokens_total"]) == e["draft"]

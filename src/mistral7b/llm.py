@@ -75,7 +75,7 @@ class LLM:
         self.quant = resolve_quantize(quantize)  # the one value every layer below reads
         # The tokenizer first: its parse is transient memory that then does not stack on the weights'
         # (the default model's peak RSS 553 -> 5xx MB), and a bad vocabulary fails before a long load.
-        self.tokenizer = Tokenizer.from_source(_tokenizer_path(source))
+        self.tokenizer = Tokenizer.from_source(tokenizer_path(source))
         self._model = self._load(source, tensor_parallel_size)
         self.source = source
         draft = None
@@ -218,7 +218,7 @@ def _per_prompt(value, n: int, what: str) -> list:
     return [value] * n
 
 
-def _tokenizer_path(source) -> Path:
+def tokenizer_path(source) -> Path:
     """Where the tokenizer of a checkpoint lives: the GGUF itself, or the checkpoint folder."""
     from .loading import hub
 

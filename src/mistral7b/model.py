@@ -8,6 +8,7 @@ layer's activations once. Loaders convert at load time.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -169,6 +170,27 @@ class Transformer(nn.Module):
         self.decode_kernel = "flash"  # CUDA decode attention (attention.check_decode_kernel)
         self.lora = None  # a lora.LoRABank once adapters are enabled (lora.enable_lora)
 
+    tensor_parallel_size = 1  # parallel.TensorParallelModel: the ranks it is split over
+
+    def new_cache(self, max_batch: int = 1, device=None, dtype: torch.dtype = torch.float32,
+                  max_seq_len: int | None = None, spare_slots: int = 0) -> KVCache:
+        """A KV cache for this model (KVCache's arguments; a tensor-parallel model's is sharded)."""
+        return KVCache(self.config, max_batch, device, dtype, max_seq_len, spare_slots)
+
+    def compile_decode(self, cache: KVCache, mode: str | None = None, backend: str = "inductor"):
+        """The decode step `(tokens [B, 1], positions [B, 1], kv_len, adapters=None) -> logits` over all
+        of `cache`'s rows, compiled: the cache keeps fixed addresses, so CUDA graphs (mode
+        "reduce-overhead") update it in place. dynamic=None: after a second kv_len the length becomes
+        symbolic (one recompile), and graphs are then recorded per kv_len without compiling again."""
+        for layer in cache.layers:
+            for t in (layer.k, layer.v, layer.pos):
+                torch._dynamo.mark_static_address(t)
+
+        def decode(tokens: Tensor, positions: Tensor, kv_len: int, adapters: Tensor | None = None) -> Tensor:
+            return self(tokens, positions, cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len, adapters=adapters)
+
+        return torch.compile(own_code(decode), mode=mode, backend=backend, fullgraph=True)
+
     def use_decode_kernel(self, name: str) -> None:
         """Switch CUDA decode's attention kernel; before compiling (benchmarks compare them)."""
         self.decode_kernel = check_decode_kernel(name)
@@ -210,3 +232,10 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+
+def own_code(fn):
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs, and counts them against its
+    recompile limit (8), per code object; every cache is new, so decode steps sharing one code object
+    made the fifth model or quantization compiled in one process fail with FailOnRecompileLimitHit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

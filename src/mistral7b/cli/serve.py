@@ -125,10 +125,10 @@ def check_lora_options(args) -> None:
         raise CLIError("--lora-modules cannot be combined with --compile yet")
 
 
-def load_lora_modules(llm, modules: list[tuple[str, str]]) -> None:
+def load_lora_modules(client, modules: list[tuple[str, str]]) -> None:
     for name, path in modules:
         try:
-            llm.engine.load_lora(name, path)
+            client.load_lora(name, path)
         except ValueError as e:
             raise CLIError(f"--lora-modules {name}={path}: {e}") from None
 
@@ -159,12 +159,12 @@ def run(args) -> int:
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails in a moment
     try:
-        llm = load_llm(args, engine_config) if args.engine_in_process else remote_llm(args, engine_config)
-        load_lora_modules(llm, args.lora_modules)
+        client = local_client(args, engine_config) if args.engine_in_process else remote_client(args, engine_config)
+        load_lora_modules(client, args.lora_modules)
     except BaseException:
         sock.close()
         raise
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+    serve(client, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           max_queue=args.max_queue, log_level=args.log_level, max_connections=args.max_connections,
           header_timeout=args.header_timeout, sock=sock, body_timeout=args.body_timeout,
           keep_alive_timeout=args.keep_alive_timeout, max_connections_per_client=args.max_connections_per_client,
@@ -182,11 +182,18 @@ def listen_socket(host: str, port: int):
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def remote_llm(args, engine_config):
-    """A RemoteLLM: this process loads the tokenizer, the engine process it starts loads the model."""
+def local_client(args, engine_config):
+    """The engine on a thread of this process (--engine-in-process)."""
+    from ..server.driver import EngineDriver
+
+    return EngineDriver(load_llm(args, engine_config))
+
+
+def remote_client(args, engine_config):
+    """An EngineProcessClient: this process loads the tokenizer, the engine process it starts loads the model."""
     import dataclasses
 
-    from ..server.engine_client import RemoteLLM
+    from ..server.engine_client import EngineProcessClient
     from ..server.engine_process import EngineLoad
 
     quantize = quantize_of(args)
@@ -194,4 +201,4 @@ def remote_llm(args, engine_config):
     load = EngineLoad(source=str(model_source(args)), device=None if device is None else str(device),
                       dtype=dtype_name(args), engine=dataclasses.asdict(engine_config),
                       quantize=dataclasses.asdict(quantize) if dataclasses.is_dataclass(quantize) else quantize)
-    return RemoteLLM(load, step_timeout=args.engine_step_timeout)
+    return EngineProcessClient.launch(load, step_timeout=args.engine_step_timeout)

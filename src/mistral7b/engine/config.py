@@ -86,3 +86,31 @@ class EngineConfig:
     def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
         """`config` (or the defaults) with `options` changed; an unknown option is a TypeError naming it."""
         return replace(config or cls(), **options)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model's facts and its engine's limits, as a server reads them (an engine in its own
+    process sends them once it has loaded the model)."""
+
+    vocab_size: int
+    max_seq_len: int  # the model's context (its config)
+    max_positions: int | None  # the longest sequence the cache holds; None: every layer rolls, unbounded
+    dtype: str  # torch's name: "bfloat16", "float32"...
+    max_batch: int  # cache rows
+    compiled: bool
+    prefix_cache: bool
+    speculative_tokens: int | None  # draft tokens verified per step; None: speculative decoding is off
+
+    @classmethod
+    def of(cls, engine) -> "ModelInfo":
+        """`engine`'s (an `Engine`)."""
+        spec = engine.speculator
+        return cls(engine.config.vocab_size, engine.config.max_seq_len, engine.cache.max_positions,
+                   str(engine.runner.dtype).removeprefix("torch."), engine.max_batch, engine.compiled,
+                   engine.prefix is not None, spec.config.num_tokens if spec is not None else None)
+
+    @property
+    def max_model_len(self) -> int:
+        """The context a request may fill: the cache's limit, else the model's."""
+        return self.max_positions or self.max_seq_len

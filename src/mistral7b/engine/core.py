@@ -93,7 +93,7 @@ class Engine:
         """`lora` as given, or a ValueError naming the setting that adapters cannot run with yet."""
         if lora is None:
             return None
-        for setting, on in (("compile", self.compiled), ("tensor_parallel_size", hasattr(self.model, "new_cache"))):
+        for setting, on in (("compile", self.compiled), ("tensor_parallel_size", self.model.tensor_parallel_size > 1)):
             if on:
                 raise ValueError(f"LoRA adapters cannot run with {setting} yet")
         return lora

@@ -8,14 +8,15 @@ a `DecodeGroup` whose tokens the host reads later, so the host's bookkeeping can
 from __future__ import annotations
 
 import threading
-import types
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from ..cache import KVCache
-from ..model import Transformer
+from ..config import ModelConfig
 from ..quant import cpu_kernels
 from ..sampling import SamplerBatch, sample, top_logprobs
 from ..utils import slice_or_index, to_device
@@ -44,16 +45,6 @@ class DecodeGroup:
         return self.tokens.tolist()
 
 
-def own_code(method):
-    """`method` bound to a copy of its function with a code object of its own. Dynamo keeps compiled
-    graphs, and counts them against its recompile limit (8), per code object; every runner recompiles
-    (its cache is new), so runners sharing `eager_decode`'s code made the fifth model or quantization
-    in one process fail with FailOnRecompileLimitHit."""
-    fn = method.__func__
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return copy.__get__(method.__self__)
-
-
 def _on_graph_thread(compiled):
     def decode(*args):
         _cuda_graph_thread_state()
@@ -62,16 +53,33 @@ def _on_graph_thread(compiled):
     return decode
 
 
+@runtime_checkable
+class RunnableModel(Protocol):
+    """What the runner drives: a `Transformer`, or rank 0's `parallel.TensorParallelModel`, whose caches
+    are sharded over its ranks and whose compiled decode step runs on every rank."""
+
+    config: ModelConfig
+    tensor_parallel_size: int
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                 rows=None, kv_len: int | None = None, last_only: bool = False, **adapters) -> torch.Tensor: ...
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def new_cache(self, max_batch: int = 1, device=None, dtype: torch.dtype = torch.float32,
+                  max_seq_len: int | None = None, spare_slots: int = 0) -> KVCache: ...
+
+    def compile_decode(self, cache: KVCache, mode: str | None = None) -> Callable[..., torch.Tensor]: ...
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, max_batch: int, max_seq_len: int | None, compile: bool, spare_slots: int = 0):
+    def __init__(self, model: RunnableModel, max_batch: int, max_seq_len: int | None, compile: bool,
+                 spare_slots: int = 0):
         """`spare_slots`: cache slots beyond each layer's window for speculative verifies (speculative.py)."""
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.max_batch = max_batch
-        # A tensor-parallel model (mistral7b.parallel) hands out caches sharded by KV heads.
-        new_cache = getattr(model, "new_cache", KVCache)
-        spare = {"spare_slots": spare_slots} if spare_slots else {}
-        self.cache = new_cache(model.config, max_batch, self.device, self.dtype, max_seq_len, **spare)
+        self.cache = model.new_cache(max_batch, self.device, self.dtype, max_seq_len, spare_slots)
         self.sampler = SamplerBatch(max_batch, model.config.vocab_size, self.device)
         # Each cache row's LoRA slot, on the device: a forward gathers its rows' slots without a host sync.
         self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -85,18 +93,10 @@ class ModelRunner:
             self.verify_fn = cpu_kernels.decode_threads(self.model, threads)
 
     def _compile_decode(self):
-        """torch.compile with CUDA graphs over all `max_batch` rows. The cache buffers keep fixed
-        addresses, so the recorded graphs update them in place; kv_len is bucketed by `kv_len`."""
-        for layer in self.cache.layers:
-            for t in (layer.k, layer.v, layer.pos):
-                torch._dynamo.mark_static_address(t)
+        """The model's decode step compiled over all `max_batch` rows (CUDA graphs on a GPU); kv_len
+        is bucketed by `kv_len`."""
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        if hasattr(self.model, "compile_decode"):  # each tensor-parallel rank compiles its own shard
-            compiled = self.model.compile_decode(self.cache, mode)
-            return compiled if mode is None else _on_graph_thread(compiled)
-        # dynamic=None: after a second kv_len bucket is seen, kv_len becomes symbolic (one recompile),
-        # and CUDA graphs are then recorded per bucket without compiling again.
-        compiled = torch.compile(own_code(self.eager_decode), mode=mode, fullgraph=True)
+        compiled = self.model.compile_decode(self.cache, mode)
         return compiled if mode is None else _on_graph_thread(compiled)
 
     def assign(self, request: Request) -> None:

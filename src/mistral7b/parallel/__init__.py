@@ -1,7 +1,7 @@
 """Tensor parallelism over torch.distributed: one model split over several GPUs (or CPU processes).
 
 `launch(source, tensor_parallel_size=N)` starts the ranks and returns rank 0's `TensorParallelModel`,
-which the engine drives like a `Transformer` (its caches come from `model.new_cache`).
+which the engine's runner drives as it drives a `Transformer` (`engine.runner.RunnableModel`).
 """
 
 from .launch import launch

@@ -1,7 +1,7 @@
 """Rank 0 drives, the other ranks follow.
 
-Rank 0 holds `TensorParallelModel`, a stand-in for `Transformer` (same forward, same full `config`)
-that the engine drives unchanged. Each call first broadcasts a small command header over a gloo
+Rank 0 holds `TensorParallelModel`, which the engine's runner drives as it drives a `Transformer`
+(`engine.runner.RunnableModel`: forward, `new_cache`, `compile_decode`, the full `config`). Each call first broadcasts a small command header over a gloo
 group, then its token/position/row tensors over the default group (NCCL on GPUs), and then runs the
 forward on rank 0's shard; the workers run the same forward on theirs, meeting at the two
 all-reduces of every layer. Caches are sharded by KV heads: `new_cache` allocates rank 0's part and
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
+from ..model import Transformer
 
 OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN, OP_COMPILE, OP_DECODE = 1, 2, 3, 4, 5, 6
 HEADER_LEN = 10
@@ -107,23 +108,10 @@ class ShardedKVCache(KVCache):
             super().reset(rows)
 
 
-def compiled_decode(shard: nn.Module, cache: KVCache, mode: str | None, backend: str):
-    """One rank's decode step over all of `cache`'s rows, compiled as the engine compiles its own:
-    fixed cache addresses (so CUDA graphs update them in place), the all-reduces traced into the graph."""
-    for layer in cache.layers:
-        for t in (layer.k, layer.v, layer.pos):
-            torch._dynamo.mark_static_address(t)
-
-    def decode(tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
-        return shard(tokens, positions, cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
-
-    return torch.compile(decode, mode=mode, backend=backend, fullgraph=True)
-
-
 class Worker:
     """A rank other than 0: executes rank 0's commands on its shard until told to stop."""
 
-    def __init__(self, link: Link, shard: nn.Module):
+    def __init__(self, link: Link, shard: Transformer):
         self.link, self.shard = link, shard
         self.caches: dict[int, KVCache] = {}
         self.decoders: dict[int, object] = {}
@@ -141,8 +129,8 @@ class Worker:
                 self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only)
             elif op == OP_NEW_CACHE:
                 _, cache_id, max_batch, max_seq_len, dtype = header[:5]
-                self.caches[cache_id] = KVCache(
-                    self.shard.config, max_batch, self.link.device, DTYPES[dtype], max_seq_len if max_seq_len > 0 else None
+                self.caches[cache_id] = self.shard.new_cache(
+                    max_batch, self.link.device, DTYPES[dtype], max_seq_len if max_seq_len > 0 else None
                 )
             elif op == OP_RESET:
                 self.caches[header[1]].reset(slice(header[2], None if header[3] < 0 else header[3]))
@@ -152,20 +140,21 @@ class Worker:
                 self.decoders[cache_id](payload[:batch].view(batch, 1), payload[batch:].view(batch, 1), kv_len)
             elif op == OP_COMPILE:
                 _, cache_id, mode, backend = header[:4]
-                self.decoders[cache_id] = compiled_decode(
-                    self.shard, self.caches[cache_id], COMPILE_MODES[mode], BACKENDS[backend]
+                self.decoders[cache_id] = self.shard.compile_decode(
+                    self.caches[cache_id], COMPILE_MODES[mode], BACKENDS[backend]
                 )
             else:
                 raise RuntimeError(f"unknown tensor-parallel command {op}")
 
 
 class TensorParallelModel(nn.Module):
-    """Rank 0's view of a model sharded over `tensor_parallel_size` ranks; a drop-in for Transformer.
+    """Rank 0's view of a model sharded over `tensor_parallel_size` ranks: the runner drives it as it
+    drives a Transformer (engine.runner.RunnableModel).
 
     `parameters()` are rank 0's shard (they give the engine its device and dtype); `config` is the
-    full model's. Caches must come from `new_cache` (same arguments as `KVCache`)."""
+    full model's. Caches must come from `new_cache`."""
 
-    def __init__(self, shard: nn.Module, config: ModelConfig, link: Link, processes=(), on_close=None):
+    def __init__(self, shard: Transformer, config: ModelConfig, link: Link, processes=(), on_close=None):
         super().__init__()
         self.shard, self.config, self.link = shard, config, link
         self.tensor_parallel_size = link.world
@@ -183,11 +172,11 @@ class TensorParallelModel(nn.Module):
             self.link.send(header, payload)
             return self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only)
 
-    def new_cache(self, config: ModelConfig | None = None, max_batch: int = 1, device=None,
-                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> ShardedKVCache:
+    def new_cache(self, max_batch: int = 1, device=None, dtype: torch.dtype = torch.float32,
+                  max_seq_len: int | None = None, spare_slots: int = 0) -> ShardedKVCache:
         """A KV cache sharded by KV heads: rank 0 gets its part here, each worker allocates its own."""
-        if config is not None and config != self.config:
-            raise ValueError("new_cache: the config is not this model's")
+        if spare_slots:
+            raise ValueError("speculative decoding with tensor parallelism is not supported yet")
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
         cache_id, self._n_caches = self._n_caches, self._n_caches + 1
@@ -203,7 +192,7 @@ class TensorParallelModel(nn.Module):
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} and backend one of {BACKENDS}")
         with self.collective("compiling the decode step"):
             self.link.send([OP_COMPILE, cache.cache_id, COMPILE_MODES.index(mode), BACKENDS.index(backend)])
-            local = compiled_decode(self.shard, cache, mode, backend)
+            local = self.shard.compile_decode(cache, mode, backend)
 
         def decode(tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
             payload = torch.cat([tokens.reshape(-1), positions.reshape(-1)])

@@ -1,4 +1,4 @@
-"""The app: `build_app(llm, ...)` with its routes and middleware, `serve()` under uvicorn, and
+"""The app: `build_app(client, ...)` with its routes and middleware, `serve()` under uvicorn, and
 `ServerThread` for tests and benchmarks (after vLLM's `api_server.py`).
 
 Routes: `GET /v1/models` and `/v1/models/{id}`, `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`
@@ -17,14 +17,13 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from .connections import GuardedServer, bind_socket, guarded_config
-from .driver import driver_for
+from .client import EngineClient
 from .errors import ERROR_RESPONSES, APIError, BodyTooLarge, install_error_handlers, send_error
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -118,17 +117,12 @@ class _Guard:
                 await send_error(send, 413, e.detail)
 
 
-def _unavailable(drain: Drain, engine_problem) -> Callable[[], str | None]:
-    """Why the server answers 503 now: shutting down, or the engine cannot serve (starting, dead)."""
-    return lambda: drain.problem() or (engine_problem() if engine_problem is not None else None)
-
-
 def _unavailable_code(drain: Drain) -> str:
     return "server_shutting_down" if drain.active else "engine_unavailable"
 
 
-def default_model_name(llm) -> str:
-    source = getattr(llm, "source", None)
+def default_model_name(source) -> str:
+    """The name a checkpoint is served under: its file or folder name (a GGUF's without `.gguf`)."""
     if source is None:
         return "mistral7b"
     name = Path(str(source)).name
@@ -145,30 +139,27 @@ def _generation_responses(model) -> dict:
 APP_DESCRIPTION = "OpenAI-compatible completions and chat completions over the mistral7b engine."
 
 
-def build_app(llm, model_name: str | None = None, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The OpenAI-compatible app for `llm` (an `LLM`, or anything with `.engine`, `.tokenizer`,
-    `.encode_prompt` and `.chat_prompt`; a `RemoteLLM` has its engine in its own process, driven
-    through `.client`). `api_key` guards /v1/* with bearer auth. `app.state.drain` is its graceful
-    shutdown, which the server begins on SIGTERM."""
-    engine, metrics = llm.engine, Metrics()
-    driver = getattr(llm, "client", None) or driver_for(engine)
-    drain = Drain(getattr(driver, "fail_open", None))
-    unavailable = _unavailable(drain, getattr(driver, "unavailable", None))
-    model_name = model_name or default_model_name(llm)
-    admission = Admission(engine, max_queue, driver=driver)
-    metrics.watch(engine, driver, lambda: admission.pending)
-    models = ServedModels(engine, model_name)
-    serving = (llm, driver, metrics, admission, models)
+def build_app(client: EngineClient, model_name: str | None = None, api_key: str | None = None,
+              max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible app over `client`: `EngineDriver(llm)` for an `LLM` in this process (one per
+    engine: apps over the same engine share it), or an `EngineProcessClient`. `api_key` guards /v1/*
+    with bearer auth. `app.state.drain` is its graceful shutdown, which the server begins on SIGTERM."""
+    metrics, drain = Metrics(), Drain(client.fail_open)
+    # Why the server answers 503 now: shutting down, or the engine cannot serve (starting, dead).
+    unavailable = lambda: drain.problem() or client.unavailable()  # noqa: E731
+    model_name = model_name or default_model_name(client.name)
+    admission = Admission(client, max_queue)
+    metrics.watch(client, lambda: admission.pending)
+    models = ServedModels(client, model_name)  # it reads the client's `adapters` and `load_lora`
+    serving = (client, metrics, admission, models)
     completion, chat = OpenAIServingCompletion(*serving), OpenAIServingChat(*serving)
-    tokenization = OpenAIServingTokenization(llm, models, lambda: completion.context)
+    tokenization = OpenAIServingTokenization(client, models)
     app = FastAPI(title="mistral7b", version="0.1.0", description=APP_DESCRIPTION)
-    app.state.llm, app.state.driver, app.state.metrics, app.state.model_name = llm, driver, metrics, model_name
-    app.state.drain = drain
+    app.state.client, app.state.metrics, app.state.model_name, app.state.drain = client, metrics, model_name, drain
     app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, unavailable=unavailable,
                        unavailable_code=lambda: _unavailable_code(drain))
     install_error_handlers(app)
-    _add_probes(app, engine, admission, metrics, unavailable, drain)
+    _add_probes(app, client, admission, metrics, unavailable, drain)
     add_model_routes(app, models, lambda: completion.limit)
 
     @app.post("/v1/completions", summary="Create a completion", response_model=CompletionResponse,
@@ -195,11 +186,12 @@ def build_app(llm, model_name: str | None = None, api_key: str | None = None, ma
     async def tokenizer_info() -> dict:
         return tokenization.tokenizer_info()
 
-    app.openapi = lambda: openapi_with_limits(app, completion.context, engine.config.vocab_size)
+    app.openapi = lambda: openapi_with_limits(app, completion.context, client.model_info.vocab_size)
     return app
 
 
-def _add_probes(app: FastAPI, engine, admission: Admission, metrics: Metrics, unavailable, drain: Drain) -> None:
+def _add_probes(app: FastAPI, client: EngineClient, admission: Admission, metrics: Metrics, unavailable,
+                drain: Drain) -> None:
     """GET /health and GET /metrics (no auth)."""
 
     @app.get("/health", summary="Liveness (no auth); 503 while an engine process starts, after it died, or while "
@@ -207,7 +199,8 @@ def _add_probes(app: FastAPI, engine, admission: Admission, metrics: Metrics, un
     async def health():
         if (problem := unavailable()) is not None:
             raise APIError(503, problem, type="server_error", code=_unavailable_code(drain))
-        return HealthResponse(running=engine.n_running, waiting=engine.n_waiting + admission.pending)
+        stats = client.stats()
+        return HealthResponse(running=stats.running, waiting=stats.waiting + admission.pending)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -248,15 +241,16 @@ def _bound_integers(node, bound: dict) -> None:
             _bound_integers(value, bound)
 
 
-def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, model_name: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+def serve(client: EngineClient, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info",
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
           sock: socket.socket | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
           keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
           max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
           shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT):
     """Run the server until SIGTERM or SIGINT, then drain (`shutdown`) and return. `api_key` defaults to
-    $MISTRAL7B_API_KEY. With a `RemoteLLM` whose engine process dies, the server answers 503 for
+    $MISTRAL7B_API_KEY. With an `EngineProcessClient` whose engine process dies, the server answers 503 for
     ENGINE_DEATH_GRACE_S, then exits with ENGINE_DIED_EXIT for a supervisor to restart it. `sock`: a
     socket already bound to `host:port` (bound here if not given: a port in use raises OSError at once)."""
     sock = sock or bind_socket(host, port)
@@ -266,23 +260,18 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = 
     fitted = fit_max_connections(max_connections)
     if fitted < max_connections:
         log.warning("--max-connections %d does not fit the open-file limit: using %d", max_connections, fitted)
-    client = getattr(llm, "client", None)  # an engine process warms itself up before it reports ready
-    if client is None and llm.engine.compiled:
-        log.warning("compiling the decode step before serving (a minute or two on a GPU)")
-        driver_for(llm.engine).warm_up()
-    app = build_app(llm, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
+    client.start()  # an engine in this process compiles here; an engine process reports ready by itself
+    app = build_app(client, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
     config = guarded_config(app, header_timeout, fitted, body_timeout, max_connections_per_client, host=host,
                             port=port, log_level=log_level, timeout_keep_alive=keep_alive_timeout,
                             timeout_graceful_shutdown=FLUSH_S)
     server = GuardedServer(config, drain=app.state.drain, shutdown_timeout=shutdown_timeout)
-    if client is not None:
-        client.on_death.append(lambda: threading.Timer(ENGINE_DEATH_GRACE_S, _stop, (server,)).start())
+    client.on_death.append(lambda: threading.Timer(ENGINE_DEATH_GRACE_S, _stop, (server,)).start())
     try:
         server.run(sockets=[sock])
     finally:
-        if client is not None:
-            client.close()  # the engine process stops with the server
-    if client is not None and client.dead:
+        client.close()  # the engine (its thread, or its process) stops with the server
+    if client.dead:
         raise SystemExit(ENGINE_DIED_EXIT)
     if not server.started:  # uvicorn logged why
         raise SystemExit(3)

@@ -1,6 +1,6 @@
-"""The engine thread: the one thread that runs `engine.step()`, and the delivery of each step's
-deltas to the asyncio queues of the HTTP requests that own them (`loop.call_soon_threadsafe`).
-Model work never runs on the event loop."""
+"""The engine in this process (`EngineDriver`, an `EngineClient`): the one thread that runs
+`engine.step()`, and the delivery of each step's deltas to the asyncio queues of the HTTP requests
+that own them (`loop.call_soon_threadsafe`). Model work never runs on the event loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.config import ModelInfo
 from ..sampling import SamplingParams
+from .client import EngineStats
 from .metrics import Metrics
 
 log = logging.getLogger("mistral7b.server")
@@ -31,7 +33,7 @@ class Item:
 
 
 @dataclass
-class _Subscriber:
+class Subscriber:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     choice: int
@@ -41,39 +43,69 @@ class _Subscriber:
 
 
 class EngineDriver:
-    """The one thread that runs `engine.step()`; everything else talks to it through this object.
+    """An `EngineClient` over an `LLM`'s engine: the one thread that runs `engine.step()`; everything
+    else talks to it through this object.
 
     `submit` adds requests (any thread), `abort` queues an abort that the thread applies before its next
-    step, so an aborted request's row is free for that step. One driver per engine, shared by every app
-    built on the same LLM (`driver_for`).
+    step, so an aborted request's row is free for that step. One driver per engine: apps built on the
+    same engine share it (two threads must never step one engine).
     """
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.subscribers: dict[str, _Subscriber] = {}
+    dead = None  # an engine in this process dies with it
+
+    def __init__(self, llm):
+        """`llm`: an `LLM`, or anything with its `engine`, `tokenizer`, `source`, `encode_prompt` and
+        `chat_prompt`; its engine now is the one driven."""
+        self.engine = llm.engine
+        self.name, self.tokenizer, self.adapters = llm.source, llm.tokenizer, self.engine.adapters
+        self.model_info = ModelInfo.of(self.engine)
+        # The LLM renders prompts; the engine validates requests and loads adapters itself.
+        self.encode_prompt, self.chat_prompt = llm.encode_prompt, llm.chat_prompt
+        self.validate, self.load_lora = self.engine.validate, self.engine.load_lora
+        self.on_death: list = []
+        self.subscribers: dict[str, Subscriber] = {}
         self.requests: dict[str, Any] = {}
         self._aborts: list = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.warmed = threading.Event()
         self.steps = 0
         self.aborted = 0
 
-    def start(self) -> None:
+    def _start_thread(self) -> None:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this engine driver is closed")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="mistral7b-engine", daemon=True)
                 self._thread.start()
 
-    def warm_up(self) -> "EngineDriver":
+    def start(self) -> "EngineDriver":
         """Start the thread and wait until it has warmed the engine up (compiled it, if it compiles)."""
-        self.start()
+        if self.engine.compiled and not self.warmed.is_set():
+            log.warning("compiling the decode step before serving (a minute or two on a GPU)")
+        self._start_thread()
         self.warmed.wait()
         return self
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sub: _Subscriber, lora=None):
-        self.start()
+    def close(self) -> None:
+        """Stop the thread for good once it is idle."""
+        self._closed = True
+        self._wake.set()
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def stats(self) -> EngineStats:
+        engine = self.engine
+        prefix, spec = engine.prefix, engine.speculator
+        return EngineStats(engine.n_running, engine.n_waiting, self.steps, self.aborted,
+                           prefix.metrics() if prefix is not None else None, spec.stats if spec is not None else None)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sub: Subscriber, lora=None):
+        self._start_thread()
         with self._lock:
             self.subscribers[request_id] = sub
         try:
@@ -121,7 +153,7 @@ class EngineDriver:
             except Exception:
                 log.exception("engine warm-up failed")
         self.warmed.set()
-        while True:
+        while not self._closed:
             self._wake.clear()
             self._apply_aborts()
             if not self.engine.has_work():
@@ -158,7 +190,7 @@ class EngineDriver:
                     self.requests.pop(request.id, None)
                 by_loop[sub.loop].append((sub.queue, item))
         for loop, items in by_loop.items():
-            _deliver_soon(loop, items)
+            deliver_soon(loop, items)
 
     def _fail_all(self, message: str) -> None:
         """On the engine thread: abort every request in flight and fail its subscriber."""
@@ -186,10 +218,10 @@ def deliver_errors(subs, message: str) -> None:
     for sub in subs:
         by_loop[sub.loop].append((sub.queue, Item(sub.choice, "", [], None, None, error=message)))
     for loop, items in by_loop.items():
-        _deliver_soon(loop, items)
+        deliver_soon(loop, items)
 
 
-def _deliver_soon(loop, items) -> None:
+def deliver_soon(loop, items) -> None:
     def put():
         for queue, item in items:
             queue.put_nowait(item)
@@ -198,15 +230,3 @@ def _deliver_soon(loop, items) -> None:
         loop.call_soon_threadsafe(put)
     except RuntimeError:  # the loop is closed: nobody is listening any more
         pass
-
-
-_drivers: dict[int, EngineDriver] = {}
-_drivers_lock = threading.Lock()
-
-
-def driver_for(engine) -> EngineDriver:
-    with _drivers_lock:
-        driver = _drivers.get(id(engine))
-        if driver is None or driver.engine is not engine:
-            driver = _drivers[id(engine)] = EngineDriver(engine)
-        return driver

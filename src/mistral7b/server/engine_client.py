@@ -1,6 +1,5 @@
-"""The HTTP side of an engine in its own process (vLLM's EngineCoreClient): `EngineClient` has the
-interface of `EngineDriver` (submit, abort, pending_aborts, warm_up, steps, aborted), so the serving
-classes run unchanged over either, and `RemoteLLM` is the `LLM` that `build_app` is given.
+"""The HTTP side of an engine in its own process (vLLM's EngineCoreClient): `EngineProcessClient` is an
+`EngineClient` (client.py), as the in-process `EngineDriver` is, so the app runs unchanged over either.
 
 The HTTP process tokenises prompts and renders templates (as with an in-process engine), then
 detokenises the token ids each engine step sends back and applies stop strings, with the same
@@ -22,17 +21,18 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
+from ..engine.config import ModelInfo
 from ..engine.constraints import ConstraintManager
 from ..engine.core import validate_request
 from ..engine.output import OutputProcessor
 from ..engine.request import Request
 from ..engine.speculative import SpecStats
-from ..llm import LLM, _tokenizer_path
+from ..llm import LLM, tokenizer_path
 from ..tokenizer import Tokenizer
 from . import engine_process, wire
-from .driver import Item, _deliver_soon, _Subscriber, deliver_errors
+from .client import EngineStats
+from .driver import Item, Subscriber, deliver_errors, deliver_soon
 from .errors import APIError
 from .engine_process import EngineLoad
 from .settings import DEFAULT_ENGINE_STEP_TIMEOUT
@@ -40,60 +40,26 @@ from .settings import DEFAULT_ENGINE_STEP_TIMEOUT
 log = logging.getLogger("mistral7b.server")
 
 
-class RemoteEngine:
-    """What the serving classes read of an engine: its limits (reported by the engine process when it
-    is ready) and its queue, counted here from the requests this process has open."""
+class EngineProcessClient:
+    """Starts the engine process and talks to it; the prompts are rendered here, with the tokenizer."""
 
-    def __init__(self, client: "EngineClient", tokenizer):
-        self.client, self.tokenizer = client, tokenizer
-        self.prefix = None  # the prefix cache's last counters, when it has one
-        self.speculator = None  # speculative decoding's last counters, when it is on (metrics.spec_decode_metrics)
-        self.max_batch = 0
+    adapters = None  # LoRA adapters need the engine in this process (--engine-in-process)
+    encode_prompt = LLM.encode_prompt  # they use only the tokenizer
+    chat_prompt = LLM.chat_prompt
 
-    def ready(self, info: dict) -> None:
-        self.config = SimpleNamespace(vocab_size=info["vocab_size"], max_seq_len=info["max_seq_len"])
-        self.cache = SimpleNamespace(max_positions=info["max_positions"])
-        self.compiled = info["compiled"]
-        self.constraints = ConstraintManager(self.tokenizer, info["vocab_size"], info["max_batch"], None)
-        self.prefix = _PrefixStats() if info["prefix_cache"] else None
-        k = info.get("speculative")
-        self.speculator = None if k is None else SimpleNamespace(stats=SpecStats(k))
-        self.max_batch = info["max_batch"]
-
-    def validate(self, prompt_ids: list[int], params) -> None:
-        validate_request(prompt_ids, params, self.config.vocab_size, self.cache.max_positions, self.constraints)
-
-    @property
-    def n_running(self) -> int:
-        return min(self.client.n_open, self.max_batch)
-
-    @property
-    def n_waiting(self) -> int:
-        return self.client.n_open - self.n_running
-
-
-class _PrefixStats:
-    """The prefix cache's counters as the last step reported them (metrics.prefix_cache_metrics reads them)."""
-
-    def __init__(self):
-        self.values: dict = {}
-
-    def metrics(self) -> dict:
-        return self.values
-
-
-class EngineClient:
-    """Starts the engine process and talks to it; the driver of an app built on a `RemoteLLM`."""
-
-    def __init__(self, load: EngineLoad, tokenizer=None, step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
-        """`step_timeout`: seconds without a message, while requests are open, after which the engine
-        process is taken as hung and killed (None or 0: never)."""
-        self.load, self.output = load, OutputProcessor(tokenizer)
+    def __init__(self, load: EngineLoad, tokenizer=None, name: str | None = None,
+                 step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
+        """`name`: the served model's default name (`load.source` if not given); `step_timeout`: seconds
+        without a message, while requests are open, after which the engine process is taken as hung and
+        killed (None or 0: never)."""
+        self.load, self.tokenizer, self.output = load, tokenizer, OutputProcessor(tokenizer)
+        self.name = name or load.source
         self.step_timeout = step_timeout or None
         self._heard = time.monotonic()  # the last message, or when the first open request came
         self._hung = False
-        self.engine = RemoteEngine(self, tokenizer)
-        self.subscribers: dict[str, _Subscriber] = {}
+        self.model_info: ModelInfo | None = None  # the engine process's, when it is ready
+        self.constraints = self.prefix = self.spec = None  # set when ready; prefix, spec: the last step's counters
+        self.subscribers: dict[str, Subscriber] = {}
         self.requests: dict[str, Request] = {}  # open requests, by id
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -104,9 +70,22 @@ class EngineClient:
         self.process = self.conn = None
         self._closing = False
 
+    @classmethod
+    def launch(cls, load: EngineLoad, name: str | None = None,
+               step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT) -> "EngineProcessClient":
+        """Load the tokenizer here (none for a `load.factory` model, whose prompts are token ids), then
+        start the engine process, which loads the model."""
+        if load.source is None and load.factory is None:
+            from ..default_model import default_model_path
+
+            load.source = str(default_model_path())
+        tokenizer = Tokenizer.from_source(tokenizer_path(load.source)) if load.factory is None else None
+        return cls(load, tokenizer, name, step_timeout).start()
+
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> "EngineClient":
+    def start(self) -> "EngineProcessClient":
+        """Start the engine process (once); it reports ready when it has loaded the model."""
         if self.process is not None:
             return self
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot fork
@@ -123,6 +102,12 @@ class EngineClient:
             threading.Thread(target=self._watch, name="mistral7b-engine-watchdog", daemon=True).start()
         return self
 
+    def _ready(self, reported: dict) -> None:
+        self.model_info = info = ModelInfo(**reported)
+        self.constraints = ConstraintManager(self.tokenizer, info.vocab_size, info.max_batch, None)
+        self.prefix = {} if info.prefix_cache else None
+        self.spec = SpecStats(info.speculative_tokens) if info.speculative_tokens is not None else None
+
     def _watch(self) -> None:
         """Kill an engine process that has gone silent with requests open; the reader then sees its EOF
         and fails them (`_died`)."""
@@ -135,7 +120,7 @@ class EngineClient:
                 self.process.kill()
                 return
 
-    def warm_up(self, timeout: float | None = None) -> "EngineClient":
+    def warm_up(self, timeout: float | None = None) -> "EngineProcessClient":
         """Start the engine process and wait until it has loaded (and compiled) the model."""
         self.start()
         if not self.warmed.wait(timeout) or self.dead:
@@ -165,11 +150,21 @@ class EngineClient:
 
     # -- the driver's interface --------------------------------------------------------------------
 
-    @property
-    def n_open(self) -> int:
-        return len(self.requests)
+    def validate(self, prompt_ids: list[int], params) -> None:
+        info = self.model_info
+        validate_request(prompt_ids, params, info.vocab_size, info.max_positions, self.constraints)
 
-    def submit(self, prompt_ids: list[int], params, request_id: str, sub: _Subscriber) -> Request:
+    def stats(self) -> EngineStats:
+        """The queue, counted here from the requests this process has open, and the last step's counters."""
+        n_open, rows = len(self.requests), self.model_info.max_batch if self.model_info is not None else 0
+        running = min(n_open, rows)
+        return EngineStats(running, n_open - running, self.steps, self.aborted, self.prefix, self.spec)
+
+    def load_lora(self, name: str, path) -> None:
+        raise ValueError("LoRA adapters need the engine in this process: run serve with --engine-in-process")
+
+    def submit(self, prompt_ids: list[int], params, request_id: str, sub: Subscriber, lora=None) -> Request:
+        """`lora` is never given: an engine process has no adapters (`adapters` is None)."""
         request = Request(list(prompt_ids), params, request_id)
         self.output.prepare(request)
         with self._lock:
@@ -200,7 +195,7 @@ class EngineClient:
             self._outbox.put(wire.abort(ids))
 
     def pending_aborts(self) -> int:
-        """Always 0: an aborted request stops counting as open at once (`RemoteEngine.n_running`)."""
+        """Always 0: an aborted request stops counting as open at once (`stats`)."""
         return 0
 
     # -- the connection ----------------------------------------------------------------------------
@@ -239,14 +234,14 @@ class EngineClient:
             self._dispatch(message["out"])
             stats = message["stats"]
             self.steps, self.aborted = stats["steps"], stats["aborted"]
-            if self.engine.prefix is not None and stats["prefix"] is not None:
-                self.engine.prefix.values = stats["prefix"]
-            if self.engine.speculator is not None and stats.get("spec") is not None:
-                self.engine.speculator.stats = SpecStats(**stats["spec"])
+            if self.prefix is not None and stats["prefix"] is not None:
+                self.prefix = stats["prefix"]
+            if self.spec is not None and stats.get("spec") is not None:
+                self.spec = SpecStats(**stats["spec"])
         elif op == "failed":
             self._fail(message["ids"], message["message"])
         elif op == "ready":
-            self.engine.ready(message["info"])
+            self._ready(message["info"])
             log.info("the engine process (pid %d) is ready", message["pid"])
             self.warmed.set()
 
@@ -284,9 +279,9 @@ class EngineClient:
         if stopped:
             self._outbox.put(wire.abort(stopped))
         for loop, items in by_loop.items():
-            _deliver_soon(loop, items)
+            deliver_soon(loop, items)
 
-    def _advance(self, request: Request, sub: _Subscriber, out: list, now: float) -> Item:
+    def _advance(self, request: Request, sub: Subscriber, out: list, now: float) -> Item:
         """Apply one step's tokens to the request as the scheduler would have in-process."""
         _, tokens, finish_reason, logprobs, prompt_logprobs, accepting = out
         if prompt_logprobs is not None:
@@ -319,27 +314,3 @@ class EngineClient:
                 if sub is not None:
                     subs.append(sub)
         deliver_errors(subs, message)
-
-
-class RemoteLLM:
-    """What `build_app` needs of an `LLM` (tokenizer, prompts, engine), with the engine in its own
-    process, started here: it loads the model while the HTTP process loads the tokenizer."""
-
-    encode_prompt = LLM.encode_prompt  # they use only the tokenizer
-    chat_prompt = LLM.chat_prompt
-
-    def __init__(self, load: EngineLoad, name: str | None = None,
-                 step_timeout: float | None = DEFAULT_ENGINE_STEP_TIMEOUT):
-        """`name` names a `load.factory` model, which has no tokenizer here (prompts are token ids);
-        `step_timeout` is EngineClient's."""
-        if load.source is None and load.factory is None:
-            from ..default_model import default_model_path
-
-            load.source = str(default_model_path())
-        self.source = name or load.source
-        self.tokenizer = Tokenizer.from_source(_tokenizer_path(load.source)) if load.factory is None else None
-        self.client = EngineClient(load, self.tokenizer, step_timeout).start()
-        self.engine = self.client.engine
-
-    def close(self) -> None:
-        self.client.close()

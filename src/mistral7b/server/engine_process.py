@@ -58,13 +58,14 @@ class EngineLoad:
 
 
 def main(conn, load_json: str) -> None:
-    """The process's entry point (spawned by `EngineClient.start`)."""
+    """The process's entry point (spawned by `EngineProcessClient.start`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: engine process: %(message)s", stream=sys.stderr)
     # Ctrl-C reaches the whole process group, and systemd sends SIGTERM to the whole cgroup: the HTTP
     # process drains its requests first, so this one ignores both and stops when told to (or at the EOF
     # of the connection, if the HTTP process is gone).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    from ..engine.config import ModelInfo
     from . import wire
 
     try:
@@ -78,19 +79,11 @@ def main(conn, load_json: str) -> None:
         log.exception("the engine could not start")
         conn.send_bytes(wire.encode({"op": "fatal", "message": f"{type(e).__name__}: {e}"}))
         sys.exit(1)
-    conn.send_bytes(wire.encode({"op": "ready", "pid": os.getpid(), "info": _info(engine)}))
+    conn.send_bytes(wire.encode({"op": "ready", "pid": os.getpid(), "info": dataclasses.asdict(ModelInfo.of(engine))}))
     try:
         EngineLoop(engine, conn).run()
     except (EOFError, OSError):  # the HTTP process is gone
         pass
-
-
-def _info(engine) -> dict:
-    return {"vocab_size": engine.config.vocab_size, "max_seq_len": engine.config.max_seq_len,
-            "max_positions": engine.cache.max_positions, "max_batch": engine.max_batch,
-            "compiled": engine.compiled, "prefix_cache": engine.prefix is not None,
-            "has_tokenizer": engine.tokenizer is not None,
-            "speculative": engine.speculator.config.num_tokens if engine.speculator is not None else None}
 
 
 class EngineLoop:

@@ -18,22 +18,22 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class EngineCollector:
-    """Gauges and counters read from the engine and its driver when scraped."""
+    """Gauges and counters read from the engine client's `stats()` when scraped."""
 
-    def __init__(self, engine, driver, pending):
-        self.engine, self.driver, self.pending = engine, driver, pending
+    def __init__(self, client, pending):
+        self.client, self.pending = client, pending
 
     def collect(self):
+        stats = self.client.stats()
         running = GaugeMetricFamily(f"{PREFIX}_num_requests_running", "Sequences holding a cache row.")
-        running.add_metric([], self.engine.n_running)
+        running.add_metric([], stats.running)
         waiting = GaugeMetricFamily(f"{PREFIX}_num_requests_waiting", "Sequences waiting for a cache row.")
-        waiting.add_metric([], self.engine.n_waiting + self.pending())
+        waiting.add_metric([], stats.waiting + self.pending())
         aborted = CounterMetricFamily(f"{PREFIX}_sequences_aborted", "Sequences aborted (client gone).")
-        aborted.add_metric([], self.driver.aborted)
+        aborted.add_metric([], stats.aborted)
         steps = CounterMetricFamily(f"{PREFIX}_engine_steps", "Engine steps run.")
-        steps.add_metric([], self.driver.steps)
-        return [running, waiting, aborted, steps, *prefix_cache_metrics(getattr(self.engine, "prefix", None)),
-                *spec_decode_metrics(getattr(self.engine, "speculator", None))]
+        steps.add_metric([], stats.steps)
+        return [running, waiting, aborted, steps, *prefix_cache_metrics(stats.prefix), *spec_decode_metrics(stats.spec)]
 
 
 PREFIX_CACHE_HELP = {  # vLLM's names (vllm:prefix_cache_queries_total, ...) with our prefix
@@ -46,12 +46,12 @@ PREFIX_CACHE_HELP = {  # vLLM's names (vllm:prefix_cache_queries_total, ...) wit
 }
 
 
-def prefix_cache_metrics(prefix) -> list:
+def prefix_cache_metrics(counters: dict | None) -> list:
     """The prefix cache's counters (`..._total`) and gauges (`..._bytes`); none when it is off."""
-    if prefix is None:
+    if counters is None:
         return []
     families = []
-    for name, value in prefix.metrics().items():
+    for name, value in counters.items():
         family = GaugeMetricFamily if name.endswith("_bytes") else CounterMetricFamily
         metric = family(name, PREFIX_CACHE_HELP[name])
         metric.add_metric([], value)
@@ -59,12 +59,11 @@ def prefix_cache_metrics(prefix) -> list:
     return families
 
 
-def spec_decode_metrics(speculator) -> list:
+def spec_decode_metrics(stats) -> list:
     """Speculative decoding's counters under vLLM's names (vllm:spec_decode_num_draft_tokens_total, ...)
     with our prefix; none when speculation is off."""
-    if speculator is None:
+    if stats is None:
         return []
-    stats = speculator.stats
     counts = {
         "mistral7b:spec_decode_num_drafts": ("Row-steps that verified draft tokens.", stats.verify_rows),
         "mistral7b:spec_decode_num_draft_tokens": ("Draft tokens proposed.", stats.draft_tokens),
@@ -102,9 +101,9 @@ class Metrics:
         self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Time from arrival to last token.",
                              buckets=E2E_BUCKETS, registry=r)
 
-    def watch(self, engine, driver, pending) -> None:
-        """Report the engine's queue and the driver's counts; `pending()` counts requests not yet queued."""
-        self.registry.register(EngineCollector(engine, driver, pending))
+    def watch(self, client, pending) -> None:
+        """Report the engine client's queue and counts; `pending()` counts requests not yet queued."""
+        self.registry.register(EngineCollector(client, pending))
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

@@ -16,7 +16,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .driver import Item, _Subscriber, driver_for
+from .client import EngineClient
+from .driver import Item, Subscriber
 from .errors import APIError
 from .protocol import SamplingRequest, Usage
 
@@ -29,21 +30,16 @@ class Admission:
     """The wait-queue bound, shared by every endpoint of one app: requests accepted by the server but
     not yet in the engine's queue count as waiting."""
 
-    engine: object
+    client: EngineClient
     max_queue: int
     pending: int = 0
-    driver: object = None  # the engine's EngineDriver (driver_for(engine) if not given)
-
-    def __post_init__(self):
-        if self.driver is None:
-            self.driver = driver_for(self.engine)
 
     def full(self, n_new: int) -> bool:
         # Aborts queued for the engine thread free their rows before the step that admits these requests,
         # so they count as free now (the thread may be in the middle of a long multi-step decode).
-        engine = self.engine
-        busy = engine.n_waiting + engine.n_running - self.driver.pending_aborts()
-        return busy + self.pending + n_new - engine.max_batch > self.max_queue
+        stats = self.client.stats()
+        busy = stats.waiting + stats.running - self.client.pending_aborts()
+        return busy + self.pending + n_new - self.client.model_info.max_batch > self.max_queue
 
 
 @dataclass
@@ -80,28 +76,27 @@ class OpenAIServing:
     default_max_tokens: int | None = None  # None: the rest of the context
     prompt_param = "prompt"
 
-    def __init__(self, llm, driver, metrics, admission: Admission, models):
+    def __init__(self, client: EngineClient, metrics, admission: Admission, models):
         """`models`: the served names, the base model's and its LoRA adapters' (serving_models)."""
-        self.llm, self.driver, self.metrics, self.admission = llm, driver, metrics, admission
+        self.client, self.metrics, self.admission = client, metrics, admission
         self.models, self.model_name = models, models.base
-        self.engine = llm.engine
-        self.tokenizer = getattr(llm, "tokenizer", None)
+        self.tokenizer = client.tokenizer
         self._token_texts: dict[int, str] = {}
 
     # Read when asked: an engine in its own process reports them once it has loaded the model.
     @property
     def limit(self) -> int | None:
-        return self.engine.cache.max_positions  # None: every layer rolls, sequences grow unbounded
+        return self.client.model_info.max_positions  # None: every layer rolls, sequences grow unbounded
 
     @property
     def context(self) -> int:
-        return self.limit or self.engine.config.max_seq_len
+        return self.client.model_info.max_model_len
 
     # -- checks ----------------------------------------------------------------------------------
 
     def check_request(self, body: SamplingRequest) -> None:
         self.models.resolve(body.model)
-        vocab = self.engine.config.vocab_size
+        vocab = self.client.model_info.vocab_size
         for name, value, bound in (("max_tokens", body.max_tokens, self.context),
                                    ("max_completion_tokens", body.max_completion_tokens, self.context),
                                    ("top_k", body.top_k, vocab)):
@@ -136,7 +131,7 @@ class OpenAIServing:
         validation, then one engine request per prompt and choice."""
         n_seqs = n_prompts * body.n
         admission = self.admission
-        most = admission.max_queue + self.engine.max_batch
+        most = admission.max_queue + self.client.model_info.max_batch
         if n_seqs > most:
             asked = f"{n_prompts} prompts" + (f" x n={body.n}" if body.n > 1 else "") if n_prompts > 1 else f"n={body.n}"
             raise APIError(400, f"this request asks for {n_seqs} sequences ({asked}); the server holds at most {most} "
@@ -166,7 +161,7 @@ class OpenAIServing:
     def _validated(self, body: SamplingRequest, ids: list[int], choice: int):
         params = self.sampling_params(body, len(ids), choice)
         try:
-            self.engine.validate(ids, params)
+            self.client.validate(ids, params)
         except ValueError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
             raise APIError(400, str(e), param=self.prompt_param, code=code) from None
@@ -177,12 +172,12 @@ class OpenAIServing:
         submitted = []
         try:
             for index, ids, params in plan:
-                sub = _Subscriber(loop, queue, index, self.metrics)
+                sub = Subscriber(loop, queue, index, self.metrics)
                 adapter = {"lora": lora} if lora is not None else {}  # an engine process takes no adapters
-                submitted.append(self.driver.submit(ids, params, f"{rid}-{index}", sub, **adapter))
+                submitted.append(self.client.submit(ids, params, f"{rid}-{index}", sub, **adapter))
         except BaseException as e:
             for r in submitted:
-                self.driver.abort(r)
+                self.client.abort(r)
             if isinstance(e, LookupError):  # the adapter was unloaded since the request named it
                 raise APIError(404, str(e), param="model", code="model_not_found") from None
             raise
@@ -191,7 +186,7 @@ class OpenAIServing:
     def abort(self, submission: Submission) -> None:
         for r in submission.requests:
             if not r.finished:
-                self.driver.abort(r)
+                self.client.abort(r)
 
     # -- results ---------------------------------------------------------------------------------
 

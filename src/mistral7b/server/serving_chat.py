@@ -30,12 +30,12 @@ class OpenAIServingChat(OpenAIServing):
         self.check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        plan = tool_plan.plan(self.llm, body) if tool_plan.uses_tools(body) else None  # sets a call grammar first
+        plan = tool_plan.plan(self.client, body) if tool_plan.uses_tools(body) else None  # sets a call grammar first
         if plan is not None:
-            encode = lambda: [tool_plan.prompt_ids(self.llm, body, plan.tools)]  # noqa: E731
+            encode = lambda: [tool_plan.prompt_ids(self.client, body, plan.tools)]  # noqa: E731
         else:
             messages = [m.to_dict() for m in body.messages]
-            encode = lambda: [self.llm.chat_prompt(messages, body.safe_prompt)]  # noqa: E731
+            encode = lambda: [self.client.chat_prompt(messages, body.safe_prompt)]  # noqa: E731
         submission = await self.start(body, encode, 1)
         if body.stream:
             if plan is not None and plan.fmt is not None:
@@ -56,7 +56,7 @@ class OpenAIServingChat(OpenAIServing):
         text = "".join(o.text)
         if plan is None or plan.fmt is None:
             return AssistantMessage(content=text), o.finish_reason
-        reply = tool_plan.reply_text(self.llm, plan, engine_request.output_ids, text)
+        reply = tool_plan.reply_text(self.client, plan, engine_request.output_ids, text)
         content, calls = tool_plan.parse(plan, reply)
         if calls is None and o.finish_reason == "length":  # cut inside its calls: keep the complete ones
             cut = tool_plan.parse_cut(plan, reply)

@@ -39,7 +39,7 @@ class OpenAIServingCompletion(OpenAIServing):
         """A prompt's ids; special-token text in a string is the control token unless split (as vLLM)."""
         if split_special_tokens and isinstance(prompt, str) and self.tokenizer is not None:
             return self.tokenizer.encode(prompt, bos=True, special=False)
-        return self.llm.encode_prompt(prompt)
+        return self.client.encode_prompt(prompt)
 
     @staticmethod
     def echoed(body: CompletionRequest, engine_request) -> list:

@@ -14,19 +14,19 @@ from .protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatReques
 
 
 class OpenAIServingTokenization:
-    def __init__(self, llm, models, max_model_len):
-        """`models`: the served names (serving_models.ServedModels); `max_model_len()` gives the context
-        (read when asked, as the engine's vocabulary size)."""
-        self.llm, self.models, self._max_model_len = llm, models, max_model_len
-        self.tokenizer = getattr(llm, "tokenizer", None)
+    def __init__(self, client, models):
+        """`client`: the EngineClient (its tokenizer, prompts and model facts); `models`: the served names
+        (serving_models.ServedModels)."""
+        self.client, self.models, self.tokenizer = client, models, client.tokenizer
 
+    # Read when asked: an engine in its own process reports them once it has loaded the model.
     @property
     def max_model_len(self) -> int:
-        return self._max_model_len()
+        return self.client.model_info.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.llm.engine.config.vocab_size
+        return self.client.model_info.vocab_size
 
     def _check(self, model: str | None) -> None:
         if model is not None:
@@ -38,11 +38,11 @@ class OpenAIServingTokenization:
         if isinstance(body, TokenizeCompletionRequest):
             return self.tokenizer.encode(body.prompt, bos=body.add_special_tokens, special=not body.split_special_tokens)
         if tool_plan.uses_tools(body):
-            return tool_plan.prompt_ids(self.llm, body, [t.model_dump(exclude_none=True) for t in body.tools or []],
+            return tool_plan.prompt_ids(self.client, body, [t.model_dump(exclude_none=True) for t in body.tools or []],
                                     body.add_generation_prompt)
         messages = [m.to_dict() for m in body.messages]
         if body.add_generation_prompt:
-            return self.llm.chat_prompt(messages)
+            return self.client.chat_prompt(messages)
         check_roles(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
 

@@ -38,9 +38,9 @@ def check_tool_format(tok) -> None:
                        "messages are not supported", param="tools")
 
 
-def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
+def plan(client, body: ChatCompletionRequest) -> ToolPlan:
     """The request's tool plan; sets its call grammar for tool_choice "required" or a named function."""
-    tok = llm.tokenizer
+    tok = client.tokenizer
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     if choice not in ("none", "auto") and not tools:
@@ -65,10 +65,10 @@ def plan(llm, body: ChatCompletionRequest) -> ToolPlan:
     return result
 
 
-def prompt_ids(llm, body, tools: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def prompt_ids(client, body, tools: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """The prompt of a tool request (run off the event loop; ValueError for a conversation that does not fit).
     `body` is a chat completion request or a /tokenize one (which has no safe_prompt)."""
-    tok = llm.tokenizer
+    tok = client.tokenizer
     messages = [m.to_dict() for m in body.messages]
     check_roles(messages)
     if getattr(body, "safe_prompt", False):
@@ -85,10 +85,10 @@ def prompt_ids(llm, body, tools: list[dict], add_generation_prompt: bool = True)
     return tok.apply_chat_template(hermes_messages(messages, tools), add_generation_prompt)
 
 
-def reply_text(llm, plan_: ToolPlan, token_ids: list[int], text: str) -> str:
+def reply_text(client, plan_: ToolPlan, token_ids: list[int], text: str) -> str:
     """The reply as the parser reads it: [TOOL_CALLS], which decoding drops, written out."""
     if plan_.fmt == "mistral" and plan_.marker_id is not None and plan_.marker_id in token_ids:
-        return decode_with_marker(token_ids, llm.tokenizer.decode, plan_.marker_id)
+        return decode_with_marker(token_ids, client.tokenizer.decode, plan_.marker_id)
     return text
 
 
