@@ -1,5 +1,7 @@
 """KV caches: chunked prefill and decode equal one full forward; rolling buffers stay W slots."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -190,3 +192,26 @@ def test_read_span_and_fill_row_reproduce_a_prefill(window):
         assert torch.equal(layer.k[1][:, held], layer.k[0][:, held]) and torch.equal(layer.v[1][:, held], layer.v[0][:, held])
     nxt = _prefill(model, cache, tokens[:, T:], 4, rows=slice(1, 2), start=T)
     assert rel_err(nxt, model(tokens)[:, T:]) < 1e-5
+
+
+def _rss_mb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
+def test_cpu_cache_costs_only_what_is_written():
+    """A CPU cache's K/V come from calloc: hundreds of MiB of capacity add (almost) nothing to the
+    resident set until slots are written, and read as zeros."""
+    config = ModelConfig(dim=64, n_layers=6, head_dim=64, hidden_dim=128, n_heads=8, n_kv_heads=8,
+                         vocab_size=10, max_seq_len=8192)
+    before = _rss_mb()
+    cache = KVCache(config, max_batch=4, device="cpu", dtype=torch.float32)
+    capacity = sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers) / 2**20
+    grown = _rss_mb() - before
+    assert capacity >= 384 and grown < capacity / 10, (capacity, grown)
+    layer = cache.layers[0]
+    layer.k[0, :, :16] = 1.0  # written slots become resident, the rest stays zero
+    assert layer.k[0, :, :16].eq(1).all() and layer.k[1:].abs().max() == 0 and layer.v.abs().max() == 0
