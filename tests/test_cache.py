@@ -203,8 +203,8 @@ def _rss_mb() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
 def test_cpu_cache_costs_only_what_is_written():
-    """A CPU cache's K/V are an anonymous mapping without huge pages: hundreds of MiB of capacity add (almost) nothing to the
-    resident set until slots are written, and read as zeros."""
+    """A CPU cache's K/V are an anonymous mapping without huge pages: hundreds of MiB of capacity add
+    (almost) nothing to the resident set until slots are written, and read as zeros."""
     config = ModelConfig(dim=64, n_layers=6, head_dim=64, hidden_dim=128, n_heads=8, n_kv_heads=8,
                          vocab_size=10, max_seq_len=8192)
     before = _rss_mb()
