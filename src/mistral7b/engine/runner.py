@@ -85,11 +85,12 @@ class ModelRunner:
         self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.compiled = compile
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
-        # A verify forward (speculative decoding) is a decode step of a few tokens: threaded the same way.
+        # Decode steps (their sampling too: an OpenMP team there would wait on the core where the
+        # kernels' pool spins) and verify forwards, a decode step of a few tokens, threaded alike.
         self.verify_fn = self.model
         if self.device.type == "cpu":
             threads = min(torch.get_num_threads(), cpu_kernels.physical_cores())
-            self.decode_fn = cpu_kernels.decode_threads(self.decode_fn, threads)
+            self.launch = cpu_kernels.decode_threads(self.launch, threads)
             self.verify_fn = cpu_kernels.decode_threads(self.model, threads)
 
     def _compile_decode(self):

@@ -1,5 +1,4 @@
-"""The C source of cpu_kernels, kept in a Python module so that every install (wheel, sdist, editable)
-carries it without package-data settings."""
+"""The C source of cpu_kernels, in a Python module so that every install carries it (no package data)."""
 
 SOURCE = r"""// Quantized weights x int8-quantized activations on the CPU: llama.cpp's q4_1 x q8_0 dot product.
 //
@@ -239,12 +238,10 @@ static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int
 }
 
 // ---------------------------------------------------------------------------------------- threads
-// A small pool of our own rather than OpenMP: the caller never waits for a helper that has not started.
-// Tiles are claimed one at a time from an atomic word (generation << 32 | next tile); the caller claims
-// too, and at the end waits only for tiles a helper is in the middle of. On a busy machine a helper
-// that is not scheduled simply does no work, where an OpenMP barrier would stall the whole step.
+// A pool of our own, not OpenMP: runs of tiles are claimed from an atomic word (generation << 32 |
+// next tile), by the caller too, which at the end waits only for tiles a helper is in the middle of: a
+// helper not scheduled on a busy machine does no work, where an OpenMP barrier would stall the step.
 // Helpers spin briefly for the next job, then sleep on a condition variable.
-
 typedef struct {
     const uint8_t *w;
     const uint16_t *d, *m;
@@ -275,9 +272,12 @@ static void work(uint64_t gen, const Job *j) {
     for (;;) {
         uint64_t word = atomic_load_explicit(&claim, memory_order_acquire);
         if (word >> 32 != gen || (int64_t)(word & 0xffffffffu) >= j->tiles) return;
-        if (!atomic_compare_exchange_weak(&claim, &word, word + 1)) continue;
-        run_tile(j, (int64_t)(word & 0xffffffffu));
-        atomic_fetch_add_explicit(&done_tiles, 1, memory_order_release);
+        // A run of tiles per claim (~8 per thread): an atomic per tile cost more than small tiles do.
+        const int64_t first = (int64_t)(word & 0xffffffffu), step = j->tiles / (8 * (j->helpers + 1)) + 1,
+                      end = first + step < j->tiles ? first + step : j->tiles;
+        if (!atomic_compare_exchange_weak(&claim, &word, word + (uint64_t)(end - first))) continue;
+        for (int64_t t = first; t < end; t++) run_tile(j, t);
+        atomic_fetch_add_explicit(&done_tiles, end - first, memory_order_release);
     }
 }
 
