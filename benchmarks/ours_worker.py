@@ -22,6 +22,8 @@ import json  # noqa: E402 - after the start time
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from llama_cpp_worker import peak_rss_bytes  # noqa: E402 - the same VmHWM reading for both engines
+
 
 def one_run(llm, prompt: list[int], n_new: int) -> dict:
     """Greedy tokens through the engine's step loop; each token is timed as it appears."""
@@ -92,15 +94,6 @@ def generate(request: dict) -> dict:
             "first_token_at": (first or runs[0])["first_token_at"],
             "peak_rss_bytes": peak_rss_bytes(),
             "settings": f"dtype {request['dtype']}, {activations()}, torch threads {torch.get_num_threads()}"}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM: since its exec; getrusage's ru_maxrss would carry over the
-    parent's peak across fork + exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> int:
