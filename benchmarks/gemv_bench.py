@@ -3,7 +3,7 @@ against its dequantized weight, then timed (µs per call, TB/s of weight bytes r
 
 Kernels: bf16 cuBLAS; int8 per channel through torch (the compiled reduction, with --reduction: it
 compiles per shape) and `quant/triton_mm.py`; int4 g128 through tinygemm (`_weight_int4pack_mm`) and
-`triton_mm` on the same packed tensor. Each timed call reads a different copy of the weight (over 256 MB
+`triton_mm` on its "halves" layout (byte j of a row holds inputs j and K/2 + j). Each timed call reads a different copy of the weight (over 256 MB
 in all, beyond the 50 MB L2), replayed as one CUDA graph. The last table sums one decode step
 (32 layers and the head) per kernel: the ceiling its weight reads set on tok/s.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral7b.quant import kernels
-from mistral7b.quant.triton_mm import _int4_kernel, _int8_kernel, int4_tiles_mm, int8_rows_mm
+from mistral7b.quant.triton_mm import _int4_kernel, _int8_kernel, int4_rows_mm, int8_rows_mm
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "head": (32000, 4096)}
 PER_STEP = {"wqkv": 32, "wo": 32, "w13": 32, "w2": 32, "head": 1}
@@ -34,8 +34,9 @@ def weights(n: int, k: int, dev) -> dict:
     q8 = torch.randint(-128, 128, (n, k), device=dev, dtype=torch.int8)
     scale8 = (torch.rand(n, device=dev) / 256 + 1e-4).to(torch.bfloat16)
     w4 = ((q4.float() - 8).view(n, -1, GROUP) * scale4[..., None] + zero4[..., None]).view(n, k)
+    sz4 = kernels.pack_scales_zeros(scale4, zero4, dev)
     return {"bf16": torch.randn(n, k, device=dev, dtype=torch.bfloat16) / 64,
-            "int4": (kernels.pack_int4(q4, dev), kernels.pack_scales_zeros(scale4, zero4, dev)),
+            "int4": (kernels.pack_int4(q4, dev), sz4), "int4h": (kernels.pack_int4(q4, dev, "halves"), sz4),
             "int8": (q8, scale8), "dense4": w4.to(torch.bfloat16), "dense8": (q8.float() * scale8.float()[:, None])}
 
 
@@ -46,7 +47,7 @@ def kernel_table(reduction: bool) -> dict:
         "int8 triton": (lambda x, w, n: int8_rows_mm(x, *w["int8"]), "int8"),
         "int4 tinygemm": (lambda x, w, n: torch.ops.aten._weight_int4pack_mm(x, w["int4"][0], GROUP, w["int4"][1]),
                           "int4"),
-        "int4 triton": (lambda x, w, n: int4_tiles_mm(x, w["int4"][0], GROUP, w["int4"][1], n), "int4"),
+        "int4 triton": (lambda x, w, n: int4_rows_mm(x, w["int4h"][0], GROUP, w["int4h"][1], n), "int4h"),
     }
     if reduce is not None:
         table["int8 reduction"] = (lambda x, w, n: reduce(x, *w["int8"], "torch"), "int8")
@@ -60,7 +61,7 @@ def weight_bytes(w: dict, fmt: str) -> int:
 
 
 def check(fn, x, w, n, fmt) -> float:
-    want = x.float() @ (w["dense4"] if fmt == "int4" else w["dense8"] if fmt == "int8" else w["bf16"]).float().t()
+    want = x.float() @ (w["dense4"] if fmt.startswith("int4") else w["dense8"] if fmt == "int8" else w["bf16"]).float().t()
     got = fn(x, w, n)[:, :n].float()
     return float((got - want).norm() / want.norm())
 
@@ -79,7 +80,7 @@ def time_us(fn, x, copies, n) -> float:
 
 def best_configs() -> str:
     return "; ".join(f"{name} {getattr(k, 'best_config', None)}" for name, k in
-                     (("int8", _int8_kernel()), ("int4", _int4_kernel())))
+                     (("int8 M1", _int8_kernel(True)), ("int8", _int8_kernel(False)), ("int4 M1", _int4_kernel(True)), ("int4", _int4_kernel(False))))
 
 
 def main() -> int:
@@ -95,8 +96,9 @@ def main() -> int:
     for name, (n, k) in SHAPES.items():
         base = weights(n, k, dev)
         for label, (fn, fmt) in table.items():
-            worst[label] = max(worst.get(label, 0.0), check(fn, torch.randn(8, k, device=dev, dtype=torch.bfloat16),
-                                                           base, n, fmt))
+            for m in (1, 8):
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                worst[label] = max(worst.get(label, 0.0), check(fn, x, base, n, fmt))
         count = max(2, -(-ROTATE_BYTES // weight_bytes(base, "bf16")) * 2)
         copies = [base] + [weights(n, k, dev) for _ in range(count - 1)]
         for m in rows:
@@ -109,7 +111,7 @@ def main() -> int:
             print(f"  autotuned: {best_configs()}", flush=True)
         del copies, base
         torch.cuda.empty_cache()
-    print("\nrel. error vs the dequantized weight (fp32), M 8: "
+    print("\nrel. error vs the dequantized weight (fp32), M 1 and 8: "
           + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     print("\none decode step's weight matmuls (32 layers + head), ms, and the tok/s they cap:")
     print("| kernel | " + " | ".join(f"M {m}" for m in rows) + " |\n|---|" + "---|" * len(rows))

@@ -91,6 +91,10 @@ def method_checks(device, args) -> None:
         model = dense if method == "bf16" else quantize_model(dense, config, method.split("-")[0], device)
         # -triton: the same weights through quant/triton_mm.py (MISTRAL7B_CUDA_ROWS_KERNEL=triton).
         use_rows_kernel(model, "triton" if method.endswith("-triton") else "torch")
+        layouts = sorted({m.layout for m in model.modules() if hasattr(m, "layout")})
+        if layouts:  # int4: the Triton kernel reads its own layout (the repack above), torch's tinygemm tiles
+            want = ["halves"] if method == "int4-triton" else ["tiles"]
+            check(f"{method} layout", layouts == want, f"int4 modules hold {layouts}")
         for batch in (1, 8):
             name, engine = f"{method} compiled b{batch}", None
             try:

@@ -12,8 +12,8 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mistral7b.quant.kernels import inner_k_tiles, pack_cuda_tiles_reference
-from mistral7b.quant.triton_mm import int4_tiles, int4_tiles_mm, int8_rows, int8_rows_mm
+from mistral7b.quant.kernels import pack_int4, pack_scales_zeros
+from mistral7b.quant.triton_mm import int4_rows, int4_rows_mm, int8_rows, int8_rows_mm
 
 G = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
@@ -27,9 +27,9 @@ def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
 
 def int8_cases() -> int:
     failures = 0
-    for (m, n, k), config in zip(((1, 40, 200), (8, 96, 128), (33, 17, 300), (64, 8200, 64)),
-                                 (None, dict(BLOCK_N=32, BLOCK_K=256), dict(BLOCK_N=16, BLOCK_K=128),
-                                  dict(BLOCK_N=64, BLOCK_K=128))):
+    for (m, n, k), config in zip(((1, 40, 200), (1, 37, 300), (8, 96, 128), (33, 17, 300), (64, 8200, 64)),
+                                 (None, dict(BLOCK_N=4, BLOCK_K=128), dict(BLOCK_N=32, BLOCK_K=256),
+                                  dict(BLOCK_N=16, BLOCK_K=128), dict(BLOCK_N=64, BLOCK_K=128))):
         x = torch.randn(m, k + 3, generator=G)[:, :k]  # a strided view, as activations can be
         q = torch.randint(-128, 128, (n, k), generator=G, dtype=torch.int8)
         scale = torch.rand(n, generator=G) / 64 + 1e-3
@@ -39,42 +39,43 @@ def int8_cases() -> int:
 
 
 def int4_case(m: int, n: int, k: int, group: int, config: dict | None) -> bool:
-    n_pad = -(-n // 8) * 8
-    q = torch.randint(0, 16, (n_pad, k), generator=G, dtype=torch.uint8)
-    scale = torch.rand(n_pad, k // group, generator=G) / 16 + 1e-3
-    zero = torch.randn(n_pad, k // group, generator=G) / 8
-    packed = pack_cuda_tiles_reference(q)
-    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-    w = (q.double() - 8).view(n_pad, -1, group) * scale.double()[..., None] + zero.double()[..., None]
-    x = torch.randn(m, k, generator=G)
-    want = x.double() @ w.view(n_pad, k)[:n].t()
-    tile = 16 * inner_k_tiles(k)
-    name = f"int4 M {m} N {n} K {k} (tiles of {tile}) group {group} {config}"
-    return report(name, int4_tiles(x, packed, group, scales_zeros, n, config), want)
+    q = torch.randint(0, 16, (n, k), generator=G, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=G) / 16 + 1e-3
+    zero = torch.randn(n, k // group, generator=G) / 8
+    packed = pack_int4(q, torch.device("cpu"), "halves")
+    scales_zeros = pack_scales_zeros(scale, zero, torch.device("cpu")).float()  # the kernel's stored values
+    s, z = scales_zeros[:, :n, 0].t().double(), scales_zeros[:, :n, 1].t().double()
+    w = (q.double() - 8).view(n, -1, group) * s[..., None] + z[..., None]
+    x = torch.randn(m, k + 5, generator=G)[:, :k]
+    want = x.double() @ w.view(n, k).t()
+    name = f"int4 M {m} N {n} K {k} group {group} {config}"
+    return report(name, int4_rows(x, packed, group, scales_zeros, n, config), want)
 
 
 def int4_cases() -> int:
-    cases = [((1, 36, 256, 128), None),                               # a group per tile, padded rows
-             ((16, 24, 384, 32), dict(BLOCK_N=16, TILES=2)),          # four groups in a tile, 3 tiles in 2 steps
-             ((40, 20, 384, 64), dict(BLOCK_N=32, TILES=2)),          # two groups in a tile, a 64-row tile
-             ((5, 72, 640, 128), dict(BLOCK_N=64, TILES=4)),          # 5 tiles in 2 steps, a partial step
-             ((8, 40, 512, 256), dict(BLOCK_N=16, TILES=1))]          # a group over two tiles
+    cases = [((1, 36, 512, 128), None),                                  # one row, padded rows, a group per block
+             ((1, 20, 1024, 32), dict(BLOCK_N=8, BLOCK_K=128)),          # one row, four groups in a block
+             ((16, 24, 512, 64), dict(BLOCK_N=16, BLOCK_K=64)),          # a group per block
+             ((40, 20, 1024, 128), dict(BLOCK_N=32, BLOCK_K=256)),       # two groups in a block, a 64-row tile
+             ((5, 72, 1536, 256), dict(BLOCK_N=64, BLOCK_K=128)),        # a block of half a group
+             ((3, 8, 512, 32), dict(BLOCK_N=16, BLOCK_K=64))]            # two groups in a block, 16-row tile
     failures = sum(not int4_case(*shape, config) for shape, config in cases)
-    narrow = pack_cuda_tiles_reference(torch.randint(0, 16, (8, 192), dtype=torch.uint8))  # 4 inner k-tiles
-    try:
-        int4_tiles(torch.randn(1, 192), narrow, 64, torch.rand(3, 8, 2), 8)
-        print("int4 of 4 inner k-tiles accepted: FAIL")
-        failures += 1
-    except ValueError as e:
-        print(f"int4 of 4 inner k-tiles refused ok: {e}")
+    for k, width in ((768, 384), (1024, 256)):  # K not a multiple of 512; packed for another K
+        try:
+            int4_rows(torch.randn(1, k), torch.zeros(8, width, dtype=torch.uint8), 128, torch.rand(k // 128, 8, 2), 8)
+            print(f"int4 K {k} packed width {width} accepted: FAIL")
+            failures += 1
+        except ValueError as e:
+            print(f"int4 K {k} packed width {width} refused ok: {e}")
     return failures
 
 
 def fake_matches_real() -> bool:
     """The custom ops' fake kernels give the real outputs' shapes, strides and dtypes (inductor asserts them)."""
-    q4 = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
+    q4 = torch.randint(0, 16, (32, 512), dtype=torch.uint8)
     cases = [(int8_rows_mm, (torch.randn(4, 64), torch.randint(-128, 128, (32, 64), dtype=torch.int8), torch.rand(32))),
-             (int4_tiles_mm, (torch.randn(3, 128), pack_cuda_tiles_reference(q4), 128, torch.rand(1, 32, 2), 30))]
+             (int4_rows_mm, (torch.randn(3, 512), pack_int4(q4, torch.device("cpu"), "halves"), 128,
+                             torch.rand(4, 32, 2), 30))]
     for op, args in cases:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))

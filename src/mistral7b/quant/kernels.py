@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .triton_mm import MAX_ROWS, int4_supported, int4_tiles_mm, int8_rows_mm
+from .triton_mm import MAX_ROWS, int4_rows_mm, int4_supported, int8_rows_mm
 
 CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
 # Few-row (decode) CUDA matmuls per format: "torch" (tinygemm for int4, a compiled reduction for int8) or
@@ -66,9 +66,19 @@ def check_int4_shape(n: int, k: int, group_size: int, device: torch.device) -> N
         raise ValueError(f"the CUDA int4 kernel needs an input width that is a multiple of 32, got {k}")
 
 
-def packed_shape(n: int, k: int, device: torch.device) -> tuple[tuple[int, ...], torch.dtype]:
+def int4_layout(k: int, group_size: int, device: torch.device, rows_kernel: str = "auto") -> str:
+    """How a device holds int4 weights: "cpu" (torch's CPU op), "tiles" (tinygemm on CUDA) or "halves"
+    (`triton_mm.int4_rows_mm`: byte j of a row holds inputs j and K/2 + j), chosen with the few-row kernel."""
+    if device.type != "cuda":
+        return "cpu"
+    wants_triton = pick_rows_kernel("int4", rows_kernel) == "triton"
+    return "halves" if wants_triton and int4_supported(k, group_size) else "tiles"
+
+
+def packed_shape(n: int, k: int, device: torch.device, layout: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
     n = padded_rows(n, device)
-    if device.type == "cuda":
+    layout = layout or ("tiles" if device.type == "cuda" else "cpu")
+    if layout == "tiles":
         ikt = inner_k_tiles(k)
         return (n // 8, k // (ikt * 16), 32, ikt // 2), torch.int32
     return (n, k // 2), torch.uint8
@@ -77,12 +87,15 @@ def packed_shape(n: int, k: int, device: torch.device) -> tuple[tuple[int, ...],
 CPU_PACK_ROWS = 1024  # rows packed per call on CPU: a multiple of the op's row blocks (16, 32 or 64)
 
 
-def pack_int4(q: Tensor, device: torch.device) -> Tensor:
-    """uint8 [N, K] in 0..15 -> the layout of the device's int4 kernel (on that device)."""
+def pack_int4(q: Tensor, device: torch.device, layout: str | None = None) -> Tensor:
+    """uint8 [N, K] in 0..15 -> `layout` (default: the device's first, see int4_layout) on that device."""
     pad = padded_rows(q.shape[0], device) - q.shape[0]
     q = q.to(device)
     if pad:
         q = F.pad(q, (0, 0, 0, pad))
+    if layout == "halves":
+        half = q.shape[1] // 2
+        return (q[:, :half] | q[:, half:] << 4).contiguous()
     if device.type == "cuda":
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
         return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
@@ -99,6 +112,8 @@ def pack_int4(q: Tensor, device: torch.device) -> Tensor:
 def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
     """The inverse of `pack_int4`: uint8 [N, K] on the packed tensor's device."""
     rows = padded_rows(n, packed.device)
+    if is_halves(packed):
+        return torch.cat([packed & 15, packed >> 4], dim=1)[:n]
     if packed.is_cuda:
         return unpack_cuda_tiles(packed, rows, k)[:n]
     source = _cpu_nibble_sources(rows, k)
@@ -106,6 +121,11 @@ def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
     out = torch.empty(rows * k, dtype=torch.uint8)
     out[source] = nibbles
     return out.view(rows, k)[:n]
+
+
+def is_halves(packed: Tensor) -> bool:
+    """Whether a packed int4 weight is in the "halves" layout (on CUDA bytes; tinygemm's tiles are int32)."""
+    return packed.is_cuda and packed.dtype == torch.uint8
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,19 +183,18 @@ def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tens
 # ------------------------------------------------------------------------------ matmuls
 
 
-def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
-            rows_kernel: str = "auto") -> Tensor:
-    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype (few CUDA rows: `rows_kernel`, see pick_rows_kernel)."""
+def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
+    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype; the packed layout picks the few-row kernel."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
         w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
+    if is_halves(packed):
+        return int4_rows_mm(x2.contiguous(), packed, group_size, scales_zeros, n).view(*shape[:-1], n)
     # Casts only when needed: at batch 1 on a CPU even a no-op cast's dispatch shows (122 matmuls a token).
     xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
-    if x.is_cuda and pick_rows_kernel("int4", rows_kernel) == "triton" and int4_supported(packed):
-        out = int4_tiles_mm(xb, packed, group_size, scales_zeros, n)  # rows < CUDA_DEQUANT_ROWS <= its MAX_ROWS
-    elif x.is_cuda:
+    if x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, scales_zeros)
     elif x.dtype == torch.float32:
         # The kernel takes bf16 activations, and rounding them alone flips the default model's greedy
@@ -194,12 +213,13 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
 
 
 def dequantize_tiles(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int, k: int) -> Tensor:
-    """The bf16 weight [N, K] of CUDA-packed int4 tiles (one fused kernel under torch.compile)."""
+    """The bf16 weight [N, K] of a CUDA-packed int4 weight, either layout (one fused kernel under torch.compile)."""
     return _dequantize_tiles(packed, scales_zeros, group_size, n, k)
 
 
 def _dequantize_tiles_eager(packed, scales_zeros, group_size, n, k):
-    q = unpack_cuda_tiles(packed, n, k).view(n, k // group_size, group_size).to(torch.bfloat16)
+    q = unpack_int4(packed, n, k) if is_halves(packed) else unpack_cuda_tiles(packed, n, k)
+    q = q.view(n, k // group_size, group_size).to(torch.bfloat16)
     scale, zero = scales_zeros[..., 0].t(), scales_zeros[..., 1].t()
     return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
 

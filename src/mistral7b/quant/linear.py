@@ -22,14 +22,15 @@ from .qtensor import QuantizedWeight, WeightFormat, unpermute
 class QuantModule(nn.Module):
     """Shared staging logic: rows arrive in any order, each exactly once."""
 
-    def __init__(self, out_features: int, in_features: int, fmt: WeightFormat, device: torch.device):
+    def __init__(self, out_features: int, in_features: int, fmt: WeightFormat, device: torch.device,
+                 rows_kernel: str = "auto"):
         super().__init__()
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
         self.target = torch.device(device)
         self.group_size = fmt.group_size or in_features
         self._staging: QuantizedWeight | None = None
         self._rows_in = 0
-        self.rows_kernel = "auto"  # few-row CUDA matmuls: kernels.pick_rows_kernel (set by use_rows_kernel)
+        self.rows_kernel = rows_kernel  # few-row CUDA matmuls: kernels.pick_rows_kernel (see use_rows_kernel)
         perm = torch.empty(in_features, dtype=torch.long, device="meta") if fmt.act_order else None
         self.register_buffer("in_perm", perm)
 
@@ -90,6 +91,9 @@ class QuantModule(nn.Module):
     def permute_input(self, x: Tensor) -> Tensor:
         return x if self.in_perm is None else x.index_select(-1, self.in_perm)
 
+    def set_rows_kernel(self, setting: str) -> None:
+        self.rows_kernel = setting
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.label()}"
 
@@ -115,21 +119,39 @@ def regrouped(weight: QuantizedWeight, group_size: int) -> QuantizedWeight:
 
 
 class Int4Linear(QuantModule):
-    """int4 groups, `w = (q - 8) * scale + zero`, run by cpu_kernels on a CPU (int8 activations), else
-    by tinygemm."""
+    """int4 groups, `w = (q - 8) * scale + zero`, run by cpu_kernels on a CPU (int8 activations), else by
+    torch's tinygemm or triton_mm's kernel, each on its own layout (`kernels.int4_layout`, from rows_kernel)."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight"):
-        super().__init__(out_features, in_features, fmt, device)
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight",
+                 rows_kernel: str = "auto"):
+        super().__init__(out_features, in_features, fmt, device, rows_kernel)
         self.integer = integer_kernel(in_features, self.group_size, self.target)
         if self.integer:
             register_blocks(self, out_features, in_features, (out_features, in_features // 2), torch.uint8, True)
             return
         kernels.check_int4_shape(out_features, in_features, self.group_size, self.target)
-        shape, dtype = kernels.packed_shape(out_features, in_features, self.target)
+        self.layout = kernels.int4_layout(in_features, self.group_size, self.target, rows_kernel)
+        shape, dtype = kernels.packed_shape(out_features, in_features, self.target, self.layout)
         g = in_features // self.group_size
         self.register_buffer("packed", torch.empty(shape, dtype=dtype, device="meta"))
         rows = kernels.padded_rows(out_features, self.target)
         self.register_buffer("scales_zeros", torch.empty(g, rows, 2, dtype=torch.bfloat16, device="meta"))
+
+    def set_rows_kernel(self, setting: str) -> None:
+        """Also moves a loaded weight to the layout of the new kernel (exact)."""
+        self.rows_kernel = setting
+        if self.integer:
+            return
+        layout = kernels.int4_layout(self.in_features, self.group_size, self.target, setting)
+        if layout == self.layout:
+            return
+        weight = None if self.packed.is_meta else self.unpack_packed()
+        shape, dtype = kernels.packed_shape(self.out_features, self.in_features, self.target, layout)
+        self.layout = layout
+        self.packed = torch.empty(shape, dtype=dtype, device="meta" if weight is None else self.target)
+        if weight is not None:
+            with torch.no_grad():
+                self.pack(weight)
 
     def pack(self, weight: QuantizedWeight) -> None:
         if self.integer:
@@ -139,7 +161,7 @@ class Int4Linear(QuantModule):
             self.block_min.copy_(m)
             return
         zero = weight.zero if weight.zero is not None else torch.zeros_like(weight.scale)
-        self.packed.copy_(kernels.pack_int4(weight.q, self.target))
+        self.packed.copy_(kernels.pack_int4(weight.q, self.target, self.layout))
         self.scales_zeros.copy_(kernels.pack_scales_zeros(weight.scale, zero, self.target))
 
     def unpack_packed(self) -> QuantizedWeight:
@@ -163,7 +185,7 @@ class Int4Linear(QuantModule):
         x = self.permute_input(x)
         if self.integer:
             return cpu_kernels.linear(x, self.qweight, 4, self.block_scale, self.block_min, self.out_features)
-        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features, self.rows_kernel)
+        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
 
 
 def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> str:
@@ -182,8 +204,9 @@ def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> st
 class Int8Linear(QuantModule):
     """int8 per channel or in groups, `w = q * scale (+ zero)`."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight"):
-        super().__init__(out_features, in_features, fmt, device)
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight",
+                 rows_kernel: str = "auto"):
+        super().__init__(out_features, in_features, fmt, device, rows_kernel)
         self.kernel = int8_kernel(fmt, in_features, self.target)
         n, k, g = out_features, in_features, in_features // self.group_size
         meta = dict(device="meta")
@@ -248,8 +271,8 @@ class Int8Linear(QuantModule):
             return cpu_kernels.linear(x, q, 8, self.block_scale, self.block_min, self.out_features)
         if self.kernel == "planes":
             n, g = self.out_features, self.group_size
-            return (kernels.int4_mm(x, self.packed_hi, g, self.scales_zeros_hi, n, self.rows_kernel)
-                    + kernels.int4_mm(x, self.packed_lo, g, self.scales_zeros_lo, n, self.rows_kernel))
+            return (kernels.int4_mm(x, self.packed_hi, g, self.scales_zeros_hi, n)
+                    + kernels.int4_mm(x, self.packed_lo, g, self.scales_zeros_lo, n))
         if self.kernel == "int8pack":
             return kernels.int8_mm(x, self.qweight, self.scales.view(-1), self.rows_kernel)
         return kernels.dequant_mm(x, self.qweight, self.scales, self.zeros, self.group_size)
@@ -260,12 +283,13 @@ def use_rows_kernel(model: nn.Module, setting: str) -> None:
     setting = cuda_rows_kernel(setting)
     for module in model.modules():
         if isinstance(module, QuantModule):
-            module.rows_kernel = setting
+            module.set_rows_kernel(setting)
 
 
-def quant_linear(in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight") -> QuantModule:
+def quant_linear(in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight",
+                 rows_kernel: str = "auto") -> QuantModule:
     cls = Int4Linear if fmt.kind == "int4" else Int8Linear
-    return cls(in_features, out_features, fmt, device, name)
+    return cls(in_features, out_features, fmt, device, name, rows_kernel)
 
 
 class QuantEmbedding(QuantModule):

@@ -128,10 +128,9 @@ def install(model: nn.Module, formats: dict[str, WeightFormat], device: torch.de
             if isinstance(old, nn.Embedding):
                 new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, device, dtype)
             else:
-                new = quant_linear(old.in_features, old.out_features, fmt, device, name)
+                new = quant_linear(old.in_features, old.out_features, fmt, device, name, rows_kernel)
         except ValueError as e:
             raise ModelLoadError(f"{path}: cannot use {fmt.label()} for {name}: {e}") from None
-        new.rows_kernel = rows_kernel
         setattr(parent, attr, new)
         modules[name] = new
     return modules

@@ -1,13 +1,13 @@
-"""Weight-only matmuls for few rows (decode) in Triton: int8 per channel, and int4 groups read straight
-from tinygemm's tile layout (`kernels.pack_int4` on CUDA), so one packed weight serves both kernels.
+"""Weight-only matmuls for few rows (decode) in Triton: int8 per channel, and int4 groups in the "halves"
+layout (`kernels.pack_int4(..., "halves")`: byte j of a row holds inputs j and K/2 + j, so each block of
+bytes is two runs of inputs that need no shuffle; tinygemm's tile layout cost more to unpack than its
+bytes saved: 11.5-13.6 ms a 7B step against tinygemm's 2.20, H200, 2026-12-04).
 
-Decode is bound by weight bytes. Each program streams a band of weight rows once, widens it in registers
-and multiplies all M <= 64 activation rows on the tensor cores, so each weight byte is read once whatever
-M is. Tile shapes are autotuned per matrix shape on first use. Measured at the 7B shape on an H200
-(benchmarks/gemv_bench.py, 2026-12-04): the int8 kernel reads at 1.8-3.4 TB/s and is the CUDA default
-for up to 64 rows (`kernels.pick_rows_kernel`); the int4 one reaches only 0.1-0.8 TB/s (tinygemm 1.3-1.9 at
-one row), so int4 stays on tinygemm unless MISTRAL7B_CUDA_ROWS_KERNEL=triton. Tests run both kernels
-in Triton's interpreter on the CPU.
+Decode is bound by weight bytes. Each program streams a band of weight rows once and widens it in
+registers; one activation row is a multiply-and-sum, more rows (up to 64) one tensor-core dot per block,
+so each weight byte is read once whatever M is. Tile shapes are autotuned per matrix shape on first use.
+`kernels.MEASURED_ROWS_KERNEL` records which of these beat torch's kernels on an H200
+(benchmarks/gemv_bench.py). Tests run both kernels in Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def tuned(kernel, shapes: list[tuple[int, int, int, int]], key: list[str], field
 
 
 @functools.cache
-def _int8_kernel():
+def _int8_kernel(one_row: bool):
     import triton
     import triton.language as tl
 
@@ -52,14 +52,21 @@ def _int8_kernel():
                         other=0.0)
             w = tl.load(q_ptr + cols[:, None] * sq_n + kk[None, :], mask=(cols[:, None] < n) & (kk[None, :] < k),
                         other=0)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+            if ROWS == 1:
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         scale = tl.load(scale_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
         out = acc * scale[None, :]
         tl.store(out_ptr + rows[:, None] * so_m + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
 
-    shapes = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 4), (16, 512, 4, 3),
-              (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
+    if one_row:  # a multiply-and-sum (no 16-row dot tile): any band width
+        shapes = [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 3),
+                  (2, 1024, 2, 4), (16, 512, 8, 3), (32, 256, 8, 3)]
+    else:
+        shapes = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 4), (16, 512, 4, 3),
+                  (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3)]
     return tuned(int8_rows_kernel, shapes, ["n", "k", "ROWS"], "BLOCK_K")
 
 
@@ -99,8 +106,8 @@ def int8_rows(x: Tensor, q: Tensor, scale: Tensor, config: dict | None = None) -
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
-    launch(_int8_kernel(), grid, (x, q, scale, out, m, n, k, x.stride(0), q.stride(0), out.stride(0)), config,
-           ROWS=row_tile(m), PRECISION=precision(x))
+    launch(_int8_kernel(m == 1), grid, (x, q, scale, out, m, n, k, x.stride(0), q.stride(0), out.stride(0)), config,
+           ROWS=1 if m == 1 else row_tile(m), PRECISION=precision(x))
     return out
 
 
@@ -109,98 +116,92 @@ def _(x, q, scale):
     return x.new_empty(x.shape[0], q.shape[0])
 
 
+INT4_PAIR_BLOCK = 256  # packed bytes per row step at most: the int4 layout wants K / 2 a multiple of it
+
+
 @functools.cache
-def _int4_kernel():
+def _int4_kernel(one_row: bool):
     import triton
     import triton.language as tl
 
     @triton.jit
-    def int4_tiles_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, m, n, n_pad, k, group_size, sx_m, so_m,
-                          ROWS: tl.constexpr, PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, TILES: tl.constexpr):
-        # tinygemm's layout with 8 inner k-tiles (kernels._tile_index_order): weight row n = (nt, r), r < 8;
-        # a k-tile of 128 inputs of that row is 16 consecutive int32 words, word j = 4 c + i2 holding at
-        # nibble s = 4 low + 2 a + b the input 32 i2 + 16 a + 8 b + 2 c + low. Each nibble position s is
-        # one dot over the 16 words, the activations gathered in that order. Where a group spans the tile,
-        # q - 8 enters the dot as exact integers and scale and zero apply to the sums: s sum x (q - 8) + z sum x.
-        WORDS: tl.constexpr = 16
-        TILE: tl.constexpr = 128
-        band = tl.program_id(0)
-        cols = band * BLOCK_N + tl.arange(0, BLOCK_N)
+    def int4_rows_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, m, n, n_pad, half, sx_m, so_m,
+                         ROWS: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # `kernels.pack_int4_rows`: byte j of a row holds input j (low nibble) and input half + j (high), so a
+        # block of bytes is two runs of inputs, each one dot (a multiply-and-sum for one row) with no shuffle.
+        # Where a group holds the block, (q - 8) s + z = q s + (z - 8 s) applies to the sums.
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live_n = cols < n
         rows = tl.arange(0, ROWS)
-        live_n = cols < n_pad
-        live_m = rows[:, None] < m
-        tiles = k // TILE
-        row_base = (cols // 8) * tiles * TILE + (cols % 8) * WORDS
-        j = tl.arange(0, WORDS)
-        k_word = (j % 4) * 32 + (j // 4) * 2
+        j = tl.arange(0, BLOCK_K)
         acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
-        for first in tl.range(0, tiles, TILES):
-            for u in tl.static_range(TILES):
-                t = first + u
-                live = live_n & (cols * 0 + t < tiles)  # a tensor: the interpreter wants tensor masks
-                words = tl.load(w_ptr + row_base[:, None] + t * TILE + j[None, :], mask=live[:, None], other=0)
-                if SCALE_PER_TILE:
-                    off = ((t * TILE) // group_size * n_pad + cols) * 2
-                    scale = tl.load(sz_ptr + off, mask=live, other=0.0).to(tl.float32)
-                    zero = tl.load(sz_ptr + off + 1, mask=live, other=0.0).to(tl.float32)
-                else:  # groups of 32 or 64: a scale per word (the group follows i2)
-                    off = (((t * TILE + k_word) // group_size)[None, :] * n_pad + cols[:, None]) * 2
-                    scale = tl.load(sz_ptr + off, mask=live[:, None], other=0.0).to(tl.float32)
-                    zero = tl.load(sz_ptr + off + 1, mask=live[:, None], other=0.0).to(tl.float32)
-                part = tl.zeros((ROWS, BLOCK_N), tl.float32)
-                x_sum = tl.zeros((ROWS,), tl.float32)
-                for s in tl.static_range(8):
-                    kk = t * TILE + k_word + ((s // 2) % 2) * 16 + (s % 2) * 8 + s // 4
-                    x = tl.load(x_ptr + rows[:, None] * sx_m + kk[None, :], mask=live_m & (rows[:, None] * 0 + t < tiles),
-                                other=0.0)
-                    q = ((words >> (4 * s)) & 15).to(tl.float32) - 8.0
-                    if SCALE_PER_TILE:
-                        part += tl.dot(x, tl.trans(q.to(x.dtype)), input_precision=PRECISION)
-                        x_sum += tl.sum(x.to(tl.float32), axis=1)
-                    else:
-                        part += tl.dot(x, tl.trans((q * scale + zero).to(x.dtype)), input_precision=PRECISION)
-                if SCALE_PER_TILE:
-                    acc += part * scale[None, :] + x_sum[:, None] * zero[None, :]
+        for start in tl.range(0, half, BLOCK_K):
+            b = tl.load(w_ptr + cols[:, None] * half + start + j[None, :], mask=live_n[:, None], other=0)
+            for h in tl.static_range(2):
+                q = (b >> (4 * h)) & 15
+                kk = h * half + start + j
+                x = tl.load(x_ptr + rows[:, None] * sx_m + kk[None, :], mask=rows[:, None] < m, other=0.0)
+                if GROUP % BLOCK_K == 0:
+                    off = (((h * half + start) // GROUP) * n_pad + cols) * 2
+                    s = tl.load(sz_ptr + off, mask=live_n, other=0.0).to(tl.float32)
+                    z = tl.load(sz_ptr + off + 1, mask=live_n, other=0.0).to(tl.float32)
+                    w = q
+                else:  # groups smaller than the block: dequantize each weight
+                    off = ((kk // GROUP)[None, :] * n_pad + cols[:, None]) * 2
+                    s = tl.load(sz_ptr + off, mask=live_n[:, None], other=0.0).to(tl.float32)
+                    z = tl.load(sz_ptr + off + 1, mask=live_n[:, None], other=0.0).to(tl.float32)
+                    w = (q.to(tl.float32) - 8.0) * s + z
+                if ROWS == 1:
+                    part = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+                else:
+                    part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                if GROUP % BLOCK_K == 0:
+                    x_sum = tl.sum(x.to(tl.float32), axis=1)
+                    acc += part * s[None, :] + x_sum[:, None] * (z - 8.0 * s)[None, :]
                 else:
                     acc += part
         tl.store(out_ptr + rows[:, None] * so_m + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+                 mask=(rows[:, None] < m) & live_n[None, :])
 
-    shapes = [(16, 1, 4, 3), (16, 2, 4, 3), (32, 1, 4, 3), (32, 2, 4, 3), (64, 1, 4, 3), (64, 2, 8, 3),
-              (32, 4, 4, 2), (128, 1, 8, 3)]
-    return tuned(int4_tiles_kernel, shapes, ["n_pad", "k", "group_size", "ROWS"], "TILES")
-
-
-def int4_supported(packed: Tensor) -> bool:
-    """The kernel reads tinygemm's layout with 8 inner k-tiles (input widths that are multiples of 128)."""
-    return packed.shape[-1] == 4
-
-
-@torch.library.custom_op("mistral7b::int4_tiles_mm", mutates_args=())
-def int4_tiles_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
-    """x [M <= 64, K] @ the int4 weight [N, K]^T held in tinygemm's CUDA layout: `packed` int32
-    [N_pad / 8, K / 128, 32, 4], `scales_zeros` [G, N_pad, 2]; w = (q - 8) * scale + zero."""
-    return int4_tiles(x, packed, group_size, scales_zeros, n)
+    if one_row:  # a multiply-and-sum: any band width; 16-byte loads per thread want BLOCK_N * BLOCK_K >= 2 KB
+        shapes = [(8, 256, 4, 3), (4, 256, 2, 4), (16, 128, 4, 3), (8, 128, 2, 4), (16, 256, 4, 3),
+                  (32, 128, 4, 3), (4, 128, 1, 4), (32, 256, 8, 3)]
+    else:  # tl.dot wants 16 columns at least
+        shapes = [(16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3), (32, 64, 4, 4), (64, 128, 8, 3),
+                  (16, 64, 4, 4), (64, 64, 4, 3), (32, 256, 8, 3)]
+    return tuned(int4_rows_kernel, shapes, ["n_pad", "half", "ROWS", "GROUP"], "BLOCK_K")
 
 
-def int4_tiles(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
-               config: dict | None = None) -> Tensor:
-    check_rows(x, "int4_tiles_mm")
-    if not int4_supported(packed):
-        raise ValueError("int4_tiles_mm reads tinygemm's layout with 8 inner k-tiles (input widths that are "
-                         f"multiples of 128), got {2 * packed.shape[-1]}")
+def int4_supported(k: int, group_size: int) -> bool:
+    """The layout splits each row into halves: whole groups in each, and whole blocks of bytes."""
+    return k % (2 * INT4_PAIR_BLOCK) == 0 and (k // 2) % group_size == 0
+
+
+@torch.library.custom_op("mistral7b::int4_rows_mm", mutates_args=())
+def int4_rows_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
+    """x [M <= 64, K] @ the int4 weight [N, K]^T held as `packed` uint8 [N_pad, K / 2] (`kernels.pack_int4_rows`)
+    and `scales_zeros` [G, N_pad, 2] (tinygemm's); w = (q - 8) * scale + zero."""
+    return int4_rows(x, packed, group_size, scales_zeros, n)
+
+
+def int4_rows(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
+              config: dict | None = None) -> Tensor:
+    check_rows(x, "int4_rows_mm")
     m, k = x.shape
+    if not int4_supported(k, group_size) or packed.shape[-1] * 2 != k:
+        raise ValueError(f"int4_rows_mm wants K a multiple of {2 * INT4_PAIR_BLOCK} holding whole groups in each half "
+                         f"and packed [N, K / 2], got K {k}, group {group_size}, packed {tuple(packed.shape)}")
     n_pad = scales_zeros.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (-(-n_pad // meta["BLOCK_N"]),)  # noqa: E731
-    args = (x, packed, scales_zeros, out, m, n, n_pad, k, group_size, x.stride(0), out.stride(0))
-    launch(_int4_kernel(), grid, args, config, ROWS=row_tile(m), PRECISION=precision(x),
-           SCALE_PER_TILE=group_size % 128 == 0)
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
+    args = (x, packed, scales_zeros, out, m, n, n_pad, k // 2, x.stride(0), out.stride(0))
+    launch(_int4_kernel(m == 1), grid, args, config, ROWS=1 if m == 1 else row_tile(m), GROUP=group_size,
+           PRECISION=precision(x))
     return out
 
 
-@int4_tiles_mm.register_fake
+@int4_rows_mm.register_fake
 def _(x, packed, group_size, scales_zeros, n):
     return x.new_empty(x.shape[0], n)
