@@ -4,13 +4,16 @@
 adds `B_s A_s x` to the base output, s the slot of each batch row (0: no adapter). Each linear's slots
 are stacked into A [S, parts * R, in] and B^T [S, parts * R, out] (x A^T B^T then reads B^T row by row:
 on one CPU thread 0.06 ms against 0.10 reading B, for 2 rows of a 32000-row head). A forward groups its
-rows by slot once (shared by every linear through the bank's `index`) and runs one `x_g A_s^T B_s^T`
-per slot present, added into the output rows (punica's SGMV idea): never a per-row copy of B (the
-head's is vocab x rank), rows on no adapter cost nothing, and the base kernel (dense or quantized) is
-untouched. A fused linear (q, k, v or gate, up) stacks its parts' A along the rank and places each
-part's B in its own rows and rank columns, so the product is exactly the parts' deltas side by side.
+rows by slot once (an `AdapterRows`, the model's forward argument that every linear is handed, not
+state on the bank) and runs one `x_g A_s^T B_s^T` per slot present, added into the output rows
+(punica's SGMV idea): never a per-row copy of B (the head's is vocab x rank), rows on no adapter cost
+nothing, and the base kernel (dense or quantized) is untouched. A fused linear (q, k, v or gate, up)
+stacks its parts' A along the rank and places each part's B in its own rows and rank columns, so the
+product is exactly the parts' deltas side by side.
 The slots are allocated once, so loading an adapter copies into place. Grouping reads the row slots on
-the host once per forward (a sync on a GPU; compile and CUDA graphs are refused with adapters anyway).
+the host once per forward (a sync on a GPU); a compiled step (torch.compile, CUDA graphs) instead
+masks every slot's product by each row's slot (`_masked_delta`): one graph for any mix of adapters,
+and a load changes the slots' contents, never the graph.
 """
 
 from __future__ import annotations
@@ -31,14 +34,33 @@ class LoRARequest:
     path: str
 
 
+class AdapterRows:
+    """One forward's adapters: `index` [B], each batch row's slot (0: none), and, in eager forwards,
+    its rows grouped by slot, computed on first use and shared by every linear of that forward."""
+
+    def __init__(self, index: Tensor):
+        self.index, self._groups = index, None
+
+    def groups(self) -> list[tuple[int, Tensor | slice]]:
+        """(slot, its rows) for each slot present but 0: rows as a slice where they are contiguous
+        (no gather), else an index tensor. Reads the slots on the host (a sync on a GPU)."""
+        if self._groups is None:
+            rows: dict[int, list[int]] = {}
+            for row, slot in enumerate(self.index.tolist()):
+                if slot:
+                    rows.setdefault(slot, []).append(row)
+            self._groups = [(slot, _rows(r, self.index.device)) for slot, r in sorted(rows.items())]
+        return self._groups
+
+
 class LoRABank:
-    """The adapter slots of one model: per linear module, the stacked A and B^T, and this forward's
-    `index` [B] (each batch row's slot; None when no row uses an adapter), set by `Transformer.forward`."""
+    """The adapter slots of one model: per linear module, the stacked A and B^T. Slot 0 stays zero (the
+    base model); the tensors are allocated once, so loading writes in place and a compiled step that
+    reads them needs no recompiling."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
         param = next(model.parameters())
         self.config, self.max_loras, self.max_rank = model.config, max_loras, max_rank
-        self.index = None
         slots = 1 + max_loras
         self.parts: dict[str, int] = {}
         for slot in _linear_slots(model.config):
@@ -73,30 +95,24 @@ class LoRABank:
                 self.a[module][slot].zero_()
                 self.bt[module][slot].zero_()
 
-    @property
-    def index(self) -> Tensor | None:
-        return self._index
+    def rows(self, index: Tensor) -> AdapterRows:
+        """A forward's `AdapterRows` from its slots [B] (the model's `adapters` argument)."""
+        if not isinstance(index, Tensor) or index.dim() != 1:
+            raise ValueError("adapters must be a 1-d tensor of LoRA slots, one per batch row")
+        return AdapterRows(index)
 
-    @index.setter
-    def index(self, index: Tensor | None) -> None:
-        self._index, self._groups = index, None  # a new forward: group its rows again on first use
+    def mark_static(self) -> None:
+        """Tell torch.compile the slots keep their addresses: CUDA graphs then read them in place
+        (loads included) instead of copying every slot into the graph's inputs on each replay."""
+        for t in (*self.a.values(), *self.bt.values()):
+            torch._dynamo.mark_static_address(t)
 
-    def groups(self) -> list[tuple[int, Tensor | slice]]:
-        """This forward's (slot, its rows) for each slot present but 0, computed once per forward:
-        rows as a slice where they are contiguous (no gather), else an index tensor."""
-        if self._groups is None:
-            slots = self._index.tolist()
-            rows: dict[int, list[int]] = {}
-            for row, slot in enumerate(slots):
-                if slot:
-                    rows.setdefault(slot, []).append(row)
-            self._groups = [(slot, _rows(r, self._index.device)) for slot, r in sorted(rows.items())]
-        return self._groups
-
-    def add_delta(self, module: str, x: Tensor, out: Tensor) -> Tensor:
+    def add_delta(self, module: str, x: Tensor, out: Tensor, adapters: AdapterRows) -> Tensor:
         """out (x's base output [B, ..., out]) plus B_s A_s x on each row, s = that row's slot."""
         a, bt = self.a[module], self.bt[module]
-        for slot, rows in self.groups():
+        if torch.compiler.is_compiling():
+            return out + _masked_delta(a, bt, x, adapters.index).to(out.dtype)
+        for slot, rows in adapters.groups():
             delta = (torch.nn.functional.linear(x[rows].to(a.dtype), a[slot]) @ bt[slot]).to(out.dtype)
             if isinstance(rows, slice):
                 out[rows] += delta
@@ -105,19 +121,33 @@ class LoRABank:
         return out
 
 
+def _masked_delta(a: Tensor, bt: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """Every row's delta with no host sync and no branch on the slots (a compiled step's, whose graph
+    must not depend on which adapters a batch runs): x against every slot's A, each row's products
+    zeroed but its own slot's, then one product with all the B^T stacked. Slot 0 (zero) is skipped, so
+    rows on no adapter (or index -1) get exactly 0. Costs S*R*(in+out) a token, small beside the base
+    linear; never a per-row copy of B (the head's is vocab x rank)."""
+    slots, rank = a.shape[0] - 1, a.shape[1]
+    xa = torch.nn.functional.linear(x.to(a.dtype), a[1:].flatten(0, 1))  # [B, ..., S * R]
+    own = index[:, None] == torch.arange(1, slots + 1, device=index.device)  # [B, S]
+    own = own.view(own.shape[0], *[1] * (x.dim() - 2), slots, 1).to(xa.dtype)
+    xa = (xa.unflatten(-1, (slots, rank)) * own).flatten(-2)
+    return xa @ bt[1:].flatten(0, 1)
+
+
 class LoRALinear(nn.Module):
-    """A linear (any kernel: dense or quantized) plus this forward's LoRA delta of each row."""
+    """A linear (any kernel: dense or quantized) plus each row's LoRA delta, when the forward runs adapters."""
 
     def __init__(self, base: nn.Module, bank: LoRABank, module: str):
         super().__init__()
         self.base, self.module = base, module
         self.__dict__["bank"] = bank  # shared by every wrapper; not a submodule (its tensors are not weights)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapters: AdapterRows | None = None) -> Tensor:
         out = self.base(x)
-        if self.bank.index is None:
+        if adapters is None:
             return out
-        return self.bank.add_delta(self.module, x, out)
+        return self.bank.add_delta(self.module, x, out, adapters)
 
 
 def _rows(rows: list[int], device) -> Tensor | slice:

@@ -77,15 +77,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class AttentionInputs:
     """What every layer's attention reads in one forward pass, built once in `Transformer.forward`
     (mistral-inference's `CacheInputMetadata`): token positions [B, T], the rope tables, the cache rows
-    of these sequences, kv_len (1 + the largest position held after this pass, or None), and a memo
-    that lets layers share what depends on positions alone: cache slots, key positions and masks."""
+    of these sequences, kv_len (1 + the largest position held after this pass, or None), each row's
+    LoRA slot (a lora.AdapterRows, or None: the base model), and a memo that lets layers share what
+    depends on positions alone: cache slots, key positions and masks."""
 
     positions: Tensor
     rope: tuple[Tensor, Tensor]
     rows: slice | Tensor
     kv_len: int | None
     decode_kernel: str = "flash"
+    adapters: object = None
     memo: dict = field(default_factory=dict)
+
+
+def project(linear: nn.Module, x: Tensor, adapters) -> Tensor:
+    """linear(x), plus each row's LoRA delta when this forward runs adapters (the linear is then a
+    lora.LoRALinear): the slots are an argument, not state, so a compiled step sees them as an input."""
+    return linear(x) if adapters is None else linear(x, adapters)
 
 
 class Attention(nn.Module):
@@ -102,7 +110,7 @@ class Attention(nn.Module):
         batch, t, _ = x.shape
         positions, memo = inputs.positions, inputs.memo
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(batch, t, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+        qkv = project(self.wqkv, x, inputs.adapters).view(batch, t, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
         # One rotation for the q and k heads together: at batch 1 on a CPU each op's dispatch costs
         # about as much as its arithmetic, so half the calls is what counts.
         q, k = apply_rope(qkv[:, : heads + kv_heads], *inputs.rope).split([heads, kv_heads], dim=1)
@@ -114,7 +122,8 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len, memo)
             out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo,
                             decode_kernel=inputs.decode_kernel)
-        return self.reduce(self.wo(out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)))
+        out = out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)
+        return self.reduce(project(self.wo, out, inputs.adapters))
 
 
 class FeedForward(nn.Module):
@@ -126,8 +135,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.reduce: nn.Module = nn.Identity()  # an all-reduce under tensor parallelism
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.reduce(self.w2(swiglu(self.w13(x))))
+    def forward(self, x: Tensor, adapters=None) -> Tensor:
+        return self.reduce(project(self.w2, swiglu(project(self.w13, x, adapters)), adapters))
 
 
 @fused
@@ -146,7 +155,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache) -> Tensor:
         h = x + self.attention(self.attention_norm(x), inputs, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), inputs.adapters)
 
 
 def embedding(vocab_size: int, dim: int) -> nn.Embedding:
@@ -185,6 +194,8 @@ class Transformer(nn.Module):
         for layer in cache.layers:
             for t in (layer.k, layer.v, layer.pos):
                 torch._dynamo.mark_static_address(t)
+        if self.lora is not None:
+            self.lora.mark_static()
 
         def decode(tokens: Tensor, positions: Tensor, kv_len: int, adapters: Tensor | None = None) -> Tensor:
             return self(tokens, positions, cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len, adapters=adapters)
@@ -212,7 +223,7 @@ class Transformer(nn.Module):
         slice or an index tensor), and
         `kv_len` (optional) 1 + the largest position held after this call, so short sequences read
         only the leading cache slots. `adapters` [B] (a device tensor) is each row's LoRA slot, 0 for
-        none; the bank's linears read it for this forward (None: every row runs the base model).
+        none, handed to every linear with the other per-forward inputs (None: the base model alone).
         """
         batch, t = tokens.shape
         if positions is None:
@@ -220,18 +231,19 @@ class Transformer(nn.Module):
                 raise ValueError("positions are required with a cache")
             positions = torch.arange(t, device=tokens.device).expand(batch, t)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        inputs = AttentionInputs(positions, rope, slice(0, batch) if rows is None else rows, kv_len, self.decode_kernel)
-        if self.lora is not None:
-            self.lora.index = adapters
-        elif adapters is not None:
-            raise ValueError("adapters given, but this model has no LoRA slots (lora.enable_lora)")
+        if adapters is not None:
+            if self.lora is None:
+                raise ValueError("adapters given, but this model has no LoRA slots (lora.enable_lora)")
+            adapters = self.lora.rows(adapters)
+        rows = slice(0, batch) if rows is None else rows
+        inputs = AttentionInputs(positions, rope, rows, kv_len, self.decode_kernel, adapters)
         cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.tok_embeddings(tokens)
         for layer, layer_cache in zip(self.layers, cache_layers):
             x = layer(x, inputs, layer_cache)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return project(self.output, self.norm(x), adapters).float()
 
 
 def own_code(fn):

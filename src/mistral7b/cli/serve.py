@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level")
     p.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=PATH",
-                   help="PEFT LoRA adapters to load at start, each served as model NAME (needs --engine-in-process)")
+                   help="PEFT LoRA adapters to load at start, each served as model NAME")
     p.add_argument("--max-loras", type=positive_int, default=4, help="LoRA adapters loaded at once")
     p.add_argument("--max-lora-rank", type=positive_int, default=16, help="the largest LoRA rank that can be loaded")
     add_quantize_options(p)
@@ -115,21 +115,14 @@ def _seconds(text: str, ok, expected: str) -> float:
     return value
 
 
-def check_lora_options(args) -> None:
-    """--lora-modules with settings that adapters cannot run with yet: one line, before anything loads."""
-    if not args.lora_modules:
-        return
-    if not args.engine_in_process:
-        raise CLIError("--lora-modules needs --engine-in-process (the engine process does not load LoRA adapters yet)")
-    if args.compile:
-        raise CLIError("--lora-modules cannot be combined with --compile yet")
-
-
 def load_lora_modules(client, modules: list[tuple[str, str]]) -> None:
+    """Load each adapter (in the engine process, if there is one: it answers once the model is loaded)."""
+    from ..server.errors import APIError
+
     for name, path in modules:
         try:
             client.load_lora(name, path)
-        except ValueError as e:
+        except (ValueError, APIError) as e:  # APIError: the engine process died first
             raise CLIError(f"--lora-modules {name}={path}: {e}") from None
 
 
@@ -153,7 +146,6 @@ def run(args) -> int:
     except ImportError as e:
         raise CLIError(f"the HTTP server is not available ({e}); install the server dependencies "
                        "with `pip install fastapi uvicorn`") from None
-    check_lora_options(args)
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
                                  prefix_cache_gib=prefix_cache_gib(args), speculative=speculative_of(args),
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)

@@ -93,9 +93,8 @@ class Engine:
         """`lora` as given, or a ValueError naming the setting that adapters cannot run with yet."""
         if lora is None:
             return None
-        for setting, on in (("compile", self.compiled), ("tensor_parallel_size", self.model.tensor_parallel_size > 1)):
-            if on:
-                raise ValueError(f"LoRA adapters cannot run with {setting} yet")
+        if self.model.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters cannot run with tensor_parallel_size yet")
         return lora
 
     def _slots_in_use(self) -> set[int]:

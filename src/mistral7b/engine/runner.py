@@ -84,6 +84,7 @@ class ModelRunner:
         # Each cache row's LoRA slot, on the device: a forward gathers its rows' slots without a host sync.
         self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.compiled = compile
+        self._static_bank = None  # the LoRA bank marked static for the compiled step (lora.LoRABank.mark_static)
         self.decode_fn = self._compile_decode() if compile else self.eager_decode
         # Decode steps (their sampling too: an OpenMP team there would wait on the core where the
         # kernels' pool spins) and verify forwards, a decode step of a few tokens, threaded alike.
@@ -147,7 +148,7 @@ class ModelRunner:
         rows = [r.row for r in decoding]
         greedy = all(r.params.greedy for r in decoding)
         index = self.to_device(rows)
-        adapters = self.adapters(decoding, slice(0, width))
+        adapters = self.adapters(decoding, slice(0, width), self.compiled)
         chosen, logprobs = [], []
         for _ in range(steps):
             logits = self.decode_fn(tokens_t, positions_t, kv_len, **adapters)[index, -1]
@@ -188,9 +189,16 @@ class ModelRunner:
         """Cache rows as a slice when they are consecutive (a view), else as an index tensor."""
         return slice_or_index(rows, self.device)
 
-    def adapters(self, requests: list[Request], rows: slice | torch.Tensor) -> dict:
+    def adapters(self, requests: list[Request], rows: slice | torch.Tensor, compiled: bool = False) -> dict:
         """The forward's `adapters` argument: the slots of cache rows `rows`, or nothing when none of
-        `requests` runs an adapter (the base model alone, no delta computed)."""
+        `requests` runs an adapter (the base model alone, no delta computed). The `compiled` decode step
+        gets them whenever the model has LoRA slots: one graph whatever the batch runs."""
+        bank = getattr(self.model, "lora", None)
+        if compiled and bank is not None:
+            if self._static_bank is not bank:  # made after compile_decode (the first load): mark it now
+                bank.mark_static()
+                self._static_bank = bank
+            return {"adapters": self.row_slots[rows]}
         if not any(r.lora_slot for r in requests):
             return {}
         return {"adapters": self.row_slots[rows]}

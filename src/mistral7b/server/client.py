@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..sampling import SamplingParams
     from ..tokenizer import Tokenizer
     from .driver import Subscriber
+    from .remote_adapters import RemoteAdapters
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class EngineStats:
 class EngineClient(Protocol):
     name: str | None  # the checkpoint's source: the served model's default name
     tokenizer: Tokenizer | None  # None: prompts are token ids
-    adapters: AdapterRegistry | None  # the LoRA adapters; None: they need the engine in this process
+    adapters: AdapterRegistry | RemoteAdapters | None  # the LoRA adapters (names, unload); None: none
     dead: str | None  # why the engine is gone for good, or None
     on_death: list[Callable[[], None]]  # run once if the engine dies
     model_info: ModelInfo  # read once `unavailable()` is None: an engine process reports it when ready

@@ -33,8 +33,9 @@ from ..tokenizer import Tokenizer
 from . import engine_process, wire
 from .client import EngineStats
 from .driver import Item, Subscriber, deliver_errors, deliver_soon
-from .errors import APIError
 from .engine_process import EngineLoad
+from .errors import APIError
+from .remote_adapters import RemoteAdapters
 from .settings import DEFAULT_ENGINE_STEP_TIMEOUT
 
 log = logging.getLogger("mistral7b.server")
@@ -43,7 +44,6 @@ log = logging.getLogger("mistral7b.server")
 class EngineProcessClient:
     """Starts the engine process and talks to it; the prompts are rendered here, with the tokenizer."""
 
-    adapters = None  # LoRA adapters need the engine in this process (--engine-in-process)
     encode_prompt = LLM.encode_prompt  # they use only the tokenizer
     chat_prompt = LLM.chat_prompt
 
@@ -69,6 +69,7 @@ class EngineProcessClient:
         self.on_death: list = []
         self.process = self.conn = None
         self._closing = False
+        self.adapters = RemoteAdapters(self._outbox.put)  # the engine process's LoRA adapters
 
     @classmethod
     def launch(cls, load: EngineLoad, name: str | None = None,
@@ -140,6 +141,7 @@ class EngineProcessClient:
             return
         self._closing = True
         atexit.unregister(self.close)
+        self.adapters.died("The server is shutting down.")  # no answer will come to a load under way
         self._outbox.put(wire.STOP)
         self._outbox.put(None)
         if self.process is not None:
@@ -161,10 +163,11 @@ class EngineProcessClient:
         return EngineStats(running, n_open - running, self.steps, self.aborted, self.prefix, self.spec)
 
     def load_lora(self, name: str, path) -> None:
-        raise ValueError("LoRA adapters need the engine in this process: run serve with --engine-in-process")
+        """Load a PEFT adapter in the engine process (a round trip: `remote_adapters`)."""
+        self.adapters.load(name, path)
 
     def submit(self, prompt_ids: list[int], params, request_id: str, sub: Subscriber, lora=None) -> Request:
-        """`lora` is never given: an engine process has no adapters (`adapters` is None)."""
+        """`lora`: a loaded adapter's name; the engine process looks it up."""
         request = Request(list(prompt_ids), params, request_id)
         self.output.prepare(request)
         with self._lock:
@@ -173,7 +176,7 @@ class EngineProcessClient:
             if not self.requests:  # an idle engine owes no message: the silence counts from here
                 self._heard = time.monotonic()
             self.subscribers[request_id], self.requests[request_id] = sub, request
-        self._outbox.put(wire.add(request_id, request.prompt_ids, params))
+        self._outbox.put(wire.add(request_id, request.prompt_ids, params, lora))
         sub.metrics.prompt_tokens.inc(len(prompt_ids))
         return request
 
@@ -240,6 +243,8 @@ class EngineProcessClient:
                 self.spec = SpecStats(**stats["spec"])
         elif op == "failed":
             self._fail(message["ids"], message["message"])
+        elif op == "lora":
+            self.adapters.answered(message)
         elif op == "ready":
             self._ready(message["info"])
             log.info("the engine process (pid %d) is ready", message["pid"])
@@ -253,6 +258,7 @@ class EngineProcessClient:
             how = f"sent nothing for {self.step_timeout:g} s with requests open and was killed"
         self.dead = f"The engine process {how}" + (f" ({fatal})" if fatal else "") + "; this server cannot generate."
         log.error("%s", self.dead)
+        self.adapters.died(self.dead)
         self.warmed.set()
         with self._lock:
             ids = list(self.requests)

@@ -118,7 +118,7 @@ class EngineLoop:
             rid = message["id"]
             try:
                 params = self.wire.params_of(message["params"])
-                self.requests[rid] = self.engine.add(message["prompt"], params, rid)
+                self.requests[rid] = self.engine.add(message["prompt"], params, rid, lora=message.get("lora"))
             except Exception as e:  # validated by the HTTP side already: this is unexpected
                 self._send_failed([rid], f"the engine rejected the request: {type(e).__name__}: {e}")
         elif op == "abort":
@@ -127,10 +127,29 @@ class EngineLoop:
                 if request is not None and not request.finished:
                     self.engine.abort(request)
                     self.aborted += request.finish_reason == "abort"
+        elif op in ("load_lora", "unload_lora"):
+            self._adapter_call(message)
         elif op == "stop":
             raise SystemExit(0)
         else:
             raise ValueError(f"unknown message {op!r}")
+
+    def _adapter_call(self, message: dict) -> None:
+        """Load or unload an adapter (between steps: a load writes only a slot no row reads) and answer
+        with the error, if any, as the HTTP side re-raises it (`remote_adapters`)."""
+        error = kind = None
+        try:
+            if message["op"] == "load_lora":
+                self.engine.load_lora(message["name"], message["path"])
+            else:
+                self.engine.unload_lora(message["name"])
+        except LookupError as e:
+            error, kind = str(e), "lookup"
+        except (ValueError, OSError) as e:
+            error, kind = str(e), "value"
+        answer = {"op": "lora", "call": message["call"], "error": error, "kind": kind,
+                  "names": self.engine.adapters.names()}
+        self.conn.send_bytes(self.wire.encode(answer))
 
     def _step(self) -> None:
         try:

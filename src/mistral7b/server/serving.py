@@ -173,7 +173,7 @@ class OpenAIServing:
         try:
             for index, ids, params in plan:
                 sub = Subscriber(loop, queue, index, self.metrics)
-                adapter = {"lora": lora} if lora is not None else {}  # an engine process takes no adapters
+                adapter = {"lora": lora} if lora is not None else {}  # a client without adapters takes no `lora`
                 submitted.append(self.client.submit(ids, params, f"{rid}-{index}", sub, **adapter))
         except BaseException as e:
             for r in submitted:

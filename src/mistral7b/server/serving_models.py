@@ -2,8 +2,8 @@
 
 A request picks an adapter by `model: <adapter name>`; `/v1/models` lists the base and every adapter
 (`parent`: the base); `POST /v1/load_lora_adapter` ({"lora_name", "lora_path"}) and
-`POST /v1/unload_lora_adapter` ({"lora_name"}) change the set at run time. Adapters need the engine
-on a thread of this process (`--engine-in-process`, or `build_app(LLM(...))`).
+`POST /v1/unload_lora_adapter` ({"lora_name"}) change the set at run time, in an engine on a thread of this
+process (`--engine-in-process`, or `build_app(LLM(...))`) or in its own process (`remote_adapters`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class ServedModels:
 
     def __init__(self, engine, base: str):
         self.engine, self.base = engine, base
-        self.adapters = getattr(engine, "adapters", None)  # None: an engine in its own process
+        self.adapters = getattr(engine, "adapters", None)  # None: an engine client without adapters
 
     def names(self) -> dict[str, str]:
         return self.adapters.names() if self.adapters is not None else {}
@@ -78,7 +78,7 @@ class ServedModels:
 
     def _registry(self):
         if self.adapters is None:
-            raise APIError(400, "LoRA adapters need the engine in this process: run serve with --engine-in-process")
+            raise APIError(400, "this server's engine does not run LoRA adapters")
         return self.adapters
 
 

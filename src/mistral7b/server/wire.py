@@ -1,10 +1,13 @@
 """The messages between the HTTP process and the engine process: JSON objects, one per
 `Connection.send_bytes` frame (length-prefixed by `multiprocessing.connection`), never pickle.
 
-HTTP -> engine: `add` (id, prompt ids, sampling params without stop strings), `abort` (ids), `stop`.
+HTTP -> engine: `add` (id, prompt ids, sampling params without stop strings, the LoRA adapter's name
+or none), `abort` (ids), `load_lora` (name, path) and `unload_lora` (name), each with a call number,
+`stop`.
 Engine -> HTTP: `ready` (the limits the HTTP side validates against), `step` (every output of one
 engine step in one message, with the engine's counters), `failed` (a step raised: these requests
-were dropped), `fatal` (the engine could not start).
+were dropped), `lora` (a load's or unload's answer: its call number, the error or none, and the
+adapters now loaded), `fatal` (the engine could not start).
 
 JSON, not msgpack or msgspec: no new dependency (nor a wheel to ship to the GPU box). Its cost is
 measured by benchmarks/serve_wire.py: a step of 64 requests x 8 tokens is a 7 KB frame, about 2x
@@ -36,13 +39,14 @@ def decode(frame: bytes) -> dict:
 # -- HTTP -> engine ---------------------------------------------------------------------------------
 
 
-def add(request_id: str, prompt_ids: list[int], params: SamplingParams) -> dict:
-    """Stop strings stay behind: the HTTP process applies them and aborts the request when one matches."""
+def add(request_id: str, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> dict:
+    """Stop strings stay behind: the HTTP process applies them and aborts the request when one matches.
+    `lora`: the name of a loaded adapter to run the request with (the engine process looks it up)."""
     fields = dataclasses.asdict(params)
     fields["stop"] = []
     if params.logit_bias is not None:  # JSON object keys are strings: send pairs
         fields["logit_bias"] = list(params.logit_bias.items())
-    return {"op": "add", "id": request_id, "prompt": prompt_ids, "params": fields}
+    return {"op": "add", "id": request_id, "prompt": prompt_ids, "params": fields, "lora": lora}
 
 
 def params_of(fields: dict) -> SamplingParams:
