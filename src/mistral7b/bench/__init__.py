@@ -208,9 +208,18 @@ def main(args) -> int:
         from .speculative import print_speculative_table
 
         print_speculative_table(results, args)
+    write_outputs(results, args)
+    return 0
+
+
+def write_outputs(results: dict, args) -> None:
+    """--json's file, then --plot's PNG (mistral7b.bench.plot, which alone imports matplotlib)."""
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    return 0
+    if getattr(args, "plot", None):
+        from .plot import plot_results
+
+        plot_results(results, args.plot)
 
 
 def build_models(config: ModelConfig, args, quant: QuantConfig | None):

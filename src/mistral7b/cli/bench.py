@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-sections", default="decode,prefill,compile", help="which HF figures to measure")
     p.add_argument("--sections", default="decode,prefill,context,long", help="which of ours to run")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PATH",
+                   help="also draw decode tok/s against batch size and context length to a PNG: PATH, else --json's "
+                        "path with .png, else bench.png (needs matplotlib: the 'plot' extra)")
     p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default=None,
                    help="attention kernel of compiled CUDA decode (Transformer.use_decode_kernel); default: flash")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -67,6 +70,24 @@ def peer_of(args):
         raise CLIError(str(e)) from None
 
 
+def plot_of(args) -> Path | None:
+    """Where --plot draws, or None; checked before any work: without matplotlib, a one-line error."""
+    if args.plot is None:
+        return None
+    from .common import CLIError
+
+    try:
+        import matplotlib  # noqa: F401 - present, so that the PNG is not lost after a long benchmark
+    except ImportError:
+        from ..bench.plot import INSTALL_HINT
+
+        raise CLIError(INSTALL_HINT) from None
+    path = Path(args.plot) if args.plot else args.json.with_suffix(".png") if args.json else Path("bench.png")
+    if args.json and path.resolve() == args.json.resolve():
+        raise CLIError(f"--plot {path} is --json's file too: give --plot another PATH")
+    return path
+
+
 def checked(args):
     """The shape and the quantization of `args`, checked before any work: one-line errors otherwise."""
     from ..bench import bench_config
@@ -94,4 +115,5 @@ def run(args) -> int:
 
     args.quant = checked(args)
     args.peer = peer_of(args)
+    args.plot = plot_of(args)
     return bench.main(args) or 0
