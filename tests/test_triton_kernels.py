@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from mistral7b.flash_decode import split_plan
+from mistral7b.flash_decode import invariant_split_plan, plan, split_plan
 
 
 def interpret(script: str) -> subprocess.CompletedProcess:
@@ -38,3 +39,19 @@ def test_split_plan_covers_every_key_once(batch, slots):
     assert per_split % 64 == 0
     assert (splits - 1) * per_split < slots <= splits * per_split  # no empty split, no key left out
     assert per_split <= 256 or splits == 1  # a live row among idle ones still spreads over the GPU
+
+
+def test_batch_invariant_kernels_give_each_row_the_same_bits_in_any_batch():
+    """batch_invariant.py's matmul and norm, the quantized matmuls' and decode attention's invariant
+    launches: against float64, and row for row bitwise equal over prefixes, permutations and neighbours."""
+    out = interpret("batch_invariant_check.py").stdout
+    assert out.count(" ok") == 16 and "FAIL" not in out, out
+
+
+@pytest.mark.parametrize("slots", [1, 64, 256, 257, 4096, 32768])
+def test_invariant_split_plan_ignores_the_batch(slots):
+    """Keys per split fixed (a key's split is its index // 256, whatever the batch or kv_len), every key covered."""
+    splits, per_split = invariant_split_plan(slots)
+    assert per_split == 256 and (splits - 1) * per_split < slots <= splits * per_split
+    cpu = torch.device("cpu")
+    assert {plan(batch, kv_heads, slots, cpu, invariant=True)[1] for batch in (1, 3, 8, 64) for kv_heads in (1, 8)} == {256}

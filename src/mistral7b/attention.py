@@ -141,13 +141,17 @@ def attention(
     self_only: bool = False,
     memo: dict | None = None,
     decode_kernel: str = "flash",
+    invariant: bool = False,
 ) -> Tensor:
     """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
 
     `self_only` says the keys are the queries' own tokens at positions 0..T-1. `memo` is a dict that
     lives for one forward pass, so layers with the same window share one mask or block mask.
-    `decode_kernel` picks CUDA decode's kernel (`check_decode_kernel`).
+    `decode_kernel` picks CUDA decode's kernel (`check_decode_kernel`); `invariant` (CUDA) overrides it
+    with `invariant_attention`.
     """
+    if invariant and q.is_cuda:
+        return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo)
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
@@ -169,6 +173,23 @@ def attention(
             memo[key] = _block_mask(q_pos, k_pos, window)
         return _compiled_flex()(q, k, v, block_mask=memo[key], enable_gqa=q.shape[1] != k.shape[1])
     return sdpa_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
+
+
+def invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                        self_only: bool, memo: dict | None) -> Tensor:
+    """CUDA attention whose result for a row ignores the other rows (batch_invariant.apply): decode through
+    `flash_decode`'s fixed split plan and ordered merge; several query tokens one row at a time, because
+    nothing verifies that SDPA's flash and memory-efficient kernels or flex attention choose their splits
+    and tiles without looking at the batch size, while a row alone launches exactly as in any batch."""
+    if q.shape[2] == 1:
+        from .flash_decode import flash_decode
+
+        return flash_decode(q, k, v, q_pos, k_pos, window, invariant=True)
+    if q.shape[0] == 1:
+        return attention(q, k, v, q_pos, k_pos, window, self_only, memo)
+    memo = {} if memo is None else memo  # each row's masks are its own (memo keys name shapes, not rows)
+    return torch.cat([attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], q_pos[i : i + 1], k_pos[i : i + 1], window,
+                                self_only, memo.setdefault(("row", i), {})) for i in range(q.shape[0])])
 
 
 DECODE_KERNELS = ("flash", "sdpa", "reduction")

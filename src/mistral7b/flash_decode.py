@@ -40,6 +40,13 @@ def split_plan(batch: int, kv_heads: int, slots: int, processors: int) -> tuple[
     return cdiv(slots, per_split), per_split
 
 
+def invariant_split_plan(slots: int) -> tuple[int, int]:
+    """`split_plan` for batch_invariant.apply: MAX_KEYS_PER_SPLIT keys a split, whatever the batch, so a
+    key always lands in the same split; a longer kv_len (a longer neighbour) only adds trailing splits
+    that hold no key of this row, which the ordered merge adds as exact zeros."""
+    return cdiv(slots, MAX_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT
+
+
 @functools.cache
 def _partial_kernel():
     import triton
@@ -112,24 +119,62 @@ def _merge_kernel():
     return merge_kernel
 
 
-def flash_decode(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+@functools.cache
+def _ordered_merge_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ordered_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, HEAD_DIM: tl.constexpr):
+        # Split by split, left to right: a tree over a power-of-two padding of `splits` would regroup the
+        # sums when the split count changes. A split without a visible key (m = -1e30) scales the running
+        # sums by exp(0) = 1 and adds 0 * 0: exactly nothing.
+        row_head = tl.program_id(0)
+        d = tl.arange(0, HEAD_DIM)
+        m = tl.full((1,), -1.0e30, tl.float32)
+        l = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for s in range(0, splits):
+            m_s = tl.load(m_ptr + row_head * splits + s + tl.zeros((1,), tl.int32))
+            l_s = tl.load(l_ptr + row_head * splits + s + tl.zeros((1,), tl.int32))
+            acc_s = tl.load(acc_ptr + (row_head * splits + s) * HEAD_DIM + d)
+            m_new = tl.maximum(m, m_s)
+            keep, take = tl.exp(m - m_new), tl.exp(m_s - m_new)
+            acc = acc * keep + acc_s * take
+            l = l * keep + l_s * take
+            m = m_new
+        tl.store(out_ptr + row_head * HEAD_DIM + d, (acc / tl.maximum(l, 1e-30)).to(out_ptr.dtype.element_ty))
+
+    return ordered_merge_kernel
+
+
+def flash_decode(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                 invariant: bool = False) -> Tensor:
     """q [B, H, 1, hd]; k, v [B, KV, S, hd] (any strides with a unit last stride); q_pos [B, 1];
-    k_pos [B, S] (-1: empty slot) -> [B, H, 1, hd]. Keys j visible to query i: i - W < j <= i."""
-    return torch.ops.mistral7b.flash_decode(q, k, v, q_pos, k_pos, -1 if window is None else window)
+    k_pos [B, S] (-1: empty slot) -> [B, H, 1, hd]. Keys j visible to query i: i - W < j <= i.
+    `invariant`: a row's result does not depend on B or S (`invariant_split_plan`, ordered merge)."""
+    return torch.ops.mistral7b.flash_decode(q, k, v, q_pos, k_pos, -1 if window is None else window, invariant)
+
+
+def plan(batch: int, kv_heads: int, slots: int, device: torch.device, invariant: bool) -> tuple[int, int]:
+    if invariant:
+        return invariant_split_plan(slots)
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return split_plan(batch, kv_heads, slots, processors)
 
 
 @torch.library.custom_op("mistral7b::flash_decode", mutates_args=())
-def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int,
+                     invariant: bool = False) -> Tensor:
     batch, heads, _, head_dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits, keys_per_split = split_plan(batch, kv_heads, slots, processors)
+    splits, keys_per_split = plan(batch, kv_heads, slots, q.device, invariant)
     partial_m = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
     partial_l = torch.empty_like(partial_m)
     partial_acc = torch.empty(batch, heads, splits, head_dim, device=q.device, dtype=torch.float32)
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
-    partial_kernel, merge_kernel = _partial_kernel(), _merge_kernel()
+    partial_kernel = _partial_kernel()
     q = q if q.stride(-1) == 1 else q.contiguous()
     partial_kernel[(batch * kv_heads, splits)](
         q, k, v, q_pos, k_pos, partial_m, partial_l, partial_acc,
@@ -139,11 +184,14 @@ def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tens
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(MIN_GROUP_ROWS, 1 << (group - 1).bit_length()),
         HEAD_DIM=head_dim, BLOCK=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    merge_kernel[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits,
-                                   SPLITS_POW2=1 << (splits - 1).bit_length(), HEAD_DIM=head_dim)
+    if invariant:
+        _ordered_merge_kernel()[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits, HEAD_DIM=head_dim)
+    else:
+        _merge_kernel()[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits,
+                                          SPLITS_POW2=1 << (splits - 1).bit_length(), HEAD_DIM=head_dim)
     return out
 
 
 @_flash_decode_op.register_fake
-def _(q, k, v, q_pos, k_pos, window):
+def _(q, k, v, q_pos, k_pos, window, invariant=False):
     return q.new_empty(q.shape)  # contiguous, as the kernel's output (q itself is often a strided view)

@@ -87,6 +87,7 @@ class AttentionInputs:
     kv_len: int | None
     decode_kernel: str = "flash"
     adapters: object = None
+    invariant: bool = False  # batch_invariant.apply: attention whose arithmetic ignores the other rows
     memo: dict = field(default_factory=dict)
 
 
@@ -121,7 +122,7 @@ class Attention(nn.Module):
             # kv_len == t: the sequence starts here, so the keys are exactly these tokens.
             k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len, memo)
             out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo,
-                            decode_kernel=inputs.decode_kernel)
+                            decode_kernel=inputs.decode_kernel, invariant=inputs.invariant)
         out = out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)
         return self.reduce(project(self.wo, out, inputs.adapters))
 
@@ -180,6 +181,7 @@ class Transformer(nn.Module):
         self.lora = None  # a lora.LoRABank once adapters are enabled (lora.enable_lora)
 
     tensor_parallel_size = 1  # parallel.TensorParallelModel: the ranks it is split over
+    batch_invariant = False  # set by batch_invariant.apply (CUDA)
 
     def new_cache(self, max_batch: int = 1, device=None, dtype: torch.dtype = torch.float32,
                   max_seq_len: int | None = None, spare_slots: int = 0) -> KVCache:
@@ -236,7 +238,8 @@ class Transformer(nn.Module):
                 raise ValueError("adapters given, but this model has no LoRA slots (lora.enable_lora)")
             adapters = self.lora.rows(adapters)
         rows = slice(0, batch) if rows is None else rows
-        inputs = AttentionInputs(positions, rope, rows, kv_len, self.decode_kernel, adapters)
+        inputs = AttentionInputs(positions, rope, rows, kv_len, self.decode_kernel, adapters,
+                                 invariant=self.batch_invariant)
         cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.tok_embeddings(tokens)
         for layer, layer_cache in zip(self.layers, cache_layers):

@@ -22,8 +22,9 @@ class EngineConfig:
     prefix_cache_gib: float = 0.0  # memory for cached prompt blocks (prefix caching); 0: off
     prefix_block_size: int | None = None  # tokens per cached block; None: 64, or the smallest cache layer if less
     speculative: SpeculativeConfig | None = None  # speculative decoding (engine/speculative.py); None: off
-    # Each prompt is cut into prefill chunks by its own length alone, never by what else runs, so that a
-    # request's answer does not depend on its batch; None: on the CPU (a GPU keeps the denser packing).
+    # A request's answer does not depend on its batch: each prompt is cut into prefill chunks by its own
+    # length alone, and on CUDA the model runs batch_invariant's kernels (its cost: README). None: on the
+    # CPU, whose kernels are invariant already; off on a GPU (denser packing, cuBLAS and autotuned tiles).
     batch_invariant: bool | None = None
     max_loras: int = 4  # LoRA adapters loaded at once (engine/adapters.py); their slots are made on the first load
     max_lora_rank: int = 16  # the largest adapter rank those slots hold

@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from .. import batch_invariant
 from ..model import Transformer
 from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from ..sampling import SamplingParams
@@ -38,6 +39,7 @@ class Engine:
         param = next(model.parameters())
         s = EngineConfig.of(config, **options).resolved(model.config, param.device)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        batch_invariant.configure(model, param.device, s.batch_invariant)  # before the decode step compiles
         spare = s.speculative.num_tokens if s.speculative is not None else 0
         self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare)
         self.prefix = self._prefix_cache(s)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..batch_invariant import linear as invariant_linear
 from .triton_mm import MAX_ROWS, int4_rows_mm, int4_supported, int8_rows_mm
 
 CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
@@ -33,10 +34,15 @@ CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles an
 # Triton's took 11.5-13.6. Each quantized module carries its setting (`QuantModule.rows_kernel`, from
 # MISTRAL7B_CUDA_ROWS_KERNEL when the load is planned: config.cuda_rows_kernel).
 MEASURED_ROWS_KERNEL = {"int8": "triton", "int4": "torch"}
+# The setting batch_invariant.apply gives every quantized module (never read from the environment): all M
+# through one Triton launch whose sums per row do not depend on M (triton_mm.INVARIANT_CONFIG), or, for a
+# layout it cannot read, the weight dequantized (elementwise, exact) into batch_invariant.invariant_mm.
+INVARIANT = "invariant"
 
 
 def pick_rows_kernel(kind: str, setting: str) -> str:
-    """The CUDA kernel for few rows of `kind` ("int8" or "int4") weights under `setting` (auto, torch, triton)."""
+    """The CUDA kernel for few rows of `kind` ("int8" or "int4") weights under `setting` (auto, torch,
+    triton, or INVARIANT)."""
     return MEASURED_ROWS_KERNEL[kind] if setting == "auto" else setting
 
 
@@ -71,7 +77,7 @@ def int4_layout(k: int, group_size: int, device: torch.device, rows_kernel: str 
     (`triton_mm.int4_rows_mm`: byte j of a row holds inputs j and K/2 + j), chosen with the few-row kernel."""
     if device.type != "cuda":
         return "cpu"
-    wants_triton = pick_rows_kernel("int4", rows_kernel) == "triton"
+    wants_triton = pick_rows_kernel("int4", rows_kernel) in ("triton", INVARIANT)
     return "halves" if wants_triton and int4_supported(k, group_size) else "tiles"
 
 
@@ -183,10 +189,17 @@ def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tens
 # ------------------------------------------------------------------------------ matmuls
 
 
-def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
-    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype; the packed layout picks the few-row kernel."""
+def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
+            invariant: bool = False) -> Tensor:
+    """x [..., K] @ the int4 weight [N, K]^T, in x's dtype; the packed layout picks the few-row kernel.
+    `invariant` (CUDA): each row's sums independent of the row count (see INVARIANT)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if invariant and x.is_cuda:
+        if is_halves(packed):
+            return int4_rows_mm(x2.contiguous(), packed, group_size, scales_zeros, n, True).view(*shape[:-1], n)
+        w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
+        return invariant_linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
         w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
@@ -260,6 +273,8 @@ def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor, rows_kernel: str = "auto"
 
     Compiled decode (few rows): a multiply-and-sum over K that inductor fuses into one reduction reading
     int8, the form inductor itself gives a matrix-vector product. Otherwise: cast and cuBLAS."""
+    if x2.is_cuda and rows_kernel == INVARIANT:
+        return int8_rows_mm(x2, q, scale, True)
     if x2.is_cuda and x2.shape[0] <= MAX_ROWS and pick_rows_kernel("int8", rows_kernel) == "triton":
         return int8_rows_mm(x2, q, scale)
     if torch.compiler.is_compiling() and x2.shape[0] <= CUDA_INT8_REDUCTION_ROWS:
@@ -269,13 +284,15 @@ def int8_mm_cuda(x2: Tensor, q: Tensor, scale: Tensor, rows_kernel: str = "auto"
     return (out * scale.float()).to(x2.dtype)
 
 
-def dequant_mm(x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
+def dequant_mm(x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int,
+               invariant: bool = False) -> Tensor:
     """Any int8 groups: dequantize in x's dtype and matmul (fused under torch.compile on CUDA)."""
     n, k = q.shape
     w = q.view(n, k // group_size, group_size).to(x.dtype) * scale.to(x.dtype)[..., None]
     if zero is not None:
         w = w + zero.to(x.dtype)[..., None]
-    return F.linear(x, w.view(n, k))
+    return (invariant_linear if invariant and x.is_cuda else F.linear)(x, w.view(n, k))
+
 
 
 def split_int8_planes(q: Tensor) -> tuple[Tensor, Tensor]:

@@ -185,7 +185,8 @@ class Int4Linear(QuantModule):
         x = self.permute_input(x)
         if self.integer:
             return cpu_kernels.linear(x, self.qweight, 4, self.block_scale, self.block_min, self.out_features)
-        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features)
+        return kernels.int4_mm(x, self.packed, self.group_size, self.scales_zeros, self.out_features,
+                               self.rows_kernel == kernels.INVARIANT)
 
 
 def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> str:
@@ -275,7 +276,8 @@ class Int8Linear(QuantModule):
                     + kernels.int4_mm(x, self.packed_lo, g, self.scales_zeros_lo, n))
         if self.kernel == "int8pack":
             return kernels.int8_mm(x, self.qweight, self.scales.view(-1), self.rows_kernel)
-        return kernels.dequant_mm(x, self.qweight, self.scales, self.zeros, self.group_size)
+        return kernels.dequant_mm(x, self.qweight, self.scales, self.zeros, self.group_size,
+                                  self.rows_kernel == kernels.INVARIANT)
 
 
 def use_rows_kernel(model: nn.Module, setting: str) -> None:

@@ -19,6 +19,11 @@ import torch
 from torch import Tensor
 
 MAX_ROWS = 64  # activation rows in one tl.dot tile at most; more rows go to torch's kernels
+# The batch-invariant launch (batch_invariant.apply): every M through the dot variant with this one tile,
+# row tiles on the grid's second axis, so a row's sums never depend on M. Tiles from the autotuned lists.
+INVARIANT_ROWS = 16
+INVARIANT_CONFIG = {"int8": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+                    "int4": dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)}
 
 
 def interpreting() -> bool:
@@ -43,7 +48,7 @@ def _int8_kernel(one_row: bool):
     def int8_rows_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, m, n, k, sx_m, sq_n, so_m,
                          ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         band = tl.program_id(0)
-        rows = tl.arange(0, ROWS)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)  # axis 1: row tiles (batch-invariant launches)
         cols = band * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
         for start in tl.range(0, k, BLOCK_K):
@@ -79,40 +84,50 @@ def row_tile(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
-def check_rows(x: Tensor, name: str) -> None:
-    if x.shape[0] > MAX_ROWS:
+def check_rows(x: Tensor, name: str, invariant: bool = False) -> None:
+    if x.shape[0] > MAX_ROWS and not invariant:
         raise ValueError(f"{name} takes at most {MAX_ROWS} rows, got {x.shape[0]}")
 
 
-def launch(tuned_kernel, grid, args, config: dict | None, **constants) -> None:
-    """Run the autotuned kernel, or with `config` (tile sizes, warps) one variant of it (tests)."""
+def launch(kernel_of, kind: str, m: int, n: int, args, config: dict | None, invariant: bool, **constants) -> None:
+    """Run the autotuned variant for `m` rows, or with `config` (tile sizes, warps) one variant of it
+    (tests), or the batch-invariant launch (`INVARIANT_CONFIG`)."""
+    if invariant:
+        config = INVARIANT_CONFIG[kind] if config is None else config
+        grid = (-(-n // config["BLOCK_N"]), -(-m // INVARIANT_ROWS))
+        kernel_of(False).fn[grid](*args, **constants, ROWS=INVARIANT_ROWS, **config)
+        return
+    tuned_kernel = kernel_of(m == 1)
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
+    rows = 1 if m == 1 else row_tile(m)
     if config is None:
-        tuned_kernel[grid](*args, **constants)
+        tuned_kernel[grid](*args, **constants, ROWS=rows)
     else:
-        tuned_kernel.fn[grid](*args, **constants, **config)
+        tuned_kernel.fn[grid](*args, **constants, ROWS=rows, **config)
 
 
 @torch.library.custom_op("mistral7b::int8_rows_mm", mutates_args=())
-def int8_rows_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """x [M <= 64, K] @ (q [N, K] int8 * scale [N])^T -> [M, N] in x's dtype."""
-    return int8_rows(x, q, scale)
+def int8_rows_mm(x: Tensor, q: Tensor, scale: Tensor, invariant: bool = False) -> Tensor:
+    """x [M <= 64, K] @ (q [N, K] int8 * scale [N])^T -> [M, N] in x's dtype; `invariant`: any M, each
+    row's sums independent of M (`INVARIANT_CONFIG`)."""
+    return int8_rows(x, q, scale, invariant=invariant)
 
 
-def int8_rows(x: Tensor, q: Tensor, scale: Tensor, config: dict | None = None) -> Tensor:
-    check_rows(x, "int8_rows_mm")
+def int8_rows(x: Tensor, q: Tensor, scale: Tensor, config: dict | None = None, invariant: bool = False) -> Tensor:
+    check_rows(x, "int8_rows_mm", invariant)
     m, k = x.shape
     n = q.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
-    launch(_int8_kernel(m == 1), grid, (x, q, scale, out, m, n, k, x.stride(0), q.stride(0), out.stride(0)), config,
-           ROWS=1 if m == 1 else row_tile(m), PRECISION=precision(x))
+    if m:
+        launch(_int8_kernel, "int8", m, n, (x, q, scale, out, m, n, k, x.stride(0), q.stride(0), out.stride(0)),
+               config, invariant, PRECISION=precision(x))
     return out
 
 
 @int8_rows_mm.register_fake
-def _(x, q, scale):
+def _(x, q, scale, invariant=False):
     return x.new_empty(x.shape[0], q.shape[0])
 
 
@@ -133,7 +148,7 @@ def _int4_kernel(one_row: bool):
         # Where a group holds the block, (q - 8) s + z = q s + (z - 8 s) applies to the sums.
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = cols < n
-        rows = tl.arange(0, ROWS)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         j = tl.arange(0, BLOCK_K)
         acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
         for start in tl.range(0, half, BLOCK_K):
@@ -179,15 +194,16 @@ def int4_supported(k: int, group_size: int) -> bool:
 
 
 @torch.library.custom_op("mistral7b::int4_rows_mm", mutates_args=())
-def int4_rows_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int) -> Tensor:
+def int4_rows_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
+                 invariant: bool = False) -> Tensor:
     """x [M <= 64, K] @ the int4 weight [N, K]^T held as `packed` uint8 [N_pad, K / 2] (`kernels.pack_int4_rows`)
-    and `scales_zeros` [G, N_pad, 2] (tinygemm's); w = (q - 8) * scale + zero."""
-    return int4_rows(x, packed, group_size, scales_zeros, n)
+    and `scales_zeros` [G, N_pad, 2] (tinygemm's); w = (q - 8) * scale + zero. `invariant`: as int8_rows_mm's."""
+    return int4_rows(x, packed, group_size, scales_zeros, n, invariant=invariant)
 
 
 def int4_rows(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n: int,
-              config: dict | None = None) -> Tensor:
-    check_rows(x, "int4_rows_mm")
+              config: dict | None = None, invariant: bool = False) -> Tensor:
+    check_rows(x, "int4_rows_mm", invariant)
     m, k = x.shape
     if not int4_supported(k, group_size) or packed.shape[-1] * 2 != k:
         raise ValueError(f"int4_rows_mm wants K a multiple of {2 * INT4_PAIR_BLOCK} holding whole groups in each half "
@@ -195,13 +211,12 @@ def int4_rows(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, 
     n_pad = scales_zeros.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
-    args = (x, packed, scales_zeros, out, m, n, n_pad, k // 2, x.stride(0), out.stride(0))
-    launch(_int4_kernel(m == 1), grid, args, config, ROWS=1 if m == 1 else row_tile(m), GROUP=group_size,
-           PRECISION=precision(x))
+    if m:
+        args = (x, packed, scales_zeros, out, m, n, n_pad, k // 2, x.stride(0), out.stride(0))
+        launch(_int4_kernel, "int4", m, n, args, config, invariant, GROUP=group_size, PRECISION=precision(x))
     return out
 
 
 @int4_rows_mm.register_fake
-def _(x, packed, group_size, scales_zeros, n):
+def _(x, packed, group_size, scales_zeros, n, invariant=False):
     return x.new_empty(x.shape[0], n)
