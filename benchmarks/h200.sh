@@ -8,6 +8,7 @@
 #   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
 #   bash benchmarks/h200.sh serving    # prefix cache; HTTP load with the engine as a thread and as a process
 #   bash benchmarks/h200.sh structured # structured outputs through the engine; a 131k-token prompt's memory
+#   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
 # Needs .whl (wheels the image lacks) and .peer (gpt-fast's files, tokenizer.model.v1) carried.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -75,11 +76,13 @@ serving)
     step serve-process 200 python3 benchmarks/serve_load.py --preset mistral-7b-v0.1 --compile --engine-process \
         --json "$OUT/serve-process.json"
     ;;
+invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, int8, int4); decode cost at b1/b8
+    step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json" ;;
 structured)
     step structured 200 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
         --engine --skip-cpu --json "$OUT/structured.json"
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 smoke|gemv|quant|kernels|speed|serving|structured" >&2; exit 2 ;;
+    echo "usage: $0 smoke|gemv|quant|kernels|speed|serving|structured|invariant" >&2; exit 2 ;;
 esac

@@ -145,6 +145,11 @@ def with_config(model: Transformer, config: ModelConfig) -> Transformer:
     return variant.eval()
 
 
+def engine_config(args, **fields) -> EngineConfig:
+    """EngineConfig(**fields) with --batch-invariant's setting (None: the device's default)."""
+    return EngineConfig(batch_invariant=getattr(args, "batch_invariant", None), **fields)
+
+
 def random_prompts(n, length, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
@@ -245,7 +250,8 @@ def build_models(config: ModelConfig, args, quant: QuantConfig | None):
 def bench_decode_sections(model: Transformer, config: ModelConfig, args, results: dict, sections: set) -> None:
     """Decode and context on one engine; with --speculative, decode again through a speculative engine."""
     device = args.device
-    engine = Engine(model, None, EngineConfig(max_batch=max(args.batch, 1), compile=torch.device(device).type == "cuda"))
+    engine = Engine(model, None, engine_config(args, max_batch=max(args.batch, 1),
+                                                   compile=torch.device(device).type == "cuda"))
     if "decode" in sections:
         bench_decode(engine, config, args, results["ours"])
     if "context" in sections:
@@ -296,7 +302,7 @@ def bench_context(engine: Engine, config: ModelConfig, args, ours: dict) -> None
 def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> None:
     device = args.device
     prefill_lengths = [int(x) for x in args.prefill.split(",") if x]
-    prefill_engine = Engine(model, None, EngineConfig(max_batch=1))
+    prefill_engine = Engine(model, None, engine_config(args, max_batch=1))
     for n in prefill_lengths:
         prompts = random_prompts(1, n, config.vocab_size, seed=2)
         reset_peak(device)
@@ -308,7 +314,7 @@ def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> 
     # One flex pass over the whole prompt, to pick the chunk size by measurement.
     n = max(prefill_lengths)
     prompts = random_prompts(1, n, config.vocab_size, seed=2)
-    one_pass = Engine(model, None, EngineConfig(max_batch=1, chunk_size=n))
+    one_pass = Engine(model, None, engine_config(args, max_batch=1, chunk_size=n))
     t = timed(lambda: run_requests(one_pass, prompts, 1), device, args.runs)
     ours[f"prefill_{n}_window_one_pass_tok_s"] = n / t
     print(f"ours prefill {n} (window, one pass): {n / t:.0f} tok/s", flush=True)
@@ -317,7 +323,7 @@ def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> 
         return  # sharded or quantized: with_config's dense variant cannot take its weights
     # The paper's promise: at long lengths the window must beat our own full attention.
     full_model = with_config(model, replace(config, sliding_window=None, max_seq_len=n + 8))
-    full_engine = Engine(full_model, None, EngineConfig(max_batch=1, chunk_size=n))
+    full_engine = Engine(full_model, None, engine_config(args, max_batch=1, chunk_size=n))
     t = timed(lambda: run_requests(full_engine, prompts, 1), device, args.runs)
     ours[f"prefill_{n}_full_attention_tok_s"] = n / t
     print(f"ours prefill {n} (full attention): {n / t:.0f} tok/s", flush=True)
@@ -326,7 +332,7 @@ def bench_prefill(model: Transformer, config: ModelConfig, args, ours: dict) -> 
 
 def bench_long(model: Transformer, config: ModelConfig, args, ours: dict) -> None:
     device = args.device
-    long_engine = Engine(model, None, EngineConfig(max_batch=1, compile=torch.device(device).type == "cuda"))
+    long_engine = Engine(model, None, engine_config(args, max_batch=1, compile=torch.device(device).type == "cuda"))
     run_requests(long_engine, random_prompts(1, 8192, config.vocab_size, seed=4), 16)  # compile
     prompts = random_prompts(1, args.long_context, config.vocab_size, seed=3)
     reset_peak(device)

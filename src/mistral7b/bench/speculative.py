@@ -16,10 +16,10 @@ from dataclasses import replace
 import torch
 
 from ..config import ModelConfig
-from ..engine import Engine, EngineConfig, SpeculativeConfig
+from ..engine import Engine, SpeculativeConfig
 from ..engine.speculative import SpecStats
 from ..quant import QuantConfig
-from . import decode_only_rate, peak_gib, quantized, random_prompts, reset_peak, run_requests, timed
+from . import decode_only_rate, engine_config, peak_gib, quantized, random_prompts, reset_peak, run_requests, timed
 
 
 def speculative_engine(model, spec: SpeculativeConfig, args) -> Engine:
@@ -34,8 +34,8 @@ def speculative_engine(model, spec: SpeculativeConfig, args) -> Engine:
 
         draft = load_draft(spec, None, device, torch.bfloat16)
     batch = max(args.batch, 1)
-    config = EngineConfig(max_batch=batch, compile=torch.device(device).type == "cuda",
-                          speculative=replace(spec, max_batch=max(spec.max_batch, batch)))
+    config = engine_config(args, max_batch=batch, compile=torch.device(device).type == "cuda",
+                           speculative=replace(spec, max_batch=max(spec.max_batch, batch)))
     return Engine(model, None, config, draft_model=draft)
 
 

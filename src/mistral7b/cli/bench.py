@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_quantize_options, add_speculative_options
+from .common import add_batch_invariant_option, add_quantize_options, add_speculative_options
 
 H200_COPY_TB_S = 4.3  # mistral7b.bench's default, here so that --help needs no torch
 DECODE_KERNELS = ("flash", "sdpa", "reduction")  # mistral7b.attention.DECODE_KERNELS (a test checks), without torch
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "
                         "into the table's 'best peer' column")
     add_speculative_options(p)  # the decode section again through a speculative engine (mistral7b.bench.speculative)
+    add_batch_invariant_option(p)  # every engine of our sections
 
 
 def peer_of(args):
@@ -103,6 +104,8 @@ def checked(args):
         raise CLIError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
     if args.tensor_parallel_size > 1 and quant:
         raise CLIError("--tensor-parallel-size runs bf16 weights only: leave out --quantize")
+    if args.batch_invariant and args.tensor_parallel_size > 1:
+        raise CLIError("--batch-invariant does not run with tensor parallelism: leave out --tensor-parallel-size")
     if args.spec is not None and args.tensor_parallel_size > 1:
         raise CLIError("--speculative does not run with tensor parallelism yet: leave out --tensor-parallel-size")
     if args.bandwidth_tb_s <= 0:

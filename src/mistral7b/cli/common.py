@@ -160,6 +160,13 @@ def add_speculative_options(p: argparse.ArgumentParser) -> None:
                         "(default 0: off)")
 
 
+def add_batch_invariant_option(p: argparse.ArgumentParser) -> None:
+    """--batch-invariant/--no-batch-invariant: EngineConfig.batch_invariant (None: the device's default)."""
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="a request's answer does not depend on what shares its batch (default: on for CPU, off "
+                        "for CUDA, where it runs slower fixed-tile kernels: see the README)")
+
+
 def speculative_of(args):
     """The SpeculativeConfig of `add_speculative_options`' flags, or None."""
     from ..engine import SpeculativeConfig
@@ -196,6 +203,8 @@ def load_llm(args, engine_config=None, **options):
     source = model_source(args)
     if engine_config is None and hasattr(args, "speculative"):
         options["speculative"] = speculative_of(args)
+    if engine_config is None and getattr(args, "batch_invariant", None) is not None:
+        options["batch_invariant"] = args.batch_invariant
     engine_config = engine_config or EngineConfig.of(None, **{"max_batch": 1, **options})
     return LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
                quantize=quantize)

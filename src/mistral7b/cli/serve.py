@@ -7,8 +7,8 @@ import argparse
 from ..server.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
                                DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
                                DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
-from .common import (CLIError, add_quantize_options, add_speculative_options, device_of, dtype_name, load_llm,
-                     model_source, port_number, positive_int, quantize_of, speculative_of)
+from .common import (CLIError, add_batch_invariant_option, add_quantize_options, add_speculative_options, device_of,
+                     dtype_name, load_llm, model_source, port_number, positive_int, quantize_of, speculative_of)
 
 # A modest default budget: on CUDA 1 GiB holds 2 x 4096 positions of Mistral 7B's KV in bf16 (128 KiB a
 # token), i.e. a few long system prompts; on CPU 0.25 GiB is 8k tokens of SmolLM2-135M's fp32 KV (30 KiB a
@@ -78,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=positive_int, default=16, help="the largest LoRA rank that can be loaded")
     add_quantize_options(p)
     add_speculative_options(p)
+    add_batch_invariant_option(p)
 
 
 def lora_module(text: str) -> tuple[str, str]:
@@ -148,7 +149,8 @@ def run(args) -> int:
                        "with `pip install fastapi uvicorn`") from None
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
                                  prefix_cache_gib=prefix_cache_gib(args), speculative=speculative_of(args),
-                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                                 batch_invariant=args.batch_invariant)
     sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails in a moment
     try:
         client = local_client(args, engine_config) if args.engine_in_process else remote_client(args, engine_config)
