@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral7b.quant import kernels
-from mistral7b.quant.triton_mm import _int4_kernel, _int8_kernel, int4_rows_mm, int8_rows_mm
+from mistral7b.quant.triton_mm import _int4_kernel, _int4_row_kernel, _int8_kernel, int4_rows_mm, int8_rows_mm
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "head": (32000, 4096)}
 PER_STEP = {"wqkv": 32, "wo": 32, "w13": 32, "w2": 32, "head": 1}
@@ -80,7 +80,7 @@ def time_us(fn, x, copies, n) -> float:
 
 def best_configs() -> str:
     return "; ".join(f"{name} {getattr(k, 'best_config', None)}" for name, k in
-                     (("int8 M1", _int8_kernel(True)), ("int8", _int8_kernel(False)), ("int4 M1", _int4_kernel(True)), ("int4", _int4_kernel(False))))
+                     (("int8 M1", _int8_kernel(True)), ("int8", _int8_kernel(False)), ("int4 M1", _int4_row_kernel()), ("int4", _int4_kernel(False))))
 
 
 def main() -> int:

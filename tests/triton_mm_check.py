@@ -53,8 +53,10 @@ def int4_case(m: int, n: int, k: int, group: int, config: dict | None) -> bool:
 
 
 def int4_cases() -> int:
-    cases = [((1, 36, 512, 128), None),                                  # one row, padded rows, a group per block
-             ((1, 20, 1024, 32), dict(BLOCK_N=8, BLOCK_K=128)),          # one row, four groups in a block
+    cases = [((1, 36, 512, 128), None),                                  # one row, padded rows
+             ((1, 20, 1024, 32), dict(BLOCK_N=8, GROUPS=4)),             # one row, four groups in a block
+             ((1, 12, 1536, 128), dict(BLOCK_N=8, GROUPS=4)),            # one row, a half of 1.5 blocks
+             ((1, 20, 1536, 96), dict(BLOCK_N=16, BLOCK_K=64)),          # one row, a group of no power of two
              ((16, 24, 512, 64), dict(BLOCK_N=16, BLOCK_K=64)),          # a group per block
              ((40, 20, 1024, 128), dict(BLOCK_N=32, BLOCK_K=256)),       # two groups in a block, a 64-row tile
              ((5, 72, 1536, 256), dict(BLOCK_N=64, BLOCK_K=128)),        # a block of half a group

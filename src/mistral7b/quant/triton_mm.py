@@ -188,6 +188,43 @@ def _int4_kernel(one_row: bool):
     return tuned(int4_rows_kernel, shapes, ["n_pad", "half", "ROWS", "GROUP"], "BLOCK_K")
 
 
+@functools.cache
+def _int4_row_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int4_row_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, n, n_pad, half,
+                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        # One activation row, blocks of GROUPS whole groups. Products pile up elementwise in a
+        # [BLOCK_N, GROUPS, GROUP] accumulator summed once at the end: a sum across threads per group
+        # and block (the dot kernel's one-row form) cost more than the 64 bytes of weight it covered.
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live_n = cols < n
+        g = tl.arange(0, GROUPS)
+        within = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        acc = tl.zeros((BLOCK_N, GROUPS, GROUP), tl.float32)
+        for start in tl.range(0, half, GROUPS * GROUP):
+            live_g = start + g * GROUP < half  # half holds whole groups, maybe not whole blocks
+            b = tl.load(w_ptr + cols[:, None, None] * half + start + within[None, :, :],
+                        mask=live_n[:, None, None] & live_g[None, :, None], other=0)
+            for h in tl.static_range(2):
+                q = ((b >> (4 * h)) & 15).to(tl.float32)
+                x = tl.load(x_ptr + h * half + start + within, mask=live_g[:, None], other=0.0).to(tl.float32)
+                off = ((((h * half + start) // GROUP) + g)[None, :] * n_pad + cols[:, None]) * 2
+                live = live_n[:, None] & live_g[None, :]
+                s = tl.load(sz_ptr + off, mask=live, other=0.0).to(tl.float32)
+                z = tl.load(sz_ptr + off + 1, mask=live, other=0.0).to(tl.float32)
+                acc += (q * s[:, :, None] + (z - 8.0 * s)[:, :, None]) * x[None, :, :]
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=live_n)
+
+    # (BLOCK_N, GROUPS, warps, stages): 1-8 KB of weight a step at group 128, 0.5-2 KB at group 32
+    shapes = [(4, 4, 4, 3), (2, 8, 4, 3), (8, 2, 4, 3), (8, 4, 4, 3), (4, 8, 8, 3), (16, 1, 4, 4),
+              (2, 4, 2, 4), (16, 2, 8, 3), (4, 16, 4, 3), (2, 16, 4, 3)]
+    return tuned(int4_row_kernel, shapes, ["n_pad", "half", "GROUP"], "GROUPS")
+
+
 def int4_supported(k: int, group_size: int) -> bool:
     """The layout splits each row into halves: whole groups in each, and whole blocks of bytes."""
     return k % (2 * INT4_PAIR_BLOCK) == 0 and (k // 2) % group_size == 0
@@ -211,7 +248,12 @@ def int4_rows(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, 
     n_pad = scales_zeros.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m:
+    if m == 1 and not invariant and group_size & (group_size - 1) == 0:  # tl.arange wants a power of two
+        kernel = _int4_row_kernel()
+        grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
+        (kernel if config is None else kernel.fn)[grid](x, packed, scales_zeros, out, n, n_pad, k // 2,
+                                                         GROUP=group_size, **(config or {}))
+    elif m:
         args = (x, packed, scales_zeros, out, m, n, n_pad, k // 2, x.stride(0), out.stride(0))
         launch(_int4_kernel, "int4", m, n, args, config, invariant, GROUP=group_size, PRECISION=precision(x))
     return out
