@@ -49,7 +49,7 @@ gemv)
 quant)
     # Ours (quant/triton_mm.py for few rows) and gpt-fast on the same quantized weights, with the limit
     # column (bench --quantize); then ours on torch's kernels (KERNEL=torch).
-    for m in int4 int8; do
+    for m in ${METHODS:-int4 int8}; do
         step bench-$m 240 env MISTRAL7B_CUDA_ROWS_KERNEL=${KERNEL:-triton} python3 -m mistral7b.cli bench --no-hf \
             --quantize $m --peer gpt-fast .peer/gpt-fast --sections decode --prefill "" --runs 2 --json "$OUT/bench-$m.json"
     done
