@@ -30,8 +30,10 @@ CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles an
 # "triton" (`triton_mm`, on the same packed weights). "auto" takes what measured faster at the 7B shape on
 # an H200 (benchmarks/gemv_bench.py, 2026-12-04; one step's weight matmuls, bf16 cuBLAS 3.82 ms):
 # int8: Triton, 2.79 ms at 1 row, 3.00 at 8, 5.30 at 64 (end to end 275.9 tok/s at batch 1 against the
-# reduction's 155.6, 2,187 at batch 8 against 75); int4: tinygemm, 2.20 ms at 1 row (5.12 at 8), where
-# Triton's took 11.5-13.6. Each quantized module carries its setting (`QuantModule.rows_kernel`, from
+# reduction's 155.6, 2,187 at batch 8 against 75); int4: tinygemm, 2.20 ms at 1 row (5.10 at 8), where
+# Triton's took 11.5-13.6 on tinygemm's tiles and, on the halves layout (2026-12-05), 3.11 at 1 row and
+# 8.09 at 8 (end to end 112.6 tok/s at batch 1, about the 8-row kernel's time: not yet explained).
+# Each quantized module carries its setting (`QuantModule.rows_kernel`, from
 # MISTRAL7B_CUDA_ROWS_KERNEL when the load is planned: config.cuda_rows_kernel).
 MEASURED_ROWS_KERNEL = {"int8": "triton", "int4": "torch"}
 # The setting batch_invariant.apply gives every quantized module (never read from the environment): all M

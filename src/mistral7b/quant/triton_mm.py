@@ -1,7 +1,8 @@
 """Weight-only matmuls for few rows (decode) in Triton: int8 per channel, and int4 groups in the "halves"
 layout (`kernels.pack_int4(..., "halves")`: byte j of a row holds inputs j and K/2 + j, so each block of
 bytes is two runs of inputs that need no shuffle; tinygemm's tile layout cost more to unpack than its
-bytes saved: 11.5-13.6 ms a 7B step against tinygemm's 2.20, H200, 2026-12-04).
+bytes saved: 11.5-13.6 ms a 7B step against tinygemm's 2.20, H200, 2026-12-04). On the halves layout
+one row takes 3.11 ms a step and 8 rows 8.09 (tinygemm 2.21 and 5.10, H200, 2026-12-05): still opt-in.
 
 Decode is bound by weight bytes. Each program streams a band of weight rows once and widens it in
 registers; one activation row is a multiply-and-sum, more rows (up to 64) one tensor-core dot per block,
