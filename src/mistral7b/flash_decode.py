@@ -32,8 +32,8 @@ def cdiv(a: int, b: int) -> int:
 def split_plan(batch: int, kv_heads: int, slots: int, processors: int) -> tuple[int, int]:
     """(splits, keys per split) of the key axis: programs enough to cover the GPU about twice, each
     split a whole number of blocks and at most MAX_KEYS_PER_SPLIT keys. The cap matters because the
-    compiled step runs every `max_batch` row and idle rows cost nothing here: sized by the batch alone,
-    one live row among 8 got 5 splits of 832 keys instead of 32 of 128, and decode at 16k context ran
+    compiled step runs rows up to a power of two (runner.decode_width) and idle rows cost nothing
+    here: sized by the batch alone, one live row among 8 got 5 splits of 832 keys instead of 32 of 128, and decode at 16k context ran
     at 0.885 of 1k in `bench` (width 8) against 0.976 at width 1 (H200, 2026-12-04)."""
     wanted = max(1, min(cdiv(slots, BLOCK_N), cdiv(2 * processors, batch * kv_heads)), cdiv(slots, MAX_KEYS_PER_SPLIT))
     per_split = cdiv(cdiv(slots, wanted), BLOCK_N) * BLOCK_N

@@ -1,6 +1,6 @@
 """The model runner: the cache, the sampler, prefill forwards, and decode steps launched on the device.
 
-With `compile`, the decode step is compiled once over all `max_batch` rows (CUDA graphs on a GPU),
+With `compile`, the decode step is compiled over power-of-two widths of rows (CUDA graphs on a GPU),
 and kv_len is rounded up to a few buckets so that few graphs are recorded. Decode steps are queued as
 a `DecodeGroup` whose tokens the host reads later, so the host's bookkeeping can overlap the GPU.
 """
@@ -95,8 +95,8 @@ class ModelRunner:
             self.verify_fn = cpu_kernels.decode_threads(self.model, threads)
 
     def _compile_decode(self):
-        """The model's decode step compiled over all `max_batch` rows (CUDA graphs on a GPU); kv_len
-        is bucketed by `kv_len`."""
+        """The model's decode step compiled (CUDA graphs on a GPU), for the widths of `decode_width`;
+        kv_len is bucketed by `kv_len`."""
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         compiled = self.model.compile_decode(self.cache, mode)
         return compiled if mode is None else _on_graph_thread(compiled)
@@ -135,7 +135,7 @@ class ModelRunner:
     def launch(self, decoding: list[Request], steps: int, prev: DecodeGroup | None, host_copy: bool, bitmask=None):
         """Queue `steps` decode steps for `decoding`, continuing from `prev`'s tokens if given.
         `bitmask` (constraints.py; single steps only) is called once the forward is queued."""
-        width = self.max_batch if self.compiled else max(r.row for r in decoding) + 1
+        width = self.decode_width(decoding, prev)
         ahead = prev.steps if prev is not None else 0
         if prev is None:
             tokens, positions = [0] * width, [-1] * width  # idle rows ride along and write nothing
@@ -164,6 +164,16 @@ class ModelRunner:
             ready = torch.cuda.Event()
             ready.record()
         return DecodeGroup(decoding, steps, tokens, ready, tokens_t, positions_t), logprobs
+
+    def decode_width(self, decoding: list[Request], prev: DecodeGroup | None) -> int:
+        """Rows one decode step runs: every row up to the last decoding one, rounded up to a power of two
+        (at most `max_batch`) when compiled, so that a few shapes are recorded and a lone request runs
+        one-row kernels: int4 tinygemm takes 2.2 ms a 7B step at 1 row against 5.1 at 8 (H200,
+        benchmarks/gemv_bench.py), and flash_decode splits the keys finer. Queued steps keep their width."""
+        if prev is not None:
+            return prev.next_tokens.shape[0]
+        needed = max(r.row for r in decoding) + 1
+        return min(1 << (needed - 1).bit_length(), self.max_batch) if self.compiled else needed
 
     def verify(self, requests: list[Request], drafts: list[list[int]]) -> torch.Tensor:
         """One forward of each row's last token and its draft tokens (speculative decoding), as a
