@@ -17,6 +17,7 @@ from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
 from mistral7b.engine.proposers import SuffixCache, ngram_lookup
 from mistral7b.engine.speculative import Proposal
+from mistral7b.engine.speculative import Proposal
 from mistral7b.model import Transformer
 from mistral7b.server.driver import EngineDriver
 from mistral7b.server.metrics import Metrics
@@ -198,13 +199,36 @@ def test_large_batch_turns_speculation_off(target):
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 12, 12)]
     plain, _ = generate(target, prompts, params)
     engine = Engine(target, None, max_batch=4, speculative=SpeculativeConfig("ngram", 3, max_batch=2))
-    sizes, step = [], engine.speculator.step
-    engine.speculator.step = lambda decoding, deltas: (sizes.append(len(decoding)), step(decoding, deltas))
+    sizes, propose = [], engine.speculator.propose
+    engine.speculator.propose = lambda decoding: (sizes.append(len(decoding)), propose(decoding))[1]
     fast = [engine.add(p, q) for p, q in zip(prompts, params)]
     while engine.has_work():
         engine.step()
     assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
     assert sizes and max(sizes) == 2  # three rows decode plainly; once the first has finished, two speculate
+
+
+def test_a_step_without_any_draft_is_a_plain_decode_step(target):
+    """When no row has a draft token, no verify runs: a plain decode step advances every row (and counts
+    as a step of one token), and the output equals plain decoding; rows with drafts still verify."""
+    prompts = random_prompts((6, 9), seed=16)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    plain, _ = generate(target, prompts, [params] * 2)
+    engine = Engine(target, None, max_batch=2, speculative=SpeculativeConfig("ngram", 3))
+    verifies, verify = [], engine.runner.verify
+    engine.runner.verify = lambda requests, drafts: (verifies.append(drafts), verify(requests, drafts))[1]
+    propose = engine.speculator.proposer.propose
+    calls = iter(range(1000))
+    engine.speculator.proposer.propose = lambda requests, caps, sampler: (
+        propose(requests, caps, sampler) if next(calls) % 2 else Proposal([[] for _ in requests], [None] * len(requests)))
+    fast = [engine.add(p, params) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert all(any(d) for d in verifies)  # a verify only where some row has a draft
+    stats = engine.speculator.stats
+    assert stats.emitted_tokens == sum(len(r.output_ids) - 1 for r in fast)  # plain steps counted too
+    assert stats.row_steps > stats.verify_rows == sum(len([d for d in v if d]) for v in verifies)
 
 
 @pytest.mark.parametrize("kwargs, message", [

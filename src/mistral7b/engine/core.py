@@ -182,7 +182,7 @@ class Engine:
                 tokens, logprobs = self.runner.sample(requests, logits[done], self._bitmask(requests))
                 deltas += self.scheduler.update_from_output(requests, [tokens.tolist()], [logprobs])
 
-    def _decode(self, decoding: list[Request], deltas: list[Delta]) -> None:
+    def _decode(self, decoding: list[Request], deltas: list[Delta], max_steps: int | None = None) -> None:
         """Advance every decoding row. When nothing waits to be prefilled, several steps run back to
         back with the sampled tokens fed back on the device, and the host reads them once at the end;
         a sequence that stops early has its surplus tokens dropped. With `pipeline`, the host reads
@@ -196,7 +196,7 @@ class Engine:
             if not decoding:
                 return
         constrained = self.constraints.any_constrained(decoding)  # their masks need each token: single steps
-        steps = 1 if idle or constrained else min(self.decode_steps, _remaining(decoding, prev))
+        steps = 1 if idle or constrained else min(max_steps or self.decode_steps, _remaining(decoding, prev))
         want_logprobs = any(r.params.logprobs is not None for r in decoding)
         pipelined = self.pipeline and not idle and not want_logprobs and not constrained
         group, logprobs = self.runner.launch(decoding, steps, prev, host_copy=pipelined, bitmask=self._bitmask(decoding))
@@ -215,7 +215,11 @@ class Engine:
             decoding = [r for r in decoding if not r.finished]
             if not decoding:
                 return
-        self.speculator.step(decoding, deltas)
+        proposal = self.speculator.propose(decoding)
+        if proposal is None:
+            self._decode(decoding, deltas, max_steps=1)  # one step: the next may have a proposal
+        else:
+            self.speculator.step(decoding, proposal, deltas)
 
     def _bitmask(self, requests: list[Request]):
         """A callable giving the step's constraint bitmask (None for free rows), or None if all are free."""
