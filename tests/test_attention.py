@@ -189,3 +189,41 @@ def test_flex_block_mask_per_row(window):
     q, k, v, q_pos, k_pos = (torch.cat(parts) for parts in zip(*rows))
     got = flex_attention(q, k, v, block_mask=_block_mask(q_pos, k_pos, window), enable_gqa=True)
     assert _rel(got, _naive_attention(q, k, v, q_pos, k_pos, window)) < 1e-5
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_a_few_new_tokens_equal_decode_steps_bit_for_bit(quantize):
+    """A verify forward of k tokens gives each token's logits exactly as k decode steps do (the quantized
+    CPU kernels are row-invariant; attention goes tokenwise over decode's slot order), for two rows of
+    different lengths, one of them past the rolling buffer's wrap."""
+    from mistral7b.bench import quantized
+    from mistral7b.config import ModelConfig
+    from mistral7b.model import Transformer
+    from mistral7b.quant import QuantConfig
+
+    config = ModelConfig(dim=256, n_layers=2, head_dim=32, hidden_dim=512, n_heads=8, n_kv_heads=2, vocab_size=97,
+                         sliding_window=12, max_seq_len=64)
+    model = quantized(Transformer(config).eval(), QuantConfig(quantize), torch.device("cpu"))
+    dtype, k = model.tok_embeddings.weight.dtype, 5
+    lengths = (20, 6)
+    tokens = torch.randint(0, 97, (2, max(lengths) + k))
+
+    def prefilled():
+        cache = model.new_cache(2, spare_slots=k, dtype=dtype)
+        for row, n in enumerate(lengths):
+            model(tokens[row : row + 1, :n], torch.arange(n)[None], cache, rows=slice(row, row + 1), kv_len=n)
+        return cache
+
+    with torch.no_grad():
+        cache = prefilled()
+        steps = []
+        for j in range(k):
+            positions = torch.tensor([[n + j] for n in lengths])
+            fed = torch.stack([tokens[row, n + j] for row, n in enumerate(lengths)])[:, None]
+            steps.append(model(fed, positions, cache, kv_len=max(lengths) + j + 1)[:, -1])
+        cache = prefilled()
+        positions = torch.stack([torch.arange(n, n + k) for n in lengths])
+        fed = torch.stack([tokens[row, n : n + k] for row, n in enumerate(lengths)])
+        verify = model(fed, positions, cache, kv_len=max(lengths) + k)
+    for j in range(k):
+        assert torch.equal(verify[:, j], steps[j]), j

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Below this many query tokens the dense masked SDPA is as fast as building a block mask.
+TOKENWISE_MAX_QUERIES = 17  # a verify of up to 16 draft tokens and the row's own: `tokenwise_attention`
 FLEX_MIN_TOKENS = 256
 
 
@@ -111,6 +112,55 @@ def rowwise_decode_attention(q: Tensor, k: Tensor, v: Tensor, counts: list[int],
     return out
 
 
+def decode_order(q_pos: list[list[int]], old: int, size: int) -> list[list[list[int]]]:
+    """[row][j]: the indices into (old slots, new tokens) of the keys that the decode step at new token j's
+    position reads, in its slot order: slot s holds the latest new token i <= j with position % size == s,
+    else its old contents; min(position + 1, size) slots ([] for an idle token)."""
+    views = []
+    for row in q_pos:
+        order, row_views = [], []
+        for i, p in enumerate(row):
+            if p < 0:
+                row_views.append([])
+                continue
+            count = min(p + 1, size)
+            order = (order + list(range(len(order), count)))[:count] if len(order) < count else order
+            order[p % size] = old + i
+            row_views.append(list(order))
+        views.append(row_views)
+    return views
+
+
+def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                        size: int, memo: dict | None) -> Tensor:
+    """CPU, a few new tokens a row (a speculative verify, a short prefill chunk): each token exactly as the
+    decode step at its position computes it, over the same keys in the same slot order, so a verified
+    draft's logits equal plain decoding's bit for bit (one SDPA over the old slots followed by the new
+    tokens summed in another order once the buffer had wrapped: 20 of 30 greedy answers of the quantized
+    default model parted from plain decoding)."""
+    t, old = q.shape[2], k.shape[2] - q.shape[2]
+    key = ("decode_order", size, old, window)
+    if memo is None or key not in memo:
+        views = decode_order(q_pos.tolist(), old, size)
+        memo = {} if memo is None else memo
+        memo[key] = [[_slots_view(idx, q_pos[b : b + 1, j : j + 1], k_pos[b : b + 1], window) if idx else None
+                      for j, idx in enumerate(row)] for b, row in enumerate(views)]
+    out = torch.zeros_like(q)
+    for b, row in enumerate(memo[key]):
+        for j, view in enumerate(row):
+            if view is not None:
+                idx, mask = view
+                out[b : b + 1, :, j : j + 1] = decode_attention(q[b : b + 1, :, j : j + 1], k[b : b + 1, :, idx],
+                                                                v[b : b + 1, :, idx], None, None, None, mask)
+    return out
+
+
+def _slots_view(idx: list[int], q_pos: Tensor, k_pos: Tensor, window: int | None) -> tuple[slice | Tensor, Tensor]:
+    """The keys' index (a slice, no copy, until the buffer wraps) and decode's mask over them."""
+    index = slice(0, len(idx)) if idx == list(range(len(idx))) else torch.tensor(idx)
+    return index, visible(q_pos, k_pos[:, index], window)[:, None]
+
+
 def reduction_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                                window: int | None, mask: Tensor | None = None) -> Tensor:
     """Decode attention written as two sums that inductor turns into reductions over the key axis.
@@ -142,13 +192,15 @@ def attention(
     memo: dict | None = None,
     decode_kernel: str = "flash",
     invariant: bool = False,
+    cache_slots: int | None = None,
 ) -> Tensor:
     """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
 
     `self_only` says the keys are the queries' own tokens at positions 0..T-1. `memo` is a dict that
     lives for one forward pass, so layers with the same window share one mask or block mask.
     `decode_kernel` picks CUDA decode's kernel (`check_decode_kernel`); `invariant` (CUDA) overrides it
-    with `invariant_attention`.
+    with `invariant_attention`. `cache_slots`: the rolling buffer's size, when k/v are a cache's old
+    slots followed by the new tokens (`KVCache.update`); a few such tokens on a CPU go `tokenwise`.
     """
     if invariant and q.is_cuda:
         return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo)
@@ -166,6 +218,9 @@ def attention(
         if q.device.type == "cpu" and q.shape[0] > 1 and not torch.compiler.is_compiling():
             return rowwise_decode_attention(q, k, v, row_key_counts(memo, q_pos, k.shape[2]), mask)
         return decode_attention(q, k, v, q_pos, k_pos, window, mask)
+    if cache_slots is not None and q.device.type == "cpu" and t_q <= TOKENWISE_MAX_QUERIES \
+            and not torch.compiler.is_compiling():
+        return tokenwise_attention(q, k, v, q_pos, k_pos, window, cache_slots, memo)
     if q.is_cuda and t_q >= FLEX_MIN_TOKENS:
         memo = {} if memo is None else memo
         key = ("block_mask", window, q.shape[0], t_q, t_k)
