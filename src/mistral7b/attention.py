@@ -120,13 +120,10 @@ def decode_order(q_pos: list[list[int]], old: int, size: int) -> list[list[list[
     for row in q_pos:
         order, row_views = [], []
         for i, p in enumerate(row):
-            if p < 0:
-                row_views.append([])
-                continue
-            count = min(p + 1, size)
-            order = (order + list(range(len(order), count)))[:count] if len(order) < count else order
-            order[p % size] = old + i
-            row_views.append(list(order))
+            if p >= 0:
+                order.extend(range(len(order), min(p + 1, size)))  # positions grow: slots only get added
+                order[p % size] = old + i
+            row_views.append(list(order) if p >= 0 else [])
         views.append(row_views)
     return views
 
@@ -138,11 +135,10 @@ def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
     draft's logits equal plain decoding's bit for bit (one SDPA over the old slots followed by the new
     tokens summed in another order once the buffer had wrapped: 20 of 30 greedy answers of the quantized
     default model parted from plain decoding)."""
-    t, old = q.shape[2], k.shape[2] - q.shape[2]
+    old, memo = k.shape[2] - q.shape[2], {} if memo is None else memo
     key = ("decode_order", size, old, window)
-    if memo is None or key not in memo:
+    if key not in memo:
         views = decode_order(q_pos.tolist(), old, size)
-        memo = {} if memo is None else memo
         memo[key] = [[_slots_view(idx, q_pos[b : b + 1, j : j + 1], k_pos[b : b + 1], window) if idx else None
                       for j, idx in enumerate(row)] for b, row in enumerate(views)]
     out = torch.zeros_like(q)

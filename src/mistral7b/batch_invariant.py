@@ -162,6 +162,7 @@ def apply(model: nn.Module, on: bool) -> int:
     split plan fixed by the key count and an ordered merge for decode, and prefill one row at a time.
     Not covered: LoRA deltas (torch matmuls on the adapter rows) and a tensor-parallel model (refused)."""
     from .quant.config import cuda_rows_kernel
+    from .quant.kernels import INVARIANT
     from .quant.linear import QuantModule
 
     if on and getattr(model, "tensor_parallel_size", 1) > 1:
@@ -176,7 +177,7 @@ def apply(model: nn.Module, on: bool) -> int:
             module.__class__ = swaps[type(module)]
             switched += 1
         elif isinstance(module, QuantModule):
-            module.set_rows_kernel("invariant" if on else cuda_rows_kernel())
+            module.set_rows_kernel(INVARIANT if on else cuda_rows_kernel())
             switched += 1
     model.batch_invariant = on
     return switched

@@ -195,11 +195,14 @@ def _int4_row_kernel():
     import triton.language as tl
 
     @triton.jit
-    def int4_row_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, n, n_pad, half,
-                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    def int4_row_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, m, n, n_pad, half, sx_m, so_m,
+                        ROWS: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
         # One activation row, blocks of GROUPS whole groups. Products pile up elementwise in a
         # [BLOCK_N, GROUPS, GROUP] accumulator summed once at the end: a sum across threads per group
         # and block (the dot kernel's one-row form) cost more than the 64 bytes of weight it covered.
+        # The dot kernel's arguments, so that `launch` runs either; m, the strides, ROWS and PRECISION
+        # say nothing new for one row.
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = cols < n
         g = tl.arange(0, GROUPS)
@@ -249,14 +252,11 @@ def int4_rows(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, 
     n_pad = scales_zeros.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 1 and not invariant and group_size & (group_size - 1) == 0:  # tl.arange wants a power of two
-        kernel = _int4_row_kernel()
-        grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
-        (kernel if config is None else kernel.fn)[grid](x, packed, scales_zeros, out, n, n_pad, k // 2,
-                                                         GROUP=group_size, **(config or {}))
-    elif m:
+    if m:
+        pow2 = group_size & (group_size - 1) == 0  # the one-row kernel's tl.arange over a group wants it
         args = (x, packed, scales_zeros, out, m, n, n_pad, k // 2, x.stride(0), out.stride(0))
-        launch(_int4_kernel, "int4", m, n, args, config, invariant, GROUP=group_size, PRECISION=precision(x))
+        launch(lambda one_row: _int4_row_kernel() if one_row and pow2 else _int4_kernel(one_row), "int4", m, n,
+               args, config, invariant, GROUP=group_size, PRECISION=precision(x))
     return out
 
 
