@@ -9,6 +9,9 @@
 #   bash benchmarks/h200.sh serving    # prefix cache; HTTP load with the engine as a thread and as a process
 #   bash benchmarks/h200.sh structured # structured outputs through the engine; a 131k-token prompt's memory
 #   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
+#   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape; real acceptance
+#   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled then eager
+#   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
 # Needs .whl (wheels the image lacks) and .peer (gpt-fast's files, tokenizer.model.v1) carried.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -78,11 +81,19 @@ serving)
     ;;
 invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, int8, int4); decode cost at b1/b8
     step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json" ;;
+spec)
+    step verify-cost 200 python3 benchmarks/verify_cost.py --json "$OUT/verify-cost.json"
+    step spec-real 240 python3 benchmarks/spec_bench.py --device cuda --methods ngram --json "$OUT/spec.json" ;;
+lora)
+    step lora-compiled 240 python3 benchmarks/lora_bench.py --batch 1 8 64 --compile --json "$OUT/lora-compiled.json"
+    step lora-eager 120 python3 benchmarks/lora_bench.py --batch 1 8 64 --json "$OUT/lora-eager.json" ;;
+tiles)
+    step tiles 300 python3 benchmarks/invariant_tiles.py --json "$OUT/tiles.json" ;;
 structured)
     step structured 200 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
         --engine --skip-cpu --json "$OUT/structured.json"
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 smoke|gemv|quant|kernels|speed|serving|structured|invariant" >&2; exit 2 ;;
+    echo "usage: $0 smoke|gemv|quant|kernels|speed|serving|structured|invariant|spec|lora|tiles" >&2; exit 2 ;;
 esac

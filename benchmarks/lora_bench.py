@@ -2,11 +2,11 @@
 
 Random weights at a preset's shape (speed does not depend on the values). Each batch size is timed
 three ways: the base model (no adapters), every row on one of `--adapters` adapters of rank `--rank` on
-all linears (head included), and the same with half the rows on the base model (slot 0). Eager, no
-CUDA graphs: the delta adds two matmuls and a scatter per slot present and linear, kernel launches that
+all linears (head included), and the same with half the rows on the base model (slot 0). Eager by default
+(`--compile`: the engine's compiled step, CUDA graphs on a GPU): the delta adds two matmuls and a scatter per slot present and linear, kernel launches that
 graphs would hide.
 
-H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64
+H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile]
 CPU:  OMP_NUM_THREADS=1 python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu --steps 30 --rounds 5
 
 Seen on the shared 2-core CPU (tiny shape, fp32, 4 adapters of rank 16, one thread, --steps 30):
@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=1,
                    help="time the three ways in turn this many times and keep each one's fastest (a loaded machine)")
+    p.add_argument("--compile", action="store_true",
+                   help="the engine's compiled decode step (CUDA graphs on a GPU) instead of eager forwards")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -68,13 +70,16 @@ def build(args):
     return model, config, dtype
 
 
-def time_decode(model, cache, batch, context, adapters, steps, device) -> float:
+def time_decode(model, cache, batch, context, adapters, steps, device, compiled=None) -> float:
     tokens = torch.ones(batch, 1, dtype=torch.long, device=device)
     positions = torch.full((batch, 1), context, device=device)
     kw = {} if adapters is None else {"adapters": adapters}
 
     def step():
-        model(tokens, positions, cache, rows=slice(0, batch), kv_len=context + 1, **kw)
+        if compiled is not None:
+            compiled(tokens, positions, context + 1, **kw)
+        else:
+            model(tokens, positions, cache, rows=slice(0, batch), kv_len=context + 1, **kw)
 
     with torch.no_grad():
         for _ in range(3):
@@ -97,10 +102,12 @@ def main(argv=None) -> None:
         cache = KVCache(config, batch, torch.device(args.device), dtype, args.context + 8)
         every = (torch.arange(batch) % args.adapters + 1).to(args.device)
         half = torch.where(torch.arange(batch, device=args.device) % 2 == 0, every, 0)
+        mode = "reduce-overhead" if args.device == "cuda" else None
+        compiled = model.compile_decode(cache, mode) if args.compile else None
         times: dict[str, float] = {}
         for _ in range(args.rounds):  # in turn, so a burst of load from other jobs hits every way alike
             for name, a in (("base", None), ("all rows", every), ("half rows", half)):
-                t = time_decode(model, cache, batch, args.context, a, args.steps, args.device)
+                t = time_decode(model, cache, batch, args.context, a, args.steps, args.device, compiled)
                 times[name] = min(times.get(name, t), t)
         rows.append({"batch": batch, **{k: round(v, 3) for k, v in times.items()}})
         print(f"batch {batch:3d}: base {times['base']:.2f} ms, {args.adapters} adapters r{args.rank} on every row "
@@ -109,7 +116,7 @@ def main(argv=None) -> None:
         del cache
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": config.name, "device": args.device, "rank": args.rank,
+            json.dump({"preset": config.name, "device": args.device, "rank": args.rank, "compile": args.compile,
                        "adapters": args.adapters, "rows": rows}, f, indent=2)
 
 

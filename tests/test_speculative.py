@@ -17,7 +17,6 @@ from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
 from mistral7b.engine.proposers import SuffixCache, ngram_lookup
 from mistral7b.engine.speculative import Proposal
-from mistral7b.engine.speculative import Proposal
 from mistral7b.model import Transformer
 from mistral7b.server.driver import EngineDriver
 from mistral7b.server.metrics import Metrics
@@ -80,6 +79,27 @@ def test_greedy_equals_plain_past_window_ragged(target, method, k):
         assert stats.accepted_tokens == stats.draft_tokens
     elif method == "draft":
         assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def test_graph_verify_layout_equals_plain_past_window(target):
+    """The GPU's compiled verify (`ModelRunner._graph_verify`): every row of the power-of-two width fed
+    k + 1 tokens, idle rows at position -1, kv_len bucketed. Run here through the eager forward with the
+    runner in its compiled bookkeeping; rows finish at different times, so idle rows ride along."""
+    prompts = random_prompts((5, 23, 40, 9, 30), seed=21)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
+    plain, _ = generate(target, prompts, params)
+    for spec, draft in ((SpeculativeConfig("ngram", 4), None), (SpeculativeConfig("draft", 3, draft="x"), perturbed(target, 0.08, 3))):
+        engine = Engine(target, None, max_batch=4, speculative=spec, draft_model=draft)
+        runner, shapes = engine.runner, []
+        runner.compiled = True  # power-of-two widths and kv_len buckets, as on a GPU
+        runner.compiled_verify = lambda tokens, positions, kv_len, **a: (
+            shapes.append(tuple(tokens.shape)), runner.eager_decode(tokens, positions, kv_len, **a))[1]
+        fast = [engine.add(p, q) for p, q in zip(prompts, params)]
+        while engine.has_work():
+            engine.step()
+        assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+        assert shapes and {t for _, t in shapes} == {spec.num_tokens + 1} and {w for w, _ in shapes} <= {1, 2, 4}
+        assert engine.speculator.stats.accepted_tokens > 0
 
 
 def test_greedy_equals_plain_linear_cache_exact_fit():

@@ -46,9 +46,9 @@ class DecodeGroup:
 
 
 def _on_graph_thread(compiled):
-    def decode(*args):
+    def decode(*args, **kwargs):
         _cuda_graph_thread_state()
-        return compiled(*args)
+        return compiled(*args, **kwargs)
 
     return decode
 
@@ -89,6 +89,10 @@ class ModelRunner:
         # Decode steps (their sampling too: an OpenMP team there would wait on the core where the
         # kernels' pool spins) and verify forwards, a decode step of a few tokens, threaded alike.
         self.verify_fn = self.model
+        # A verify forward feeds every row 1 + spare_slots tokens: one compiled shape per decode width,
+        # so a GPU verify replays CUDA graphs as decode does instead of launching each kernel.
+        self.verify_tokens = 1 + spare_slots
+        self.compiled_verify = self._compile_decode() if compile and spare_slots and self.device.type == "cuda" else None
         if self.device.type == "cpu":
             threads = min(torch.get_num_threads(), cpu_kernels.physical_cores())
             self.launch = cpu_kernels.decode_threads(self.launch, threads)
@@ -180,6 +184,8 @@ class ModelRunner:
         prefill chunk at the row's positions; the logits [n, T, vocab], T = 1 + the longest draft.
         Shorter drafts are padded with repeats at the following positions; the engine forgets every
         position it does not accept, so padding costs compute only."""
+        if self.compiled_verify is not None:
+            return self._graph_verify(requests, drafts)
         width = 1 + max(len(d) for d in drafts)
         tokens, positions = [], []
         for r, d in zip(requests, drafts):
@@ -191,6 +197,22 @@ class ModelRunner:
         kv_len = max(r.position for r in requests) + width
         rows = self.rows([r.row for r in requests])
         return self.verify_fn(tokens_t, positions_t, self.cache, rows=rows, kv_len=kv_len, **self.adapters(requests, rows))
+
+    def _graph_verify(self, requests: list[Request], drafts: list[list[int]]) -> torch.Tensor:
+        """`verify` through the compiled step: `decode_width` rows of `verify_tokens` each, idle rows at
+        position -1 (they write nothing), every draft padded to the full length as `verify` pads."""
+        t, width = self.verify_tokens, self.decode_width(requests, None)
+        tokens, positions = [0] * (width * t), [-1] * (width * t)
+        for r, d in zip(requests, drafts):
+            fed = [r.output_ids[-1], *d]
+            start = r.row * t
+            tokens[start : start + t] = fed + [fed[-1]] * (t - len(fed))
+            positions[start : start + t] = range(r.position, r.position + t)
+        tokens_t, positions_t = self.to_device(tokens).view(width, t), self.to_device(positions).view(width, t)
+        kv_len = self.kv_len(max(r.position for r in requests)) + t  # reads the bucket's slots, then these t
+        adapters = self.adapters(requests, slice(0, width), True)
+        logits = self.compiled_verify(tokens_t, positions_t, kv_len, **adapters)
+        return logits[self.to_device([r.row for r in requests])]
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)

@@ -1,0 +1,99 @@
+"""Speculative decoding's cost at a preset's shape (issue 22): one verify forward of k + 1 tokens per
+row against one decode step, through the engine's runner (compiled, CUDA graphs on a GPU), at batch 1
+and 8; the eager verify beside it. Random weights: acceptance comes from spec_bench.py's real model,
+and the speed-up a given acceptance buys is tokens per verify x decode ms / verify ms.
+
+    python3 benchmarks/verify_cost.py [--preset mistral-7b-v0.1] [--k 4] [--accept 1.57,2.0] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+
+from mistral7b import SamplingParams
+from mistral7b.bench import bench_config, random_model
+from mistral7b.engine import Engine, SpeculativeConfig
+
+
+def ms_per_call(fn, device: torch.device, calls: int) -> float:
+    fn()
+    fn()  # the first calls compile and record graphs
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / calls
+    import time
+
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t) * 1e3 / calls
+
+
+def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> list:
+    rng = random.Random(0)
+    requests = [engine.add([rng.randrange(vocab) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=10_000, ignore_eos=True)) for _ in range(n)]
+    while not all(r.output_ids for r in requests):
+        engine.step()
+    return requests
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mistral-7b-v0.1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per verify")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--accept", default="1.57,2.0,3.0", help="tokens per verify to project the speed-up at")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    config = bench_config(args.preset)
+    model = random_model(config, device)
+    engine = Engine(model, None, max_batch=max(args.batch), compile=device.type == "cuda",
+                    speculative=SpeculativeConfig("ngram", args.k, max_batch=max(args.batch)))
+    runner = engine.runner
+    requests = decoding_requests(engine, max(args.batch), args.prompt_len, config.vocab_size)
+    rng = random.Random(1)
+    rows, accept = [], [float(a) for a in args.accept.split(",")]
+    for b in args.batch:
+        group = requests[:b]
+        drafts = [[rng.randrange(config.vocab_size) for _ in range(args.k)] for _ in group]
+        decode = ms_per_call(lambda: runner.launch(group, 1, None, False)[0].read(), device, args.calls)
+        verify = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, args.calls)
+        graphs, runner.compiled_verify = runner.compiled_verify, None
+        eager = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, max(5, args.calls // 5))
+        runner.compiled_verify = graphs
+        row = {"batch": b, "decode_ms": decode, "verify_ms": verify, "eager_verify_ms": eager,
+               "ratio": verify / decode, "speedup_at": {a: a * decode / verify for a in accept}}
+        rows.append(row)
+        print(f"batch {b}: decode {decode:.3f} ms, verify of {args.k + 1} {verify:.3f} ms ({verify / decode:.3f}x), "
+              f"eager verify {eager:.3f} ms; speed-up at " +
+              ", ".join(f"{a} tok/verify {s:.2f}x ({b * 1e3 * s / decode:.0f} tok/s)"
+                        for a, s in row["speedup_at"].items()), flush=True)
+    print("\n| batch | decode ms | verify ms (k+1 = %d) | verify / decode | eager verify ms |" % (args.k + 1))
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['decode_ms']:.3f} | {r['verify_ms']:.3f} | {r['ratio']:.3f} | {r['eager_verify_ms']:.3f} |")
+    if args.json:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "k": args.k, "preset": args.preset, "device": name, "torch": torch.__version__}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
