@@ -5,6 +5,8 @@
 2. bf16, int8 and int4 weights (torch's kernels and quant/triton_mm.py), compiled with CUDA graphs
    at batch 1 and 8, all in this one process (ten compiled runners: the recompile-limit failure of 2026-12-04): every greedy token, teacher-forced
    through the eager path past the window, is the eager argmax or within a bf16 near-tie of it.
+3. Speculative decoding (n-gram, k = 4) with the compiled verify (CUDA graphs) at batch 1 and 4, rows of
+   different lengths past the window: the same near-tie check, and verifies ran.
 Run first on a fresh GPU machine (`bash benchmarks/h200.sh smoke`); exits 1 on any failure.
 """
 
@@ -20,7 +22,7 @@ import torch
 from gpu_check import random_model, rel
 from mistral7b.attention import sdpa_attention
 from mistral7b.config import preset
-from mistral7b.engine import Engine
+from mistral7b.engine import Engine, SpeculativeConfig
 from mistral7b.flash_decode import flash_decode
 from mistral7b.sampling import SamplingParams
 from quant_bench import quantize_model
@@ -82,8 +84,7 @@ def kernel_checks(device) -> None:
 
 
 def method_checks(device, args) -> None:
-    config = preset("mistral-7b-v0.1").with_(dim=1024, n_layers=4, hidden_dim=3584, n_heads=8, n_kv_heads=2,
-                                             sliding_window=args.window, vocab_size=32000)
+    config = small_config(args.window)
     dense = random_model(config, device, torch.bfloat16)
     from mistral7b.quant.linear import use_rows_kernel
 
@@ -117,6 +118,36 @@ def method_checks(device, args) -> None:
             torch.cuda.empty_cache()
 
 
+def small_config(window: int):
+    return preset("mistral-7b-v0.1").with_(dim=1024, n_layers=4, hidden_dim=3584, n_heads=8, n_kv_heads=2,
+                                           sliding_window=window, vocab_size=32000)
+
+
+def speculative_checks(device, args) -> None:
+    config = small_config(args.window)
+    model = random_model(config, device, torch.bfloat16)
+    for batch in (1, 4):
+        engine = Engine(model, None, max_batch=batch, compile=True, max_seq_len=4 * args.window,
+                        speculative=SpeculativeConfig("ngram", 4, min_ngram=1))
+        # Repeating prompts, so that lookup proposes (random weights decide what is accepted).
+        prompts = [(torch.randint(0, config.vocab_size, (5 + i,)).tolist() * 40)[: args.window + 9 * i]
+                   for i in range(batch)]
+        t0 = time.perf_counter()
+        requests = [engine.add(p, SamplingParams(max_tokens=args.tokens, ignore_eos=True)) for p in prompts]
+        while not all(r.finished for r in requests):
+            engine.step()
+        seconds = time.perf_counter() - t0
+        margin = max(worst_margin(model, p, r.output_ids, device) for p, r in zip(prompts, requests))
+        stats = engine.speculator.stats
+        graphs = engine.runner.compiled_verify is not None
+        check(f"speculative ngram compiled b{batch}", margin < 0.02 and stats.verify_rows > 0 and graphs,
+              f"{sum(len(r.output_ids) for r in requests)} greedy tokens, {stats.verify_rows} verified rows, "
+              f"{stats.accepted_tokens}/{stats.draft_tokens} drafts accepted, compiled verify {graphs}; worst "
+              f"shortfall below the eager argmax {margin:.1e}; {seconds:.1f} s with compile")
+        del engine
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--window", type=int, default=128, help="sliding window of the small model (outputs pass it)")
@@ -124,7 +155,8 @@ def main() -> int:
     args = p.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(int(time.time()))
-    for section in (lambda: kernel_checks(device), lambda: method_checks(device, args)):
+    for section in (lambda: kernel_checks(device), lambda: method_checks(device, args),
+                    lambda: speculative_checks(device, args)):
         try:
             section()
         except Exception as e:  # noqa: BLE001
