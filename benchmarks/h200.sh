@@ -39,7 +39,7 @@ for group in "$@"; do  # several groups run in turn in one device call
 case "$group" in
 smoke)
     # Issue 21: every GPU path once, before anything is timed; fails loudly (the last line counts).
-    step smoke-paths 300 python3 benchmarks/gpu_smoke.py
+    step smoke-paths 360 python3 benchmarks/gpu_smoke.py
     step smoke-structured 90 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
         --tiny --engine --skip-cpu --runs 1
     step smoke-prefix 120 python3 benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 8 \

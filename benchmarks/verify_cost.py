@@ -48,6 +48,7 @@ def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> li
     return requests
 
 
+@torch.no_grad()  # as Engine.step: the runner's forwards are traced without autograd
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mistral-7b-v0.1")
