@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 
 import torch
 
@@ -31,8 +32,6 @@ def ms_per_call(fn, device: torch.device, calls: int) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / calls
-    import time
-
     t = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -66,14 +65,20 @@ def main() -> int:
     engine = Engine(model, None, max_batch=max(args.batch), compile=device.type == "cuda",
                     speculative=SpeculativeConfig("ngram", args.k, max_batch=max(args.batch)))
     runner = engine.runner
+    t0 = time.perf_counter()
     requests = decoding_requests(engine, max(args.batch), args.prompt_len, config.vocab_size)
+    print(f"{len(requests)} requests decoding after {time.perf_counter() - t0:.1f} s", flush=True)
     rng = random.Random(1)
     rows, accept = [], [float(a) for a in args.accept.split(",")]
     for b in args.batch:
         group = requests[:b]
         drafts = [[rng.randrange(config.vocab_size) for _ in range(args.k)] for _ in group]
+        t0 = time.perf_counter()
         decode = ms_per_call(lambda: runner.launch(group, 1, None, False)[0].read(), device, args.calls)
+        print(f"batch {b}: decode timed ({time.perf_counter() - t0:.1f} s with its compile)", flush=True)
+        t0 = time.perf_counter()
         verify = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, args.calls)
+        print(f"batch {b}: verify timed ({time.perf_counter() - t0:.1f} s with its compile)", flush=True)
         graphs, runner.compiled_verify = runner.compiled_verify, None
         eager = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, max(5, args.calls // 5))
         runner.compiled_verify = graphs
