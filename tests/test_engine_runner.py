@@ -85,3 +85,13 @@ def test_compiled_decode_runs_the_smallest_power_of_two_width(monkeypatch):
     three, three_widths = run(compiled, prompts)
     assert lone_widths == {1} and max(three_widths) == 4 and three_widths <= {1, 2, 4}
     assert lone == run(eager, prompts[:1])[0] and three == run(eager, prompts)[0]
+
+
+def test_graph_thread_wrapper_passes_keyword_arguments():
+    """The CUDA-graph step is called with the LoRA slots as `adapters=`: the wrapper must hand them on
+    (it took positional arguments only, so LoRA under CUDA graphs failed with a TypeError)."""
+    seen = []
+    wrapped = runner._on_graph_thread(lambda *args, **kwargs: seen.append((args, kwargs)) or "out")
+    slots = torch.tensor([0, 2])
+    assert wrapped(1, 2, 3, adapters=slots) == "out"
+    assert seen[0][0] == (1, 2, 3) and seen[0][1]["adapters"] is slots
