@@ -16,26 +16,14 @@ import time
 import torch
 
 from mistral7b import SamplingParams
-from mistral7b.bench import bench_config, random_model
+from mistral7b.bench import bench_config, random_model, timed
 from mistral7b.engine import Engine, SpeculativeConfig
 
 
 def ms_per_call(fn, device: torch.device, calls: int) -> float:
+    """Median ms a call; one call beyond `timed`'s warm-up, since CUDA graphs record on the second."""
     fn()
-    fn()  # the first calls compile and record graphs
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / calls
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t) * 1e3 / calls
+    return timed(fn, device, calls) * 1e3
 
 
 def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> list:

@@ -181,38 +181,25 @@ class ModelRunner:
 
     def verify(self, requests: list[Request], drafts: list[list[int]]) -> torch.Tensor:
         """One forward of each row's last token and its draft tokens (speculative decoding), as a
-        prefill chunk at the row's positions; the logits [n, T, vocab], T = 1 + the longest draft.
-        Shorter drafts are padded with repeats at the following positions; the engine forgets every
-        position it does not accept, so padding costs compute only."""
-        if self.compiled_verify is not None:
-            return self._graph_verify(requests, drafts)
-        width = 1 + max(len(d) for d in drafts)
-        tokens, positions = [], []
-        for r, d in zip(requests, drafts):
-            fed = [r.output_ids[-1], *d]
-            tokens += fed + [fed[-1]] * (width - len(fed))
-            positions += range(r.position, r.position + width)
-        n = len(requests)
-        tokens_t, positions_t = self.to_device(tokens).view(n, width), self.to_device(positions).view(n, width)
-        kv_len = max(r.position for r in requests) + width
-        rows = self.rows([r.row for r in requests])
-        return self.verify_fn(tokens_t, positions_t, self.cache, rows=rows, kv_len=kv_len, **self.adapters(requests, rows))
-
-    def _graph_verify(self, requests: list[Request], drafts: list[list[int]]) -> torch.Tensor:
-        """`verify` through the compiled step: `decode_width` rows of `verify_tokens` each, idle rows at
-        position -1 (they write nothing), every draft padded to the full length as `verify` pads."""
-        t, width = self.verify_tokens, self.decode_width(requests, None)
+        prefill chunk at the row's positions; the logits [n, T, vocab]. T is 1 + the longest draft, or
+        on a GPU `verify_tokens` through the compiled step, whose `decode_width` rows include idle ones
+        at position -1 (they write nothing). Shorter drafts are padded with repeats at the following
+        positions; the engine forgets every position it does not accept, so padding costs compute only."""
+        graphs = self.compiled_verify is not None
+        t = self.verify_tokens if graphs else 1 + max(len(d) for d in drafts)
+        width = self.decode_width(requests, None) if graphs else len(requests)
         tokens, positions = [0] * (width * t), [-1] * (width * t)
-        for r, d in zip(requests, drafts):
-            fed = [r.output_ids[-1], *d]
-            start = r.row * t
+        for i, (r, d) in enumerate(zip(requests, drafts)):
+            fed, start = [r.output_ids[-1], *d], (r.row if graphs else i) * t
             tokens[start : start + t] = fed + [fed[-1]] * (t - len(fed))
             positions[start : start + t] = range(r.position, r.position + t)
         tokens_t, positions_t = self.to_device(tokens).view(width, t), self.to_device(positions).view(width, t)
-        kv_len = self.kv_len(max(r.position for r in requests)) + t  # reads the bucket's slots, then these t
-        adapters = self.adapters(requests, slice(0, width), True)
-        logits = self.compiled_verify(tokens_t, positions_t, kv_len, **adapters)
-        return logits[self.to_device([r.row for r in requests])]
+        rows = self.rows([r.row for r in requests])
+        if not graphs:
+            return self.verify_fn(tokens_t, positions_t, self.cache, rows=rows, kv_len=max(r.position for r in requests) + t,
+                                  **self.adapters(requests, rows))
+        kv_len = self.kv_len(max(r.position for r in requests)) + t  # the bucket's slots, then these t
+        return self.compiled_verify(tokens_t, positions_t, kv_len, **self.adapters(requests, slice(0, width), True))[rows]
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)
