@@ -149,20 +149,24 @@ def speculative_checks(device, args) -> None:
         torch.cuda.empty_cache()
 
 
+SECTIONS = {"kernels": lambda device, args: kernel_checks(device), "methods": method_checks,
+            "speculative": speculative_checks}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--window", type=int, default=128, help="sliding window of the small model (outputs pass it)")
     p.add_argument("--tokens", type=int, default=160)
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="these sections alone")
     args = p.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(int(time.time()))
-    for section in (lambda: kernel_checks(device), lambda: method_checks(device, args),
-                    lambda: speculative_checks(device, args)):
+    for name in args.only:
         try:
-            section()
+            SECTIONS[name](device, args)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            check("section", False, f"{type(e).__name__}: {str(e)[:300]}")
+            check(name, False, f"{type(e).__name__}: {str(e)[:300]}")
     failed = [name for name, ok, _ in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -35,6 +35,18 @@ def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> li
     return requests
 
 
+def profile(fn, title: str, calls: int = 5) -> None:
+    """The kernels `calls` calls of `fn` ran, by GPU time (where the extra milliseconds go)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+    print(f"--- {title}, {calls} calls")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
+
+
 @torch.no_grad()  # as Engine.step: the runner's forwards are traced without autograd
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +58,7 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--accept", default="1.57,2.0,3.0", help="tokens per verify to project the speed-up at")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="print where the compiled and eager verify spend time")
     args = p.parse_args()
     device = torch.device(args.device)
     config = bench_config(args.preset)
@@ -70,6 +83,9 @@ def main() -> int:
         graphs, runner.compiled_verify = runner.compiled_verify, None
         eager = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, max(5, args.calls // 5))
         runner.compiled_verify = graphs
+        if args.profile:
+            profile(lambda: runner.verify(group, drafts).float().sum().item(), f"compiled verify b{b}")
+            profile(lambda: runner.launch(group, 1, None, False)[0].read(), f"decode b{b}")
         row = {"batch": b, "decode_ms": decode, "verify_ms": verify, "eager_verify_ms": eager,
                "ratio": verify / decode, "speedup_at": {a: a * decode / verify for a in accept}}
         rows.append(row)

@@ -215,3 +215,37 @@ def test_cpu_cache_costs_only_what_is_written():
     layer = cache.layers[0]
     layer.k[0, :, :16] = 1.0  # written slots become resident, the rest stays zero
     assert layer.k[0, :, :16].eq(1).all() and layer.k[1:].abs().max() == 0 and layer.v.abs().max() == 0
+
+
+@pytest.mark.parametrize("window", [W, None], ids=["rolling", "linear"])
+def test_verify_written_first_attends_as_old_slots_then_new(window, monkeypatch):
+    """A verify of k + 1 tokens into a cache with k spare slots may write before it reads (as compiled
+    steps do, `LayerCache.writes_first`): the slots it overwrites hold no key any of its queries sees,
+    so attention over the buffer equals attention over (old slots, new tokens), past the window too."""
+    from mistral7b.attention import sdpa_attention
+    from mistral7b.cache import LayerCache
+
+    k_spare, seed, g = 4, int(torch.randint(0, 2**31, (1,))), torch.Generator()
+    config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                         sliding_window=window, max_seq_len=64)
+    outputs = {}
+    for first in (False, True):
+        monkeypatch.setattr(LayerCache, "writes_first", lambda self, q_pos, first=first: first)
+        cache = KVCache(config, max_batch=2, spare_slots=k_spare)
+        layer = cache.layers[0]
+        g.manual_seed(seed)  # the same fresh inputs for both orders
+        start = [int(torch.randint(10, 40, (1,), generator=g)) for _ in range(2)]  # past W = 8 for both rows
+        for row, p in enumerate(start):  # rows hold positions 0 .. p-1 (the last `size` of them)
+            old = torch.arange(p)[None]
+            layer.k[row : row + 1], layer.v[row : row + 1] = 0, 0
+            layer.update(torch.randn(1, 2, p, 8, generator=g), torch.randn(1, 2, p, 8, generator=g), old,
+                         slice(row, row + 1), p)
+        q_pos = torch.stack([torch.arange(p, p + k_spare + 1) for p in start])
+        q = torch.randn(2, 4, k_spare + 1, 8, generator=g)
+        k, v, k_pos = layer.update(torch.randn(2, 2, k_spare + 1, 8, generator=g),
+                                   torch.randn(2, 2, k_spare + 1, 8, generator=g), q_pos, slice(0, 2),
+                                   max(start) + k_spare + 1)
+        kv_len = max(start) + k_spare + 1  # buffer slots in place, or the old ones and the new tokens after them
+        assert k.shape[2] == (min(kv_len, layer.size) if first else min(max(start), layer.size) + k_spare + 1)
+        outputs[first] = sdpa_attention(q, k, v, q_pos, k_pos, window)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)

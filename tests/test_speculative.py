@@ -81,10 +81,13 @@ def test_greedy_equals_plain_past_window_ragged(target, method, k):
         assert 0 < stats.accepted_tokens < stats.draft_tokens
 
 
-def test_graph_verify_layout_equals_plain_past_window(target):
-    """The GPU's compiled verify (`ModelRunner._graph_verify`): every row of the power-of-two width fed
-    k + 1 tokens, idle rows at position -1, kv_len bucketed. Run here through the eager forward with the
-    runner in its compiled bookkeeping; rows finish at different times, so idle rows ride along."""
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "dynamo"])
+def test_graph_verify_layout_equals_plain_past_window(target, traced):
+    """The GPU's compiled verify (`ModelRunner.verify`): every row of the power-of-two width fed
+    k + 1 tokens, idle rows at position -1, kv_len bucketed. Run here with the runner in its compiled
+    bookkeeping, through the eager forward, or traced by dynamo (the eager backend) as on a GPU, where
+    the cache writes the k + 1 tokens before reading (`LayerCache.writes_first`); rows finish at different
+    times, so idle rows ride along."""
     prompts = random_prompts((5, 23, 40, 9, 30), seed=21)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
     plain, _ = generate(target, prompts, params)
@@ -92,8 +95,9 @@ def test_graph_verify_layout_equals_plain_past_window(target):
         engine = Engine(target, None, max_batch=4, speculative=spec, draft_model=draft)
         runner, shapes = engine.runner, []
         runner.compiled = True  # power-of-two widths and kv_len buckets, as on a GPU
+        forward = runner.model.compile_decode(runner.cache, backend="eager") if traced else runner.eager_decode
         runner.compiled_verify = lambda tokens, positions, kv_len, **a: (
-            shapes.append(tuple(tokens.shape)), runner.eager_decode(tokens, positions, kv_len, **a))[1]
+            shapes.append(tuple(tokens.shape)), forward(tokens, positions, kv_len, **a))[1]
         fast = [engine.add(p, q) for p, q in zip(prompts, params)]
         while engine.has_work():
             engine.step()
