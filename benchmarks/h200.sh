@@ -75,7 +75,7 @@ speed)
     step gpu-check 150 python3 benchmarks/gpu_check.py
     # The peer first, in its own short step: on 2026-12-02 one combined step ran out of time in HF's
     # sections before gpt-fast's turn came.
-    step bench-peer 150 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
+    step bench-peer 240 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json"
     step bench 280 python3 -m mistral7b.cli bench --prefill 4096,32768 --hf-sections decode \
         --sections decode,context,prefill --long-context 0 --runs 2 --json "$OUT/bench.json"
@@ -92,7 +92,7 @@ serving)
 invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, int8, int4); decode cost at b1/b8
     step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json" ;;
 peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alone)
-    step bench-peer 150 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
+    step bench-peer 240 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;
 spec)
     # Batch 32 too: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed).

@@ -129,16 +129,21 @@ def decode_order(q_pos: list[list[int]], old: int, size: int) -> list[list[list[
 
 
 def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
-                        size: int, memo: dict | None) -> Tensor:
+                        size: int, memo: dict | None, written_first: bool = False) -> Tensor:
     """CPU, a few new tokens a row (a speculative verify, a short prefill chunk): each token exactly as the
     decode step at its position computes it, over the same keys in the same slot order, so a verified
     draft's logits equal plain decoding's bit for bit (one SDPA over the old slots followed by the new
     tokens summed in another order once the buffer had wrapped: 20 of 30 greedy answers of the quantized
-    default model parted from plain decoding)."""
+    default model parted from plain decoding). k/v are the old slots followed by the new tokens, or
+    `written_first` the buffer itself (`LayerCache.writes_first`), whose leading min(position + 1, size)
+    slots decode's step reads: slots it would see holding older positions hold later new tokens instead,
+    masked out either way, so the sums are the same."""
     old, memo = k.shape[2] - q.shape[2], {} if memo is None else memo
-    key = ("decode_order", size, old, window)
+    key = ("decode_order", size, old, window, written_first)
     if key not in memo:
-        views = decode_order(q_pos.tolist(), old, size)
+        positions = q_pos.tolist()
+        views = [[list(range(min(p + 1, size))) if p >= 0 else [] for p in row] for row in positions] \
+            if written_first else decode_order(positions, old, size)
         memo[key] = [[_slots_view(idx, q_pos[b : b + 1, j : j + 1], k_pos[b : b + 1], window) if idx else None
                       for j, idx in enumerate(row)] for b, row in enumerate(views)]
     out = torch.zeros_like(q)
@@ -189,14 +194,16 @@ def attention(
     decode_kernel: str = "flash",
     invariant: bool = False,
     cache_slots: int | None = None,
+    written_first: bool = False,
 ) -> Tensor:
     """q [B, H, Tq, hd]; k, v [B, KV, Tk, hd]; q_pos [B, Tq]; k_pos [B, Tk] (-1: empty slot).
 
     `self_only` says the keys are the queries' own tokens at positions 0..T-1. `memo` is a dict that
     lives for one forward pass, so layers with the same window share one mask or block mask.
     `decode_kernel` picks CUDA decode's kernel (`check_decode_kernel`); `invariant` (CUDA) overrides it
-    with `invariant_attention`. `cache_slots`: the rolling buffer's size, when k/v are a cache's old
-    slots followed by the new tokens (`KVCache.update`); a few such tokens on a CPU go `tokenwise`.
+    with `invariant_attention`. `cache_slots`: the cache's size, when k/v come from `LayerCache.update`:
+    its old slots followed by the new tokens, or `written_first` its buffer; a few new tokens on a CPU
+    then go `tokenwise`.
     """
     if invariant and q.is_cuda:
         return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo)
@@ -216,7 +223,7 @@ def attention(
         return decode_attention(q, k, v, q_pos, k_pos, window, mask)
     if cache_slots is not None and q.device.type == "cpu" and t_q <= TOKENWISE_MAX_QUERIES \
             and not torch.compiler.is_compiling():
-        return tokenwise_attention(q, k, v, q_pos, k_pos, window, cache_slots, memo)
+        return tokenwise_attention(q, k, v, q_pos, k_pos, window, cache_slots, memo, written_first)
     if q.is_cuda and t_q >= FLEX_MIN_TOKENS:
         memo = {} if memo is None else memo
         key = ("block_mask", window, q.shape[0], t_q, t_k)

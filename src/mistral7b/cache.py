@@ -64,11 +64,10 @@ class LayerCache:
 
     def writes_first(self, q_pos: Tensor) -> bool:
         """Whether t new tokens are written before the buffer is read, as decode's one is: when they
-        overwrite no key any of them sees (t - 1 <= spare slots: a speculative verify). Compiled, reading
-        the old slots and then writing made the step copy the whole buffer (a 7B verify of 5 tokens cost
-        4.6 decode steps on the H200). A CPU's eager verify keeps (old slots, new tokens) instead:
-        `tokenwise_attention` reproduces decode's slot order from it, bit for bit."""
-        return q_pos.shape[1] - 1 <= self.spare and (q_pos.device.type != "cpu" or torch.compiler.is_compiling())
+        overwrite no key any of them sees (t - 1 <= spare slots: a speculative verify). Reading the old
+        slots and then writing copies them: compiled, the whole buffer (a 7B verify of 5 tokens cost 4.6
+        decode steps on the H200); eagerly on a CPU, three copies a layer."""
+        return q_pos.shape[1] - 1 <= self.spare
 
     def _write(self, rows: slice | Tensor, k_new, v_new, q_pos, memo: dict):
         """Scatter into slots `pos % size`. Rows whose position is -1 (idle rows riding along in a
