@@ -10,7 +10,7 @@
 #   bash benchmarks/h200.sh structured # structured outputs through the engine; a 131k-token prompt's memory
 #   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
 #   bash benchmarks/h200.sh peer       # bf16 decode at b1/b8 with gpt-fast at b1 (no checks, no HF)
-#   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape
+#   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model
 #   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled then eager
 #   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
@@ -95,8 +95,10 @@ peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alon
     step bench-peer 240 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;
 spec)
-    # Batch 32 too: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed).
-    step verify-cost 280 python3 benchmarks/verify_cost.py --batch 1 8 32 --json "$OUT/verify-cost.json" ;;
+    # 2026-12-05 on the H200: 85 s to start 32 requests, then about 100 s of compiles a batch size.
+    step verify-cost 300 python3 benchmarks/verify_cost.py --batch 1 8 --json "$OUT/verify-cost.json"
+    # Batch 32 alone: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed).
+    step verify-cost-b32 240 python3 benchmarks/verify_cost.py --batch 32 --json "$OUT/verify-cost-b32.json" ;;
 spec-real)
     step spec-real 240 python3 benchmarks/spec_bench.py --device cuda --methods ngram --json "$OUT/spec.json" ;;
 lora)

@@ -249,3 +249,27 @@ def test_verify_written_first_attends_as_old_slots_then_new(window, monkeypatch)
         assert k.shape[2] == (min(kv_len, layer.size) if first else min(max(start), layer.size) + k_spare + 1)
         outputs[first] = sdpa_attention(q, k, v, q_pos, k_pos, window)
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_verify_and_decode_copy_no_cache_buffer():
+    """Compiled (inductor, here on the CPU), a decode step and a verify of k + 1 tokens update the cache
+    in place: no generated loop runs over a whole K/V buffer. Reading the old slots before writing the
+    new tokens made one (a 7B verify of 5 tokens cost 4.6 decode steps on the H200)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                         sliding_window=29, max_seq_len=256)
+    model = Transformer(config).eval()
+    cache = KVCache(config, max_batch=3, spare_slots=4)
+    buffer = cache.layers[0].k.numel()  # 3 x 2 x 33 x 16: a number no other loop bound here has
+    start = int(torch.randint(30, 60, (1,)))  # past the window
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, start)), torch.arange(start)[None], cache, rows=slice(0, 1), kv_len=start)
+        step = model.compile_decode(cache)
+        for t in (1, 5):
+            tokens, positions = torch.randint(0, VOCAB, (1, t)), torch.arange(start, start + t)[None]
+            _, code = run_and_get_code(step, tokens, positions, start + t)
+            assert code and not re.search(rf"\b{buffer}L?\b", "\n".join(code)), t
+            start += t
