@@ -5,7 +5,7 @@ slots (full, in slot order p % S). Each candidate is compiled on its own and rep
 of 32 calls (a layer each, with its own K/V, so nothing is served from L2); the table gives the time
 per call, the K/V bandwidth it reaches, and its error against a float32 dense reference.
 
-- sdpa: `attention.decode_attention`, grouped SDPA (the default today);
+- sdpa: `attention.grouped_attention`, grouped SDPA (the default today);
 - reduction: `attention.reduction_decode_attention`, sums over the key axis that inductor splits;
 - flex: FlexAttention (its decoding kernel for short queries), the block mask built outside the graph
   (a forward builds it once for all layers), so this is its best case.
@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from mistral7b.attention import decode_attention, reduction_decode_attention, sdpa_attention, visible
+from mistral7b.attention import grouped_attention, reduction_decode_attention, sdpa_attention, visible
 from mistral7b.flash_decode import flash_decode
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 32, 32, 8, 128
@@ -85,7 +85,7 @@ def main() -> int:
             want = sdpa_attention(q[0].float(), kv[0][0].float(), kv[0][1].float(), q_pos, k_pos, window)
             assert visible(q_pos, k_pos, window).all()
             kernels = {"flash": flash_decode,
-                       "sdpa": torch.compile(decode_attention, fullgraph=True),
+                       "sdpa": torch.compile(grouped_attention, fullgraph=True),
                        "reduction": torch.compile(reduction_decode_attention, fullgraph=True),
                        "flex": flex_kernel(q_pos, k_pos, window)}
             kv_bytes = 2 * batch * KV_HEADS * slots * HEAD_DIM * 2

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mistral7b.attention import (DECODE_KERNELS, attention, causal_attention, decode_attention,
+from mistral7b.attention import (DECODE_KERNELS, attention, causal_attention, grouped_attention,
                                  reduction_decode_attention, sdpa_attention, visible)
 
 
@@ -112,9 +112,20 @@ def test_decode_attention_matches_naive(n_kv):
     k = torch.randn(B, n_kv, W, hd)
     v = torch.randn(B, n_kv, W, hd)
     want = _naive_attention(q, k, v, q_pos, k_pos, W)
-    assert _rel(decode_attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
+    assert _rel(grouped_attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
     assert _rel(reduction_decode_attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
     assert _rel(attention(q, k, v, q_pos, k_pos, W), want) < 1e-5
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+@pytest.mark.parametrize("window", [None, 6])
+def test_grouped_attention_of_a_few_tokens_matches_naive(n_kv, window):
+    """Several query tokens a row (a GPU verify): each KV group's heads x tokens as one query axis, the
+    mask repeated per head, against the naive reference, past the window, rows at different positions."""
+    rows = [_rolling_case(1, 4, n_kv, 16, 6, 5, start) for start in (0, 4, int(torch.randint(7, 40, (1,))))]
+    q, k, v, q_pos, k_pos = (torch.cat(parts) for parts in zip(*rows))
+    want = _naive_attention(q, k, v, q_pos, k_pos, window)
+    assert _rel(grouped_attention(q, k, v, q_pos, k_pos, window), want) < 1e-5
 
 
 def test_reduction_decode_is_finite_for_idle_rows_and_in_the_query_dtype():

@@ -75,16 +75,20 @@ def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
     return create_block_mask(mask_mod, batch, None, t_q, k_pos.shape[1], device=q_pos.device)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
-                     mask: Tensor | None = None) -> Tensor:
-    """One query token per row: the query heads of each KV group become the query-length axis, so
-    a plain MHA kernel reads every cached K/V once for the whole group (no repeated K/V)."""
-    batch, n_heads, _, head_dim = q.shape
-    n_kv = k.shape[1]
-    grouped = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)
-    mask = visible(q_pos, k_pos, window)[:, None] if mask is None else mask  # [B, 1, 1, S], for the group
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                      mask: Tensor | None = None) -> Tensor:
+    """The query heads of each KV group as one query axis [B, KV, group x T, hd], so that a plain MHA
+    kernel reads every cached K/V once for the whole group (no repeated K/V). With a mask, SDPA's fused
+    kernels take no GQA and its math fallback copies each K/V head group times. Decode (T = 1); on a
+    GPU, a forward of a few tokens too (a speculative verify)."""
+    batch, n_heads, t, head_dim = q.shape
+    group = n_heads // k.shape[1]
+    grouped = q.reshape(batch, k.shape[1], group * t, head_dim)
+    mask = visible(q_pos, k_pos, window)[:, None] if mask is None else mask  # [B, 1, T, S], for the group
+    if t > 1:
+        mask = mask.repeat(1, 1, group, 1)  # row g * T + j: head g of the group, query token j
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
-    return out.reshape(batch, n_heads, 1, head_dim)
+    return out.reshape(batch, n_heads, t, head_dim)
 
 
 def row_key_counts(memo: dict | None, q_pos: Tensor, slots: int) -> list[int]:
@@ -108,7 +112,7 @@ def rowwise_decode_attention(q: Tensor, k: Tensor, v: Tensor, counts: list[int],
         if n == 0:
             continue  # an idle row: nothing reads its output
         one = slice(row, row + 1)
-        out[one] = decode_attention(q[one], k[one, :, :n], v[one, :, :n], None, None, None, mask[one, ..., :n])
+        out[one] = grouped_attention(q[one], k[one, :, :n], v[one, :, :n], None, None, None, mask[one, ..., :n])
     return out
 
 
@@ -151,7 +155,7 @@ def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
         for j, view in enumerate(row):
             if view is not None:
                 idx, mask = view
-                out[b : b + 1, :, j : j + 1] = decode_attention(q[b : b + 1, :, j : j + 1], k[b : b + 1, :, idx],
+                out[b : b + 1, :, j : j + 1] = grouped_attention(q[b : b + 1, :, j : j + 1], k[b : b + 1, :, idx],
                                                                 v[b : b + 1, :, idx], None, None, None, mask)
     return out
 
@@ -220,7 +224,7 @@ def attention(
             return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
         if q.device.type == "cpu" and q.shape[0] > 1 and not torch.compiler.is_compiling():
             return rowwise_decode_attention(q, k, v, row_key_counts(memo, q_pos, k.shape[2]), mask)
-        return decode_attention(q, k, v, q_pos, k_pos, window, mask)
+        return grouped_attention(q, k, v, q_pos, k_pos, window, mask)
     if cache_slots is not None and q.device.type == "cpu" and t_q <= TOKENWISE_MAX_QUERIES \
             and not torch.compiler.is_compiling():
         return tokenwise_attention(q, k, v, q_pos, k_pos, window, cache_slots, memo, written_first)
@@ -230,6 +234,8 @@ def attention(
         if key not in memo:
             memo[key] = _block_mask(q_pos, k_pos, window)
         return _compiled_flex()(q, k, v, block_mask=memo[key], enable_gqa=q.shape[1] != k.shape[1])
+    if q.is_cuda:
+        return grouped_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
     return sdpa_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
 
 
