@@ -97,6 +97,10 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['decode_ms']:.3f} | {r['verify_ms']:.3f} | {r['ratio']:.3f} | {r['eager_verify_ms']:.3f} |")
+    for a in accept:  # SpeculativeConfig.max_batch: the largest batch measured where a verify still pays
+        paying = [r["batch"] for r in rows if a * r["decode_ms"] > r["verify_ms"]]
+        print(f"at {a} tokens per verify, speculation pays up to batch {max(paying) if paying else 'none'} "
+              f"of {[r['batch'] for r in rows]}")
     if args.json:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         with open(args.json, "w") as f:

@@ -43,7 +43,8 @@ class SpeculativeConfig:
     # min 1 gave 1.09x on input-grounded prompts and 0.86x on open ones; min 2 gave 1.18x and 1.00x.
     min_ngram: int = 2
     # Speculate only while at most this many rows decode: a larger batch is compute-bound and a verify
-    # of k+1 tokens per row then costs about k+1 decode steps. 8 is a guess to be measured on the GPU.
+    # of k+1 tokens per row then costs about k+1 decode steps. 8 is a guess until a GPU measures it:
+    # benchmarks/verify_cost.py prints the largest batch where a verify still pays (h200.sh spec).
     max_batch: int = 8
     # n-gram only: earlier requests' outputs, up to this many tokens, as drafts (proposers.SuffixCache); 0: off
     suffix_cache_tokens: int = 0
