@@ -10,8 +10,9 @@ applied by the sampler's own functions, position by position (penalties see the 
 
 The rolling buffer: a verify writes positions p .. p+k. With W slots, position p+j would overwrite
 p+j-W, which a later query still sees if p+j is rejected. The cache keeps W + k slots instead (and a
-linear cache max_seq_len + k), so a draft only overwrites positions outside every window, and the
-rejected positions' slots are emptied (`KVCache.forget`) so no later query sees them.
+linear cache max_seq_len + k), so a draft only overwrites positions outside every window: a verify
+writes its k + 1 tokens first and attends over the buffer in place, as decode does (`LayerCache.writes_first`),
+and the rejected positions' slots are emptied (`KVCache.forget`) so no later query sees them.
 
 Rows with a structured-output constraint speculate too. Their draft is cut after the tokens their
 grammar allows; each verified position is masked by the grammar as it stands after the draft tokens
