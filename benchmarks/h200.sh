@@ -11,6 +11,7 @@
 #   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
 #   bash benchmarks/h200.sh peer       # bf16 decode at b1/b8 with gpt-fast at b1 (no checks, no HF)
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
+#   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model
 #   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled then eager
 #   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
@@ -99,6 +100,9 @@ spec)
     step verify-cost 300 python3 benchmarks/verify_cost.py --batch 1 8 --json "$OUT/verify-cost.json"
     # Batch 32 alone: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed).
     step verify-cost-b32 240 python3 benchmarks/verify_cost.py --batch 32 --json "$OUT/verify-cost-b32.json" ;;
+spec-self)  # the whole self-int4 loop at the 7B shape: int4 draft steps, then the bf16 verify, b1 and b8
+    step spec-self 360 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" \
+        --speculative self-int4 --runs 2 --json "$OUT/spec-self.json" ;;
 spec-real)
     step spec-real 240 python3 benchmarks/spec_bench.py --device cuda --methods ngram --json "$OUT/spec.json" ;;
 lora)
@@ -112,7 +116,7 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer serving structured invariant spec spec-real lora tiles)" >&2
+    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer serving structured invariant spec spec-self spec-real lora tiles)" >&2
     exit 2 ;;
 esac
 done
