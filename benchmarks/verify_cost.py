@@ -4,6 +4,7 @@ and 8; the eager verify beside it. Random weights: acceptance comes from spec_be
 and the speed-up a given acceptance buys is tokens per verify x decode ms / verify ms.
 
     python3 benchmarks/verify_cost.py [--preset mistral-7b-v0.1] [--k 4] [--accept 1.57,2.0] [--json F]
+    python3 benchmarks/verify_cost.py --model default --device cpu --batch 1 2 4 8   # the CPU's threshold
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def ms_per_call(fn, device: torch.device, calls: int) -> float:
 def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> list:
     rng = random.Random(0)
     requests = [engine.add([rng.randrange(vocab) for _ in range(prompt_len)],
-                           SamplingParams(max_tokens=10_000, ignore_eos=True)) for _ in range(n)]
+                           SamplingParams(max_tokens=2048, ignore_eos=True)) for _ in range(n)]
     while not all(r.output_ids for r in requests):
         engine.step()
     return requests
@@ -51,6 +52,9 @@ def profile(fn, title: str, calls: int = 5) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mistral-7b-v0.1")
+    p.add_argument("--model", default=None,
+                   help="real weights through LLM (as users run them: a GGUF quantized on the CPU) instead of "
+                        "the preset's random ones; 'default' for the bundled model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--k", type=int, default=4, help="draft tokens per verify")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -61,10 +65,17 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="print where the compiled and eager verify spend time")
     args = p.parse_args()
     device = torch.device(args.device)
-    config = bench_config(args.preset)
-    model = random_model(config, device)
-    engine = Engine(model, None, max_batch=max(args.batch), compile=device.type == "cuda",
-                    speculative=SpeculativeConfig("ngram", args.k, max_batch=max(args.batch)))
+    spec = SpeculativeConfig("ngram", args.k, max_batch=max(args.batch))
+    if args.model:
+        from mistral7b import LLM
+
+        llm = LLM(None if args.model == "default" else args.model, device, max_batch=max(args.batch),
+                  compile=device.type == "cuda", speculative=spec)
+        engine, config = llm.engine, llm.engine.runner.model.config
+    else:
+        config = bench_config(args.preset)
+        engine = Engine(random_model(config, device), None, max_batch=max(args.batch), compile=device.type == "cuda",
+                        speculative=spec)
     runner = engine.runner
     t0 = time.perf_counter()
     requests = decoding_requests(engine, max(args.batch), args.prompt_len, config.vocab_size)
@@ -104,8 +115,8 @@ def main() -> int:
     if args.json:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "k": args.k, "preset": args.preset, "device": name, "torch": torch.__version__}, f,
-                      indent=2)
+            json.dump({"rows": rows, "k": args.k, "preset": args.model or args.preset, "device": name,
+                       "torch": torch.__version__}, f, indent=2)
     return 0
 
 

@@ -97,7 +97,8 @@ def test_bench_bad_flags_are_one_line_errors(capsys):
                           (("--preset", "nope"), "or tiny"),
                           (("--bandwidth-tb-s", "0"), "--bandwidth-tb-s must be positive"),
                           (("--num-speculative-tokens", "2"), "--num-speculative-tokens needs --speculative"),
-                          (("--speculative", "ngram", "--num-speculative-tokens", "17"), "in [1, 16], got 17")):
+                          (("--speculative", "ngram", "--num-speculative-tokens", "17"), "in [1, 16], got 17"),
+                          (("--speculative", "self-int4", "--tensor-parallel-size", "2"), "use ngram or draft:SRC")):
         assert main(["bench", "--device", "cpu", *args]) == 1
         captured = capsys.readouterr()
         lines = [line for line in captured.err.splitlines() if line.strip()]

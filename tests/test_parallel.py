@@ -21,7 +21,7 @@ from checkpoints import hf_model, rel_err, write_gguf, write_mistral
 
 from mistral7b import SamplingParams
 from mistral7b.cache import KVCache
-from mistral7b.engine import Engine
+from mistral7b.engine import Engine, SpeculativeConfig
 from mistral7b.engine.runner import RunnableModel
 from mistral7b.loading import load_model
 from mistral7b.loading.quantized import save_quantized
@@ -248,6 +248,34 @@ class TestTwoRanks:
             got = step(tokens[:, i : i + 1], positions, kv_len)
             want = ref(tokens[:, i : i + 1], positions, caches[1], rows=slice(0, 2), kv_len=kv_len)
             assert rel_err(got, want) < 1e-5
+
+
+    def test_speculative_greedy_matches_one_process(self, tiny, tp2, monkeypatch):
+        """Speculative decoding over two ranks (issue 22): n-gram, and a one-process draft model, past the
+        window, against plain greedy in one process. Rejected drafts are forgotten on every rank; the
+        verify runs eagerly, then as its own compiled step on every rank (dynamo's eager backend)."""
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+        prompts = [(torch.randint(0, VOCAB, (4,), generator=g).tolist() * 6)[:n] for n in (2 * W + 3, W + 1)]
+        want = greedy(Engine(tiny[2], None, max_batch=2, chunk_size=5), prompts, 3 * W)
+        draft = load_model(tiny[1])  # the same weights: it agrees except where ranks and one process part
+        for spec, compiled in ((SpeculativeConfig("ngram", 3, min_ngram=1), False),
+                               (SpeculativeConfig("draft", 2, draft="x"), False),
+                               (SpeculativeConfig("ngram", 3, min_ngram=1), True)):
+            engine = tp_engine(tp2, monkeypatch, max_batch=2, chunk_size=5, speculative=spec,
+                               draft_model=draft if spec.method == "draft" else None)
+            if compiled:
+                engine.runner.compiled = True  # power-of-two widths, kv_len buckets
+                engine.runner.compiled_verify = tp2.compile_decode(engine.runner.cache, backend="eager")
+            forgotten = []
+            forget = type(engine.runner.cache).forget
+            monkeypatch.setattr(type(engine.runner.cache), "forget",
+                                lambda cache, *a: (forgotten.append(a), forget(cache, *a))[1])
+            got = greedy(engine, prompts, 3 * W)
+            assert_greedy_agrees(tiny[2], prompts, got, want)
+            stats = engine.speculator.stats
+            assert stats.accepted_tokens > 0 and stats.verify_rows > 0, spec
+            assert forgotten or stats.accepted_tokens == stats.draft_tokens
+            monkeypatch.undo()
 
 
 # ------------------------------------------------------- quantized, launches in a row, bounded start-up

@@ -106,8 +106,9 @@ def checked(args):
         raise CLIError("--tensor-parallel-size runs bf16 weights only: leave out --quantize")
     if args.batch_invariant and args.tensor_parallel_size > 1:
         raise CLIError("--batch-invariant does not run with tensor parallelism: leave out --tensor-parallel-size")
-    if args.spec is not None and args.tensor_parallel_size > 1:
-        raise CLIError("--speculative does not run with tensor parallelism yet: leave out --tensor-parallel-size")
+    if args.spec is not None and args.spec.method == "self-int4" and args.tensor_parallel_size > 1:
+        raise CLIError("--speculative self-int4 quantizes the random weights in one process: with "
+                       "--tensor-parallel-size use ngram or draft:SRC")
     if args.bandwidth_tb_s <= 0:
         raise CLIError(f"--bandwidth-tb-s must be positive, got {args.bandwidth_tb_s}")
     return quant or None  # False (--quantize none): the random weights are bf16 already

@@ -278,8 +278,6 @@ def make_speculator(settings, runner, draft_model, scheduler, constraints) -> Sp
     config = settings.speculative
     if config is None:
         return None
-    if runner.model.tensor_parallel_size > 1:
-        raise ValueError("speculative decoding with tensor parallelism is not supported yet")
     from .proposers import DraftProposer, NgramProposer, SuffixCache, check_draft
 
     if config.method == "ngram":

@@ -5,7 +5,8 @@ Rank 0 holds `TensorParallelModel`, which the engine's runner drives as it drive
 group, then its token/position/row tensors over the default group (NCCL on GPUs), and then runs the
 forward on rank 0's shard; the workers run the same forward on theirs, meeting at the two
 all-reduces of every layer. Caches are sharded by KV heads: `new_cache` allocates rank 0's part and
-has every worker allocate its own, and `reset` is broadcast too. Only rank 0 samples.
+has every worker allocate its own, and `reset` and `forget` (a rejected draft) are broadcast too.
+Only rank 0 samples and speculates: a verify is a forward of a few tokens like any other.
 
 Workers wait for the next header on a group with a very long timeout (a server may idle for days);
 they still never hang, since a rank that dies closes its sockets and every collective with it
@@ -29,7 +30,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..model import Transformer
 
-OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN, OP_COMPILE, OP_DECODE = 1, 2, 3, 4, 5, 6
+OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN, OP_COMPILE, OP_DECODE, OP_FORGET = 1, 2, 3, 4, 5, 6, 7
 HEADER_LEN = 10
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPILE_MODES = (None, "reduce-overhead", "default", "max-autotune")
@@ -94,7 +95,7 @@ def decode_forward(header: list[int], link: Link) -> tuple[Tensor, Tensor | None
 
 
 class ShardedKVCache(KVCache):
-    """Rank 0's share of a cache whose other shares live on the workers; `reset` reaches them all."""
+    """Rank 0's share of a cache whose other shares live on the workers; `reset` and `forget` reach them all."""
 
     def __init__(self, model: "TensorParallelModel", cache_id: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -107,6 +108,11 @@ class ShardedKVCache(KVCache):
             self.model.link.send([OP_RESET, self.cache_id, rows.start or 0, stop])
             super().reset(rows)
 
+    def forget(self, row: int, start: int, end: int) -> None:
+        with self.model.collective("forgetting rejected draft positions"):
+            self.model.link.send([OP_FORGET, self.cache_id, row, start, end])
+            super().forget(row, start, end)
+
 
 class Worker:
     """A rank other than 0: executes rank 0's commands on its shard until told to stop."""
@@ -114,7 +120,7 @@ class Worker:
     def __init__(self, link: Link, shard: Transformer):
         self.link, self.shard = link, shard
         self.caches: dict[int, KVCache] = {}
-        self.decoders: dict[int, object] = {}
+        self.decoders: dict[int, object] = {}  # compiled steps by id: decode and a verify have one each
 
     @torch.no_grad()
     def serve(self) -> None:
@@ -128,19 +134,21 @@ class Worker:
                 cache = self.caches[cache_id] if cache_id >= 0 else None
                 self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only)
             elif op == OP_NEW_CACHE:
-                _, cache_id, max_batch, max_seq_len, dtype = header[:5]
+                _, cache_id, max_batch, max_seq_len, dtype, spare_slots = header[:6]
                 self.caches[cache_id] = self.shard.new_cache(
-                    max_batch, self.link.device, DTYPES[dtype], max_seq_len if max_seq_len > 0 else None
+                    max_batch, self.link.device, DTYPES[dtype], max_seq_len if max_seq_len > 0 else None, spare_slots
                 )
             elif op == OP_RESET:
                 self.caches[header[1]].reset(slice(header[2], None if header[3] < 0 else header[3]))
+            elif op == OP_FORGET:
+                self.caches[header[1]].forget(*header[2:5])
             elif op == OP_DECODE:
-                _, batch, kv_len, cache_id = header[:4]
-                payload = self.link.receive_payload(2 * batch)
-                self.decoders[cache_id](payload[:batch].view(batch, 1), payload[batch:].view(batch, 1), kv_len)
+                _, batch, t, kv_len, step_id = header[:5]
+                payload = self.link.receive_payload(2 * batch * t)
+                self.decoders[step_id](payload[: batch * t].view(batch, t), payload[batch * t :].view(batch, t), kv_len)
             elif op == OP_COMPILE:
-                _, cache_id, mode, backend = header[:4]
-                self.decoders[cache_id] = self.shard.compile_decode(
+                _, cache_id, mode, backend, step_id = header[:5]
+                self.decoders[step_id] = self.shard.compile_decode(
                     self.caches[cache_id], COMPILE_MODES[mode], BACKENDS[backend]
                 )
             else:
@@ -159,7 +167,7 @@ class TensorParallelModel(nn.Module):
         self.shard, self.config, self.link = shard, config, link
         self.tensor_parallel_size = link.world
         self._processes, self._on_close = list(processes), on_close
-        self._n_caches, self._failure, self._closed = 0, None, False
+        self._n_caches, self._n_steps, self._failure, self._closed = 0, 0, None, False
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 rows: slice | Tensor | None = None, kv_len: int | None = None, last_only: bool = False) -> Tensor:
@@ -175,29 +183,29 @@ class TensorParallelModel(nn.Module):
     def new_cache(self, max_batch: int = 1, device=None, dtype: torch.dtype = torch.float32,
                   max_seq_len: int | None = None, spare_slots: int = 0) -> ShardedKVCache:
         """A KV cache sharded by KV heads: rank 0 gets its part here, each worker allocates its own."""
-        if spare_slots:
-            raise ValueError("speculative decoding with tensor parallelism is not supported yet")
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
         cache_id, self._n_caches = self._n_caches, self._n_caches + 1
         with self.collective("allocating a cache"):
-            self.link.send([OP_NEW_CACHE, cache_id, max_batch, max_seq_len or -1, DTYPES.index(dtype)])
-            return ShardedKVCache(self, cache_id, self.shard.config, max_batch, device, dtype, max_seq_len)
+            self.link.send([OP_NEW_CACHE, cache_id, max_batch, max_seq_len or -1, DTYPES.index(dtype), spare_slots])
+            return ShardedKVCache(self, cache_id, self.shard.config, max_batch, device, dtype, max_seq_len, spare_slots)
 
     def compile_decode(self, cache: ShardedKVCache, mode: str | None = None, backend: str = "inductor"):
-        """A compiled decode step `(tokens [B, 1], positions [B, 1], kv_len) -> logits` over all of
-        `cache`'s rows. Every rank compiles its own shard's step (CUDA graphs with mode
-        "reduce-overhead"); each call sends the inputs, then replays rank 0's."""
+        """A compiled step `(tokens [B, T], positions [B, T], kv_len) -> logits` over all of `cache`'s
+        rows: decode (T = 1), or a verify of k + 1 tokens as a second step of its own. Every rank compiles
+        its own shard's step (CUDA graphs with mode "reduce-overhead"); each call sends the inputs, then
+        replays rank 0's."""
         if mode not in COMPILE_MODES or backend not in BACKENDS:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES} and backend one of {BACKENDS}")
+        step_id, self._n_steps = self._n_steps, self._n_steps + 1
         with self.collective("compiling the decode step"):
-            self.link.send([OP_COMPILE, cache.cache_id, COMPILE_MODES.index(mode), BACKENDS.index(backend)])
+            self.link.send([OP_COMPILE, cache.cache_id, COMPILE_MODES.index(mode), BACKENDS.index(backend), step_id])
             local = self.shard.compile_decode(cache, mode, backend)
 
         def decode(tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
             payload = torch.cat([tokens.reshape(-1), positions.reshape(-1)])
             with self.collective("a decode step"):
-                self.link.send([OP_DECODE, tokens.shape[0], int(kv_len), cache.cache_id], payload)
+                self.link.send([OP_DECODE, *tokens.shape, int(kv_len), step_id], payload)
                 return local(tokens, positions, kv_len)
 
         return decode
