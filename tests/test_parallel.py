@@ -359,7 +359,7 @@ def test_ranks_on_cpu_kernels_equal_one_process(tmp_path, monkeypatch):
 def test_launch_from_an_unguarded_script(tiny, tmp_path):
     """A script without `if __name__ == "__main__"` that launches, then loads a model and launches again:
     spawn must not run the script again in each worker (it would load again, then fail to launch from
-    a worker: issue 26's hang)."""
+    a worker: issue 26's hang). Nothing is left behind: no "leaked semaphore" warning at exit."""
     script = tmp_path / "script.py"
     script.write_text(
         "import torch\nfrom mistral7b.loading import load_model\nfrom mistral7b.parallel import launch\n"
@@ -374,6 +374,7 @@ def test_launch_from_an_unguarded_script(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("loaded") == 1  # once, in the script's own process
     assert float(result.stdout.split("diff")[1]) < 1e-5
+    assert "leaked semaphore" not in result.stderr, result.stderr[-2000:]
 
 
 # ----------------------------------------------------------------- three ranks, the default model

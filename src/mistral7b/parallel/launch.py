@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..config import ModelConfig, ModelLoadError
 from ..loading import open_checkpoint
@@ -146,6 +147,9 @@ def load_everywhere(spec: LaunchSpec, link: Link, store=None, processes=()):
 def worker_main(spec: LaunchSpec, rank: int, local_rank: int, parent: int | None) -> None:
     """A worker rank's whole life: join, load, serve, leave. Exits non-zero on any failure."""
     set_environment()
+    # tqdm's default lock is a multiprocessing semaphore, which os._exit below never releases: every
+    # launch then ended with "resource_tracker: ... leaked semaphore objects" on the user's terminal.
+    tqdm.set_lock(threading.RLock())
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if parent is not None:
