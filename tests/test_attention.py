@@ -126,6 +126,8 @@ def test_grouped_attention_of_a_few_tokens_matches_naive(n_kv, window):
     q, k, v, q_pos, k_pos = (torch.cat(parts) for parts in zip(*rows))
     want = _naive_attention(q, k, v, q_pos, k_pos, window)
     assert _rel(grouped_attention(q, k, v, q_pos, k_pos, window), want) < 1e-5
+    traced = torch.compile(grouped_attention, backend="eager", fullgraph=True)  # as in the compiled verify
+    assert _rel(traced(q, k, v, q_pos, k_pos, window), want) < 1e-5
 
 
 def test_reduction_decode_is_finite_for_idle_rows_and_in_the_query_dtype():
