@@ -1,7 +1,7 @@
 """GPU smoke suite (issue 21): every GPU decode path once, at shapes small enough to take minutes.
 
 1. The split-K decode kernel (`flash_decode`) against SDPA with the dense mask in fp32: 7B head shapes,
-   a wrapped rolling buffer, batch 1 and 8, an idle row.
+   a wrapped rolling buffer, batch 1 and 8, an idle row; and a verify's 5 tokens a row through grouped SDPA.
 2. bf16, int8 and int4 weights (torch's kernels and quant/triton_mm.py), compiled with CUDA graphs
    at batch 1 and 8, all in this one process (ten compiled runners: the recompile-limit failure of 2026-12-04): every greedy token, teacher-forced
    through the eager path past the window, is the eager argmax or within a bf16 near-tie of it.
@@ -20,7 +20,7 @@ import traceback
 import torch
 
 from gpu_check import random_model, rel
-from mistral7b.attention import sdpa_attention
+from mistral7b.attention import grouped_attention, sdpa_attention
 from mistral7b.config import preset
 from mistral7b.engine import Engine, SpeculativeConfig
 from mistral7b.flash_decode import flash_decode
@@ -81,6 +81,15 @@ def kernel_checks(device) -> None:
             idle_zero = bool((got[~live] == 0).all())
             check(f"flash_decode b{batch} slots {slots} window {window}", err < 1e-2 and idle_zero,
                   f"rel err vs fp32 SDPA {err:.2e}, idle rows zero: {idle_zero}")
+    for batch in (1, 8):  # a verify's few tokens a row: grouped SDPA (no GQA copies) against fp32 SDPA
+        q, k, v, q_pos, k_pos = rolling_case(batch, 4096, device, 4096)
+        q = torch.randn(batch, q.shape[1], 5, q.shape[3], device=device, dtype=torch.bfloat16)
+        q_pos = torch.where(q_pos >= 0, q_pos - 4 + torch.arange(5, device=device), -1)  # p - 4 .. p, idle -1
+        got = grouped_attention(q, k, v, q_pos, k_pos, 4096)
+        want = sdpa_attention(q.float(), k.float(), v.float(), q_pos, k_pos, 4096)
+        live = q_pos[:, 0] >= 0
+        err = rel(got[live], want[live])
+        check(f"grouped attention b{batch} 5 tokens", err < 1e-2, f"rel err vs fp32 SDPA {err:.2e}")
 
 
 def method_checks(device, args) -> None:
