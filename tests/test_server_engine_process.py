@@ -291,3 +291,49 @@ def test_structured_output_and_its_stop_strings_match_in_process(server, llm):
                    for url in (server.url, local.url)]
             assert got[0]["choices"] == got[1]["choices"], extra
             assert got[0]["choices"][0]["message"]["content"].startswith("{")
+
+
+def test_serve_over_two_ranks_matches_in_process(checkpoint, llm):
+    """`mistral7b serve --tensor-parallel-size 2`: the engine process starts the second rank itself (a
+    daemonic process could not), greedy completions equal one process's, and SIGTERM stops all three
+    processes with status 0 and nothing left behind."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "mistral7b.cli", "serve", "--model", str(checkpoint), "--device", "cpu",
+               "--port", str(port), "--max-batch", "2", "--log-level", "warning", "--tensor-parallel-size", "2"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            _until(lambda: _health(c) == 200, timeout=120)
+            for prompt in PROMPTS[:2]:
+                ref = _greedy(llm, llm.encode_prompt(prompt), 8, ignore_eos=True)
+                r = c.post("/v1/completions", json={"model": checkpoint.name, "prompt": prompt, "max_tokens": 8,
+                                                    "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        stderr = proc.stderr.read()
+        assert "leaked semaphore" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("size", ["3", "0"])
+def test_serve_tensor_parallel_size_that_cannot_split_is_one_line(checkpoint, size, capsys):
+    """Checked against the checkpoint's KV heads (2) before anything loads or binds: one line, no traceback."""
+    from mistral7b import cli
+
+    args = ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", str(_free_port()),
+            "--tensor-parallel-size", size]
+    if size == "0":  # a usage error (exit 2) from argparse
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        assert exit_.value.code == 2
+        assert "--tensor-parallel-size" in capsys.readouterr().err.splitlines()[-1]
+        return
+    assert cli.main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["mistral7b: error: tensor_parallel_size 3 does not divide this model's 2 KV heads; "
+                   "choose one of 1, 2"]

@@ -207,7 +207,7 @@ def load_llm(args, engine_config=None, **options):
         options["batch_invariant"] = args.batch_invariant
     engine_config = engine_config or EngineConfig.of(None, **{"max_batch": 1, **options})
     return LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
-               quantize=quantize)
+               quantize=quantize, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
 def sampling_params(args):

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="model name the API reports (None: from the checkpoint)")
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="sequences decoded together, each with its own preallocated cache row")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                   help="split the model over N processes (GPUs, or gloo on a CPU); N divides the KV heads")
     p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="cache positions per sequence for layers without a sliding window, and so the longest "
                         "prompt + completion (None: the model's context); windowed layers always keep W")
@@ -151,6 +153,8 @@ def run(args) -> int:
                                  prefix_cache_gib=prefix_cache_gib(args), speculative=speculative_of(args),
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                                  batch_invariant=args.batch_invariant)
+    if args.tensor_parallel_size > 1:
+        check_tensor_parallel(args)
     sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails in a moment
     try:
         client = local_client(args, engine_config) if args.engine_in_process else remote_client(args, engine_config)
@@ -164,6 +168,19 @@ def run(args) -> int:
           keep_alive_timeout=args.keep_alive_timeout, max_connections_per_client=args.max_connections_per_client,
           shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def check_tensor_parallel(args) -> None:
+    """--tensor-parallel-size against the checkpoint's KV heads, read from its config before anything
+    loads (in the engine process the error would come after a traceback)."""
+    from ..config import ModelLoadError
+    from ..loading import open_checkpoint
+    from ..weights import check_world_size
+
+    try:
+        check_world_size(open_checkpoint(model_source(args)).config, args.tensor_parallel_size)
+    except (ValueError, ModelLoadError) as e:
+        raise CLIError(str(e)) from None
 
 
 def listen_socket(host: str, port: int):
@@ -194,5 +211,6 @@ def remote_client(args, engine_config):
     device = device_of(args)
     load = EngineLoad(source=str(model_source(args)), device=None if device is None else str(device),
                       dtype=dtype_name(args), engine=dataclasses.asdict(engine_config),
-                      quantize=dataclasses.asdict(quantize) if dataclasses.is_dataclass(quantize) else quantize)
+                      quantize=dataclasses.asdict(quantize) if dataclasses.is_dataclass(quantize) else quantize,
+                      tensor_parallel_size=args.tensor_parallel_size)
     return EngineProcessClient.launch(load, step_timeout=args.engine_step_timeout)

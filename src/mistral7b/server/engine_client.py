@@ -91,8 +91,10 @@ class EngineProcessClient:
             return self
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot fork
         self.conn, child = ctx.Pipe()
+        # A daemonic process may not start processes, and a tensor-parallel engine starts its ranks; it
+        # needs no daemon flag to end with this one: it stops at `close` or at the pipe's EOF.
         self.process = ctx.Process(target=engine_process.main, args=(child, self.load.to_json()),
-                                   name="mistral7b-engine", daemon=True)
+                                   name="mistral7b-engine", daemon=self.load.tensor_parallel_size == 1)
         self.process.start()
         # Before multiprocessing's own exit hook, which would wait forever for a process ignoring SIGTERM.
         atexit.register(self.close)

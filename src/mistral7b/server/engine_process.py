@@ -34,6 +34,7 @@ class EngineLoad:
     # (benchmarks/serve_load.py builds random-weight presets so). The module must be on sys.path.
     factory: str | None = None
     factory_args: dict = field(default_factory=dict)
+    tensor_parallel_size: int = 1  # the engine process then starts the other ranks itself
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -54,7 +55,7 @@ class EngineLoad:
 
         quantize = QuantConfig(**self.quantize) if isinstance(self.quantize, dict) else self.quantize
         return LLM(self.source, device=self.device, dtype=self.dtype, engine_config=EngineConfig.from_dict(self.engine),
-                   quantize=quantize)
+                   quantize=quantize, tensor_parallel_size=self.tensor_parallel_size)
 
 
 def main(conn, load_json: str) -> None:
