@@ -311,9 +311,14 @@ def test_serve_over_two_ranks_matches_in_process(checkpoint, llm):
                                                     "temperature": 0, "ignore_eos": True})
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text, r.text
         proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
         assert proc.wait(timeout=60) == 0
+        # The engine closes its model, so rank 1 is told to stop (rather than finding its peer gone
+        # after the HTTP process gave up waiting, 10 s later, and killed the engine).
+        assert time.monotonic() - start < 8
         stderr = proc.stderr.read()
-        assert "leaked semaphore" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+        for problem in ("leaked semaphore", "Traceback", "tensor-parallel rank", "killed"):
+            assert problem not in stderr, stderr[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

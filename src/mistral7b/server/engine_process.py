@@ -85,6 +85,10 @@ def main(conn, load_json: str) -> None:
         EngineLoop(engine, conn).run()
     except (EOFError, OSError):  # the HTTP process is gone
         pass
+    finally:  # before multiprocessing's exit, which would wait forever on a tensor-parallel model's ranks
+        close = getattr(llm, "close", None)
+        if close is not None:
+            close()
 
 
 class EngineLoop:
