@@ -54,7 +54,8 @@ def test_quantize_reaches_the_loader(smollm2, tmp_path, monkeypatch, capsys):
     otherwise, and QuantConfig("none") for --quantize none."""
     seen = []
 
-    def recording_llm(source, device=None, dtype=None, engine_config=None, quantize=None):
+    def recording_llm(source, device=None, dtype=None, engine_config=None, quantize=None, tensor_parallel_size=1):
+        assert tensor_parallel_size == 1  # eval has no --tensor-parallel-size
         seen.append(quantize)
         return smollm2
 
