@@ -123,7 +123,7 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(k, v, positions, inputs.rows, inputs.kv_len, memo)
             out = attention(q, k, v, positions, k_pos, self.window, self_only=inputs.kv_len == t, memo=memo,
                             decode_kernel=inputs.decode_kernel, invariant=inputs.invariant, cache_slots=cache.size,
-                            written_first=t > 1 and cache.writes_first(positions))
+                            written_first=cache.writes_first(positions))
         out = out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)
         return self.reduce(project(self.wo, out, inputs.adapters))
 
