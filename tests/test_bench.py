@@ -43,7 +43,7 @@ def test_bench_quantized_limit_table(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     result = bench("--device", "cpu", "--preset", "tiny", "--no-hf", "--sections", "decode", "--prefill", "",
                    "--batch", 2, "--prompt-len", 8, "--new-tokens", 6, "--runs", 1, "--quantize", "int4",
-                   "--json", out)
+                   "--bandwidth-tb-s", 4.3, "--json", out)
     assert result.returncode == 0, result.stderr
     assert "transformers imported: False" in result.stdout  # --no-hf never loads it
     weight_bytes = int4_bytes(TINY, 128)
@@ -74,6 +74,11 @@ def test_bench_speculative_figures(tmp_path):
                    "--num-speculative-tokens", k, "--json", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
+    # no --bandwidth-tb-s: the limit uses this machine's copy bandwidth, measured in the run and named
+    limit = figures["limit"]
+    assert limit["bandwidth_from"] == "measured copy" and 1e8 < limit["bandwidth_bytes_per_s"] < 1e13
+    assert limit["b1"]["limit_tok_s"] == limit["bandwidth_bytes_per_s"] / figures["weights"]["bytes"]
+    assert "(measured copy) / weight bytes" in result.stdout
     spec = figures["speculative"]
     assert spec["method"] == "ngram" and spec["num_tokens"] == k
     lines = result.stdout.splitlines()

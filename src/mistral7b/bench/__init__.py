@@ -7,7 +7,7 @@ Figures are medians over `--runs`; the table goes to stdout and everything to `-
 quantizing path (HF stays bf16), and gpt-fast (`--peer`) quantizes its own the same way. A second
 table sets decode after the first token against the limit: the model's resident weight bytes
 (embeddings included, as issue 21 counts them) read once per decode step at `--bandwidth-tb-s`
-(4.3 TB/s, the copy bandwidth measured on the H200), so batch B's limit is B x bandwidth / bytes.
+(default: the device's copy bandwidth, measured in the run), so batch B's limit is B x bandwidth / bytes.
 """
 
 from __future__ import annotations

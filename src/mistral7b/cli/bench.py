@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .common import add_batch_invariant_option, add_quantize_options, add_speculative_options
 
-H200_COPY_TB_S = 4.3  # mistral7b.bench's default, here so that --help needs no torch
 DECODE_KERNELS = ("flash", "sdpa", "reduction")  # mistral7b.attention.DECODE_KERNELS (a test checks), without torch
 
 NAME = "bench"
@@ -17,7 +16,7 @@ DESCRIPTION = ("Our engine and HF transformers side by side, in one process on o
                "preset's shape (speed does not depend on the values), shared by both engines. Figures are medians "
                "over --runs; the table goes to stdout and everything to --json. --quantize int8|int4 runs ours (and "
                "--peer gpt-fast) on those weights quantized; a second table sets decode against the limit: resident "
-               "weight bytes read once per step at --bandwidth-tb-s.")
+               "weight bytes read once per step at the copy bandwidth measured on the device (or --bandwidth-tb-s).")
 COMMON = None  # its own --device; no model or dtype
 
 
@@ -45,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shard our model over N GPUs (mistral7b.parallel; N processes with gloo on CPU); bf16 only, "
                         "no HF sections, no full-attention prefill variant")
     add_quantize_options(p)
-    p.add_argument("--bandwidth-tb-s", type=float, default=H200_COPY_TB_S,
-                   help="memory bandwidth for the limit column: weight bytes read once per decode step")
+    p.add_argument("--bandwidth-tb-s", type=float, default=None,
+                   help="memory bandwidth for the limit column (weight bytes read once per decode step); default: "
+                        "the device's copy bandwidth, measured before the table")
     p.add_argument("--peer", nargs=2, metavar=("NAME", "DIR"), default=None, type=str,
                    help="after our figures, run a peer's batch-1 decode, with --quantize's weights: `--peer gpt-fast DIR` (DIR holds "
                         "gpt-fast's model.py and generate.py, fetched into an ignored path); its best figure goes "
@@ -109,7 +109,7 @@ def checked(args):
     if args.spec is not None and args.spec.method == "self-int4" and args.tensor_parallel_size > 1:
         raise CLIError("--speculative self-int4 quantizes the random weights in one process: with "
                        "--tensor-parallel-size use ngram or draft:SRC")
-    if args.bandwidth_tb_s <= 0:
+    if args.bandwidth_tb_s is not None and args.bandwidth_tb_s <= 0:
         raise CLIError(f"--bandwidth-tb-s must be positive, got {args.bandwidth_tb_s}")
     return quant or None  # False (--quantize none): the random weights are bf16 already
 
