@@ -232,6 +232,26 @@ def test_large_batch_turns_speculation_off(target):
     assert sizes and max(sizes) == 2  # three rows decode plainly; once the first has finished, two speculate
 
 
+def test_default_batch_limit_is_the_devices_measured_one(target):
+    """Without max_batch, a CPU engine speculates up to MEASURED_MAX_BATCH["cpu"] rows and decodes plainly
+    above it (a GPU's limit is another figure)."""
+    from mistral7b.engine.speculative import MEASURED_MAX_BATCH
+
+    limit = MEASURED_MAX_BATCH["cpu"]
+    prompts = random_prompts(tuple(range(5, 6 + limit)), seed=17)
+    params = [SamplingParams(max_tokens=4, ignore_eos=True)] + [SamplingParams(max_tokens=10, ignore_eos=True)] * limit
+    plain, _ = generate(target, prompts, params, max_batch=limit + 1)
+    engine = Engine(target, None, max_batch=limit + 1, speculative=SpeculativeConfig("ngram", 3))
+    assert engine.speculator.max_batch == limit
+    sizes, propose = [], engine.speculator.propose
+    engine.speculator.propose = lambda decoding: (sizes.append(len(decoding)), propose(decoding))[1]
+    fast = [engine.add(p, q) for p, q in zip(prompts, params)]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert sizes and max(sizes) == limit  # all rows decode plainly; once the short one ends, the rest speculate
+
+
 def test_a_step_without_any_draft_is_a_plain_decode_step(target):
     """When no row has a draft token, no verify runs: a plain decode step advances every row (and counts
     as a step of one token), and the output equals plain decoding; rows with drafts still verify."""

@@ -35,7 +35,7 @@ def speculative_engine(model, spec: SpeculativeConfig, args) -> Engine:
         draft = load_draft(spec, None, device, torch.bfloat16)
     batch = max(args.batch, 1)
     config = engine_config(args, max_batch=batch, compile=torch.device(device).type == "cuda",
-                           speculative=replace(spec, max_batch=max(spec.max_batch, batch)))
+                           speculative=replace(spec, max_batch=max(spec.max_batch or 1, batch)))
     return Engine(model, None, config, draft_model=draft)
 
 

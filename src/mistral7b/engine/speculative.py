@@ -32,6 +32,11 @@ from .request import Delta, Request
 
 METHODS = ("ngram", "draft", "self-int4")
 MAX_NUM_TOKENS = 16
+# The largest batch measured to gain from speculation (a verify of k + 1 = 5 tokens against a decode step,
+# benchmarks/verify_cost.py). CUDA: an H100 at the 7B shape, 1.14x/1.09x/1.25x a step at b1/b8/b32, so
+# ~2.9 tokens a verify (n-gram, grounded prompts) still pay 2.3x at b32; above 32 is not measured.
+# CPU: the default model on 2 cores, 1.81x/2.07x/2.53x at b1/b2/b4: at b4, 2.9 tokens pay 1.15x.
+MEASURED_MAX_BATCH = {"cuda": 32, "cpu": 4}
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,8 @@ class SpeculativeConfig:
     # min 1 gave 1.09x on input-grounded prompts and 0.86x on open ones; min 2 gave 1.18x and 1.00x.
     min_ngram: int = 2
     # Speculate only while at most this many rows decode: a larger batch is compute-bound and a verify
-    # of k+1 tokens per row then costs about k+1 decode steps. 8 is a guess until a GPU measures it:
-    # benchmarks/verify_cost.py prints the largest batch where a verify still pays (h200.sh spec).
-    max_batch: int = 8
+    # of k+1 tokens per row then costs about k+1 decode steps. None: MEASURED_MAX_BATCH for the device.
+    max_batch: int | None = None
     # n-gram only: earlier requests' outputs, up to this many tokens, as drafts (proposers.SuffixCache); 0: off
     suffix_cache_tokens: int = 0
 
@@ -60,7 +64,8 @@ class SpeculativeConfig:
             raise ValueError("a draft model source (draft=...) is needed with method 'draft', and only with it")
         if not (isinstance(self.min_ngram, int) and isinstance(self.max_ngram, int) and 1 <= self.min_ngram <= self.max_ngram):
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
             raise ValueError(f"speculative max_batch must be a positive integer, got {self.max_batch!r}")
         cap = self.suffix_cache_tokens
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
@@ -136,9 +141,10 @@ class Speculator:
         self.config, self.runner, self.proposer = config, runner, proposer
         self.scheduler, self.constraints = scheduler, constraints
         self.stats = SpecStats(config.num_tokens)
+        self.max_batch = config.max_batch or MEASURED_MAX_BATCH.get(runner.device.type, MEASURED_MAX_BATCH["cpu"])
 
     def active(self, decoding: list[Request]) -> bool:
-        return len(decoding) <= self.config.max_batch
+        return len(decoding) <= self.max_batch
 
     def propose(self, decoding: list[Request]) -> Proposal | None:
         """Each row's draft tokens; None when no row has one: a plain decode step then advances every row
