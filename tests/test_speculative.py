@@ -218,16 +218,22 @@ def test_sampling_features_logprobs_stops_and_penalties_match_plain(target):
     assert any(r.finish_reason == "stop" for r in plain) and any(r.finish_reason == "length" for r in plain)
 
 
+def speculating_batch_sizes(engine, prompts, params):
+    """Run the prompts through `engine`; its requests and the number of rows of each speculative step."""
+    sizes, propose = [], engine.speculator.propose
+    engine.speculator.propose = lambda decoding: (sizes.append(len(decoding)), propose(decoding))[1]
+    requests = [engine.add(p, q) for p, q in zip(prompts, params)]
+    while engine.has_work():
+        engine.step()
+    return requests, sizes
+
+
 def test_large_batch_turns_speculation_off(target):
     prompts = random_prompts((6, 7, 8), seed=15)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 12, 12)]
     plain, _ = generate(target, prompts, params)
     engine = Engine(target, None, max_batch=4, speculative=SpeculativeConfig("ngram", 3, max_batch=2))
-    sizes, propose = [], engine.speculator.propose
-    engine.speculator.propose = lambda decoding: (sizes.append(len(decoding)), propose(decoding))[1]
-    fast = [engine.add(p, q) for p, q in zip(prompts, params)]
-    while engine.has_work():
-        engine.step()
+    fast, sizes = speculating_batch_sizes(engine, prompts, params)
     assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
     assert sizes and max(sizes) == 2  # three rows decode plainly; once the first has finished, two speculate
 
@@ -243,11 +249,7 @@ def test_default_batch_limit_is_the_devices_measured_one(target):
     plain, _ = generate(target, prompts, params, max_batch=limit + 1)
     engine = Engine(target, None, max_batch=limit + 1, speculative=SpeculativeConfig("ngram", 3))
     assert engine.speculator.max_batch == limit
-    sizes, propose = [], engine.speculator.propose
-    engine.speculator.propose = lambda decoding: (sizes.append(len(decoding)), propose(decoding))[1]
-    fast = [engine.add(p, q) for p, q in zip(prompts, params)]
-    while engine.has_work():
-        engine.step()
+    fast, sizes = speculating_batch_sizes(engine, prompts, params)
     assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
     assert sizes and max(sizes) == limit  # all rows decode plainly; once the short one ends, the rest speculate
 
