@@ -10,6 +10,7 @@
 #   bash benchmarks/h200.sh structured # structured outputs through the engine; a 131k-token prompt's memory
 #   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
 #   bash benchmarks/h200.sh peer       # bf16 decode at b1/b8 with gpt-fast at b1 (no checks, no HF)
+#   bash benchmarks/h200.sh profile    # one b1 decode step, ours and gpt-fast's, kernels by kind side by side
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model
@@ -93,6 +94,8 @@ serving)
     ;;
 invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, int8, int4); decode cost at b1/b8
     step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json" ;;
+profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d)
+    step profile 300 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;
 peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alone)
     step bench-peer 240 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;
@@ -117,7 +120,7 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer serving structured invariant spec spec-self spec-real lora tiles)" >&2
+    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile serving structured invariant spec spec-self spec-real lora tiles)" >&2
     exit 2 ;;
 esac
 done
