@@ -160,13 +160,14 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - the sort key's name changed across torch versions
             print(f"(sort by {key} failed: {e})")
     if args.peer:
-        summaries, walls = {"ours": step_summary(gpu_kernels(prof), n)}, {"ours": wall / n * 1e3}
+        ours_kernels = gpu_kernels(prof)
+        summaries, walls = {"ours": step_summary(ours_kernels, n)}, {"ours": wall / n * 1e3}
         del engine, model
         torch.cuda.empty_cache()
         peer_wall, peer_kernels = profile_gpt_fast(Path(args.peer[1]), args.prompt_len, n)
         summaries["gpt-fast"], walls["gpt-fast"] = step_summary(peer_kernels, n), peer_wall * 1e3
         print_side_by_side(summaries, walls)
-        for name, kernels in (("ours", gpu_kernels(prof)), ("gpt-fast", peer_kernels)):
+        for name, kernels in (("ours", ours_kernels), ("gpt-fast", peer_kernels)):
             top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
             print(f"\n{name}: kernels by GPU time (per step: launches, µs)")
             for kname, (count, us) in top:

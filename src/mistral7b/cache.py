@@ -48,7 +48,7 @@ class LayerCache:
         """
         memo = {} if memo is None else memo
         t = q_pos.shape[1]
-        if t == 1 or self.writes_first(q_pos):
+        if self.writes_first(q_pos):  # decode's one token too
             n = self.size if kv_len is None else min(kv_len, self.size)
             self._write(rows, k_new, v_new, q_pos, memo)
             k_pos = _memoized(memo, ("k_pos", self.size, n), lambda: self.pos[rows, :n])

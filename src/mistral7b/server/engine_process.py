@@ -86,9 +86,7 @@ def main(conn, load_json: str) -> None:
     except (EOFError, OSError):  # the HTTP process is gone
         pass
     finally:  # before multiprocessing's exit, which would wait forever on a tensor-parallel model's ranks
-        close = getattr(llm, "close", None)
-        if close is not None:
-            close()
+        llm.close()
 
 
 class EngineLoop:
