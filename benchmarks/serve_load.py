@@ -63,6 +63,10 @@ class RandomLLM:
     def chat_prompt(self, messages, safe_prompt=False):
         raise ValueError("this model has no tokenizer, so it has no chat format")
 
+    def close(self) -> None:
+        """What the engine process calls on its way out (LLM.close): drop the engine and the weights."""
+        self.engine = self.model = None
+
 
 def random_llm(config: ModelConfig, device, dtype, max_batch: int, max_seq_len: int | None = None,
                compile: bool = False, seed: int = 0, decode_steps: int | None = None) -> RandomLLM:

@@ -128,3 +128,14 @@ def test_serve_load_times_per_token_not_per_event():
     steady = {"start": 0.0, "times": [0.5, 0.6, 0.8], "done": 0.8, "usage": {"completion_tokens": 3}, "finish": "length"}
     tpot, itl, exact = per_token(steady)
     assert tpot == pytest.approx(0.15) and itl == pytest.approx([0.1, 0.2]) and exact
+
+
+def test_serve_load_engine_process_exits_cleanly():
+    """benchmarks/serve_load.py --engine-process: its random-weight LLM stands in for `LLM` in the engine
+    process, which closes it on the way out; a missing method there was a traceback at every exit."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    result = subprocess.run([sys.executable, str(script), "--preset", "tiny", "-c", "2", "--prompt-len", "16",
+                             "--max-tokens", "4", "--engine-process", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "requests / tokens                        2 / 8" in result.stdout
