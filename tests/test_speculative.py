@@ -15,6 +15,7 @@ from checkpoints import randomize_
 from mistral7b import SamplingParams
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, EngineConfig, SpeculativeConfig
+from mistral7b.engine import proposers
 from mistral7b.engine.proposers import SuffixCache, ngram_lookup
 from mistral7b.engine.speculative import Proposal
 from mistral7b.model import Transformer
@@ -104,6 +105,39 @@ def test_graph_verify_layout_equals_plain_past_window(target, traced):
         assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
         assert shapes and {t for _, t in shapes} == {spec.num_tokens + 1} and {w for w, _ in shapes} <= {1, 2, 4}
         assert engine.speculator.stats.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["self", "perturbed"])
+def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, same):
+    """With `compile`, the draft's k steps and its catch-up of a few tokens run through its own compiled
+    decode step (power-of-two widths, idle rows at position -1, kv_len buckets; dynamo with the eager
+    backend here, CUDA graphs on a GPU); a new prompt is still fed in chunks. Greedy output equals plain,
+    and a draft equal to the target is always right: its cache then holds exactly the target's sequence."""
+    compile_, widths = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
+    real = proposers.compile_decode_step
+
+    def counted(model, cache, device):
+        step = real(model, cache, device)
+        return lambda tokens, positions, kv_len: (widths.append((tokens.shape[0], int((positions < 0).sum()))),
+                                                  step(tokens, positions, kv_len))[1]
+
+    monkeypatch.setattr(proposers, "compile_decode_step", counted)
+    fed, feed = [], proposers.DraftProposer._feed
+    monkeypatch.setattr(proposers.DraftProposer, "_feed", lambda self, group, start, end: (
+        fed.extend(r.row for r in group), feed(self, group, start, end))[1])
+    draft = target if same else perturbed(target, 0.08, 3)
+    prompts = random_prompts((5, 23, 40, 9, 30), seed=31)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
+    plain, _ = generate(target, prompts, params)
+    fast, engine = generate(target, prompts, params, SpeculativeConfig("draft", 3, draft="x"), draft, compile=True)
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    stats = engine.speculator.stats
+    assert stats.verify_rows > 0 and stats.draft_tokens > 0
+    assert (stats.accepted_tokens == stats.draft_tokens) if same else (0 < stats.accepted_tokens < stats.draft_tokens)
+    assert widths and all(w & (w - 1) == 0 and w <= 4 for w, _ in widths)
+    assert any(idle for _, idle in widths)  # rows finish at different times: idle rows ride along
+    assert len(fed) == len(prompts)  # each prompt in chunks once; every later catch-up in decode steps
 
 
 def test_greedy_equals_plain_linear_cache_exact_fit():

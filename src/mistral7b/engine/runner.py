@@ -45,6 +45,28 @@ class DecodeGroup:
         return self.tokens.tolist()
 
 
+def compile_decode_step(model, cache: KVCache, device: torch.device):
+    """`model`'s decode step over `cache` compiled (CUDA graphs on a GPU), for the widths of
+    `padded_width`; kv_len is bucketed by `kv_len_bucket`."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    compiled = model.compile_decode(cache, mode)
+    return compiled if mode is None else _on_graph_thread(compiled)
+
+
+def padded_width(needed: int, max_batch: int, compiled: bool) -> int:
+    """Rows a decode step over rows [0, needed) runs: a power of two (at most `max_batch`) when compiled."""
+    return min(1 << (needed - 1).bit_length(), max_batch) if compiled else needed
+
+
+def kv_len_bucket(needed: int, cache: KVCache) -> int:
+    """`needed` rounded up to the next of 256, 384, 512, 768, 1024, ... (powers of two and 1.5 times
+    them), at most the cache's largest layer: few graphs, and at most a third of the read wasted."""
+    bucket = 256
+    while bucket < needed:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return min(bucket, max(layer.size for layer in cache.layers))
+
+
 def _on_graph_thread(compiled):
     def decode(*args, **kwargs):
         _cuda_graph_thread_state()
@@ -99,11 +121,7 @@ class ModelRunner:
             self.verify_fn = cpu_kernels.decode_threads(self.model, threads)
 
     def _compile_decode(self):
-        """The model's decode step compiled (CUDA graphs on a GPU), for the widths of `decode_width`;
-        kv_len is bucketed by `kv_len`."""
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        compiled = self.model.compile_decode(self.cache, mode)
-        return compiled if mode is None else _on_graph_thread(compiled)
+        return compile_decode_step(self.model, self.cache, self.device)
 
     def assign(self, request: Request) -> None:
         """Give `request` its row: an empty cache row and the row's sampling parameters."""
@@ -176,8 +194,7 @@ class ModelRunner:
         benchmarks/gemv_bench.py), and flash_decode splits the keys finer. Queued steps keep their width."""
         if prev is not None:
             return prev.next_tokens.shape[0]
-        needed = max(r.row for r in decoding) + 1
-        return min(1 << (needed - 1).bit_length(), self.max_batch) if self.compiled else needed
+        return padded_width(max(r.row for r in decoding) + 1, self.max_batch, self.compiled)
 
     def verify(self, requests: list[Request], drafts: list[list[int]]) -> torch.Tensor:
         """One forward of each row's last token and its draft tokens (speculative decoding), as a
@@ -223,14 +240,8 @@ class ModelRunner:
         return {"adapters": self.row_slots[rows]}
 
     def kv_len(self, needed: int) -> int:
-        """Compiled graphs are recorded per kv_len, so round it up to the next of 256, 384, 512, 768,
-        1024, ... (powers of two and 1.5 times them): few graphs, and at most a third of the read wasted."""
-        if not self.compiled:
-            return needed
-        bucket = 256
-        while bucket < needed:
-            bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
-        return min(bucket, max(layer.size for layer in self.cache.layers))
+        """Compiled graphs are recorded per kv_len: round it up to a bucket (`kv_len_bucket`)."""
+        return kv_len_bucket(needed, self.cache) if self.compiled else needed
 
     def eager_decode(self, tokens, positions, kv_len, **adapters):
         return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len, **adapters)

@@ -295,5 +295,5 @@ def make_speculator(settings, runner, draft_model, scheduler, constraints) -> Sp
             raise ValueError(f"speculative method {config.method!r} needs a draft model (LLM loads it)")
         check_draft(runner.model.config, draft_model.config, runner.cache.max_positions)
         proposer = DraftProposer(draft_model, runner.max_batch, config.num_tokens, settings.chunk_size,
-                                 runner.cache.max_seq_len)
+                                 runner.cache.max_seq_len, compile=runner.compiled)
     return Speculator(config, runner, proposer, scheduler, constraints)
