@@ -28,7 +28,9 @@ from .model import RMSNorm
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per dtype. BLOCK_M is tl.dot's smallest row tile, since
 # decode (a few rows) is what this mode is measured on; narrow bands give a 4,096-wide matrix 128
 # programs, enough to keep an H200's weight reads going. Changing a tile changes every result's bits.
-TILES = {torch.bfloat16: (16, 32, 128, 4, 4), torch.float16: (16, 32, 128, 4, 4), torch.float32: (16, 32, 64, 4, 3)}
+# The 16-bit tile is the fastest of benchmarks/invariant_tiles.py's sweep on an H100 (2026-12-05): 1.01 of
+# cuBLAS's speed at 1 and 8 rows, where (16, 32, 128, 4, 4) ran at 0.93. float16 takes it unmeasured.
+TILES = {torch.bfloat16: (16, 32, 256, 4, 3), torch.float16: (16, 32, 256, 4, 3), torch.float32: (16, 32, 64, 4, 3)}
 
 
 @functools.cache
