@@ -13,14 +13,26 @@
 #   bash benchmarks/h200.sh profile    # one b1 decode step, ours and gpt-fast's, kernels by kind side by side
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
-#   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model
+#   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
+#   bash benchmarks/h200.sh stage-model  # the first part of the default model, for spec-real's call (see below)
 #   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled then eager
 #   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
 # Several groups run in turn: `bash benchmarks/h200.sh smoke spec peer`.
 # Needs .whl (wheels the image lacks) and .peer (gpt-fast's files, tokenizer.model.v1) carried.
+# spec-real needs the default model, 98 MB, over a call's 64 MiB: split it here, then carry a part a call
+# (the machine keeps /tmp while it stays warm, so chain the two calls):
+#   split -b 60M ~/.cache/mistral7b/SmolLM2-135M-Instruct.Q4_1.gguf .peer/smollm2.part-
+#   (cd ~/.cache/mistral7b && sha256sum SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1) > .peer/smollm2.sha256
+#   call 1, carry .peer/smollm2.part-aa:  bash benchmarks/h200.sh stage-model
+#   call 2, carry the usual and .peer/smollm2.part-ab .peer/smollm2.sha256:  bash benchmarks/h200.sh spec-real
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+PARTS=/tmp/model-parts
+if [ "${1:-}" = stage-model ]; then  # no wheels needed: only the part is copied
+    mkdir -p $PARTS && cp .peer/smollm2.part-* $PARTS/ && ls -l $PARTS && exit 0
+    exit 1
+fi
 wheels=$(ls .whl/*.whl | grep -v torchao)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -94,21 +106,30 @@ serving)
     ;;
 invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, int8, int4); decode cost at b1/b8
     step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json" ;;
-profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d)
-    step profile 300 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;
-peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alone)
-    step bench-peer 240 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
+profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d).
+    # Alone in a call: 300 s ended in gpt-fast's compile, after ours (H100, 2026-12-05e).
+    step profile 540 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;
+peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alone; 240 s ended before gpt-fast's)
+    step bench-peer 330 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;
 spec)
     # 2026-12-05 on the H200: 85 s to start 32 requests, then about 100 s of compiles a batch size.
     step verify-cost 300 python3 benchmarks/verify_cost.py --batch 1 8 --json "$OUT/verify-cost.json"
     # Batch 32 alone: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed).
     step verify-cost-b32 240 python3 benchmarks/verify_cost.py --batch 32 --json "$OUT/verify-cost-b32.json" ;;
-spec-self)  # the whole self-int4 loop at the 7B shape: int4 draft steps, then the bf16 verify, b1 and b8
-    step spec-self 360 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" \
+spec-self)  # the whole self-int4 loop at the 7B shape: int4 draft steps, then the bf16 verify, b1 and b8.
+    # 360 s ended in b8 (H100, 2026-12-05e, eager drafts at 5.1 tok/s); the drafts now compile too.
+    step spec-self 540 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" \
         --speculative self-int4 --runs 2 --json "$OUT/spec-self.json" ;;
-spec-real)
-    step spec-real 240 python3 benchmarks/spec_bench.py --device cuda --methods ngram --json "$OUT/spec.json" ;;
+spec-real)  # the default model from its parts (stage-model); spec_bench checks speculative output equals plain
+    mkdir -p $PARTS && cp .peer/smollm2.part-* $PARTS/ 2>/dev/null
+    cat $PARTS/smollm2.part-* > /tmp/smollm2.gguf
+    if [ "$(sha256sum /tmp/smollm2.gguf | cut -d' ' -f1)" != "$(cat .peer/smollm2.sha256 2>/dev/null)" ]; then
+        echo "=== spec-real rc=1: the default model's parts are missing or incomplete (run stage-model first)"
+        status=1; continue
+    fi
+    step spec-real 300 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda --methods ngram \
+        --json "$OUT/spec.json" ;;
 lora)
     step lora-compiled 240 python3 benchmarks/lora_bench.py --batch 1 8 64 --compile --json "$OUT/lora-compiled.json"
     step lora-eager 120 python3 benchmarks/lora_bench.py --batch 1 8 64 --json "$OUT/lora-eager.json" ;;
@@ -120,7 +141,7 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile serving structured invariant spec spec-self spec-real lora tiles)" >&2
+    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile serving structured invariant spec spec-self spec-real lora tiles; stage-model alone)" >&2
     exit 2 ;;
 esac
 done
