@@ -11,6 +11,7 @@
 #   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
 #   bash benchmarks/h200.sh peer       # bf16 decode at b1/b8 with gpt-fast at b1 (no checks, no HF)
 #   bash benchmarks/h200.sh profile    # one b1 decode step, ours and gpt-fast's, kernels by kind side by side
+#   bash benchmarks/h200.sh profile-tuned  # ours, then ours with gpt-fast's coordinate-descent tuning
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
@@ -109,6 +110,9 @@ invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, in
 profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d).
     # Alone in a call: 300 s ended in gpt-fast's compile, after ours (H100, 2026-12-05e).
     step profile 540 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;
+profile-tuned)  # ours alone, compiled with gpt-fast's Inductor setting (coordinate-descent tuning) against without
+    step profile-plain 240 python3 benchmarks/profile_decode.py --tokens 64
+    step profile-tuned 300 python3 benchmarks/profile_decode.py --tokens 64 --coordinate-descent ;;
 peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alone; 240 s ended before gpt-fast's)
     step bench-peer 330 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;
@@ -141,7 +145,7 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile serving structured invariant spec spec-self spec-real lora tiles; stage-model alone)" >&2
+    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile profile-tuned serving structured invariant spec spec-self spec-real lora tiles; stage-model alone)" >&2
     exit 2 ;;
 esac
 done
