@@ -342,3 +342,40 @@ def test_serve_tensor_parallel_size_that_cannot_split_is_one_line(checkpoint, si
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == ["mistral7b: error: tensor_parallel_size 3 does not divide this model's 2 KV heads; "
                    "choose one of 1, 2"]
+
+
+class _WarmupFails:
+    """A stand-in `LLM` whose engine loads, then fails to compile; `close` leaves a mark to look for."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+        self.engine = type("Engine", (), {"compiled": True, "output": type("Output", (), {})()})()
+        self.engine.warmup = self._fail
+
+    @staticmethod
+    def _fail():
+        raise RuntimeError("the decode step did not compile")
+
+    def close(self):
+        with open(self.marker, "w") as f:
+            f.write("closed")
+
+
+def warmup_fails(marker: str) -> _WarmupFails:
+    """EngineLoad.factory for the test below (the engine process imports this module)."""
+    return _WarmupFails(marker)
+
+
+def test_engine_that_fails_warmup_reports_and_closes_its_model(tmp_path):
+    """A load that succeeds and a warm-up that fails: the client hears the error, and the engine process
+    closes the model before it exits 1 (a tensor-parallel model's ranks would otherwise hold its exit)."""
+    marker = tmp_path / "closed"
+    load = EngineLoad(factory="test_server_engine_process:warmup_fails", factory_args={"marker": str(marker)})
+    client = EngineProcessClient.launch(load, name="warmup-fails")
+    try:
+        with pytest.raises(RuntimeError, match="exited with code 1 .*RuntimeError: the decode step did not compile"):
+            client.warm_up(timeout=120)
+    finally:
+        client.close()
+    assert marker.read_text() == "closed"
+    assert client.process.exitcode == 1

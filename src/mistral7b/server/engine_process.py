@@ -69,6 +69,7 @@ def main(conn, load_json: str) -> None:
     from ..engine.config import ModelInfo
     from . import wire
 
+    llm = None
     try:
         llm = EngineLoad.from_json(load_json).load()
         engine = llm.engine
@@ -79,6 +80,8 @@ def main(conn, load_json: str) -> None:
     except Exception as e:
         log.exception("the engine could not start")
         conn.send_bytes(wire.encode({"op": "fatal", "message": f"{type(e).__name__}: {e}"}))
+        if llm is not None:  # loaded, then warm-up failed: stop a tensor-parallel model's ranks before exiting
+            llm.close()
         sys.exit(1)
     conn.send_bytes(wire.encode({"op": "ready", "pid": os.getpid(), "info": dataclasses.asdict(ModelInfo.of(engine))}))
     try:
