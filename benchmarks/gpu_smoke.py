@@ -5,8 +5,9 @@
 2. bf16, int8 and int4 weights (torch's kernels and quant/triton_mm.py), compiled with CUDA graphs
    at batch 1 and 8, all in this one process (ten compiled runners: the recompile-limit failure of 2026-12-04): every greedy token, teacher-forced
    through the eager path past the window, is the eager argmax or within a bf16 near-tie of it.
-3. Speculative decoding (n-gram, k = 4) with the compiled verify (CUDA graphs) at batch 1 and 4, rows of
-   different lengths past the window: the same near-tie check, and verifies ran.
+3. Speculative decoding with the compiled verify (CUDA graphs), rows of different lengths past the window:
+   n-gram (k = 4) at batch 1 and 4, and the model as its own draft (k = 3, the draft's steps compiled too) at
+   batch 4: the same near-tie check, verifies ran, and the self draft was accepted but for near-ties.
 Run first on a fresh GPU machine (`bash benchmarks/h200.sh smoke`); exits 1 on any failure.
 """
 
@@ -133,11 +134,15 @@ def small_config(window: int):
 
 
 def speculative_checks(device, args) -> None:
+    """n-gram at b1 and b4; then the model as its own draft at b4, whose k steps and catch-ups run through
+    the draft's compiled decode step: a draft equal to the target is accepted but for bf16 near-ties."""
     config = small_config(args.window)
     model = random_model(config, device, torch.bfloat16)
-    for batch in (1, 4):
+    ngram = SpeculativeConfig("ngram", 4, min_ngram=1)
+    for name, batch, spec, draft in (("ngram", 1, ngram, None), ("ngram", 4, ngram, None),
+                                     ("self-draft", 4, SpeculativeConfig("draft", 3, draft="self"), model)):
         engine = Engine(model, None, max_batch=batch, compile=True, max_seq_len=4 * args.window,
-                        speculative=SpeculativeConfig("ngram", 4, min_ngram=1))
+                        speculative=spec, draft_model=draft)
         # Repeating prompts, so that lookup proposes (random weights decide what is accepted).
         prompts = [(torch.randint(0, config.vocab_size, (5 + i,)).tolist() * 40)[: args.window + 9 * i]
                    for i in range(batch)]
@@ -150,10 +155,14 @@ def speculative_checks(device, args) -> None:
         margin = max(worst_margin(model, p, r.output_ids, device) for p, r in zip(prompts, requests))
         stats = engine.speculator.stats
         graphs = engine.runner.compiled_verify is not None
-        check(f"speculative ngram compiled b{batch}", margin < 0.02 and stats.verify_rows > 0 and graphs,
+        if draft is not None:
+            graphs = graphs and engine.speculator.proposer.decode_fn is not None
+        accepted = stats.accepted_tokens / max(stats.draft_tokens, 1)
+        check(f"speculative {name} compiled b{batch}",
+              margin < 0.02 and stats.verify_rows > 0 and graphs and (draft is None or accepted > 0.5),
               f"{sum(len(r.output_ids) for r in requests)} greedy tokens, {stats.verify_rows} verified rows, "
-              f"{stats.accepted_tokens}/{stats.draft_tokens} drafts accepted, compiled verify {graphs}; worst "
-              f"shortfall below the eager argmax {margin:.1e}; {seconds:.1f} s with compile")
+              f"{stats.accepted_tokens}/{stats.draft_tokens} drafts accepted, compiled verify{' and draft' if draft is not None else ''} "
+              f"{graphs}; worst shortfall below the eager argmax {margin:.1e}; {seconds:.1f} s with compile")
         del engine
         torch.cuda.empty_cache()
 
