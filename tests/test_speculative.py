@@ -140,6 +140,42 @@ def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, same)
     assert len(fed) == len(prompts)  # each prompt in chunks once; every later catch-up in decode steps
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypatch, method):
+    """Engine.warmup, speculating: verifies at widths 1 and 2 (n-gram finds no draft in a warm-up prompt,
+    so the warm-up drafts the last token), and a draft model's compiled steps; after it the counts start
+    from zero, and requests then compile nothing new (dynamo with the eager backend; CUDA graphs on a GPU)."""
+    compile_, verified, drafted = torch.compile, [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
+    real = proposers.compile_decode_step
+
+    def counted(model, cache, device):
+        step = real(model, cache, device)
+        return lambda tokens, positions, kv_len: (drafted.append(tokens.shape[0]), step(tokens, positions, kv_len))[1]
+
+    monkeypatch.setattr(proposers, "compile_decode_step", counted)
+    spec, draft = ((SpeculativeConfig("ngram", 3), None) if method == "ngram"
+                   else (SpeculativeConfig("draft", 3, draft="x"), perturbed(target, 0.08, 3)))
+    engine = Engine(target, None, max_batch=4, compile=True, speculative=spec, draft_model=draft)
+    runner = engine.runner
+    verify = runner.model.compile_decode(runner.cache, backend="eager")  # the GPU's compiled verify
+    runner.compiled_verify = lambda tokens, positions, kv_len, **a: (verified.append(tokens.shape[0]),
+                                                                     verify(tokens, positions, kv_len, **a))[1]
+    engine.warmup()
+    assert set(verified) == {1, 2} and set(drafted) == ({1, 2} if draft is not None else set())
+    stats, proposer = engine.speculator.stats, engine.speculator.proposer
+    assert (stats.verify_rows, stats.draft_tokens) == (0, 0) and type(proposer).__name__ != "_WarmupProposer"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompts = random_prompts((23, 40), seed=41)  # the widths warmed (a third width compiles once more)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 25)]
+    plain, _ = generate(target, prompts, params)
+    requests = [engine.add(p, q) for p, q in zip(prompts, params)]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in requests] == [r.output_ids for r in plain]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_greedy_equals_plain_linear_cache_exact_fit():
     """No window: a linear cache of max_seq_len positions, filled exactly (prompt + max_tokens = limit)."""
     model = tiny(window=None, max_seq_len=48, seed=4)

@@ -13,6 +13,7 @@ blocks are stored right after its forward, before any later forward writes that 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -125,23 +126,28 @@ class Engine:
         return self.scheduler.has_work()
 
     def warmup(self) -> None:
-        """Compile before serving rather than during it: prefill at batch 1 and 2, decode at two kv_len
-        buckets. After the second bucket kv_len is symbolic, so later buckets only record a CUDA graph
+        """Compile before serving rather than during it: prefill at batch 1 and 2, decode (speculating:
+        verifies and draft steps) at two kv_len buckets. After the second bucket kv_len is symbolic, so later buckets only record a CUDA graph
         and never recompile. Leaves every row free. Run it on the thread that will step the engine:
         the CUDA graphs that torch.compile records belong to it."""
         if self._warmed:
             return
         self._warmed = True
+        spec = self.speculator
+        # Speculating, room for a draft and its verify after the first token (Speculator.warming: each
+        # step then verifies), so that the verify's graphs and a draft model's are compiled here too.
+        tokens = 2 if spec is None else spec.config.num_tokens + 3
         limit = min(layer.size for layer in self.cache.layers)
-        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
         self.scheduler.prefix = None  # warm-up prompts are not worth caching, nor counting
         try:
-            for n, length in ((1, 200), (2, 300)):
-                length = max(1, min(length, limit - 2))
-                requests = [self.add([1] * length, params) for _ in range(n)]
-                while self.has_work():
-                    self.step()
-                assert all(r.finish_reason == "length" for r in requests)
+            with spec.warming() if spec is not None else contextlib.nullcontext():
+                for n, length in ((1, 200), (2, 300)):
+                    length = max(1, min(length, limit - tokens))
+                    requests = [self.add([1] * length, params) for _ in range(n)]
+                    while self.has_work():
+                        self.step()
+                    assert all(r.finish_reason == "length" for r in requests)
         finally:
             self.scheduler.prefix = self.prefix
 

@@ -23,6 +23,7 @@ decoding would have it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +147,16 @@ class Speculator:
     def active(self, decoding: list[Request]) -> bool:
         return len(decoding) <= self.max_batch
 
+    @contextlib.contextmanager
+    def warming(self):
+        """Engine.warmup inside: every step with room for a draft verifies one (`_WarmupProposer`), so
+        the verify's graphs, and a draft model's, are compiled before serving; after: counts from zero."""
+        real, self.proposer = self.proposer, _WarmupProposer(self.proposer)
+        try:
+            yield
+        finally:
+            self.proposer, self.stats = real, SpecStats(self.config.num_tokens)
+
     def propose(self, decoding: list[Request]) -> Proposal | None:
         """Each row's draft tokens; None when no row has one: a plain decode step then advances every row
         by its one token, cheaper than a verify (n-gram on open chat proposes at 1 step in 10: 0.95x plain
@@ -189,6 +200,24 @@ class Speculator:
             tokens = torch.tensor([emitted[i][j] for i in idx])
             lp = self.runner.logprobs(requests, logits[idx, j], tokens.to(logits.device))
             deltas += self.scheduler.update_from_output(requests, [tokens.tolist()], [lp])
+
+
+class _WarmupProposer:
+    """The proposer's drafts, and for a row without one (n-gram finds nothing in a warm-up prompt) its last
+    token repeated up to its cap. It learns nothing from warm-up outputs (no `finished`)."""
+
+    def __init__(self, proposer):
+        self.proposer = proposer
+
+    def propose(self, requests: list[Request], caps: list[int], sampler: SamplerBatch) -> Proposal:
+        proposal = self.proposer.propose(requests, caps, sampler)
+        for i, (r, cap) in enumerate(zip(requests, caps)):
+            if cap and not proposal.tokens[i]:
+                proposal.tokens[i] = [r.output_ids[-1]] * cap
+        return proposal
+
+    def rollback(self, request: Request, kept: int) -> None:
+        self.proposer.rollback(request, kept)
 
 
 def within_grammar(requests: list[Request], proposal: Proposal) -> None:
