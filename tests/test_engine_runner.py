@@ -95,3 +95,57 @@ def test_graph_thread_wrapper_passes_keyword_arguments():
     slots = torch.tensor([0, 2])
     assert wrapped(1, 2, 3, adapters=slots) == "out"
     assert seen[0][0] == (1, 2, 3) and seen[0][1]["adapters"] is slots
+
+
+def _eager_dynamo(monkeypatch):
+    """torch.compile through dynamo with the eager backend: where graphs and the recompile limit live. Reset
+    first: dynamo remembers which sizes changed by the function's source, so earlier tests' steps would
+    make kv_len and the width symbolic from the first call."""
+    torch._dynamo.reset()
+    compile_ = torch.compile
+    monkeypatch.setattr(runner.torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
+    return torch._dynamo.utils.counters["stats"]
+
+
+def _run(engine, lengths, max_tokens=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    requests = [engine.add(torch.randint(0, 97, (n,), generator=g).tolist(), SamplingParams(max_tokens=max_tokens,
+                                                                                            ignore_eos=True))
+                for n in lengths]
+    while engine.has_work():
+        engine.step()
+    return requests
+
+
+def test_kv_len_turns_symbolic_after_two_buckets(monkeypatch):
+    """Ten kv_len buckets (256 .. 6,144) at one width compile two graphs: the first bucket's, then one with
+    kv_len symbolic. A memo key that hashed kv_len compiled one per bucket and failed the ninth
+    (FailOnRecompileLimitHit): any request generating past 4,096 positions on a compiled engine."""
+    counters = _eager_dynamo(monkeypatch)
+    config = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
+                         sliding_window=8192, max_seq_len=8192)
+    model = Transformer(config).eval()
+    engine = Engine(model, None, max_batch=1, compile=True)
+    before = counters["unique_graphs"]
+    buckets = set()
+    for n in (200, 300, 500, 700, 1000, 1500, 2000, 3000, 4000, 6000):
+        (request,) = _run(engine, [n])
+        assert len(request.output_ids) == 3
+        buckets.add(engine.runner.kv_len(n + 3))
+    assert len(buckets) == 10 and counters["unique_graphs"] - before == 2
+
+
+def test_every_width_up_to_128_rows_compiles_within_the_limit(monkeypatch):
+    """Widths 1 .. 128 (eight powers of two) each compile once, plus kv_len turning symbolic: nine graphs,
+    past dynamo's default recompile limit (8), which compile_decode raises for the cache's rows."""
+    counters = _eager_dynamo(monkeypatch)
+    config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
+                         sliding_window=512, max_seq_len=1024)
+    engine = Engine(Transformer(config).eval(), None, max_batch=128, compile=True)
+    before = counters["unique_graphs"]
+    _run(engine, [200])
+    _run(engine, [300])  # a second kv_len bucket: kv_len symbolic from here
+    for width in (2, 4, 8, 16, 32, 64, 128):
+        requests = _run(engine, [20] * width, seed=width)
+        assert all(len(r.output_ids) == 3 for r in requests)
+    assert counters["unique_graphs"] - before == 9

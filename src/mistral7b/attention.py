@@ -31,12 +31,15 @@ def visible(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     return mask
 
 
-def shared_mask(memo: dict | None, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def shared_mask(memo: dict | None, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                slots: int | None = None) -> Tensor:
     """`visible(...)[:, None]`, built once per forward pass for all layers with this window: their
-    k_pos is one tensor (`KVCache` shares positions between layers of one slot count)."""
+    k_pos is one tensor (`KVCache` shares positions between layers of one slot count, `slots`). The
+    key names the slot count, not k_pos's length: compiled, that length is a symbolic kv_len, and
+    hashing it would guard on its value and compile the step again for every kv_len bucket."""
     if memo is None:
         return visible(q_pos, k_pos, window)[:, None]
-    key = ("visible", window, q_pos.shape[1], k_pos.shape[1])
+    key = ("visible", window, q_pos.shape[1], k_pos.shape[1] if slots is None else ("slots", slots))
     if key not in memo:
         memo[key] = visible(q_pos, k_pos, window)[:, None]
     return memo[key]
@@ -210,7 +213,7 @@ def attention(
     then go `tokenwise`.
     """
     if invariant and q.is_cuda:
-        return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo)
+        return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots)
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
@@ -219,7 +222,7 @@ def attention(
             from .flash_decode import flash_decode
 
             return flash_decode(q, k, v, q_pos, k_pos, window)
-        mask = shared_mask(memo, q_pos, k_pos, window)
+        mask = shared_mask(memo, q_pos, k_pos, window, cache_slots)
         if decode_kernel == "reduction" and q.is_cuda and torch.compiler.is_compiling():
             return reduction_decode_attention(q, k, v, q_pos, k_pos, window, mask)
         if q.device.type == "cpu" and q.shape[0] > 1 and not torch.compiler.is_compiling():
@@ -234,13 +237,14 @@ def attention(
         if key not in memo:
             memo[key] = _block_mask(q_pos, k_pos, window)
         return _compiled_flex()(q, k, v, block_mask=memo[key], enable_gqa=q.shape[1] != k.shape[1])
+    mask = shared_mask(memo, q_pos, k_pos, window, cache_slots)
     if q.is_cuda:
-        return grouped_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
-    return sdpa_attention(q, k, v, q_pos, k_pos, window, shared_mask(memo, q_pos, k_pos, window))
+        return grouped_attention(q, k, v, q_pos, k_pos, window, mask)
+    return sdpa_attention(q, k, v, q_pos, k_pos, window, mask)
 
 
 def invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
-                        self_only: bool, memo: dict | None) -> Tensor:
+                        self_only: bool, memo: dict | None, cache_slots: int | None = None) -> Tensor:
     """CUDA attention whose result for a row ignores the other rows (batch_invariant.apply): decode through
     `flash_decode`'s fixed split plan and ordered merge; several query tokens one row at a time, because
     nothing verifies that SDPA's flash and memory-efficient kernels or flex attention choose their splits
@@ -250,10 +254,11 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
 
         return flash_decode(q, k, v, q_pos, k_pos, window, invariant=True)
     if q.shape[0] == 1:
-        return attention(q, k, v, q_pos, k_pos, window, self_only, memo)
+        return attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots=cache_slots)
     memo = {} if memo is None else memo  # each row's masks are its own (memo keys name shapes, not rows)
     return torch.cat([attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], q_pos[i : i + 1], k_pos[i : i + 1], window,
-                                self_only, memo.setdefault(("row", i), {})) for i in range(q.shape[0])])
+                                self_only, memo.setdefault(("row", i), {}), cache_slots=cache_slots)
+                      for i in range(q.shape[0])])
 
 
 DECODE_KERNELS = ("flash", "sdpa", "reduction")

@@ -51,11 +51,11 @@ class LayerCache:
         if self.writes_first(q_pos):  # decode's one token too
             n = self.size if kv_len is None else min(kv_len, self.size)
             self._write(rows, k_new, v_new, q_pos, memo)
-            k_pos = _memoized(memo, ("k_pos", self.size, n), lambda: self.pos[rows, :n])
+            k_pos = _memoized(memo, ("k_pos first", self.size), lambda: self.pos[rows, :n])
             return self.k[rows, :, :n], self.v[rows, :, :n], k_pos
         n = self.size if kv_len is None else min(kv_len - t, self.size)
         # Read before the first layer's write changes the shared positions.
-        k_pos = _memoized(memo, ("k_pos", self.size, n), lambda: torch.cat([self.pos[rows, :n], q_pos], dim=1))
+        k_pos = _memoized(memo, ("k_pos", self.size), lambda: torch.cat([self.pos[rows, :n], q_pos], dim=1))
         k = torch.cat([self.k[rows, :, :n], k_new], dim=2)
         v = torch.cat([self.v[rows, :, :n], v_new], dim=2)
         keep = min(t, self.size)
@@ -133,6 +133,8 @@ def zeros(shape: tuple[int, ...], device, dtype: torch.dtype) -> Tensor:
 
 
 def _memoized(memo: dict, key, make):
+    """memo[key], made once a forward. Keys hold plain values only: under torch.compile a symbolic kv_len
+    in a key is hashed, which guards on its value and compiles the step again for every kv_len bucket."""
     if key not in memo:
         memo[key] = make()
     return memo[key]
