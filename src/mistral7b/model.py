@@ -193,7 +193,12 @@ class Transformer(nn.Module):
         """The decode step `(tokens [B, 1], positions [B, 1], kv_len, adapters=None) -> logits` over all
         of `cache`'s rows, compiled: the cache keeps fixed addresses, so CUDA graphs (mode
         "reduce-overhead") update it in place. dynamic=None: after a second kv_len the length becomes
-        symbolic (one recompile), and graphs are then recorded per kv_len without compiling again."""
+        symbolic (one recompile), and graphs are then recorded per kv_len without compiling again
+        (the per-forward memo's keys must not hash it). Each power-of-two width of rows compiles once."""
+        # Widths 1, 2, 4, ... max_batch, plus kv_len turning symbolic: past dynamo's default limit of 8
+        # at 128 rows, where the step would fail (fullgraph) instead of compiling.
+        widths = max(cache.max_batch - 1, 0).bit_length() + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, widths + 4)
         for layer in cache.layers:
             for t in (layer.k, layer.v, layer.pos):
                 torch._dynamo.mark_static_address(t)
