@@ -132,8 +132,9 @@ spec-real)  # the default model from its parts (stage-model); spec_bench checks 
         echo "=== spec-real rc=1: the default model's parts are missing or incomplete (run stage-model first)"
         status=1; continue
     fi
-    step spec-real 300 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda --methods ngram \
-        --json "$OUT/spec.json" ;;
+    # Compiled (CUDA graphs), as served: the plain engine, n-gram and self-int4 (its int4 draft's steps too).
+    step spec-real 480 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
+        --methods ngram,self-int4 --json "$OUT/spec.json" ;;
 lora)
     step lora-compiled 240 python3 benchmarks/lora_bench.py --batch 1 8 64 --compile --json "$OUT/lora-compiled.json"
     step lora-eager 120 python3 benchmarks/lora_bench.py --batch 1 8 64 --json "$OUT/lora-eager.json" ;;

@@ -62,7 +62,9 @@ def run_all(llm: LLM, engines: dict, prompts, max_tokens: int) -> dict[str, list
     decode time and counts."""
     params = SamplingParams(max_tokens=max_tokens)
     records = {name: [] for name in engines}
-    for name, engine in engines.items():  # warm-up
+    for name, engine in engines.items():  # warm-up: compiled, the decode, verify and draft graphs too
+        if engine.compiled:
+            engine.warmup()
         llm.engine = engine
         llm.generate([prompts[0][1]], SamplingParams(max_tokens=8))
     for kind, ids in prompts:
@@ -112,11 +114,15 @@ def main(argv=None) -> None:
     prompts = load_prompts(llm, args.limit)
     kinds = sorted({k for k, _ in prompts})
     load = os.getloadavg()[0]
-    engines = {"plain": Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1))}
+    # On a GPU as served: decode, verify and draft steps compiled with CUDA graphs (eager, a small model's
+    # step is launch-bound, and a verify costs what a step does).
+    compile = llm.device.type == "cuda"
+    engines = {"plain": Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, compile=compile))}
     for method in args.methods.split(","):
         spec = dataclasses.replace(SpeculativeConfig.parse(method, args.num_tokens), min_ngram=args.min_ngram)
         draft = load_draft(spec, llm.source, llm.device, llm.dtype)
-        engines[method] = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, speculative=spec), draft_model=draft)
+        engines[method] = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, speculative=spec, compile=compile),
+                                 draft_model=draft)
     records = run_all(llm, engines, prompts, args.max_tokens)
     plain = records.pop("plain")
     table = [{"method": method, **summarize(r, plain, kind)} for method, r in records.items() for kind in kinds]
