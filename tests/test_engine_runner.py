@@ -149,3 +149,22 @@ def test_every_width_up_to_128_rows_compiles_within_the_limit(monkeypatch):
         requests = _run(engine, [20] * width, seed=width)
         assert all(len(r.output_ids) == 3 for r in requests)
     assert counters["unique_graphs"] - before == 9
+
+
+def test_after_warmup_the_served_widths_and_lengths_compile_nothing(monkeypatch):
+    """Engine.warmup compiles width 1 over two kv_len buckets (kv_len symbolic after), then every other
+    width the runner uses up to max_batch (2, 4 and 6 here): requests at any width, at kv_len buckets the
+    warm-up never saw, compile nothing (6 prompts of 700 tokens also decode at narrower widths while the
+    last are prefilled)."""
+    counters = _eager_dynamo(monkeypatch)
+    config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
+                         sliding_window=2048, max_seq_len=4096)
+    engine = Engine(Transformer(config).eval(), None, max_batch=6, compile=True)
+    before = counters["unique_graphs"]
+    engine.warmup()
+    warmed = counters["unique_graphs"]
+    assert warmed - before == 5  # width 1 twice (kv_len static, then symbolic), 2, 4 and 6
+    for width, length in ((1, 600), (1, 1500), (2, 1000), (6, 700), (6, 20), (4, 20), (3, 900), (5, 30)):
+        requests = _run(engine, [length] * width, seed=length)
+        assert all(len(r.output_ids) == 3 for r in requests)
+    assert counters["unique_graphs"] == warmed

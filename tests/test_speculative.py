@@ -142,7 +142,7 @@ def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, same)
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypatch, method):
-    """Engine.warmup, speculating: verifies at widths 1 and 2 (n-gram finds no draft in a warm-up prompt,
+    """Engine.warmup, speculating: verifies at widths 1, 2 and 4 (n-gram finds no draft in a warm-up prompt,
     so the warm-up drafts the last token), and a draft model's compiled steps; after it the counts start
     from zero, and requests then compile nothing new (dynamo with the eager backend; CUDA graphs on a GPU)."""
     compile_, verified, drafted = torch.compile, [], []
@@ -162,12 +162,12 @@ def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypat
     runner.compiled_verify = lambda tokens, positions, kv_len, **a: (verified.append(tokens.shape[0]),
                                                                      verify(tokens, positions, kv_len, **a))[1]
     engine.warmup()
-    assert set(verified) == {1, 2} and set(drafted) == ({1, 2} if draft is not None else set())
+    assert set(verified) == {1, 2, 4} and set(drafted) == ({1, 2, 4} if draft is not None else set())
     stats, proposer = engine.speculator.stats, engine.speculator.proposer
     assert (stats.verify_rows, stats.draft_tokens) == (0, 0) and type(proposer).__name__ != "_WarmupProposer"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    prompts = random_prompts((23, 40), seed=41)  # the widths warmed (a third width compiles once more)
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 25)]
+    prompts = random_prompts((23, 40, 9), seed=41)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 25, 12)]
     plain, _ = generate(target, prompts, params)
     requests = [engine.add(p, q) for p, q in zip(prompts, params)]
     while engine.has_work():

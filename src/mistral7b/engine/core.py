@@ -126,10 +126,12 @@ class Engine:
         return self.scheduler.has_work()
 
     def warmup(self) -> None:
-        """Compile before serving rather than during it: prefill at batch 1 and 2, decode (speculating:
-        verifies and draft steps) at two kv_len buckets. After the second bucket kv_len is symbolic, so later buckets only record a CUDA graph
-        and never recompile. Leaves every row free. Run it on the thread that will step the engine:
-        the CUDA graphs that torch.compile records belong to it."""
+        """Compile before serving rather than during it: prefill at batch 1 and 2; decode (speculating:
+        verifies and draft steps too) at width 1 over two kv_len buckets, after which kv_len is symbolic
+        and later buckets only record a CUDA graph; then at every other width the runner uses (powers of
+        two up to max_batch), each of which compiles once: a compile while serving would stall every
+        stream for as long. Leaves every row free. Run it on the thread that will step the engine: the
+        CUDA graphs that torch.compile records belong to it."""
         if self._warmed:
             return
         self._warmed = True
@@ -142,7 +144,9 @@ class Engine:
         self.scheduler.prefix = None  # warm-up prompts are not worth caching, nor counting
         try:
             with spec.warming() if spec is not None else contextlib.nullcontext():
-                for n, length in ((1, 200), (2, 300)):
+                widths = [1 << i for i in range(2, self.max_batch.bit_length()) if 1 << i < self.max_batch]
+                wide = [(n, 16) for n in [*widths, self.max_batch] if n > 2]  # prefilled in one step: width n
+                for n, length in [(1, 200), (1, 300), (2, 300), *wide]:
                     length = max(1, min(length, limit - tokens))
                     requests = [self.add([1] * length, params) for _ in range(n)]
                     while self.has_work():

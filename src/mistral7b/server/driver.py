@@ -17,6 +17,9 @@ from ..sampling import SamplingParams
 from .client import EngineStats
 from .metrics import Metrics
 
+# Engine.warmup compiles each power-of-two decode width once (tens of seconds each at the 7B shape on a GPU).
+WARMUP_NOTICE = "compiling the decode step before serving, once per power-of-two batch width up to max_batch"
+
 log = logging.getLogger("mistral7b.server")
 
 
@@ -85,7 +88,7 @@ class EngineDriver:
     def start(self) -> "EngineDriver":
         """Start the thread and wait until it has warmed the engine up (compiled it, if it compiles)."""
         if self.engine.compiled and not self.warmed.is_set():
-            log.warning("compiling the decode step before serving (a minute or two on a GPU)")
+            log.warning(WARMUP_NOTICE)
         self._start_thread()
         self.warmed.wait()
         return self

@@ -68,6 +68,7 @@ def main(conn, load_json: str) -> None:
         signal.signal(sig, signal.SIG_IGN)
     from ..engine.config import ModelInfo
     from . import wire
+    from .driver import WARMUP_NOTICE
 
     llm = None
     try:
@@ -75,7 +76,7 @@ def main(conn, load_json: str) -> None:
         engine = llm.engine
         engine.output.detokenize = False  # the HTTP process does it
         if engine.compiled:
-            log.warning("compiling the decode step before serving (a minute or two on a GPU)")
+            log.warning(WARMUP_NOTICE)
             engine.warmup()
     except Exception as e:
         log.exception("the engine could not start")
