@@ -9,3 +9,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def eager_dynamo(monkeypatch):
+    """torch.compile through dynamo with the eager backend (fast, and where graphs and the recompile limit
+    live); dynamo reset first, since it remembers which sizes changed by a function's source, so earlier
+    tests' steps would make kv_len and the width symbolic from the first call. Yields dynamo's counters."""
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit  # compile_decode may raise it: restored after
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
+    yield torch._dynamo.utils.counters["stats"]
+    torch._dynamo.config.recompile_limit = limit

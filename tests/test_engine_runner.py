@@ -14,13 +14,11 @@ from mistral7b.sampling import SamplingParams
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_compiled_runners_do_not_share_a_recompile_budget(monkeypatch):
+def test_compiled_runners_do_not_share_a_recompile_budget(eager_dynamo):
     """Ten engines over ten models of different structure (as bf16, int8 and int4 modules are), each
     compiled: before each runner compiled a code object of its own, the ninth hit dynamo's recompile
     limit (8) and failed, as issue 21's quant bench did on the GPU. Dynamo with the eager backend
     keeps the test fast and is where the limit lives."""
-    compile_ = torch.compile
-    monkeypatch.setattr(runner.torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     prompt = torch.randint(0, 97, (5,)).tolist()
     for layers in range(1, 11):
@@ -59,12 +57,10 @@ def test_the_runner_drives_a_transformer_through_its_interface():
     assert min(layer.size for layer in made.cache.layers) == config.sliding_window + 3
 
 
-def test_compiled_decode_runs_the_smallest_power_of_two_width(monkeypatch):
+def test_compiled_decode_runs_the_smallest_power_of_two_width(eager_dynamo):
     """A lone request decodes one row, not max_batch (one-row kernels: int4 tinygemm 2.2 ms a 7B step
     against 5.1 at 8 rows); three requests run four rows once all decode (one row while the others still
     prefill); the tokens equal the uncompiled engine's."""
-    compile_ = torch.compile
-    monkeypatch.setattr(runner.torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
     config = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
                          sliding_window=8, max_seq_len=64)
     model = Transformer(config).eval()
@@ -97,16 +93,6 @@ def test_graph_thread_wrapper_passes_keyword_arguments():
     assert seen[0][0] == (1, 2, 3) and seen[0][1]["adapters"] is slots
 
 
-def _eager_dynamo(monkeypatch):
-    """torch.compile through dynamo with the eager backend: where graphs and the recompile limit live. Reset
-    first: dynamo remembers which sizes changed by the function's source, so earlier tests' steps would
-    make kv_len and the width symbolic from the first call."""
-    torch._dynamo.reset()
-    compile_ = torch.compile
-    monkeypatch.setattr(runner.torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
-    return torch._dynamo.utils.counters["stats"]
-
-
 def _run(engine, lengths, max_tokens=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     requests = [engine.add(torch.randint(0, 97, (n,), generator=g).tolist(), SamplingParams(max_tokens=max_tokens,
@@ -117,11 +103,11 @@ def _run(engine, lengths, max_tokens=3, seed=0):
     return requests
 
 
-def test_kv_len_turns_symbolic_after_two_buckets(monkeypatch):
+def test_kv_len_turns_symbolic_after_two_buckets(eager_dynamo):
     """Ten kv_len buckets (256 .. 6,144) at one width compile two graphs: the first bucket's, then one with
     kv_len symbolic. A memo key that hashed kv_len compiled one per bucket and failed the ninth
     (FailOnRecompileLimitHit): any request generating past 4,096 positions on a compiled engine."""
-    counters = _eager_dynamo(monkeypatch)
+    counters = eager_dynamo
     config = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
                          sliding_window=8192, max_seq_len=8192)
     model = Transformer(config).eval()
@@ -135,10 +121,10 @@ def test_kv_len_turns_symbolic_after_two_buckets(monkeypatch):
     assert len(buckets) == 10 and counters["unique_graphs"] - before == 2
 
 
-def test_every_width_up_to_128_rows_compiles_within_the_limit(monkeypatch):
+def test_every_width_up_to_128_rows_compiles_within_the_limit(eager_dynamo):
     """Widths 1 .. 128 (eight powers of two) each compile once, plus kv_len turning symbolic: nine graphs,
     past dynamo's default recompile limit (8), which compile_decode raises for the cache's rows."""
-    counters = _eager_dynamo(monkeypatch)
+    counters = eager_dynamo
     config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
                          sliding_window=512, max_seq_len=1024)
     engine = Engine(Transformer(config).eval(), None, max_batch=128, compile=True)
@@ -151,12 +137,12 @@ def test_every_width_up_to_128_rows_compiles_within_the_limit(monkeypatch):
     assert counters["unique_graphs"] - before == 9
 
 
-def test_after_warmup_the_served_widths_and_lengths_compile_nothing(monkeypatch):
+def test_after_warmup_the_served_widths_and_lengths_compile_nothing(eager_dynamo):
     """Engine.warmup compiles width 1 over two kv_len buckets (kv_len symbolic after), then every other
     width the runner uses up to max_batch (2, 4 and 6 here): requests at any width, at kv_len buckets the
     warm-up never saw, compile nothing (6 prompts of 700 tokens also decode at narrower widths while the
     last are prefilled)."""
-    counters = _eager_dynamo(monkeypatch)
+    counters = eager_dynamo
     config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
                          sliding_window=2048, max_seq_len=4096)
     engine = Engine(Transformer(config).eval(), None, max_batch=6, compile=True)

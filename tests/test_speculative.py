@@ -107,22 +107,26 @@ def test_graph_verify_layout_equals_plain_past_window(target, traced):
         assert engine.speculator.stats.accepted_tokens > 0
 
 
+def _draft_steps(monkeypatch) -> list[tuple[int, int]]:
+    """The draft's compiled decode steps as they run: (width, idle rows) per step."""
+    steps, real = [], proposers.compile_decode_step
+
+    def counted(model, cache, device):
+        step = real(model, cache, device)
+        return lambda tokens, positions, kv_len: (steps.append((tokens.shape[0], int((positions < 0).sum()))),
+                                                  step(tokens, positions, kv_len))[1]
+
+    monkeypatch.setattr(proposers, "compile_decode_step", counted)
+    return steps
+
+
 @pytest.mark.parametrize("same", [True, False], ids=["self", "perturbed"])
-def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, same):
+def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, eager_dynamo, same):
     """With `compile`, the draft's k steps and its catch-up of a few tokens run through its own compiled
     decode step (power-of-two widths, idle rows at position -1, kv_len buckets; dynamo with the eager
     backend here, CUDA graphs on a GPU); a new prompt is still fed in chunks. Greedy output equals plain,
     and a draft equal to the target is always right: its cache then holds exactly the target's sequence."""
-    compile_, widths = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
-    real = proposers.compile_decode_step
-
-    def counted(model, cache, device):
-        step = real(model, cache, device)
-        return lambda tokens, positions, kv_len: (widths.append((tokens.shape[0], int((positions < 0).sum()))),
-                                                  step(tokens, positions, kv_len))[1]
-
-    monkeypatch.setattr(proposers, "compile_decode_step", counted)
+    widths = _draft_steps(monkeypatch)
     fed, feed = [], proposers.DraftProposer._feed
     monkeypatch.setattr(proposers.DraftProposer, "_feed", lambda self, group, start, end: (
         fed.extend(r.row for r in group), feed(self, group, start, end))[1])
@@ -141,19 +145,11 @@ def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, same)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypatch, method):
+def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypatch, eager_dynamo, method):
     """Engine.warmup, speculating: verifies at widths 1, 2 and 4 (n-gram finds no draft in a warm-up prompt,
     so the warm-up drafts the last token), and a draft model's compiled steps; after it the counts start
     from zero, and requests then compile nothing new (dynamo with the eager backend; CUDA graphs on a GPU)."""
-    compile_, verified, drafted = torch.compile, [], []
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, backend=None, **kw: compile_(fn, backend="eager", **kw))
-    real = proposers.compile_decode_step
-
-    def counted(model, cache, device):
-        step = real(model, cache, device)
-        return lambda tokens, positions, kv_len: (drafted.append(tokens.shape[0]), step(tokens, positions, kv_len))[1]
-
-    monkeypatch.setattr(proposers, "compile_decode_step", counted)
+    verified, drafted = [], _draft_steps(monkeypatch)
     spec, draft = ((SpeculativeConfig("ngram", 3), None) if method == "ngram"
                    else (SpeculativeConfig("draft", 3, draft="x"), perturbed(target, 0.08, 3)))
     engine = Engine(target, None, max_batch=4, compile=True, speculative=spec, draft_model=draft)
@@ -162,10 +158,10 @@ def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypat
     runner.compiled_verify = lambda tokens, positions, kv_len, **a: (verified.append(tokens.shape[0]),
                                                                      verify(tokens, positions, kv_len, **a))[1]
     engine.warmup()
-    assert set(verified) == {1, 2, 4} and set(drafted) == ({1, 2, 4} if draft is not None else set())
+    assert set(verified) == {1, 2, 4} and {w for w, _ in drafted} == ({1, 2, 4} if draft is not None else set())
     stats, proposer = engine.speculator.stats, engine.speculator.proposer
     assert (stats.verify_rows, stats.draft_tokens) == (0, 0) and type(proposer).__name__ != "_WarmupProposer"
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs = eager_dynamo["unique_graphs"]
     prompts = random_prompts((23, 40, 9), seed=41)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 25, 12)]
     plain, _ = generate(target, prompts, params)
@@ -173,7 +169,7 @@ def test_warmup_compiles_verify_and_draft_steps_before_serving(target, monkeypat
     while engine.has_work():
         engine.step()
     assert [r.output_ids for r in requests] == [r.output_ids for r in plain]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert eager_dynamo["unique_graphs"] == graphs
 
 
 def test_greedy_equals_plain_linear_cache_exact_fit():

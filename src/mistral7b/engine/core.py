@@ -27,7 +27,7 @@ from .config import EngineConfig
 from .constraints import ConstraintManager
 from .output import OutputProcessor
 from .request import Delta, Request
-from .runner import DecodeGroup, ModelRunner
+from .runner import DecodeGroup, ModelRunner, padded_width
 from .scheduler import Scheduler
 from .speculative import make_speculator
 
@@ -144,8 +144,8 @@ class Engine:
         self.scheduler.prefix = None  # warm-up prompts are not worth caching, nor counting
         try:
             with spec.warming() if spec is not None else contextlib.nullcontext():
-                widths = [1 << i for i in range(2, self.max_batch.bit_length()) if 1 << i < self.max_batch]
-                wide = [(n, 16) for n in [*widths, self.max_batch] if n > 2]  # prefilled in one step: width n
+                widths = sorted({padded_width(n, self.max_batch, True) for n in range(3, self.max_batch + 1)})
+                wide = [(n, 16) for n in widths]  # short prompts, prefilled in one step: a decode at width n
                 for n, length in [(1, 200), (1, 300), (2, 300), *wide]:
                     length = max(1, min(length, limit - tokens))
                     requests = [self.add([1] * length, params) for _ in range(n)]

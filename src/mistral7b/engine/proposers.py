@@ -11,7 +11,7 @@ from ..cache import KVCache
 from ..sampling import SamplerBatch, warped_logits
 from ..utils import to_device
 from .request import Request
-from .runner import compile_decode_step, kv_len_bucket, padded_width
+from .runner import compile_decode_step, kv_len_bucket, padded_rows, padded_width
 from .speculative import Proposal
 
 
@@ -198,14 +198,10 @@ class DraftProposer:
             tokens = torch.tensor(last, device=self.device)[:, None]
             logits = self.model(tokens, torch.tensor(positions, device=self.device)[:, None], self.cache,
                                 rows=torch.tensor(rows, device=self.device), kv_len=max(positions) + 1)
-        else:  # every row up to a power of two, idle ones at position -1 (they write nothing), as the runner's
+        else:  # every row up to a power of two, as the runner's decode step
             width = padded_width(max(rows) + 1, self.max_batch, True)
-            tokens, at = [0] * width, [-1] * width
-            for row, token, position in zip(rows, last, positions):
-                tokens[row], at[row] = token, position
-            kv_len = kv_len_bucket(max(positions) + 1, self.cache)
-            logits = self.decode_fn(to_device(tokens, self.device)[:, None], to_device(at, self.device)[:, None],
-                                    kv_len)[to_device(rows, self.device)]
+            tokens, at = padded_rows(width, rows, last, positions, self.device)
+            logits = self.decode_fn(tokens, at, kv_len_bucket(max(positions) + 1, self.cache))[to_device(rows, self.device)]
         for r in requests:
             self.held[r.row] += 1
         return logits[:, -1].float()

@@ -58,6 +58,15 @@ def padded_width(needed: int, max_batch: int, compiled: bool) -> int:
     return min(1 << (needed - 1).bit_length(), max_batch) if compiled else needed
 
 
+def padded_rows(width: int, rows: list[int], tokens: list[int], positions: list[int], device) -> tuple:
+    """Decode inputs [width, 1] with each of `rows` holding its token and position; the other rows idle
+    (position -1: they ride along and write nothing)."""
+    padded_tokens, padded_positions = [0] * width, [-1] * width
+    for row, token, position in zip(rows, tokens, positions):
+        padded_tokens[row], padded_positions[row] = token, position
+    return to_device(padded_tokens, device)[:, None], to_device(padded_positions, device)[:, None]
+
+
 def kv_len_bucket(needed: int, cache: KVCache) -> int:
     """`needed` rounded up to the next of 256, 384, 512, 768, 1024, ... (powers of two and 1.5 times
     them), at most the cache's largest layer: few graphs, and at most a third of the read wasted."""
@@ -160,10 +169,8 @@ class ModelRunner:
         width = self.decode_width(decoding, prev)
         ahead = prev.steps if prev is not None else 0
         if prev is None:
-            tokens, positions = [0] * width, [-1] * width  # idle rows ride along and write nothing
-            for r in decoding:
-                tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
-            tokens_t, positions_t = self.to_device(tokens)[:, None], self.to_device(positions)[:, None]
+            tokens_t, positions_t = padded_rows(width, [r.row for r in decoding], [r.output_ids[-1] for r in decoding],
+                                                [r.position for r in decoding], self.device)
         else:
             tokens_t, positions_t = prev.next_tokens, prev.next_positions
         kv_len = self.kv_len(max(r.position for r in decoding) + ahead + steps)

@@ -16,9 +16,7 @@ from ..engine.config import ModelInfo
 from ..sampling import SamplingParams
 from .client import EngineStats
 from .metrics import Metrics
-
-# Engine.warmup compiles each power-of-two decode width once (tens of seconds each at the 7B shape on a GPU).
-WARMUP_NOTICE = "compiling the decode step before serving, once per power-of-two batch width up to max_batch"
+from .settings import WARMUP_NOTICE
 
 log = logging.getLogger("mistral7b.server")
 

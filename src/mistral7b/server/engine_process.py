@@ -68,7 +68,7 @@ def main(conn, load_json: str) -> None:
         signal.signal(sig, signal.SIG_IGN)
     from ..engine.config import ModelInfo
     from . import wire
-    from .driver import WARMUP_NOTICE
+    from .settings import WARMUP_NOTICE
 
     llm = None
     try:

@@ -22,6 +22,8 @@ ENGINE_DIED_EXIT = 70
 # An engine process that sends nothing for this long while requests are open is taken as hung and killed
 # (compiles happen before it reports ready, so a step never legitimately takes minutes).
 DEFAULT_ENGINE_STEP_TIMEOUT = 300.0
+# Engine.warmup compiles each power-of-two decode width once (tens of seconds each at the 7B shape on a GPU).
+WARMUP_NOTICE = "compiling the decode step before serving, once per power-of-two batch width up to max_batch"
 
 
 def fit_max_connections(max_connections: int) -> int:
