@@ -138,9 +138,11 @@ def speculative_checks(device, args) -> None:
     the draft's compiled decode step: a draft equal to the target is accepted but for bf16 near-ties."""
     config = small_config(args.window)
     model = random_model(config, device, torch.bfloat16)
-    ngram = SpeculativeConfig("ngram", 4, min_ngram=1)
+    # Backoff off: these check the verify's and the draft's compiled steps, which a row that backs off skips.
+    ngram = SpeculativeConfig("ngram", 4, min_ngram=1, backoff=False)
+    self_draft = SpeculativeConfig("draft", 3, draft="self", backoff=False)
     for name, batch, spec, draft in (("ngram", 1, ngram, None), ("ngram", 4, ngram, None),
-                                     ("self-draft", 4, SpeculativeConfig("draft", 3, draft="self"), model)):
+                                     ("self-draft", 4, self_draft, model)):
         engine = Engine(model, None, max_batch=batch, compile=True, max_seq_len=4 * args.window,
                         speculative=spec, draft_model=draft)
         # Repeating prompts, so that lookup proposes (random weights decide what is accepted).

@@ -4,7 +4,9 @@ Greedy decoding of the shipped prompts (benchmarks/data/spec_prompts.json: 'grou
 reuse the input, and 'open' chat prompts), once plainly and once per proposer, through the engine.
 Random weights accept nothing, so this needs real weights: the default model unless --model is given.
 
-Per proposer and prompt kind it prints: tokens per target forward (1.0 without speculation), accepted
+Per proposer and prompt kind it prints: the share of tokens that came from speculative steps (a row
+backs off while its drafts do not pay: engine/spec_backoff.py), tokens per target forward (1.0 without
+speculation), accepted
 draft tokens per verify, acceptance rate, decode tok/s, speed-up over plain (total decode time of the
 same prompts), and how many outputs are token-identical to plain greedy. With quantized weights on the
 CPU, the int4 matmul rounds a k+1-token verify differently from a one-token step, so an output can part
@@ -43,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantize", default=None, help="as LLM(quantize=...): int4, int8, none")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backoff", choices=("on", "off", "both"), default="on",
+                   help="speculative backoff (spec_backoff.py) as served (on), every step speculating (off: the "
+                        "proposer's raw acceptance and cost), or both, as method and method/raw")
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -96,9 +101,11 @@ def summarize(records: list[dict], plain: list[dict], kind: str) -> dict:
     tok_s = decoded / total("decode_s", mine)
     plain_tok_s = plain_decoded / total("decode_s", [p for _, p in rows])
     steps, verifies = total("row_steps", mine), total("verify_rows", mine)
+    plain_steps = max(0, decoded - total("emitted_tokens", mine))  # a backed-off row: one token a forward
     return {
         "kind": kind, "prompts": len(rows),
-        "tokens_per_forward": decoded / steps if steps else 1.0,
+        "tokens_per_forward": decoded / (steps + plain_steps) if steps else 1.0,
+        "speculated_share": min(1.0, total("emitted_tokens", mine) / decoded) if decoded else 0.0,
         "accepted_per_verify": total("accepted_tokens", mine) / verifies if verifies else 0.0,
         "acceptance_rate": total("accepted_tokens", mine) / max(1, total("draft_tokens", mine)),
         "decode_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
@@ -118,11 +125,14 @@ def main(argv=None) -> None:
     # step is launch-bound, and a verify costs what a step does).
     compile = llm.device.type == "cuda"
     engines = {"plain": Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, compile=compile))}
+    backoffs = {"on": (True,), "off": (False,), "both": (True, False)}[args.backoff]
     for method in args.methods.split(","):
         spec = dataclasses.replace(SpeculativeConfig.parse(method, args.num_tokens), min_ngram=args.min_ngram)
         draft = load_draft(spec, llm.source, llm.device, llm.dtype)
-        engines[method] = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, speculative=spec, compile=compile),
-                                 draft_model=draft)
+        for backoff in backoffs:
+            config = EngineConfig(max_batch=1, speculative=dataclasses.replace(spec, backoff=backoff), compile=compile)
+            name = method if backoff or args.backoff == "off" else f"{method}/raw"
+            engines[name] = Engine(llm.model, llm.tokenizer, config, draft_model=draft)
     records = run_all(llm, engines, prompts, args.max_tokens)
     plain = records.pop("plain")
     table = [{"method": method, **summarize(r, plain, kind)} for method, r in records.items() for kind in kinds]
@@ -130,10 +140,13 @@ def main(argv=None) -> None:
         table.append({"method": "plain", **summarize(plain, plain, kind)})
     print(f"load average at start {load:.1f}, after {os.getloadavg()[0]:.1f}; k = {args.num_tokens}, "
           f"{args.max_tokens} greedy tokens per prompt, batch 1, {torch.get_num_threads()} threads")
-    header = ("method", "kind", "prompts", "tok/forward", "acc/verify", "accept", "tok/s", "speed-up", "identical")
-    print("".join(f"{h:>12}" for h in header))
+    print(f"backoff {args.backoff} (method/raw: every step speculates)")
+    header = ("method", "kind", "prompts", "speculated", "tok/forward", "acc/verify", "accept", "tok/s", "speed-up",
+              "identical")
+    print(f"{header[0]:>16}" + "".join(f"{h:>12}" for h in header[1:]))
     for row in table:
-        print(f"{row['method']:>12}{row['kind']:>12}{row['prompts']:>12}{row['tokens_per_forward']:>12.2f}"
+        print(f"{row['method']:>16}{row['kind']:>12}{row['prompts']:>12}{row['speculated_share']:>12.2f}"
+              f"{row['tokens_per_forward']:>12.2f}"
               f"{row['accepted_per_verify']:>12.2f}{row['acceptance_rate']:>12.2f}{row['decode_tok_s']:>12.1f}"
               f"{row['speedup']:>12.2f}{row['identical_to_plain']:>12}")
     if args.json:

@@ -134,7 +134,8 @@ def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, eager
     prompts = random_prompts((5, 23, 40, 9, 30), seed=31)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
     plain, _ = generate(target, prompts, params)
-    fast, engine = generate(target, prompts, params, SpeculativeConfig("draft", 3, draft="x"), draft, compile=True)
+    spec = SpeculativeConfig("draft", 3, draft="x", backoff=False)  # a row resuming after a backoff is re-fed
+    fast, engine = generate(target, prompts, params, spec, draft, compile=True)
     assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
     stats = engine.speculator.stats
     assert stats.verify_rows > 0 and stats.draft_tokens > 0
@@ -354,6 +355,7 @@ def test_a_step_without_any_draft_is_a_plain_decode_step(target):
     (dict(max_batch=0), "speculative max_batch must be a positive integer"),
     (dict(suffix_cache_tokens=-1), "suffix cache size must be a whole number of tokens"),
     (dict(method="self-int4", suffix_cache_tokens=100), "suffix cache works with method 'ngram' only"),
+    (dict(backoff="no"), "speculative backoff must be true or false"),
 ])
 def test_bad_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -381,6 +383,9 @@ def test_bad_draft_and_flags_errors(target):
     with pytest.raises(ValueError, match="--speculative-suffix-cache needs --speculative ngram"):
         SpeculativeConfig.parse(None, None, 1000)
     assert SpeculativeConfig.parse("ngram", None, 1000) == SpeculativeConfig("ngram", suffix_cache_tokens=1000)
+    assert SpeculativeConfig.parse("ngram", backoff=False) == SpeculativeConfig("ngram", backoff=False)
+    with pytest.raises(ValueError, match=r"--\[no-\]speculative-backoff needs --speculative"):
+        SpeculativeConfig.parse(None, backoff=True)
 
 
 def newest_continuation(stored: list[list[int]], context: list[int], k: int, max_n=4, min_n=2) -> list[int]:

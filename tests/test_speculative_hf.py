@@ -69,7 +69,7 @@ def assert_same_up_to_a_near_tie(target, prompt: list[int], ours: list[int], the
 def test_self_int4_draft_is_the_target_quantized(pair):
     (_, target_path), _ = pair
     plain = LLM(str(target_path), device="cpu", max_batch=1)
-    spec = LLM(str(target_path), device="cpu", max_batch=1, speculative=SpeculativeConfig("self-int4", 4))
+    spec = LLM(str(target_path), device="cpu", max_batch=1, speculative=SpeculativeConfig("self-int4", 4, backoff=False))
     draft = spec.engine.speculator.proposer.model
     assert any(isinstance(m, QuantModule) for m in draft.modules())
     assert not any(isinstance(m, QuantModule) for m in spec.model.modules())

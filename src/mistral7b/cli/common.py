@@ -158,6 +158,9 @@ def add_speculative_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-suffix-cache", type=integer, default=None, metavar="TOKENS",
                    help="with ngram: also draft from earlier requests' outputs, keeping up to TOKENS of them "
                         "(default 0: off)")
+    g.add_argument("--speculative-backoff", action=argparse.BooleanOptionalAction, default=None,
+                   help="a request whose drafts do not pay for their verify decodes plainly for a while, "
+                        "unless it has a seed (default: on)")
 
 
 def add_batch_invariant_option(p: argparse.ArgumentParser) -> None:
@@ -173,7 +176,8 @@ def speculative_of(args):
 
     try:
         return SpeculativeConfig.parse(getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None),
-                                       getattr(args, "speculative_suffix_cache", None))
+                                       getattr(args, "speculative_suffix_cache", None),
+                                       getattr(args, "speculative_backoff", None))
     except ValueError as e:
         raise CLIError(str(e).replace("num_speculative_tokens", "--num-speculative-tokens")) from None
 

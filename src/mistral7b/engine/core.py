@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 
 import torch
 
@@ -58,6 +59,8 @@ class Engine:
         self.adapters = AdapterRegistry(model, s.max_loras, s.max_lora_rank, self._slots_in_use)
         self._ids = itertools.count()
         self._inflight: DecodeGroup | None = None
+        self._steps_read = 0  # decode steps whose tokens the host read during this engine step
+        self._last_step = (False, 0.0)  # whether the last engine step only decoded plainly, and its end
         self._warmed = False
 
     def _prefix_cache(self, s: EngineConfig) -> PrefixCache | None:
@@ -160,6 +163,7 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Delta]:
         deltas: list[Delta] = []
+        self._steps_read = 0
         if self._inflight is not None and self.scheduler.waiting:  # rows may free up: know which first
             self._finish(self._inflight, deltas)
         admitted, running = self.scheduler.schedule()
@@ -167,11 +171,16 @@ class Engine:
             self.runner.assign(request)
         live = [r for r in running if not r.finished]
         decoding = [r for r in live if r.prefilled]  # before this step's prefill: those decode next step
-        self._prefill([r for r in live if not r.prefilled], deltas)
+        prefilling = [r for r in live if not r.prefilled]
+        self._prefill(prefilling, deltas)
+        speculated = False
         if decoding and self.speculator is not None and self.speculator.active(decoding):
+            speculated = True
             self._speculate(decoding, deltas)
         elif decoding:
             self._decode(decoding, deltas)
+        if self.speculator is not None:
+            self._time_plain(bool(decoding) and not prefilling and not speculated)
         for d in deltas:
             if d.request.finished:
                 self.scheduler.release(d.request)
@@ -215,6 +224,7 @@ class Engine:
         if pipelined:
             self._inflight = group
         else:
+            self._steps_read += steps
             deltas += self.scheduler.update_from_output(decoding, group.tokens.tolist(), logprobs)
 
     def _speculate(self, decoding: list[Request], deltas: list[Delta]) -> None:
@@ -225,11 +235,34 @@ class Engine:
             decoding = [r for r in decoding if not r.finished]
             if not decoding:
                 return
+        start = time.perf_counter()
+        if self.speculator.backoff.wants_plain_timing(decoding):
+            self._plain_step(decoding, deltas)
+            return
         proposal = self.speculator.propose(decoding)
         if proposal is None:
-            self._decode(decoding, deltas, max_steps=1)  # one step: the next may have a proposal
-        else:
-            self.speculator.step(decoding, proposal, deltas)
+            self._plain_step(decoding, deltas)  # one step: the next may have a proposal
+            return
+        self.speculator.step(decoding, proposal, deltas)  # reads the tokens: the device is done with it
+        self.speculator.backoff.time_speculative(time.perf_counter() - start)
+
+    def _plain_step(self, decoding: list[Request], deltas: list[Delta]) -> None:
+        """One plain decode step inside speculation, its tokens read at once and its time a sample of the
+        break-even's plain cost (with a host read, as a verify's; pipelined steps cost a little less)."""
+        start = time.perf_counter()
+        self._decode(decoding, deltas, max_steps=1)
+        if self._inflight is not None:
+            self._finish(self._inflight, deltas)
+        self.speculator.backoff.time_plain(time.perf_counter() - start)
+
+    def _time_plain(self, plain: bool) -> None:
+        """Time plain decode for the speculator's break-even (spec_backoff; `_speculate` times verifies): the
+        wall time between two engine steps that only decoded plainly, per decode step read. Pipelined,
+        the host reads one group while the next runs, so a step's own duration would miss the device's."""
+        now, (was_plain, last_end) = time.perf_counter(), self._last_step
+        self._last_step = (plain, now)
+        if plain and was_plain and self._steps_read:
+            self.speculator.backoff.time_plain((now - last_end) / self._steps_read)
 
     def _bitmask(self, requests: list[Request]):
         """A callable giving the step's constraint bitmask (None for free rows), or None if all are free."""
@@ -240,6 +273,7 @@ class Engine:
     def _finish(self, group: DecodeGroup, deltas: list[Delta]) -> None:
         """Read an in-flight group's tokens (waiting for those steps only) and advance its requests."""
         self._inflight = None
+        self._steps_read += group.steps
         deltas += self.scheduler.update_from_output(group.requests, group.read(), [None] * group.steps)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from ..sampling import SamplerBatch, adjusted_logits, warped_logits
 from .request import Delta, Request
+from .spec_backoff import SpecBackoff
 
 METHODS = ("ngram", "draft", "self-int4")
 MAX_NUM_TOKENS = 16
@@ -54,6 +55,9 @@ class SpeculativeConfig:
     max_batch: int | None = None
     # n-gram only: earlier requests' outputs, up to this many tokens, as drafts (proposers.SuffixCache); 0: off
     suffix_cache_tokens: int = 0
+    # A row whose verifies emit fewer tokens than a speculative step costs decodes plainly for a while
+    # (spec_backoff.SpecBackoff); False: every row speculates at every step.
+    backoff: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,17 +77,21 @@ class SpeculativeConfig:
             raise ValueError(f"the speculative suffix cache size must be a whole number of tokens, got {cap!r}")
         if cap and self.method != "ngram":
             raise ValueError(f"the speculative suffix cache works with method 'ngram' only, not {self.method!r}")
+        if not isinstance(self.backoff, bool):
+            raise ValueError(f"speculative backoff must be true or false, got {self.backoff!r}")
 
     @classmethod
-    def parse(cls, spec: str | None, num_tokens: int | None = None,
-              suffix_cache_tokens: int | None = None) -> "SpeculativeConfig | None":
-        """From the CLI's `--speculative ngram|self-int4|draft:SRC`, `--num-speculative-tokens` and
-        `--speculative-suffix-cache`."""
+    def parse(cls, spec: str | None, num_tokens: int | None = None, suffix_cache_tokens: int | None = None,
+              backoff: bool | None = None) -> "SpeculativeConfig | None":
+        """From the CLI's `--speculative ngram|self-int4|draft:SRC`, `--num-speculative-tokens`,
+        `--speculative-suffix-cache` and `--[no-]speculative-backoff`."""
         if not spec:
             if num_tokens is not None:
                 raise ValueError("--num-speculative-tokens needs --speculative")
             if suffix_cache_tokens is not None:
                 raise ValueError("--speculative-suffix-cache needs --speculative ngram")
+            if backoff is not None:
+                raise ValueError("--[no-]speculative-backoff needs --speculative")
             return None
         method, _, draft = spec.partition(":")
         if method == "draft" and not draft:
@@ -91,6 +99,8 @@ class SpeculativeConfig:
         options = {} if num_tokens is None else {"num_tokens": num_tokens}
         if suffix_cache_tokens is not None:
             options["suffix_cache_tokens"] = suffix_cache_tokens
+        if backoff is not None:
+            options["backoff"] = backoff
         return cls(method, draft=draft or None, **options)
 
 
@@ -143,19 +153,26 @@ class Speculator:
         self.scheduler, self.constraints = scheduler, constraints
         self.stats = SpecStats(config.num_tokens)
         self.max_batch = config.max_batch or MEASURED_MAX_BATCH.get(runner.device.type, MEASURED_MAX_BATCH["cpu"])
+        self.backoff = self._new_backoff(config.backoff)
+
+    def _new_backoff(self, enabled: bool) -> SpecBackoff:
+        return SpecBackoff(self.runner.device.type, self.config.num_tokens, self.config.method != "ngram", enabled)
 
     def active(self, decoding: list[Request]) -> bool:
-        return len(decoding) <= self.max_batch
+        """Whether this step speculates: the batch is small enough and some row has not backed off."""
+        return len(decoding) <= self.max_batch and any(self.backoff.speculating(r) for r in decoding)
 
     @contextlib.contextmanager
     def warming(self):
         """Engine.warmup inside: every step with room for a draft verifies one (`_WarmupProposer`), so
         the verify's graphs, and a draft model's, are compiled before serving; after: counts from zero."""
         real, self.proposer = self.proposer, _WarmupProposer(self.proposer)
+        self.backoff = self._new_backoff(False)
         try:
             yield
         finally:
             self.proposer, self.stats = real, SpecStats(self.config.num_tokens)
+            self.backoff = self._new_backoff(self.config.backoff)
 
     def propose(self, decoding: list[Request]) -> Proposal | None:
         """Each row's draft tokens; None when no row has one: a plain decode step then advances every row
@@ -180,15 +197,20 @@ class Speculator:
             self.runner.cache.forget(r.row, r.position + 1 + kept, r.position + width)
             self.proposer.rollback(r, kept)
             self.stats.count(len(drafts), kept)
+            if drafts:  # a row without drafts cost no verify of its own: nothing to learn
+                self.backoff.observe(r, kept)
         self._emit(decoding, logits, emitted, deltas)
 
     def finished(self, request: Request) -> None:
         """A request has ended: proposers that learn from earlier outputs keep its output."""
+        self.backoff.finished(request)
         if hasattr(self.proposer, "finished"):
             self.proposer.finished(request)
 
     def _cap(self, r: Request) -> int:
-        """Draft tokens row `r` may take: never past max_tokens."""
+        """Draft tokens row `r` may take: never past max_tokens, none while it has backed off."""
+        if not self.backoff.speculating(r):
+            return 0
         return max(0, min(self.config.num_tokens, r.params.max_tokens - len(r.output_ids) - 1))
 
     def _emit(self, decoding, logits, emitted, deltas) -> None:

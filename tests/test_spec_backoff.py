@@ -1,0 +1,168 @@
+"""A row stops speculating while its verifies emit fewer tokens than a speculative step costs, and the
+output stays token-identical to plain decoding."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from mistral7b import SamplingParams
+from mistral7b.engine import SpeculativeConfig
+from mistral7b.engine.spec_backoff import MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST, SpecBackoff
+
+from test_speculative import generate, perturbed, random_prompts, tiny
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.spec_timings]
+
+
+def row(name="a", produced=0):
+    return SimpleNamespace(id=name, output_ids=[0] * produced, params=SimpleNamespace(seed=None))
+
+
+def test_prior_break_even_counts_a_draft_models_steps():
+    assert SpecBackoff("cpu", 4, False).break_even == PRIOR_VERIFY_COST["cpu"]
+    assert SpecBackoff("cuda", 4, True).break_even == pytest.approx(PRIOR_VERIFY_COST["cuda"] + 4 * PRIOR_DRAFT_STEP_COST)
+    measured = SpecBackoff("cuda", 4, True)
+    measured.time_speculative(0.030)
+    assert measured.break_even == measured.prior  # until a plain step is timed too
+    measured.time_plain(0.010)
+    assert measured.break_even == pytest.approx(3.0)
+    measured.time_plain(0.020)  # a running mean: halfway to the newest
+    assert measured.break_even == pytest.approx(2.0)
+
+
+def test_failed_verifies_back_off_for_doubling_spans_and_success_resets_them():
+    policy = SpecBackoff("cpu", 4, False)  # break-even 1.81: a verify must keep 0.81 drafts on average
+    r = row()
+    policy.observe(r, 0)
+    assert policy.speculating(r)  # one failure from the optimistic start is not enough
+    policy.observe(r, 0)
+    assert not policy.speculating(r) and policy.backoffs == 1
+    r.output_ids += [0] * (MIN_SKIP - 1)
+    assert not policy.speculating(r)
+    r.output_ids.append(0)
+    assert policy.speculating(r)  # the retry
+    policy.observe(r, 0)  # fails at once: twice as long this time
+    assert not policy.speculating(r)
+    r.output_ids += [0] * (2 * MIN_SKIP)
+    assert policy.speculating(r)
+    policy.observe(r, 3)  # pays: the next failure backs off for the shortest span again
+    policy.observe(r, 0)
+    policy.observe(r, 0)
+    assert not policy.speculating(r)
+    assert policy.rows[r.id].skip_until == len(r.output_ids) + MIN_SKIP
+    for _ in range(20):  # the span is capped
+        r.output_ids += [0] * MAX_SKIP
+        policy.observe(r, 0)
+    assert policy.rows[r.id].skip_until <= len(r.output_ids) + MAX_SKIP
+    policy.finished(r)
+    assert r.id not in policy.rows
+
+
+def test_a_new_row_starts_from_what_earlier_rows_taught():
+    policy = SpecBackoff("cpu", 4, False)  # a verify must keep 0.81 drafts
+    assert policy.speculating(row("first"))  # nothing known: optimistic
+    for name in "abc":
+        policy.observe(row(name), 3)  # verifies pay
+    assert policy.speculating(row("d"))
+    for _ in range(30):
+        policy.observe(row("e"), 0)  # then they stop paying, on average
+    assert policy.accepted_mean < 0.81
+    late = row("f", produced=5)
+    assert not policy.speculating(late)  # plain for the shortest span first, then a trial
+    late.output_ids += [0] * MIN_SKIP
+    assert policy.speculating(late)
+    seeded = row("g")
+    seeded.params.seed = 7
+    policy.observe(seeded, 0)
+    policy.observe(seeded, 0)
+    assert policy.speculating(seeded)  # neither the prior nor its own failures: its draws must not depend on them
+    assert policy.wants_plain_timing([late]) is False  # nothing timed here
+
+
+def test_where_a_verify_cannot_pay_at_all_rows_back_off_for_the_longest_span():
+    policy = SpecBackoff("cpu", 4, True)
+    policy.time_speculative(0.060)
+    policy.time_plain(0.010)  # a speculative step costs 6 plain steps; a verify emits 5 tokens at most
+    assert policy.hopeless
+    r = row()
+    for _ in range(3):  # even all drafts accepted do not pay
+        policy.observe(r, 4)
+    assert not policy.speculating(r) and policy.rows[r.id].skip_until == MAX_SKIP
+    assert not SpecBackoff("cpu", 8, True).hopeless  # the prior is never hopeless: it needs measuring
+
+
+def test_disabled_never_backs_off():
+    policy = SpecBackoff("cpu", 4, True, enabled=False)
+    r = row()
+    for _ in range(10):
+        policy.observe(r, 0)
+    assert policy.speculating(r) and policy.backoffs == 0
+
+
+@pytest.fixture
+def break_even_2(monkeypatch):
+    """Decisions independent of this box's timings: a verify must emit 2 tokens a row to pay."""
+    monkeypatch.setattr(SpecBackoff, "break_even", property(lambda self: 2.0))
+
+
+def test_a_draft_that_always_fails_backs_off_and_output_stays_plain(break_even_2):
+    """A draft from other random weights: its tokens are never the target's. With backoff, rows verify far
+    less often than they produce tokens; without, every step verifies. Greedy output equals plain both ways."""
+    target, stranger = tiny(seed=1), tiny(seed=7)
+    prompts = random_prompts((5, 23, 40), seed=3)
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    plain, _ = generate(target, prompts, params)
+    runs = {}
+    for backoff in (True, False):
+        spec = SpeculativeConfig("draft", 3, draft="x", backoff=backoff)
+        out, engine = generate(target, prompts, params, spec, stranger)
+        assert [r.output_ids for r in out] == [r.output_ids for r in plain]
+        runs[backoff] = engine.speculator
+    off, on = runs[False], runs[True]
+    assert off.stats.accepted_tokens <= off.stats.draft_tokens // 10  # the draft is indeed useless
+    assert off.backoff.backoffs == 0 and on.backoff.backoffs >= len(prompts)
+    assert on.stats.verify_rows < off.stats.verify_rows / 2
+    assert not on.backoff.rows  # finished requests are forgotten
+
+
+def test_a_draft_that_always_agrees_never_backs_off(break_even_2):
+    target = tiny(seed=1)
+    prompts = random_prompts((5, 23, 40), seed=4)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    plain, _ = generate(target, prompts, params)
+    out, engine = generate(target, prompts, params, SpeculativeConfig("draft", 3, draft="x"), target)
+    assert [r.output_ids for r in out] == [r.output_ids for r in plain]
+    spec = engine.speculator
+    assert spec.backoff.backoffs == 0 and spec.stats.accepted_tokens == spec.stats.draft_tokens > 0
+
+
+def test_the_engine_times_both_kinds_of_step():
+    """A draft that is the target itself: a speculative step (its k draft steps and the verify) is timed
+    against a plain one (probed once when no row backed off yet), and costs several of them. By how much
+    depends on this box's load (3.4x to 6.5x here), so the decisions are tested with a fixed break-even."""
+    target = tiny(seed=1)
+    prompts = random_prompts((5, 23), seed=6)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    plain, _ = generate(target, prompts, params)
+    out, engine = generate(target, prompts, params, SpeculativeConfig("draft", 3, draft="x"), target, max_batch=2)
+    assert [r.output_ids for r in out] == [r.output_ids for r in plain]
+    backoff = engine.speculator.backoff
+    assert backoff.plain_s > 0 and backoff.speculative_s > 0
+    assert backoff.break_even == backoff.speculative_s / backoff.plain_s > 2
+
+
+def test_seeded_rows_never_back_off():
+    """Whether a row speculates changes which random numbers a seeded row draws, and the break-even is timed:
+    seeded rows therefore always speculate, and give the same tokens as with backoff off."""
+    target = tiny(seed=1)
+    prompts = random_prompts((9, 17), seed=5)
+    params = SamplingParams(max_tokens=50, temperature=0.9, seed=11, ignore_eos=True)
+    runs = []
+    for backoff in (True, False):
+        spec = SpeculativeConfig("draft", 3, draft="x", backoff=backoff)
+        out, engine = generate(target, prompts, params, spec, tiny(seed=7))
+        runs.append([r.output_ids for r in out])
+        assert engine.speculator.backoff.backoffs == 0
+    assert runs[0] == runs[1] and all(len(ids) == 50 for ids in runs[0])
