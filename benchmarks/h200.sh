@@ -13,8 +13,10 @@
 #   bash benchmarks/h200.sh peer       # bf16 decode at b1/b8 with gpt-fast at b1 (no checks, no HF)
 #   bash benchmarks/h200.sh profile    # one b1 decode step, ours and gpt-fast's, kernels by kind side by side
 #   bash benchmarks/h200.sh profile-tuned  # ours, then ours with gpt-fast's coordinate-descent tuning
+#   bash benchmarks/h200.sh tuned      # decode tok/s at b1/b8, then the same with coordinate-descent tuning
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
+#   bash benchmarks/h200.sh spec-backoff  # the same at b1 as served: failing rows back off to plain decoding
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
 #   bash benchmarks/h200.sh stage-model  # the first part of the default model, for spec-real's call (see below)
 #   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled then eager
@@ -115,6 +117,11 @@ invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, in
 profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d).
     # Alone in a call: 300 s ended in gpt-fast's compile, after ours (H100, 2026-12-05e).
     step profile 540 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;
+tuned)  # decode b1/b8 tok/s with gpt-fast's Inductor setting against without (profile-tuned says where it goes)
+    step tuned-plain 240 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" --runs 2 \
+        --json "$OUT/tuned-plain.json"
+    step tuned-cd 330 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" --runs 2 \
+        --coordinate-descent --json "$OUT/tuned-cd.json" ;;
 profile-tuned)  # ours alone, compiled with gpt-fast's Inductor setting (coordinate-descent tuning) against without
     step profile-plain 240 python3 benchmarks/profile_decode.py --tokens 64
     step profile-tuned 300 python3 benchmarks/profile_decode.py --tokens 64 --coordinate-descent ;;
@@ -128,8 +135,12 @@ spec)
     step verify-cost-b32 240 python3 benchmarks/verify_cost.py --batch 32 --json "$OUT/verify-cost-b32.json" ;;
 spec-self)  # the whole self-int4 loop at the 7B shape: int4 draft steps, then the bf16 verify, b1 and b8.
     # 360 s ended in b8 (H100, 2026-12-05e, eager drafts at 5.1 tok/s); the drafts now compile too.
+    # Backoff off: random weights' int4 copy is never accepted, and this times the loop, not the backoff.
     step spec-self 540 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" \
-        --speculative self-int4 --runs 2 --json "$OUT/spec-self.json" ;;
+        --speculative self-int4 --no-speculative-backoff --runs 2 --json "$OUT/spec-self.json" ;;
+spec-backoff)  # the same at b1 with backoff on (as served): rows whose drafts fail decode plainly; target ~1.0x
+    step spec-backoff 400 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" --batch 1 \
+        --speculative self-int4 --runs 2 --json "$OUT/spec-backoff.json" ;;
 spec-real)  # the default model from its parts (stage-model); spec_bench checks speculative output equals plain
     mkdir -p $PARTS && cp .peer/smollm2.part-* $PARTS/ 2>/dev/null
     cat $PARTS/smollm2.part-* > /tmp/smollm2.gguf
@@ -138,8 +149,9 @@ spec-real)  # the default model from its parts (stage-model); spec_bench checks 
         status=1; continue
     fi
     # Compiled (CUDA graphs), as served: the plain engine, n-gram and self-int4 (its int4 draft's steps too).
-    step spec-real 480 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
-        --methods ngram,self-int4 --json "$OUT/spec.json" ;;
+    # As served (backoff on) and every step speculating (method/raw); 231 s for one of each (H100, 2026-12-05f).
+    step spec-real 540 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
+        --methods ngram,self-int4 --backoff both --json "$OUT/spec.json" ;;
 lora)
     step lora-compiled 240 python3 benchmarks/lora_bench.py --batch 1 8 64 --compile --json "$OUT/lora-compiled.json"
     step lora-eager 120 python3 benchmarks/lora_bench.py --batch 1 8 64 --json "$OUT/lora-eager.json" ;;
