@@ -74,16 +74,25 @@ def run_all(llm: LLM, engines: dict, prompts, max_tokens: int) -> dict[str, list
         llm.generate([prompts[0][1]], SamplingParams(max_tokens=8))
     for kind, ids in prompts:
         for name, engine in engines.items():
-            before = _counts(engine)
+            before, graphs = _counts(engine), _graphs_compiled()
             request = engine.add(ids, params)
             while not request.finished:
                 engine.step()
-            after = _counts(engine)
+            after, graphs = _counts(engine), _graphs_compiled() - graphs
             decode = request.finish_time - request.first_token_time
             records[name].append({"kind": kind, "tokens": request.output_ids, "decode_s": decode,
-                                  **{k: after[k] - before[k] for k in after}})
-            print(f"  {name} {kind}: {len(request.output_ids)} tokens in {decode:.2f} s", flush=True)
+                                  "graphs_compiled": graphs, **{k: after[k] - before[k] for k in after}})
+            # A compile inside the timed run stalls that prompt (7.89 s against 0.2-0.3, H100, 2026-12-05f)
+            note = f" ({graphs} graphs compiled during it)" if graphs else ""
+            print(f"  {name} {kind}: {len(request.output_ids)} tokens in {decode:.2f} s{note}", flush=True)
     return records
+
+
+def _graphs_compiled() -> int:
+    """Dynamo's count of graphs compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _counts(engine) -> dict:
@@ -110,6 +119,7 @@ def summarize(records: list[dict], plain: list[dict], kind: str) -> dict:
         "acceptance_rate": total("accepted_tokens", mine) / max(1, total("draft_tokens", mine)),
         "decode_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
         "identical_to_plain": sum(r["tokens"] == p["tokens"] for r, p in rows),
+        "graphs_compiled_while_timed": total("graphs_compiled", mine),
     }
 
 
