@@ -15,6 +15,7 @@ it draws, and timings must not decide a seeded request's text.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from .request import Request
@@ -49,7 +50,8 @@ class SpecBackoff:
         self.speculative_s: float | None = None  # running mean of a speculative step's wall time
         self.plain_s: float | None = None  # and of a plain decode step's
         self.accepted_mean: float | None = None  # draft tokens accepted per verify, every row's
-        self.rows: dict[str, _Row] = {}
+        # Per request, gone with it (finished or aborted); requests compare by identity.
+        self.rows: weakref.WeakKeyDictionary[Request, _Row] = weakref.WeakKeyDictionary()
         self.backoffs = 0  # times a row stopped speculating
 
     @property
@@ -67,10 +69,10 @@ class SpecBackoff:
     def speculating(self, request: Request) -> bool:
         if request.params.seed is not None:  # whether it speculates changes its draws: never by timings
             return True
-        row = self.rows.get(request.id)
+        row = self.rows.get(request)
         if row is None and self.enabled and self.accepted_mean is not None \
                 and self.accepted_mean < self.break_even - 1.0:  # a new row where verifies do not pay
-            row = self.rows[request.id] = _Row(self.break_even - 1.0)
+            row = self.rows[request] = _Row(self.break_even - 1.0)
             self._back_off(request, row)
         return row is None or len(request.output_ids) >= row.skip_until
 
@@ -81,7 +83,7 @@ class SpecBackoff:
         threshold = self.break_even - 1.0
         self.accepted_mean = accepted if self.accepted_mean is None \
             else self.accepted_mean + GLOBAL_SMOOTHING * (accepted - self.accepted_mean)
-        row = self.rows.setdefault(request.id, _Row(accepted=max(2 * threshold, 1.0)))  # one failure is no verdict
+        row = self.rows.setdefault(request, _Row(accepted=max(2 * threshold, 1.0)))  # one failure is no verdict
         row.accepted += SMOOTHING * (accepted - row.accepted)
         if row.accepted >= threshold:
             row.skip = MIN_SKIP
@@ -95,9 +97,6 @@ class SpecBackoff:
         row.skip_until = len(request.output_ids) + row.skip
         row.skip = min(2 * row.skip, MAX_SKIP)
         self.backoffs += 1
-
-    def finished(self, request: Request) -> None:
-        self.rows.pop(request.id, None)
 
     def wants_plain_timing(self, decoding: list[Request]) -> bool:
         """No row has backed off yet, so no plain step was timed: the engine then runs one to learn its cost

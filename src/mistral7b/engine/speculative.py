@@ -203,7 +203,6 @@ class Speculator:
 
     def finished(self, request: Request) -> None:
         """A request has ended: proposers that learn from earlier outputs keep its output."""
-        self.backoff.finished(request)
         if hasattr(self.proposer, "finished"):
             self.proposer.finished(request)
 
