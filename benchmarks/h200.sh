@@ -113,7 +113,9 @@ serving-process)
         --json "$OUT/serve-process.json"
     ;;
 invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, int8, int4); decode cost at b1/b8
-    step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json" ;;
+    step invariant 420 python3 benchmarks/invariant_bench.py --json "$OUT/invariant.json"
+    # Issue 22 in the same mode: n-gram speculation gives plain greedy's tokens exactly (a PASS/FAIL line).
+    step invariant-spec 150 python3 benchmarks/gpu_smoke.py --only invariant-speculative ;;
 profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d).
     # Alone in a call: 300 s ended in gpt-fast's compile, after ours (H100, 2026-12-05e).
     step profile 540 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;

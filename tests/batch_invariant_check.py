@@ -108,6 +108,37 @@ def decode_cases() -> None:
     close("flash_decode invariant vs default", together[:2], flash_decode(q, k, v, q_pos, k_pos, window)[:2].double())
 
 
+def verify_cases() -> None:
+    """A speculative verify of T tokens written first into a rolling buffer of W + k slots, two rows at
+    different positions (one past a wrap): each query token's output bitwise equal to flash_decode's at
+    that position over the buffer as its decode step finds it (the later tokens not yet written)."""
+    from mistral7b.attention import invariant_attention
+
+    heads, kv_heads, head_dim, window, spare = 8, 2, 32, 64, 4
+    slots, t = window + spare, int(torch.randint(2, spare + 2, (1,), generator=G))
+    starts = [int(torch.randint(0, slots, (1,), generator=G)), int(torch.randint(2 * slots, 4 * slots, (1,), generator=G))]
+    before = [cache_row(p - 1, slots, kv_heads, head_dim) for p in starts]  # positions up to p - 1 held
+    new_k, new_v = (torch.randn(2, kv_heads, t, head_dim, generator=G) for _ in range(2))
+
+    def written(upto: int):  # each row's buffer once its first `upto` new tokens are in
+        ks, vs, ps = [], [], []
+        for row, (p, (k, v, k_pos)) in enumerate(zip(starts, before)):
+            k, v, k_pos = k.clone(), v.clone(), k_pos.clone()
+            for j in range(upto):
+                k[:, (p + j) % slots], v[:, (p + j) % slots], k_pos[(p + j) % slots] = new_k[row, :, j], new_v[row, :, j], p + j
+            ks.append(k), vs.append(v), ps.append(k_pos)
+        return torch.stack(ks), torch.stack(vs), torch.stack(ps)
+
+    q = torch.randn(2, heads, t, head_dim, generator=G)
+    q_pos = torch.tensor([[p + j for j in range(t)] for p in starts])
+    k, v, k_pos = written(t)
+    got = invariant_attention(q, k, v, q_pos, k_pos, window, False, None, slots, written_first=True)
+    same = all(torch.equal(got[:, :, j : j + 1], flash_decode(q[:, :, j : j + 1], *written(j + 1)[:2], q_pos[:, j : j + 1],
+                                                             written(j + 1)[2], window, invariant=True))
+               for j in range(t))
+    check("invariant verify == each token's decode step", same, f"{t} tokens at positions {starts}, {slots} slots")
+
+
 def model_case() -> None:
     """A small model switched by `apply`: every linear and norm runs the interpreted kernels, and the
     logits stay the plain model's (float32, within rounding)."""
@@ -145,6 +176,7 @@ def main() -> int:
     dense_cases()
     quant_cases()
     decode_cases()
+    verify_cases()
     model_case()
     fakes_match()
     return 1 if FAILURES else 0

@@ -213,7 +213,7 @@ def attention(
     then go `tokenwise`.
     """
     if invariant and q.is_cuda:
-        return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots)
+        return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots, written_first)
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
@@ -244,15 +244,24 @@ def attention(
 
 
 def invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
-                        self_only: bool, memo: dict | None, cache_slots: int | None = None) -> Tensor:
+                        self_only: bool, memo: dict | None, cache_slots: int | None = None,
+                        written_first: bool = False) -> Tensor:
     """CUDA attention whose result for a row ignores the other rows (batch_invariant.apply): decode through
     `flash_decode`'s fixed split plan and ordered merge; several query tokens one row at a time, because
     nothing verifies that SDPA's flash and memory-efficient kernels or flex attention choose their splits
-    and tiles without looking at the batch size, while a row alone launches exactly as in any batch."""
-    if q.shape[2] == 1:
-        from .flash_decode import flash_decode
+    and tiles without looking at the batch size, while a row alone launches exactly as in any batch.
 
+    A speculative verify (its tokens `written_first` into the cache's buffer) runs each query token through
+    `flash_decode` as its own decode step would: the same slots in the same splits, the later draft tokens'
+    keys masked as not yet seen, so its logits are the decode step's bit for bit (while no position has
+    wrapped the rolling buffer: a speculating cache holds k more slots than a plain one)."""
+    from .flash_decode import flash_decode
+
+    if q.shape[2] == 1:
         return flash_decode(q, k, v, q_pos, k_pos, window, invariant=True)
+    if written_first:
+        return torch.cat([flash_decode(q[:, :, j : j + 1], k, v, q_pos[:, j : j + 1], k_pos, window, invariant=True)
+                          for j in range(q.shape[2])], dim=2)
     if q.shape[0] == 1:
         return attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots=cache_slots)
     memo = {} if memo is None else memo  # each row's masks are its own (memo keys name shapes, not rows)
