@@ -18,6 +18,7 @@
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-backoff  # the same at b1 as served: failing rows back off to plain decoding
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
+#   bash benchmarks/h200.sh spec-real-invariant  # the same, n-gram, in the batch-invariant mode (same carry)
 #   bash benchmarks/h200.sh stage-model  # the first part of the default model, for spec-real's call (see below)
 #   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled then eager
 #   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
@@ -49,6 +50,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     timeout "$limit" "$@" 2>&1 | grep -v -E "^linear: |UserWarning|warnings.warn" | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name rc=$rc" | tee -a "$OUT/$name.log"
+}
+
+default_model() {  # /tmp/smollm2.gguf from the carried parts (stage-model's and this call's), checked by sha256
+    mkdir -p $PARTS && cp .peer/smollm2.part-* $PARTS/ 2>/dev/null
+    cat $PARTS/smollm2.part-* > /tmp/smollm2.gguf
+    if [ "$(sha256sum /tmp/smollm2.gguf | cut -d' ' -f1)" != "$(cat .peer/smollm2.sha256 2>/dev/null)" ]; then
+        echo "=== default model rc=1: its parts are missing or incomplete (run stage-model first)"
+        return 1
+    fi
 }
 
 [ $# -gt 0 ] || set -- usage
@@ -144,16 +154,15 @@ spec-backoff)  # the same at b1 with backoff on (as served): rows whose drafts f
     step spec-backoff 400 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" --batch 1 \
         --speculative self-int4 --runs 2 --json "$OUT/spec-backoff.json" ;;
 spec-real)  # the default model from its parts (stage-model); spec_bench checks speculative output equals plain
-    mkdir -p $PARTS && cp .peer/smollm2.part-* $PARTS/ 2>/dev/null
-    cat $PARTS/smollm2.part-* > /tmp/smollm2.gguf
-    if [ "$(sha256sum /tmp/smollm2.gguf | cut -d' ' -f1)" != "$(cat .peer/smollm2.sha256 2>/dev/null)" ]; then
-        echo "=== spec-real rc=1: the default model's parts are missing or incomplete (run stage-model first)"
-        status=1; continue
-    fi
+    default_model || { status=1; continue; }
     # Compiled (CUDA graphs), as served: the plain engine, n-gram and self-int4 (its int4 draft's steps too).
     # As served (backoff on) and every step speculating (method/raw); 231 s for one of each (H100, 2026-12-05f).
     step spec-real 540 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
         --methods ngram,self-int4 --backoff both --json "$OUT/spec.json" ;;
+spec-real-invariant)  # n-gram in the batch-invariant mode (parts staged as for spec-real): identical 38/38 expected
+    default_model || { status=1; continue; }
+    step spec-real-invariant 400 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
+        --methods ngram --batch-invariant --json "$OUT/spec-invariant.json" ;;
 lora)
     step lora-compiled 240 python3 benchmarks/lora_bench.py --batch 1 8 64 --compile --json "$OUT/lora-compiled.json"
     step lora-eager 120 python3 benchmarks/lora_bench.py --batch 1 8 64 --json "$OUT/lora-eager.json" ;;

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--backoff", choices=("on", "off", "both"), default="on",
                    help="speculative backoff (spec_backoff.py) as served (on), every step speculating (off: the "
                         "proposer's raw acceptance and cost), or both, as method and method/raw")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="every engine in the batch-invariant mode (CUDA: speculative greedy then equals plain "
+                        "greedy token for token short of a window wrap); default: the device's")
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -134,13 +137,16 @@ def main(argv=None) -> None:
     # On a GPU as served: decode, verify and draft steps compiled with CUDA graphs (eager, a small model's
     # step is launch-bound, and a verify costs what a step does).
     compile = llm.device.type == "cuda"
-    engines = {"plain": Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, compile=compile))}
+    invariant = args.batch_invariant  # None: the device's default (on for CPU, off for CUDA)
+    engines = {"plain": Engine(llm.model, llm.tokenizer,
+                               EngineConfig(max_batch=1, compile=compile, batch_invariant=invariant))}
     backoffs = {"on": (True,), "off": (False,), "both": (True, False)}[args.backoff]
     for method in args.methods.split(","):
         spec = dataclasses.replace(SpeculativeConfig.parse(method, args.num_tokens), min_ngram=args.min_ngram)
         draft = load_draft(spec, llm.source, llm.device, llm.dtype)
         for backoff in backoffs:
-            config = EngineConfig(max_batch=1, speculative=dataclasses.replace(spec, backoff=backoff), compile=compile)
+            config = EngineConfig(max_batch=1, speculative=dataclasses.replace(spec, backoff=backoff), compile=compile,
+                                  batch_invariant=invariant)
             name = method if backoff or args.backoff == "off" else f"{method}/raw"
             engines[name] = Engine(llm.model, llm.tokenizer, config, draft_model=draft)
     records = run_all(llm, engines, prompts, args.max_tokens)
