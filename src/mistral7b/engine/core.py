@@ -176,7 +176,7 @@ class Engine:
         speculated = False
         if decoding and self.speculator is not None and self.speculator.active(decoding):
             speculated = True
-            self._speculate(decoding, deltas)
+            self._speculate(decoding, deltas, timed=not prefilling)
         elif decoding:
             self._decode(decoding, deltas)
         if self.speculator is not None:
@@ -227,33 +227,36 @@ class Engine:
             self._steps_read += steps
             deltas += self.scheduler.update_from_output(decoding, group.tokens.tolist(), logprobs)
 
-    def _speculate(self, decoding: list[Request], deltas: list[Delta]) -> None:
+    def _speculate(self, decoding: list[Request], deltas: list[Delta], timed: bool = True) -> None:
         """One speculative step (propose, verify, accept) for every decoding row, after reading any
-        decode group still in flight."""
+        decode group still in flight; `timed` for the backoff's break-even unless a prefill shares the
+        step (its device work would be waited for inside ours)."""
         if self._inflight is not None:
             self._finish(self._inflight, deltas)
             decoding = [r for r in decoding if not r.finished]
             if not decoding:
                 return
-        start = time.perf_counter()
-        if self.speculator.backoff.wants_plain_timing(decoding):
-            self._plain_step(decoding, deltas)
+        backoff, start = self.speculator.backoff, time.perf_counter()
+        if timed and backoff.wants_plain_timing(decoding):
+            self._plain_step(decoding, deltas, timed)
             return
         proposal = self.speculator.propose(decoding)
         if proposal is None:
-            self._plain_step(decoding, deltas)  # one step: the next may have a proposal
+            self._plain_step(decoding, deltas, timed)  # one step: the next may have a proposal
             return
         self.speculator.step(decoding, proposal, deltas)  # reads the tokens: the device is done with it
-        self.speculator.backoff.time_speculative(time.perf_counter() - start)
+        if timed:
+            backoff.time_speculative(time.perf_counter() - start)
 
-    def _plain_step(self, decoding: list[Request], deltas: list[Delta]) -> None:
+    def _plain_step(self, decoding: list[Request], deltas: list[Delta], timed: bool) -> None:
         """One plain decode step inside speculation, its tokens read at once and its time a sample of the
         break-even's plain cost (with a host read, as a verify's; pipelined steps cost a little less)."""
         start = time.perf_counter()
         self._decode(decoding, deltas, max_steps=1)
         if self._inflight is not None:
             self._finish(self._inflight, deltas)
-        self.speculator.backoff.time_plain(time.perf_counter() - start)
+        if timed:
+            self.speculator.backoff.time_plain(time.perf_counter() - start)
 
     def _time_plain(self, plain: bool) -> None:
         """Time plain decode for the speculator's break-even (spec_backoff; `_speculate` times verifies): the
