@@ -13,6 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mistral7b.batch_invariant import invariant_mm, invariant_rms_norm
+from mistral7b.attention import sdpa_attention
 from mistral7b.flash_decode import flash_decode, invariant_split_plan, split_plan
 from mistral7b.quant.kernels import pack_int4, pack_scales_zeros
 from mistral7b.quant.triton_mm import int4_rows, int8_rows
@@ -108,6 +109,25 @@ def decode_cases() -> None:
     close("flash_decode invariant vs default", together[:2], flash_decode(q, k, v, q_pos, k_pos, window)[:2].double())
 
 
+def geometry_case() -> None:
+    """The same keys in rolling buffers of W and W + 4 slots (a plain cache and a speculating one), past
+    several wraps: the invariant launch walks positions, so both give the same bits, and both SDPA's result."""
+    heads, kv_heads, head_dim, window = 8, 2, 32, 64
+    position = int(torch.randint(3 * window, 5 * window, (1,), generator=G))
+    keys, values = (torch.randn(kv_heads, position + 1, head_dim, generator=G) for _ in range(2))
+    q = torch.randn(1, heads, 1, head_dim, generator=G)
+    outs = []
+    for slots in (window, window + 4):
+        held = torch.arange(position - slots + 1, position + 1)
+        k, v = torch.empty(kv_heads, slots, head_dim), torch.empty(kv_heads, slots, head_dim)
+        k_pos = torch.empty(slots, dtype=torch.long)
+        k[:, held % slots], v[:, held % slots], k_pos[held % slots] = keys[:, held], values[:, held], held
+        args = (q, k[None], v[None], torch.tensor([[position]]), k_pos[None], window)
+        outs.append(flash_decode(*args, invariant=True))
+        close(f"flash_decode invariant, wrapped, {slots} slots", outs[-1], sdpa_attention(*args).double())
+    check("flash_decode invariant: W and W + 4 slots", torch.equal(outs[0], outs[1]), f"position {position}")
+
+
 def verify_cases() -> None:
     """A speculative verify of T tokens written first into a rolling buffer of W + k slots, two rows at
     different positions (one past a wrap): each query token's output bitwise equal to flash_decode's at
@@ -176,6 +196,7 @@ def main() -> int:
     dense_cases()
     quant_cases()
     decode_cases()
+    geometry_case()
     verify_cases()
     model_case()
     fakes_match()

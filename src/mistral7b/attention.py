@@ -252,9 +252,9 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
     and tiles without looking at the batch size, while a row alone launches exactly as in any batch.
 
     A speculative verify (its tokens `written_first` into the cache's buffer) runs each query token through
-    `flash_decode` as its own decode step would: the same slots in the same splits, the later draft tokens'
-    keys masked as not yet seen, so its logits are the decode step's bit for bit (while no position has
-    wrapped the rolling buffer: a speculating cache holds k more slots than a plain one)."""
+    `flash_decode` as its own decode step would: the same keys in the same splits (the invariant launch
+    walks positions, so a speculating cache's k spare slots change nothing), the later draft tokens' keys
+    masked as not yet seen, so its logits are a plain decode step's bit for bit."""
     from .flash_decode import flash_decode
 
     if q.shape[2] == 1:

@@ -6,7 +6,9 @@ A fused attention kernel for one query token runs one program per (row, KV head)
 the key axis is split across programs as well, each program handles the whole GQA group of query
 heads of its KV head (K/V read once for the group, never repeated), and a second kernel merges the
 partial softmaxes. Visibility comes from the positions stored beside each slot, as everywhere else in
-`attention`, so slot order (the rolling buffer) never matters.
+`attention`, so slot order (the rolling buffer) never matters. The batch-invariant launch walks
+positions instead of slots, so that a key's split and lane, and so every sum, are the same in any
+buffer that holds it: a plain cache of W slots and a speculating one of W + k give the same bits.
 
 CUDA only; `triton` is imported when the kernel is first used, never on the CPU path. Registered as a
 custom op so that torch.compile and CUDA graphs treat it as one opaque launch.
@@ -41,10 +43,12 @@ def split_plan(batch: int, kv_heads: int, slots: int, processors: int) -> tuple[
 
 
 def invariant_split_plan(slots: int) -> tuple[int, int]:
-    """`split_plan` for batch_invariant.apply: MAX_KEYS_PER_SPLIT keys a split, whatever the batch, so a
-    key always lands in the same split; a longer kv_len (a longer neighbour) only adds trailing splits
-    that hold no key of this row, which the ordered merge adds as exact zeros."""
-    return cdiv(slots, MAX_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT
+    """`split_plan` for batch_invariant.apply: MAX_KEYS_PER_SPLIT positions a split, whatever the batch or
+    the buffer, so a key always lands in the same split and lane (the kernel walks positions, not slots:
+    split s of a row holds positions from the window's first, rounded down to a split, plus s splits);
+    one split more than the slots fill, for that rounding; a longer kv_len (a longer neighbour) only adds
+    trailing splits that hold no key of this row, which the ordered merge adds as exact zeros."""
+    return cdiv(slots, MAX_KEYS_PER_SPLIT) + 1, MAX_KEYS_PER_SPLIT
 
 
 @functools.cache
@@ -57,7 +61,8 @@ def _partial_kernel():
                        sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sqp_b, skp_b, skp_s,
                        slots, window, scale, keys_per_split, splits,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                       BY_POSITION: tl.constexpr):
         row_head = tl.program_id(0)
         split = tl.program_id(1)
         b = row_head // KV_HEADS
@@ -70,21 +75,28 @@ def _partial_kernel():
         m_i = tl.full((GROUP_ROWS,), -1.0e30, tl.float32)  # finite: an empty split leaves exp() at 0, not NaN
         l_i = tl.zeros((GROUP_ROWS,), tl.float32)
         acc = tl.zeros((GROUP_ROWS, HEAD_DIM), tl.float32)
-        start = split * keys_per_split
-        end = tl.minimum(start + keys_per_split, slots)
+        if BY_POSITION:  # n counts positions: the rolling buffer keeps position n in slot n % slots
+            start = (tl.maximum(q_pos - window + 1, 0) // keys_per_split + split) * keys_per_split
+            end = tl.minimum(start + keys_per_split, q_pos + 1)
+        else:  # n counts slots
+            start = split * keys_per_split
+            end = tl.minimum(start + keys_per_split, slots)
         for offset in tl.range(0, keys_per_split, BLOCK):
             n = start + offset + tl.arange(0, BLOCK)
             inside = n < end
-            k_pos = tl.load(kpos_ptr + b * skp_b + n * skp_s, mask=inside, other=-1)
+            slot = n % slots if BY_POSITION else n
+            k_pos = tl.load(kpos_ptr + b * skp_b + slot * skp_s, mask=inside, other=-1)
             seen = inside & (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < window)
+            if BY_POSITION:
+                seen = seen & (k_pos == n)  # the slot holds this position, not an older or a newer one
             # Masked lanes issue no reads: empty slots and idle rows (position -1) cost nothing.
-            k = tl.load(k_ptr + b * sk_b + kvh * sk_h + n[:, None] * sk_s + d[None, :], mask=seen[:, None], other=0.0)
+            k = tl.load(k_ptr + b * sk_b + kvh * sk_h + slot[:, None] * sk_s + d[None, :], mask=seen[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             scores = tl.where(seen[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + b * sv_b + kvh * sv_h + n[:, None] * sv_s + d[None, :], mask=seen[:, None], other=0.0)
+            v = tl.load(v_ptr + b * sv_b + kvh * sv_h + slot[:, None] * sv_s + d[None, :], mask=seen[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
@@ -183,6 +195,7 @@ def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tens
         slots, window if window > 0 else NO_WINDOW, head_dim**-0.5, keys_per_split, splits,
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(MIN_GROUP_ROWS, 1 << (group - 1).bit_length()),
         HEAD_DIM=head_dim, BLOCK=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BY_POSITION=invariant,
     )
     if invariant:
         _ordered_merge_kernel()[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits, HEAD_DIM=head_dim)
