@@ -54,6 +54,14 @@ def rolling_case(batch, slots, device, window):
 
 
 @torch.no_grad()
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list:
+    """Every prompt through `engine` together, to the end; the finished requests."""
+    requests = [engine.add(p, params) for p in prompts]
+    while not all(r.finished for r in requests):
+        engine.step()
+    return requests
+
+
 def worst_margin(model, prompt: list[int], output: list[int], device) -> float:
     """Feed `output` through the eager decode path one token at a time; the largest shortfall of a
     chosen token's eager logit below the eager maximum, relative to the largest |logit|. 0 when every
@@ -115,9 +123,7 @@ def method_checks(device, args) -> None:
                 prompts = [torch.randint(0, config.vocab_size, (n,)).tolist()
                            for n in torch.randint(8, args.window + 40, (batch,)).tolist()]
                 t0 = time.perf_counter()
-                requests = [engine.add(p, SamplingParams(max_tokens=args.tokens, ignore_eos=True)) for p in prompts]
-                while not all(r.finished for r in requests):
-                    engine.step()
+                requests = run(engine, prompts, SamplingParams(max_tokens=args.tokens, ignore_eos=True))
                 seconds = time.perf_counter() - t0
                 margin = max(worst_margin(model, p, r.output_ids, device) for p, r in zip(prompts, requests))
                 same = sum(len(r.output_ids) for r in requests)
@@ -152,9 +158,7 @@ def speculative_checks(device, args) -> None:
                    for i in range(batch)]
         t0 = time.perf_counter()
         # Fewer tokens than the other paths: the verify graphs' compile is most of this check's time.
-        requests = [engine.add(p, SamplingParams(max_tokens=64, ignore_eos=True)) for p in prompts]
-        while not all(r.finished for r in requests):
-            engine.step()
+        requests = run(engine, prompts, SamplingParams(max_tokens=64, ignore_eos=True))
         seconds = time.perf_counter() - t0
         margin = max(worst_margin(model, p, r.output_ids, device) for p, r in zip(prompts, requests))
         stats = engine.speculator.stats
@@ -173,7 +177,7 @@ def speculative_checks(device, args) -> None:
 
 def invariant_speculative_check(device, args) -> None:
     """With --batch-invariant, speculative greedy output equals plain greedy token for token: a verify's
-    tokens go through flash_decode one by one as their decode steps would (attention.invariant_attention),
+    tokens go through flash_decode in one launch, each as its decode step would (attention.invariant_attention),
     and the matmuls' rows do not depend on M. Outputs pass the window: the invariant decode attention walks
     positions, so the speculating cache's k spare slots change no sum."""
     config = small_config(args.window)
@@ -184,9 +188,7 @@ def invariant_speculative_check(device, args) -> None:
     for spec in (None, SpeculativeConfig("ngram", 4, min_ngram=1, backoff=False)):
         engine = Engine(model, None, max_batch=4, compile=True, batch_invariant=True, speculative=spec,
                         max_seq_len=4 * args.window)
-        requests = [engine.add(p, params) for p in prompts]
-        while not all(r.finished for r in requests):
-            engine.step()
+        requests = run(engine, prompts, params)
         outputs.append([r.output_ids for r in requests])
         verified = engine.speculator.stats.verify_rows if spec is not None else verified
         del engine

@@ -251,17 +251,14 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
     nothing verifies that SDPA's flash and memory-efficient kernels or flex attention choose their splits
     and tiles without looking at the batch size, while a row alone launches exactly as in any batch.
 
-    A speculative verify (its tokens `written_first` into the cache's buffer) runs each query token through
-    `flash_decode` as its own decode step would: the same keys in the same splits (the invariant launch
+    A speculative verify (its tokens `written_first` into the cache's buffer) runs through `flash_decode`,
+    each query token as its own decode step would: the same keys in the same splits (the invariant launch
     walks positions, so a speculating cache's k spare slots change nothing), the later draft tokens' keys
     masked as not yet seen, so its logits are a plain decode step's bit for bit."""
     from .flash_decode import flash_decode
 
-    if q.shape[2] == 1:
+    if q.shape[2] == 1 or written_first:
         return flash_decode(q, k, v, q_pos, k_pos, window, invariant=True)
-    if written_first:
-        return torch.cat([flash_decode(q[:, :, j : j + 1], k, v, q_pos[:, j : j + 1], k_pos, window, invariant=True)
-                          for j in range(q.shape[2])], dim=2)
     if q.shape[0] == 1:
         return attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots=cache_slots)
     memo = {} if memo is None else memo  # each row's masks are its own (memo keys name shapes, not rows)

@@ -58,20 +58,22 @@ def _partial_kernel():
 
     @triton.jit
     def partial_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, m_ptr, l_ptr, acc_ptr,
-                       sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sqp_b, skp_b, skp_s,
+                       sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sqp_b, sqp_t, skp_b, skp_s, tokens,
                        slots, window, scale, keys_per_split, splits,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
                        BY_POSITION: tl.constexpr):
         row_head = tl.program_id(0)
         split = tl.program_id(1)
+        j = tl.program_id(2)  # the query token: each one exactly as a launch of its own would compute it
         b = row_head // KV_HEADS
         kvh = row_head % KV_HEADS
         g = tl.arange(0, GROUP_ROWS)
         d = tl.arange(0, HEAD_DIM)
         heads = kvh * GROUP + g
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g[:, None] < GROUP, other=0.0)
-        q_pos = tl.load(qpos_ptr + b * sqp_b)
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + j * sq_t + d[None, :], mask=g[:, None] < GROUP,
+                    other=0.0)
+        q_pos = tl.load(qpos_ptr + b * sqp_b + j * sqp_t)
         m_i = tl.full((GROUP_ROWS,), -1.0e30, tl.float32)  # finite: an empty split leaves exp() at 0, not NaN
         l_i = tl.zeros((GROUP_ROWS,), tl.float32)
         acc = tl.zeros((GROUP_ROWS, HEAD_DIM), tl.float32)
@@ -100,7 +102,7 @@ def _partial_kernel():
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        out = (b * KV_HEADS * GROUP + heads) * splits + split  # [B, H, SPLITS] partials
+        out = ((b * KV_HEADS * GROUP + heads) * tokens + j) * splits + split  # [B, H, T, SPLITS] partials
         valid = g < GROUP
         tl.store(m_ptr + out, m_i, mask=valid)
         tl.store(l_ptr + out, l_i, mask=valid)
@@ -162,9 +164,11 @@ def _ordered_merge_kernel():
 
 def flash_decode(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
                  invariant: bool = False) -> Tensor:
-    """q [B, H, 1, hd]; k, v [B, KV, S, hd] (any strides with a unit last stride); q_pos [B, 1];
-    k_pos [B, S] (-1: empty slot) -> [B, H, 1, hd]. Keys j visible to query i: i - W < j <= i.
-    `invariant`: a row's result does not depend on B or S (`invariant_split_plan`, ordered merge)."""
+    """q [B, H, T, hd]; k, v [B, KV, S, hd] (any strides with a unit last stride); q_pos [B, T];
+    k_pos [B, S] (-1: empty slot) -> [B, H, T, hd]. Keys j visible to query i: i - W < j <= i. T is 1
+    for decode; a speculative verify's T tokens, written into the cache first, each see what their own
+    decode step would. `invariant`: a row's result does not depend on B, S or T (`invariant_split_plan`,
+    ordered merge)."""
     return torch.ops.mistral7b.flash_decode(q, k, v, q_pos, k_pos, -1 if window is None else window, invariant)
 
 
@@ -178,30 +182,31 @@ def plan(batch: int, kv_heads: int, slots: int, device: torch.device, invariant:
 @torch.library.custom_op("mistral7b::flash_decode", mutates_args=())
 def _flash_decode_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int,
                      invariant: bool = False) -> Tensor:
-    batch, heads, _, head_dim = q.shape
+    batch, heads, tokens, head_dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    splits, keys_per_split = plan(batch, kv_heads, slots, q.device, invariant)
-    partial_m = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
+    splits, keys_per_split = plan(batch * tokens, kv_heads, slots, q.device, invariant)
+    partial_m = torch.empty(batch, heads, tokens, splits, device=q.device, dtype=torch.float32)
     partial_l = torch.empty_like(partial_m)
-    partial_acc = torch.empty(batch, heads, splits, head_dim, device=q.device, dtype=torch.float32)
-    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    partial_acc = torch.empty(batch, heads, tokens, splits, head_dim, device=q.device, dtype=torch.float32)
+    out = torch.empty(batch, heads, tokens, head_dim, device=q.device, dtype=q.dtype)
     partial_kernel = _partial_kernel()
     q = q if q.stride(-1) == 1 else q.contiguous()
-    partial_kernel[(batch * kv_heads, splits)](
+    partial_kernel[(batch * kv_heads, splits, tokens)](
         q, k, v, q_pos, k_pos, partial_m, partial_l, partial_acc,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        q_pos.stride(0), k_pos.stride(0), k_pos.stride(1),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), q_pos.stride(0), q_pos.stride(1), k_pos.stride(0), k_pos.stride(1), tokens,
         slots, window if window > 0 else NO_WINDOW, head_dim**-0.5, keys_per_split, splits,
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(MIN_GROUP_ROWS, 1 << (group - 1).bit_length()),
         HEAD_DIM=head_dim, BLOCK=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BY_POSITION=invariant,
     )
-    if invariant:
-        _ordered_merge_kernel()[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits, HEAD_DIM=head_dim)
+    if invariant:  # one program per (row, head, token): partials and output share that order
+        _ordered_merge_kernel()[(batch * heads * tokens,)](partial_m, partial_l, partial_acc, out, splits,
+                                                           HEAD_DIM=head_dim)
     else:
-        _merge_kernel()[(batch * heads,)](partial_m, partial_l, partial_acc, out, splits,
-                                          SPLITS_POW2=1 << (splits - 1).bit_length(), HEAD_DIM=head_dim)
+        _merge_kernel()[(batch * heads * tokens,)](partial_m, partial_l, partial_acc, out, splits,
+                                                   SPLITS_POW2=1 << (splits - 1).bit_length(), HEAD_DIM=head_dim)
     return out
 
 

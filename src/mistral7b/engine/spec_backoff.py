@@ -66,11 +66,16 @@ class SpecBackoff:
         """Measured, a speculative step costs more than the k + 1 tokens a verify can emit at best."""
         return self.plain_s is not None and self.speculative_s is not None and self.break_even > self.num_tokens + 1
 
+    def _decides(self, request: Request) -> bool:
+        """Backoff is on and the request has no seed: whether a seeded row speculates changes its draws,
+        and timings must not."""
+        return self.enabled and request.params.seed is None
+
     def speculating(self, request: Request) -> bool:
-        if request.params.seed is not None:  # whether it speculates changes its draws: never by timings
+        if not self._decides(request):
             return True
         row = self.rows.get(request)
-        if row is None and self.enabled and self.accepted_mean is not None \
+        if row is None and self.accepted_mean is not None \
                 and self.accepted_mean < self.break_even - 1.0:  # a new row where verifies do not pay
             row = self.rows[request] = _Row(self.break_even - 1.0)
             self._back_off(request, row)
@@ -78,7 +83,7 @@ class SpecBackoff:
 
     def observe(self, request: Request, accepted: int) -> None:
         """A verify of `request` kept `accepted` draft tokens."""
-        if not self.enabled or request.params.seed is not None:
+        if not self._decides(request):
             return
         threshold = self.break_even - 1.0
         self.accepted_mean = accepted if self.accepted_mean is None \
@@ -101,8 +106,7 @@ class SpecBackoff:
     def wants_plain_timing(self, decoding: list[Request]) -> bool:
         """No row has backed off yet, so no plain step was timed: the engine then runs one to learn its cost
         (not over a seeded row, whose draws would change)."""
-        return self.enabled and self.plain_s is None and self.speculative_s is not None \
-            and all(r.params.seed is None for r in decoding)
+        return self.plain_s is None and self.speculative_s is not None and all(map(self._decides, decoding))
 
     def time_speculative(self, seconds: float) -> None:
         if self.enabled:
