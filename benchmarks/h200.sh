@@ -12,8 +12,8 @@
 #   bash benchmarks/h200.sh invariant  # the batch-invariant mode: PASS/FAIL checks, then its decode cost
 #   bash benchmarks/h200.sh peer       # bf16 decode at b1/b8 with gpt-fast at b1 (no checks, no HF)
 #   bash benchmarks/h200.sh profile    # one b1 decode step, ours and gpt-fast's, kernels by kind side by side
-#   bash benchmarks/h200.sh profile-tuned  # ours, then ours with gpt-fast's coordinate-descent tuning
-#   bash benchmarks/h200.sh tuned      # decode tok/s at b1/b8, then the same with coordinate-descent tuning
+#   bash benchmarks/h200.sh profile-tuned  # ours without the one-row step's tuning, then with it (the default)
+#   bash benchmarks/h200.sh tuned      # decode tok/s at b1/b8 without the one-row step's tuning, then with it
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-backoff  # the same at b1 as served: failing rows back off to plain decoding
@@ -129,14 +129,15 @@ invariant)  # issue 26: bit-identical alone and in batches of 8 and 32 (bf16, in
 profile)  # issue 21: where ours spends the 0.47 ms a b1 step that gpt-fast does not (H100, 2026-12-05d).
     # Alone in a call: 300 s ended in gpt-fast's compile, after ours (H100, 2026-12-05e).
     step profile 540 python3 benchmarks/profile_decode.py --tokens 64 --peer gpt-fast .peer/gpt-fast ;;
-tuned)  # decode b1/b8 tok/s with gpt-fast's Inductor setting against without (profile-tuned says where it goes)
+tuned)  # decode b1/b8 tok/s without the one-row step's coordinate-descent tuning, then with it (the default)
+    # H100, 2026-12-05g (all graphs tuned then): b1 168.2 -> 181.4 tok/s, b8 1,319 -> 1,308.
     step tuned-plain 240 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" --runs 2 \
-        --json "$OUT/tuned-plain.json"
+        --no-single-row-tuning --json "$OUT/tuned-plain.json"
     step tuned-cd 330 python3 -m mistral7b.cli bench --no-hf --sections decode --prefill "" --runs 2 \
-        --coordinate-descent --json "$OUT/tuned-cd.json" ;;
-profile-tuned)  # ours alone, compiled with gpt-fast's Inductor setting (coordinate-descent tuning) against without
-    step profile-plain 240 python3 benchmarks/profile_decode.py --tokens 64
-    step profile-tuned 300 python3 benchmarks/profile_decode.py --tokens 64 --coordinate-descent ;;
+        --json "$OUT/tuned-cd.json" ;;
+profile-tuned)  # ours alone, without then with the one-row step's tuning (gpt-fast's Inductor setting)
+    step profile-plain 240 python3 benchmarks/profile_decode.py --tokens 64 --no-single-row-tuning
+    step profile-tuned 300 python3 benchmarks/profile_decode.py --tokens 64 ;;
 peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alone; 240 s ended before gpt-fast's)
     step bench-peer 330 python3 -m mistral7b.cli bench --no-hf --peer gpt-fast .peer/gpt-fast --sections decode \
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;

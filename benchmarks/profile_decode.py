@@ -130,17 +130,16 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--peer", nargs=2, metavar=("NAME", "DIR"), help="also profile gpt-fast: --peer gpt-fast DIR")
-    p.add_argument("--coordinate-descent", action="store_true",
-                   help="compile ours with Inductor's coordinate-descent tuning, as gpt-fast's generate.py does")
+    p.add_argument("--single-row-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours' one-row step compiled with coordinate-descent tuning (model.SINGLE_ROW_OPTIONS), "
+                        "as gpt-fast's generate.py compiles (its import sets the flag for the whole process)")
     args = p.parse_args()
-    # gpt-fast tunes its Triton kernels (norms, RoPE, cache writes: 0.63 ms of our b1 step on an H100) this way;
-    # its import sets the flag for the whole process, so its half of the side-by-side always has it.
-    torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent
     if args.peer and (args.peer[0] != "gpt-fast" or args.batch != 1):
         p.error("--peer takes gpt-fast, at --batch 1")
     config = preset(args.preset)
     hf = build_hf(config, "cuda")
     model = ours_from_hf(hf, config, "cuda")
+    model.tune_single_row = args.single_row_tuning
     del hf
     torch.cuda.empty_cache()
     engine = Engine(model, None, max_batch=args.batch, compile=True)

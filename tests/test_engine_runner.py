@@ -8,7 +8,7 @@ import torch
 from mistral7b.cache import KVCache
 from mistral7b.config import ModelConfig
 from mistral7b.engine import Engine, runner
-from mistral7b.model import Transformer, own_code
+from mistral7b.model import SINGLE_ROW_OPTIONS, Transformer, own_code
 from mistral7b.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +34,39 @@ def test_compiled_runners_do_not_share_a_recompile_budget(eager_dynamo):
         while not plain.finished:
             eager.step()
         assert compiled.output_ids == plain.output_ids
+
+
+@pytest.mark.parametrize("tuned, invariant", [(True, False), (False, False), (True, True)])
+def test_one_row_cuda_graph_step_compiles_apart(monkeypatch, tuned, invariant):
+    """With CUDA graphs (mode "reduce-overhead") a one-row step runs a compiled function of its own,
+    with SINGLE_ROW_OPTIONS (coordinate-descent tuning: Inductor's tuned mat-vecs), and wider steps the
+    mode's; `tune_single_row` off or the invariant mode (tiles fixed, never tuned per graph) keep one.
+    torch.compile is recorded and left eager (no GPU here): each step's logits equal a plain forward's."""
+    compiles, ran = [], []
+
+    def record(fn, mode=None, options=None, **kwargs):
+        compiles.append(options or mode)
+        return lambda *args: (ran.append(options or mode), fn(*args))[1]
+
+    monkeypatch.setattr(torch, "compile", record)
+    config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97,
+                         sliding_window=8, max_seq_len=64)
+    model = Transformer(config).eval()
+    model.tune_single_row, model.batch_invariant = tuned, invariant
+    cache = KVCache(config, max_batch=4)
+    step = model.compile_decode(cache, "reduce-overhead")
+    split = tuned and not invariant
+    assert compiles == (["reduce-overhead", SINGLE_ROW_OPTIONS] if split else ["reduce-overhead"])
+    first = torch.randint(0, 97, (4, 1))
+    fresh = KVCache(config, max_batch=4)
+    for width, position in ((4, 0), (1, 1)):  # row 0's second token attends to its first
+        tokens = first if width == 4 else torch.randint(0, 97, (1, 1))
+        positions = torch.full((width, 1), position)
+        with torch.no_grad():
+            logits = step(tokens, positions, 16)
+            expected = model(tokens, positions, fresh, rows=slice(0, width), kv_len=16)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+        assert ran[-1] == (SINGLE_ROW_OPTIONS if split and width == 1 else "reduce-overhead")
 
 
 def test_own_code_is_a_distinct_code_object():

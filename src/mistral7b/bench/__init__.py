@@ -176,7 +176,7 @@ def main(args) -> int:
         "transformers": None if args.no_hf else __import__("transformers").__version__,
         "preset": args.preset,
         "decode_kernel": getattr(args, "decode_kernel", None) or "flash",
-        "coordinate_descent": bool(getattr(args, "coordinate_descent", False)),
+        "single_row_tuning": bool(getattr(args, "single_row_tuning", True)),
         "ours": {},
         "hf": {},
         "hf_compiled": {},
@@ -245,8 +245,7 @@ def build_models(config: ModelConfig, args, quant: QuantConfig | None):
         torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None  # the bf16 copy is gone
     if getattr(args, "decode_kernel", None):
         model.use_decode_kernel(args.decode_kernel)
-    if getattr(args, "coordinate_descent", False):  # read when each graph compiles (gpt-fast's import sets it too)
-        torch._inductor.config.coordinate_descent_tuning = True
+    model.tune_single_row = bool(getattr(args, "single_row_tuning", True))
     return model, hf
 
 

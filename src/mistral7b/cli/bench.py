@@ -40,9 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "path with .png, else bench.png (needs matplotlib: the 'plot' extra)")
     p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default=None,
                    help="attention kernel of compiled CUDA decode (Transformer.use_decode_kernel); default: flash")
-    p.add_argument("--coordinate-descent", action="store_true",
-                   help="compile ours with Inductor's coordinate-descent tuning, as gpt-fast does: one-row matmuls "
-                        "become Inductor's own tuned mat-vecs (a trial: longer compiles; see benchmarks/RESULTS.md)")
+    p.add_argument("--single-row-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile one-row CUDA decode steps with Inductor's coordinate-descent tuning, as gpt-fast "
+                        "does (model.SINGLE_ROW_OPTIONS); --no-single-row-tuning measures without it")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard our model over N GPUs (mistral7b.parallel; N processes with gloo on CPU); bf16 only, "
                         "no HF sections, no full-attention prefill variant")
