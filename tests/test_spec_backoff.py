@@ -158,6 +158,27 @@ def test_the_engine_times_both_kinds_of_step():
     assert backoff.break_even == backoff.speculative_s / backoff.plain_s > 2
 
 
+def test_plain_cost_is_probed_with_a_group_of_steps():
+    """Before any row backs off, the engine learns plain decoding's cost from a group of plain steps read at
+    once, as a backed-off row decodes, not from one step with its own host read (which made a self-int4
+    draft look worth speculating on an H100 at 0.31x of plain speed)."""
+    from mistral7b.engine import Engine
+
+    target = tiny(seed=1)
+    engine = Engine(target, None, max_batch=2, speculative=SpeculativeConfig("draft", 3, draft="x"), draft_model=target,
+                    decode_steps=4)  # the CUDA default is 8
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    requests = [engine.add(p, params) for p in random_prompts((5, 23), seed=8)]
+    backoff = engine.speculator.backoff
+    while backoff.speculative_s is None:
+        engine.step()
+    assert backoff.plain_s is None
+    before = [len(r.output_ids) for r in requests]
+    engine.step()  # the probe
+    assert backoff.plain_s is not None
+    assert [len(r.output_ids) - n for r, n in zip(requests, before)] == [4, 4]
+
+
 def test_seeded_rows_never_back_off():
     """Whether a row speculates changes which random numbers a seeded row draws, and the break-even is timed:
     seeded rows therefore always speculate, and give the same tokens as with backoff off."""

@@ -104,8 +104,8 @@ class SpecBackoff:
         self.backoffs += 1
 
     def wants_plain_timing(self, decoding: list[Request]) -> bool:
-        """No row has backed off yet, so no plain step was timed: the engine then runs one to learn its cost
-        (not over a seeded row, whose draws would change)."""
+        """No row has backed off yet, so no plain decoding was timed: the engine then runs a group of plain
+        steps to learn its cost (not over a seeded row, whose draws would change)."""
         return self.plain_s is None and self.speculative_s is not None and all(map(self._decides, decoding))
 
     def time_speculative(self, seconds: float) -> None:
