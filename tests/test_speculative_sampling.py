@@ -115,3 +115,44 @@ def test_next_tokens_distribution_is_the_targets(method):
     assert p_value > 0.01
     if draft is not None:  # the test can tell distributions apart: the draft's own is rejected
         assert chi_square_p(counts, exact_pair_distribution(draft, prompt)) < 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_acceptance_at_once_equals_the_walk(seed):
+    """Greedy rows without penalties take every position's argmax at once (one device read): the same
+    tokens as the position-by-position walk, with logit_bias on some rows and a grammar bitmask on others,
+    drafts that agree for a random number of positions, and rows with no draft."""
+    from types import SimpleNamespace
+
+    from mistral7b.engine.speculative import accept_by_position, accept_greedy
+    from mistral7b.sampling import SamplerBatch
+
+    g = torch.Generator().manual_seed(seed)
+    n, width, vocab = 5, 5, 70
+    sampler = SamplerBatch(8, vocab, torch.device("cpu"))
+    requests = []
+    for i in range(n):
+        bias = {int(t): float(torch.randint(-100, 101, (), generator=g)) for t in torch.randint(0, vocab, (4,), generator=g)}
+        params = SamplingParams(logit_bias=bias if i % 2 else None)
+        sampler.assign(i + 2, params, [])
+        requests.append(SimpleNamespace(row=i + 2, params=params))
+    logits = torch.randn(n, width, vocab, generator=g)
+    logits[0, :, 3] = logits[0, :, 7] = 50.0  # a tie: the first index wins both ways
+    words = (vocab + 31) // 32
+    bitmasks = torch.randint(-2**31, 2**31 - 1, (width, n, words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmasks[:, :2] = -1  # rows 0 and 1 unconstrained
+    for masks in (None, bitmasks):
+        chain = [[] for _ in range(n)]  # each row's own choices, learnt from the walk one position at a time
+        for _ in range(width - 1):
+            walk = accept_by_position(logits, requests, Proposal([list(c) for c in chain], [None] * n), sampler, masks)
+            chain = [w for w in walk]
+        drafts, agreed = [], []
+        for i in range(n):  # agree for a random number of positions, then differ (row 4: no draft)
+            agree = 0 if i == 4 else int(torch.randint(0, width, (), generator=g))
+            wrong = [(chain[i][agree] + 1) % vocab] if agree < width - 1 and i != 4 else []
+            drafts.append(chain[i][:agree] + wrong)
+            agreed.append(agree)
+        proposal = Proposal(drafts, [None] * n)
+        expected = accept_by_position(logits, requests, proposal, sampler, masks)
+        assert accept_greedy(logits, requests, proposal, sampler, masks) == expected
+        assert [len(t) - 1 for t in expected] == agreed  # the walk kept exactly the agreeing drafts

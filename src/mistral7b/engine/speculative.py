@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import SamplerBatch, adjusted_logits, warped_logits
+from ..sampling import SamplerBatch, adjusted_logits, apply_bitmask, warped_logits
 from .request import Delta, Request
 from .spec_backoff import SpecBackoff
 
@@ -215,12 +215,14 @@ class Speculator:
     def _emit(self, decoding, logits, emitted, deltas) -> None:
         """Hand each row's tokens to the scheduler position by position (stop rules and
         max_tokens apply there: tokens after a stop are dropped), with log-probabilities if asked."""
+        want_logprobs = any(r.params.logprobs is not None for r in decoding)
         for j in range(max(len(t) for t in emitted)):
             idx = [i for i, t in enumerate(emitted) if len(t) > j]
             requests = [decoding[i] for i in idx]
-            tokens = torch.tensor([emitted[i][j] for i in idx])
-            lp = self.runner.logprobs(requests, logits[idx, j], tokens.to(logits.device))
-            deltas += self.scheduler.update_from_output(requests, [tokens.tolist()], [lp])
+            tokens = [emitted[i][j] for i in idx]
+            lp = self.runner.logprobs(requests, logits[idx, j], torch.tensor(tokens, device=logits.device)) \
+                if want_logprobs else None
+            deltas += self.scheduler.update_from_output(requests, [tokens], [lp])
 
 
 class _WarmupProposer:
@@ -261,6 +263,15 @@ def accept(logits: torch.Tensor, requests: list[Request], proposal: Proposal, sa
     """Walk the verify logits [n, T, vocab] position by position; per row, the tokens it emits: the
     accepted draft tokens, then the target's correction (or bonus) token. `bitmasks` [T, n, words], when
     a row is constrained, masks each position (ConstraintManager.verify_bitmasks)."""
+    if all(r.params.greedy for r in requests) and not sampler.penalised.intersection(r.row for r in requests):
+        return accept_greedy(logits, requests, proposal, sampler, bitmasks)
+    return accept_by_position(logits, requests, proposal, sampler, bitmasks)
+
+
+def accept_by_position(logits: torch.Tensor, requests: list[Request], proposal: Proposal, sampler: SamplerBatch,
+                       bitmasks: torch.Tensor | None) -> list[list[int]]:
+    """`accept` for any rows: position by position, since a penalty or a sampled token at one position
+    changes what the next one draws from."""
     n = len(requests)
     out: list[list[int]] = [[] for _ in range(n)]
     live = list(range(n))
@@ -281,6 +292,28 @@ def accept(logits: torch.Tensor, requests: list[Request], proposal: Proposal, sa
             if a:
                 next_live.append(i)
         live = next_live
+    return out
+
+
+def accept_greedy(logits: torch.Tensor, requests: list[Request], proposal: Proposal, sampler: SamplerBatch,
+                  bitmasks: torch.Tensor | None) -> list[list[int]]:
+    """`accept` for greedy rows without penalties: no position's logits then depend on the tokens chosen
+    before it, so every position's argmax is taken at once and read in one transfer, where the walk
+    reads the device once a position (the host's share of a verify: 2.4 plain steps at 135M on an H100)."""
+    rows = [r.row for r in requests]
+    n, width, vocab = logits.shape
+    if sampler.biased.intersection(rows):
+        logits = logits + sampler.bias[torch.tensor(rows, device=logits.device)][:, None]
+    if bitmasks is not None:  # [T, n, words]: position-major, as the walk takes them
+        flat = logits.transpose(0, 1).reshape(width * n, vocab)
+        logits = apply_bitmask(flat, bitmasks.reshape(width * n, -1)).view(width, n, vocab).transpose(0, 1)
+    best = logits.argmax(-1).tolist()
+    out = []
+    for drafts, chosen in zip(proposal.tokens, best):
+        kept = 0
+        while kept < len(drafts) and chosen[kept] == drafts[kept]:
+            kept += 1
+        out.append(chosen[: kept + 1])
     return out
 
 
