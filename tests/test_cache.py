@@ -273,3 +273,24 @@ def test_compiled_verify_and_decode_copy_no_cache_buffer():
             _, code = run_and_get_code(step, tokens, positions, start + t)
             assert code and not re.search(rf"\b{buffer}L?\b", "\n".join(code)), t
             start += t
+
+
+def test_forget_rows_equals_forget_row_by_row():
+    """A verify's rejections cleared for every row at once leave the slots `forget` leaves row by row: a
+    windowed layer (wrapping slots) beside an unwindowed one, random held positions, empty spans too."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    config = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=50,
+                         sliding_window=(8, None), max_seq_len=64)
+    caches = [KVCache(config, max_batch=4, spare_slots=4) for _ in range(2)]
+    for layer_a, layer_b in zip(caches[0].layers, caches[1].layers):
+        held = torch.randint(-1, 40, layer_a.pos.shape, generator=g)
+        layer_a.pos.copy_(held)
+        layer_b.pos.copy_(held)
+    rows, starts = [0, 1, 3, 2], torch.randint(0, 30, (4,), generator=g).tolist()
+    ends = [s + n for s, n in zip(starts, (5, 0, 3, 1))]
+    for row, start, end in zip(rows, starts, ends):
+        caches[0].forget(row, start, end)
+    caches[1].forget_rows(rows, starts, ends)
+    assert sum(int((layer.pos == -1).sum()) for layer in caches[1].layers) > 0
+    for layer_a, layer_b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(layer_a.pos, layer_b.pos)

@@ -192,9 +192,10 @@ class Speculator:
         masks = self.constraints.verify_bitmasks(decoding, proposal.tokens, logits.shape[1])  # while verify runs
         emitted = accept(logits, decoding, proposal, self.runner.sampler, masks)
         width = logits.shape[1]
-        for r, drafts, tokens in zip(decoding, proposal.tokens, emitted):
-            kept = len(tokens) - 1  # draft tokens accepted
-            self.runner.cache.forget(r.row, r.position + 1 + kept, r.position + width)
+        kept_rows = [len(tokens) - 1 for tokens in emitted]  # draft tokens accepted
+        starts = [r.position + 1 + kept for r, kept in zip(decoding, kept_rows)]
+        self.runner.cache.forget_rows([r.row for r in decoding], starts, [r.position + width for r in decoding])
+        for r, drafts, kept in zip(decoding, proposal.tokens, kept_rows):
             self.proposer.rollback(r, kept)
             self.stats.count(len(drafts), kept)
             if drafts:  # a row without drafts cost no verify of its own: nothing to learn

@@ -113,6 +113,10 @@ class ShardedKVCache(KVCache):
             self.model.link.send([OP_FORGET, self.cache_id, row, start, end])
             super().forget(row, start, end)
 
+    def forget_rows(self, rows: list[int], starts: list[int], ends: list[int]) -> None:
+        for row, start, end in zip(rows, starts, ends):  # the ranks' protocol takes a row at a time
+            self.forget(row, start, end)
+
 
 class Worker:
     """A rank other than 0: executes rank 0's commands on its shard until told to stop."""
