@@ -3,10 +3,14 @@
 Random weights at a preset's shape (speed does not depend on the values). Each batch size is timed
 three ways: the base model (no adapters), every row on one of `--adapters` adapters of rank `--rank` on
 all linears (head included), and the same with half the rows on the base model (slot 0). Eager by default
-(`--compile`: the engine's compiled step, CUDA graphs on a GPU): the delta adds two matmuls and a scatter per slot present and linear, kernel launches that
-graphs would hide.
+(`--compile`: the engine's compiled step, CUDA graphs on a GPU): the delta adds two matmuls and a
+scatter per slot present and linear, kernel launches that graphs would hide. Compiled, `--delta`
+picks the formulation of the masked delta (lora.LoRABank.delta), "both" (the default) timing "matmul"
+and "reduce" in the same run, each its own compiled step. Each batch size prints as it finishes, with
+what each way's first call took (compiling, when compiled), and the JSON is rewritten after each: a run
+cut off still shows what finished.
 
-H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile]
+H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile [--delta both]]
 CPU:  OMP_NUM_THREADS=1 python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu --steps 30 --rounds 5
 
 Seen on the shared 2-core CPU (tiny shape, fp32, 4 adapters of rank 16, one thread, --steps 30):
@@ -19,7 +23,10 @@ Seen on the shared 2-core CPU (tiny shape, fp32, 4 adapters of rank 16, one thre
   (fastest: base 16.21 ms, every row 18.45, half the rows 17.12).
 Four rank-16 adapters on every linear add 26% to the base weights' elements at the tiny shape (the fused
 q/k/v and gate/up B read with their zero blocks), 3.6% at the 7B shape: what a memory-bound step reads
-more. Not yet run on a GPU.
+more.
+H100 (2026-12-05, 7B shape, bf16, 4 adapters of rank 16): eager x1.37 at batch 1, x2.17 at 8, x2.36 at
+64; compiled ("matmul"), base 5.69 ms / 5.90 ms, every row 7.55 ms (x1.33) / 7.75 ms (x1.31) at batch
+1 / 8; batch 64 was still compiling when the run was cut off at 240 s.
 """
 
 from __future__ import annotations
@@ -52,8 +59,16 @@ def parse_args(argv=None):
                    help="time the three ways in turn this many times and keep each one's fastest (a loaded machine)")
     p.add_argument("--compile", action="store_true",
                    help="the engine's compiled decode step (CUDA graphs on a GPU) instead of eager forwards")
+    p.add_argument("--delta", choices=("matmul", "reduce", "both"), default=None,
+                   help="the compiled delta's formulation(s) to time (default: both with --compile, else matmul)")
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.delta is None:
+        args.delta = "both" if args.compile else "matmul"
+    if args.delta != "matmul" and not args.compile:
+        p.error("--delta reduce/both needs --compile (eager forwards group rows by slot, whatever the delta)")
+    args.deltas = ["matmul", "reduce"] if args.delta == "both" else [args.delta]
+    return args
 
 
 def build(args):
@@ -67,10 +82,17 @@ def build(args):
         weights = {s.name: (torch.randn(args.rank, s.cols, generator=g) * 0.01,
                             torch.randn(s.hi - s.lo, args.rank, generator=g) * 0.01) for s in _linear_slots(config)}
         bank.write(slot, weights, 1.0)
-    return model, config, dtype
+    return model, config, dtype, bank
 
 
-def time_decode(model, cache, batch, context, adapters, steps, device, compiled=None) -> float:
+def first_call(model, cache, batch, context, adapters, device, compiled=None) -> float:
+    """Seconds the first step takes: compiling (and Triton autotuning), when compiled."""
+    t0 = time.perf_counter()
+    time_decode(model, cache, batch, context, adapters, 0, device, compiled, warmup=1)
+    return time.perf_counter() - t0
+
+
+def time_decode(model, cache, batch, context, adapters, steps, device, compiled=None, warmup=3) -> float:
     tokens = torch.ones(batch, 1, dtype=torch.long, device=device)
     positions = torch.full((batch, 1), context, device=device)
     kw = {} if adapters is None else {"adapters": adapters}
@@ -82,7 +104,7 @@ def time_decode(model, cache, batch, context, adapters, steps, device, compiled=
             model(tokens, positions, cache, rows=slice(0, batch), kv_len=context + 1, **kw)
 
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(warmup):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -91,33 +113,66 @@ def time_decode(model, cache, batch, context, adapters, steps, device, compiled=
             step()
         if device == "cuda":
             torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e3
+    return (time.perf_counter() - t0) / max(steps, 1) * 1e3
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    model, config, dtype = build(args)
+    model, config, dtype, bank = build(args)
     rows = []
     for batch in args.batch:
+        t_batch = time.perf_counter()
+        print(f"batch {batch:3d}: starting ({'compiled, ' if args.compile else ''}delta {args.delta})", flush=True)
         cache = KVCache(config, batch, torch.device(args.device), dtype, args.context + 8)
-        every = (torch.arange(batch) % args.adapters + 1).to(args.device)
-        half = torch.where(torch.arange(batch, device=args.device) % 2 == 0, every, 0)
-        mode = "reduce-overhead" if args.device == "cuda" else None
-        compiled = model.compile_decode(cache, mode) if args.compile else None
+        ways = batch_ways(model, cache, batch, args)
+        first: dict[str, float] = {}
+        for name, (d, a, compiled) in ways.items():
+            bank.delta = d  # a step compiled for one delta recompiles if called with the other
+            first[name] = first_call(model, cache, batch, args.context, a, args.device, compiled)
+            print(f"batch {batch:3d}: {name}: first call {first[name]:.1f} s", flush=True)
         times: dict[str, float] = {}
         for _ in range(args.rounds):  # in turn, so a burst of load from other jobs hits every way alike
-            for name, a in (("base", None), ("all rows", every), ("half rows", half)):
+            for name, (d, a, compiled) in ways.items():
+                bank.delta = d
                 t = time_decode(model, cache, batch, args.context, a, args.steps, args.device, compiled)
                 times[name] = min(times.get(name, t), t)
-        rows.append({"batch": batch, **{k: round(v, 3) for k, v in times.items()}})
-        print(f"batch {batch:3d}: base {times['base']:.2f} ms, {args.adapters} adapters r{args.rank} on every row "
-              f"{times['all rows']:.2f} ms (x{times['all rows'] / times['base']:.2f}), "
-              f"on half the rows {times['half rows']:.2f} ms", flush=True)
-        del cache
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"preset": config.name, "device": args.device, "rank": args.rank, "compile": args.compile,
-                       "adapters": args.adapters, "rows": rows}, f, indent=2)
+        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items()},
+                     **{k: round(v, 3) for k, v in times.items()}})
+        report(batch, times, args, time.perf_counter() - t_batch)
+        del ways, cache
+        if args.json:  # after each batch size: a run cut off keeps what finished
+            with open(args.json, "w") as f:
+                json.dump({"preset": config.name, "device": args.device, "rank": args.rank, "compile": args.compile,
+                           "adapters": args.adapters, "deltas": args.deltas, "rows": rows}, f, indent=2)
+
+
+def batch_ways(model, cache, batch, args) -> dict:
+    """name -> (delta, the rows' slots or None, the compiled step or None): the base model, then every row
+    and half the rows on an adapter for each delta timed, each delta with a compiled step of its own."""
+    every = (torch.arange(batch) % args.adapters + 1).to(args.device)
+    half = torch.where(torch.arange(batch, device=args.device) % 2 == 0, every, 0)
+    mode = "reduce-overhead" if args.device == "cuda" else None
+    ways = {}
+    for d in args.deltas:
+        compiled = model.compile_decode(cache, mode) if args.compile else None
+        if not ways:
+            ways["base"] = (d, None, compiled)
+        ways[f"all rows {d}"] = (d, every, compiled)
+        ways[f"half rows {d}"] = (d, half, compiled)
+    return ways
+
+
+def report(batch, times, args, seconds) -> None:
+    """One line for a batch size: each delta's time and its ratio to the base step, side by side."""
+    base = times["base"]
+
+    def side(rows: str) -> str:
+        return ", ".join(f"{d} {times[f'{rows} {d}']:.2f} ms (x{times[f'{rows} {d}'] / base:.3f})"
+                         for d in args.deltas)
+
+    print(f"batch {batch:3d}: base {base:.2f} ms | {args.adapters} adapters r{args.rank} on every row: "
+          f"{side('all rows')}"
+          f" | on half the rows: {side('half rows')} | {seconds:.0f} s for this batch size", flush=True)
 
 
 if __name__ == "__main__":

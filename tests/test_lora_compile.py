@@ -1,13 +1,14 @@
 """LoRA adapters under the compiled decode step (Inductor on CPU; CUDA graphs on a GPU): a batch that
 mixes adapters and the base model equals the eager engine, and loading an adapter after the first
-compile changes the answers without compiling again."""
+compile changes the answers without compiling again. The "reduce" formulation of the compiled delta
+equals the "matmul" one and eager."""
 
 import pytest
 import torch
 
-from checkpoints import hf_model
+from checkpoints import hf_model, rel_err
 from mistral7b.loading.peft import read_adapter
-from mistral7b.lora import enable_lora
+from mistral7b.lora import _masked_delta, _reduced_delta, enable_lora
 from mistral7b.sampling import SamplingParams
 from test_lora import ALL_LINEARS, peft_adapter
 
@@ -117,3 +118,63 @@ def test_compiled_decode_with_an_int8_base_equals_eager(adapters):
     for got, want in zip(*runs):
         assert got.output_ids == want.output_ids
         assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+
+
+def test_reduced_delta_equals_the_matmuls_and_leaves_base_rows_exact():
+    """Compiled, the broadcast-sum delta (fp32) equals `out + _masked_delta` to 1e-5 relative, for one
+    token and several per row; rows on slot 0 or index -1 get exactly `out`."""
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    a, bt = torch.randn(4, 8, 48, generator=g), torch.randn(4, 8, 40, generator=g)
+    a[0], bt[0] = 0, 0  # slot 0 stays zero in a bank
+    index = torch.tensor([2, 0, 1, -1, 3])
+    reduced = torch.compile(_reduced_delta, fullgraph=True, dynamic=False)
+    for t in (1, 3):
+        x, out = torch.randn(5, t, 48, generator=g), torch.randn(5, t, 40, generator=g)
+        got = reduced(a, bt, x, index, out)
+        assert rel_err(got, out + _masked_delta(a, bt, x, index)) < 1e-5
+        assert torch.equal(got[[1, 3]], out[[1, 3]])
+        assert rel_err(got[[0, 2, 4]], out[[0, 2, 4]]) > 1e-2  # the adapters' rows do change
+
+
+def test_compiled_reduce_delta_logits_equal_matmul_and_eager(adapters):
+    """One compiled decode step, rows on three adapters and none, fresh random tokens: the "reduce" delta
+    gives the "matmul" delta's logits and eager's; switching the bank's delta recompiles the step."""
+    from mistral7b import LLM
+
+    root, vocab = adapters
+    model = LLM(str(root / "base"), device="cpu", max_batch=5).model
+    bank = enable_lora(model, max_loras=3, max_rank=8)
+    for slot, name in ((1, "a0"), (2, "a1"), (3, "a2")):
+        adapter = read_adapter(root / name, model.config)
+        bank.write(slot, adapter.weights, adapter.scale)
+    cache = model.new_cache(5, max_seq_len=16)
+    torch._dynamo.reset()  # else the earlier tests' widths and lengths make this one's symbolic: slower to compile
+    step = model.compile_decode(cache)
+    prompt = torch.randint(0, vocab, (5, 6))
+    slots = torch.tensor([3, 0, 1, 2, 0])
+    token, at = prompt[:, -1:], torch.full((5, 1), 6)
+    with torch.no_grad():
+        model(prompt, torch.arange(6).expand(5, 6), cache, kv_len=6, adapters=slots)
+        want = model(token, at, cache, kv_len=7, adapters=slots)  # eager: rows grouped by slot
+        matmul = step(token, at, 7, slots)  # rewrites position 6's keys and values with the same ones
+        graphs = _graphs()
+        bank.delta = "reduce"
+        reduce = step(token, at, 7, slots)
+    assert _graphs() == graphs + 1  # the bank's delta is guarded on: the reduce form was compiled
+    assert rel_err(reduce, matmul) < 1e-5 and (reduce - want).abs().max().item() < 1e-4
+    assert rel_err(matmul, want) < 1e-5
+
+
+def test_delta_must_be_matmul_or_reduce():
+    from mistral7b import ModelConfig, Transformer
+
+    config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=50)
+    with pytest.raises(ValueError, match="'matmul', 'reduce'.*'fused'"):
+        enable_lora(Transformer(config), 1, 4, delta="fused")
+    model = Transformer(config)
+    bank = enable_lora(model, 1, 4)
+    assert bank.delta == "matmul"  # the default
+    assert enable_lora(model, 1, 4, delta="reduce") is bank and bank.delta == "reduce"
+    with pytest.raises(ValueError, match="LoRA delta must be one of"):
+        bank.delta = "bmm"
+    assert bank.delta == "reduce"

@@ -12,8 +12,10 @@ stacks its parts' A along the rank and places each part's B in its own rows and 
 product is exactly the parts' deltas side by side.
 The slots are allocated once, so loading an adapter copies into place. Grouping reads the row slots on
 the host once per forward (a sync on a GPU); a compiled step (torch.compile, CUDA graphs) instead
-masks every slot's product by each row's slot (`_masked_delta`): one graph for any mix of adapters,
-and a load changes the slots' contents, never the graph.
+masks every slot's product by each row's slot: one graph for any mix of adapters, and a load changes
+the slots' contents, never the graph. That delta has two formulations (`LoRABank.delta`): "matmul"
+(`_masked_delta`, the default) and "reduce" (`_reduced_delta`, mat-vecs as broadcast-multiply-sums that
+Inductor fuses with the mask and the add).
 """
 
 from __future__ import annotations
@@ -53,14 +55,23 @@ class AdapterRows:
         return self._groups
 
 
+DELTAS = ("matmul", "reduce")
+
+
 class LoRABank:
     """The adapter slots of one model: per linear module, the stacked A and B^T. Slot 0 stays zero (the
     base model); the tensors are allocated once, so loading writes in place and a compiled step that
-    reads them needs no recompiling."""
+    reads them needs no recompiling.
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
+    `delta`, the compiled step's formulation (eager forwards always group rows by slot): "matmul" (the
+    default; two cuBLAS mms, a mask and an add per linear) or "reduce" (one shrink reduction with the
+    mask, one expand reduction with the add, as Inductor emits for one-row matmuls: fewer kernels; not
+    yet measured on a GPU). A compiled step guards on it: changing it recompiles the adapter graph."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, delta: str = "matmul"):
         param = next(model.parameters())
         self.config, self.max_loras, self.max_rank = model.config, max_loras, max_rank
+        self.delta = delta
         slots = 1 + max_loras
         self.parts: dict[str, int] = {}
         for slot in _linear_slots(model.config):
@@ -72,6 +83,16 @@ class LoRABank:
             on = dict(device=param.device, dtype=param.dtype)
             self.a[module] = torch.zeros(slots, parts * max_rank, cols, **on)
             self.bt[module] = torch.zeros(slots, parts * max_rank, rows, **on)
+
+    @property
+    def delta(self) -> str:
+        return self._delta
+
+    @delta.setter
+    def delta(self, value: str) -> None:
+        if value not in DELTAS:
+            raise ValueError(f"LoRA delta must be one of {', '.join(map(repr, DELTAS))}, got {value!r}")
+        self._delta = value
 
     def write(self, slot: int, weights: dict[str, tuple[Tensor, Tensor]], scale: float) -> None:
         """Fill `slot` with an adapter: canonical weight name -> (A [r, in], B [out, r]); B is scaled here."""
@@ -111,6 +132,8 @@ class LoRABank:
         """out (x's base output [B, ..., out]) plus B_s A_s x on each row, s = that row's slot."""
         a, bt = self.a[module], self.bt[module]
         if torch.compiler.is_compiling():
+            if self.delta == "reduce":  # only compiled: eagerly its broadcasts would be materialized
+                return _reduced_delta(a, bt, x, adapters.index, out)
             return out + _masked_delta(a, bt, x, adapters.index).to(out.dtype)
         for slot, rows in adapters.groups():
             delta = (torch.nn.functional.linear(x[rows].to(a.dtype), a[slot]) @ bt[slot]).to(out.dtype)
@@ -135,6 +158,19 @@ def _masked_delta(a: Tensor, bt: Tensor, x: Tensor, index: Tensor) -> Tensor:
     return xa @ bt[1:].flatten(0, 1)
 
 
+def _reduced_delta(a: Tensor, bt: Tensor, x: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """`out + _masked_delta(...)` as two broadcast-multiply-sums, for Inductor to fuse: the shrink with
+    each row's slot mask (one reduction kernel over `in`), the expand with the add into `out` (one over
+    S * R), where the matmuls take two mms, a mask and an add. Compiled only: eagerly x * A alone would
+    materialize B x S*R x in. Accumulates in fp32; rows on no adapter (or index -1) get 0, so exactly `out`."""
+    slots, rank = a.shape[0] - 1, a.shape[1]
+    acc = torch.promote_types(a.dtype, torch.float32)
+    slot_of = torch.arange(slots * rank, device=index.device) // rank + 1  # each column's slot
+    own = (index[:, None] == slot_of).view(index.shape[0], *[1] * (x.dim() - 2), slots * rank)
+    xa = (x[..., None, :].to(acc) * a[1:].flatten(0, 1).to(acc)).sum(-1) * own  # [B, ..., S * R]
+    return (out.to(acc) + (xa[..., :, None] * bt[1:].flatten(0, 1).to(acc)).sum(-2)).to(out.dtype)
+
+
 class LoRALinear(nn.Module):
     """A linear (any kernel: dense or quantized) plus each row's LoRA delta, when the forward runs adapters."""
 
@@ -156,13 +192,17 @@ def _rows(rows: list[int], device) -> Tensor | slice:
     return torch.tensor(rows, device=device)
 
 
-def enable_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRABank:
-    """Wrap the model's block linears and head in `LoRALinear`s over one new bank (idempotent)."""
+def enable_lora(model: nn.Module, max_loras: int, max_rank: int, delta: str | None = None) -> LoRABank:
+    """Wrap the model's block linears and head in `LoRALinear`s over one new bank (idempotent). `delta`:
+    the compiled step's formulation, "matmul" or "reduce" (LoRABank); None keeps the bank's, "matmul"
+    for a new one."""
     if getattr(model, "lora", None) is not None:
+        if delta is not None:
+            model.lora.delta = delta
         return model.lora
     if not isinstance(max_loras, int) or max_loras < 1 or not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_loras and max_lora_rank must be positive integers, got {max_loras!r}, {max_rank!r}")
-    bank = LoRABank(model, max_loras, max_rank)
+    bank = LoRABank(model, max_loras, max_rank, "matmul" if delta is None else delta)
     for module in bank.parts:
         parent_name, _, attr = module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
