@@ -198,8 +198,27 @@ def test_ngram_lookup_longest_latest_match():
         assert ngram_lookup(seq, 5) == scan_lookup(seq, 5), seq
 
 
-def scan_lookup(seq, k, max_n=4):
-    for n in range(max_n, 0, -1):
+def test_ngram_lookup_on_a_growing_token_array():
+    """The proposer keeps each request's context as an int32 array appended as tokens arrive (past its first
+    capacity too): at every step it holds prompt + output, and the lookup on it equals a plain scan of the list."""
+    from types import SimpleNamespace
+
+    from mistral7b.engine.proposers import TokenArray
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    request = SimpleNamespace(prompt_ids=torch.randint(0, 6, (200,), generator=g).tolist(), output_ids=[])
+    context = TokenArray()
+    while len(request.output_ids) < 700:
+        request.output_ids += torch.randint(0, 6, (int(torch.randint(1, 9, ())),), generator=g).tolist()
+        array = context.of(request)
+        assert array.tolist() == request.prompt_ids + request.output_ids
+        assert ngram_lookup(array, 4, 4, 2) == scan_lookup(array.tolist(), 4, 4, 2)
+    request.output_ids = request.output_ids[:5]  # started over
+    assert context.of(request).tolist() == request.prompt_ids + request.output_ids
+
+
+def scan_lookup(seq, k, max_n=4, min_n=1):
+    for n in range(max_n, min_n - 1, -1):
         for i in range(len(seq) - n - 1, -1, -1):
             if n < len(seq) and seq[i : i + n] == seq[-n:]:
                 return seq[i + n : i + n + k]
