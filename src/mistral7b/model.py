@@ -8,7 +8,6 @@ layer's activations once. Loaders convert at load time.
 from __future__ import annotations
 
 import functools
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from .attention import attention, check_decode_kernel
 from .cache import KVCache
 from .config import ModelConfig
+from .utils import own_code
 
 # One-row decode graphs compile with Inductor's coordinate-descent tuning, as gpt-fast's do: a one-row
 # matmul then becomes Inductor's own tuned mat-vec, fused with its neighbours, instead of cuBLAS's split-K
@@ -271,9 +271,3 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return project(self.output, self.norm(x), adapters).float()
 
-
-def own_code(fn):
-    """`fn` with a code object of its own. Dynamo keeps compiled graphs, and counts them against its
-    recompile limit (8), per code object; every cache is new, so decode steps sharing one code object
-    made the fifth model or quantization compiled in one process fail with FailOnRecompileLimitHit."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

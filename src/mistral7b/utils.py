@@ -4,6 +4,7 @@ and the shared GGUF reader, and host-to-device index copies."""
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +121,10 @@ def slice_or_index(values: list[int], device: torch.device) -> slice | torch.Ten
     if values == list(range(values[0], values[0] + len(values))):
         return slice(values[0], values[0] + len(values))
     return to_device(values, device)
+
+
+def own_code(fn):
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs, and counts them against its
+    recompile limit (8), per code object; every cache is new, so decode steps sharing one code object
+    made the fifth model or quantization compiled in one process fail with FailOnRecompileLimitHit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..batch_invariant import linear as invariant_linear
+from ..utils import own_code
 from .triton_mm import MAX_ROWS, int4_rows_mm, int4_supported, int8_rows_mm
 
 CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
@@ -242,16 +243,18 @@ def _dequantize_tiles_eager(packed, scales_zeros, group_size, n, k):
 def _dequantize_tiles(packed, scales_zeros, group_size, n, k):
     if torch.compiler.is_compiling():
         return _dequantize_tiles_eager(packed, scales_zeros, group_size, n, k)
-    return _compiled_dequantize()(packed, scales_zeros, group_size, n, k)
+    with torch.no_grad():  # one graph whatever the caller's grad mode: a weight needs none
+        return _compiled_dequantize(n, k, group_size)(packed, scales_zeros, group_size, n, k)
 
 
 @functools.cache
-def _compiled_dequantize():
-    # Static shapes: a model has a handful of matrix shapes (five at the 7B shape), and with constant
-    # sizes the eight-factor index arithmetic of every element compiles to multiplies and shifts, where
-    # symbolic sizes make it integer divisions. (int4 prefill ran at 0.49x bf16 with dynamic=True; how much
-    # of that this recovers is for quant_bench on a GPU to say.)
-    return torch.compile(_dequantize_tiles_eager, dynamic=False)
+def _compiled_dequantize(n: int, k: int, group_size: int):
+    """The dequantization compiled for one matrix shape, with a code object of its own: one function for
+    all of them kept every shape (and grad mode) under dynamo's recompile limit of 8, which a smoke run's
+    models passed, after which new shapes ran uncompiled. Static shapes: with constant sizes the
+    eight-factor index arithmetic of every element compiles to multiplies and shifts, where symbolic
+    sizes make it integer divisions (int4 prefill ran at 0.49x bf16 with dynamic=True)."""
+    return torch.compile(own_code(_dequantize_tiles_eager), dynamic=False)
 
 
 CUDA_INT8_REDUCTION_ROWS = 16  # up to this many rows, compiled CUDA int8 runs as one reduction
