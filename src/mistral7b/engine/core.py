@@ -149,7 +149,9 @@ class Engine:
             with spec.warming() if spec is not None else contextlib.nullcontext():
                 widths = sorted({padded_width(n, self.max_batch, True) for n in range(3, self.max_batch + 1)})
                 wide = [(n, 16) for n in widths]  # short prompts, prefilled in one step: a decode at width n
-                for n, length in [(1, 200), (1, 300), (2, 300), *wide]:
+                # One-token prefills (a prefix-cache hit short of its last token) at 1 and 2 rows: the
+                # eager steps' fused CUDA kernels specialize sizes of 1 and would compile while serving.
+                for n, length in [(1, 200), (1, 300), (2, 300), (1, 1), (2, 1), *wide]:
                     length = max(1, min(length, limit - tokens))
                     requests = [self.add([1] * length, params) for _ in range(n)]
                     while self.has_work():
