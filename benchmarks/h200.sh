@@ -159,8 +159,9 @@ spec-real)  # the default model from its parts (stage-model); spec_bench checks 
     default_model || { status=1; continue; }
     # Compiled (CUDA graphs), as served: the plain engine, n-gram and self-int4 (its int4 draft's steps too).
     # As served (backoff on) and every step speculating (method/raw); 231 s for one of each (H100, 2026-12-05f).
-    # TORCH_LOGS: a graph compiled inside a timed prompt (4.31 s against 0.2, 2026-12-05g) names its function.
-    step spec-real 540 env TORCH_LOGS=recompiles python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf \
+    # TORCH_LOGS: a graph compiled inside a timed prompt (4.31 s against 0.2, 2026-12-05g) names its function
+    # ("start tracing F", or a recompile with its reason) just above that prompt's line in the log.
+    step spec-real 540 env TORCH_LOGS=recompiles,dynamo python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf \
         --device cuda --methods ngram,self-int4 --backoff both --json "$OUT/spec.json" ;;
 spec-real-invariant)  # n-gram in the batch-invariant mode (parts staged as for spec-real): identical 38/38 expected
     default_model || { status=1; continue; }
