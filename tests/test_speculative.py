@@ -217,6 +217,20 @@ def test_ngram_lookup_on_a_growing_token_array():
     assert context.of(request).tolist() == request.prompt_ids + request.output_ids
 
 
+def test_request_tokens_spans_prompt_and_output():
+    """A draft model reads the tokens it has not seen through Request.tokens: every span of prompt then
+    output, across the boundary too, as slicing the joined lists gives."""
+    from mistral7b.engine.request import Request
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    request = Request(torch.randint(0, 50, (7,), generator=g).tolist(), SamplingParams())
+    request.output_ids = torch.randint(0, 50, (5,), generator=g).tolist()
+    joined = request.prompt_ids + request.output_ids
+    for start in range(len(joined) + 1):
+        for stop in range(start, len(joined) + 1):
+            assert request.tokens(start, stop) == joined[start:stop]
+
+
 def scan_lookup(seq, k, max_n=4, min_n=1):
     for n in range(max_n, min_n - 1, -1):
         for i in range(len(seq) - n - 1, -1, -1):

@@ -201,7 +201,7 @@ class DraftProposer:
         rows = torch.tensor([r.row for r in group], device=self.device)
         while start < end:
             stop = min(end, start + self.chunk_size)
-            tokens = torch.tensor([(r.prompt_ids + r.output_ids)[start:stop] for r in group], device=self.device)
+            tokens = torch.tensor([r.tokens(start, stop) for r in group], device=self.device)
             positions = torch.arange(start, stop, device=self.device).expand(len(group), stop - start)
             logits = self.model(tokens, positions, self.cache, rows=rows, kv_len=stop, last_only=True)
             start = stop
@@ -212,15 +212,17 @@ class DraftProposer:
     def _step_through(self, requests: list[Request]) -> list[torch.Tensor]:
         """Feed each row's few unseen tokens as decode steps (rows already through ride along idle); the
         logits [vocab] after each row's last token."""
-        seqs = [r.prompt_ids + r.output_ids for r in requests]
+        starts, ends = [self.held[r.row] for r in requests], [r.position + 1 for r in requests]
+        unseen = [r.tokens(start, end) for r, start, end in zip(requests, starts, ends)]  # a few tokens each
         out: list[torch.Tensor | None] = [None] * len(requests)
         while True:
-            live = [i for i, r in enumerate(requests) if self.held[r.row] < len(seqs[i])]
+            live = [i for i, r in enumerate(requests) if self.held[r.row] < ends[i]]
             if not live:
                 return out
-            logits = self._advance([requests[i] for i in live], [seqs[i][self.held[requests[i].row]] for i in live])
+            fed = [unseen[i][self.held[requests[i].row] - starts[i]] for i in live]
+            logits = self._advance([requests[i] for i in live], fed)
             for j, i in enumerate(live):
-                if self.held[requests[i].row] == len(seqs[i]):
+                if self.held[requests[i].row] == ends[i]:
                     out[i] = logits[j]
 
     def _advance(self, requests: list[Request], last: list[int]) -> torch.Tensor:

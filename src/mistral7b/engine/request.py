@@ -79,6 +79,16 @@ class Request:
         """Position of the next token fed to the model."""
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of the prompt followed by the output, without joining the two lists (a
+        long prompt's copy each draft step cost more than the step's own host work)."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
+
 
 @dataclass
 class Delta:
