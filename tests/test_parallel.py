@@ -273,7 +273,10 @@ class TestTwoRanks:
             got = greedy(engine, prompts, 3 * W)
             assert_greedy_agrees(tiny[2], prompts, got, want)
             stats = engine.speculator.stats
-            assert stats.accepted_tokens > 0 and stats.verify_rows > 0, spec
+            assert stats.verify_rows > 0 and stats.draft_tokens > 0, spec
+            # The draft shares the target's weights, so it is accepted; n-gram's drafts are accepted only
+            # when the random model repeats itself (0 of 17 in about 1 run in 4 here, whichever the seed).
+            assert stats.accepted_tokens > 0 or spec.method == "ngram", spec
             assert forgotten or stats.accepted_tokens == stats.draft_tokens
             monkeypatch.undo()
 
