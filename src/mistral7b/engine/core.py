@@ -254,8 +254,8 @@ class Engine:
                      timed: bool = False) -> None:
         """Plain decode steps inside speculation, their tokens read at once. `timed`: a group of steps, as a
         row that backed off decodes, gives the break-even's plain cost per step. A lone step, with a host
-        read of its own, costs more than that: timed so, self-int4 on the default model kept speculating
-        on an H100 at 0.31x of plain speed (2026-12-05g)."""
+        read of its own, costs more than that (most likely why self-int4 on the default model kept
+        speculating on an H100 at 0.31x of plain speed when the probe was one step, 2026-12-05g)."""
         start, read = time.perf_counter(), self._steps_read
         self._decode(decoding, deltas, max_steps=max_steps)
         if self._inflight is not None:
