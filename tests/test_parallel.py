@@ -267,8 +267,8 @@ class TestTwoRanks:
                 engine.runner.compiled = True  # power-of-two widths, kv_len buckets
                 engine.runner.compiled_verify = tp2.compile_decode(engine.runner.cache, backend="eager")
             forgotten = []
-            forget = type(engine.runner.cache).forget
-            monkeypatch.setattr(type(engine.runner.cache), "forget",
+            forget = type(engine.runner.cache).forget_rows
+            monkeypatch.setattr(type(engine.runner.cache), "forget_rows",
                                 lambda cache, *a: (forgotten.append(a), forget(cache, *a))[1])
             got = greedy(engine, prompts, 3 * W)
             assert_greedy_agrees(tiny[2], prompts, got, want)

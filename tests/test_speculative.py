@@ -201,12 +201,11 @@ def test_ngram_lookup_longest_latest_match():
 def test_ngram_lookup_on_a_growing_token_array():
     """The proposer keeps each request's context as an int32 array appended as tokens arrive (past its first
     capacity too): at every step it holds prompt + output, and the lookup on it equals a plain scan of the list."""
-    from types import SimpleNamespace
-
     from mistral7b.engine.proposers import TokenArray
+    from mistral7b.engine.request import Request
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    request = SimpleNamespace(prompt_ids=torch.randint(0, 6, (200,), generator=g).tolist(), output_ids=[])
+    request = Request(torch.randint(0, 6, (200,), generator=g).tolist(), SamplingParams())
     context = TokenArray()
     while len(request.output_ids) < 700:
         request.output_ids += torch.randint(0, 6, (int(torch.randint(1, 9, ())),), generator=g).tolist()

@@ -197,21 +197,16 @@ class KVCache:
 
     def forget(self, row: int, start: int, end: int) -> None:
         """Empty the slots of positions [start, end) of `row` (rejected draft tokens), so no later
-        query sees them; every layer of a slot count shares one `pos`, so each is cleared once."""
-        for pos in {id(layer.pos): layer.pos for layer in self.layers}.values():
-            size = pos.shape[1]
-            slots = torch.arange(start, end, device=pos.device) % size
-            held = pos[row, slots]
-            pos[row, slots] = torch.where(held >= start, torch.full_like(held, -1), held)
+        query sees them."""
+        self.forget_rows([row], [start], [end])
 
     def forget_rows(self, rows: list[int], starts: list[int], ends: list[int]) -> None:
         """`forget` for several rows at once (a verify's rejections): one gather and one write per slot
-        count, however many rows, where a loop of `forget` launched five small kernels a row."""
+        count (every layer of a slot count shares one `pos`), however many rows."""
         spans = [(row, start, p) for row, start, end in zip(rows, starts, ends) for p in range(start, end)]
         if not spans:
             return
-        pos0 = self.layers[0].pos
-        row, start, position = torch.tensor(spans, device=pos0.device).unbind(1)
+        row, start, position = torch.tensor(spans, device=self.layers[0].pos.device).unbind(1)
         for pos in {id(layer.pos): layer.pos for layer in self.layers}.values():
             slots = position % pos.shape[1]
             held = pos[row, slots]

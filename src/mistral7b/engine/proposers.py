@@ -42,12 +42,11 @@ class TokenArray:
         self.array, self.size = np.empty(256, dtype=np.int32), 0
 
     def of(self, request: Request) -> np.ndarray:
-        prompt, output = request.prompt_ids, request.output_ids
-        total = len(prompt) + len(output)
+        total = request.position + 1
         if total < self.size:  # the request started over: rebuild
             self.size = 0
         if total > self.size:
-            new = (prompt[self.size :] + output) if self.size < len(prompt) else output[self.size - len(prompt) :]
+            new = request.tokens(self.size, total)
             if total > len(self.array):
                 grown = np.empty(max(total, 2 * len(self.array)), dtype=np.int32)
                 grown[: self.size] = self.array[: self.size]

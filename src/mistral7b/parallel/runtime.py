@@ -5,7 +5,7 @@ Rank 0 holds `TensorParallelModel`, which the engine's runner drives as it drive
 group, then its token/position/row tensors over the default group (NCCL on GPUs), and then runs the
 forward on rank 0's shard; the workers run the same forward on theirs, meeting at the two
 all-reduces of every layer. Caches are sharded by KV heads: `new_cache` allocates rank 0's part and
-has every worker allocate its own, and `reset` and `forget` (a rejected draft) are broadcast too.
+has every worker allocate its own, and `reset` and `forget_rows` (rejected drafts) are broadcast too.
 Only rank 0 samples and speculates: a verify is a forward of a few tokens like any other.
 
 Workers wait for the next header on a group with a very long timeout (a server may idle for days);
@@ -95,7 +95,7 @@ def decode_forward(header: list[int], link: Link) -> tuple[Tensor, Tensor | None
 
 
 class ShardedKVCache(KVCache):
-    """Rank 0's share of a cache whose other shares live on the workers; `reset` and `forget` reach them all."""
+    """Rank 0's share of a cache whose other shares live on the workers; `reset` and `forget_rows` reach them all."""
 
     def __init__(self, model: "TensorParallelModel", cache_id: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -108,14 +108,14 @@ class ShardedKVCache(KVCache):
             self.model.link.send([OP_RESET, self.cache_id, rows.start or 0, stop])
             super().reset(rows)
 
-    def forget(self, row: int, start: int, end: int) -> None:
-        with self.model.collective("forgetting rejected draft positions"):
-            self.model.link.send([OP_FORGET, self.cache_id, row, start, end])
-            super().forget(row, start, end)
-
     def forget_rows(self, rows: list[int], starts: list[int], ends: list[int]) -> None:
-        for row, start, end in zip(rows, starts, ends):  # the ranks' protocol takes a row at a time
-            self.forget(row, start, end)
+        spans = [(row, start, end) for row, start, end in zip(rows, starts, ends) if start < end]
+        if not spans:
+            return
+        with self.model.collective("forgetting rejected draft positions"):
+            for row, start, end in spans:  # the ranks' protocol takes a row at a time
+                self.model.link.send([OP_FORGET, self.cache_id, row, start, end])
+            super().forget_rows(rows, starts, ends)
 
 
 class Worker:
