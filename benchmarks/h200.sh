@@ -20,7 +20,8 @@
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
 #   bash benchmarks/h200.sh spec-real-invariant  # the same, n-gram, in the batch-invariant mode (same carry)
 #   bash benchmarks/h200.sh stage-model  # the first part of the default model, for spec-real's call (see below)
-#   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled (both deltas)
+#   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled (matmul, triton)
+#   bash benchmarks/h200.sh lora-reduce # the same at batch 8 with the reduce delta
 #   bash benchmarks/h200.sh lora-64    # the same compiled at batch 64 (a call of its own: its compiles are long)
 #   bash benchmarks/h200.sh lora-eager # the same eager at batch 1, 8 and 64
 #   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
@@ -168,14 +169,17 @@ spec-real-invariant)  # n-gram in the batch-invariant mode (parts staged as for 
     default_model || { status=1; continue; }
     step spec-real-invariant 400 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
         --methods ngram --batch-invariant --json "$OUT/spec-invariant.json" ;;
-lora)  # compiled: the matmul delta (default) and the reduce delta side by side; 240 s ended in b64's compile
-    # (H100, 2026-12-05g: b1 x1.33, b8 x1.31 with matmul), so b64 is a group of its own (lora-64), and the
-    # one-row graphs now compile with coordinate-descent tuning (longer): a call of its own
-    step lora-compiled 560 python3 benchmarks/lora_bench.py --batch 1 8 --compile --delta both --json "$OUT/lora-compiled.json" ;;
-lora-eager)  # H100, 2026-12-05g: b1 x1.37, b8 x2.17, b64 x2.36
-    step lora-eager 120 python3 benchmarks/lora_bench.py --batch 1 8 64 --json "$OUT/lora-eager.json" ;;
+lora)  # compiled: the matmul delta (default) and lora_triton's kernels side by side, each checked against the
+    # eager delta; 240 s ended in b64's compile (H100, 2026-12-05g: b1 x1.33, b8 x1.31 with matmul), so b64
+    # is a group of its own (lora-64), and the one-row graphs compile with tuning (longer): a call of its own
+    step lora-compiled 560 python3 benchmarks/lora_bench.py --batch 1 8 --compile --delta matmul triton \
+        --json "$OUT/lora-compiled.json" ;;
+lora-reduce)  # the reduce delta, compiled (H100, 2026-12-05g: not reached)
+    step lora-reduce 400 python3 benchmarks/lora_bench.py --batch 8 --compile --delta reduce --json "$OUT/lora-reduce.json" ;;
+lora-eager)  # H100, 2026-12-05g: b1 x1.37, b8 x2.17, b64 x2.36 (matmul: rows grouped by slot, a host sync)
+    step lora-eager 150 python3 benchmarks/lora_bench.py --batch 1 8 64 --delta matmul triton --json "$OUT/lora-eager.json" ;;
 lora-64)
-    step lora-64 540 python3 benchmarks/lora_bench.py --batch 64 --compile --delta both --json "$OUT/lora-64.json" ;;
+    step lora-64 540 python3 benchmarks/lora_bench.py --batch 64 --compile --delta matmul --json "$OUT/lora-64.json" ;;
 tiles)
     step tiles 300 python3 benchmarks/invariant_tiles.py --json "$OUT/tiles.json" ;;
 structured)
@@ -184,7 +188,7 @@ structured)
     step long 150 python3 -m mistral7b.cli bench --no-hf --sections long --prefill "" --json "$OUT/long.json"
     ;;
 *)
-    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile profile-tuned serving serving-process structured invariant spec spec-self spec-real lora lora-64 lora-eager tiles; stage-model alone)" >&2
+    echo "usage: $0 GROUP... (smoke gemv quant kernels speed peer profile profile-tuned serving serving-process structured invariant spec spec-self spec-real lora lora-reduce lora-64 lora-eager tiles; stage-model alone)" >&2
     exit 2 ;;
 esac
 done

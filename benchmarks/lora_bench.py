@@ -4,13 +4,14 @@ Random weights at a preset's shape (speed does not depend on the values). Each b
 three ways: the base model (no adapters), every row on one of `--adapters` adapters of rank `--rank` on
 all linears (head included), and the same with half the rows on the base model (slot 0). Eager by default
 (`--compile`: the engine's compiled step, CUDA graphs on a GPU): the delta adds two matmuls and a
-scatter per slot present and linear, kernel launches that graphs would hide. Compiled, `--delta`
-picks the formulation of the masked delta (lora.LoRABank.delta), "both" (the default) timing "matmul"
-and "reduce" in the same run, each its own compiled step. Each batch size prints as it finishes, with
+scatter per slot present and linear, kernel launches that graphs would hide. `--delta` picks the
+formulations (lora.LoRABank.delta) timed in the same run, each its own compiled step: compiled, "all"
+(the default: "matmul", "reduce" and "triton", lora_triton's two kernels a linear); eager, "triton"
+runs those kernels on a GPU too. Each batch size prints as it finishes, with
 what each way's first call took (compiling, when compiled), and the JSON is rewritten after each: a run
 cut off still shows what finished.
 
-H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile [--delta both]]
+H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile] [--delta matmul triton]
 CPU:  OMP_NUM_THREADS=1 python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu --steps 30 --rounds 5
 
 Seen on the shared 2-core CPU (tiny shape, fp32, 4 adapters of rank 16, one thread, --steps 30):
@@ -39,7 +40,7 @@ import torch
 
 from mistral7b.cache import KVCache
 from mistral7b.config import ModelConfig, preset
-from mistral7b.lora import _linear_slots, enable_lora
+from mistral7b.lora import DELTAS, _linear_slots, enable_lora
 from mistral7b.model import Transformer
 
 TINY = ModelConfig(dim=512, n_layers=4, head_dim=64, hidden_dim=1536, n_heads=8, n_kv_heads=2, vocab_size=32000,
@@ -59,15 +60,17 @@ def parse_args(argv=None):
                    help="time the three ways in turn this many times and keep each one's fastest (a loaded machine)")
     p.add_argument("--compile", action="store_true",
                    help="the engine's compiled decode step (CUDA graphs on a GPU) instead of eager forwards")
-    p.add_argument("--delta", choices=("matmul", "reduce", "both"), default=None,
-                   help="the compiled delta's formulation(s) to time (default: both with --compile, else matmul)")
+    p.add_argument("--delta", nargs="+", choices=(*DELTAS, "both", "all"), default=None,
+                   help="the delta formulation(s) to time, each its own compiled step: both = matmul and "
+                        "reduce, all = every one (default: all with --compile, else matmul)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.delta is None:
-        args.delta = "both" if args.compile else "matmul"
-    if args.delta != "matmul" and not args.compile:
-        p.error("--delta reduce/both needs --compile (eager forwards group rows by slot, whatever the delta)")
-    args.deltas = ["matmul", "reduce"] if args.delta == "both" else [args.delta]
+    named = args.delta or (["all"] if args.compile else ["matmul"])
+    groups = {"both": ["matmul", "reduce"], "all": list(DELTAS)}
+    args.deltas = list(dict.fromkeys(d for name in named for d in groups.get(name, [name])))
+    args.delta = ",".join(args.deltas)
+    if "reduce" in args.deltas and not args.compile:
+        p.error("--delta reduce needs --compile (eager forwards group rows by slot instead)")
     return args
 
 
@@ -92,16 +95,39 @@ def first_call(model, cache, batch, context, adapters, device, compiled=None) ->
     return time.perf_counter() - t0
 
 
-def time_decode(model, cache, batch, context, adapters, steps, device, compiled=None, warmup=3) -> float:
-    tokens = torch.ones(batch, 1, dtype=torch.long, device=device)
+def decode_step(model, cache, batch, context, adapters, device, compiled=None, tokens=None):
+    """One decode step's callable (compiled or eager) at `context`, returning the logits."""
+    tokens = torch.ones(batch, 1, dtype=torch.long, device=device) if tokens is None else tokens
     positions = torch.full((batch, 1), context, device=device)
     kw = {} if adapters is None else {"adapters": adapters}
 
     def step():
         if compiled is not None:
-            compiled(tokens, positions, context + 1, **kw)
-        else:
-            model(tokens, positions, cache, rows=slice(0, batch), kv_len=context + 1, **kw)
+            return compiled(tokens, positions, context + 1, **kw)
+        return model(tokens, positions, cache, rows=slice(0, batch), kv_len=context + 1, **kw)
+    return step
+
+
+def check_ways(model, bank, cache, batch, ways, args) -> list[str]:
+    """Each way's logits on random tokens against the eager grouped delta's ("matmul" uncompiled) for the
+    same rows' slots: the formulations differ only in rounding. Returns the failures' names."""
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=args.device)
+    failures = []
+    with torch.no_grad():
+        for name, (d, a, compiled) in ways.items():
+            bank.delta = "matmul"
+            want = decode_step(model, cache, batch, args.context, a, args.device, None, tokens)().float()
+            bank.delta = d
+            got = decode_step(model, cache, batch, args.context, a, args.device, compiled, tokens)().float()
+            err = ((got - want).norm() / want.norm()).item()
+            ok = err < 3e-2  # bf16 on a GPU: differently rounded sums, not a wrong delta (that is O(1))
+            print(f"batch {batch:3d}: check {name}: rel err {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+            failures += [] if ok else [name]
+    return failures
+
+
+def time_decode(model, cache, batch, context, adapters, steps, device, compiled=None, warmup=3) -> float:
+    step = decode_step(model, cache, batch, context, adapters, device, compiled)
 
     with torch.no_grad():
         for _ in range(warmup):
@@ -130,13 +156,14 @@ def main(argv=None) -> None:
             bank.delta = d  # a step compiled for one delta recompiles if called with the other
             first[name] = first_call(model, cache, batch, args.context, a, args.device, compiled)
             print(f"batch {batch:3d}: {name}: first call {first[name]:.1f} s", flush=True)
+        failures = check_ways(model, bank, cache, batch, ways, args)
         times: dict[str, float] = {}
         for _ in range(args.rounds):  # in turn, so a burst of load from other jobs hits every way alike
             for name, (d, a, compiled) in ways.items():
                 bank.delta = d
                 t = time_decode(model, cache, batch, args.context, a, args.steps, args.device, compiled)
                 times[name] = min(times.get(name, t), t)
-        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items()},
+        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items()}, "failed": failures,
                      **{k: round(v, 3) for k, v in times.items()}})
         report(batch, times, args, time.perf_counter() - t_batch)
         del ways, cache

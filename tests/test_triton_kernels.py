@@ -1,5 +1,5 @@
-"""The Triton kernels (split-K decode attention, int8/int4 weight-only matmuls), run by Triton's interpreter
-on the CPU (a subprocess each: the interpreter is chosen when triton is imported)."""
+"""The Triton kernels (split-K decode attention, int8/int4 weight-only matmuls, LoRA deltas), run by Triton's
+interpreter on the CPU (a subprocess each: the interpreter is chosen when triton is imported)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def test_weight_only_matmuls_match_the_dequantized_weight():
     """int8 per channel and int4 in the "halves" layout, several tile variants each."""
     out = interpret("triton_mm_check.py").stdout
     assert out.count(" ok") == 16 and "FAIL" not in out
+
+
+def test_lora_kernels_match_float64_and_the_matmul_delta():
+    """lora_triton's shrink and expand: 2-d and 3-d rows (strided, off the tiles, mixed slots 0 / -1 / repeats,
+    int32 and int64), a model's logits with delta="triton" eager and as a compiled step with no graph break
+    against "matmul", the fake kernel, the row limit."""
+    out = interpret("lora_triton_check.py").stdout
+    assert out.count(" ok") == 7 and "FAIL" not in out, out
 
 
 @pytest.mark.parametrize("batch, slots", [(1, 4096), (8, 4096), (1, 100), (64, 256), (3, 1)])

@@ -13,9 +13,10 @@ product is exactly the parts' deltas side by side.
 The slots are allocated once, so loading an adapter copies into place. Grouping reads the row slots on
 the host once per forward (a sync on a GPU); a compiled step (torch.compile, CUDA graphs) instead
 masks every slot's product by each row's slot: one graph for any mix of adapters, and a load changes
-the slots' contents, never the graph. That delta has two formulations (`LoRABank.delta`): "matmul"
-(`_masked_delta`, the default) and "reduce" (`_reduced_delta`, mat-vecs as broadcast-multiply-sums that
-Inductor fuses with the mask and the add).
+the slots' contents, never the graph. That delta has three formulations (`LoRABank.delta`): "matmul"
+(`_masked_delta`, the default), "reduce" (`_reduced_delta`, mat-vecs as broadcast-multiply-sums that
+Inductor fuses with the mask and the add) and "triton" (lora_triton: a shrink and an expand kernel that
+read only each row's own slot; on CUDA it serves eager forwards too, with no host sync).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import lora_triton
 from .weights import head_slot, weight_map
 
 
@@ -55,7 +57,7 @@ class AdapterRows:
         return self._groups
 
 
-DELTAS = ("matmul", "reduce")
+DELTAS = ("matmul", "reduce", "triton")
 
 
 class LoRABank:
@@ -63,10 +65,12 @@ class LoRABank:
     base model); the tensors are allocated once, so loading writes in place and a compiled step that
     reads them needs no recompiling.
 
-    `delta`, the compiled step's formulation (eager forwards always group rows by slot): "matmul" (the
-    default; two cuBLAS mms, a mask and an add per linear) or "reduce" (one shrink reduction with the
-    mask, one expand reduction with the add, as Inductor emits for one-row matmuls: fewer kernels; not
-    yet measured on a GPU). A compiled step guards on it: changing it recompiles the adapter graph."""
+    `delta`, the compiled step's formulation (eager forwards group rows by slot, but with "triton" where
+    it runs): "matmul" (the default; two cuBLAS mms, a mask and an add per linear), "reduce" (one shrink
+    reduction with the mask, one expand reduction with the add, as Inductor emits for one-row matmuls:
+    fewer kernels; not yet measured on a GPU) or "triton" (lora_triton's two kernels, eager forwards
+    included, where they run: CUDA, at most 64 rows; elsewhere "matmul"'s paths; not yet measured on a
+    GPU either). A compiled step guards on it: changing it recompiles the adapter graph."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, delta: str = "matmul"):
         param = next(model.parameters())
@@ -131,6 +135,8 @@ class LoRABank:
     def add_delta(self, module: str, x: Tensor, out: Tensor, adapters: AdapterRows) -> Tensor:
         """out (x's base output [B, ..., out]) plus B_s A_s x on each row, s = that row's slot."""
         a, bt = self.a[module], self.bt[module]
+        if self.delta == "triton" and lora_triton.available(x):
+            return lora_triton.lora_delta(x, a, bt, adapters.index, out)
         if torch.compiler.is_compiling():
             if self.delta == "reduce":  # only compiled: eagerly its broadcasts would be materialized
                 return _reduced_delta(a, bt, x, adapters.index, out)
@@ -194,8 +200,8 @@ def _rows(rows: list[int], device) -> Tensor | slice:
 
 def enable_lora(model: nn.Module, max_loras: int, max_rank: int, delta: str | None = None) -> LoRABank:
     """Wrap the model's block linears and head in `LoRALinear`s over one new bank (idempotent). `delta`:
-    the compiled step's formulation, "matmul" or "reduce" (LoRABank); None keeps the bank's, "matmul"
-    for a new one."""
+    the compiled step's formulation, "matmul", "reduce" or "triton" (LoRABank); None keeps the bank's,
+    "matmul" for a new one."""
     if getattr(model, "lora", None) is not None:
         if delta is not None:
             model.lora.delta = delta
