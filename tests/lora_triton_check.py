@@ -52,8 +52,8 @@ def kernel_case(name: str, x, out, index, slots: int, pr: int) -> bool:
 def kernel_cases() -> int:
     """Strided rows (x and out are views), K, N and PR off the first tiles (BLOCK_K 256, BLOCK_R 8, BLOCK_N 64)."""
     index = torch.tensor([2, 0, 1, -1, 2, 3, 0])
-    x, out = torch.randn(7, 305, generator=G)[:, :300], torch.randn(7, 203, generator=G)[:, :200]
-    failures = not kernel_case("2-d, slots 2 0 1 -1 2 3 0, int64", x, out, index, 3, 12)
+    x, out = torch.randn(7, 2105, generator=G)[:, :2100], torch.randn(7, 203, generator=G)[:, :200]
+    failures = not kernel_case("2-d, K 2100 (3 splits, the last partial), slots 2 0 1 -1 2 3 0, int64", x, out, index, 3, 12)
     index = torch.tensor([1, -1, 3], dtype=torch.int32)
     x, out = torch.randn(3, 4, 527, generator=G)[..., :520], torch.randn(3, 4, 130, generator=G)
     failures += not kernel_case("3-d [3, 4, 520], slots 1 -1 3, int32", x, out, index, 3, 16)

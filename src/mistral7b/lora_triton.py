@@ -20,6 +20,9 @@ from torch import Tensor
 from .quant.triton_mm import interpreting
 
 MAX_ROWS = 64  # a program per row re-reads its slot's A and B^T: past this many rows the mms' reuse wins
+# Inputs per shrink program: a row's A is in x (up to 14336) long, too long for one program of a few rows
+# to stream; split, it spreads over the GPU's SMs (the expand adds the partial sums, so no atomics)
+K_SPLIT = 1024
 _TRITON = importlib.util.find_spec("triton") is not None  # not imported until a kernel is built
 
 
@@ -38,23 +41,24 @@ def _shrink_kernel():
     import triton.language as tl
 
     @triton.jit
-    def lora_shrink_kernel(x_ptr, a_ptr, index_ptr, xa_ptr, k, pr, tokens, slots, sx_m, sa_s, sa_r,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        # xa[row, ranks] = x[row] @ a[slot]^T over a band of BLOCK_R ranks: one row, so a multiply-and-sum
-        row = tl.program_id(0)
+    def lora_shrink_kernel(x_ptr, a_ptr, index_ptr, xa_ptr, m, k, pr, tokens, slots, sx_m, sa_s, sa_r,
+                           K_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        # xa[split, row, ranks] = x[row, split's K_SPLIT inputs] @ a[slot][ranks, same]^T: one row, so a
+        # multiply-and-sum; the expand adds up the splits
+        row, split = tl.program_id(0), tl.program_id(2)
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         slot = tl.load(index_ptr + row // tokens).to(tl.int64)
         acc = tl.zeros((BLOCK_R,), tl.float32)
         if (slot > 0) & (slot <= slots):
-            for start in tl.range(0, k, BLOCK_K):
+            for start in tl.range(split * K_SPLIT, split * K_SPLIT + K_SPLIT, BLOCK_K):
                 kk = start + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + row * sx_m + kk, mask=kk < k, other=0.0).to(tl.float32)
                 w = tl.load(a_ptr + slot * sa_s + ranks[:, None] * sa_r + kk[None, :],
                             mask=(ranks[:, None] < pr) & (kk[None, :] < k), other=0.0).to(tl.float32)
                 acc += tl.sum(w * x[None, :], axis=1)
-        tl.store(xa_ptr + row * pr + ranks, acc, mask=ranks < pr)
+        tl.store(xa_ptr + (split * m + row) * pr + ranks, acc, mask=ranks < pr)
 
-    configs = [(dict(BLOCK_R=r, BLOCK_K=k), w) for r in (8, 4, 16) for k in (256, 512) for w in (4, 2)]
+    configs = [(dict(BLOCK_R=r, BLOCK_K=k), w) for r in (8, 4, 16) for k in (256, 512, 1024) for w in (4, 2)]
     return _tuned(lora_shrink_kernel, configs, ["k", "pr"])
 
 
@@ -64,8 +68,8 @@ def _expand_kernel():
     import triton.language as tl
 
     @triton.jit
-    def lora_expand_kernel(xa_ptr, bt_ptr, index_ptr, out_ptr, y_ptr, n, pr, tokens, slots, sb_s, sb_r, so_m, sy_m,
-                           PR_POW2: tl.constexpr, BLOCK_N: tl.constexpr):
+    def lora_expand_kernel(xa_ptr, bt_ptr, index_ptr, out_ptr, y_ptr, m, n, pr, splits, tokens, slots, sb_s, sb_r,
+                           so_m, sy_m, PR_POW2: tl.constexpr, BLOCK_N: tl.constexpr):
         # y[row, cols] = out[row, cols] + xa[row] @ bt[slot][:, cols], summed in fp32
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,7 +78,9 @@ def _expand_kernel():
         slot = tl.load(index_ptr + row // tokens).to(tl.int64)
         if (slot > 0) & (slot <= slots):
             p = tl.arange(0, PR_POW2)
-            xa = tl.load(xa_ptr + row * pr + p, mask=p < pr, other=0.0)
+            xa = tl.zeros((PR_POW2,), tl.float32)
+            for split in range(splits):  # the shrink's partial sums, in a fixed order
+                xa += tl.load(xa_ptr + (split * m + row) * pr + p, mask=p < pr, other=0.0)
             b = tl.load(bt_ptr + slot * sb_s + p[:, None] * sb_r + cols[None, :],
                         mask=(p[:, None] < pr) & live_n[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(xa[:, None] * b, axis=0)
@@ -120,12 +126,13 @@ def lora_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor, out: Tensor) -> 
     a, bt, index = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, bt, index))
     slots, pr, k = a.shape[0] - 1, a.shape[1], a.shape[2]
     n = out.shape[-1]
-    xa = torch.empty(m, pr, device=x.device, dtype=torch.float32)
-    _shrink_kernel()[lambda meta: (m, -(-pr // meta["BLOCK_R"]))](
-        x2, a, index, xa, k, pr, tokens, slots, x2.stride(0), a.stride(0), a.stride(1))
+    splits = -(-k // K_SPLIT)
+    xa = torch.empty(splits, m, pr, device=x.device, dtype=torch.float32)
+    _shrink_kernel()[lambda meta: (m, -(-pr // meta["BLOCK_R"]), splits)](
+        x2, a, index, xa, m, k, pr, tokens, slots, x2.stride(0), a.stride(0), a.stride(1), K_SPLIT=K_SPLIT)
     _expand_kernel()[lambda meta: (m, -(-n // meta["BLOCK_N"]))](
-        xa, bt, index, out2, y2, n, pr, tokens, slots, bt.stride(0), bt.stride(1), out2.stride(0), y2.stride(0),
-        PR_POW2=max(1, 1 << (pr - 1).bit_length()))
+        xa, bt, index, out2, y2, m, n, pr, splits, tokens, slots, bt.stride(0), bt.stride(1), out2.stride(0),
+        y2.stride(0), PR_POW2=max(1, 1 << (pr - 1).bit_length()))
     return y
 
 
