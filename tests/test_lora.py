@@ -231,7 +231,12 @@ def test_int8_base_equals_dequantized_base_plus_adapter(served, monkeypatch, int
     print(f"int8 (activations {int8_activations}) vs dequantized twin: one linear {one_linear:.2e}, its adapter "
           f"part {one_delta:.2e}, logits {rel_err(got, want):.2e}; the adapter moves {moved:.2e}")
     assert one_delta < 1e-5
-    assert one_linear < (1e-5 if int8_activations == "0" else 5e-2)
+    if int8_activations == "0":  # the same products summed in another order: a bf16 result may round a step
+        a, b = ours(x, rows), twin(x, rows)  # apart (seen: 1.1e-3 of the norm once in ~10 runs), never more
+        assert ((a - b).abs() <= 2**-7 * torch.maximum(a.abs(), b.abs()) + 1e-6).all(), one_linear
+        assert (a != b).float().mean() < 0.05
+    else:
+        assert one_linear < 5e-2
     # int8 activations alone put the random sharp model's logits 2.9e-2 to 6.5e-2 off the twin (seen):
     # 0.2 there, still far under the adapter's own effect (over 0.1, seen ~1).
     assert rel_err(got, want) < (1e-2 if int8_activations == "0" else 0.2)
