@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .quant.triton_mm import interpreting
+from .quant.triton_mm import autotuned, interpreting
 
 MAX_ROWS = 64  # a program per row re-reads its slot's A and B^T: past this many rows the mms' reuse wins
 # Inputs per shrink program: a row's A is in x (up to 14336) long, too long for one program of a few rows
@@ -28,12 +28,9 @@ _TRITON = importlib.util.find_spec("triton") is not None  # not imported until a
 
 
 def _tuned(kernel, configs: list[tuple[dict, int]], key: list[str]):
-    """`kernel` autotuned over (tile sizes, warps) on a GPU; the first config when interpreted (as
-    triton_mm.tuned)."""
     import triton
 
-    configs = [triton.Config(meta, num_warps=warps) for meta, warps in configs]
-    return triton.autotune(configs[:1] if interpreting() else configs, key=key)(kernel)
+    return autotuned(kernel, [triton.Config(meta, num_warps=warps) for meta, warps in configs], key)
 
 
 @functools.cache

@@ -37,6 +37,14 @@ def tuned(kernel, shapes: list[tuple[int, int, int, int]], key: list[str], field
     import triton
 
     configs = [triton.Config({"BLOCK_N": bn, field: f}, num_warps=w, num_stages=s) for bn, f, w, s in shapes]
+    return autotuned(kernel, configs, key)
+
+
+def autotuned(kernel, configs: list, key: list[str]):
+    """`kernel` autotuned over `configs` (triton.Config) on a GPU; the first one when interpreted (the
+    interpreter would run every one)."""
+    import triton
+
     return triton.autotune(configs[:1] if interpreting() else configs, key=key)(kernel)
 
 
