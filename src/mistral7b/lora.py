@@ -59,6 +59,7 @@ class AdapterRows:
 
 
 DELTAS = ("matmul", "reduce", "triton")
+DEFAULT_DELTA = "triton"
 
 
 class LoRABank:
@@ -71,9 +72,10 @@ class LoRABank:
     reduction with the mask, one expand reduction with the add, as Inductor emits for one-row matmuls:
     fewer kernels; not yet measured on a GPU) or "triton" (the default: lora_triton's two kernels, eager
     forwards included, where they run: CUDA, at most 64 rows; elsewhere "matmul"'s paths). H100, 7B
-    shape, 4 rank-16 adapters, compiled b8: matmul x1.268 the base step, triton x1.163 (b1: x1.204, x1.160). A compiled step guards on it: changing it recompiles the adapter graph."""
+    shape, 4 rank-16 adapters, compiled b8: matmul x1.268 the base step, triton x1.163 (b1: x1.204,
+    x1.160). A compiled step guards on it: changing it recompiles the adapter graph."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, delta: str = "triton"):
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, delta: str = DEFAULT_DELTA):
         param = next(model.parameters())
         self.config, self.max_loras, self.max_rank = model.config, max_loras, max_rank
         self.delta = delta
@@ -202,14 +204,14 @@ def _rows(rows: list[int], device) -> Tensor | slice:
 def enable_lora(model: nn.Module, max_loras: int, max_rank: int, delta: str | None = None) -> LoRABank:
     """Wrap the model's block linears and head in `LoRALinear`s over one new bank (idempotent). `delta`:
     the compiled step's formulation, "matmul", "reduce" or "triton" (LoRABank); None keeps the bank's,
-    "triton" for a new one."""
+    DEFAULT_DELTA for a new one."""
     if getattr(model, "lora", None) is not None:
         if delta is not None:
             model.lora.delta = delta
         return model.lora
     if not isinstance(max_loras, int) or max_loras < 1 or not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_loras and max_lora_rank must be positive integers, got {max_loras!r}, {max_rank!r}")
-    bank = LoRABank(model, max_loras, max_rank, "triton" if delta is None else delta)
+    bank = LoRABank(model, max_loras, max_rank, DEFAULT_DELTA if delta is None else delta)
     for module in bank.parts:
         parent_name, _, attr = module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
