@@ -62,6 +62,7 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> lis
     return requests
 
 
+@torch.inference_mode()  # the reference forwards must not keep an autograd graph per token
 def worst_margin(model, prompt: list[int], output: list[int], device) -> float:
     """Feed `output` through the eager decode path one token at a time; the largest shortfall of a
     chosen token's eager logit below the eager maximum, relative to the largest |logit|. 0 when every
