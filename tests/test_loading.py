@@ -80,6 +80,8 @@ def test_hf_folder_single_file(tiny, tmp_path):
     model = load_model(tmp_path)
     _check_config(model, hf)
     _check(f"hf-safetensors/{name}", model, tokens, want)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model(tokens).requires_grad  # no autograd graph even outside no_grad
     # config.json itself as the source is the same folder
     _check(f"hf-safetensors/{name}", load_model(tmp_path / "config.json"), tokens, want)
 

@@ -177,7 +177,9 @@ def _assemble(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, 
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{checkpoint.path}: missing tensors {shown}")
-    return model.eval()
+    # An inference model: a forward outside no_grad must not build an autograd graph (the eager int8
+    # path would keep a dequantized copy of every weight alive per call).
+    return model.requires_grad_(False).eval()
 
 
 def _allocate(model: Transformer, device: torch.device) -> None:
