@@ -174,7 +174,7 @@ lora)  # compiled: the matmul delta (default) and lora_triton's kernels side by 
     # is a group of its own (lora-64), and the one-row graphs compile with tuning (longer): a call of its own
     step lora-compiled 560 python3 benchmarks/lora_bench.py --batch 1 8 --compile --delta matmul triton \
         --json "$OUT/lora-compiled.json" ;;
-lora-reduce)  # the reduce delta, compiled (H100, 2026-12-05g: not reached)
+lora-reduce)  # the reduce delta, compiled (H100, 2026-12-06b: b8 x1.324, matmul x1.257, triton x1.166)
     step lora-reduce 400 python3 benchmarks/lora_bench.py --batch 8 --compile --delta reduce --json "$OUT/lora-reduce.json" ;;
 lora-eager)  # H100, 2026-12-05g: b1 x1.37, b8 x2.17, b64 x2.36 (matmul: rows grouped by slot, a host sync)
     step lora-eager 150 python3 benchmarks/lora_bench.py --batch 1 8 64 --delta matmul triton --json "$OUT/lora-eager.json" ;;

@@ -68,12 +68,12 @@ class LoRABank:
     reads them needs no recompiling.
 
     `delta`, the compiled step's formulation (eager forwards group rows by slot, but with "triton" where
-    it runs): "matmul" (two cuBLAS mms, a mask and an add per linear), "reduce" (one shrink
-    reduction with the mask, one expand reduction with the add, as Inductor emits for one-row matmuls:
-    fewer kernels; not yet measured on a GPU) or "triton" (the default: lora_triton's two kernels, eager
-    forwards included, where they run: CUDA, at most 64 rows; elsewhere "matmul"'s paths). H100, 7B
-    shape, 4 rank-16 adapters, compiled b8: matmul x1.268 the base step, triton x1.163 (b1: x1.204,
-    x1.160). A compiled step guards on it: changing it recompiles the adapter graph."""
+    it runs): "matmul" (two cuBLAS mms, a mask and an add per linear), "reduce" (one shrink reduction
+    with the mask, one expand reduction with the add, as Inductor emits for one-row matmuls) or
+    "triton" (the default: lora_triton's two kernels, eager forwards included, where they run: CUDA, at
+    most 64 rows; elsewhere "matmul"'s paths). H100, 7B shape, 4 rank-16 adapters, compiled b8: matmul
+    x1.26 the base step, reduce x1.32, triton x1.17 (b1: matmul x1.19-1.20, triton x1.16). A compiled
+    step guards on it: changing it recompiles the adapter graph."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, delta: str = DEFAULT_DELTA):
         param = next(model.parameters())
