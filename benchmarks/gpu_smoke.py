@@ -8,7 +8,8 @@
 3. Speculative decoding with the compiled verify (CUDA graphs), rows of different lengths past the window:
    n-gram (k = 4) at batch 1 and 4, and the model as its own draft (k = 3, the draft's steps compiled too) at
    batch 4: the same near-tie check, verifies ran, and the self draft was accepted but for near-ties.
-4. (`--only invariant-speculative`, in `h200.sh invariant`) With --batch-invariant, n-gram speculation at batch 4
+4. LoRA's Triton deltas, two kernels and fused, eager and compiled (CUDA graphs) against the matmul delta.
+5. (`--only invariant-speculative`, in `h200.sh invariant`) With --batch-invariant, n-gram speculation at batch 4
    gives plain greedy's tokens exactly, past the window.
 Run first on a fresh GPU machine (`bash benchmarks/h200.sh smoke`); exits 1 on any failure.
 """
@@ -199,9 +200,47 @@ def invariant_speculative_check(device, args) -> None:
     torch.cuda.empty_cache()
 
 
+@torch.no_grad()
+def lora_checks(device, args) -> None:
+    """The Triton LoRA deltas ("triton": shrink and expand; "fused": one kernel with a ticketed handoff) in
+    fp32 on 3 adapters of rank 16 over 8 rows (slots 0 and -1 among them): eager, and as the compiled
+    decode step (CUDA graphs, replayed), against the eager "matmul" delta; the fused kernel's counters
+    back at zero after the replays."""
+    from mistral7b import lora_triton
+    from mistral7b.lora import _slot_map, enable_lora
+
+    config = small_config(args.window)
+    model = random_model(config, device, torch.float32)
+    bank = enable_lora(model, max_loras=3, max_rank=16, delta="matmul")
+    for slot in (1, 2, 3):
+        bank.write(slot, {name: (torch.randn(16, s.cols, device=device) / s.cols ** 0.5,
+                                 torch.randn(s.hi - s.lo, 16, device=device) / 4)
+                          for name, s in _slot_map(config).items()}, 1.0)
+    slots = torch.tensor([1, 0, 2, 3, 1, -1, 3, 2], device=device)
+    prompt = torch.randint(0, config.vocab_size, (8, 40), device=device)
+    caches = {name: model.new_cache(8, max_seq_len=64) for name in ("want", "plain", "triton", "fused")}
+    for name, cache in caches.items():  # 320 prompt rows: the matmul paths whatever the delta
+        model(prompt, torch.arange(40, device=device).expand(8, 40), cache, kv_len=40,
+              adapters=None if name == "plain" else slots)
+    token, at = prompt[:, -1:], torch.full((8, 1), 40, device=device)
+    want = model(token, at, caches["want"], kv_len=41, adapters=slots)
+    moved = rel(want, model(token, at, caches["plain"], kv_len=41))
+    for delta in ("triton", "fused"):
+        bank.delta = delta
+        eager = rel(model(token, at, caches[delta], kv_len=41, adapters=slots), want)  # rewrites position 40
+        step = model.compile_decode(caches[delta], mode="reduce-overhead")
+        compiled = max(rel(step(token, at, 41, slots), want) for _ in range(3))  # recorded, then replayed
+        counters = lora_triton._sync(device).tolist()
+        check(f"lora {delta} b8", max(eager, compiled) < 1e-4 and moved > 1e-2 and counters == [0, 0, 0],
+              f"rel err vs eager matmul: eager {eager:.1e}, compiled over 3 calls {compiled:.1e}; adapters move "
+              f"{moved:.1e}; counters {counters}")
+    torch.cuda.empty_cache()
+
+
 SECTIONS = {"kernels": lambda device, args: kernel_checks(device), "methods": method_checks,
-            "speculative": speculative_checks, "invariant-speculative": invariant_speculative_check}
-DEFAULT = ["kernels", "methods", "speculative"]  # the smoke group's; h200.sh invariant runs the fourth
+            "speculative": speculative_checks, "lora": lora_checks,
+            "invariant-speculative": invariant_speculative_check}
+DEFAULT = ["kernels", "methods", "speculative", "lora"]  # the smoke group's; h200.sh invariant runs the fourth
 
 
 def main() -> int:

@@ -20,7 +20,7 @@
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
 #   bash benchmarks/h200.sh spec-real-invariant  # the same, n-gram, in the batch-invariant mode (same carry)
 #   bash benchmarks/h200.sh stage-model  # the first part of the default model, for spec-real's call (see below)
-#   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled (matmul, triton)
+#   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled (triton, fused)
 #   bash benchmarks/h200.sh lora-reduce # the same at batch 8 with the reduce delta
 #   bash benchmarks/h200.sh lora-64    # the same compiled at batch 64 (a call of its own: its compiles are long)
 #   bash benchmarks/h200.sh lora-eager # the same eager at batch 1, 8 and 64
@@ -169,15 +169,15 @@ spec-real-invariant)  # n-gram in the batch-invariant mode (parts staged as for 
     default_model || { status=1; continue; }
     step spec-real-invariant 400 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
         --methods ngram --batch-invariant --json "$OUT/spec-invariant.json" ;;
-lora)  # compiled: the matmul delta (default) and lora_triton's kernels side by side, each checked against the
-    # eager delta; 240 s ended in b64's compile (H100, 2026-12-05g: b1 x1.33, b8 x1.31 with matmul), so b64
-    # is a group of its own (lora-64), and the one-row graphs compile with tuning (longer): a call of its own
-    step lora-compiled 560 python3 benchmarks/lora_bench.py --batch 1 8 --compile --delta matmul triton \
+lora)  # compiled: lora_triton's two kernels (default) and its fused kernel side by side, each checked against
+    # the eager delta (H100, 2026-12-06b: b8 triton x1.166, matmul x1.257; b1 x1.162, x1.192), b8 first;
+    # b64 is a group of its own (lora-64), the one-row graphs compile with tuning (longer): a call of its own
+    step lora-compiled 560 python3 benchmarks/lora_bench.py --batch 8 1 --compile --delta triton fused \
         --json "$OUT/lora-compiled.json" ;;
 lora-reduce)  # the reduce delta, compiled (H100, 2026-12-06b: b8 x1.324, matmul x1.257, triton x1.166)
     step lora-reduce 400 python3 benchmarks/lora_bench.py --batch 8 --compile --delta reduce --json "$OUT/lora-reduce.json" ;;
 lora-eager)  # H100, 2026-12-05g: b1 x1.37, b8 x2.17, b64 x2.36 (matmul: rows grouped by slot, a host sync)
-    step lora-eager 150 python3 benchmarks/lora_bench.py --batch 1 8 64 --delta matmul triton --json "$OUT/lora-eager.json" ;;
+    step lora-eager 150 python3 benchmarks/lora_bench.py --batch 1 8 64 --delta matmul triton fused --json "$OUT/lora-eager.json" ;;
 lora-64)
     step lora-64 540 python3 benchmarks/lora_bench.py --batch 64 --compile --delta matmul --json "$OUT/lora-64.json" ;;
 tiles)

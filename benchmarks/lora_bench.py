@@ -6,12 +6,12 @@ all linears (head included), and the same with half the rows on the base model (
 (`--compile`: the engine's compiled step, CUDA graphs on a GPU): the delta adds two matmuls and a
 scatter per slot present and linear, kernel launches that graphs would hide. `--delta` picks the
 formulations (lora.LoRABank.delta) timed in the same run, each its own compiled step: compiled, "all"
-(the default: "matmul", "reduce" and "triton", lora_triton's two kernels a linear); eager, "triton"
-runs those kernels on a GPU too. Each batch size prints as it finishes, with
+(the default: "matmul", "reduce", "triton", lora_triton's two kernels a linear, and "fused", its one);
+eager, "triton" and "fused" run those kernels on a GPU too. Each batch size prints as it finishes, with
 what each way's first call took (compiling, when compiled), and the JSON is rewritten after each: a run
 cut off still shows what finished.
 
-H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile] [--delta matmul triton]
+H200: python benchmarks/lora_bench.py --preset mistral-7b-v0.1 --batch 1 8 64 [--compile] [--delta matmul triton fused]
 CPU:  OMP_NUM_THREADS=1 python benchmarks/lora_bench.py --preset tiny --batch 1 8 --device cpu --steps 30 --rounds 5
 
 Seen on the shared 2-core CPU (tiny shape, fp32, 4 adapters of rank 16, one thread, --steps 30):

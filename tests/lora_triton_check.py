@@ -1,8 +1,10 @@
-"""Run under TRITON_INTERPRET=1: the LoRA shrink and expand kernels (lora_triton.py), interpreted on the CPU,
-against float64 references from fresh random tensors (fp32: the interpreter's bf16 is not the GPU's): 2-d
-and 3-d activations with strided rows, K, N and the rank off the tiles, mixed slots (0, -1, repeats), int32
-and int64 slots; a model with delta="triton" against "matmul" (eager, rows grouped by slot), eager and as
-a compiled decode step (aot_eager, fullgraph); the fake kernel; the row limit. Exits non-zero on a failure."""
+"""Run under TRITON_INTERPRET=1: the LoRA kernels (lora_triton.py), the shrink and expand pair and the fused
+kernel, interpreted on the CPU, against float64 references from fresh random tensors (fp32: the
+interpreter's bf16 is not the GPU's): 2-d and 3-d activations with strided rows, K, N and the rank off the
+tiles, mixed slots (0, -1, repeats), int32 and int64 slots, fused linears' parts (B^T's other parts' rows
+are random here, so reading them shows); the fused kernel's counters back at zero; a model with
+delta="triton" and "fused" against "matmul" (eager, rows grouped by slot), eager and as a compiled decode
+step (aot_eager, fullgraph); the fake kernel; the row limit. Exits non-zero on a failure."""
 
 from __future__ import annotations
 
@@ -32,35 +34,52 @@ def bank_tensors(slots: int, pr: int, k: int, n: int) -> tuple[torch.Tensor, tor
     return a, bt
 
 
-def reference(x, a, bt, index, out) -> torch.Tensor:
-    """out + x a[s]^T bt[s] in float64, s each batch row's slot (slot 0 for index -1: zero)."""
+def reference(x, a, bt, index, out, part_ends=()) -> torch.Tensor:
+    """out + x a[s]^T bt[s] in float64, s each batch row's slot (slot 0 for index -1: zero), bt[s] zero
+    outside each part's own ranks x columns (as a bank stores it)."""
     own = index.long().clamp(min=0)
-    a_rows, bt_rows = a.double()[own], bt.double()[own]  # [B, PR, K], [B, PR, N]
+    bt = bt.double().clone()
+    ends, rank = [0, *part_ends, bt.shape[-1]], bt.shape[1] // (len(part_ends) + 1)
+    for part, (lo, hi) in enumerate(zip(ends, ends[1:])):
+        bt[:, part * rank : (part + 1) * rank, :lo] = 0
+        bt[:, part * rank : (part + 1) * rank, hi:] = 0
+    a_rows, bt_rows = a.double()[own], bt[own]  # [B, PR, K], [B, PR, N]
     xa = torch.einsum("b...k,brk->b...r", x.double(), a_rows)
     return out.double() + torch.einsum("b...r,brn->b...n", xa, bt_rows)
 
 
-def kernel_case(name: str, x, out, index, slots: int, pr: int) -> bool:
+def kernel_case(name: str, x, out, index, slots: int, pr: int, part_ends=()) -> int:
+    """The two-kernel and the fused forms on the same inputs; failures."""
     a, bt = bank_tensors(slots, pr, x.shape[-1], out.shape[-1])
-    got, want = lora_delta(x, a, bt, index, out), reference(x, a, bt, index, out)
-    err = ((got.double() - want).norm() / want.norm()).item()
-    none = index <= 0
-    ok = got.shape == out.shape and got.dtype == out.dtype and err < 1e-5 and torch.equal(got[none], out[none])
-    return report(name, ok and rel_err(got[~none], out[~none]) > 1e-2, f"{tuple(got.shape)} rel err {err:.1e}")
+    want, none = reference(x, a, bt, index, out, part_ends), index <= 0
+    failures = 0
+    for fused in (False, True):
+        got = lora_delta(x, a, bt, index, out, list(part_ends), fused)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        ok = got.shape == out.shape and got.dtype == out.dtype and err < 1e-5 and torch.equal(got[none], out[none])
+        ok = ok and rel_err(got[~none], out[~none]) > 1e-2
+        form = "fused" if fused else "two kernels"
+        failures += not report(f"{form}, {name}", ok, f"{tuple(got.shape)} rel err {err:.1e}")
+    return failures
 
 
 def kernel_cases() -> int:
-    """Strided rows (x and out are views), K, N and PR off the first tiles (BLOCK_K 256, BLOCK_R 8, BLOCK_N 64)."""
+    """Strided rows (x and out are views), K, N and PR off the first tiles (BLOCK_K 256 / 512, BLOCK_R 8 / 16,
+    BLOCK_N 64 / 128), parts ending inside a column tile."""
     index = torch.tensor([2, 0, 1, -1, 2, 3, 0])
     x, out = torch.randn(7, 2105, generator=G)[:, :2100], torch.randn(7, 203, generator=G)[:, :200]
-    failures = not kernel_case("2-d, K 2100 (3 splits, the last partial), slots 2 0 1 -1 2 3 0, int64", x, out, index, 3, 12)
+    failures = kernel_case("2-d, K 2100 (3 splits, the last partial), slots 2 0 1 -1 2 3 0, int64", x, out, index,
+                           3, 12)
+    failures += kernel_case("the same as 3 parts (q, k, v) ending at 90 and 130", x, out, index, 3, 12, (90, 130))
     index = torch.tensor([1, -1, 3], dtype=torch.int32)
     x, out = torch.randn(3, 4, 527, generator=G)[..., :520], torch.randn(3, 4, 130, generator=G)
-    failures += not kernel_case("3-d [3, 4, 520], slots 1 -1 3, int32", x, out, index, 3, 16)
+    failures += kernel_case("3-d [3, 4, 520], slots 1 -1 3, int32", x, out, index, 3, 16)
+    failures += kernel_case("the same as 2 parts (gate, up) ending at 65", x, out, index, 3, 16, (65,))
     x = torch.randn(5, 2, 64, generator=G).transpose(0, 1)  # rows no single stride reaches: copied
-    failures += not kernel_case("3-d transposed [2, 5, 64], slots 2 2", x, torch.randn(2, 5, 70, generator=G),
-                                torch.tensor([2, 2]), 2, 5)
-    return failures
+    failures += kernel_case("3-d transposed [2, 5, 64], slots 2 2", x, torch.randn(2, 5, 70, generator=G),
+                            torch.tensor([2, 2]), 2, 5)
+    counters = lora_triton._sync(x.device).tolist()
+    return failures + (not report("fused counters after its launches", counters == [0, 0, 0], f"{counters}"))
 
 
 def random_adapter(config, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -81,11 +100,11 @@ def counting_calls() -> list[int]:
     return calls
 
 
-def model_case() -> bool:
-    """A random model with two random adapters: delta="triton" (every linear through the kernels) against
-    "matmul" (eager: rows grouped by slot), logits to 1e-5; the adapters do move them."""
+def model_case(delta: str) -> bool:
+    """A random model with two random adapters: delta="triton" or "fused" (every linear through the kernels)
+    against "matmul" (eager: rows grouped by slot), logits to 1e-5; the adapters do move them."""
     model = ours_from_hf(hf_model("mistral", n_kv_heads=2, window=8, seed=SEED % (1 << 30)))
-    bank = enable_lora(model, max_loras=2, max_rank=8, delta="triton")
+    bank = enable_lora(model, max_loras=2, max_rank=8, delta=delta)
     bank.write(1, random_adapter(model.config, 8), 2.0)
     bank.write(2, random_adapter(model.config, 3), 0.5)
     tokens, slots = torch.randint(0, model.config.vocab_size, (4, 5), generator=G), torch.tensor([2, 0, 1, 2])
@@ -97,14 +116,15 @@ def model_case() -> bool:
     lora_triton.lora_delta = lora_delta
     err, moved = rel_err(got, want), rel_err(want, plain)
     ok = err < 1e-5 and moved > 1e-2 and calls[0] == len(bank.parts) and torch.equal(got[1], plain[1])
-    return report("model delta triton vs matmul", ok, f"rel err {err:.1e}, adapters move {moved:.1e}, {calls[0]} calls")
+    return report(f"model delta {delta} vs matmul", ok,
+                  f"rel err {err:.1e}, adapters move {moved:.1e}, {calls[0]} calls")
 
 
-def compiled_case() -> bool:
-    """The model's compiled decode step (aot_eager, fullgraph: no graph break) with delta="triton": the
-    custom op in its graph, the logits equal to eager "matmul"'s."""
+def compiled_case(delta: str) -> bool:
+    """The model's compiled decode step (aot_eager, fullgraph: no graph break) with delta="triton" or "fused":
+    the custom op in its graph, the logits equal to eager "matmul"'s."""
     model = ours_from_hf(hf_model("mistral", n_kv_heads=2, window=8, seed=SEED % (1 << 29)))
-    bank = enable_lora(model, max_loras=2, max_rank=4, delta="triton")
+    bank = enable_lora(model, max_loras=2, max_rank=4, delta=delta)
     for slot in (1, 2):
         bank.write(slot, random_adapter(model.config, 4), 1.0)
     caches = [model.new_cache(3, max_seq_len=16) for _ in range(2)]
@@ -121,7 +141,7 @@ def compiled_case() -> bool:
         want = model(token, at, caches[1], kv_len=7, adapters=slots)
     err = rel_err(got, want)
     ok = explained.graph_break_count == 0 and ops == len(bank.parts) and err < 1e-5
-    return report("compiled decode step", ok, f"{explained.graph_break_count} breaks, {ops} lora_delta ops, "
+    return report(f"compiled decode step, {delta}", ok, f"{explained.graph_break_count} breaks, {ops} lora_delta ops, "
                   f"rel err {err:.1e}")
 
 
@@ -131,14 +151,14 @@ def fake_and_limit_cases() -> int:
     a, bt, index = torch.zeros(3, 8, 32), torch.zeros(3, 8, 48), torch.tensor([1, 0])
     x, out = torch.randn(2, 3, 32), torch.randn(2, 3, 48, dtype=torch.float64)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = lora_delta(*(mode.from_tensor(t) for t in (x, a, bt, index, out)))
-    real = lora_delta(x, a, bt, index, out)
+        fake = lora_delta(*(mode.from_tensor(t) for t in (x, a, bt, index, out)), [])
+    real = lora_delta(x, a, bt, index, out, [])
     layouts = {(t.shape, t.stride(), t.dtype) for t in (fake, real, out)}
     failures = not report("fake kernel", len(layouts) == 1, "the real output's shape, strides and dtype")
     rows = MAX_ROWS // 2 + 1
     many = torch.randn(2, rows, 32)
     try:
-        lora_delta(many, a, bt, index, torch.randn(2, rows, 48))
+        lora_delta(many, a, bt, index, torch.randn(2, rows, 48), [])
         refused = "accepted"
     except ValueError as e:
         refused = str(e)
@@ -149,7 +169,9 @@ def fake_and_limit_cases() -> int:
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     print(f"seed {SEED}")
-    failures = kernel_cases() + (not model_case()) + (not compiled_case()) + fake_and_limit_cases()
+    failures = kernel_cases() + fake_and_limit_cases()
+    for delta in ("triton", "fused"):
+        failures += (not model_case(delta)) + (not compiled_case(delta))
     return 1 if failures else 0
 
 

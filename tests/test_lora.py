@@ -108,13 +108,14 @@ def test_rank_above_the_bank_is_refused(base, tmp_path):
         bank.write(1, adapter.weights, adapter.scale)
 
 
-def test_triton_delta_off_cuda_falls_back_to_matmul(base, tmp_path, monkeypatch):
-    """delta="triton" on a CPU without Triton's interpreter runs "matmul"'s paths: the same logits to the
-    bit; an unknown delta is refused."""
+@pytest.mark.parametrize("delta", ["triton", "fused"])
+def test_triton_delta_off_cuda_falls_back_to_matmul(base, tmp_path, monkeypatch, delta):
+    """delta="triton" or "fused" on a CPU without Triton's interpreter runs "matmul"'s paths: the same logits
+    to the bit; an unknown delta is refused."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     peft_adapter(base, tmp_path, 8, seed=3)
     ours = ours_from_hf(base)
-    bank = enable_lora(ours, max_loras=1, max_rank=8, delta="triton")
+    bank = enable_lora(ours, max_loras=1, max_rank=8, delta=delta)
     adapter = read_adapter(tmp_path, ours.config)
     bank.write(1, adapter.weights, adapter.scale)
     tokens, slots = _tokens(base.config.vocab_size, 2, 6), torch.tensor([1, 0])
@@ -123,7 +124,7 @@ def test_triton_delta_off_cuda_falls_back_to_matmul(base, tmp_path, monkeypatch)
         bank.delta = "matmul"
         assert torch.equal(got, ours(tokens, adapters=slots))
     for bad in (lambda: enable_lora(ours, 1, 8, delta="bgmv"), lambda: setattr(bank, "delta", "punica")):
-        with pytest.raises(ValueError, match="must be one of 'matmul', 'reduce', 'triton'"):
+        with pytest.raises(ValueError, match="must be one of 'matmul', 'reduce', 'triton', 'fused'"):
             bad()
 
 

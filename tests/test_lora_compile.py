@@ -165,12 +165,12 @@ def test_compiled_reduce_delta_logits_equal_matmul_and_eager(adapters):
     assert rel_err(matmul, want) < 1e-5
 
 
-def test_delta_must_be_matmul_or_reduce():
+def test_delta_must_be_one_of_the_formulations():
     from mistral7b import ModelConfig, Transformer
 
     config = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=50)
-    with pytest.raises(ValueError, match="'matmul', 'reduce'.*'fused'"):
-        enable_lora(Transformer(config), 1, 4, delta="fused")
+    with pytest.raises(ValueError, match="'matmul', 'reduce', 'triton', 'fused', got 'bgmv'"):
+        enable_lora(Transformer(config), 1, 4, delta="bgmv")
     model = Transformer(config)
     bank = enable_lora(model, 1, 4)
     assert bank.delta == "triton"  # the default (the matmul paths off CUDA)

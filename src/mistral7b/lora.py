@@ -15,9 +15,9 @@ the host once per forward (a sync on a GPU); a compiled step (torch.compile, CUD
 masks every slot's product by each row's slot: one graph for any mix of adapters, and a load changes
 the slots' contents, never the graph. That delta has three formulations (`LoRABank.delta`): "matmul"
 (`_masked_delta`), "reduce" (`_reduced_delta`, mat-vecs as broadcast-multiply-sums that
-Inductor fuses with the mask and the add) and "triton" (the default: lora_triton's shrink and expand
+Inductor fuses with the mask and the add), "triton" (the default: lora_triton's shrink and expand
 kernels, which read only each row's own slot; on CUDA they serve eager forwards too, with no host sync;
-elsewhere, or past 64 rows, "matmul"'s paths).
+elsewhere, or past 64 rows, "matmul"'s paths) and "fused" (the same in one kernel a linear).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class AdapterRows:
         return self._groups
 
 
-DELTAS = ("matmul", "reduce", "triton")
+DELTAS = ("matmul", "reduce", "triton", "fused")
 DEFAULT_DELTA = "triton"
 
 
@@ -67,13 +67,14 @@ class LoRABank:
     base model); the tensors are allocated once, so loading writes in place and a compiled step that
     reads them needs no recompiling.
 
-    `delta`, the compiled step's formulation (eager forwards group rows by slot, but with "triton" where
-    it runs): "matmul" (two cuBLAS mms, a mask and an add per linear), "reduce" (one shrink reduction
-    with the mask, one expand reduction with the add, as Inductor emits for one-row matmuls) or
-    "triton" (the default: lora_triton's two kernels, eager forwards included, where they run: CUDA, at
-    most 64 rows; elsewhere "matmul"'s paths). H100, 7B shape, 4 rank-16 adapters, compiled b8: matmul
-    x1.26 the base step, reduce x1.32, triton x1.17 (b1: matmul x1.19-1.20, triton x1.16). A compiled
-    step guards on it: changing it recompiles the adapter graph."""
+    `delta`, the compiled step's formulation (eager forwards group rows by slot, but with "triton" or
+    "fused" where they run): "matmul" (two cuBLAS mms, a mask and an add per linear), "reduce" (one
+    shrink reduction with the mask, one expand reduction with the add, as Inductor emits for one-row
+    matmuls), "triton" (the default: lora_triton's two kernels, eager forwards included, where they
+    run: CUDA, at most 64 rows; elsewhere "matmul"'s paths) or "fused" (its one kernel, where "triton"
+    runs). H100, 7B shape, 4 rank-16 adapters, compiled b8: matmul x1.26 the base step, reduce x1.32,
+    triton x1.17 (b1: matmul x1.19-1.20, triton x1.16). A compiled step guards on it: changing it
+    recompiles the adapter graph."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, delta: str = DEFAULT_DELTA):
         param = next(model.parameters())
@@ -85,6 +86,7 @@ class LoRABank:
             self.parts[slot.module] = self.parts.get(slot.module, 0) + 1
         self.a: dict[str, Tensor] = {}
         self.bt: dict[str, Tensor] = {}
+        self.part_ends = _part_ends(model.config)
         for module, parts in self.parts.items():
             rows, cols = _shape(model.config, module)
             on = dict(device=param.device, dtype=param.dtype)
@@ -138,8 +140,9 @@ class LoRABank:
     def add_delta(self, module: str, x: Tensor, out: Tensor, adapters: AdapterRows) -> Tensor:
         """out (x's base output [B, ..., out]) plus B_s A_s x on each row, s = that row's slot."""
         a, bt = self.a[module], self.bt[module]
-        if self.delta == "triton" and lora_triton.available(x):
-            return lora_triton.lora_delta(x, a, bt, adapters.index, out)
+        if self.delta in ("triton", "fused") and lora_triton.available(x):
+            fused = self.delta == "fused"
+            return lora_triton.lora_delta(x, a, bt, adapters.index, out, self.part_ends[module], fused)
         if torch.compiler.is_compiling():
             if self.delta == "reduce":  # only compiled: eagerly its broadcasts would be materialized
                 return _reduced_delta(a, bt, x, adapters.index, out)
@@ -228,6 +231,16 @@ def _linear_slots(config):
 
 def _slot_map(config) -> dict:
     return {s.name: s for s in _linear_slots(config)}
+
+
+def _part_ends(config) -> dict[str, list[int]]:
+    """module -> the output columns where each part but the last ends (lora_delta's `part_ends`: part j's
+    columns read only its ranks of B^T); [] where the parts do not tile the columns in their order."""
+    parts: dict[str, list] = {}
+    for s in _linear_slots(config):
+        parts.setdefault(s.module, []).append((s.lo, s.hi))
+    tiled = lambda spans: all(lo == prev for (lo, _), prev in zip(spans, [0] + [hi for _, hi in spans]))  # noqa: E731
+    return {module: [hi for _, hi in spans[:-1]] if tiled(spans) else [] for module, spans in parts.items()}
 
 
 def _part_numbers(config) -> dict[str, int]:
