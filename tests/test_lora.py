@@ -123,6 +123,10 @@ def test_triton_delta_off_cuda_falls_back_to_matmul(base, tmp_path, monkeypatch,
         got = ours(tokens, adapters=slots)
         bank.delta = "matmul"
         assert torch.equal(got, ours(tokens, adapters=slots))
+        # slot -1 is no adapter on every path (the eager grouped one once read it as the last slot)
+        idle = torch.tensor([1, -1])
+        assert torch.equal(ours(tokens, adapters=idle)[1], ours(tokens)[1])
+        assert torch.equal(ours(tokens, adapters=idle)[0], got[0])
     for bad in (lambda: enable_lora(ours, 1, 8, delta="bgmv"), lambda: setattr(bank, "delta", "punica")):
         with pytest.raises(ValueError, match="must be one of 'matmul', 'reduce', 'triton', 'fused'"):
             bad()

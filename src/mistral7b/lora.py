@@ -47,12 +47,13 @@ class AdapterRows:
         self.index, self._groups = index, None
 
     def groups(self) -> list[tuple[int, Tensor | slice]]:
-        """(slot, its rows) for each slot present but 0: rows as a slice where they are contiguous
-        (no gather), else an index tensor. Reads the slots on the host (a sync on a GPU)."""
+        """(slot, its rows) for each slot present but 0 and -1 (none, as in the compiled deltas): rows as
+        a slice where they are contiguous (no gather), else an index tensor. Reads the slots on the host
+        (a sync on a GPU)."""
         if self._groups is None:
             rows: dict[int, list[int]] = {}
             for row, slot in enumerate(self.index.tolist()):
-                if slot:
+                if slot > 0:
                     rows.setdefault(slot, []).append(row)
             self._groups = [(slot, _rows(r, self.index.device)) for slot, r in sorted(rows.items())]
         return self._groups
