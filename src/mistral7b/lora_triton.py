@@ -63,21 +63,25 @@ def _blocks() -> None:
         tl.store(xa_ptr + (split * m + row) * pr + ranks, acc, mask=ranks < pr)
 
     @triton.jit
-    def expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, row, cols, slot, m, n, pr, rank, end0, end1, splits,
-                     slots, sb_s, sb_r, so_m, sy_m, PR_POW2: tl.constexpr, VOLATILE: tl.constexpr):
+    def expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, sync_ptr, shrinks, row, cols, slot, m, n, pr, rank, end0, end1,
+                     splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2: tl.constexpr, WAIT: tl.constexpr):
         # y[row, cols] = out[row, cols] + xa[row] @ bt[slot][:, cols], summed in fp32. A fused linear's
         # columns of part j (ending at end0, end1, n) read only that part's `rank` rows of bt: the others
-        # hold zeros there, and masked rows cost no memory traffic
+        # hold zeros there, and masked rows cost no memory traffic. `WAIT` (fused): out and bt are read
+        # while the shrinks run, then xa once sync[1] counts them all
         live_n = cols < n
         acc = tl.load(out_ptr + row * so_m + cols, mask=live_n, other=0.0).to(tl.float32)
         if (slot > 0) & (slot <= slots):
             p = tl.arange(0, PR_POW2)
-            xa = tl.zeros((PR_POW2,), tl.float32)
-            for split in range(splits):  # the shrink's partial sums, in a fixed order
-                xa += tl.load(xa_ptr + (split * m + row) * pr + p, mask=p < pr, other=0.0, volatile=VOLATILE)
             part = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32)
             own = (p[:, None] < pr) & (p[:, None] // rank == part[None, :]) & live_n[None, :]
             b = tl.load(bt_ptr + slot * sb_s + p[:, None] * sb_r + cols[None, :], mask=own, other=0.0)
+            if WAIT:
+                while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") < shrinks:
+                    pass
+            xa = tl.zeros((PR_POW2,), tl.float32)
+            for split in range(splits):  # the shrink's partial sums, in a fixed order
+                xa += tl.load(xa_ptr + (split * m + row) * pr + p, mask=p < pr, other=0.0, volatile=WAIT)
             acc += tl.sum(xa[:, None] * b.to(tl.float32), axis=0)
         tl.store(y_ptr + row * sy_m + cols, acc.to(y_ptr.dtype.element_ty), mask=live_n)
 
@@ -101,7 +105,7 @@ def _shrink_kernel():
         row = tl.program_id(0)
         slot = tl.load(index_ptr + row // tokens).to(tl.int64)
         _shrink_block(x_ptr, a_ptr, xa_ptr, row, tl.program_id(1), tl.program_id(2), slot, m, k, pr, slots, sx_m,
-                     sa_s, sa_r, K_SPLIT, BLOCK_R, BLOCK_K)
+                      sa_s, sa_r, K_SPLIT, BLOCK_R, BLOCK_K)
 
     return _tuned(lora_shrink_kernel, SHRINK_CONFIGS, ["k", "pr"])
 
@@ -119,8 +123,8 @@ def _expand_kernel():
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = tl.load(index_ptr + row // tokens).to(tl.int64)
-        _expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, row, cols, slot, m, n, pr, rank, end0, end1, splits, slots,
-                     sb_s, sb_r, so_m, sy_m, PR_POW2, False)
+        _expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, index_ptr, 0, row, cols, slot, m, n, pr, rank, end0, end1,
+                      splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2, False)
 
     return _tuned(lora_expand_kernel, EXPAND_CONFIGS, ["n", "pr"])
 
@@ -149,18 +153,15 @@ def _fused_kernel():
             row = ticket // (bands * splits)
             slot = tl.load(index_ptr + row // tokens).to(tl.int64)
             _shrink_block(x_ptr, a_ptr, xa_ptr, row, (ticket // splits) % bands, ticket % splits, slot, m, k, pr,
-                         slots, sx_m, sa_s, sa_r, K_SPLIT, BLOCK_R, BLOCK_K)
+                          slots, sx_m, sa_s, sa_r, K_SPLIT, BLOCK_R, BLOCK_K)
             tl.debug_barrier()  # every thread's stores before the release
             tl.atomic_add(sync_ptr + 1, 1, sem="release")
         else:
             row = (ticket - shrinks) // col_bands
             cols = ((ticket - shrinks) % col_bands) * BLOCK_N + tl.arange(0, BLOCK_N)
             slot = tl.load(index_ptr + row // tokens).to(tl.int64)
-            if (slot > 0) & (slot <= slots):
-                while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") < shrinks:
-                    pass
-            _expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, row, cols, slot, m, n, pr, rank, end0, end1, splits, slots,
-                         sb_s, sb_r, so_m, sy_m, PR_POW2, True)
+            _expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, sync_ptr, shrinks, row, cols, slot, m, n, pr, rank, end0,
+                          end1, splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2, True)
         tl.debug_barrier()
         if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel") == shrinks + m * col_bands - 1:
             tl.atomic_xchg(sync_ptr, 0)
