@@ -240,7 +240,7 @@ def lora_checks(device, args) -> None:
 SECTIONS = {"kernels": lambda device, args: kernel_checks(device), "methods": method_checks,
             "speculative": speculative_checks, "lora": lora_checks,
             "invariant-speculative": invariant_speculative_check}
-DEFAULT = ["kernels", "methods", "lora", "speculative"]  # the smoke group's; h200.sh invariant runs the fourth
+DEFAULT = ["kernels", "methods", "lora", "speculative"]  # the smoke group's; h200.sh invariant runs invariant-speculative
 
 
 def main() -> int:
