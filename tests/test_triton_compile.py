@@ -9,7 +9,7 @@ import pytest
 import triton
 from triton.backends.compiler import GPUTarget
 
-from mistral7b import batch_invariant, flash_decode, lora_triton
+from mistral7b import batch_invariant, flash_decode, lora_kernels, lora_triton
 from mistral7b.quant import triton_mm
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -39,9 +39,9 @@ def lora_cases():
     pointers = {**BF16_IO, "a_ptr": "*bf16", "bt_ptr": "*bf16", "index_ptr": "*i64", "xa_ptr": "*fp32",
                 "sync_ptr": "*i32"}
     constants = {"K_SPLIT": lora_triton.K_SPLIT, "PR_POW2": 64}
-    return [("lora shrink", lora_triton._shrink_kernel, pointers, constants),
-            ("lora expand", lora_triton._expand_kernel, pointers, constants),
-            ("lora fused", lora_triton._fused_kernel, pointers, constants)]
+    return [("lora shrink", lambda: lora_kernels.shrink, pointers, constants),
+            ("lora expand", lambda: lora_kernels.expand, pointers, constants),
+            ("lora fused", lambda: lora_kernels.fused, pointers, constants)]
 
 
 def quant_cases():
@@ -89,6 +89,6 @@ def test_kernel_compiles_for_hopper(name, factory, pointers, constants):
 def test_lora_fused_handoff_survives_lowering():
     """The fused LoRA kernel's shrink-to-expand handoff in the PTX: a gpu-scope release after the shrink,
     acquire loads in the wait, volatile loads of the partial sums, the counters reset by exchange."""
-    ptx = "\n".join(compile_all(lora_triton._fused_kernel(), lora_cases()[2][2], lora_cases()[2][3]).values())
+    ptx = "\n".join(compile_all(lora_kernels.fused, lora_cases()[2][2], lora_cases()[2][3]).values())
     needles = ("red.global.gpu.release.add", "ld.global.gpu.acquire", "ld.volatile", "atom.global.gpu.acq_rel.exch")
     assert all(needle in ptx for needle in needles), [needle for needle in needles if needle not in ptx]
