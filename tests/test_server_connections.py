@@ -204,9 +204,9 @@ EMFILE_SERVER = textwrap.dedent("""
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with ServerThread(tiny_app, header_timeout=60) as server:
-        print(server.port, flush=True)
         open_fds = len(__import__("os").listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds + 8, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        print(server.port, flush=True)  # only now: clients accepted before the limit would not exhaust it
         sys.stdin.readline()  # until the test has watched the accept errors
 """)
 
