@@ -178,8 +178,8 @@ lora-reduce)  # the reduce delta, compiled (H100, 2026-12-06b: b8 x1.324, matmul
     step lora-reduce 400 python3 benchmarks/lora_bench.py --batch 8 --compile --delta reduce --json "$OUT/lora-reduce.json" ;;
 lora-eager)  # H100, 2026-12-05g: b1 x1.37, b8 x2.17, b64 x2.36 (matmul: rows grouped by slot, a host sync)
     step lora-eager 150 python3 benchmarks/lora_bench.py --batch 1 8 64 --delta matmul triton fused --json "$OUT/lora-eager.json" ;;
-lora-64)
-    step lora-64 540 python3 benchmarks/lora_bench.py --batch 64 --compile --delta matmul --json "$OUT/lora-64.json" ;;
+lora-64)  # the default delta (triton: at most 64 rows) at b64; its compiles are long
+    step lora-64 540 python3 benchmarks/lora_bench.py --batch 64 --compile --delta triton --json "$OUT/lora-64.json" ;;
 tiles)
     step tiles 300 python3 benchmarks/invariant_tiles.py --json "$OUT/tiles.json" ;;
 structured)
