@@ -38,7 +38,7 @@ def compile_all(kernel, pointers: dict[str, str], constants: dict, warps: int = 
 def lora_cases():
     pointers = {**BF16_IO, "a_ptr": "*bf16", "bt_ptr": "*bf16", "index_ptr": "*i64", "xa_ptr": "*fp32",
                 "sync_ptr": "*i32"}
-    constants = {"K_SPLIT": lora_triton.K_SPLIT, "PR_POW2": 64}
+    constants = {"K_SPLIT": lora_triton.K_SPLIT, "PR_POW2": 64, "BACKOFF": True}
     return [("lora shrink", lambda: lora_kernels.shrink, pointers, constants),
             ("lora expand", lambda: lora_kernels.expand, pointers, constants),
             ("lora fused", lambda: lora_kernels.fused, pointers, constants)]
@@ -90,5 +90,6 @@ def test_lora_fused_handoff_survives_lowering():
     """The fused LoRA kernel's shrink-to-expand handoff in the PTX: a gpu-scope release after the shrink,
     acquire loads in the wait, volatile loads of the partial sums, the counters reset by exchange."""
     ptx = "\n".join(compile_all(lora_kernels.fused, lora_cases()[2][2], lora_cases()[2][3]).values())
-    needles = ("red.global.gpu.release.add", "ld.global.gpu.acquire", "ld.volatile", "atom.global.gpu.acq_rel.exch")
+    needles = ("red.global.gpu.release.add", "ld.global.gpu.acquire", "nanosleep.u32", "ld.volatile",
+               "atom.global.gpu.acq_rel.exch")
     assert all(needle in ptx for needle in needles), [needle for needle in needles if needle not in ptx]

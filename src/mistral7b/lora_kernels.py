@@ -31,7 +31,8 @@ def shrink_block(x_ptr, a_ptr, xa_ptr, row, band, split, slot, m, k, pr, slots, 
 
 @triton.jit
 def expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, sync_ptr, shrinks, row, cols, slot, m, n, pr, rank, end0, end1,
-                 splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2: tl.constexpr, WAIT: tl.constexpr):
+                 splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2: tl.constexpr, WAIT: tl.constexpr,
+                 BACKOFF: tl.constexpr):
     # y[row, cols] = out[row, cols] + xa[row] @ bt[slot][:, cols], summed in fp32. A fused linear's
     # columns of part j (ending at end0, end1, n) read only that part's `rank` rows of bt: the others
     # hold zeros there, and masked rows cost no memory traffic. `WAIT` (fused): out and bt are read
@@ -45,7 +46,9 @@ def expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, sync_ptr, shrinks, row, cols, s
         b = tl.load(bt_ptr + slot * sb_s + p[:, None] * sb_r + cols[None, :], mask=own, other=0.0)
         if WAIT:
             while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") < shrinks:
-                pass
+                if BACKOFF:  # a pause between polls of that one L2 line, as CUB's and CUTLASS's spins do
+                    tl.inline_asm_elementwise("nanosleep.u32 64; mov.u32 $0, $1;", "=r,r", [shrinks], dtype=tl.int32,
+                                              is_pure=False, pack=1)
         xa = tl.zeros((PR_POW2,), tl.float32)
         for split in range(splits):  # the shrink's partial sums, in a fixed order
             xa += tl.load(xa_ptr + (split * m + row) * pr + p, mask=p < pr, other=0.0, volatile=WAIT)
@@ -69,7 +72,7 @@ def lora_expand_kernel(xa_ptr, bt_ptr, index_ptr, out_ptr, y_ptr, m, n, pr, rank
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(index_ptr + row // tokens).to(tl.int64)
     expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, index_ptr, 0, row, cols, slot, m, n, pr, rank, end0, end1,
-                 splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2, False)
+                 splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2, False, False)
 
 
 # Shrink and expand in one launch (half the kernels a step). Programs take tickets in the order they
@@ -81,7 +84,7 @@ def lora_expand_kernel(xa_ptr, bt_ptr, index_ptr, out_ptr, y_ptr, m, n, pr, rank
 def lora_fused_kernel(x_ptr, a_ptr, bt_ptr, index_ptr, out_ptr, y_ptr, xa_ptr, sync_ptr, m, k, n, pr, rank,
                       end0, end1, splits, tokens, slots, sx_m, sa_s, sa_r, sb_s, sb_r, so_m, sy_m,
                       K_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PR_POW2: tl.constexpr, BLOCK_N: tl.constexpr):
+                      PR_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):
     bands, col_bands = tl.cdiv(pr, BLOCK_R), tl.cdiv(n, BLOCK_N)
     shrinks = m * bands * splits
     ticket = tl.atomic_add(sync_ptr, 1)  # sync: tickets taken, shrinks done, programs done
@@ -97,7 +100,7 @@ def lora_fused_kernel(x_ptr, a_ptr, bt_ptr, index_ptr, out_ptr, y_ptr, xa_ptr, s
         cols = ((ticket - shrinks) % col_bands) * BLOCK_N + tl.arange(0, BLOCK_N)
         slot = tl.load(index_ptr + row // tokens).to(tl.int64)
         expand_block(xa_ptr, bt_ptr, out_ptr, y_ptr, sync_ptr, shrinks, row, cols, slot, m, n, pr, rank, end0,
-                     end1, splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2, True)
+                     end1, splits, slots, sb_s, sb_r, so_m, sy_m, PR_POW2, True, BACKOFF)
     tl.debug_barrier()
     if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel") == shrinks + m * col_bands - 1:
         tl.atomic_xchg(sync_ptr, 0)

@@ -90,7 +90,7 @@ def lora_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor, out: Tensor, par
         lora_kernels.fused[lambda meta: (m * (-(-pr // meta["BLOCK_R"])) * splits + m * (-(-n // meta["BLOCK_N"])),)](
             x2, a, bt, index, out2, y2, xa, _sync(x.device), m, k, n, pr, rank, end0, end1, splits, tokens, slots,
             x2.stride(0), a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), out2.stride(0), y2.stride(0),
-            K_SPLIT=K_SPLIT, PR_POW2=pr_pow2)
+            K_SPLIT=K_SPLIT, PR_POW2=pr_pow2, BACKOFF=not interpreting())  # no inline PTX when interpreted
         return y
     lora_kernels.shrink[lambda meta: (m, -(-pr // meta["BLOCK_R"]), splits)](
         x2, a, index, xa, m, k, pr, tokens, slots, x2.stride(0), a.stride(0), a.stride(1), K_SPLIT=K_SPLIT)
