@@ -206,16 +206,16 @@ def lora_checks(device, args) -> None:
     fp32 on 3 adapters of rank 16 over 8 rows (slots 0 and -1 among them): eager, and as the compiled
     decode step (CUDA graphs, replayed), against the eager "matmul" delta; the fused kernel's counters
     back at zero after the replays."""
+    from lora_bench import random_adapter
     from mistral7b import lora_triton
-    from mistral7b.lora import _slot_map, enable_lora
+    from mistral7b.lora import enable_lora
 
     config = small_config(args.window)
     model = random_model(config, device, torch.float32)
     bank = enable_lora(model, max_loras=3, max_rank=16, delta="matmul")
+    generator = torch.Generator().manual_seed(int(time.time()))
     for slot in (1, 2, 3):
-        bank.write(slot, {name: (torch.randn(16, s.cols, device=device) / s.cols ** 0.5,
-                                 torch.randn(s.hi - s.lo, 16, device=device) / 4)
-                          for name, s in _slot_map(config).items()}, 1.0)
+        bank.write(slot, random_adapter(config, 16, generator, 0.05), 1.0)
     slots = torch.tensor([1, 0, 2, 3, 1, -1, 3, 2], device=device)
     prompt = torch.randint(0, config.vocab_size, (8, 40), device=device)
     caches = {name: model.new_cache(8, max_seq_len=64) for name in ("want", "plain", "triton", "fused")}

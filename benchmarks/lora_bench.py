@@ -74,6 +74,13 @@ def parse_args(argv=None):
     return args
 
 
+def random_adapter(config, rank: int, generator: torch.Generator, std: float) -> dict:
+    """canonical name -> (A [rank, in], B [out, rank]) with N(0, std^2) entries, for every linear an adapter may
+    target (the head included): a `LoRABank.write` argument."""
+    return {s.name: (torch.randn(rank, s.cols, generator=generator) * std,
+                     torch.randn(s.hi - s.lo, rank, generator=generator) * std) for s in _linear_slots(config)}
+
+
 def build(args):
     config = TINY if args.preset == "tiny" else preset(args.preset)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -82,9 +89,7 @@ def build(args):
     bank = enable_lora(model, args.adapters, args.rank)
     g = torch.Generator(device="cpu").manual_seed(0)
     for slot in range(1, args.adapters + 1):  # random adapters: speed does not depend on the values
-        weights = {s.name: (torch.randn(args.rank, s.cols, generator=g) * 0.01,
-                            torch.randn(s.hi - s.lo, args.rank, generator=g) * 0.01) for s in _linear_slots(config)}
-        bank.write(slot, weights, 1.0)
+        bank.write(slot, random_adapter(config, args.rank, g, 0.01), 1.0)
     return model, config, dtype, bank
 
 

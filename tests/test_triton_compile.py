@@ -6,6 +6,7 @@ shared memory past the limit) fails here instead of in a device session."""
 from __future__ import annotations
 
 import pytest
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -35,13 +36,14 @@ def compile_all(kernel, pointers: dict[str, str], constants: dict, warps: int = 
     return ptx
 
 
+LORA_POINTERS = {**BF16_IO, "a_ptr": "*bf16", "bt_ptr": "*bf16", "index_ptr": "*i64", "xa_ptr": "*fp32",
+                 "sync_ptr": "*i32"}
+LORA_CONSTANTS = {"K_SPLIT": lora_triton.K_SPLIT, "PR_POW2": 64, "BACKOFF": True}
+
+
 def lora_cases():
-    pointers = {**BF16_IO, "a_ptr": "*bf16", "bt_ptr": "*bf16", "index_ptr": "*i64", "xa_ptr": "*fp32",
-                "sync_ptr": "*i32"}
-    constants = {"K_SPLIT": lora_triton.K_SPLIT, "PR_POW2": 64, "BACKOFF": True}
-    return [("lora shrink", lambda: lora_kernels.shrink, pointers, constants),
-            ("lora expand", lambda: lora_kernels.expand, pointers, constants),
-            ("lora fused", lambda: lora_kernels.fused, pointers, constants)]
+    return [(f"lora {name}", lambda name=name: getattr(lora_kernels, name), LORA_POINTERS, LORA_CONSTANTS)
+            for name in ("shrink", "expand", "fused")]
 
 
 def quant_cases():
@@ -65,7 +67,7 @@ def attention_and_invariant_cases():
     decode = {"KV_HEADS": 8, "GROUP": 4, "GROUP_ROWS": flash_decode.MIN_GROUP_ROWS, "HEAD_DIM": 128,
               "BLOCK": flash_decode.BLOCK_N, "PRECISION": "tf32"}
     merge = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*bf16"}
-    block_m, block_n, block_k, _, _ = batch_invariant.TILES[batch_invariant.torch.bfloat16]
+    block_m, block_n, block_k, _, _ = batch_invariant.TILES[torch.bfloat16]
     return [
         ("flash_decode partials", flash_decode._partial_kernel, partial, {**decode, "BY_POSITION": False}),
         ("flash_decode partials by position", flash_decode._partial_kernel, partial, {**decode, "BY_POSITION": True}),
@@ -89,7 +91,7 @@ def test_kernel_compiles_for_hopper(name, factory, pointers, constants):
 def test_lora_fused_handoff_survives_lowering():
     """The fused LoRA kernel's shrink-to-expand handoff in the PTX: a gpu-scope release after the shrink,
     acquire loads in the wait, volatile loads of the partial sums, the counters reset by exchange."""
-    ptx = "\n".join(compile_all(lora_kernels.fused, lora_cases()[2][2], lora_cases()[2][3]).values())
+    ptx = "\n".join(compile_all(lora_kernels.fused, LORA_POINTERS, LORA_CONSTANTS).values())
     needles = ("red.global.gpu.release.add", "ld.global.gpu.acquire", "nanosleep.u32", "ld.volatile",
                "atom.global.gpu.acq_rel.exch")
     assert all(needle in ptx for needle in needles), [needle for needle in needles if needle not in ptx]

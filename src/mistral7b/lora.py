@@ -236,12 +236,12 @@ def _slot_map(config) -> dict:
 
 def _part_ends(config) -> dict[str, list[int]]:
     """module -> the output columns where each part but the last ends (lora_delta's `part_ends`: part j's
-    columns read only its ranks of B^T); [] where the parts do not tile the columns in their order."""
-    parts: dict[str, list] = {}
+    columns read only its ranks of B^T). weight_map lays a fused module's parts out in column order, the
+    order `_part_numbers` counts them in."""
+    ends: dict[str, list[int]] = {}
     for s in _linear_slots(config):
-        parts.setdefault(s.module, []).append((s.lo, s.hi))
-    tiled = lambda spans: all(lo == prev for (lo, _), prev in zip(spans, [0] + [hi for _, hi in spans]))  # noqa: E731
-    return {module: [hi for _, hi in spans[:-1]] if tiled(spans) else [] for module, spans in parts.items()}
+        ends.setdefault(s.module, []).append(s.hi)
+    return {module: hi[:-1] for module, hi in ends.items()}
 
 
 def _part_numbers(config) -> dict[str, int]:
