@@ -105,12 +105,15 @@ def kernel_checks(device) -> None:
         check(f"grouped attention b{batch} 5 tokens", err < 1e-2, f"rel err vs fp32 SDPA {err:.2e}")
 
 
+METHODS = ["bf16", "int8", "int8-triton", "int4", "int4-triton"]
+
+
 def method_checks(device, args) -> None:
     config = small_config(args.window)
     dense = random_model(config, device, torch.bfloat16)
     from mistral7b.quant.linear import use_rows_kernel
 
-    for method in ("bf16", "int8", "int8-triton", "int4", "int4-triton"):
+    for method in args.methods:
         model = dense if method == "bf16" else quantize_model(dense, config, method.split("-")[0], device)
         # -triton: the same weights through quant/triton_mm.py (MISTRAL7B_CUDA_ROWS_KERNEL=triton).
         use_rows_kernel(model, "triton" if method.endswith("-triton") else "torch")
@@ -218,7 +221,7 @@ def lora_checks(device, args) -> None:
         bank.write(slot, random_adapter(config, 16, generator, 0.05), 1.0)
     slots = torch.tensor([1, 0, 2, 3, 1, -1, 3, 2], device=device)
     prompt = torch.randint(0, config.vocab_size, (8, 40), device=device)
-    caches = {name: model.new_cache(8, max_seq_len=64) for name in ("want", "plain", "triton", "fused")}
+    caches = {name: model.new_cache(8, device, max_seq_len=64) for name in ("want", "plain", "triton", "fused")}
     for name, cache in caches.items():  # 320 prompt rows: the matmul paths whatever the delta
         model(prompt, torch.arange(40, device=device).expand(8, 40), cache, kv_len=40,
               adapters=None if name == "plain" else slots)
@@ -230,7 +233,7 @@ def lora_checks(device, args) -> None:
         eager = rel(model(token, at, caches[delta], kv_len=41, adapters=slots), want)  # rewrites position 40
         step = model.compile_decode(caches[delta], mode="reduce-overhead")
         compiled = max(rel(step(token, at, 41, slots), want) for _ in range(3))  # recorded, then replayed
-        counters = lora_triton._sync(device).tolist()
+        counters = bank.counters.tolist()
         check(f"lora {delta} b8", max(eager, compiled) < 1e-4 and moved > 1e-2 and counters == [0, 0, 0],
               f"rel err vs eager matmul: eager {eager:.1e}, compiled over 3 calls {compiled:.1e}; adapters move "
               f"{moved:.1e}; counters {counters}")
@@ -248,6 +251,7 @@ def main() -> int:
     p.add_argument("--window", type=int, default=128, help="sliding window of the small model (outputs pass it)")
     p.add_argument("--tokens", type=int, default=160)
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=DEFAULT, help="these sections alone")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="the methods section's weights")
     args = p.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(int(time.time()))

@@ -48,13 +48,13 @@ def reference(x, a, bt, index, out, part_ends=()) -> torch.Tensor:
     return out.double() + torch.einsum("b...r,brn->b...n", xa, bt_rows)
 
 
-def kernel_case(name: str, x, out, index, slots: int, pr: int, part_ends=()) -> int:
-    """The two-kernel and the fused forms on the same inputs; failures."""
+def kernel_case(name: str, x, out, index, slots: int, pr: int, part_ends=(), *, counters) -> int:
+    """The two-kernel and the fused forms (with `counters`) on the same inputs; failures."""
     a, bt = bank_tensors(slots, pr, x.shape[-1], out.shape[-1])
     want, none = reference(x, a, bt, index, out, part_ends), index <= 0
     failures = 0
     for fused in (False, True):
-        got = lora_delta(x, a, bt, index, out, list(part_ends), fused)
+        got = lora_delta(x, a, bt, index, out, list(part_ends), counters if fused else None)
         err = ((got.double() - want).norm() / want.norm()).item()
         ok = got.shape == out.shape and got.dtype == out.dtype and err < 1e-5 and torch.equal(got[none], out[none])
         ok = ok and rel_err(got[~none], out[~none]) > 1e-2
@@ -66,20 +66,23 @@ def kernel_case(name: str, x, out, index, slots: int, pr: int, part_ends=()) -> 
 def kernel_cases() -> int:
     """Strided rows (x and out are views), K, N and PR off the first tiles (BLOCK_K 256 / 512, BLOCK_R 8 / 16,
     BLOCK_N 64 / 128), parts ending inside a column tile."""
+    counters = lora_triton.new_counters(torch.device("cpu"))  # one set for every launch, as a bank has
     index = torch.tensor([2, 0, 1, -1, 2, 3, 0])
     x, out = torch.randn(7, 2105, generator=G)[:, :2100], torch.randn(7, 203, generator=G)[:, :200]
     failures = kernel_case("2-d, K 2100 (3 splits, the last partial), slots 2 0 1 -1 2 3 0, int64", x, out, index,
-                           3, 12)
-    failures += kernel_case("the same as 3 parts (q, k, v) ending at 90 and 130", x, out, index, 3, 12, (90, 130))
+                           3, 12, counters=counters)
+    failures += kernel_case("the same as 3 parts (q, k, v) ending at 90 and 130", x, out, index, 3, 12, (90, 130),
+                            counters=counters)
     index = torch.tensor([1, -1, 3], dtype=torch.int32)
     x, out = torch.randn(3, 4, 527, generator=G)[..., :520], torch.randn(3, 4, 130, generator=G)
-    failures += kernel_case("3-d [3, 4, 520], slots 1 -1 3, int32", x, out, index, 3, 16)
-    failures += kernel_case("the same as 2 parts (gate, up) ending at 65", x, out, index, 3, 16, (65,))
+    failures += kernel_case("3-d [3, 4, 520], slots 1 -1 3, int32", x, out, index, 3, 16, counters=counters)
+    failures += kernel_case("the same as 2 parts (gate, up) ending at 65", x, out, index, 3, 16, (65,),
+                            counters=counters)
     x = torch.randn(5, 2, 64, generator=G).transpose(0, 1)  # rows no single stride reaches: copied
     failures += kernel_case("3-d transposed [2, 5, 64], slots 2 2", x, torch.randn(2, 5, 70, generator=G),
-                            torch.tensor([2, 2]), 2, 5)
-    counters = lora_triton._sync(x.device).tolist()
-    return failures + (not report("fused counters after its launches", counters == [0, 0, 0], f"{counters}"))
+                            torch.tensor([2, 2]), 2, 5, counters=counters)
+    left = counters.tolist()
+    return failures + (not report("fused counters after its launches", left == [0, 0, 0], f"{left}"))
 
 
 def random_adapter(config, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -93,6 +93,7 @@ class LoRABank:
             on = dict(device=param.device, dtype=param.dtype)
             self.a[module] = torch.zeros(slots, parts * max_rank, cols, **on)
             self.bt[module] = torch.zeros(slots, parts * max_rank, rows, **on)
+        self.counters = lora_triton.new_counters(param.device)  # "fused"'s, made here: never inside a graph
 
     @property
     def delta(self) -> str:
@@ -135,15 +136,15 @@ class LoRABank:
     def mark_static(self) -> None:
         """Tell torch.compile the slots keep their addresses: CUDA graphs then read them in place
         (loads included) instead of copying every slot into the graph's inputs on each replay."""
-        for t in (*self.a.values(), *self.bt.values()):
+        for t in (*self.a.values(), *self.bt.values(), self.counters):
             torch._dynamo.mark_static_address(t)
 
     def add_delta(self, module: str, x: Tensor, out: Tensor, adapters: AdapterRows) -> Tensor:
         """out (x's base output [B, ..., out]) plus B_s A_s x on each row, s = that row's slot."""
         a, bt = self.a[module], self.bt[module]
         if self.delta in ("triton", "fused") and lora_triton.available(x):
-            fused = self.delta == "fused"
-            return lora_triton.lora_delta(x, a, bt, adapters.index, out, self.part_ends[module], fused)
+            counters = self.counters if self.delta == "fused" else None
+            return lora_triton.lora_delta(x, a, bt, adapters.index, out, self.part_ends[module], counters)
         if torch.compiler.is_compiling():
             if self.delta == "reduce":  # only compiled: eagerly its broadcasts would be materialized
                 return _reduced_delta(a, bt, x, adapters.index, out)

@@ -16,7 +16,6 @@ compile each config to an sm_90 cubin there.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 
@@ -32,10 +31,10 @@ K_SPLIT = 1024
 _TRITON = importlib.util.find_spec("triton") is not None  # lora_kernels: imported when a kernel first runs
 
 
-@functools.cache
-def _sync(device: torch.device) -> Tensor:
-    """The fused kernel's three counters on this device, zero between launches. One per device: launches
-    on one stream run in turn (the engine's model runs on one stream)."""
+def new_counters(device: torch.device) -> Tensor:
+    """The fused kernel's three counters, zero between launches (its last program resets them). Made once,
+    outside any compiled region, by whoever owns the launches (LoRABank): one set per stream of launches,
+    which run in turn. Made inside a CUDA graph's capture, they would live in its private pool."""
     return torch.zeros(3, dtype=torch.int32, device=device)
 
 
@@ -66,13 +65,14 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# mutates_args=(): the fused form writes its counters but leaves them at zero, as it found them.
 @torch.library.custom_op("mistral7b::lora_delta", mutates_args=())
 def lora_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor, out: Tensor, part_ends: list[int],
-               fused: bool = False) -> Tensor:
+               counters: Tensor | None = None) -> Tensor:
     """out [B, ..., N] + each row's x [B, ..., K] @ a[s]^T @ bt[s], s = index[b] of its batch row (0 or -1:
     none, exactly out); a [S + 1, PR, K] and bt [S + 1, PR, N] (a bank's stacked slots), PR = parts x rank,
     part j's columns ending at part_ends[j] (the last part's at N, not listed). At most MAX_ROWS rows.
-    `fused`: one launch (`lora_kernels.fused`) instead of a shrink and an expand."""
+    With `counters` (`new_counters`): one launch (`lora_kernels.fused`) instead of a shrink and an expand."""
     _check(x, a, bt, index, out, part_ends)
     y = torch.empty_like(out, memory_format=torch.contiguous_format)
     m, tokens = math.prod(x.shape[:-1]), math.prod(x.shape[1:-1])
@@ -86,9 +86,9 @@ def lora_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor, out: Tensor, par
     xa = torch.empty(splits, m, pr, device=x.device, dtype=torch.float32)
     from . import lora_kernels
 
-    if fused:
+    if counters is not None:
         lora_kernels.fused[lambda meta: (m * (-(-pr // meta["BLOCK_R"])) * splits + m * (-(-n // meta["BLOCK_N"])),)](
-            x2, a, bt, index, out2, y2, xa, _sync(x.device), m, k, n, pr, rank, end0, end1, splits, tokens, slots,
+            x2, a, bt, index, out2, y2, xa, counters, m, k, n, pr, rank, end0, end1, splits, tokens, slots,
             x2.stride(0), a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), out2.stride(0), y2.stride(0),
             K_SPLIT=K_SPLIT, PR_POW2=pr_pow2, BACKOFF=not interpreting())  # no inline PTX when interpreted
         return y
@@ -101,6 +101,6 @@ def lora_delta(x: Tensor, a: Tensor, bt: Tensor, index: Tensor, out: Tensor, par
 
 
 @lora_delta.register_fake
-def _(x, a, bt, index, out, part_ends, fused=False):
+def _(x, a, bt, index, out, part_ends, counters=None):
     _check(x, a, bt, index, out, part_ends)
     return torch.empty_like(out, memory_format=torch.contiguous_format)
