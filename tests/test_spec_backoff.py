@@ -10,7 +10,8 @@ import pytest
 
 from mistral7b import SamplingParams
 from mistral7b.engine import SpeculativeConfig
-from mistral7b.engine.spec_backoff import MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST, SpecBackoff
+from mistral7b.engine.spec_backoff import (MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST, REPROBE_STEPS,
+                                           SpecBackoff)
 
 from test_speculative import generate, perturbed, random_prompts, tiny
 
@@ -33,8 +34,26 @@ def test_prior_break_even_counts_a_draft_models_steps():
     assert measured.break_even == measured.prior  # until a plain step is timed too
     measured.time_plain(0.010)
     assert measured.break_even == pytest.approx(3.0)
-    measured.time_plain(0.020)  # a running mean: halfway to the newest
-    assert measured.break_even == pytest.approx(2.0)
+    measured.time_plain(0.500)  # one slow sample (a graph recorded inside it) does not move it
+    assert measured.break_even == pytest.approx(3.0)
+    measured.time_plain(0.015)
+    measured.time_plain(0.020)
+    assert measured.break_even == pytest.approx(2.0)  # the lower median of the last samples: 0.015
+
+
+def test_plain_decoding_is_timed_again_after_reprobe_steps():
+    """A poisoned first plain timing must not keep every row speculating for good: while rows speculate,
+    plain decoding is timed again every REPROBE_STEPS speculative steps."""
+    policy, r = SpecBackoff("cuda", 4, True), row()
+    policy.time_speculative(0.018)
+    assert policy.wants_plain_timing([r])  # never timed
+    policy.time_plain(0.5)  # a CUDA graph recorded inside the probe
+    assert not policy.wants_plain_timing([r]) and policy.break_even < 1
+    for _ in range(REPROBE_STEPS):
+        policy.time_speculative(0.018)
+    assert policy.wants_plain_timing([r])
+    policy.time_plain(0.0011)  # the lower median of the two samples: the true cost
+    assert not policy.wants_plain_timing([r]) and policy.hopeless
 
 
 def test_failed_verifies_back_off_for_doubling_spans_and_success_resets_them():
@@ -74,7 +93,7 @@ def test_a_new_row_starts_from_what_earlier_rows_taught():
     assert policy.speculating(row("d"))
     for _ in range(30):
         policy.observe(row("e"), 0)  # then they stop paying, on average
-    assert policy.accepted_mean < 0.81
+    assert policy.gain_mean < 0.0
     late = row("f", produced=5)
     assert not policy.speculating(late)  # plain for the shortest span first, then a trial
     late.output_ids += [0] * MIN_SKIP
@@ -85,6 +104,23 @@ def test_a_new_row_starts_from_what_earlier_rows_taught():
     policy.observe(seeded, 0)
     assert policy.speculating(seeded)  # neither the prior nor its own failures: its draws must not depend on them
     assert policy.wants_plain_timing([late]) is False  # nothing timed here
+
+
+def test_a_row_without_drafts_backs_off_only_where_its_lone_steps_cost_more_than_plain_ones():
+    """A lone step (no row had a draft) in groups of plain steps' time: neutral at the same cost (the CPU),
+    a loss where its host read doubles it (a GPU), so n-gram rows that rarely match stop trying there."""
+    neutral, costly = SpecBackoff("cpu", 4, False), SpecBackoff("cuda", 4, False)
+    for policy, lone_s in ((neutral, 0.010), (costly, 0.020)):
+        policy.time_plain(0.010)
+        policy.time_lone(lone_s)
+    assert neutral.lone_cost == pytest.approx(1.0) and costly.lone_cost == pytest.approx(2.0)
+    calm, eager = row("calm"), row("eager")
+    for _ in range(6):
+        neutral.observe_empty(calm)
+        costly.observe_empty(eager)
+    assert neutral.speculating(calm) and neutral.backoffs == 0
+    assert not costly.speculating(eager) and costly.backoffs >= 1
+    assert SpecBackoff("cuda", 4, False).lone_cost == 1.0  # unmeasured: no verdict
 
 
 def test_where_a_verify_cannot_pay_at_all_rows_back_off_for_the_longest_span():
@@ -177,6 +213,25 @@ def test_plain_cost_is_probed_with_a_group_of_steps():
     engine.step()  # the probe
     assert backoff.plain_s is not None
     assert [len(r.output_ids) - n for r, n in zip(requests, before)] == [4, 4]
+
+
+def test_ngram_rows_that_never_match_back_off_where_lone_steps_cost_two(monkeypatch):
+    """Random prompts give n-gram little to match: nearly every step is a lone one. Scored at twice a plain step's
+    cost, rows back off into grouped plain decoding (and lone steps get rarer); at the same cost they keep
+    trying. Output equals plain decoding either way."""
+    target = tiny(seed=1)
+    prompts = random_prompts((7, 19, 33), seed=9)
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    plain, _ = generate(target, prompts, params)
+    backoffs = {}
+    for cost in (1.0, 2.0):
+        monkeypatch.setattr(SpecBackoff, "lone_cost", property(lambda self, cost=cost: cost))
+        out, engine = generate(target, prompts, params, SpeculativeConfig("ngram", 3, min_ngram=3))
+        assert [r.output_ids for r in out] == [r.output_ids for r in plain]
+        stats = engine.speculator.stats
+        assert stats.verify_rows < stats.row_steps / 10  # few matches: the test's premise
+        backoffs[cost] = engine.speculator.backoff.backoffs
+    assert backoffs[2.0] >= len(prompts) > backoffs[1.0]  # at cost 1, only a failed verify backs off
 
 
 def test_seeded_rows_never_back_off():

@@ -245,6 +245,8 @@ class Engine:
         proposal = self.speculator.propose(decoding)
         if proposal is None:
             self._plain_steps(decoding, deltas, max_steps=1)  # one step: the next may have a proposal
+            if timed:
+                backoff.time_lone(time.perf_counter() - start)
             return
         self.speculator.step(decoding, proposal, deltas)  # reads the tokens: the device is done with it
         if timed:

@@ -7,15 +7,26 @@ nothing; both then ran below plain speed (n-gram 0.51x and self-int4 0.26x on op
 model, H100, 2026-12-05f), where a plain row would decode in groups of steps without a host read
 between them. Such a row decodes plainly for a number of tokens that doubles at each failed retry.
 
+A speculating row whose proposer finds nothing (n-gram without a match) decodes a lone step, with a host
+read of its own. On a GPU that costs about two plain steps in a group (2.4 ms against 1.1 on the default
+model, H100, 2026-12-06c, solved from the n-gram table's tokens per forward), and n-gram then ran at 0.76x
+of plain on grounded prompts and 0.47x on open ones, every row speculating throughout. So each attempt is
+scored by its gain in tokens over plain decoding at the same cost: a verify's 1 + accepted - `break_even`,
+a lone step's 1 - `lone_cost`. A row backs off while its running gain is below zero.
+
 `break_even` is measured as the engine runs: the wall time of a speculative step over a plain decode
-step's. Until both are known it is the prior below. The output is unchanged: each token is the target's
-exactly either way. Seeded rows always speculate: whether a row speculates changes which random numbers
-it draws, and timings must not decide a seeded request's text.
+step's; `lone_cost` the same for a lone step. Until both sides are known they are the priors below. Each
+time is the lower median of its last few samples, and plain decoding is timed again every REPROBE_STEPS
+speculative steps: one slow sample (a CUDA graph recorded for a new length inside the timed step) must not
+decide for good. The output is unchanged: each token is the target's exactly either way. Seeded rows always speculate: whether
+a row speculates changes which random numbers it draws, and timings must not decide a seeded request's
+text.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 from .request import Request
@@ -25,34 +36,57 @@ from .request import Request
 # model adds its own steps: an int4 step of a 16-bit target's shape reads about a third of its bytes.
 PRIOR_VERIFY_COST = {"cuda": 1.14, "cpu": 1.81}
 PRIOR_DRAFT_STEP_COST = 0.35
+PRIOR_LONE_COST = 1.0  # a lone step's, until measured: no verdict on a row that finds no draft
 MIN_SKIP, MAX_SKIP = 8, 256  # tokens a row decodes plainly after a failed verify, doubling per retry
-SMOOTHING = 0.5  # weight of the newest verify (and of the newest timing) in a row's running means
-GLOBAL_SMOOTHING = 0.1  # and in the mean over every row's verifies, a new row's prior
+SMOOTHING = 0.5  # weight of the newest attempt in a row's running gain
+GLOBAL_SMOOTHING = 0.1  # and in the mean over every row's attempts, a new row's prior
+TIMING_SAMPLES = 5  # the last samples a step's time is the lower median of
+REPROBE_STEPS = 32  # speculative steps after which plain decoding is timed again
 
 
 @dataclass
 class _Row:
-    accepted: float  # running mean of draft tokens accepted per verify
+    gain: float  # running mean of an attempt's gain in tokens over plain decoding
     skip_until: int = 0  # the row speculates again once it has this many output tokens
     skip: int = MIN_SKIP  # tokens of plain decoding after its next failed verify
 
 
 class SpecBackoff:
-    """Per-row decisions (`speculating`) from each verify's outcome (`observe`) and the engine's step
-    timings (`time_speculative`, `time_plain`). A new row starts from what earlier rows taught: where
-    verifies do not pay on average it begins by decoding plainly, and where a speculative step costs
-    more plain steps than a verify can emit tokens (k + 1), rows back off for the longest span at once."""
+    """Per-row decisions (`speculating`) from each attempt's outcome (`observe`, `observe_empty`) and the
+    engine's step timings (`time_speculative`, `time_lone`, `time_plain`). A new row starts from what
+    earlier rows taught: where attempts do not pay on average it begins by decoding plainly, and where a
+    speculative step costs more plain steps than a verify can emit tokens (k + 1), rows back off for the
+    longest span at once."""
 
     def __init__(self, device_type: str, num_tokens: int, drafts_with_model: bool, enabled: bool = True):
         self.enabled, self.num_tokens = enabled, num_tokens
         self.prior = PRIOR_VERIFY_COST.get(device_type, PRIOR_VERIFY_COST["cpu"]) \
             + (num_tokens * PRIOR_DRAFT_STEP_COST if drafts_with_model else 0.0)
-        self.speculative_s: float | None = None  # running mean of a speculative step's wall time
-        self.plain_s: float | None = None  # and of a plain decode step's
-        self.accepted_mean: float | None = None  # draft tokens accepted per verify, every row's
+        self.timings = {kind: deque(maxlen=TIMING_SAMPLES) for kind in ("speculative", "lone", "plain")}
+        self.since_plain = 0  # speculative steps since plain decoding was last timed
+        self.gain_mean: float | None = None  # an attempt's gain over plain decoding, every row's
         # Per request, gone with it (finished or aborted); requests compare by identity.
         self.rows: weakref.WeakKeyDictionary[Request, _Row] = weakref.WeakKeyDictionary()
         self.backoffs = 0  # times a row stopped speculating
+
+    def _seconds(self, kind: str) -> float | None:
+        samples = sorted(self.timings[kind])
+        return samples[(len(samples) - 1) // 2] if samples else None
+
+    @property
+    def speculative_s(self) -> float | None:
+        """A speculative step's wall time (a draft model's steps and the verify)."""
+        return self._seconds("speculative")
+
+    @property
+    def lone_s(self) -> float | None:
+        """A lone decode step's, where no row had a draft."""
+        return self._seconds("lone")
+
+    @property
+    def plain_s(self) -> float | None:
+        """A plain decode step's, in a group."""
+        return self._seconds("plain")
 
     @property
     def break_even(self) -> float:
@@ -60,6 +94,13 @@ class SpecBackoff:
         if self.speculative_s is None or self.plain_s is None:
             return self.prior
         return self.speculative_s / self.plain_s
+
+    @property
+    def lone_cost(self) -> float:
+        """A lone decode step's cost in plain steps."""
+        if self.lone_s is None or self.plain_s is None:
+            return PRIOR_LONE_COST
+        return self.lone_s / self.plain_s
 
     @property
     def hopeless(self) -> bool:
@@ -75,26 +116,31 @@ class SpecBackoff:
         if not self._decides(request):
             return True
         row = self.rows.get(request)
-        if row is None and self.accepted_mean is not None \
-                and self.accepted_mean < self.break_even - 1.0:  # a new row where verifies do not pay
-            row = self.rows[request] = _Row(self.break_even - 1.0)
+        if row is None and self.gain_mean is not None and self.gain_mean < 0.0:  # a new row where attempts lose
+            row = self.rows[request] = _Row(0.0)
             self._back_off(request, row)
         return row is None or len(request.output_ids) >= row.skip_until
 
     def observe(self, request: Request, accepted: int) -> None:
         """A verify of `request` kept `accepted` draft tokens."""
+        self._score(request, 1.0 + accepted - self.break_even)
+
+    def observe_empty(self, request: Request) -> None:
+        """`request` speculated but had no draft, and no other row had one: it decoded a lone step."""
+        self._score(request, 1.0 - self.lone_cost)
+
+    def _score(self, request: Request, gain: float) -> None:
         if not self._decides(request):
             return
+        self.gain_mean = gain if self.gain_mean is None else self.gain_mean + GLOBAL_SMOOTHING * (gain - self.gain_mean)
         threshold = self.break_even - 1.0
-        self.accepted_mean = accepted if self.accepted_mean is None \
-            else self.accepted_mean + GLOBAL_SMOOTHING * (accepted - self.accepted_mean)
-        row = self.rows.setdefault(request, _Row(accepted=max(2 * threshold, 1.0)))  # one failure is no verdict
-        row.accepted += SMOOTHING * (accepted - row.accepted)
-        if row.accepted >= threshold:
+        row = self.rows.setdefault(request, _Row(max(threshold, 1.0 - threshold)))  # one failure is no verdict
+        row.gain += SMOOTHING * (gain - row.gain)
+        if row.gain >= 0.0:
             row.skip = MIN_SKIP
             return
         self._back_off(request, row)
-        row.accepted = threshold  # back on trial: the next failed verify backs off again
+        row.gain = 0.0  # back on trial: the next losing attempt backs off again
 
     def _back_off(self, request: Request, row: _Row) -> None:
         if self.hopeless:
@@ -104,18 +150,24 @@ class SpecBackoff:
         self.backoffs += 1
 
     def wants_plain_timing(self, decoding: list[Request]) -> bool:
-        """No row has backed off yet, so no plain decoding was timed: the engine then runs a group of plain
-        steps to learn its cost (not over a seeded row, whose draws would change)."""
-        return self.plain_s is None and self.speculative_s is not None and all(map(self._decides, decoding))
+        """Plain decoding was not timed yet (no row backed off) or not for REPROBE_STEPS speculative steps:
+        the engine then runs a group of plain steps to time it (not over a seeded row, whose draws would
+        change)."""
+        due = self.plain_s is None or self.since_plain >= REPROBE_STEPS
+        return self.enabled and due and self.speculative_s is not None and all(map(self._decides, decoding))
 
     def time_speculative(self, seconds: float) -> None:
-        if self.enabled:
-            self.speculative_s = _mean(self.speculative_s, seconds)
+        self._time("speculative", seconds)
+        self.since_plain += self.enabled
+
+    def time_lone(self, seconds: float) -> None:
+        self._time("lone", seconds)
+        self.since_plain += self.enabled
 
     def time_plain(self, seconds_per_step: float) -> None:
+        self._time("plain", seconds_per_step)
+        self.since_plain = 0
+
+    def _time(self, kind: str, seconds: float) -> None:
         if self.enabled:
-            self.plain_s = _mean(self.plain_s, seconds_per_step)
-
-
-def _mean(old: float | None, new: float) -> float:
-    return new if old is None else old + SMOOTHING * (new - old)
+            self.timings[kind].append(seconds)
