@@ -156,11 +156,7 @@ def main(argv=None) -> None:
         print(f"batch {batch:3d}: starting ({'compiled, ' if args.compile else ''}delta {args.delta})", flush=True)
         cache = KVCache(config, batch, torch.device(args.device), dtype, args.context + 8)
         ways = batch_ways(model, cache, batch, args)
-        first: dict[str, float] = {}
-        for name, (d, a, compiled) in ways.items():
-            bank.delta = d  # a step compiled for one delta recompiles if called with the other
-            first[name] = first_call(model, cache, batch, args.context, a, args.device, compiled)
-            print(f"batch {batch:3d}: {name}: first call {first[name]:.1f} s", flush=True)
+        first = first_calls(model, bank, cache, batch, ways, args)
         failures = check_ways(model, bank, cache, batch, ways, args)
         times: dict[str, float] = {}
         for _ in range(args.rounds):  # in turn, so a burst of load from other jobs hits every way alike
@@ -168,7 +164,8 @@ def main(argv=None) -> None:
                 bank.delta = d
                 t = time_decode(model, cache, batch, args.context, a, args.steps, args.device, compiled)
                 times[name] = min(times.get(name, t), t)
-        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items()}, "failed": failures,
+        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items() if isinstance(v, float)},
+                     "failed": failures + [f"{k}: {v}" for k, v in first.items() if isinstance(v, str)],
                      **{k: round(v, 3) for k, v in times.items()}})
         report(batch, times, args, time.perf_counter() - t_batch)
         del ways, cache
@@ -176,6 +173,29 @@ def main(argv=None) -> None:
             with open(args.json, "w") as f:
                 json.dump({"preset": config.name, "device": args.device, "rank": args.rank, "compile": args.compile,
                            "adapters": args.adapters, "deltas": args.deltas, "rows": rows}, f, indent=2)
+
+
+def first_calls(model, bank, cache, batch, ways, args) -> dict:
+    """Each way's first call (compile, graph record) in seconds. A delta whose first call fails is reported
+    as `first[delta] = "error"` and its ways dropped, so the others are still timed (2026-12-06c: the fused
+    delta's failure cost the triton delta's timings)."""
+    first: dict = {}
+    for name, (d, a, compiled) in list(ways.items()):
+        if name not in ways:
+            continue
+        bank.delta = d  # a step compiled for one delta recompiles if called with the other
+        try:
+            first[name] = first_call(model, cache, batch, args.context, a, args.device, compiled)
+        except Exception as e:  # noqa: BLE001 - one delta's failure must not hide the others' figures
+            if a is None:
+                raise  # the base step: nothing to compare against
+            first[d] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"batch {batch:3d}: {name}: FAILED, {first[d]}", flush=True)
+            for other in [n for n, way in ways.items() if way[0] == d and way[1] is not None]:
+                del ways[other]
+            continue
+        print(f"batch {batch:3d}: {name}: first call {first[name]:.1f} s", flush=True)
+    return first
 
 
 def batch_ways(model, cache, batch, args) -> dict:
@@ -200,7 +220,7 @@ def report(batch, times, args, seconds) -> None:
 
     def side(rows: str) -> str:
         return ", ".join(f"{d} {times[f'{rows} {d}']:.2f} ms (x{times[f'{rows} {d}'] / base:.3f})"
-                         for d in args.deltas)
+                         if f"{rows} {d}" in times else f"{d} failed" for d in args.deltas)
 
     print(f"batch {batch:3d}: base {base:.2f} ms | {args.adapters} adapters r{args.rank} on every row: "
           f"{side('all rows')}"
