@@ -191,8 +191,29 @@ def fakes_match() -> None:
         check(f"{name} fake kernel", (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype))
 
 
+def dots_row_by_row() -> None:
+    """The interpreter's tl.dot is numpy's matmul, whose BLAS may round a row by where it sits in the tile
+    (OpenBLAS's Haswell kernels do: on an AVX2-only CPU a permuted launch differed in the last bits, where
+    AVX-512 ones matched). A GPU's MMA sums every output element in the same order wherever its row sits.
+    Row by row, each product is one and the same 1-row matmul, so the check tests the kernels' own tiling."""
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    whole_tile = InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.ndim != 2:
+            return whole_tile(self, a, b, d, input_precision, max_num_imprecise_acc)
+        rows = [whole_tile(self, TensorHandle(a.data[i : i + 1], a.dtype), b, TensorHandle(d.data[i : i + 1], d.dtype),
+                           input_precision, max_num_imprecise_acc) for i in range(a.data.shape[0])]
+        return TensorHandle(np.concatenate([r.data for r in rows]), rows[0].dtype)
+
+    InterpreterBuilder.create_dot = create_dot
+
+
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    dots_row_by_row()
     dense_cases()
     quant_cases()
     decode_cases()
