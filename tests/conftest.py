@@ -34,3 +34,4 @@ def untimed_spec_backoff(request, monkeypatch):
 
         monkeypatch.setattr(SpecBackoff, "time_speculative", lambda self, seconds: None)
         monkeypatch.setattr(SpecBackoff, "time_plain", lambda self, seconds_per_step: None)
+        monkeypatch.setattr(SpecBackoff, "time_lone", lambda self, seconds: None)

@@ -49,7 +49,9 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(device="cpu", quantize="none", max_batch=2, speculative=SpeculativeConfig("ngram", 3))
+    # Backoff off: these tests count drafts through the server; whether a row backs off hangs on this box's
+    # timings (test_spec_backoff.py tests that policy apart).
+    return LLM(device="cpu", quantize="none", max_batch=2, speculative=SpeculativeConfig("ngram", 3, backoff=False))
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +92,13 @@ def test_engine_on_a_thread_speculates_and_counts(llm, prompts, plain):
 
 
 def test_serve_with_its_engine_process_speculates_and_counts(prompts, plain):
-    """`mistral7b serve --speculative ngram --num-speculative-tokens 3`, engine in its own process: the
-    config crosses the process boundary as JSON, and the counters come back with each step."""
+    """`mistral7b serve --speculative ngram --num-speculative-tokens 3 --no-speculative-backoff`, engine in its
+    own process: the config crosses the process boundary as JSON, and the counters come back with each step."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "mistral7b.cli", "serve", "--device", "cpu", "--quantize", "none", "--port",
                str(port), "--max-batch", "2", "--model-name", MODEL, "--log-level", "warning", "--speculative", "ngram",
-               "--num-speculative-tokens", "3"]
+               "--num-speculative-tokens", "3", "--no-speculative-backoff"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

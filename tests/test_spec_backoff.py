@@ -10,8 +10,8 @@ import pytest
 
 from mistral7b import SamplingParams
 from mistral7b.engine import SpeculativeConfig
-from mistral7b.engine.spec_backoff import (MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST, REPROBE_STEPS,
-                                           SpecBackoff)
+from mistral7b.engine.spec_backoff import (LONE_SAMPLES, MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST,
+                                           REPROBE_STEPS, SpecBackoff)
 
 from test_speculative import generate, perturbed, random_prompts, tiny
 
@@ -107,19 +107,29 @@ def test_a_new_row_starts_from_what_earlier_rows_taught():
 
 
 def test_a_row_without_drafts_backs_off_only_where_its_lone_steps_cost_more_than_plain_ones():
-    """A lone step (no row had a draft) in groups of plain steps' time: neutral at the same cost (the CPU),
-    a loss where its host read doubles it (a GPU), so n-gram rows that rarely match stop trying there."""
+    """A lone step (no row had a draft) in groups of plain steps' time: neutral at about the same cost (the
+    CPU; within LONE_MARGIN), a loss where its host read doubles it (a GPU), so n-gram rows that rarely
+    match stop trying there."""
     neutral, costly = SpecBackoff("cpu", 4, False), SpecBackoff("cuda", 4, False)
-    for policy, lone_s in ((neutral, 0.010), (costly, 0.020)):
+    for policy, lone_s in ((neutral, 0.0118), (costly, 0.020)):
         policy.time_plain(0.010)
+        for _ in range(LONE_SAMPLES - 1):
+            policy.time_lone(lone_s)
+        assert policy.lone_cost == 1.0  # too few samples yet: the prior
         policy.time_lone(lone_s)
-    assert neutral.lone_cost == pytest.approx(1.0) and costly.lone_cost == pytest.approx(2.0)
+    assert neutral.lone_cost == pytest.approx(1.18) and costly.lone_cost == pytest.approx(2.0)
     calm, eager = row("calm"), row("eager")
     for _ in range(6):
         neutral.observe_empty(calm)
         costly.observe_empty(eager)
     assert neutral.speculating(calm) and neutral.backoffs == 0
     assert not costly.speculating(eager) and costly.backoffs >= 1
+    paid = row("paid")
+    neutral.observe(paid, 3)  # a verify that paid
+    for _ in range(10):
+        neutral.observe_empty(paid)  # no evidence either way: must not wash that verify out
+    neutral.observe(paid, 0)
+    assert neutral.speculating(paid)
     assert SpecBackoff("cuda", 4, False).lone_cost == 1.0  # unmeasured: no verdict
 
 

@@ -12,7 +12,8 @@ read of its own. On a GPU that costs about two plain steps in a group (2.4 ms ag
 model, H100, 2026-12-06c, solved from the n-gram table's tokens per forward), and n-gram then ran at 0.76x
 of plain on grounded prompts and 0.47x on open ones, every row speculating throughout. So each attempt is
 scored by its gain in tokens over plain decoding at the same cost: a verify's 1 + accepted - `break_even`,
-a lone step's 1 - `lone_cost`. A row backs off while its running gain is below zero.
+a lone step's 1 - `lone_cost` where that is clearly a loss (a CPU's lone step costs a plain one: unscored).
+A row backs off while its running gain is below zero.
 
 `break_even` is measured as the engine runs: the wall time of a speculative step over a plain decode
 step's; `lone_cost` the same for a lone step. Until both sides are known they are the priors below. Each
@@ -37,6 +38,8 @@ from .request import Request
 PRIOR_VERIFY_COST = {"cuda": 1.14, "cpu": 1.81}
 PRIOR_DRAFT_STEP_COST = 0.35
 PRIOR_LONE_COST = 1.0  # a lone step's, until measured: no verdict on a row that finds no draft
+LONE_SAMPLES = 3  # lone steps timed before their cost is trusted
+LONE_MARGIN = 0.25  # a lone step loses only past 1 + this many plain steps: on a CPU it costs 0.93-0.98 of one
 MIN_SKIP, MAX_SKIP = 8, 256  # tokens a row decodes plainly after a failed verify, doubling per retry
 SMOOTHING = 0.5  # weight of the newest attempt in a row's running gain
 GLOBAL_SMOOTHING = 0.1  # and in the mean over every row's attempts, a new row's prior
@@ -97,8 +100,8 @@ class SpecBackoff:
 
     @property
     def lone_cost(self) -> float:
-        """A lone decode step's cost in plain steps."""
-        if self.lone_s is None or self.plain_s is None:
+        """A lone decode step's cost in plain steps (the prior until LONE_SAMPLES were timed)."""
+        if len(self.timings["lone"]) < LONE_SAMPLES or self.plain_s is None:
             return PRIOR_LONE_COST
         return self.lone_s / self.plain_s
 
@@ -126,8 +129,12 @@ class SpecBackoff:
         self._score(request, 1.0 + accepted - self.break_even)
 
     def observe_empty(self, request: Request) -> None:
-        """`request` speculated but had no draft, and no other row had one: it decoded a lone step."""
-        self._score(request, 1.0 - self.lone_cost)
+        """`request` speculated but had no draft, and no other row had one: it decoded a lone step. Scored
+        only where that clearly costs more than a plain step (timings under load are noisy): a step that
+        cost what plain decoding does is no evidence, and scoring it 0 would wash out the row's verifies."""
+        cost = self.lone_cost
+        if cost > 1.0 + LONE_MARGIN:
+            self._score(request, 1.0 - cost)
 
     def _score(self, request: Request, gain: float) -> None:
         if not self._decides(request):
