@@ -210,7 +210,6 @@ def lora_checks(device, args) -> None:
     decode step (CUDA graphs, replayed), against the eager "matmul" delta; the fused kernel's counters
     back at zero after the replays."""
     from lora_bench import random_adapter
-    from mistral7b import lora_triton
     from mistral7b.lora import enable_lora
 
     config = small_config(args.window)

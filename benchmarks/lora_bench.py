@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         print(f"batch {batch:3d}: starting ({'compiled, ' if args.compile else ''}delta {args.delta})", flush=True)
         cache = KVCache(config, batch, torch.device(args.device), dtype, args.context + 8)
         ways = batch_ways(model, cache, batch, args)
-        first = first_calls(model, bank, cache, batch, ways, args)
+        first, broken = first_calls(model, bank, cache, batch, ways, args)
         failures = check_ways(model, bank, cache, batch, ways, args)
         times: dict[str, float] = {}
         for _ in range(args.rounds):  # in turn, so a burst of load from other jobs hits every way alike
@@ -164,8 +164,8 @@ def main(argv=None) -> None:
                 bank.delta = d
                 t = time_decode(model, cache, batch, args.context, a, args.steps, args.device, compiled)
                 times[name] = min(times.get(name, t), t)
-        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items() if isinstance(v, float)},
-                     "failed": failures + [f"{k}: {v}" for k, v in first.items() if isinstance(v, str)],
+        rows.append({"batch": batch, "first_call_s": {k: round(v, 1) for k, v in first.items()},
+                     "failed": failures + [f"{d}: {error}" for d, error in broken.items()],
                      **{k: round(v, 3) for k, v in times.items()}})
         report(batch, times, args, time.perf_counter() - t_batch)
         del ways, cache
@@ -175,27 +175,27 @@ def main(argv=None) -> None:
                            "adapters": args.adapters, "deltas": args.deltas, "rows": rows}, f, indent=2)
 
 
-def first_calls(model, bank, cache, batch, ways, args) -> dict:
-    """Each way's first call (compile, graph record) in seconds. A delta whose first call fails is reported
-    as `first[delta] = "error"` and its ways dropped, so the others are still timed (2026-12-06c: the fused
-    delta's failure cost the triton delta's timings)."""
-    first: dict = {}
+def first_calls(model, bank, cache, batch, ways, args) -> tuple[dict, dict]:
+    """Each way's first call (compile, graph record) in seconds, and delta -> error for a delta whose first
+    call failed: its ways are dropped, so the others are still timed (2026-12-06c: the fused delta's failure
+    cost the triton delta's timings). The base step's failure is raised: nothing would compare."""
+    first, broken = {}, {}
     for name, (d, a, compiled) in list(ways.items()):
-        if name not in ways:
+        if d in broken and a is not None:
             continue
         bank.delta = d  # a step compiled for one delta recompiles if called with the other
         try:
             first[name] = first_call(model, cache, batch, args.context, a, args.device, compiled)
         except Exception as e:  # noqa: BLE001 - one delta's failure must not hide the others' figures
             if a is None:
-                raise  # the base step: nothing to compare against
-            first[d] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            print(f"batch {batch:3d}: {name}: FAILED, {first[d]}", flush=True)
+                raise
+            broken[d] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"batch {batch:3d}: {name}: FAILED, {broken[d]}", flush=True)
             for other in [n for n, way in ways.items() if way[0] == d and way[1] is not None]:
                 del ways[other]
             continue
         print(f"batch {batch:3d}: {name}: first call {first[name]:.1f} s", flush=True)
-    return first
+    return first, broken
 
 
 def batch_ways(model, cache, batch, args) -> dict:

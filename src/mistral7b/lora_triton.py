@@ -8,9 +8,9 @@ branch on the slots in the graph. Rows on no adapter (slot 0 or -1) skip the wor
 delta: on an H100 (7B shape, 4 rank-16 adapters, compiled b8) x1.163-1.166 the base step against the
 matmuls' x1.26. A fused linear's parts (q, k, v; gate, up) read only their own ranks of B^T.
 
-`fused=True` does both in one launch (`lora_kernels.fused`): a decode step's delta is about a fixed cost per
-kernel (H100: b1 and b8 both about +0.9-1.0 ms over 129 linears), and this halves the kernels. Not yet
-measured on a GPU, so not the default. Tests run every kernel in Triton's interpreter on the CPU, and
+Given `counters` (`new_counters`), both run in one launch (`lora_kernels.fused`): a decode step's delta is
+about a fixed cost per kernel (H100: b1 and b8 both about +0.9-1.0 ms over 129 linears), and this halves the
+kernels. Not yet measured on a GPU, so not the default. Tests run every kernel in Triton's interpreter on the CPU, and
 compile each config to an sm_90 cubin there.
 """
 
