@@ -27,12 +27,12 @@
 #   bash benchmarks/h200.sh tiles      # the invariant matmul's tile sweep against cuBLAS (batch_invariant.TILES)
 # Several groups run in turn: `bash benchmarks/h200.sh smoke spec peer`.
 # Needs .whl (wheels the image lacks) and .peer (gpt-fast's files, tokenizer.model.v1) carried.
-# spec-real needs the default model, 98 MB, over a call's 64 MiB: split it here, then carry a part a call
-# (the machine keeps /tmp while it stays warm, so chain the two calls):
-#   split -b 60M ~/.cache/mistral7b/SmolLM2-135M-Instruct.Q4_1.gguf .peer/smollm2.part-
+# spec-real needs the default model, 98 MB, over a call's 64 MiB (the working tree counts too, 4.5 MB
+# now): split it here, then carry a part a call (the machine keeps /tmp while it stays warm: chain them):
+#   split -b 40M ~/.cache/mistral7b/SmolLM2-135M-Instruct.Q4_1.gguf .peer/smollm2.part-
 #   (cd ~/.cache/mistral7b && sha256sum SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1) > .peer/smollm2.sha256
-#   call 1, carry .peer/smollm2.part-aa:  bash benchmarks/h200.sh stage-model
-#   call 2, carry the usual and .peer/smollm2.part-ab .peer/smollm2.sha256:  bash benchmarks/h200.sh spec-real
+#   calls 1 and 2, carry .peer/smollm2.part-aa, then -ab:  bash benchmarks/h200.sh stage-model
+#   call 3, carry the usual and .peer/smollm2.part-ac .peer/smollm2.sha256:  bash benchmarks/h200.sh spec-real
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -73,7 +73,7 @@ smoke)
     # The small-model paths run beside the 7B-shape engine steps (one GPU, both fit): the whole group
     # then fits one call. Timings printed by these steps are contended; they are checks, not figures.
     # The paths run as two processes side by side: one took 548 s on an H100 (2026-12-06c), most of it
-    # compiling on the host, and was cut before its last section.
+    # compiling on the host, and was cut before its last section; as two, the group took 427 s (2026-12-06d).
     step smoke-paths 480 python3 benchmarks/gpu_smoke.py --only kernels methods --methods bf16 int8 int8-triton \
         > "$OUT/smoke-paths.out" &
     paths=$!
@@ -176,7 +176,7 @@ spec-real-invariant)  # n-gram in the batch-invariant mode (parts staged as for 
     step spec-real-invariant 400 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \
         --methods ngram --batch-invariant --json "$OUT/spec-invariant.json" ;;
 lora)  # compiled: lora_triton's two kernels (default) and its fused kernel side by side, each checked against
-    # the eager delta (H100, 2026-12-06b: b8 triton x1.166, matmul x1.257; b1 x1.162, x1.192), b8 first;
+    # the eager delta (H100, 2026-12-06d: b8 triton x1.169, fused x1.328; b1 x1.096, x1.210), b8 first;
     # b64 is a group of its own (lora-64), the one-row graphs compile with tuning (longer): a call of its own
     step lora-compiled 560 python3 benchmarks/lora_bench.py --batch 8 1 --compile --delta triton fused \
         --json "$OUT/lora-compiled.json" ;;
