@@ -37,7 +37,8 @@ def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> li
 
 
 def profile(fn, title: str, calls: int = 5) -> None:
-    """The kernels `calls` calls of `fn` ran, by GPU time (where the extra milliseconds go)."""
+    """The kernels `calls` calls of `fn` ran, by GPU time, or by CPU time on a CPU (where the extra
+    milliseconds go)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -45,7 +46,8 @@ def profile(fn, title: str, calls: int = 5) -> None:
         for _ in range(calls):
             fn()
     print(f"--- {title}, {calls} calls")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
+    key = "cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=70), flush=True)
 
 
 @torch.no_grad()  # as Engine.step: the runner's forwards are traced without autograd
