@@ -110,7 +110,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, threads):
     torch.set_num_threads(threads)
     try:
         alone = module(row)
-        for batch in (2, 8, 33):
+        for batch in (2, 3, 8, 33):  # grids of 4 rows, and tails of 1, 2 and 3
             others = torch.randn(batch, k)
             for at in (0, batch // 2, batch - 1):
                 mixed = others.clone()

@@ -200,32 +200,91 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
 #endif
 }
 
-// Outputs [lo, hi) of every activation row.
-static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
-                     const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
-                     const float *dx, const float *sx, float *out) {
+#if defined(M7B_AVX2)
+// R weight rows x S activation rows, as rows_dot does each pair (its float operations in its order, so
+// grouping never changes a result), with each weight block unpacked once for all S rows: a verify's or a
+// prefill's rows cost less than as many one-row passes (AVX2 has no VNNI grid_dot).
+static inline __attribute__((always_inline)) void grid_dot_avx2(
+        int R, int S, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m, int64_t nb,
+        const int8_t *qx, int64_t k, const float *dx, const float *sx, float *out, int64_t n) {
+    const int64_t stride = bits == 4 ? QK / 2 : QK;
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) {
+            float offset = 0.f;
+            if (m)
+                for (int64_t b = 0; b < nb; b++) offset += h2f(m[r * nb + b]) * sx[s * nb + b];
+            out[s * n + r] = offset;
+        }
+    __m256 acc[2][4];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wb = w + r * wrow + b * stride;
+            const float wd = h2f(d[r * nb + b]);
+            __m256i q = bits == 4 ? load_q4(wb) : _mm256_loadu_si256((const __m256i *)wb);
+            __m256i u = bits == 4 ? q : _mm256_sign_epi8(q, q);  // int8: |q|, its sign put on x below
+            for (int s = 0; s < S; s++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(qx + s * k + b * QK));
+                if (bits == 8) x = _mm256_sign_epi8(x, q);
+                __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u, x));
+                acc[r][s] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd * dx[s * nb + b]), acc[r][s]);
+            }
+        }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) out[s * n + r] += hsum(acc[r][s]);
+}
+#endif
+
 #if defined(M7B_VNNI)
+#define GRID grid_dot
+#define GRID_ROWS 4
+#elif defined(M7B_AVX2)
+#define GRID grid_dot_avx2
+#define GRID_ROWS 2
+#endif
+
+#ifdef GRID
+// Outputs [lo, hi) of every activation row, in grids of GRID_ROWS weight rows x up to 4 activation rows.
+static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
+                      const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
+                      const float *dx, const float *sx, float *out) {
     for (int64_t s = 0; s < rows; s += 4) {
         const int S = rows - s < 4 ? (int)(rows - s) : 4;
         const int8_t *xs = qx + s * k;
         const float *dxs = dx + s * nb, *sxs = sx + s * nb;
         int64_t j = lo;
-        for (; j + 4 <= hi; j += 4) {
+        for (; j + GRID_ROWS <= hi; j += GRID_ROWS) {
             const uint8_t *wj = w + j * wrow;
             const uint16_t *dj = d + j * nb, *mj = m ? m + j * nb : m;
             float *o = out + s * n + j;
             switch (S) {  // constant shapes, so that each grid's accumulators stay in registers
-                case 4: grid_dot(4, 4, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
-                case 3: grid_dot(4, 3, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
-                case 2: grid_dot(4, 2, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
-                default: grid_dot(4, 1, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n);
+                case 4: GRID(GRID_ROWS, 4, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
+                case 3: GRID(GRID_ROWS, 3, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
+                case 2: GRID(GRID_ROWS, 2, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
+                default: GRID(GRID_ROWS, 1, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n);
             }
         }
         for (; j < hi; j++)
-            grid_dot(1, S, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, xs, k, dxs, sxs,
-                     out + s * n + j, n);
+            GRID(1, S, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, xs, k, dxs, sxs, out + s * n + j, n);
     }
+}
+#endif
+
+// Outputs [lo, hi) of every activation row. AVX2 takes one row (decode) through rows_dot, 4 weight rows
+// at a time, and several (a verify, a prefill) through grids that unpack each weight block once.
+static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
+                     const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
+                     const float *dx, const float *sx, float *out) {
+#if defined(M7B_VNNI)
+    grid_tile(lo, hi, w, wrow, bits, d, m, nb, rows, k, n, qx, dx, sx, out);
 #else
+#if defined(M7B_AVX2)
+    if (rows > 1) {
+        grid_tile(lo, hi, w, wrow, bits, d, m, nb, rows, k, n, qx, dx, sx, out);
+        return;
+    }
+#endif
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *xr = qx + r * k;
         const float *dxr = dx + r * nb, *sxr = sx + r * nb;
