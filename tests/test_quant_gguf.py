@@ -100,10 +100,12 @@ def test_k_quants_and_mixed_fused_matrix(tmp_path, one_thread, monkeypatch):
                 w = module.unpack().dequantize()
                 ref = dense.get_submodule(name).weight
                 assert (w - ref).abs().max() <= 1e-2 * ref.abs().max(), name  # bf16 scales and zeros
-        tokens = torch.randint(0, 96, (2, 20))
+        # 8 x 32 tokens: over 2 x 20, the error of bf16 activations into the kernels was 0.006 on average and
+        # up to 0.016 over 200 draws (4% of them over 1e-2, which failed CI once); over 8 x 32, at most 0.008
+        tokens = torch.randint(0, 96, (8, 32))
         assert torch.equal(model.tok_embeddings(tokens), dense.tok_embeddings(tokens))
         got, want = model(tokens), dense(tokens)
-        assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 activations into the kernels
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 # ------------------------------------------------------------------------------------ the real model
