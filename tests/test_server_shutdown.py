@@ -59,8 +59,9 @@ def _stream(url: str, max_tokens: int, model: str = MODEL) -> tuple[list[dict], 
         return _events(r)
 
 
-def _first_token_seen(server) -> None:
-    _until(lambda: httpx.get(server.url + "/health").json()["running"] >= 1, timeout=30)
+def _running(server, count: int) -> None:
+    """Until `count` requests run: a stream not yet admitted when the signal comes is refused, rightly."""
+    _until(lambda: httpx.get(server.url + "/health").json()["running"] >= count, timeout=30)
 
 
 def test_drain_clock():
@@ -88,7 +89,7 @@ def test_running_requests_finish_while_new_ones_and_health_get_503(engine_driver
     max_tokens = 60
     with ServerThread(build_app(engine_driver, MODEL), shutdown_timeout=30) as server, ThreadPoolExecutor(2) as pool:
         streams = [pool.submit(_stream, server.url, max_tokens) for _ in range(2)]
-        _first_token_seen(server)
+        _running(server, len(streams))  # both: waiting for one let the other arrive after the signal
         server.server.handle_exit(signal.SIGTERM, None)
         health = httpx.get(server.url + "/health")
         refused = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
