@@ -456,7 +456,10 @@ def test_suffix_cache_drafts_from_earlier_requests_and_keeps_greedy_exact(target
     plain = [r.output_ids for r in generate(target, prompts, params)[0]]
     accepted = {}
     for cap in (0, 10_000):
-        engine = Engine(target, None, max_batch=4, speculative=SpeculativeConfig("ngram", 4, suffix_cache_tokens=cap))
+        # backoff off: random prompts make first-round rows lose, and rows then start backed off (it failed CI
+        # once at 67 accepted of the 72 wanted); what is counted here is what the suffix cache proposes
+        spec = SpeculativeConfig("ngram", 4, suffix_cache_tokens=cap, backoff=False)
+        engine = Engine(target, None, max_batch=4, speculative=spec)
         for _ in range(2):  # one request at a time: the second round sees the first round's outputs
             for prompt, want in zip(prompts, plain):
                 request = engine.add(prompt, params)
