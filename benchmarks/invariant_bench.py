@@ -15,7 +15,6 @@ default kernels against invariant ones, and their ratio (the issue's target: >= 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import statistics
@@ -95,12 +94,6 @@ def decode_rates(engine: Engine, vocab: int, args) -> dict[str, float]:
     return rates
 
 
-def free(device) -> None:
-    """Drop what a deleted engine held (it sits in reference cycles) and its compiled graphs."""
-    gc.collect()
-    release_compiled(device)
-
-
 def model_for(fmt: str, base, device):
     return base if QUANT[fmt] is None else quantized(base, QUANT[fmt], device)
 
@@ -121,7 +114,7 @@ def main(argv=None) -> int:
         results["checks"][f"{fmt}_eager"] = passed
         ok &= passed
         del engine, model
-        free(device)  # an engine's 64 rows hold 32 GiB of cache (W = 4096 slots each): one at a time
+        release_compiled(device)  # an engine's 64 rows hold 32 GiB of cache (W = 4096 slots each)
     for fmt in filter(None, args.time_formats.split(",")):
         model, figures = model_for(fmt, base, device), {}
         for mode in ("default", "invariant"):
@@ -133,7 +126,7 @@ def main(argv=None) -> int:
                 results["checks"][f"{fmt}_compiled"] = passed
                 ok &= passed
             del engine
-            free(device)
+            release_compiled(device)
         results["decode"][fmt] = {b: {**{m: figures[m][b] for m in figures}, "ratio": figures["invariant"][b] / figures["default"][b]}
                                   for b in ("b1", "b8")}
         del model

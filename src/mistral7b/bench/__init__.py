@@ -13,6 +13,7 @@ table sets decode after the first token against the limit: the model's resident 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -76,7 +77,10 @@ def peak_gib(args) -> float | None:
 
 
 def release_compiled(device) -> None:
-    """Drop compiled graphs and their CUDA-graph memory pool, so that later peaks are a section's own."""
+    """Drop compiled graphs, their CUDA-graph memory pool and what deleted engines held (in reference
+    cycles until collected: an invariant bench's 64-row cache, 32 GiB, ran the next engine out of memory on
+    an H100), so that later peaks are a section's own."""
+    gc.collect()
     torch._dynamo.reset()
     if torch.device(device).type == "cuda":
         from torch._inductor import cudagraph_trees
