@@ -204,11 +204,16 @@ def test_flex_block_mask_per_row(window):
     assert _rel(got, _naive_attention(q, k, v, q_pos, k_pos, window)) < 1e-5
 
 
+@pytest.mark.parametrize("spare", [5, 0], ids=["written-first", "old-then-new"])
+@pytest.mark.parametrize("kernel", ["c", "sdpa"])
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
-def test_a_few_new_tokens_equal_decode_steps_bit_for_bit(quantize):
+def test_a_few_new_tokens_equal_decode_steps_bit_for_bit(quantize, kernel, spare, monkeypatch):
     """A verify forward of k tokens gives each token's logits exactly as k decode steps do (the quantized
-    CPU kernels are row-invariant; attention goes tokenwise over decode's slot order), for two rows of
-    different lengths, one of them past the rolling buffer's wrap."""
+    CPU kernels are row-invariant; attention reads decode's keys in decode's slot order: `attention_cpu`,
+    or SDPA token by token where it cannot be built), for two rows of different lengths, one of them past
+    the rolling buffer's wrap; its tokens written into the buffer first (a verify with spare slots) or
+    after the old slots (a short prefill chunk)."""
+    from mistral7b import attention_cpu
     from mistral7b.bench import quantized
     from mistral7b.config import ModelConfig
     from mistral7b.model import Transformer
@@ -216,13 +221,15 @@ def test_a_few_new_tokens_equal_decode_steps_bit_for_bit(quantize):
 
     config = ModelConfig(dim=256, n_layers=2, head_dim=32, hidden_dim=512, n_heads=8, n_kv_heads=2, vocab_size=97,
                          sliding_window=12, max_seq_len=64)
+    if kernel == "sdpa":
+        monkeypatch.setattr(attention_cpu, "supports", lambda *tensors: False)
     model = quantized(Transformer(config).eval(), QuantConfig(quantize), torch.device("cpu"))
     dtype, k = model.tok_embeddings.weight.dtype, 5
     lengths = (20, 6)
     tokens = torch.randint(0, 97, (2, max(lengths) + k))
 
     def prefilled():
-        cache = model.new_cache(2, spare_slots=k, dtype=dtype)
+        cache = model.new_cache(2, spare_slots=spare, dtype=dtype)
         for row, n in enumerate(lengths):
             model(tokens[row : row + 1, :n], torch.arange(n)[None], cache, rows=slice(row, row + 1), kv_len=n)
         return cache

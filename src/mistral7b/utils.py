@@ -4,6 +4,7 @@ and the shared GGUF reader, and host-to-device index copies."""
 from __future__ import annotations
 
 import functools
+import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,11 @@ def own_code(fn):
     recompile limit (8), per code object; every cache is new, so decode steps sharing one code object
     made the fifth model or quantization compiled in one process fail with FailOnRecompileLimitHit."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def cache_dir() -> Path:
+    """The cache folder (the default model, built C kernels): $MISTRAL7B_CACHE, else XDG's or ~/.cache's mistral7b."""
+    root = os.environ.get("MISTRAL7B_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mistral7b"
+    )
+    return Path(root)

@@ -15,67 +15,20 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..native import build, cpu_variant
 from .cpu_kernels_c import SOURCE
 
 BLOCK = 32
 # The threads these kernels split a matmul over inside `decode_threads` (None elsewhere: torch's count).
 _DECODE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("m7b_decode_threads", default=None)
 ENV_SWITCH = "MISTRAL7B_INT8_ACTIVATIONS"
-VARIANT_FLAGS = {
-    "vnni": ["-DM7B_VNNI", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
-    "avx2": ["-DM7B_AVX2", "-mavx2", "-mfma", "-mf16c"],
-    "portable": [],
-}
-
-
-def cpu_variant() -> str:
-    """The best build this CPU runs, from its flags (an x86 CPU without AVX2, or Arm: portable C)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    if {"avx512_vnni", "avx512vl", "avx512bw", "avx512dq", "avx2", "fma"} <= flags:
-        return "vnni"
-    if {"avx2", "fma"} <= flags:
-        return "avx2"
-    return "portable"
-
-
-def _build(variant: str) -> Path:
-    from ..default_model import cache_dir
-
-    source = SOURCE.encode()
-    flags = ["-O3", "-std=gnu11", "-fPIC", "-shared"] + VARIANT_FLAGS[variant]
-    tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"m7b_cpu_{variant}_{tag}.so"
-    if target.is_file():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (cc, gcc or clang)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built, source_file = Path(tmp) / target.name, Path(tmp) / "cpu_kernels.c"
-        source_file.write_text(SOURCE)
-        cmd = [compiler, *flags, str(source_file), "-o", str(built), "-lm", "-pthread"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-300:]}")
-        os.replace(built, target)  # atomic: a concurrent process sees no half-written library
-    return target
-
-
 def enabled() -> bool:
     """On unless MISTRAL7B_INT8_ACTIVATIONS=0. On the default model they cost +0.37% perplexity against
     the fp32 dequantized weights (16.7258 vs 16.6646, 27k tokens of tests/data/licenses.txt, context
@@ -96,7 +49,7 @@ def library():
 
 def open_variant(variant: str):
     """Build (once) and load one variant; the tests run every variant the CPU can."""
-    lib = ctypes.CDLL(str(_build(variant)))
+    lib = ctypes.CDLL(str(build(variant, SOURCE, "m7b_cpu")))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.m7b_linear.restype = ctypes.c_int
     lib.m7b_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]

@@ -1,0 +1,242 @@
+"""CPU attention for a few query tokens a row (decode, a speculative verify), in C through ctypes.
+
+Each query token attends over the keys it may see, in slot order, skipping the others; nothing depends
+on how many invisible slots surround them, on the other rows or on the other tokens of the forward. So a
+verify of k + 1 tokens computes each token's attention exactly as the decode step at its position does,
+in one call a layer where SDPA took one call a token (its sums change with the key length and batch: it
+was called over each token's own keys), and a batch of decode rows is one call, each row as alone
+(issue 26). On the default model a call costs 10-30 us where SDPA's cost about 120 us.
+
+Built and loaded like `quant.cpu_kernels` (same compiler, flags and cache folder); float32 only.
+MISTRAL7B_CPU_ATTENTION=0 keeps SDPA (read when first needed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+
+import torch
+from torch import Tensor
+
+from .native import build, cpu_variant
+
+# No trapping math: without it gcc keeps the clamp in `exp_nonpositive` a branch and the loop scalar.
+FLAGS = ("-fno-trapping-math",)
+SOURCE = r"""// Attention of a few query tokens over a KV cache whose slots carry positions (mistral7b.attention).
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+// Sums in fixed lanes and a fixed tree, so one result for given inputs whoever calls; four independent
+// 8-wide accumulators (an FMA's latency is four of its issue slots), explicitly where AVX2 is built: gcc
+// kept the plain loops' accumulators in memory and ran 4x slower.
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+#include <immintrin.h>
+static inline float hsum(__m256 x) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+#endif
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    int64_t d = 0;
+    float total = 0.0f;
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; d + 32 <= n; d += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 16), _mm256_loadu_ps(b + d + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 24), _mm256_loadu_ps(b + d + 24), s3);
+    }
+    for (; d + 8 <= n; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+    total = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+#endif
+    for (; d < n; d++) total += a[d] * b[d];
+    return total;
+}
+
+// scores[i] = q . k[idx[i]] * scale. With AVX2, eight keys at a time (eight independent accumulators,
+// then one transposing reduction), the rest one by one through `dot`.
+static void score_keys(const float *restrict q, const float *restrict k, int64_t stride, const int64_t *restrict idx,
+                       int64_t n, int64_t dim, float scale, float *restrict scores) {
+    int64_t i = 0;
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+    if (dim % 8 == 0) {
+        for (; i + 8 <= n; i += 8) {
+            const float *row[8];
+            __m256 s[8];
+            for (int r = 0; r < 8; r++) row[r] = k + idx[i + r] * stride, s[r] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 8) {
+                const __m256 x = _mm256_loadu_ps(q + d);
+                for (int r = 0; r < 8; r++) s[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(row[r] + d), s[r]);
+            }
+            const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+            const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+            const __m256 lo = _mm256_permute2f128_ps(h0, h1, 0x20), hi = _mm256_permute2f128_ps(h0, h1, 0x31);
+            _mm256_storeu_ps(scores + i, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; i < n; i++) scores[i] = dot(q, k + idx[i] * stride, dim) * scale;
+}
+
+static inline float sum(const float *restrict x, int64_t n) {
+    float lane[8] = {0}, tail = 0.0f;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += x[i + l];
+    for (; i < n; i++) tail += x[i];
+    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])) + tail;
+}
+
+// out[0:width] = sum_i p[i] * v[idx[i] * stride + 0:width] / total, width <= 64: with AVX2 and a width of 64,
+// eight accumulators (each V row read once per query head).
+static inline void weigh(const float *restrict p, const int64_t *restrict idx, int64_t n, const float *restrict v,
+                         int64_t stride, int64_t width, float total, float *restrict out) {
+    float acc[64] = {0};
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+    if (width == 64) {
+        __m256 a[8];
+        for (int l = 0; l < 8; l++) a[l] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 w = _mm256_set1_ps(p[i]);
+            const float *row = v + idx[i] * stride;
+            for (int l = 0; l < 8; l++) a[l] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * l), a[l]);
+        }
+        for (int l = 0; l < 8; l++) _mm256_storeu_ps(acc + 8 * l, a[l]);
+        n = 0;  // done
+    }
+#endif
+    for (int64_t i = 0; i < n; i++)
+        for (int l = 0; l < width; l++) acc[l] += p[i] * v[idx[i] * stride + l];
+    for (int l = 0; l < width; l++) out[l] = acc[l] / total;
+}
+
+// exp(x) for x <= 0 (scores less their maximum), in place, by Cephes' expf polynomial (within 2 ulp):
+// plain arithmetic that vectorises, where libm's expf is a call per score.
+static void exp_nonpositive(float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float y = x[i];
+        y = y > -87.0f ? y : -87.0f;
+        const float k = floorf(y * 1.44269504088896341f + 0.5f);
+        const float r = y - k * 0.693359375f + k * 2.12194440e-4f, z = r * r;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        union { int32_t i; float f; } scale = {.i = ((int32_t)k + 127) << 23};
+        x[i] = (p * z + r + 1.0f) * scale.f;
+    }
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    const int64_t *qs, *ks, *vs;  // strides (row, head, token or slot); the last dim is contiguous
+    const int64_t *q_pos, *k_pos;  // [B, T] and [B, S], contiguous
+    const int32_t *order;  // NULL, or [B, T, S]: the slots each token reads, in order, -1 ends the list
+    int64_t heads, kv_heads, tokens, keys, dim, window;
+    float scale;
+    float *out;  // [B, H, T, D] contiguous
+} Attend;
+
+// Query token t of row b, the query heads of KV head g: softmax(q k^T * scale) v over the visible keys.
+static void attend_one(const Attend *a, int64_t b, int64_t t, int64_t g, int64_t *idx, float *scores) {
+    const int64_t group = a->heads / a->kv_heads, dim = a->dim, qp = a->q_pos[b * a->tokens + t];
+    const int64_t *kpos = a->k_pos + b * a->keys;
+    const int32_t *order = a->order ? a->order + (b * a->tokens + t) * a->keys : NULL;
+    int64_t n = 0;
+    for (int64_t i = 0; qp >= 0 && i < a->keys; i++) {
+        const int64_t s = order ? order[i] : i;
+        if (s < 0) break;
+        const int64_t kp = kpos[s];
+        if (kp >= 0 && kp <= qp && (a->window <= 0 || qp - kp < a->window)) idx[n++] = s;
+    }
+    const float *k = a->k + b * a->ks[0] + g * a->ks[1], *v = a->v + b * a->vs[0] + g * a->vs[1];
+    const float *q = a->q + b * a->qs[0] + g * group * a->qs[1] + t * a->qs[2];
+    for (int64_t j = 0; j < group; j++) score_keys(q + j * a->qs[1], k, a->ks[2], idx, n, dim, a->scale, scores + j * n);
+    for (int64_t j = 0; j < group; j++) {
+        float *row = scores + j * n, top = -INFINITY;
+        for (int64_t i = 0; i < n; i++) top = row[i] > top ? row[i] : top;
+        for (int64_t i = 0; i < n; i++) row[i] -= top;
+        exp_nonpositive(row, n);
+        const float total = n ? sum(row, n) : 1.0f;  // no visible key (an idle row): zeros
+        float *out = a->out + ((b * a->heads + g * group + j) * a->tokens + t) * dim;
+        for (int64_t d = 0; d < dim; d += 64) weigh(row, idx, n, v + d, a->vs[2], dim - d < 64 ? dim - d : 64, total, out + d);
+    }
+}
+
+// Returns 0, or -1 when out of memory.
+int m7b_attend(const float *q, int64_t qs0, int64_t qs1, int64_t qs2, const float *k, int64_t ks0, int64_t ks1,
+               int64_t ks2, const float *v, int64_t vs0, int64_t vs1, int64_t vs2, const int64_t *q_pos,
+               const int64_t *k_pos, const int32_t *order, int64_t batch, int64_t heads, int64_t kv_heads,
+               int64_t tokens, int64_t keys, int64_t dim, int64_t window, float scale, float *out) {
+    const int64_t group = heads / kv_heads;
+    int64_t *idx = malloc(sizeof(int64_t) * (keys ? keys : 1));
+    float *scores = malloc(sizeof(float) * (group * keys + 1));
+    if (!idx || !scores) {
+        free(idx);
+        free(scores);
+        return -1;
+    }
+    const int64_t qs[3] = {qs0, qs1, qs2}, ks[3] = {ks0, ks1, ks2}, vs[3] = {vs0, vs1, vs2};
+    Attend a = {q, k, v, qs, ks, vs, q_pos, k_pos, order, heads, kv_heads, tokens, keys, dim, window, scale, out};
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t t = 0; t < tokens; t++)
+            for (int64_t g = 0; g < kv_heads; g++) attend_one(&a, b, t, g, idx, scores);
+    free(idx);
+    free(scores);
+    return 0;
+}
+"""
+
+
+@functools.cache
+def library():
+    """The loaded library for this CPU, or None (with a one-line notice) when it cannot be built: SDPA then."""
+    if os.environ.get("MISTRAL7B_CPU_ATTENTION", "1") == "0":
+        return None
+    try:
+        return open_variant(cpu_variant())
+    except (OSError, RuntimeError) as exc:
+        print(f"mistral7b: CPU attention kernel unavailable ({exc}); using SDPA", file=sys.stderr)
+        return None
+
+
+def open_variant(variant: str):
+    """Build (once) and load one variant ("vnni" and "avx2" take the AVX2 paths, "portable" plain C)."""
+    lib = ctypes.CDLL(str(build(variant, SOURCE, "m7b_attend", FLAGS)))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.m7b_attend.restype = ctypes.c_int
+    lib.m7b_attend.argtypes = [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [i64] * 7 + [ctypes.c_float, ptr]
+    return lib
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Float32 on a CPU, eagerly, with contiguous head dims, and the library built."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and not torch.compiler.is_compiling() and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and library() is not None)
+
+
+def slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+                   order: Tensor | None = None, lib=None) -> Tensor:
+    """q [B, H, T, D]; k, v [B, KV, S, D]; q_pos [B, T]; k_pos [B, S] (-1: empty). Each query token over
+    the keys it sees (`attention.visible`) in slot order, or `order` [B, T, S] int32 (the slots it reads
+    in turn, -1 ending the list). A query at position -1 gets zeros. `lib`: a variant other than this CPU's."""
+    batch, heads, tokens, dim = q.shape
+    out = torch.empty(batch, heads, tokens, dim, dtype=torch.float32)
+    q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+    status = (lib or library()).m7b_attend(
+        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3], q_pos.data_ptr(), k_pos.data_ptr(), None if order is None else order.data_ptr(), batch, heads, k.shape[1],
+        tokens, k.shape[2], dim, window or 0, dim**-0.5, out.data_ptr())
+    if status:
+        raise MemoryError("CPU attention: no memory for its scores")
+    return out

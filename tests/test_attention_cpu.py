@@ -1,0 +1,112 @@
+"""attention_cpu: the C kernel against a float64 reference written here, on every variant this CPU runs, and
+the property it exists for: a token's output depends only on the keys it sees, not on the slots around them,
+the other tokens of the call or the other rows."""
+
+import math
+
+import pytest
+import torch
+
+from mistral7b import attention_cpu
+from mistral7b.native import cpu_variant
+
+VARIANTS = {"vnni": ["portable", "avx2", "vnni"], "avx2": ["portable", "avx2"], "portable": ["portable"]}[cpu_variant()]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def lib(request):
+    return attention_cpu.open_variant(request.param)
+
+
+def reference(q, k, v, q_pos, k_pos, window):
+    """float64, one query at a time: softmax over the keys with k_pos in (q_pos - window, q_pos]."""
+    batch, heads, tokens, dim = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        for t in range(tokens):
+            p = int(q_pos[b, t])
+            seen = [s for s in range(k.shape[2]) if 0 <= k_pos[b, s] <= p and (window is None or p - k_pos[b, s] < window)]
+            if p < 0 or not seen:
+                continue
+            for h in range(heads):
+                keys, values = k[b, h // group, seen].double(), v[b, h // group, seen].double()
+                weights = torch.softmax(keys @ q[b, h, t].double() / math.sqrt(dim), dim=0)
+                out[b, h, t] = weights @ values
+    return out
+
+
+def case(batch, heads, kv_heads, tokens, slots, dim, gen):
+    """Random q (a transposed view, as the model makes it), K/V as leading slots of a larger buffer, slot
+    positions shuffled with some empty, query positions at and past the latest key."""
+    q = torch.randn(batch, tokens, heads, dim, generator=gen).transpose(1, 2)
+    k = torch.randn(batch + 1, kv_heads, slots + 3, dim, generator=gen)[1:, :, :slots]
+    v = torch.randn(batch + 1, kv_heads, slots + 3, dim, generator=gen)[1:, :, :slots]
+    k_pos = torch.stack([torch.randperm(slots + 4, generator=gen)[:slots] - 2 for _ in range(batch)]).clamp(min=-1)
+    q_pos = (k_pos.max(dim=1, keepdim=True).values + torch.arange(tokens)).clone()
+    return q, k, v, q_pos, k_pos
+
+
+@pytest.mark.parametrize("dim", [16, 64, 72, 128])
+@pytest.mark.parametrize("window", [None, 5])
+def test_matches_reference(lib, dim, window):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v, q_pos, k_pos = case(3, 8, 2, 4, 37, dim, gen)
+    q_pos[1, 2] = -1  # an idle query: zeros
+    got = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window, lib=lib)
+    want = reference(q, k, v, q_pos, k_pos, window)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert torch.allclose(got.double(), want, atol=2e-6, rtol=1e-5)
+    assert torch.equal(got[1, :, 2], torch.zeros_like(got[1, :, 2]))
+
+
+def test_order_reads_the_listed_slots_in_turn(lib):
+    """With `order`, token t reads the slots order[b, t] lists (up to -1): the result is attention over those
+    keys gathered, in that order."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v, q_pos, k_pos = case(2, 4, 2, 3, 20, 32, gen)
+    order = torch.full((2, 3, 20), -1, dtype=torch.int32)
+    for b in range(2):
+        for t in range(3):
+            chosen = torch.randperm(20, generator=gen)[: 5 + 4 * t]
+            order[b, t, : len(chosen)] = chosen.int()
+    got = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, None, order, lib=lib)
+    for b in range(2):
+        for t in range(3):
+            idx = order[b, t][order[b, t] >= 0].long()
+            alone = attention_cpu.slot_attention(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, idx], v[b : b + 1, :, idx],
+                                                 q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, idx], None, lib=lib)
+            assert torch.equal(got[b, :, t], alone[0, :, 0])
+
+
+@pytest.mark.parametrize("dim", [64, 40])
+def test_a_token_is_computed_as_alone_whatever_surrounds_it(lib, dim):
+    """Bit for bit: each (row, token) of a batched call of several tokens equals a call of that row and token
+    alone over only the slots up to its own position, and the invisible slots beyond change nothing."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    batch, tokens, slots = 3, 5, 300
+    q = torch.randn(batch, 9, tokens, dim, generator=gen)
+    k, v = torch.randn(batch, 3, slots, dim, generator=gen), torch.randn(batch, 3, slots, dim, generator=gen)
+    k_pos = torch.arange(slots).expand(batch, slots).clone()
+    starts = torch.randint(20, slots - tokens, (batch,), generator=gen)
+    k_pos[k_pos >= (starts + tokens)[:, None]] = -1
+    q_pos = starts[:, None] + torch.arange(tokens)
+    together = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 64, lib=lib)
+    for b in range(batch):
+        for t in range(tokens):
+            n = int(q_pos[b, t]) + 1
+            alone = attention_cpu.slot_attention(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
+                                                 q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, :n], 64, lib=lib)
+            assert torch.equal(together[b, :, t], alone[0, :, 0]), (b, t)
+
+
+def test_switch_off_keeps_sdpa(monkeypatch):
+    monkeypatch.setenv("MISTRAL7B_CPU_ATTENTION", "0")
+    attention_cpu.library.cache_clear()
+    try:
+        q = torch.randn(1, 4, 1, 16)
+        assert attention_cpu.library() is None and not attention_cpu.supports(q, q, q)
+    finally:
+        monkeypatch.delenv("MISTRAL7B_CPU_ATTENTION")
+        attention_cpu.library.cache_clear()
+    assert attention_cpu.supports(q, q, q)
