@@ -52,14 +52,16 @@ def random_case(kind: str, n: int, k: int, group: int, seed: int):
 
 
 @pytest.mark.parametrize("variant", VARIANTS[cpu_kernels.cpu_variant()])
+@pytest.mark.parametrize("rows", [13, 5, 7])
 @pytest.mark.parametrize("kind,group", [("int4", 32), ("int4", 64), ("int8", 32), ("int8z", 32), ("int8", 96)])
-def test_kernel_matches_numpy_reference(variant, kind, group):
+def test_kernel_matches_numpy_reference(variant, kind, group, rows):
     lib = cpu_kernels.open_variant(variant)
     # rows not a multiple of the 4-row or 16-row tiles; 9 blocks of 32 leave a tail to the block pairs
     n, k = 37, 288 if 288 % group == 0 else 384
     weight = random_case(kind, n, k, group, seed=group)
     offset = 8 if kind == "int4" else 0
-    x = torch.randn(13, k, generator=torch.Generator().manual_seed(1))  # three grids of 4 rows, then one
+    # 13: three grids of 4 rows, then one; 5 and 7: AVX2's one-pass grid of a verify's rows
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     x[2, :32] = 0  # an all-zero block
     want = reference(x.numpy(), weight.q.numpy(), offset, weight.scale.double().numpy(),
                      None if weight.zero is None else weight.zero.double().numpy())
@@ -110,7 +112,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(fmt, threads):
     torch.set_num_threads(threads)
     try:
         alone = module(row)
-        for batch in (2, 3, 8, 33):  # grids of 4 rows, and tails of 1, 2 and 3
+        for batch in (2, 3, 5, 7, 8, 33):  # grids of 4 rows, tails of 1, 2 and 3, AVX2's grids of 5 to 8
             others = torch.randn(batch, k)
             for at in (0, batch // 2, batch - 1):
                 mixed = others.clone()

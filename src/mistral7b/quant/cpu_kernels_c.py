@@ -218,7 +218,7 @@ static inline __attribute__((always_inline)) void grid_dot_avx2(
                 for (int64_t b = 0; b < nb; b++) offset += h2f(m[r * nb + b]) * sx[s * nb + b];
             out[s * n + r] = offset;
         }
-    __m256 acc[2][4];
+    __m256 acc[2][8];
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++) acc[r][s] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++)
@@ -252,6 +252,21 @@ static inline __attribute__((always_inline)) void grid_dot_avx2(
 static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
                       const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
                       const float *dx, const float *sx, float *out) {
+#if defined(M7B_AVX2)
+    if (rows > 4 && rows <= 8) {  // a verify of k + 1 <= 8 tokens: one pass over the weights, not two
+        for (int64_t j = lo; j < hi; j++) {
+            const uint8_t *wj = w + j * wrow;
+            const uint16_t *dj = d + j * nb, *mj = m ? m + j * nb : m;
+            switch (rows) {
+                case 8: GRID(1, 8, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n); break;
+                case 7: GRID(1, 7, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n); break;
+                case 6: GRID(1, 6, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n); break;
+                default: GRID(1, 5, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n);
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t s = 0; s < rows; s += 4) {
         const int S = rows - s < 4 ? (int)(rows - s) : 4;
         const int8_t *xs = qx + s * k;
