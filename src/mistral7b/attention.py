@@ -109,9 +109,9 @@ def row_key_counts(memo: dict | None, q_pos: Tensor, slots: int) -> list[int]:
 
 
 def rowwise_decode_attention(q: Tensor, k: Tensor, v: Tensor, counts: list[int], mask: Tensor) -> Tensor:
-    """CPU decode, one row at a time over the keys it would read alone (`row_key_counts`): SDPA's
-    arithmetic depends on the key length, which in a batch is the longest row's, so a greedy answer
-    changed with the batch it ran in (issue 26)."""
+    """CPU decode through SDPA (where `attention_cpu` cannot run: no compiler, bf16), one row at a time
+    over the keys it would read alone (`row_key_counts`): SDPA's arithmetic depends on the key length,
+    which in a batch is the longest row's, so a greedy answer changed with the batch it ran in (issue 26)."""
     out = torch.zeros_like(q)
     for row, n in enumerate(counts):
         if n == 0:
@@ -139,8 +139,8 @@ def decode_order(q_pos: list[list[int]], old: int, size: int) -> list[list[list[
 
 def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
                         size: int, memo: dict | None, written_first: bool = False) -> Tensor:
-    """CPU, a few new tokens a row (a speculative verify, a short prefill chunk): each token exactly as the
-    decode step at its position computes it, over the same keys in the same slot order, so a verified
+    """CPU through SDPA (where `attention_cpu` cannot run), a few new tokens a row (a speculative verify, a
+    short prefill chunk): each token exactly as the decode step at its position computes it, over the same keys in the same slot order, so a verified
     draft's logits equal plain decoding's bit for bit (one SDPA over the old slots followed by the new
     tokens summed in another order once the buffer had wrapped: 20 of 30 greedy answers of the quantized
     default model parted from plain decoding). k/v are the old slots followed by the new tokens, or
