@@ -225,26 +225,51 @@ def test_plain_cost_is_probed_with_a_group_of_steps():
     assert [len(r.output_ids) - n for r, n in zip(requests, before)] == [4, 4]
 
 
-def test_ngram_rows_that_never_match_back_off_where_lone_steps_cost_two(monkeypatch):
-    """Random prompts give n-gram little to match: nearly every step is a lone one. Scored at twice a plain step's
-    cost, rows back off into grouped plain decoding (and lone steps get rarer); at the same cost they keep
-    trying. Output equals plain decoding either way."""
+def test_ngram_rows_without_a_match_sleep_where_lone_steps_cost_two(monkeypatch):
+    """Random prompts give n-gram little to match: nearly every step would be a lone one. At a plain step's
+    cost rows keep trying, lone step after lone step; at twice it (a GPU's host read) a row without a match
+    sleeps, decoding in plain groups, and the engine's probe of each group's tokens wakes it when its
+    n-gram matches. Output equals plain decoding either way."""
     target = tiny(seed=1)
     prompts = random_prompts((7, 19, 33), seed=9)
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     plain, _ = generate(target, prompts, params)
-    backoffs = {}
+    policies = {}
     # No verify loses, whatever this box's timings: only lone steps decide.
     monkeypatch.setattr(SpecBackoff, "break_even", property(lambda self: 1.0))
-    for cost in (1.0, 2.0):
+    # As on a GPU too: groups of 4 steps, the next launched before the last is read (probed as it is read).
+    for cost, options in ((1.0, {}), (2.0, {}), (2.0, {"decode_steps": 4, "pipeline": True})):
         monkeypatch.setattr(SpecBackoff, "lone_cost", property(lambda self, cost=cost: cost))
-        out, engine = generate(target, prompts, params, SpeculativeConfig("ngram", 3, min_ngram=3))
+        out, engine = generate(target, prompts, params, SpeculativeConfig("ngram", 3, min_ngram=3), **options)
         assert [r.output_ids for r in out] == [r.output_ids for r in plain]
-        stats = engine.speculator.stats
-        assert stats.verify_rows < stats.row_steps / 10  # few matches: the test's premise
-        assert engine.speculator.backoff.lone_s > 0  # the engine times its lone steps
-        backoffs[cost] = engine.speculator.backoff.backoffs
-    assert backoffs[1.0] == 0 and backoffs[2.0] >= len(prompts)
+        policies[cost, bool(options)], stats = engine.speculator.backoff, engine.speculator.stats
+        assert 0 < stats.verify_rows < len(prompts) * 64 / 10  # few matches, some: the test's premise
+    trying = policies[1.0, False]
+    assert trying.sleeps == trying.backoffs == 0 and trying.lone_s > 0  # the engine times its lone steps
+    for sleeping in (policies[2.0, False], policies[2.0, True]):
+        assert sleeping.sleeps >= len(prompts) and sleeping.backoffs == 0 and sleeping.lone_s is None  # none taken
+        assert sleeping.wakes >= 1  # a probe found a match in a sleeping row's tokens
+
+
+def test_a_row_sleeps_only_where_the_proposer_probes_and_lone_steps_cost():
+    """Sleeping (`probes`) replaces the lone step's score; without probes the lone step is scored as before;
+    a seeded row neither sleeps nor backs off; a woken row speculates again."""
+    for probes in (False, True):
+        policy = SpecBackoff("cuda", 4, False, probes=probes)
+        policy.time_plain(0.010)
+        for _ in range(LONE_SAMPLES):
+            policy.time_lone(0.025)
+        r, seeded = row("r"), row("seeded")
+        seeded.params = SimpleNamespace(seed=3)
+        for _ in range(3):
+            policy.observe_empty(r)
+            policy.observe_empty(seeded)
+        assert not policy.speculating(r) and policy.speculating(seeded)
+        assert (policy.sleeps > 0, policy.backoffs > 0) == (probes, not probes)
+        assert policy.asleep([r, seeded]) == ([r] if probes else [])
+        if probes:
+            policy.wake(r)
+            assert policy.speculating(r) and policy.wakes == 1
 
 
 def test_seeded_rows_never_back_off():

@@ -228,6 +228,7 @@ class Engine:
         else:
             self._steps_read += steps
             deltas += self.scheduler.update_from_output(decoding, group.tokens.tolist(), logprobs)
+            self._probe(decoding)
 
     def _speculate(self, decoding: list[Request], deltas: list[Delta], timed: bool = True) -> None:
         """One speculative step (propose, verify, accept) for every decoding row, after reading any
@@ -243,6 +244,9 @@ class Engine:
             self._plain_steps(decoding, deltas, timed=True)
             return
         proposal = self.speculator.propose(decoding)
+        if proposal is None and backoff.probes and backoff.lone_steps_cost and backoff.deciding(decoding):
+            self._decode(decoding, deltas)  # the rows without drafts sleep (spec_backoff): a group, as plain
+            return
         if proposal is None:
             self._plain_steps(decoding, deltas, max_steps=1)  # one step: the next may have a proposal
             if timed:
@@ -285,6 +289,12 @@ class Engine:
         self._inflight = None
         self._steps_read += group.steps
         deltas += self.scheduler.update_from_output(group.requests, group.read(), [None] * group.steps)
+        self._probe(group.requests)
+
+    def _probe(self, requests: list[Request]) -> None:
+        """Plain steps' tokens were read: sleeping speculative rows look for a draft again."""
+        if self.speculator is not None:
+            self.speculator.probe(requests)
 
 
 def _remaining(decoding: list[Request], prev: DecodeGroup | None) -> int:

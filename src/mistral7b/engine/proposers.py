@@ -121,6 +121,10 @@ class NgramProposer:
             tokens.append(own)
         return Proposal(tokens, [None] * len(requests))
 
+    def has_draft(self, request: Request) -> bool:
+        """Whether a proposal now would hold a token (`SpecBackoff.probes`): a lookup, no device work."""
+        return bool(self.propose([request], [1], None).tokens[0])
+
     def rollback(self, request: Request, kept: int) -> None:
         pass
 

@@ -8,7 +8,7 @@ model, H100, 2026-12-05f), where a plain row would decode in groups of steps wit
 between them. Such a row decodes plainly for a number of tokens that doubles at each failed retry.
 
 A speculating row whose proposer finds nothing (n-gram without a match) decodes a lone step, with a host
-read of its own. On a GPU that costs about two plain steps in a group (2.4 ms against 1.1 on the default
+read of its own (where lone steps measure costly, an n-gram row sleeps instead: below). On a GPU that costs about two plain steps in a group (2.4 ms against 1.1 on the default
 model, H100, 2026-12-06c, solved from the n-gram table's tokens per forward), and n-gram then ran at 0.76x
 of plain on grounded prompts and 0.47x on open ones, every row speculating throughout. So each attempt is
 scored by its gain in tokens over plain decoding at the same cost: a verify's 1 + accepted - `break_even`,
@@ -19,7 +19,13 @@ A row backs off while its running gain is below zero.
 step's; `lone_cost` the same for a lone step. Until both sides are known they are the priors below. Each
 time is the lower median of its last few samples, and plain decoding is timed again every REPROBE_STEPS
 speculative steps: one slow sample (a CUDA graph recorded for a new length inside the timed step) must not
-decide for good. The output is unchanged: each token is the target's exactly either way. Seeded rows always speculate: whether
+decide for good.
+
+Where a lone step measures costly and the proposer can say cheaply whether a row has a draft (n-gram:
+`probes`), a row without one sleeps instead of being scored: it decodes in plain groups, and the engine
+looks up its n-gram each time it reads a group's tokens (microseconds, no device work), waking the row
+when a match appears. Open chat then pays no lone steps, where retrying after each backoff span took
+n-gram to 0.89x of plain speed on an H100 (default model, 2026-12-06d). The output is unchanged: each token is the target's exactly either way. Seeded rows always speculate: whether
 a row speculates changes which random numbers it draws, and timings must not decide a seeded request's
 text.
 """
@@ -52,6 +58,7 @@ class _Row:
     gain: float  # running mean of an attempt's gain in tokens over plain decoding
     skip_until: int = 0  # the row speculates again once it has this many output tokens
     skip: int = MIN_SKIP  # tokens of plain decoding after its next failed verify
+    asleep: bool = False  # no draft, and lone steps cost: plain groups until a probe finds one
 
 
 class SpecBackoff:
@@ -61,8 +68,9 @@ class SpecBackoff:
     speculative step costs more plain steps than a verify can emit tokens (k + 1), rows back off for the
     longest span at once."""
 
-    def __init__(self, device_type: str, num_tokens: int, drafts_with_model: bool, enabled: bool = True):
-        self.enabled, self.num_tokens = enabled, num_tokens
+    def __init__(self, device_type: str, num_tokens: int, drafts_with_model: bool, enabled: bool = True,
+                 probes: bool = False):
+        self.enabled, self.num_tokens, self.probes = enabled, num_tokens, probes
         self.prior = PRIOR_VERIFY_COST.get(device_type, PRIOR_VERIFY_COST["cpu"]) \
             + (num_tokens * PRIOR_DRAFT_STEP_COST if drafts_with_model else 0.0)
         self.timings = {kind: deque(maxlen=TIMING_SAMPLES) for kind in ("speculative", "lone", "plain")}
@@ -71,6 +79,7 @@ class SpecBackoff:
         # Per request, gone with it (finished or aborted); requests compare by identity.
         self.rows: weakref.WeakKeyDictionary[Request, _Row] = weakref.WeakKeyDictionary()
         self.backoffs = 0  # times a row stopped speculating
+        self.sleeps = self.wakes = 0  # times a row fell asleep (`probes`), and a probe woke one
 
     def _seconds(self, kind: str) -> float | None:
         samples = sorted(self.timings[kind])
@@ -110,6 +119,15 @@ class SpecBackoff:
         """Measured, a speculative step costs more than the k + 1 tokens a verify can emit at best."""
         return self.plain_s is not None and self.speculative_s is not None and self.break_even > self.num_tokens + 1
 
+    @property
+    def lone_steps_cost(self) -> bool:
+        """Measured, a lone step costs clearly more than a plain step in a group (a GPU's host read)."""
+        return self.lone_cost > 1.0 + LONE_MARGIN
+
+    def deciding(self, requests: list[Request]) -> bool:
+        """Every one of these rows may be decided for by timings (none is seeded)."""
+        return all(map(self._decides, requests))
+
     def _decides(self, request: Request) -> bool:
         """Backoff is on and the request has no seed: whether a seeded row speculates changes its draws,
         and timings must not."""
@@ -122,7 +140,7 @@ class SpecBackoff:
         if row is None and self.gain_mean is not None and self.gain_mean < 0.0:  # a new row where attempts lose
             row = self.rows[request] = _Row(0.0)
             self._back_off(request, row)
-        return row is None or len(request.output_ids) >= row.skip_until
+        return row is None or (not row.asleep and len(request.output_ids) >= row.skip_until)
 
     def observe(self, request: Request, accepted: int) -> None:
         """A verify of `request` kept `accepted` draft tokens."""
@@ -132,16 +150,31 @@ class SpecBackoff:
         """`request` speculated but had no draft, and no other row had one: it decoded a lone step. Scored
         only where that clearly costs more than a plain step (timings under load are noisy): a step that
         cost what plain decoding does is no evidence, and scoring it 0 would wash out the row's verifies."""
-        cost = self.lone_cost
-        if cost > 1.0 + LONE_MARGIN:
-            self._score(request, 1.0 - cost)
+        if not self.lone_steps_cost:
+            return
+        if self.probes and self._decides(request):
+            self._row(request).asleep = True
+            self.sleeps += 1
+        else:
+            self._score(request, 1.0 - self.lone_cost)
+
+    def asleep(self, requests: list[Request]) -> list[Request]:
+        return [r for r in requests if r in self.rows and self.rows[r].asleep]
+
+    def wake(self, request: Request) -> None:
+        """A probe found `request` a draft: it speculates again."""
+        self.rows[request].asleep = False
+        self.wakes += 1
+
+    def _row(self, request: Request) -> _Row:
+        threshold = self.break_even - 1.0
+        return self.rows.setdefault(request, _Row(max(threshold, 1.0 - threshold)))  # one failure is no verdict
 
     def _score(self, request: Request, gain: float) -> None:
         if not self._decides(request):
             return
         self.gain_mean = gain if self.gain_mean is None else self.gain_mean + GLOBAL_SMOOTHING * (gain - self.gain_mean)
-        threshold = self.break_even - 1.0
-        row = self.rows.setdefault(request, _Row(max(threshold, 1.0 - threshold)))  # one failure is no verdict
+        row = self._row(request)
         row.gain += SMOOTHING * (gain - row.gain)
         if row.gain >= 0.0:
             row.skip = MIN_SKIP

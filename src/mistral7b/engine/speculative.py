@@ -156,7 +156,14 @@ class Speculator:
         self.backoff = self._new_backoff(config.backoff)
 
     def _new_backoff(self, enabled: bool) -> SpecBackoff:
-        return SpecBackoff(self.runner.device.type, self.config.num_tokens, self.config.method != "ngram", enabled)
+        return SpecBackoff(self.runner.device.type, self.config.num_tokens, self.config.method != "ngram", enabled,
+                           probes=hasattr(self.proposer, "has_draft"))
+
+    def probe(self, requests: list[Request]) -> None:
+        """After plain steps were read: wake each sleeping row whose proposer now finds a draft."""
+        for r in self.backoff.asleep(requests):
+            if not r.finished and self.proposer.has_draft(r):
+                self.backoff.wake(r)
 
     def active(self, decoding: list[Request]) -> bool:
         """Whether this step speculates: the batch is small enough and some row has not backed off."""
