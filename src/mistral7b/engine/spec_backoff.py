@@ -8,7 +8,8 @@ model, H100, 2026-12-05f), where a plain row would decode in groups of steps wit
 between them. Such a row decodes plainly for a number of tokens that doubles at each failed retry.
 
 A speculating row whose proposer finds nothing (n-gram without a match) decodes a lone step, with a host
-read of its own (where lone steps measure costly, an n-gram row sleeps instead: below). On a GPU that costs about two plain steps in a group (2.4 ms against 1.1 on the default
+read of its own (where that measures costly, an n-gram row sleeps instead: below). On a GPU a lone step
+costs about two plain steps in a group (2.4 ms against 1.1 on the default
 model, H100, 2026-12-06c, solved from the n-gram table's tokens per forward), and n-gram then ran at 0.76x
 of plain on grounded prompts and 0.47x on open ones, every row speculating throughout. So each attempt is
 scored by its gain in tokens over plain decoding at the same cost: a verify's 1 + accepted - `break_even`,
@@ -25,7 +26,9 @@ Where a lone step measures costly and the proposer can say cheaply whether a row
 `probes`), a row without one sleeps instead of being scored: it decodes in plain groups, and the engine
 looks up its n-gram each time it reads a group's tokens (microseconds, no device work), waking the row
 when a match appears. Open chat then pays no lone steps, where retrying after each backoff span took
-n-gram to 0.89x of plain speed on an H100 (default model, 2026-12-06d). The output is unchanged: each token is the target's exactly either way. Seeded rows always speculate: whether
+n-gram to 0.89x of plain speed on an H100 (default model, 2026-12-06d; not yet measured since).
+
+The output is unchanged: each token is the target's exactly either way. Seeded rows always speculate: whether
 a row speculates changes which random numbers it draws, and timings must not decide a seeded request's
 text.
 """
@@ -147,9 +150,10 @@ class SpecBackoff:
         self._score(request, 1.0 + accepted - self.break_even)
 
     def observe_empty(self, request: Request) -> None:
-        """`request` speculated but had no draft, and no other row had one: it decoded a lone step. Scored
-        only where that clearly costs more than a plain step (timings under load are noisy): a step that
-        cost what plain decoding does is no evidence, and scoring it 0 would wash out the row's verifies."""
+        """`request` speculated but had no draft, and no other row had one. Only where a lone step clearly
+        costs more than a plain step (timings under load are noisy: a step that cost what plain decoding
+        does is no evidence, and scoring it 0 would wash out the row's verifies), the row sleeps (`probes`)
+        or the lone step it decoded is scored as a loss."""
         if not self.lone_steps_cost:
             return
         if self.probes and self._decides(request):
@@ -159,6 +163,7 @@ class SpecBackoff:
             self._score(request, 1.0 - self.lone_cost)
 
     def asleep(self, requests: list[Request]) -> list[Request]:
+        """Those of `requests` that sleep until a probe finds them a draft."""
         return [r for r in requests if r in self.rows and self.rows[r].asleep]
 
     def wake(self, request: Request) -> None:
