@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mistral7b.native import cpu_variant
 from mistral7b.quant import cpu_kernels
 from mistral7b.quant.linear import Int4Linear, Int8Linear
 from mistral7b.quant.qtensor import QuantizedWeight, WeightFormat, quantize_int4
@@ -51,7 +52,7 @@ def random_case(kind: str, n: int, k: int, group: int, seed: int):
     return QuantizedWeight("int8", q, scale, zero if kind == "int8z" else None, group)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[cpu_kernels.cpu_variant()])
+@pytest.mark.parametrize("variant", VARIANTS[cpu_variant()])
 @pytest.mark.parametrize("rows", [13, 5, 7])
 @pytest.mark.parametrize("kind,group", [("int4", 32), ("int4", 64), ("int8", 32), ("int8z", 32), ("int8", 96)])
 def test_kernel_matches_numpy_reference(variant, kind, group, rows):

@@ -166,11 +166,11 @@ def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
 
 
 def _slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
-                    size: int | None, memo: dict | None, written_first: bool) -> Tensor:
+                    size: int, memo: dict | None, written_first: bool) -> Tensor:
     """A decode step or a few new tokens on a CPU through `attention_cpu`: each token over the keys its decode
     step reads, in that step's slot order (the buffer itself when it was written first, else
     `decode_order`'s view of the old slots and the new tokens)."""
-    if q.shape[2] == 1 or written_first or size is None:
+    if q.shape[2] == 1 or written_first:
         return attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window)
     memo = {} if memo is None else memo
     key = ("slot_order", size, k.shape[2] - q.shape[2])

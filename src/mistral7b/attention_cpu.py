@@ -16,12 +16,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 
 import torch
 from torch import Tensor
 
-from .native import build, cpu_variant
+from .native import build, load_or_none
 
 # No trapping math: without it gcc keeps the clamp in `exp_nonpositive` a branch and the loop scalar.
 FLAGS = ("-fno-trapping-math",)
@@ -147,10 +146,9 @@ typedef struct {
     float *out;  // [B, H, T, D] contiguous
 } Attend;
 
-// Query token t of row b, the query heads of KV head g: softmax(q k^T * scale) v over the visible keys.
-static void attend_one(const Attend *a, int64_t b, int64_t t, int64_t g, int64_t *idx, float *scores) {
-    const int64_t group = a->heads / a->kv_heads, dim = a->dim, qp = a->q_pos[b * a->tokens + t];
-    const int64_t *kpos = a->k_pos + b * a->keys;
+// The slots query token t of row b sees, in the order it reads them, into idx; their count.
+static int64_t visible_keys(const Attend *a, int64_t b, int64_t t, int64_t *idx) {
+    const int64_t qp = a->q_pos[b * a->tokens + t], *kpos = a->k_pos + b * a->keys;
     const int32_t *order = a->order ? a->order + (b * a->tokens + t) * a->keys : NULL;
     int64_t n = 0;
     for (int64_t i = 0; qp >= 0 && i < a->keys; i++) {
@@ -159,6 +157,13 @@ static void attend_one(const Attend *a, int64_t b, int64_t t, int64_t g, int64_t
         const int64_t kp = kpos[s];
         if (kp >= 0 && kp <= qp && (a->window <= 0 || qp - kp < a->window)) idx[n++] = s;
     }
+    return n;
+}
+
+// Query token t of row b, the query heads of KV head g: softmax(q k^T * scale) v over its n visible keys.
+static void attend_one(const Attend *a, int64_t b, int64_t t, int64_t g, const int64_t *idx, int64_t n,
+                       float *scores) {
+    const int64_t group = a->heads / a->kv_heads, dim = a->dim;
     const float *k = a->k + b * a->ks[0] + g * a->ks[1], *v = a->v + b * a->vs[0] + g * a->vs[1];
     const float *q = a->q + b * a->qs[0] + g * group * a->qs[1] + t * a->qs[2];
     for (int64_t j = 0; j < group; j++) score_keys(q + j * a->qs[1], k, a->ks[2], idx, n, dim, a->scale, scores + j * n);
@@ -189,8 +194,10 @@ int m7b_attend(const float *q, int64_t qs0, int64_t qs1, int64_t qs2, const floa
     const int64_t qs[3] = {qs0, qs1, qs2}, ks[3] = {ks0, ks1, ks2}, vs[3] = {vs0, vs1, vs2};
     Attend a = {q, k, v, qs, ks, vs, q_pos, k_pos, order, heads, kv_heads, tokens, keys, dim, window, scale, out};
     for (int64_t b = 0; b < batch; b++)
-        for (int64_t t = 0; t < tokens; t++)
-            for (int64_t g = 0; g < kv_heads; g++) attend_one(&a, b, t, g, idx, scores);
+        for (int64_t t = 0; t < tokens; t++) {
+            const int64_t n = visible_keys(&a, b, t, idx);  // once for all its KV heads
+            for (int64_t g = 0; g < kv_heads; g++) attend_one(&a, b, t, g, idx, n, scores);
+        }
     free(idx);
     free(scores);
     return 0;
@@ -203,11 +210,7 @@ def library():
     """The loaded library for this CPU, or None (with a one-line notice) when it cannot be built: SDPA then."""
     if os.environ.get("MISTRAL7B_CPU_ATTENTION", "1") == "0":
         return None
-    try:
-        return open_variant(cpu_variant())
-    except (OSError, RuntimeError) as exc:
-        print(f"mistral7b: CPU attention kernel unavailable ({exc}); using SDPA", file=sys.stderr)
-        return None
+    return load_or_none(open_variant, "CPU attention kernel", "using SDPA")
 
 
 def open_variant(variant: str):
@@ -235,8 +238,9 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor
     out = torch.empty(batch, heads, tokens, dim, dtype=torch.float32)
     q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
     status = (lib or library()).m7b_attend(
-        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3], q_pos.data_ptr(), k_pos.data_ptr(), None if order is None else order.data_ptr(), batch, heads, k.shape[1],
-        tokens, k.shape[2], dim, window or 0, dim**-0.5, out.data_ptr())
+        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3], q_pos.data_ptr(),
+        k_pos.data_ptr(), None if order is None else order.data_ptr(), batch, heads, k.shape[1], tokens, k.shape[2],
+        dim, window or 0, dim**-0.5, out.data_ptr())
     if status:
         raise MemoryError("CPU attention: no memory for its scores")
     return out

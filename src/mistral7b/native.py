@@ -8,7 +8,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .utils import cache_dir
@@ -53,3 +55,12 @@ def build(variant: str, source: str, stem: str, extra_flags: tuple[str, ...] = (
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-300:]}")
         os.replace(built, target)  # atomic: a concurrent process sees no half-written library
     return target
+
+
+def load_or_none(open_variant: Callable[[str], object], what: str, fallback: str):
+    """`open_variant` of this CPU's variant, or None with a one-line notice (no compiler, a failed build)."""
+    try:
+        return open_variant(cpu_variant())
+    except (OSError, RuntimeError) as exc:
+        print(f"mistral7b: {what} unavailable ({exc}); {fallback}", file=sys.stderr)
+        return None

@@ -244,8 +244,8 @@ class Engine:
             self._plain_steps(decoding, deltas, timed=True)
             return
         proposal = self.speculator.propose(decoding)
-        if proposal is None and backoff.probes and backoff.lone_steps_cost and backoff.deciding(decoding):
-            self._decode(decoding, deltas)  # the rows without drafts sleep (spec_backoff): a group, as plain
+        if proposal is None and backoff.sleeping_rows_decode_in_groups(decoding):
+            self._decode(decoding, deltas)
             return
         if proposal is None:
             self._plain_steps(decoding, deltas, max_steps=1)  # one step: the next may have a proposal

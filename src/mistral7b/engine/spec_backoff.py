@@ -127,9 +127,11 @@ class SpecBackoff:
         """Measured, a lone step costs clearly more than a plain step in a group (a GPU's host read)."""
         return self.lone_cost > 1.0 + LONE_MARGIN
 
-    def deciding(self, requests: list[Request]) -> bool:
-        """Every one of these rows may be decided for by timings (none is seeded)."""
-        return all(map(self._decides, requests))
+    def sleeping_rows_decode_in_groups(self, requests: list[Request]) -> bool:
+        """No row had a draft: the rows that wanted one fell asleep (`observe_empty`), so the step decodes a
+        plain group rather than a lone step. Not over a seeded row, whose chances to speculate a group
+        would change by timings."""
+        return self.probes and self.lone_steps_cost and all(map(self._decides, requests))
 
     def _decides(self, request: Request) -> bool:
         """Backoff is on and the request has no seed: whether a seeded row speculates changes its draws,

@@ -16,13 +16,12 @@ import contextvars
 import ctypes
 import functools
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..native import build, cpu_variant
+from ..native import build, load_or_none
 from .cpu_kernels_c import SOURCE
 
 BLOCK = 32
@@ -40,11 +39,7 @@ def enabled() -> bool:
 @functools.cache
 def library():
     """The loaded kernel library for this CPU, or None (with a one-line notice) when it cannot be built."""
-    try:
-        return open_variant(cpu_variant())
-    except (OSError, RuntimeError) as exc:
-        print(f"mistral7b: integer CPU kernels unavailable ({exc}); using torch's kernels", file=sys.stderr)
-        return None
+    return load_or_none(open_variant, "integer CPU kernels", "using torch's kernels")
 
 
 def open_variant(variant: str):
