@@ -17,7 +17,8 @@
 #   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-backoff  # the same at b1 as served: failing rows back off to plain decoding
-#   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below)
+#   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below;
+#                                       SPEC_METHODS=ngram for n-gram alone)
 #   bash benchmarks/h200.sh spec-real-invariant  # the same, n-gram, in the batch-invariant mode (same carry)
 #   bash benchmarks/h200.sh stage-model  # the first part of the default model, for spec-real's call (see below)
 #   bash benchmarks/h200.sh lora       # LoRA: 4 rank-16 adapters against the base model, compiled (triton, fused)
@@ -170,7 +171,7 @@ spec-real)  # the default model from its parts (stage-model); spec_bench checks 
     # TORCH_LOGS: a graph compiled inside a timed prompt (4.31 s against 0.2, 2026-12-05g) names its function
     # ("start tracing F", or a recompile with its reason) just above that prompt's line in the log.
     step spec-real 540 env TORCH_LOGS=recompiles,dynamo python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf \
-        --device cuda --methods ngram,self-int4 --backoff both --json "$OUT/spec.json" ;;
+        --device cuda --methods "${SPEC_METHODS:-ngram,self-int4}" --backoff both --json "$OUT/spec.json" ;;
 spec-real-invariant)  # n-gram in the batch-invariant mode (parts staged as for spec-real): identical 38/38 expected
     default_model || { status=1; continue; }
     step spec-real-invariant 400 python3 benchmarks/spec_bench.py --model /tmp/smollm2.gguf --device cuda \

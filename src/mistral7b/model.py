@@ -29,16 +29,18 @@ SINGLE_ROW_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": Tr
 def fused(fn):
     """On CUDA, compile an elementwise chain into one kernel: eagerly it is several passes over
     memory, which shows in prefill. Inside an outer torch.compile it is simply traced; on CPU it
-    runs as written."""
-    compiled = None
+    runs as written. Each kind of call (dtypes, which sizes are 1: dynamo specialises both) gets a
+    code object of its own, so that several models and dtypes in one process never reach dynamo's
+    recompile limit of 8 a code object (the smoke suite did, on an H100, 2026-12-06)."""
+    compiled = {}
 
     @functools.wraps(fn)
     def wrapper(*args):
-        nonlocal compiled
         if args[0].is_cuda and not torch.compiler.is_compiling():
-            if compiled is None:
-                compiled = torch.compile(fn, dynamic=True)
-            return compiled(*args)
+            kind = tuple((a.dtype, tuple(n == 1 for n in a.shape)) for a in args if isinstance(a, Tensor))
+            if kind not in compiled:
+                compiled[kind] = torch.compile(own_code(fn), dynamic=True)
+            return compiled[kind](*args)
         return fn(*args)
 
     return wrapper
