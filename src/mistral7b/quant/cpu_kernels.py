@@ -101,7 +101,9 @@ def pack_nibbles(q: Tensor) -> Tensor:
     low nibble and element j + 16 in its high one (GGUF's Q4_0/Q4_1 layout)."""
     n, k = q.shape
     blocks = q.reshape(n, k // BLOCK, 2, BLOCK // 2)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    packed = torch.empty(n, k // BLOCK, BLOCK // 2, dtype=torch.uint8, device=q.device)
+    torch.bitwise_left_shift(blocks[:, :, 1], 4, out=packed)  # in place: no temporaries the size of q
+    return packed.bitwise_or_(blocks[:, :, 0]).view(n, k // 2)
 
 
 def unpack_nibbles(packed: Tensor) -> Tensor:
