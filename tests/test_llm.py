@@ -251,3 +251,14 @@ def test_string_prompt_without_tokenizer(tmp_path):
 def test_lone_surrogate_prompt_is_a_value_error(llm):
     with pytest.raises(ValueError, match="surrogate"):
         llm.generate("abc\ud800", SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize("options, named", [({"model": "x"}, "source"), ({"max_batchs": 4, "chunk": 8}, "max_batch")])
+def test_unknown_option_is_named_before_loading(options, named, monkeypatch):
+    # Loading must not start: a wrong option fails first, naming itself and the options that exist.
+    monkeypatch.setattr("mistral7b.default_model.default_model_path", lambda: pytest.fail("loaded a model"))
+    with pytest.raises(TypeError) as err:
+        LLM(**options)
+    message = str(err.value)
+    assert all(repr(name) in message for name in options) and named in message
+    assert "__init__" not in message

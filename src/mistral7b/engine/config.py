@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 import torch
@@ -85,7 +86,13 @@ class EngineConfig:
 
     @classmethod
     def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
-        """`config` (or the defaults) with `options` changed; an unknown option is a TypeError naming it."""
+        """`config` (or the defaults) with `options` changed; an unknown option is a TypeError naming it
+        and the known ones (`model=` gets the argument vLLM users mean: the first, `source`)."""
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            hint = " (the model is the first argument, `source`)" if "model" in unknown else ""
+            raise TypeError(f"unknown option {', '.join(map(repr, unknown))}{hint}; the engine's options are "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return replace(config or cls(), **options)
 
 
