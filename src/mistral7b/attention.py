@@ -140,13 +140,13 @@ def decode_order(q_pos: list[list[int]], old: int, size: int) -> list[list[list[
 def tokenwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
                         size: int, memo: dict | None, written_first: bool = False) -> Tensor:
     """CPU through SDPA (where `attention_cpu` cannot run), a few new tokens a row (a speculative verify, a
-    short prefill chunk): each token exactly as the decode step at its position computes it, over the same keys in the same slot order, so a verified
-    draft's logits equal plain decoding's bit for bit (one SDPA over the old slots followed by the new
-    tokens summed in another order once the buffer had wrapped: 20 of 30 greedy answers of the quantized
-    default model parted from plain decoding). k/v are the old slots followed by the new tokens, or
-    `written_first` the buffer itself (`LayerCache.writes_first`), whose leading min(position + 1, size)
-    slots decode's step reads: slots it would see holding older positions hold later new tokens instead,
-    masked out either way, so the sums are the same."""
+    short prefill chunk): each token exactly as the decode step at its position computes it, over the same
+    keys in the same slot order, so a verified draft's logits equal plain decoding's bit for bit (one SDPA
+    over the old slots followed by the new tokens summed in another order once the buffer had wrapped: 20
+    of 30 greedy answers of the quantized default model parted from plain decoding). k/v are the old slots
+    followed by the new tokens, or `written_first` the buffer itself (`LayerCache.writes_first`), whose
+    leading min(position + 1, size) slots decode's step reads: slots it would see holding older positions
+    hold later new tokens instead, masked out either way, so the sums are the same."""
     old, memo = k.shape[2] - q.shape[2], {} if memo is None else memo
     key = ("decode_order", size, old, window, written_first)
     if key not in memo:

@@ -88,11 +88,12 @@ class EngineConfig:
     def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
         """`config` (or the defaults) with `options` changed; an unknown option is a TypeError naming it
         and the known ones (`model=` gets the argument vLLM users mean: the first, `source`)."""
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
         if unknown:
             hint = " (the model is the first argument, `source`)" if "model" in unknown else ""
             raise TypeError(f"unknown option {', '.join(map(repr, unknown))}{hint}; the engine's options are "
-                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+                            f"{', '.join(known)}")
         return replace(config or cls(), **options)
 
 
