@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mistral7b import attention_cpu
+from mistral7b import attention_cpu, cpu_pool
 from mistral7b.native import cpu_variant
 
 VARIANTS = {"vnni": ["portable", "avx2", "vnni"], "avx2": ["portable", "avx2"], "portable": ["portable"]}[cpu_variant()]
@@ -98,6 +98,22 @@ def test_a_token_is_computed_as_alone_whatever_surrounds_it(lib, dim):
             alone = attention_cpu.slot_attention(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
                                                  q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, :n], 64, lib=lib)
             assert torch.equal(together[b, :, t], alone[0, :, 0]), (b, t)
+
+
+def test_threads_and_the_pool_change_no_bit(lib):
+    """The (row, token, KV head) tiles split over 1, 2 or 3 threads of `cpu_pool`, or run without the pool,
+    give the same bits, and every tile ran (no output left unwritten)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v, q_pos, k_pos = case(3, 8, 2, 5, 150, 64, gen)
+    run = lambda: attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 64, lib=lib)  # noqa: E731
+    results = [cpu_pool.decode_threads(run, threads)() for threads in (1, 2, 3)]
+    lib.m7b_use_pool(None)  # the kernels' fallback: every tile on the calling thread
+    try:
+        results.append(run())
+    finally:
+        cpu_pool.attach(lib)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    assert torch.allclose(results[0].double(), reference(q, k, v, q_pos, k_pos, 64), atol=2e-6, rtol=1e-5)
 
 
 def test_switch_off_keeps_sdpa(monkeypatch):

@@ -17,7 +17,7 @@ import torch
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..quant import cpu_kernels
+from .. import cpu_pool
 from ..sampling import SamplerBatch, sample, top_logprobs
 from ..utils import slice_or_index, to_device
 from .request import Request, TokenLogprob
@@ -125,9 +125,9 @@ class ModelRunner:
         self.verify_tokens = 1 + spare_slots
         self.compiled_verify = self._compile_decode() if compile and spare_slots and self.device.type == "cuda" else None
         if self.device.type == "cpu":
-            threads = min(torch.get_num_threads(), cpu_kernels.physical_cores())
-            self.launch = cpu_kernels.decode_threads(self.launch, threads)
-            self.verify_fn = cpu_kernels.decode_threads(self.model, threads)
+            threads = min(torch.get_num_threads(), cpu_pool.physical_cores())
+            self.launch = cpu_pool.decode_threads(self.launch, threads)
+            self.verify_fn = cpu_pool.decode_threads(self.model, threads)
 
     def _compile_decode(self):
         return compile_decode_step(self.model, self.cache, self.device)

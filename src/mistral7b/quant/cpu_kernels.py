@@ -12,21 +12,18 @@ the thread count or how outputs are split over threads (batch invariance, issue 
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import functools
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .. import cpu_pool
 from ..native import build, load_or_none
 from .cpu_kernels_c import SOURCE
 
 BLOCK = 32
-# The threads these kernels split a matmul over inside `decode_threads` (None elsewhere: torch's count).
-_DECODE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("m7b_decode_threads", default=None)
 ENV_SWITCH = "MISTRAL7B_INT8_ACTIVATIONS"
 def enabled() -> bool:
     """On unless MISTRAL7B_INT8_ACTIVATIONS=0. On the default model they cost +0.37% perplexity against
@@ -44,7 +41,7 @@ def library():
 
 def open_variant(variant: str):
     """Build (once) and load one variant; the tests run every variant the CPU can."""
-    lib = ctypes.CDLL(str(build(variant, SOURCE, "m7b_cpu")))
+    lib = cpu_pool.attach(ctypes.CDLL(str(build(variant, SOURCE, "m7b_cpu"))))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.m7b_linear.restype = ctypes.c_int
     lib.m7b_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
@@ -53,39 +50,6 @@ def open_variant(variant: str):
 
 def available() -> bool:
     return enabled() and library() is not None
-
-
-def physical_cores() -> int:
-    """Cores this process may run on, counting hyperthread siblings once (a matmul thread per sibling
-    only contends for the same core's units)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list").read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
-def decode_threads(fn, threads: int):
-    """`fn` with these kernels splitting each matmul over `threads` and torch's own ops on one thread.
-    A decode step's other ops are too small to split, and an OpenMP team with a descheduled member
-    stalls each of them for a time slice: on a busy 2-core machine (load 5-6) a default-model step took
-    35-260 ms with 2 torch threads and 25-34 ms with one. This pool never waits for a helper that has
-    not started."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before, token = torch.get_num_threads(), _DECODE_THREADS.set(threads)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-            _DECODE_THREADS.reset(token)
-
-    return wrapper
 
 
 def supports(in_features: int, group_size: int) -> bool:
@@ -151,7 +115,7 @@ def _linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n
     out = torch.empty(rows, n, dtype=x2.dtype)
     status = (lib or library()).m7b_linear(x2.data_ptr(), rows, k, weight.data_ptr(), bits, d.data_ptr(),
                                            None if m is None else m.data_ptr(),
-                                           n, out.data_ptr(), _DECODE_THREADS.get() or torch.get_num_threads(), bf16)
+                                           n, out.data_ptr(), cpu_pool.threads(), bf16)
     if status:
         raise MemoryError(f"cpu_qlinear: no memory for {rows} x {k} quantized activations")
     if out.dtype != x.dtype:

@@ -1,7 +1,7 @@
-"""The C source of cpu_kernels, in Python modules so that every install carries it (no package data): the
-quantization and dot products here, the thread pool and entry point in cpu_kernels_c_threads."""
+"""The C source of cpu_kernels, in a Python module so that every install carries it (no package data): the
+quantization, the dot products and the entry point; the threads come from `cpu_pool`."""
 
-from .cpu_kernels_c_threads import THREADS
+from ..cpu_pool import CLIENT
 
 DOTS = r"""// Quantized weights x int8-quantized activations on the CPU: llama.cpp's q4_1 x q8_0 dot product.
 //
@@ -16,9 +16,6 @@ DOTS = r"""// Quantized weights x int8-quantized activations on the CPU: llama.c
 // Built with -mavx2 or -mavx512vnni (from the CPU's flags) or neither: the scalar loops are the reference.
 
 #include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -318,6 +315,76 @@ static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int
     }
 #endif
 }
+
 """
 
-SOURCE = DOTS + THREADS
+ENTRY = r"""// ---------------------------------------------------------------------------------------- entry point
+typedef struct {
+    const uint8_t *w;
+    const uint16_t *d, *m;
+    const float *dx, *sx;
+    const int8_t *qx;
+    float *out;
+    int64_t rows, k, n, nb, wrow;
+    int bits;
+} Job;
+
+#define TILE 16
+
+static void run_tile(const void *ctx, int64_t t) {
+    const Job *j = ctx;
+    const int64_t lo = t * TILE, hi = lo + TILE < j->n ? lo + TILE : j->n;
+    tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->rows, j->k, j->n, j->qx, j->dx, j->sx, j->out);
+}
+
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t to_bf16(float f) {  // round to nearest even, as torch does; NaN stays NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// out[M, N] = x[M, K] @ w[N, K]^T; w: bits 4 -> [N, K / 2] nibbles, bits 8 -> [N, K] int8;
+// d, m: [N, K / 32] float32 (m may be NULL). x and out are float32, or bfloat16 when `bf16` is set
+// (the same float32 arithmetic in between). Returns 0, or -1 when out of memory.
+int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const uint16_t *d,
+               const uint16_t *m, int64_t n, void *out, int threads, int bf16) {
+    const int64_t nb = k / QK;
+    int8_t *qx = malloc(rows * k);
+    float *dx = malloc(sizeof(float) * rows * nb * 2);
+    float *scratch = bf16 ? malloc(sizeof(float) * (k > n ? k : n) * rows) : NULL;
+    if (!qx || !dx || (bf16 && !scratch)) {
+        free(qx);
+        free(dx);
+        free(scratch);
+        return -1;
+    }
+    float *sx = dx + rows * nb;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = (const float *)x + r * k;
+        if (bf16) {
+            for (int64_t i = 0; i < k; i++) scratch[i] = from_bf16(((const uint16_t *)x)[r * k + i]);
+            row = scratch;
+        }
+        quantize_row(row, k, qx + r * k, dx + r * nb, sx + r * nb);
+    }
+    float *result = bf16 ? scratch : (float *)out;
+    Job j = {w, d, m, dx, sx, qx, result, rows, k, n, nb, bits == 4 ? k / 2 : k, bits};
+    run_tiles(run_tile, &j, (n + TILE - 1) / TILE, threads);
+    if (bf16)
+        for (int64_t i = 0; i < rows * n; i++) ((uint16_t *)out)[i] = to_bf16(scratch[i]);
+    free(qx);
+    free(dx);
+    free(scratch);
+    return 0;
+}
+"""
+
+SOURCE = DOTS + CLIENT + ENTRY
