@@ -97,6 +97,24 @@ def test_nibble_packing_round_trips_and_follows_gguf():
     assert torch.equal(packed[:, 5] & 15, q[:, 5]) and torch.equal(packed[:, 5] >> 4, q[:, 21])  # Q4_0's order
 
 
+@pytest.mark.parametrize("width", [16, 32, 6])
+def test_nibbles_by_words_equal_nibbles_by_bytes(width):
+    """The 64-bit word paths against byte-wise shifts and masks: any bytes (high bits set: a word's sign),
+    contiguous or not (the byte path), packing into a module's row slice."""
+    chunks = 5
+    raw = torch.randint(0, 256, (7, width * chunks + 3), dtype=torch.uint8)
+    for src in (raw[:, : width * chunks].contiguous(), raw[:, 3:]):
+        got = cpu_kernels.unpack_nibbles(src, width).view(7, chunks, 2, width)
+        by_chunk = src.reshape(7, chunks, width)
+        assert torch.equal(got[:, :, 0], by_chunk & 15) and torch.equal(got[:, :, 1], by_chunk >> 4)
+    q = torch.randint(0, 16, (9, 32 * chunks), dtype=torch.uint8)
+    rows = torch.zeros(12, 16 * chunks, dtype=torch.uint8)
+    cpu_kernels.pack_nibbles(q, out=rows[2:11])
+    halves = q.view(9, chunks, 2, 16)
+    assert torch.equal(rows[2:11], (halves[:, :, 1] * 16 + halves[:, :, 0]).reshape(9, -1))
+    assert not rows[:2].any() and not rows[11:].any()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int8", 32)])
 def test_a_row_gives_the_same_bits_in_any_batch(fmt, threads):
@@ -176,3 +194,26 @@ def test_default_model_row_is_bit_identical_inside_a_batch_of_random_others(one_
     with torch.no_grad():
         alone, mixed = run(prompt), run(batch)
     assert all(torch.equal(a[0], m[3]) for a, m in zip(alone, mixed))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8z", "int8"])
+def test_parts_of_a_fused_matrix_pack_straight_into_their_rows(kind):
+    """A fused matrix's parts (QKV, gate and up) arriving in any order each write their own rows of the
+    integer layout, no staging copy: the buffers equal those of the whole matrix packed at once, the
+    module completes only with the last part, and it unpacks to the whole weight."""
+    n, k = 72, 128
+    weight = random_case(kind, n, k, 32, seed=8)
+    fmt = WeightFormat("int4" if kind == "int4" else "int8", 32, weight.zero is not None)
+    whole, parts = ((Int4Linear if kind == "int4" else Int8Linear)(k, n, fmt, "cpu") for _ in range(2))
+    for module in (whole, parts):
+        module.to_empty(device="cpu")
+    assert parts.packs_rows
+    whole.fill(0, n, weight)
+    for lo, hi in ((40, 72), (0, 24), (24, 40)):
+        assert not parts.complete
+        parts.fill(lo, hi, weight.map_rows(lambda t, lo=lo, hi=hi: t[lo:hi]))
+    assert parts.complete and parts._staging is None
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(buffer, dict(parts.named_buffers())[name]), name
+    back = parts.unpack()
+    assert torch.equal(back.q, weight.q)
