@@ -148,6 +148,7 @@ typedef struct {
     int64_t heads, kv_heads, tokens, keys, dim, window;
     float scale;
     float *out;  // [B, H, T, D] contiguous
+    const int64_t *idx, *count;  // per (row, token): the slots it sees (`keys` apart), and how many
     _Atomic int *failed;  // set by a tile that found no memory for its scores
 } Attend;
 
@@ -186,30 +187,35 @@ static void attend_one(const Attend *a, int64_t b, int64_t t, int64_t g, const i
 """
 
 ENTRY = r"""// One tile of the pool: query token t of row b for KV head g (tile = (b * tokens + t) * kv_heads + g): its
-// query heads share the keys read. Each tile finds its visible keys itself (a scan of the slots' positions).
+// query heads share the keys read.
 static void attend_tile(const void *ctx, int64_t tile) {
     const Attend *a = ctx;
-    const int64_t g = tile % a->kv_heads, b = tile / a->kv_heads / a->tokens, t = tile / a->kv_heads % a->tokens;
-    int64_t *idx = malloc(sizeof(int64_t) * (a->keys ? a->keys : 1));
+    const int64_t g = tile % a->kv_heads, bt = tile / a->kv_heads;
     float *scores = malloc(sizeof(float) * (a->heads / a->kv_heads * a->keys + 1));
-    if (idx && scores)
-        attend_one(a, b, t, g, idx, visible_keys(a, b, t, idx), scores);
+    if (scores)
+        attend_one(a, bt / a->tokens, bt % a->tokens, g, a->idx + bt * a->keys, a->count[bt], scores);
     else
         atomic_store(a->failed, 1);
-    free(idx);
     free(scores);
 }
 
-// Every (row, token, KV head) is a tile, each computed alone whatever thread runs it. Returns 0, or -1
-// when out of memory.
+// Every (row, token, KV head) is a tile, each computed alone whatever thread runs it; a token's visible
+// keys are found once for all its KV heads. Returns 0, or -1 when out of memory.
 int m7b_attend(const float *q, int64_t qs0, int64_t qs1, int64_t qs2, const float *k, int64_t ks0, int64_t ks1,
                int64_t ks2, const float *v, int64_t vs0, int64_t vs1, int64_t vs2, const int64_t *q_pos,
                const int64_t *k_pos, const int32_t *order, int64_t batch, int64_t heads, int64_t kv_heads,
                int64_t tokens, int64_t keys, int64_t dim, int64_t window, float scale, float *out, int threads) {
     const int64_t qs[3] = {qs0, qs1, qs2}, ks[3] = {ks0, ks1, ks2}, vs[3] = {vs0, vs1, vs2};
-    _Atomic int failed = 0;
-    Attend a = {q, k, v, qs, ks, vs, q_pos, k_pos, order, heads, kv_heads, tokens, keys, dim, window, scale, out, &failed};
-    run_tiles(attend_tile, &a, batch * tokens * kv_heads, threads);
+    int64_t *idx = malloc(sizeof(int64_t) * (batch * tokens * keys + 1));
+    int64_t *count = malloc(sizeof(int64_t) * (batch * tokens + 1));
+    _Atomic int failed = !idx || !count;
+    Attend a = {q, k, v, qs, ks, vs, q_pos, k_pos, order, heads, kv_heads, tokens, keys, dim, window, scale, out,
+                idx, count, &failed};
+    for (int64_t bt = 0; !failed && bt < batch * tokens; bt++)
+        count[bt] = visible_keys(&a, bt / tokens, bt % tokens, idx + bt * keys);
+    if (!failed) run_tiles(attend_tile, &a, batch * tokens * kv_heads, threads);
+    free(idx);
+    free(count);
     return atomic_load(&failed) ? -1 : 0;
 }
 """

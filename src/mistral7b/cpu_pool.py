@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .native import build, cpu_variant
+from .native import build, load_or_none
 
 SOURCE = r"""// A pool of our own, not OpenMP: runs of tiles are claimed from an atomic word (generation << 32 |
 // next tile), by the caller too, which at the end waits only for tiles a helper is in the middle of: a
@@ -154,11 +154,13 @@ _DECODE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("m7
 
 @functools.cache
 def library():
-    """The loaded pool, or None when it cannot be built (the kernels then run on the calling thread)."""
-    try:
-        lib = ctypes.CDLL(str(build(cpu_variant(), SOURCE, "m7b_pool")))
-    except (OSError, RuntimeError):
-        return None
+    """The loaded pool, or None (with a one-line notice) when it cannot be built: the kernels then run on
+    the calling thread."""
+    return load_or_none(_open, "CPU thread pool", "the C kernels run on one thread")
+
+
+def _open(variant: str):
+    lib = ctypes.CDLL(str(build(variant, SOURCE, "m7b_pool")))
     lib.m7b_parallel_for.restype = None
     return lib
 

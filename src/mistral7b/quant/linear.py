@@ -137,7 +137,7 @@ class Int4Linear(QuantModule):
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight",
                  rows_kernel: str = "auto"):
         super().__init__(out_features, in_features, fmt, device, rows_kernel)
-        self.integer = self.packs_rows = integer_kernel(in_features, self.group_size, self.target)
+        self.integer = integer_kernel(in_features, self.group_size, self.target)
         if self.integer:
             register_blocks(self, out_features, in_features, (out_features, in_features // 2), torch.uint8, True)
             return
@@ -148,6 +148,10 @@ class Int4Linear(QuantModule):
         self.register_buffer("packed", torch.empty(shape, dtype=dtype, device="meta"))
         rows = kernels.padded_rows(out_features, self.target)
         self.register_buffer("scales_zeros", torch.empty(g, rows, 2, dtype=torch.bfloat16, device="meta"))
+
+    @property
+    def packs_rows(self) -> bool:
+        return self.integer
 
     def set_rows_kernel(self, setting: str) -> None:
         """Also moves a loaded weight to the layout of the new kernel (exact)."""
@@ -224,7 +228,6 @@ class Int8Linear(QuantModule):
                  rows_kernel: str = "auto"):
         super().__init__(out_features, in_features, fmt, device, rows_kernel)
         self.kernel = int8_kernel(fmt, in_features, self.target)
-        self.packs_rows = self.kernel == "integer"
         n, k, g = out_features, in_features, in_features // self.group_size
         meta = dict(device="meta")
         if self.kernel == "integer":
@@ -241,6 +244,10 @@ class Int8Linear(QuantModule):
         scale_dtype = torch.bfloat16 if self.kernel == "int8pack" else torch.float32
         self.register_buffer("scales", torch.empty(n, g, dtype=scale_dtype, **meta))
         self.register_buffer("zeros", torch.empty(n, g, **meta) if fmt.has_zero else None)
+
+    @property
+    def packs_rows(self) -> bool:
+        return self.kernel == "integer"
 
     def pack_rows(self, lo: int, hi: int, weight: QuantizedWeight) -> None:
         self.qweight[lo:hi] = weight.q
