@@ -101,8 +101,9 @@ gemv)
 quant)
     # Ours (quant/triton_mm.py for few rows) and gpt-fast on the same quantized weights, with the limit
     # column (bench --quantize); then ours on torch's kernels (KERNEL=torch).
+    # 360 s a method: on a fresh H200 (2026-12-06) 240 s ended before gpt-fast's turn; warm, int4 took 116 s.
     for m in ${METHODS:-int4 int8}; do
-        step bench-$m 240 env MISTRAL7B_CUDA_ROWS_KERNEL=${KERNEL:-triton} python3 -m mistral7b.cli bench --no-hf \
+        step bench-$m 360 env MISTRAL7B_CUDA_ROWS_KERNEL=${KERNEL:-triton} python3 -m mistral7b.cli bench --no-hf \
             --quantize $m --peer gpt-fast .peer/gpt-fast --sections decode --prefill "" --runs 2 --json "$OUT/bench-$m.json"
     done
     ;;
