@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="every engine in the batch-invariant mode (CUDA: speculative greedy then equals plain "
                         "greedy token for token short of a window wrap); default: the device's")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile decode, verify and draft steps (default: on a GPU only)")
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0]
     # On a GPU as served: decode, verify and draft steps compiled with CUDA graphs (eager, a small model's
     # step is launch-bound, and a verify costs what a step does).
-    compile = llm.device.type == "cuda"
+    compile = llm.device.type == "cuda" if args.compile is None else args.compile
     invariant = args.batch_invariant  # None: the device's default (on for CPU, off for CUDA)
     engines = {"plain": Engine(llm.model, llm.tokenizer,
                                EngineConfig(max_batch=1, compile=compile, batch_invariant=invariant))}

@@ -65,20 +65,23 @@ def main() -> int:
     # 2.91: n-gram's tokens per verify step on the grounded prompts (default model, spec_bench.py, CPU); 1.57 is
     # its tokens per forward, plain steps without a draft included: the bound if every step were a verify
     p.add_argument("--accept", default="1.57,2.0,2.91", help="tokens per verify to project the speed-up at")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode and verify steps (default: on a GPU only)")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="print where the compiled and eager verify spend time")
     args = p.parse_args()
     device = torch.device(args.device)
+    compile = device.type == "cuda" if args.compile is None else args.compile
     spec = SpeculativeConfig("ngram", args.k, max_batch=max(args.batch))
     if args.model:
         from mistral7b import LLM
 
         llm = LLM(None if args.model == "default" else args.model, device, max_batch=max(args.batch),
-                  compile=device.type == "cuda", speculative=spec)
+                  compile=compile, speculative=spec)
         engine, config = llm.engine, llm.engine.runner.model.config
     else:
         config = bench_config(args.preset)
-        engine = Engine(random_model(config, device), None, max_batch=max(args.batch), compile=device.type == "cuda",
+        engine = Engine(random_model(config, device), None, max_batch=max(args.batch), compile=compile,
                         speculative=spec)
     runner = engine.runner
     t0 = time.perf_counter()

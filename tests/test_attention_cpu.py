@@ -126,3 +126,22 @@ def test_switch_off_keeps_sdpa(monkeypatch):
         monkeypatch.delenv("MISTRAL7B_CPU_ATTENTION")
         attention_cpu.library.cache_clear()
     assert attention_cpu.supports(q, q, q)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_compiled_step_runs_the_kernel_as_one_op(window):
+    """Under torch.compile (Inductor, fullgraph) the kernel is the opaque op mistral7b::slot_attention:
+    the bits of the eager call, the op seen in the graph, not SDPA traced in its place."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v, q_pos, k_pos = case(2, 8, 2, 3, 40, 64, gen)
+    traced = []
+
+    def backend(gm, inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return torch._inductor.compile(gm, inputs)
+
+    step = torch.compile(lambda *t: attention_cpu.slot_attention(*t, window) * 2.0, backend=backend, fullgraph=True)
+    got = step(q, k, v, q_pos, k_pos)
+    assert any(t.startswith("mistral7b.slot_attention") for t in traced), traced
+    assert not any("attention" in t and "slot" not in t for t in traced), traced
+    assert torch.equal(got, attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window) * 2.0)

@@ -155,6 +155,25 @@ def test_quantized_linears_take_the_integer_path_and_unpack_exactly():
         assert torch.allclose(back.zero, weight.zero, rtol=0, atol=bound)
 
 
+def test_compiled_linear_calls_the_kernel_as_one_op():
+    """Under torch.compile (Inductor, fullgraph) Int4Linear's matmul is the opaque op mistral7b::cpu_qlinear:
+    the bits of the eager call, with the op in the traced graph."""
+    n, k = 48, 128
+    module = Int4Linear(k, n, WeightFormat("int4", 64, True), "cpu")
+    module.to_empty(device="cpu")
+    module.fill(0, n, quantize_int4(torch.randn(n, k), 64))
+    traced = []
+
+    def backend(gm, inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return torch._inductor.compile(gm, inputs)
+
+    x = torch.randn(3, k)
+    got = torch.compile(lambda x: module(x) + 1.0, backend=backend, fullgraph=True)(x)
+    assert any(t.startswith("mistral7b.cpu_qlinear") for t in traced), traced
+    assert torch.equal(got, module(x) + 1.0)
+
+
 def test_switch_and_no_compiler_fall_back_to_torch_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "0")
     module = Int4Linear(64, 32, WeightFormat("int4", 32, True), "cpu")

@@ -120,6 +120,22 @@ def _draft_steps(monkeypatch) -> list[tuple[int, int]]:
     return steps
 
 
+def test_inductor_verify_on_cpu_equals_plain_compiled_decoding(target):
+    """compile=True on a CPU: verifies run compiled too (Inductor, the C attention one opaque op in both
+    steps), and greedy output equals plain compiled decoding's token for token, well past W."""
+    prompts = random_prompts((20, 31), seed=5)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain, _ = generate(target, prompts, params, max_batch=1, compile=True)
+    engine = Engine(target, None, max_batch=1, compile=True, speculative=SpeculativeConfig("ngram", 4))
+    calls, compiled = [], engine.runner.compiled_verify
+    engine.runner.compiled_verify = lambda *a, **kw: (calls.append(a[0].shape), compiled(*a, **kw))[1]
+    fast = [engine.add(p, params) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert calls and all(shape == (1, 5) for shape in calls) and len(calls) == engine.speculator.stats.verify_rows
+
+
 @pytest.mark.parametrize("same", [True, False], ids=["self", "perturbed"])
 def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, eager_dynamo, same):
     """With `compile`, the draft's k steps and its catch-up of a few tokens run through its own compiled

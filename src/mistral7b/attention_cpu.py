@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import cpu_pool
+from . import cpu_pool, native
 from .native import build, load_or_none
 
 # No trapping math: without it gcc keeps the clamp in `exp_nonpositive` a branch and the loop scalar.
@@ -238,11 +238,17 @@ def open_variant(variant: str):
     return lib
 
 
+@torch.compiler.assume_constant_result
+def built() -> bool:
+    """Whether the library loaded: a constant to torch.compile, which cannot trace ctypes."""
+    return library() is not None
+
+
 def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Float32 on a CPU, eagerly, with contiguous head dims, and the library built."""
+    """Float32 on a CPU with contiguous head dims, and the library built. Compiled steps call the kernel
+    as the opaque op `mistral7b::slot_attention`, so their attention is the eager step's, bit for bit."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and not torch.compiler.is_compiling() and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and library() is not None)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and built())
 
 
 def slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
@@ -250,13 +256,27 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor
     """q [B, H, T, D]; k, v [B, KV, S, D]; q_pos [B, T]; k_pos [B, S] (-1: empty). Each query token over
     the keys it sees (`attention.visible`) in slot order, or `order` [B, T, S] int32 (the slots it reads
     in turn, -1 ending the list). A query at position -1 gets zeros. `lib`: a variant other than this CPU's."""
+    if torch.compiler.is_compiling():  # eagerly the op's dispatch would cost more than some calls' work
+        return slot_attention_op(q, k, v, q_pos, k_pos, window or 0, order)
+    return _attend(lib or library(), q, k, v, q_pos, k_pos, window, order)
+
+
+def _attend(lib, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None,
+            order: Tensor | None) -> Tensor:
     batch, heads, tokens, dim = q.shape
     out = torch.empty(batch, heads, tokens, dim, dtype=torch.float32)
     q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
-    status = (lib or library()).m7b_attend(
+    status = lib.m7b_attend(
         q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3], q_pos.data_ptr(),
         k_pos.data_ptr(), None if order is None else order.data_ptr(), batch, heads, k.shape[1], tokens, k.shape[2],
         dim, window or 0, dim**-0.5, out.data_ptr(), cpu_pool.threads())
     if status:
         raise MemoryError("CPU attention: no memory for its scores")
     return out
+
+
+# `slot_attention` with this CPU's library (window 0: none), one op to torch.compile.
+slot_attention_op = native.cpu_op(
+    "slot_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, int window, Tensor? order) -> Tensor",
+    lambda q, k, v, q_pos, k_pos, window, order: _attend(library(), q, k, v, q_pos, k_pos, window, order),
+    lambda q, k, v, q_pos, k_pos, window, order: q.new_empty(q.shape, dtype=torch.float32))

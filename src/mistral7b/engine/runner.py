@@ -121,13 +121,16 @@ class ModelRunner:
         # kernels' pool spins) and verify forwards, a decode step of a few tokens, threaded alike.
         self.verify_fn = self.model
         # A verify forward feeds every row 1 + spare_slots tokens: one compiled shape per decode width,
-        # so a GPU verify replays CUDA graphs as decode does instead of launching each kernel.
+        # so a GPU verify replays CUDA graphs as decode does instead of launching each kernel, and a CPU
+        # one runs the compiled decode's fused kernels (its arithmetic too: greedy stays token-identical).
         self.verify_tokens = 1 + spare_slots
-        self.compiled_verify = self._compile_decode() if compile and spare_slots and self.device.type == "cuda" else None
+        self.compiled_verify = self._compile_decode() if compile and spare_slots else None
         if self.device.type == "cpu":
             threads = min(torch.get_num_threads(), cpu_pool.physical_cores())
             self.launch = cpu_pool.decode_threads(self.launch, threads)
             self.verify_fn = cpu_pool.decode_threads(self.model, threads)
+            if self.compiled_verify is not None:
+                self.compiled_verify = cpu_pool.decode_threads(self.compiled_verify, threads)
 
     def _compile_decode(self):
         return compile_decode_step(self.model, self.cache, self.device)

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import cpu_pool
+from .. import cpu_pool, native
 from ..native import build, load_or_none
 from .cpu_kernels_c import SOURCE
 
@@ -124,7 +124,7 @@ def linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n:
     if lib is not None:
         return _linear(x, weight, bits, d, m, n, lib)
     if torch.compiler.is_compiling():
-        return torch.ops.mistral7b.cpu_qlinear(x, weight, bits, d, m, n)
+        return cpu_qlinear(x, weight, bits, d, m, n)
     return _linear(x, weight, bits, d, m, n)
 
 
@@ -146,11 +146,6 @@ def _linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n
     return out.view(*shape[:-1], n)
 
 
-@torch.library.custom_op("mistral7b::cpu_qlinear", mutates_args=())
-def _cpu_qlinear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n: int) -> Tensor:
-    return _linear(x, weight, bits, d, m, n)
-
-
-@_cpu_qlinear.register_fake
-def _(x, weight, bits, d, m, n):
-    return x.new_empty(*x.shape[:-1], n)
+cpu_qlinear = native.cpu_op("cpu_qlinear(Tensor x, Tensor weight, int bits, Tensor d, Tensor? m, int n) -> Tensor",
+                            lambda x, weight, bits, d, m, n: _linear(x, weight, bits, d, m, n),
+                            lambda x, weight, bits, d, m, n: x.new_empty(*x.shape[:-1], n))
