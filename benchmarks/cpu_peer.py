@@ -118,6 +118,7 @@ def spawn(engine: str, round_: int, path: Path, prompt: list[int], args) -> dict
                "prompts": [prompt], "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens}
     if engine == "ours":
         request["batch"] = args.batch  # llama.cpp runs the prompts one after another: its b1 figure
+        request["compile"] = args.compile  # compiled in the warm-up (untimed), as `serve --compile` before it listens
     command, env = worker_command(engine, args)
     load_before = os.getloadavg()
     busy, own = busy_cpu_seconds(), children_cpu_seconds()
@@ -235,6 +236,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=1,
                    help="ours decodes this many copies of the prompt together (total tok/s); llama.cpp one at a time")
+    p.add_argument("--compile", action="store_true", help="ours with compile=True (Inductor on a CPU)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 

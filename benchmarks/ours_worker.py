@@ -3,7 +3,7 @@
 One JSON request on stdin, one JSON result on stdout:
 
     {"model": PATH, "threads": 2, "dtype": "float32", "prompts": [[ids...], ...], "new_tokens": 128,
-     "warmup_tokens": 16}
+     "warmup_tokens": 16, "compile": false}
 
 `LLM(path, device="cpu", dtype=..., max_batch=1)` with the cache sized to the request (like llama.cpp's
 n_ctx), greedy. The worker's start and the first token are on time.monotonic(), so the caller measures
@@ -83,7 +83,7 @@ def generate(request: dict) -> dict:
     t0 = time.perf_counter()
     batch = request.get("batch", 1)
     llm = LLM(request["model"], device="cpu", dtype=request["dtype"], max_batch=batch,
-              max_seq_len=longest + max(n_new, warmup) + 8)
+              max_seq_len=longest + max(n_new, warmup) + 8, compile=request.get("compile", False))
     load_s = time.perf_counter() - t0
     first = one_run(llm, request["prompts"][0], warmup) if warmup else None
     if batch > 1:
@@ -93,7 +93,8 @@ def generate(request: dict) -> dict:
     return {"version": torch.__version__, "load_s": load_s, "runs": runs, "started_at": STARTED_AT,
             "first_token_at": (first or runs[0])["first_token_at"],
             "peak_rss_bytes": peak_rss_bytes(),
-            "settings": f"dtype {request['dtype']}, {activations()}, torch threads {torch.get_num_threads()}"}
+            "settings": f"dtype {request['dtype']}, {activations()}, torch threads {torch.get_num_threads()}, "
+                        f"compile {llm.engine.compiled}"}
 
 
 def main() -> int:
