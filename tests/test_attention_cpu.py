@@ -49,9 +49,10 @@ def case(batch, heads, kv_heads, tokens, slots, dim, gen):
 
 @pytest.mark.parametrize("dim", [16, 64, 72, 128])
 @pytest.mark.parametrize("window", [None, 5])
-def test_matches_reference(lib, dim, window):
+@pytest.mark.parametrize("group", [4, 3, 2, 1, 5])  # query heads a KV head: 5 takes the head-by-head loops
+def test_matches_reference(lib, dim, window, group):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    q, k, v, q_pos, k_pos = case(3, 8, 2, 4, 37, dim, gen)
+    q, k, v, q_pos, k_pos = case(3, 2 * group, 2, 4, 37, dim, gen)
     q_pos[1, 2] = -1  # an idle query: zeros
     got = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window, lib=lib)
     want = reference(q, k, v, q_pos, k_pos, window)
@@ -98,6 +99,19 @@ def test_a_token_is_computed_as_alone_whatever_surrounds_it(lib, dim):
             alone = attention_cpu.slot_attention(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
                                                  q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, :n], 64, lib=lib)
             assert torch.equal(together[b, :, t], alone[0, :, 0]), (b, t)
+
+
+@pytest.mark.parametrize("group, dim", [(4, 128), (3, 64), (2, 64), (5, 64)])
+def test_heads_computed_together_equal_each_head_alone(lib, group, dim):
+    """A KV head's query heads share each key and value row read (up to 4 at once); every head's sums stay
+    its own: the same bits as the head attending alone."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v, q_pos, k_pos = case(2, 2 * group, 2, 3, 45, dim, gen)
+    together = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 20, lib=lib)
+    for h in range(2 * group):
+        g = slice(h // group, h // group + 1)
+        alone = attention_cpu.slot_attention(q[:, h : h + 1], k[:, g], v[:, g], q_pos, k_pos, 20, lib=lib)
+        assert torch.equal(together[:, h : h + 1], alone), h
 
 
 def test_threads_and_the_pool_change_no_bit(lib):
