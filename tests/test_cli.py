@@ -616,3 +616,17 @@ def test_threads_sets_torch_threads(capsys):
         assert torch.get_num_threads() == 1 and capsys.readouterr().out.strip()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flag, want", [([], False), (["--compile"], True)])
+def test_compile_flag_reaches_the_engine_config(monkeypatch, flag, want):
+    """generate and chat build their engine with --compile (Inductor on a CPU); serve reads it too."""
+    from mistral7b import cli, llm
+    from mistral7b.cli.common import load_llm
+
+    seen = []
+    monkeypatch.setattr(llm, "LLM", lambda *a, engine_config=None, **k: seen.append(engine_config))
+    for command in (["generate", "hi"], ["chat"]):
+        load_llm(cli.build_parser().parse_args([*command, "--device", "cpu", *flag]))
+    assert [config.compile for config in seen] == [want, want]
+    assert cli.build_parser().parse_args(["serve", *flag]).compile is want

@@ -7,8 +7,9 @@ import argparse
 from ..server.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
                                DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
                                DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
-from .common import (CLIError, add_batch_invariant_option, add_quantize_options, add_speculative_options, device_of,
-                     dtype_name, load_llm, model_source, port_number, positive_int, quantize_of, speculative_of)
+from .common import (CLIError, add_batch_invariant_option, add_compile_option, add_quantize_options,
+                     add_speculative_options, device_of, dtype_name, load_llm, model_source, port_number, positive_int,
+                     quantize_of, speculative_of)
 
 # A modest default budget: on CUDA 1 GiB holds 2 x 4096 positions of Mistral 7B's KV in bf16 (128 KiB a
 # token), i.e. a few long system prompts; on CPU 0.25 GiB is 8k tokens of SmolLM2-135M's fp32 KV (30 KiB a
@@ -44,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="cache positions per sequence for layers without a sliding window, and so the longest "
                         "prompt + completion (None: the model's context); windowed layers always keep W")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with CUDA graphs (GPU; slow start, fast decode)")
+    add_compile_option(p)
     p.add_argument("--prefix-cache-gib", type=non_negative_float, default=None, metavar="GIB",
                    help="memory for prefix caching (prompt blocks reused across requests, exact under the "
                         f"sliding window); default {DEFAULT_PREFIX_GIB['cuda']} on CUDA, "
