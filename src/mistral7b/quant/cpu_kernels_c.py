@@ -226,14 +226,16 @@ static inline __attribute__((always_inline)) void grid_dot_avx2(
     for (int64_t b = 0; b < nb; b++)
         for (int r = 0; r < R; r++) {
             const uint8_t *wb = w + r * wrow + b * stride;
-            const float wd = h2f(d[r * nb + b]);
+            // The weight's scale widened once for the S rows; each row's product d * dx a vector multiply
+            // of a broadcast load (rows_dot's scalar product, the same bits), not a multiply and a shuffle.
+            const __m256 wd = _mm256_set1_ps(h2f(d[r * nb + b]));
             __m256i q = bits == 4 ? load_q4(wb) : _mm256_loadu_si256((const __m256i *)wb);
             __m256i u = bits == 4 ? q : _mm256_sign_epi8(q, q);  // int8: |q|, its sign put on x below
             for (int s = 0; s < S; s++) {
                 __m256i x = _mm256_loadu_si256((const __m256i *)(qx + s * k + b * QK));
                 if (bits == 8) x = _mm256_sign_epi8(x, q);
                 __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u, x));
-                acc[r][s] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd * dx[s * nb + b]), acc[r][s]);
+                acc[r][s] = _mm256_fmadd_ps(p, _mm256_mul_ps(wd, _mm256_broadcast_ss(dx + s * nb + b)), acc[r][s]);
             }
         }
     for (int r = 0; r < R; r++)
