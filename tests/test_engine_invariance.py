@@ -105,3 +105,19 @@ def test_invariant_chunks_depend_on_the_request_alone():
     together = chunks([_Request(n) for n in lengths], budget=rng.randint(48, 100))
     assert together == [chunks([_Request(n)], budget=48)[0] for n in lengths]
     assert all(sum(length for _, length in c) == n for c, n in zip(together, lengths))
+
+
+def test_compiled_steps_keep_a_row_invariant():
+    """compile=True on the CPU (Inductor, the C matmuls and attention as opaque ops): a greedy row's tokens
+    and log-probabilities alone equal those beside others, through the compiled widths 1 to 4."""
+    rng = random.Random()
+    llm = LLM(max_batch=4, compile=True)
+    target = chat(llm, rng, rng.randint(6, 14))
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True)
+    alone = llm.generate([target], params)[0]
+    batch = [chat(llm, rng, rng.randint(1, 30)) for _ in range(3)]
+    at = rng.randint(0, 3)
+    batch.insert(at, target)
+    other = SamplingParams(max_tokens=rng.randint(4, 20), temperature=0.7, ignore_eos=True)
+    outs = llm.generate(batch, [params if i == at else other for i in range(4)])
+    assert same(outs[at], alone)
