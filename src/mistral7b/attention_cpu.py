@@ -367,7 +367,7 @@ def slot_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor
     """q [B, H, T, D]; k, v [B, KV, S, D]; q_pos [B, T]; k_pos [B, S] (-1: empty). Each query token over
     the keys it sees (`attention.visible`) in slot order, or `order` [B, T, S] int32 (the slots it reads
     in turn, -1 ending the list). A query at position -1 gets zeros. `lib`: a variant other than this CPU's."""
-    if torch.compiler.is_compiling():  # eagerly the op's dispatch would cost more than some calls' work
+    if lib is None and torch.compiler.is_compiling():  # eagerly the op's dispatch costs more than a direct call
         return slot_attention_op(q, k, v, q_pos, k_pos, window or 0, order)
     return _attend(lib or library(), q, k, v, q_pos, k_pos, window, order)
 

@@ -121,11 +121,9 @@ def block_params(scale: Tensor, zero: Tensor | None, group_size: int, offset: in
 def linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n: int, lib=None) -> Tensor:
     """x [..., K] @ w[N, K]^T in x's dtype; w as `pack_nibbles` (bits 4) or int8 [N, K] (bits 8);
     w = d * stored + m per block of 32 (m None: no offsets). `lib`: a variant other than this CPU's best."""
-    if lib is not None:
-        return _linear(x, weight, bits, d, m, n, lib)
-    if torch.compiler.is_compiling():
+    if lib is None and torch.compiler.is_compiling():  # eagerly the op's dispatch costs more than a direct call
         return cpu_qlinear(x, weight, bits, d, m, n)
-    return _linear(x, weight, bits, d, m, n)
+    return _linear(x, weight, bits, d, m, n, lib)
 
 
 def _linear(x: Tensor, weight: Tensor, bits: int, d: Tensor, m: Tensor | None, n: int, lib=None) -> Tensor:
