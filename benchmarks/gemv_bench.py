@@ -2,10 +2,12 @@
 against its dequantized weight, then timed (µs per call, TB/s of weight bytes read) at M = 1, 8, 16 rows.
 
 Kernels: bf16 cuBLAS; int8 per channel through torch (the compiled reduction, with --reduction: it
-compiles per shape) and `quant/triton_mm.py`; int4 g128 through tinygemm (`_weight_int4pack_mm`) and
-`triton_mm` on its "halves" layout (byte j of a row holds inputs j and K/2 + j). Each timed call reads a different copy of the weight (over 256 MB
-in all, beyond the 50 MB L2), replayed as one CUDA graph. The last table sums one decode step
-(32 layers and the head) per kernel: the ceiling its weight reads set on tok/s.
+compiles per shape) and `quant/triton_mm.py`; int4 g128 through tinygemm (`_weight_int4pack_mm`),
+`triton_mm` on its "halves" layout (byte j of a row holds inputs j and K/2 + j), and gemlite's Triton
+kernels on their layout (`quant/gemlite_mm.py`) where gemlite is installed. Each timed call reads a
+different copy of the weight (over 256 MB in all, beyond the 50 MB L2), replayed as one CUDA graph.
+The last table sums one decode step (32 layers and the head) per kernel: the ceiling its weight reads set
+on tok/s.
 
     python3 benchmarks/gemv_bench.py [--rows 1,8,16] [--reduction] [--json F]
 """
@@ -18,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from mistral7b.quant import kernels
+from mistral7b.quant import gemlite_mm, kernels
 from mistral7b.quant.triton_mm import _int4_kernel, _int4_row_kernel, _int8_kernel, int4_rows_mm, int8_rows_mm
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "head": (32000, 4096)}
@@ -35,9 +37,17 @@ def weights(n: int, k: int, dev) -> dict:
     scale8 = (torch.rand(n, device=dev) / 256 + 1e-4).to(torch.bfloat16)
     w4 = ((q4.float() - 8).view(n, -1, GROUP) * scale4[..., None] + zero4[..., None]).view(n, k)
     sz4 = kernels.pack_scales_zeros(scale4, zero4, dev)
-    return {"bf16": torch.randn(n, k, device=dev, dtype=torch.bfloat16) / 64,
+    out = {"bf16": torch.randn(n, k, device=dev, dtype=torch.bfloat16) / 64,
             "int4": (kernels.pack_int4(q4, dev), sz4), "int4h": (kernels.pack_int4(q4, dev, "halves"), sz4),
             "int8": (q8, scale8), "dense4": w4.to(torch.bfloat16), "dense8": (q8.float() * scale8.float()[:, None])}
+    if gemlite_mm.available():
+        out["gemlite4"] = gemlite_int4(q4, scale4, zero4)
+    return out
+
+
+def gemlite_int4(q4, scale4, zero4):
+    """Our int4 weight in gemlite's layout (quant/gemlite_mm.py), as the module holds it."""
+    return gemlite_mm.pack(q4), gemlite_mm.pack_scales_zeros(scale4, zero4, q4.device)
 
 
 def kernel_table(reduction: bool) -> dict:
@@ -49,6 +59,8 @@ def kernel_table(reduction: bool) -> dict:
                           "int4"),
         "int4 triton": (lambda x, w, n: int4_rows_mm(x, w["int4h"][0], GROUP, w["int4h"][1], n), "int4h"),
     }
+    if gemlite_mm.available():
+        table["int4 gemlite"] = (lambda x, w, n: gemlite_mm.mm(x, *w["gemlite4"], GROUP, n), "gemlite4")
     if reduce is not None:
         table["int8 reduction"] = (lambda x, w, n: reduce(x, *w["int8"], "torch"), "int8")
     return table
@@ -61,7 +73,7 @@ def weight_bytes(w: dict, fmt: str) -> int:
 
 
 def check(fn, x, w, n, fmt) -> float:
-    want = x.float() @ (w["dense4"] if fmt.startswith("int4") else w["dense8"] if fmt == "int8" else w["bf16"]).float().t()
+    want = x.float() @ (w["dense4"] if fmt.startswith(("int4", "gemlite4")) else w["dense8"] if fmt == "int8" else w["bf16"]).float().t()
     got = fn(x, w, n)[:, :n].float()
     return float((got - want).norm() / want.norm())
 

@@ -105,7 +105,8 @@ def kernel_checks(device) -> None:
         check(f"grouped attention b{batch} 5 tokens", err < 1e-2, f"rel err vs fp32 SDPA {err:.2e}")
 
 
-METHODS = ["bf16", "int8", "int8-triton", "int4", "int4-triton"]
+METHODS = ["bf16", "int8", "int8-triton", "int4", "int4-triton", "int4-gemlite"]
+LAYOUTS = {"int4": ["tiles"], "int4-triton": ["halves"], "int4-gemlite": ["gemlite"]}
 
 
 def method_checks(device, args) -> None:
@@ -115,12 +116,11 @@ def method_checks(device, args) -> None:
 
     for method in args.methods:
         model = dense if method == "bf16" else quantize_model(dense, config, method.split("-")[0], device)
-        # -triton: the same weights through quant/triton_mm.py (MISTRAL7B_CUDA_ROWS_KERNEL=triton).
-        use_rows_kernel(model, "triton" if method.endswith("-triton") else "torch")
+        # -triton, -gemlite: the same weights through quant/triton_mm.py or gemlite (MISTRAL7B_CUDA_ROWS_KERNEL).
+        use_rows_kernel(model, method.split("-")[1] if "-" in method else "torch")
         layouts = sorted({m.layout for m in model.modules() if hasattr(m, "layout")})
-        if layouts:  # int4: the Triton kernel reads its own layout (the repack above), torch's tinygemm tiles
-            want = ["halves"] if method == "int4-triton" else ["tiles"]
-            check(f"{method} layout", layouts == want, f"int4 modules hold {layouts}")
+        if layouts:  # int4: each kernel reads its own layout (the repack above), torch's tinygemm tiles
+            check(f"{method} layout", layouts == LAYOUTS[method], f"int4 modules hold {layouts}")
         for batch in (1, 8):
             name, engine = f"{method} compiled b{batch}", None
             try:

@@ -75,7 +75,7 @@ smoke)
     # then fits one call. Timings printed by these steps are contended; they are checks, not figures.
     # The paths run as two processes side by side: one took 548 s on an H100 (2026-12-06c), most of it
     # compiling on the host, and was cut before its last section; as two, the group took 427 s (2026-12-06d).
-    step smoke-paths 480 python3 benchmarks/gpu_smoke.py --only kernels methods --methods bf16 int8 int8-triton \
+    step smoke-paths 480 python3 benchmarks/gpu_smoke.py --only kernels methods --methods bf16 int8 int8-triton int4-gemlite \
         > "$OUT/smoke-paths.out" &
     paths=$!
     step smoke-paths-more 480 python3 benchmarks/gpu_smoke.py --only methods lora speculative \
@@ -96,7 +96,7 @@ smoke)
     if grep -h -E "^=== .* rc=[1-9]|FAIL" "$OUT"/smoke-*.log; then echo "SMOKE FAILED"; status=1; else echo "SMOKE PASSED"; fi
     ;;
 gemv)
-    step gemv 240 python3 benchmarks/gemv_bench.py --json "$OUT/gemv.json"
+    step gemv 420 python3 benchmarks/gemv_bench.py --json "$OUT/gemv.json"
     ;;
 quant)
     # Ours (quant/triton_mm.py for few rows) and gpt-fast on the same quantized weights, with the limit

@@ -24,7 +24,7 @@ NONE = "none"  # the method that dequantizes everything into the activation dtyp
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 DEFAULT_GROUP_SIZE = 128
 FORMAT_VERSION = 1  # of the quantized checkpoint layout (loading/quantized.py)
-CUDA_ROWS_KERNELS = ("auto", "torch", "triton")  # few-row CUDA matmuls: kernels.pick_rows_kernel
+CUDA_ROWS_KERNELS = ("auto", "torch", "triton", "gemlite")  # few-row CUDA matmuls: kernels.pick_rows_kernel
 ROWS_KERNEL_ENV = "MISTRAL7B_CUDA_ROWS_KERNEL"
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..batch_invariant import linear as invariant_linear
 from ..utils import own_code
+from . import gemlite_mm
 from .triton_mm import MAX_ROWS, int4_rows_mm, int4_supported, int8_rows_mm
 
 CUDA_DEQUANT_ROWS = 64  # from this many rows on, CUDA dequantizes int4 tiles and uses cuBLAS
@@ -45,8 +46,10 @@ INVARIANT = "invariant"
 
 def pick_rows_kernel(kind: str, setting: str) -> str:
     """The CUDA kernel for few rows of `kind` ("int8" or "int4") weights under `setting` (auto, torch,
-    triton, or INVARIANT)."""
-    return MEASURED_ROWS_KERNEL[kind] if setting == "auto" else setting
+    triton, gemlite (int4 only: int8 then takes auto's), or INVARIANT)."""
+    if setting == "auto" or (setting == "gemlite" and kind != "int4"):
+        return MEASURED_ROWS_KERNEL[kind]
+    return setting
 
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -76,21 +79,53 @@ def check_int4_shape(n: int, k: int, group_size: int, device: torch.device) -> N
 
 
 def int4_layout(k: int, group_size: int, device: torch.device, rows_kernel: str = "auto") -> str:
-    """How a device holds int4 weights: "cpu" (torch's CPU op), "tiles" (tinygemm on CUDA) or "halves"
-    (`triton_mm.int4_rows_mm`: byte j of a row holds inputs j and K/2 + j), chosen with the few-row kernel."""
+    """How a device holds int4 weights: "cpu" (torch's CPU op), "tiles" (tinygemm on CUDA), "halves"
+    (`triton_mm.int4_rows_mm`: byte j of a row holds inputs j and K/2 + j) or "gemlite" (`gemlite_mm`),
+    chosen with the few-row kernel."""
     if device.type != "cuda":
         return "cpu"
-    wants_triton = pick_rows_kernel("int4", rows_kernel) in ("triton", INVARIANT)
+    kernel = pick_rows_kernel("int4", rows_kernel)
+    if kernel == "gemlite":
+        gemlite_mm.require()
+        if gemlite_mm.supported(k, group_size):
+            return "gemlite"
+    wants_triton = kernel in ("triton", INVARIANT)
     return "halves" if wants_triton and int4_supported(k, group_size) else "tiles"
 
 
 def packed_shape(n: int, k: int, device: torch.device, layout: str | None = None) -> tuple[tuple[int, ...], torch.dtype]:
     n = padded_rows(n, device)
     layout = layout or ("tiles" if device.type == "cuda" else "cpu")
+    if layout == "gemlite":
+        return gemlite_mm.packed_shape(n, k)
     if layout == "tiles":
         ikt = inner_k_tiles(k)
         return (n // 8, k // (ikt * 16), 32, ikt // 2), torch.int32
     return (n, k // 2), torch.uint8
+
+
+def scales_zeros_shape(n: int, k: int, group_size: int, device: torch.device, layout: str) -> tuple[int, ...]:
+    """tinygemm's [G, N_padded, 2] (tiles and halves), or gemlite's [2, G, N_padded]."""
+    rows = padded_rows(n, device)
+    if layout == "gemlite":
+        return gemlite_mm.scales_shape(rows, k, group_size)
+    return (k // group_size, rows, 2)
+
+
+def pack_layout_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device, layout: str) -> Tensor:
+    """[N, G] scales and zeros in `layout`'s form (see scales_zeros_shape), padded rows zero."""
+    if layout != "gemlite":
+        return pack_scales_zeros(scale, zero, device)
+    pad = padded_rows(scale.shape[0], device) - scale.shape[0]
+    return gemlite_mm.pack_scales_zeros(F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad)), device)
+
+
+def unpack_layout_scales_zeros(scales_zeros: Tensor, n: int, layout: str) -> tuple[Tensor, Tensor]:
+    """The first n rows' [N, G] float32 scales and zeros (on the CPU) of either form."""
+    if layout == "gemlite":
+        return tuple(t.cpu() for t in gemlite_mm.unpack_scales_zeros(scales_zeros, n))
+    sz = scales_zeros[:, :n].float().cpu()
+    return sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
 
 
 CPU_PACK_ROWS = 1024  # rows packed per call on CPU: a multiple of the op's row blocks (16, 32 or 64)
@@ -105,6 +140,8 @@ def pack_int4(q: Tensor, device: torch.device, layout: str | None = None) -> Ten
     if layout == "halves":
         half = q.shape[1] // 2
         return (q[:, :half] | q[:, half:] << 4).contiguous()
+    if layout == "gemlite":
+        return gemlite_mm.pack(q)
     if device.type == "cuda":
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
         return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(q.shape[1]))
@@ -123,6 +160,8 @@ def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
     rows = padded_rows(n, packed.device)
     if is_halves(packed):
         return torch.cat([packed & 15, packed >> 4], dim=1)[:n]
+    if is_gemlite(packed):
+        return gemlite_mm.unpack(packed, n)
     if packed.is_cuda:
         return unpack_cuda_tiles(packed, rows, k)[:n]
     source = _cpu_nibble_sources(rows, k)
@@ -135,6 +174,16 @@ def unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
 def is_halves(packed: Tensor) -> bool:
     """Whether a packed int4 weight is in the "halves" layout (on CUDA bytes; tinygemm's tiles are int32)."""
     return packed.is_cuda and packed.dtype == torch.uint8
+
+
+def stored_rows(packed: Tensor, scales_zeros: Tensor) -> int:
+    """The output rows a CUDA int4 weight stores, padding included."""
+    return packed.shape[1] if is_gemlite(packed) else scales_zeros.shape[1]
+
+
+def is_gemlite(packed: Tensor) -> bool:
+    """Whether a packed int4 weight is in gemlite's layout (int32 [K / 8, N]; tinygemm's tiles are 4-D)."""
+    return packed.is_cuda and packed.dim() == 2 and packed.dtype == torch.int32
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,11 +250,13 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
     if invariant and x.is_cuda:
         if is_halves(packed):
             return int4_rows_mm(x2.contiguous(), packed, group_size, scales_zeros, n, True).view(*shape[:-1], n)
-        w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
+        w = dequantize_tiles(packed, scales_zeros, group_size, stored_rows(packed, scales_zeros), shape[-1])[:n]
         return invariant_linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
-        w = dequantize_tiles(packed, scales_zeros, group_size, scales_zeros.shape[1], shape[-1])[:n]
+        w = dequantize_tiles(packed, scales_zeros, group_size, stored_rows(packed, scales_zeros), shape[-1])[:n]
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
+    if is_gemlite(packed):
+        return gemlite_mm.mm(x2, packed, scales_zeros, group_size, n).view(*shape[:-1], n)
     if is_halves(packed):
         return int4_rows_mm(x2.contiguous(), packed, group_size, scales_zeros, n).view(*shape[:-1], n)
     # Casts only when needed: at batch 1 on a CPU even a no-op cast's dispatch shows (122 matmuls a token).
@@ -229,11 +280,14 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
 
 
 def dequantize_tiles(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int, k: int) -> Tensor:
-    """The bf16 weight [N, K] of a CUDA-packed int4 weight, either layout (one fused kernel under torch.compile)."""
+    """The bf16 weight [N, K] of a CUDA-packed int4 weight, any layout (one fused kernel under torch.compile);
+    n: the rows it stores (`stored_rows`)."""
     return _dequantize_tiles(packed, scales_zeros, group_size, n, k)
 
 
 def _dequantize_tiles_eager(packed, scales_zeros, group_size, n, k):
+    if is_gemlite(packed):
+        return gemlite_mm.dequantize(packed, scales_zeros, group_size, n)
     q = unpack_int4(packed, n, k) if is_halves(packed) else unpack_cuda_tiles(packed, n, k)
     q = q.view(n, k // group_size, group_size).to(torch.bfloat16)
     scale, zero = scales_zeros[..., 0].t(), scales_zeros[..., 1].t()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import cpu_kernels, kernels
+from . import cpu_kernels, gemlite_mm, kernels
 from .config import cuda_rows_kernel
 from .qtensor import QuantizedWeight, WeightFormat, unpermute
 
@@ -132,7 +132,8 @@ def regrouped(weight: QuantizedWeight, group_size: int) -> QuantizedWeight:
 
 class Int4Linear(QuantModule):
     """int4 groups, `w = (q - 8) * scale + zero`, run by cpu_kernels on a CPU (int8 activations), else by
-    torch's tinygemm or triton_mm's kernel, each on its own layout (`kernels.int4_layout`, from rows_kernel)."""
+    torch's tinygemm, triton_mm's kernel or gemlite's, each on its own layout (`kernels.int4_layout`, from
+    rows_kernel)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight",
                  rows_kernel: str = "auto"):
@@ -143,18 +144,25 @@ class Int4Linear(QuantModule):
             return
         kernels.check_int4_shape(out_features, in_features, self.group_size, self.target)
         self.layout = kernels.int4_layout(in_features, self.group_size, self.target, rows_kernel)
-        shape, dtype = kernels.packed_shape(out_features, in_features, self.target, self.layout)
-        g = in_features // self.group_size
-        self.register_buffer("packed", torch.empty(shape, dtype=dtype, device="meta"))
-        rows = kernels.padded_rows(out_features, self.target)
-        self.register_buffer("scales_zeros", torch.empty(g, rows, 2, dtype=torch.bfloat16, device="meta"))
+        self.register_buffer("packed", None)
+        self.register_buffer("scales_zeros", None)
+        self._allocate("meta")
+
+    def _allocate(self, device) -> None:
+        """Empty buffers of this layout's shapes on `device`."""
+        n, k = self.out_features, self.in_features
+        shape, dtype = kernels.packed_shape(n, k, self.target, self.layout)
+        self.packed = torch.empty(shape, dtype=dtype, device=device)
+        sz_shape = kernels.scales_zeros_shape(n, k, self.group_size, self.target, self.layout)
+        self.scales_zeros = torch.empty(sz_shape, dtype=torch.bfloat16, device=device)
 
     @property
     def packs_rows(self) -> bool:
         return self.integer
 
     def set_rows_kernel(self, setting: str) -> None:
-        """Also moves a loaded weight to the layout of the new kernel (exact)."""
+        """Also moves a loaded weight to the layout of the new kernel (exact, but for gemlite's offsets
+        z - 8 s rounded to bf16)."""
         self.rows_kernel = setting
         if self.integer:
             return
@@ -162,9 +170,8 @@ class Int4Linear(QuantModule):
         if layout == self.layout:
             return
         weight = None if self.packed.is_meta else self.unpack_packed()
-        shape, dtype = kernels.packed_shape(self.out_features, self.in_features, self.target, layout)
         self.layout = layout
-        self.packed = torch.empty(shape, dtype=dtype, device="meta" if weight is None else self.target)
+        self._allocate("meta" if weight is None else self.target)
         if weight is not None:
             with torch.no_grad():
                 self.pack(weight)
@@ -181,7 +188,9 @@ class Int4Linear(QuantModule):
             return
         zero = weight.zero if weight.zero is not None else torch.zeros_like(weight.scale)
         self.packed.copy_(kernels.pack_int4(weight.q, self.target, self.layout))
-        self.scales_zeros.copy_(kernels.pack_scales_zeros(weight.scale, zero, self.target))
+        self.scales_zeros.copy_(kernels.pack_layout_scales_zeros(weight.scale, zero, self.target, self.layout))
+        if self.layout == "gemlite":
+            gemlite_mm.prepare(self.group_size, self.target)
 
     def unpack_packed(self) -> QuantizedWeight:
         if self.integer:
@@ -189,14 +198,13 @@ class Int4Linear(QuantModule):
             return regrouped(QuantizedWeight("int4", q, scale.clone(), mn + 8 * scale, cpu_kernels.BLOCK,
                                              self.fmt.source), self.group_size)
         q = kernels.unpack_int4(self.packed, self.out_features, self.in_features).cpu()
-        sz = self.scales_zeros[:, : self.out_features].float().cpu()
-        return QuantizedWeight("int4", q, sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous(),
-                               self.group_size, self.fmt.source)
+        scale, zero = kernels.unpack_layout_scales_zeros(self.scales_zeros, self.out_features, self.layout)
+        return QuantizedWeight("int4", q, scale, zero, self.group_size, self.fmt.source)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if self.target.type != "cuda":
             return super().dequantize(dtype)
-        rows = self.scales_zeros.shape[1]
+        rows = kernels.stored_rows(self.packed, self.scales_zeros)
         w = kernels.dequantize_tiles(self.packed, self.scales_zeros, self.group_size, rows, self.in_features)
         return unpermute(w[: self.out_features], self.in_perm).to(dtype)
 
