@@ -3,6 +3,8 @@ the property it exists for: a token's output depends only on the keys it sees, n
 the other tokens of the call or the other rows."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -159,3 +161,18 @@ def test_compiled_step_runs_the_kernel_as_one_op(window):
     assert any(t.startswith("mistral7b.slot_attention") for t in traced), traced
     assert not any("attention" in t and "slot" not in t for t in traced), traced
     assert torch.equal(got, attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window) * 2.0)
+
+
+def test_built_is_a_compile_constant_without_importing_dynamo():
+    """`built` carries what torch.compiler.assume_constant_result sets (and nothing else is set by it), so a
+    compiled step takes it as a constant; importing the package does not import torch._dynamo (1.9 s)."""
+    def plain():
+        return True
+
+    marked = torch.compiler.assume_constant_result(plain)
+    assert {k: v for k, v in vars(marked).items()} == {"_dynamo_marked_constant": True}
+    assert attention_cpu.built._dynamo_marked_constant is True
+    q = torch.randn(1, 4, 1, 16)
+    assert torch.compile(lambda t: attention_cpu.supports(t, t, t), backend="eager", fullgraph=True)(q)
+    code = "import sys, mistral7b, mistral7b.cli; assert 'torch._dynamo' not in sys.modules, 'dynamo imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -349,10 +349,14 @@ def open_variant(variant: str):
     return lib
 
 
-@torch.compiler.assume_constant_result
 def built() -> bool:
     """Whether the library loaded: a constant to torch.compile, which cannot trace ctypes."""
     return library() is not None
+
+
+# torch.compiler.assume_constant_result(built) without importing torch._dynamo, which that does: 1.9 s of
+# every process's start (eager runs never compile). Its decorator sets only this attribute (tested).
+built._dynamo_marked_constant = True
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
