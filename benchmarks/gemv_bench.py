@@ -50,6 +50,25 @@ def gemlite_int4(q4, scale4, zero4):
     return gemlite_mm.pack(q4), gemlite_mm.pack_scales_zeros(scale4, zero4, q4.device)
 
 
+def gemlite_layout_matches(q4, scale4, zero4) -> bool:
+    """gemlite_mm's words, scales, offsets and integer arguments against `GemLiteLinear.pack(..., fma_mode=True)`
+    of the same weight (zeros given in its (q - zeros) * scales form: 8 - z / s, so that it stores z - 8 s)."""
+    from gemlite import DType, GemLiteLinear
+
+    n, k = q4.shape
+    lin = GemLiteLinear(4, group_size=GROUP, in_features=k, out_features=n, input_dtype=DType.BF16,
+                        output_dtype=DType.BF16)
+    s = scale4.to(torch.bfloat16)
+    lin.pack(q4, s, (8 - zero4 / s.float()), None, fma_mode=True)
+    packed, sz = gemlite_int4(q4, scale4, zero4)
+    offsets_close = torch.allclose(lin.zeros.float(), sz[1].float(), rtol=2e-2, atol=1e-3)
+    ok = (torch.equal(lin.W_q.view(torch.int32), packed) and torch.equal(lin.scales, sz[0]) and offsets_close
+          and lin.get_meta_args() == gemlite_mm.meta_args(GROUP))
+    print(f"gemlite layout {n}x{k}: {'ok' if ok else 'FAIL'} (meta {lin.get_meta_args()} against "
+          f"{gemlite_mm.meta_args(GROUP)}; words {tuple(lin.W_q.shape)} {lin.W_q.dtype})", flush=True)
+    return ok
+
+
 def kernel_table(reduction: bool) -> dict:
     reduce = torch.compile(kernels.int8_mm_cuda, dynamic=False) if reduction else None
     table = {
@@ -105,8 +124,13 @@ def main() -> int:
     rows = [int(r) for r in args.rows.split(",")]
     table = kernel_table(args.reduction)
     results, worst = [], {}
+    layouts_ok = True
     for name, (n, k) in SHAPES.items():
         base = weights(n, k, dev)
+        if gemlite_mm.available():
+            q4 = torch.randint(0, 16, (n, k), device=dev, dtype=torch.uint8)
+            layouts_ok &= gemlite_layout_matches(q4, torch.rand(n, k // GROUP, device=dev) / 64 + 1e-3,
+                                                 torch.randn(n, k // GROUP, device=dev) / 64)
         for label, (fn, fmt) in table.items():
             for m in (1, 8):
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -139,7 +163,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"results": results, "step_ms": steps, "rel_error": worst, "device": torch.cuda.get_device_name(),
                        "torch": torch.__version__}, f, indent=2)
-    return 1 if any(v > 2e-2 for v in worst.values()) else 0
+    return 1 if any(v > 2e-2 for v in worst.values()) or not layouts_ok else 0
 
 
 if __name__ == "__main__":

@@ -83,36 +83,24 @@ def dequantize(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int) ->
     return (q.view(n, k // group_size, group_size).float() * s + off).to(torch.bfloat16).view(n, k)
 
 
-# gemlite's constant arguments, made eagerly (`prepare`, when a module packs) so that a compiled step only
-# reads them: built inside a traced function, the gemlite module and the tensor would break its graph.
-_META_ARGS: dict[int, list[int]] = {}
-_META_SCALE: dict[torch.device, Tensor] = {}
+def meta_args(group_size: int) -> list[int]:
+    """gemlite's integer arguments for bf16 x int4 groups with float offsets: what `GemLiteLinear.get_meta_args`
+    gives after `pack(..., fma_mode=True)` (benchmarks/gemv_bench.py checks it on a GPU). Built per call from
+    constants, so that a compiled step traces them as such. In order: activations unscaled, 4 bits, the
+    group, the nibble mask, values per word, input and output dtypes, gemlite's accumulator for bf16, the
+    scales' dtype, no channel scales, group mode 4 (q * s + offset), contiguous words."""
+    from gemlite import DType
+    from gemlite.core import GEMLITE_ACC_DTYPE
 
-
-def prepare(group_size: int, device: torch.device) -> None:
-    """The integer arguments for bf16 x int4 groups in the fused multiply-add form (what
-    `GemLiteLinear.pack(..., fma_mode=True)` sets for this layout), read off a gemlite module, and the
-    meta-scale tensor its op takes (unused for these weights)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # keyed as a tensor's device reads: with its index
-        device = torch.device("cuda", torch.cuda.current_device())
-    if group_size not in _META_ARGS:
-        from gemlite import DType, GemLiteLinear
-
-        lin = GemLiteLinear(4, group_size=group_size, in_features=group_size * 2, out_features=32,
-                            input_dtype=DType.BF16, output_dtype=DType.BF16)
-        lin.elements_per_sample, lin.meta_dtype = NIBBLES, DType.BF16
-        lin.channel_scale_mode, lin.W_group_mode, lin.data_contiguous = 0, 4, True
-        _META_ARGS[group_size] = lin.get_meta_args()
-    if device not in _META_SCALE:
-        _META_SCALE[device] = torch.ones((), dtype=torch.float32, device=device)
+    bf16 = DType.BF16.value
+    return [0, 4, group_size, 15, NIBBLES, bf16, bf16, GEMLITE_ACC_DTYPE[DType.BF16].value, bf16, 0, 4, 1]
 
 
 def mm(x2: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int, n: int) -> Tensor:
     """x2 [M, K] @ the weight^T -> [M, N] in x2's dtype (gemlite picks GEMV or split-K GEMM by M)."""
-    prepare(group_size, x2.device)
     xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
-    tensors = [packed, scales_zeros[0], scales_zeros[1], _META_SCALE[x2.device]]
-    out = torch.ops.gemlite.forward_functional(xb, None, tensors, _META_ARGS[group_size], -1)
+    scales, offsets = scales_zeros[0], scales_zeros[1]
+    # The fourth tensor is a meta-scale that gemlite reads only for groups of 16 (NVFP4): never here.
+    out = torch.ops.gemlite.forward_functional(xb, None, [packed, scales, offsets, scales], meta_args(group_size), -1)
     out = out if out.shape[-1] == n else out[:, :n]
     return out if out.dtype == x2.dtype else out.to(x2.dtype)

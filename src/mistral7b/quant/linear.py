@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import cpu_kernels, gemlite_mm, kernels
+from . import cpu_kernels, kernels
 from .config import cuda_rows_kernel
 from .qtensor import QuantizedWeight, WeightFormat, unpermute
 
@@ -189,8 +189,6 @@ class Int4Linear(QuantModule):
         zero = weight.zero if weight.zero is not None else torch.zeros_like(weight.scale)
         self.packed.copy_(kernels.pack_int4(weight.q, self.target, self.layout))
         self.scales_zeros.copy_(kernels.pack_layout_scales_zeros(weight.scale, zero, self.target, self.layout))
-        if self.layout == "gemlite":
-            gemlite_mm.prepare(self.group_size, self.target)
 
     def unpack_packed(self) -> QuantizedWeight:
         if self.integer:
