@@ -35,3 +35,24 @@ def untimed_spec_backoff(request, monkeypatch):
         monkeypatch.setattr(SpecBackoff, "time_speculative", lambda self, seconds: None)
         monkeypatch.setattr(SpecBackoff, "time_plain", lambda self, seconds_per_step: None)
         monkeypatch.setattr(SpecBackoff, "time_lone", lambda self, seconds: None)
+
+
+@pytest.fixture(scope="session")
+def hf_default_dir(tmp_path_factory):
+    """The default GGUF as transformers' own GGUF loader converts it (fp32 weights, its tokenizer), saved once
+    a session: each of its users converted it again, about 30 s a time on a 2-core CPU (mostly the
+    tokenizer's conversion). HF references load it from here in a second."""
+    transformers = pytest.importorskip("transformers")
+    from mistral7b.default_model import default_model_path
+
+    path = default_model_path()
+    out = tmp_path_factory.mktemp("hf-default-gguf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # transformers will not save a model it loaded from GGUF: the same weights in a model built from its config
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    model = transformers.AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
+    return out

@@ -150,7 +150,7 @@ def test_windows_score_each_token_at_most_once():
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(hf_default_dir):
     from transformers import AutoModelForCausalLM
 
     from mistral7b import LLM
@@ -159,7 +159,7 @@ def smollm2():
     p = default_model_path()
     # dense, as HF's GGUF loader dequantizes; the default quantized run is checked on its own below
     llm = LLM(p, device="cpu", dtype="float32", max_batch=1, max_seq_len=1, quantize="none")
-    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_default_dir), dtype=torch.float32).eval()
     ids = torch.tensor(llm.tokenizer.encode(TEXT.read_text(), bos=True))
     return llm, hf, ids
 

@@ -44,14 +44,11 @@ def _stop_ids(llm):
 
 
 @pytest.fixture(scope="module")
-def hf_default():
-    """HF transformers' model from the same GGUF, dequantized to float32."""
+def hf_default(hf_default_dir):
+    """HF transformers' model from the same GGUF, dequantized to float32 (by its GGUF loader)."""
     from transformers import AutoModelForCausalLM
 
-    from mistral7b.default_model import default_model_path
-
-    path = default_model_path(download=False)
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(hf_default_dir), dtype=torch.float32).eval()
 
 
 def test_chat_answers_paris_and_matches_hf_greedy(hf_default, monkeypatch):

@@ -22,7 +22,6 @@ pytest.importorskip("tenacity")  # lm-eval's API models need its [api] extra
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mistral7b.default_model import default_model_path  # noqa: E402
 from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
 
@@ -46,10 +45,9 @@ def _limited(result: dict, task: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """lm-eval's `hf` backend on the default GGUF, dequantized by transformers to fp32."""
-    path = default_model_path()
-    return _evaluate("hf", f"pretrained={path.parent},gguf_file={path.name},dtype=float32,device=cpu",
+def hf(hf_default_dir):
+    """lm-eval's `hf` backend on the default GGUF, dequantized by transformers to fp32 (`hf_default_dir`)."""
+    return _evaluate("hf", f"pretrained={hf_default_dir},dtype=float32,device=cpu",
                      ["tiny_mc", "tiny_roll", "tiny_gen"])
 
 

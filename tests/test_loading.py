@@ -195,14 +195,14 @@ def test_gguf_window_key_is_read(tmp_path):
 # ------------------------------------------------------------------------------------ the real model
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(hf_default_dir):
     from transformers import AutoModelForCausalLM
 
     from mistral7b.default_model import default_model_path
 
     p = default_model_path()
     ours = load_model(p, quantize=False)  # dequantized to fp32 (tests/test_quant_gguf.py runs it quantized)
-    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_default_dir), dtype=torch.float32).eval()
     return p, ours, hf
 
 

@@ -258,12 +258,12 @@ def test_chat_template_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm():
+def smollm(hf_default_dir):
     from mistral7b.default_model import default_model_path
 
     path = default_model_path()
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = transformers.AutoTokenizer.from_pretrained(str(hf_default_dir))  # HF's conversion of the GGUF's
     return Tokenizer.from_file(path), hf
 
 
