@@ -1,5 +1,28 @@
+import random
+import zlib
+
 import pytest
 import torch
+
+
+def _seed(name: str) -> None:
+    seed = zlib.crc32(name.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def seeded_by_module(request):
+    """A module's fixtures, then each test (`seeded_by_test`), draw their random inputs from seeds of their
+    own (hashes of their names): fresh per test and the same in every run, whichever worker runs the file
+    and after which others (pytest-xdist splits files over two workers; every draw had depended on what
+    ran before)."""
+    _seed(request.module.__name__)
+
+
+@pytest.fixture(autouse=True)
+def seeded_by_test(request):
+    _seed(request.node.nodeid)
 
 
 @pytest.fixture(scope="module")
