@@ -47,7 +47,7 @@ def weights(n: int, k: int, dev) -> dict:
 
 def gemlite_int4(q4, scale4, zero4):
     """Our int4 weight in gemlite's layout (quant/gemlite_mm.py), as the module holds it."""
-    return gemlite_mm.pack(q4), gemlite_mm.pack_scales_zeros(scale4, zero4, q4.device)
+    return kernels.pack_int4(q4, q4.device, "gemlite"), kernels.pack_scales_zeros(scale4, zero4, q4.device, "gemlite")
 
 
 def gemlite_layout_matches(q4, scale4, zero4) -> bool:

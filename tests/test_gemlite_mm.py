@@ -64,3 +64,19 @@ def test_scales_zeros_shapes_per_layout():
     assert kernels.scales_zeros_shape(100, 256, 32, cuda, "tiles") == (8, 104, 2)
     assert kernels.scales_zeros_shape(100, 256, 32, cuda, "gemlite") == (2, 8, 104)
     assert kernels.packed_shape(100, 256, cuda, "gemlite") == ((32, 104), torch.int32)
+
+
+
+@pytest.mark.parametrize("layout, shape", [("tiles", (4, 16, 2)), ("gemlite", (2, 4, 16))])
+def test_scales_zeros_pack_pads_rows_and_unpacks_per_layout(layout, shape):
+    """kernels.pack_scales_zeros pads the rows to the device's block (16 on a CPU) with zeros in either form,
+    and kernels.unpack_scales_zeros reads each form back (gemlite's offsets to their bf16 rounding)."""
+    scale, zero = torch.rand(13, 4) + 0.1, torch.randn(13, 4)
+    sz = kernels.pack_scales_zeros(scale, zero, torch.device("cpu"), layout)
+    assert sz.shape == shape and sz.dtype == torch.bfloat16
+    rows = sz[:, 13:] if layout == "tiles" else sz[:, :, 13:]
+    assert not rows.any()
+    got_scale, got_zero = kernels.unpack_scales_zeros(sz, 13, layout)
+    assert torch.equal(got_scale, scale.to(torch.bfloat16).float())
+    bound = (zero.abs() + 8 * scale) * 2**-8 if layout == "gemlite" else zero.abs() * 2**-8
+    assert ((got_zero - zero).abs() <= bound + 1e-6).all()

@@ -112,16 +112,8 @@ def scales_zeros_shape(n: int, k: int, group_size: int, device: torch.device, la
     return (k // group_size, rows, 2)
 
 
-def pack_layout_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device, layout: str) -> Tensor:
-    """[N, G] scales and zeros in `layout`'s form (see scales_zeros_shape), padded rows zero."""
-    if layout != "gemlite":
-        return pack_scales_zeros(scale, zero, device)
-    pad = padded_rows(scale.shape[0], device) - scale.shape[0]
-    return gemlite_mm.pack_scales_zeros(F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad)), device)
-
-
-def unpack_layout_scales_zeros(scales_zeros: Tensor, n: int, layout: str) -> tuple[Tensor, Tensor]:
-    """The first n rows' [N, G] float32 scales and zeros (on the CPU) of either form."""
+def unpack_scales_zeros(scales_zeros: Tensor, n: int, layout: str = "tiles") -> tuple[Tensor, Tensor]:
+    """The inverse of `pack_scales_zeros`: the first n rows' [N, G] float32 scales and zeros, on the CPU."""
     if layout == "gemlite":
         return tuple(t.cpu() for t in gemlite_mm.unpack_scales_zeros(scales_zeros, n))
     sz = scales_zeros[:, :n].float().cpu()
@@ -229,13 +221,15 @@ def pack_cuda_tiles_reference(q: Tensor) -> Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device) -> Tensor:
-    """[N, G] scales and zeros -> tinygemm's [G, N_padded, 2] in bf16."""
+def pack_scales_zeros(scale: Tensor, zero: Tensor, device: torch.device, layout: str = "tiles") -> Tensor:
+    """[N, G] scales and zeros -> `layout`'s form in bf16 (`scales_zeros_shape`), padded rows zero: tinygemm's
+    [G, N_padded, 2] (tiles and halves) or gemlite's [2, G, N_padded]."""
     pad = padded_rows(scale.shape[0], device) - scale.shape[0]
-    pairs = torch.stack([scale, zero], dim=-1).to(device, torch.bfloat16)
     if pad:
-        pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad))
-    return pairs.transpose(0, 1).contiguous()
+        scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+    if layout == "gemlite":
+        return gemlite_mm.pack_scales_zeros(scale, zero, device)
+    return torch.stack([scale, zero], dim=-1).to(device, torch.bfloat16).transpose(0, 1).contiguous()
 
 
 # ------------------------------------------------------------------------------ matmuls

@@ -188,7 +188,7 @@ class Int4Linear(QuantModule):
             return
         zero = weight.zero if weight.zero is not None else torch.zeros_like(weight.scale)
         self.packed.copy_(kernels.pack_int4(weight.q, self.target, self.layout))
-        self.scales_zeros.copy_(kernels.pack_layout_scales_zeros(weight.scale, zero, self.target, self.layout))
+        self.scales_zeros.copy_(kernels.pack_scales_zeros(weight.scale, zero, self.target, self.layout))
 
     def unpack_packed(self) -> QuantizedWeight:
         if self.integer:
@@ -196,7 +196,7 @@ class Int4Linear(QuantModule):
             return regrouped(QuantizedWeight("int4", q, scale.clone(), mn + 8 * scale, cpu_kernels.BLOCK,
                                              self.fmt.source), self.group_size)
         q = kernels.unpack_int4(self.packed, self.out_features, self.in_features).cpu()
-        scale, zero = kernels.unpack_layout_scales_zeros(self.scales_zeros, self.out_features, self.layout)
+        scale, zero = kernels.unpack_scales_zeros(self.scales_zeros, self.out_features, self.layout)
         return QuantizedWeight("int4", q, scale, zero, self.group_size, self.fmt.source)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
