@@ -9,7 +9,7 @@ different copy of the weight (over 256 MB in all, beyond the 50 MB L2), replayed
 The last table sums one decode step (32 layers and the head) per kernel: the ceiling its weight reads set
 on tok/s.
 
-    python3 benchmarks/gemv_bench.py [--rows 1,8,16] [--reduction] [--json F]
+    python3 benchmarks/gemv_bench.py [--rows 1,8,16] [--kernels int4] [--reduction] [--json F]
 """
 
 from __future__ import annotations
@@ -118,11 +118,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--reduction", action="store_true", help="also torch's compiled int8 reduction (slow to compile)")
+    p.add_argument("--kernels", default="", help="only kernels whose label contains this (e.g. int4)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
     rows = [int(r) for r in args.rows.split(",")]
-    table = kernel_table(args.reduction)
+    table = {k: v for k, v in kernel_table(args.reduction).items() if args.kernels in k}
     results, worst = [], {}
     layouts_ok = True
     for name, (n, k) in SHAPES.items():
