@@ -2,6 +2,7 @@
 quantization, the dot products and the entry point; the threads come from `cpu_pool`."""
 
 from ..cpu_pool import CLIENT
+from .cpu_kernels_simd import GRIDS
 
 DOTS = r"""// Quantized weights x int8-quantized activations on the CPU: llama.cpp's q4_1 x q8_0 dot product.
 //
@@ -36,10 +37,13 @@ static inline float h2f(uint16_t h) {
 #endif
 }
 
-int m7b_abi(void) { return 5; }
+int m7b_abi(void) { return 6; }
 
-static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float *sx) {
-    for (int64_t b = 0; b < k / QK; b++) {
+// `paired` (AVX2, 4-bit weights): blocks 2p and 2p + 1 interleave as q4_pair_dot reads them, halves of 16
+// [2p lo | 2p+1 lo | 2p hi | 2p+1 hi] (lo: inputs 0-15 of a block); an odd last block stays in order.
+static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float *sx, int paired) {
+    const int64_t nb = k / QK, pairs_end = paired ? nb / 2 * 2 : 0;
+    for (int64_t b = 0; b < nb; b++) {
         const float *v = x + b * QK;
         float amax = 0.f;
         for (int i = 0; i < QK; i++) {
@@ -48,7 +52,10 @@ static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float
         }
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         int32_t sum = 0;
-        for (int i = 0; i < QK; i++) sum += qx[b * QK + i] = (int8_t)lrintf(v[i] * id);
+        for (int i = 0; i < QK; i++) {
+            const int64_t at = b < pairs_end ? (b & ~1) * QK + (i >= 16) * 32 + (b & 1) * 16 + i % 16 : b * QK + i;
+            sum += qx[at] = (int8_t)lrintf(v[i] * id);
+        }
         dx[b] = d;
         sx[b] = d * (float)sum;
     }
@@ -106,93 +113,12 @@ static inline float offset_dot(const uint16_t *m, const float *sx, int64_t nb) {
 #endif
 }
 
-#if defined(M7B_VNNI)
-// A pair of weight blocks as dpbusd's unsigned operand: nibbles in the x layout [b lo | b hi | b+1 lo |
-// b+1 hi], or |q| for int8, whose signs (`neg`) pair_dot then puts on x.
-static inline __m512i pair_weights(const uint8_t *w, int bits, __mmask64 *neg) {
-    if (bits == 4) {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-        return _mm512_and_si512(_mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
-    }
-    __m512i q = _mm512_loadu_si512((const void *)w);
-    *neg = _mm512_movepi8_mask(q);
-    return _mm512_abs_epi8(q);
-}
-
-static inline __m512i pair_dot(__m512i wu, __mmask64 neg, int bits, const int8_t *qx) {
-    __m512i x = _mm512_loadu_si512((const void *)qx);
-    if (bits == 8) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, x);
-}
-
-static inline __m512 pair_scale(const float *v) {  // [v0 x 8 | v1 x 8]
-    return _mm512_insertf32x8(_mm512_set1_ps(v[0]), _mm256_set1_ps(v[1]), 1);
-}
-
-static inline void halves_to_floats(const uint16_t *h, float *f, int64_t count) {
-    int64_t i = 0;
-    for (; i + 16 <= count; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-    for (; i < count; i++) f[i] = h2f(h[i]);
-}
-
-// R weight rows x S activation rows (rows of qx k apart, of out n apart): each pair of weight blocks is
-// unpacked once for all S rows. Every output takes the same float operations in the same order
-// whatever R and S are (a product d * dx is the same in a lane as in a scalar), so grouping rows never
-// changes a result.
-static inline __attribute__((always_inline)) void grid_dot(
-        int R, int S, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m, int64_t nb,
-        const int8_t *qx, int64_t k, const float *dx, const float *sx, float *out, int64_t n) {
-    const int64_t stride = bits == 4 ? QK / 2 : QK;
-    float df[4 * nb];  // the rows' scales, widened once (not per block)
-    halves_to_floats(d, df, R * nb);
-    for (int r = 0; r < R; r++)  // m NULL: no offsets (symmetric int8), which saves reading a row of zeros
-        for (int s = 0; s < S; s++) out[s * n + r] = m ? offset_dot(m + r * nb, sx + s * nb, nb) : 0.f;
-    __m512 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m512 xd[4];
-        for (int s = 0; s < S; s++) xd[s] = pair_scale(dx + s * nb + b);
-        for (int r = 0; r < R; r++) {
-            __mmask64 neg = 0;
-            __m512i wu = pair_weights(w + r * wrow + b * stride, bits, &neg);
-            __m512 wd = pair_scale(df + r * nb + b);
-            for (int s = 0; s < S; s++) {
-                __m512 p = _mm512_cvtepi32_ps(pair_dot(wu, neg, bits, qx + s * k + b * QK));
-                acc[r][s] = _mm512_fmadd_ps(p, _mm512_mul_ps(wd, xd[s]), acc[r][s]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) {
-            __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r][s]), _mm512_extractf32x8_ps(acc[r][s], 1));
-            if (b < nb) {
-                __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + s * k + b * QK));
-                a = _mm256_fmadd_ps(p, _mm256_set1_ps(df[r * nb + b] * dx[s * nb + b]), a);
-            }
-            out[s * n + r] += hsum(a);
-        }
-}
-#endif
-
-// R outputs (weight rows w + r * wrow) for one quantized input row; each row's arithmetic is the same
-// whatever R is, so grouping rows never changes a result.
+#if !defined(M7B_AVX2) && !defined(M7B_VNNI)
+// R outputs (weight rows w + r * wrow) for one quantized input row, in portable C (the reference).
 static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m,
                             int64_t nb, const int8_t *qx, const float *dx, const float *sx, float *out) {
     const int64_t stride = bits == 4 ? QK / 2 : QK;
     for (int r = 0; r < R; r++) out[r] = m ? offset_dot(m + r * nb, sx, nb) : 0.f;  // m NULL: symmetric int8
-#if defined(M7B_AVX2)
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < R; r++) {
-            __m256 p = _mm256_cvtepi32_ps(block_dot(w + r * wrow + b * stride, bits, qx + b * QK));
-            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(h2f(d[r * nb + b]) * dx[b]), acc[r]);
-        }
-    for (int r = 0; r < R; r++) out[r] += hsum(acc[r]);
-#else
     for (int r = 0; r < R; r++) {
         float acc = 0.f;
         for (int64_t b = 0; b < nb; b++) {
@@ -207,106 +133,66 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
         }
         out[r] += acc;
     }
-#endif
-}
-
-#if defined(M7B_AVX2)
-// R weight rows x S activation rows, as rows_dot does each pair (its float operations in its order, so
-// grouping never changes a result), with each weight block unpacked once for all S rows: a verify's or a
-// prefill's rows cost less than as many one-row passes (AVX2 has no VNNI grid_dot).
-static inline __attribute__((always_inline)) void grid_dot_avx2(
-        int R, int S, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d, const uint16_t *m, int64_t nb,
-        const int8_t *qx, int64_t k, const float *dx, const float *sx, float *out, int64_t n) {
-    const int64_t stride = bits == 4 ? QK / 2 : QK;
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) out[s * n + r] = m ? offset_dot(m + r * nb, sx + s * nb, nb) : 0.f;
-    __m256 acc[2][8];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) acc[r][s] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < R; r++) {
-            const uint8_t *wb = w + r * wrow + b * stride;
-            // The weight's scale widened once for the S rows; each row's product d * dx a vector multiply
-            // of a broadcast load (rows_dot's scalar product, the same bits), not a multiply and a shuffle.
-            const __m256 wd = _mm256_set1_ps(h2f(d[r * nb + b]));
-            __m256i q = bits == 4 ? load_q4(wb) : _mm256_loadu_si256((const __m256i *)wb);
-            __m256i u = bits == 4 ? q : _mm256_sign_epi8(q, q);  // int8: |q|, its sign put on x below
-            for (int s = 0; s < S; s++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(qx + s * k + b * QK));
-                if (bits == 8) x = _mm256_sign_epi8(x, q);
-                __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u, x));
-                acc[r][s] = _mm256_fmadd_ps(p, _mm256_mul_ps(wd, _mm256_broadcast_ss(dx + s * nb + b)), acc[r][s]);
-            }
-        }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) out[s * n + r] += hsum(acc[r][s]);
 }
 #endif
 
-#if defined(M7B_VNNI)
-#define GRID grid_dot
-#define GRID_ROWS 4
-#elif defined(M7B_AVX2)
-#define GRID grid_dot_avx2
-#define GRID_ROWS 2
-#endif
+"""
 
+TILES = r"""
 #ifdef GRID
-// Outputs [lo, hi) of every activation row, in grids of GRID_ROWS weight rows x up to 4 activation rows.
+// Outputs [lo, hi) of every activation row (dxp: AVX2's paired dx, nb / 2 * 8 floats a row). AVX2: one row
+// (decode) 4 weight rows at a time; 5 to 8 (a verify of k + 1 <= 8 tokens) all against one weight row, a
+// pass over the weights, not two. Otherwise grids of GRID_ROWS weight rows x up to 4 activation rows.
 static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
                       const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
-                      const float *dx, const float *sx, float *out) {
+                      const float *dx, const float *dxp, const float *sx, float *out) {
+#define AT(j) w + (j) * wrow, wrow, bits, d + (j) * nb, m ? m + (j) * nb : m, nb
 #if defined(M7B_AVX2)
-    if (rows > 4 && rows <= 8) {  // a verify of k + 1 <= 8 tokens: one pass over the weights, not two
-        for (int64_t j = lo; j < hi; j++) {
-            const uint8_t *wj = w + j * wrow;
-            const uint16_t *dj = d + j * nb, *mj = m ? m + j * nb : m;
-            switch (rows) {
-                case 8: GRID(1, 8, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n); break;
-                case 7: GRID(1, 7, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n); break;
-                case 6: GRID(1, 6, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n); break;
-                default: GRID(1, 5, wj, wrow, bits, dj, mj, nb, qx, k, dx, sx, out + j, n);
+    if (rows == 1) {
+        int64_t j = lo;
+        for (; j + 4 <= hi; j += 4) GRID(4, 1, AT(j), qx, k, dx, dxp, sx, out + j, n);
+        for (; j < hi; j++) GRID(1, 1, AT(j), qx, k, dx, dxp, sx, out + j, n);
+        return;
+    }
+    if (rows > 4 && rows <= 8) {
+        for (int64_t j = lo; j < hi; j++) switch (rows) {  // constant shapes: accumulators in registers
+                case 8: GRID(1, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
+                case 7: GRID(1, 7, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
+                case 6: GRID(1, 6, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
+                default: GRID(1, 5, AT(j), qx, k, dx, dxp, sx, out + j, n);
             }
-        }
         return;
     }
 #endif
     for (int64_t s = 0; s < rows; s += 4) {
         const int S = rows - s < 4 ? (int)(rows - s) : 4;
         const int8_t *xs = qx + s * k;
-        const float *dxs = dx + s * nb, *sxs = sx + s * nb;
+        const float *dxs = dx + s * nb, *dxps = dxp + s * (nb / 2 * 8), *sxs = sx + s * nb;
         int64_t j = lo;
         for (; j + GRID_ROWS <= hi; j += GRID_ROWS) {
-            const uint8_t *wj = w + j * wrow;
-            const uint16_t *dj = d + j * nb, *mj = m ? m + j * nb : m;
             float *o = out + s * n + j;
-            switch (S) {  // constant shapes, so that each grid's accumulators stay in registers
-                case 4: GRID(GRID_ROWS, 4, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
-                case 3: GRID(GRID_ROWS, 3, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
-                case 2: GRID(GRID_ROWS, 2, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n); break;
-                default: GRID(GRID_ROWS, 1, wj, wrow, bits, dj, mj, nb, xs, k, dxs, sxs, o, n);
+            switch (S) {
+                case 4: GRID(GRID_ROWS, 4, AT(j), xs, k, dxs, dxps, sxs, o, n); break;
+                case 3: GRID(GRID_ROWS, 3, AT(j), xs, k, dxs, dxps, sxs, o, n); break;
+                case 2: GRID(GRID_ROWS, 2, AT(j), xs, k, dxs, dxps, sxs, o, n); break;
+                default: GRID(GRID_ROWS, 1, AT(j), xs, k, dxs, dxps, sxs, o, n);
             }
         }
-        for (; j < hi; j++)
-            GRID(1, S, w + j * wrow, wrow, bits, d + j * nb, m ? m + j * nb : m, nb, xs, k, dxs, sxs, out + s * n + j, n);
+        for (; j < hi; j++) GRID(1, S, AT(j), xs, k, dxs, dxps, sxs, out + s * n + j, n);
     }
+#undef AT
 }
 #endif
 
-// Outputs [lo, hi) of every activation row. AVX2 takes one row (decode) through rows_dot, 4 weight rows
-// at a time, and several (a verify, a prefill) through grids that unpack each weight block once.
+// Outputs [lo, hi) of every activation row: the grids where there is a vector unit; portable C one
+// activation row at a time, 4 weight rows at a time.
 static void tile_dot(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
                      const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
-                     const float *dx, const float *sx, float *out) {
-#if defined(M7B_VNNI)
-    grid_tile(lo, hi, w, wrow, bits, d, m, nb, rows, k, n, qx, dx, sx, out);
+                     const float *dx, const float *dxp, const float *sx, float *out) {
+#ifdef GRID
+    grid_tile(lo, hi, w, wrow, bits, d, m, nb, rows, k, n, qx, dx, dxp, sx, out);
 #else
-#if defined(M7B_AVX2)
-    if (rows > 1) {
-        grid_tile(lo, hi, w, wrow, bits, d, m, nb, rows, k, n, qx, dx, sx, out);
-        return;
-    }
-#endif
+    (void)dxp;
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *xr = qx + r * k;
         const float *dxr = dx + r * nb, *sxr = sx + r * nb;
@@ -324,7 +210,7 @@ ENTRY = r"""// -----------------------------------------------------------------
 typedef struct {
     const uint8_t *w;
     const uint16_t *d, *m;
-    const float *dx, *sx;
+    const float *dx, *dxp, *sx;
     const int8_t *qx;
     float *out;
     int64_t rows, k, n, nb, wrow;
@@ -336,7 +222,8 @@ typedef struct {
 static void run_tile(const void *ctx, int64_t t) {
     const Job *j = ctx;
     const int64_t lo = t * TILE, hi = lo + TILE < j->n ? lo + TILE : j->n;
-    tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->rows, j->k, j->n, j->qx, j->dx, j->sx, j->out);
+    tile_dot(lo, hi, j->w, j->wrow, j->bits, j->d, j->m, j->nb, j->rows, j->k, j->n, j->qx, j->dx, j->dxp, j->sx,
+             j->out);
 }
 
 static float from_bf16(uint16_t h) {
@@ -358,9 +245,14 @@ static uint16_t to_bf16(float f) {  // round to nearest even, as torch does; NaN
 // (the same float32 arithmetic in between). Returns 0, or -1 when out of memory.
 int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bits, const uint16_t *d,
                const uint16_t *m, int64_t n, void *out, int threads, int bf16) {
-    const int64_t nb = k / QK;
+    const int64_t nb = k / QK, pstride = nb / 2 * 8;
+#if defined(M7B_AVX2)
+    const int paired = bits == 4;  // grid_dot_avx2's 4-bit pairs: qx interleaved, dx widened (dxp)
+#else
+    const int paired = 0;
+#endif
     int8_t *qx = malloc(rows * k);
-    float *dx = malloc(sizeof(float) * rows * nb * 2);
+    float *dx = malloc(sizeof(float) * rows * (nb * 2 + pstride));
     float *scratch = bf16 ? malloc(sizeof(float) * (k > n ? k : n) * rows) : NULL;
     if (!qx || !dx || (bf16 && !scratch)) {
         free(qx);
@@ -368,17 +260,18 @@ int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bit
         free(scratch);
         return -1;
     }
-    float *sx = dx + rows * nb;
+    float *sx = dx + rows * nb, *dxp = sx + rows * nb;
     for (int64_t r = 0; r < rows; r++) {
         const float *row = (const float *)x + r * k;
         if (bf16) {
             for (int64_t i = 0; i < k; i++) scratch[i] = from_bf16(((const uint16_t *)x)[r * k + i]);
             row = scratch;
         }
-        quantize_row(row, k, qx + r * k, dx + r * nb, sx + r * nb);
+        quantize_row(row, k, qx + r * k, dx + r * nb, sx + r * nb, paired);
+        for (int64_t i = 0; i < pstride; i++) dxp[r * pstride + i] = dx[r * nb + i / 8 * 2 + i % 8 / 4];
     }
     float *result = bf16 ? scratch : (float *)out;
-    Job j = {w, d, m, dx, sx, qx, result, rows, k, n, nb, bits == 4 ? k / 2 : k, bits};
+    Job j = {w, d, m, dx, dxp, sx, qx, result, rows, k, n, nb, bits == 4 ? k / 2 : k, bits};
     run_tiles(run_tile, &j, (n + TILE - 1) / TILE, threads);
     if (bf16)
         for (int64_t i = 0; i < rows * n; i++) ((uint16_t *)out)[i] = to_bf16(scratch[i]);
@@ -389,4 +282,4 @@ int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bit
 }
 """
 
-SOURCE = DOTS + CLIENT + ENTRY
+SOURCE = DOTS + GRIDS + TILES + CLIENT + ENTRY
