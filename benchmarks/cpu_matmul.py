@@ -3,7 +3,12 @@ default model's: each checked against the dequantized weight's float matmul, the
 5 (a verify of k = 4) and 8 rows. The last table sums one 7B decode step's layers (32 of each matrix):
 the matmuls' share of a step, and what a verify of 5 tokens costs in decode steps.
 
-    python3 benchmarks/cpu_matmul.py [--shape mistral-7b|default] [--rows 1 5 8] [--threads 2] [--json F]
+Those timings repeat one matrix, so its bytes come from the caches. A decode step reads every weight
+once from memory: `--cold` also times a step's sequence of q4_1 matmuls over distinct weights per layer
+(3 layers at the 7B shape, scaled to 32; all 30 and the Q8_0 head for the default model), in GB/s of
+weight bytes against this machine's copy bandwidth.
+
+    python3 benchmarks/cpu_matmul.py [--shape mistral-7b|default] [--rows 1 5 8] [--threads 2] [--cold] [--json F]
 """
 
 from __future__ import annotations
@@ -83,12 +88,50 @@ def print_tables(shape: str, table: list[dict], rows: list[int]) -> None:
         print(f"  {fmt}: {ratios}")
 
 
+def cold_step(shape: str, rows: list[int], repeats: int) -> list[dict]:
+    """Each row count's step of matmuls over distinct weights per layer (memory-bound, as decode is)."""
+    gen = torch.Generator().manual_seed(1)
+    built = LAYERS[shape] if shape == "default" else 3
+    layers = [[(*quantized(n, k, 4, True, gen)[:3], n, k) for _, n, k in SHAPES[shape]] for _ in range(built)]
+    head = quantized(49152, 576, 8, False, gen)[:2] if shape == "default" else None  # SmolLM2's tied Q8_0 head
+    nbytes = sum(t.nbytes for layer in layers for w in layer for t in w[:3]) + (sum(t.nbytes for t in head) if head else 0)
+    table = []
+    for r in rows:
+        xs = {k: torch.randn(r, k, generator=gen) for _, _, k in SHAPES[shape]}
+
+        def step():
+            for layer in layers:
+                for stored, d, m, n, k in layer:
+                    cpu_kernels.linear(xs[k], stored, 4, d, m, n)
+            if head:
+                cpu_kernels.linear(xs[576], head[0], 8, head[1], None, 49152)
+
+        step()
+        seconds = min(timed_once(step) for _ in range(repeats))
+        table.append({"rows": r, "ms": seconds * 1e3 * LAYERS[shape] / built, "gb_s": nbytes / seconds / 1e9})
+    return table
+
+
+def timed_once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def copy_gb_s() -> float:
+    """Memory read bandwidth: the best of 5 sums of a 256 MB tensor."""
+    x = torch.ones(64 << 20)
+    x.sum()
+    return x.nbytes / min(timed_once(x.sum) for _ in range(5)) / 1e9
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="mistral-7b")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 5, 8])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--cold", action="store_true", help="also a decode step's matmuls from memory (see above)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -96,10 +139,17 @@ def main() -> int:
     table = measure(args.shape, args.rows, args.repeats)
     print(f"{args.shape}, variant {cpu_variant()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print_tables(args.shape, table, args.rows)
+    cold = cold_step(args.shape, args.rows, args.repeats) if args.cold else []
+    if cold:
+        bandwidth = copy_gb_s()
+        print(f"\none step's q4_1 matmuls from memory{' and the Q8_0 head' if args.shape == 'default' else ''} "
+              f"(best of {args.repeats}); memory read {bandwidth:.1f} GB/s:")
+        for c in cold:
+            print(f"  {c['rows']} rows {c['ms']:.1f} ms, {c['gb_s']:.1f} GB/s ({c['gb_s'] / bandwidth:.0%} of memory read)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "variant": cpu_variant(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "table": table}, f, indent=1)
+                       "torch": torch.__version__, "table": table, "cold": cold}, f, indent=1)
     return 0
 
 
