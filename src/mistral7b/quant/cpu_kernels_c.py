@@ -1,5 +1,6 @@
 """The C source of cpu_kernels, in a Python module so that every install carries it (no package data): the
-quantization, the dot products and the entry point; the threads come from `cpu_pool`."""
+quantization, the portable dot products, the tiles and the entry point; the vector units' grids come from
+`cpu_kernels_simd`, the threads from `cpu_pool`."""
 
 from ..cpu_pool import CLIENT
 from .cpu_kernels_simd import GRIDS
