@@ -52,11 +52,10 @@ static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float
             amax = a > amax ? a : amax;
         }
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int8_t *lo = qx + (b < pairs_end ? (b & ~1) * QK + (b & 1) * 16 : b * QK);  // inputs 0-15
+        int8_t *hi = lo + (b < pairs_end ? 32 : 16) - 16;                            // 16-31, at hi + i
         int32_t sum = 0;
-        for (int i = 0; i < QK; i++) {
-            const int64_t at = b < pairs_end ? (b & ~1) * QK + (i >= 16) * 32 + (b & 1) * 16 + i % 16 : b * QK + i;
-            sum += qx[at] = (int8_t)lrintf(v[i] * id);
-        }
+        for (int i = 0; i < QK; i++) sum += (i < 16 ? lo : hi)[i] = (int8_t)lrintf(v[i] * id);
         dx[b] = d;
         sx[b] = d * (float)sum;
     }
@@ -269,7 +268,7 @@ int m7b_linear(const void *x, int64_t rows, int64_t k, const uint8_t *w, int bit
             row = scratch;
         }
         quantize_row(row, k, qx + r * k, dx + r * nb, sx + r * nb, paired);
-        for (int64_t i = 0; i < pstride; i++) dxp[r * pstride + i] = dx[r * nb + i / 8 * 2 + i % 8 / 4];
+        for (int64_t i = 0; paired && i < pstride; i++) dxp[r * pstride + i] = dx[r * nb + i / 8 * 2 + i % 8 / 4];
     }
     float *result = bf16 ? scratch : (float *)out;
     Job j = {w, d, m, dx, dxp, sx, qx, result, rows, k, n, nb, bits == 4 ? k / 2 : k, bits};
