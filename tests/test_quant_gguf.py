@@ -9,6 +9,7 @@ import torch
 
 from mistral7b import load_model
 from mistral7b.quant import describe_weights, resident_bytes, resolve
+from mistral7b.quant import cpu_kernels
 from mistral7b.quant.gguf_blocks import FORMATS, repack
 from mistral7b.quant.linear import QuantEmbedding, QuantModule
 from checkpoints import gguf_tensors, hf_logits, hf_model, hf_with_gguf_roundtrip, llama_cpp_permute, rel_err, write_gguf
@@ -47,6 +48,45 @@ def test_repack_matches_gguf_dequantize(type_name):
     print(f"{type_name}: repacked vs gguf dequantize, max error / max |w| = {err:.2e}")
     assert err < 1e-6
     assert np.abs(want).max() > 0
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_q4_blocks_keep_the_files_bytes(type_name, monkeypatch):
+    """Q4_0/Q4_1 stay packed as read (no unpack and repack): the CPU layout's bytes are the file's own,
+    and every other consumer (torch's kernels, a column cut, int8) sees gguf's values."""
+    from mistral7b.loading import Slice, cut
+    from mistral7b.quant.linear import Int4Linear
+
+    rng = np.random.default_rng()
+    rows, cols = 8, 256
+    data = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32),
+                                gguf.GGMLQuantizationType[type_name])
+    want = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols))
+    weight = repack(data, type_name, rows, cols)
+    head = 2 if type_name == "Q4_0" else 4
+    file_nibbles = torch.from_numpy(data.reshape(-1, data.shape[-1] // (cols // 32))[:, head:].copy())
+    assert weight.nibbles and weight.shape == (rows, cols)
+    assert weight.q.shape == (rows, cols // 32, 16) and torch.equal(weight.q.reshape(-1, 16), file_nibbles)
+    unpacked = weight.unpacked()
+    assert not unpacked.nibbles and unpacked.q.shape == (rows, cols) and int(unpacked.q.max()) <= 15
+    assert (unpacked.dequantize() - want).abs().max() <= 1e-6 * want.abs().max()
+    half = cut(weight, Slice(1, 64, 192))
+    assert (half.dequantize() - want[:, 64:192]).abs().max() <= 1e-6 * want.abs().max()
+    assert (weight.as_int8().dequantize() - want).abs().max() <= 1e-6 * want.abs().max()
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
+    paths, want_paths = [], [cpu_kernels.available(), False]
+    for int8_activations in ("1", "0"):
+        monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", int8_activations)
+        module = Int4Linear(cols, rows, FORMATS[type_name], "cpu")
+        module.to_empty(device="cpu")
+        module.fill(0, 3, weight.map_rows(lambda t: t[:3]))
+        module.fill(3, rows, weight.map_rows(lambda t: t[3:]))
+        paths.append(module.integer)
+        if module.integer:
+            assert torch.equal(module.qweight.reshape(-1, 16), file_nibbles)
+        got = module.dequantize()
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()  # fp16/bf16 scales
+    assert paths == want_paths
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])

@@ -81,7 +81,7 @@ def cut(tensor, part: Slice | None):
         raise ValueError(f"columns {part.start}:{part.stop} of an act-order weight cut its groups")
     from dataclasses import replace
 
-    g = tensor.group_size
+    g, tensor = tensor.group_size, tensor.unpacked()
     if g == tensor.q.shape[1]:  # one group per row: the scales stay
         return replace(tensor, q=part.cut(tensor.q).contiguous(), group_size=part.stop - part.start)
     if part.start % g or part.stop % g:

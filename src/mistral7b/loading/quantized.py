@@ -111,6 +111,7 @@ def save_quantized(model, path: str | Path, tokenizer=None) -> Path:
 
 
 def _qweight(w: QuantizedWeight) -> torch.Tensor:
+    w = w.unpacked()
     if w.kind == "int4":
         return w.q[:, ::2] | (w.q[:, 1::2] << 4)
     return w.q

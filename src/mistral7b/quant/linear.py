@@ -36,6 +36,8 @@ class QuantModule(nn.Module):
 
     def fill(self, lo: int, hi: int, weight: QuantizedWeight) -> None:
         weight = self.fmt.conform(weight)
+        if weight.nibbles and not (self.packs_rows and weight.perm is None):
+            weight = weight.unpacked()  # only the CPU's layout takes GGUF's packed bytes as they are
         if (weight.perm is not None) != self.fmt.act_order:
             raise ValueError(f"an {'un' * (weight.perm is None)}permuted weight for a {self.fmt.label()} matrix")
         if (lo, hi) == (0, self.out_features) and self._staging is None:  # whole: no staging copy
@@ -177,7 +179,10 @@ class Int4Linear(QuantModule):
                 self.pack(weight)
 
     def pack_rows(self, lo: int, hi: int, weight: QuantizedWeight) -> None:
-        cpu_kernels.pack_nibbles(weight.q, out=self.qweight[lo:hi])
+        if weight.nibbles:  # GGUF's Q4 bytes are this layout already: a copy, no unpack and repack
+            self.qweight[lo:hi].view(weight.q.shape).copy_(weight.q)
+        else:
+            cpu_kernels.pack_nibbles(weight.q, out=self.qweight[lo:hi])
         d, m = cpu_kernels.block_params(weight.scale, weight.zero, self.group_size, offset=8)
         self.block_scale[lo:hi] = d
         self.block_min[lo:hi] = m
@@ -342,7 +347,7 @@ class QuantEmbedding(QuantModule):
         self.register_buffer("zeros", torch.empty(num_embeddings, g, device="meta") if has_zero else None)
 
     def pack(self, weight: QuantizedWeight) -> None:
-        q = weight.q
+        q = weight.unpacked().q
         if weight.kind == "int4":
             q = q[:, ::2] | (q[:, 1::2] << 4)
         self.qweight.copy_(q)

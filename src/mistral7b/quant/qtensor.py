@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .cpu_kernels import unpack_nibbles
+
 
 @dataclass
 class QuantizedWeight:
@@ -33,12 +35,24 @@ class QuantizedWeight:
     group_size: int
     source: str | None = None  # the format it came from, e.g. "Q4_1"
     perm: Tensor | None = None  # int64 [K]: the input each column holds (act-order), None: column j
+    # int4 only: q is [N, K / 32, 16], each block of 32 values in 16 bytes as `cpu_kernels.pack_nibbles`
+    # lays them out (GGUF's Q4_0/Q4_1 blocks: a view of the file, strided between blocks). The CPU's
+    # layout copies them in as they are; other consumers take `unpacked()`.
+    nibbles: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return (self.q.shape[0], self.q.shape[1] * 32) if self.nibbles else tuple(self.q.shape)
+
+    def unpacked(self) -> "QuantizedWeight":
+        """The same weight with q [N, K], one value a byte."""
+        if not self.nibbles:
+            return self
+        return replace(self, q=unpack_nibbles(self.q.reshape(self.q.shape[0], -1)), nibbles=False)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.nibbles:
+            return self.unpacked().dequantize(dtype)
         n, k = self.q.shape
         g = k // self.group_size
         q = self.q.view(n, g, self.group_size).float()
@@ -67,6 +81,8 @@ class QuantizedWeight:
         """int4 groups as int8 with zeros: q - 8 in -8..7, same scale and zero (exact)."""
         if self.kind == "int8":
             return self
+        if self.nibbles:
+            return self.unpacked().as_int8()
         zero = self.zero if self.zero is not None else torch.zeros_like(self.scale)
         return replace(self, kind="int8", q=(self.q.to(torch.int16) - 8).to(torch.int8), zero=zero)
 
@@ -140,7 +156,7 @@ class WeightFormat:
         if self.kind == "int4":
             assert qw.kind == "int4" and qw.group_size == self.group_size, (qw.kind, qw.group_size, self)
             return qw
-        out = qw.as_int8().regroup(self.group_size or qw.q.shape[1])
+        out = qw.as_int8().regroup(self.group_size or qw.shape[1])
         if self.has_zero and out.zero is None:
             out = replace(out, zero=torch.zeros_like(out.scale))
         return out
