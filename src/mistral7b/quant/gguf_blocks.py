@@ -39,15 +39,17 @@ FORMATS = {
 }
 
 
-def _f16(column: np.ndarray) -> np.ndarray:
-    return column.copy().view(np.float16).astype(np.float32)
-
-
 def _file_bytes(qs: np.ndarray) -> torch.Tensor:
     """A view of the file's read-only pages as a tensor: read, never written."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return torch.from_numpy(qs)
+
+
+def _f16(column: np.ndarray) -> np.ndarray:
+    """A [nb, 2] byte column of the blocks as float32: torch reads it strided and converts in one pass
+    (numpy's strided copy of 2-byte items took 3 of a 7B file's 9 s of loading)."""
+    return _file_bytes(column).view(torch.float16).float().numpy()  # [nb, 1]
 
 
 def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
