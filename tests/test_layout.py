@@ -112,7 +112,7 @@ def _code_strings(path: Path) -> list[str]:
 
 
 # gguf_reader is here because the tokenizer (a GGUF's vocabulary) and loading/ (its tensors) share one reader
-CORE = {"config", "utils", "weights", "model", "attention", "attention_cpu", "cpu_pool", "native", "flash_decode", "cache",
+CORE = {"config", "utils", "weights", "model", "attention", "attention_cpu", "cpu_fused", "cpu_pool", "native", "flash_decode", "cache",
         "gguf_reader"}
 
 

@@ -3,6 +3,8 @@ greedy generation from the same file, and the engine's own text/stream/stop cont
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,11 +81,14 @@ def test_chat_answers_paris_and_matches_hf_greedy(hf_default, monkeypatch):
 
 
 def test_int8_activations_stay_near_hf(llm, hf_default):
-    """The default CPU path (int8 activations where the kernels build) on a chat prompt, every position:
-    logits within 8% of HF's float32 ones (4.5% mean measured) and the same next token at 95% of positions
-    (97-100%). Wrong kernels (a sign, a scale, a nibble order) miss both by far."""
+    """The default CPU path (int8 activations where the kernels build) on a chat prompt about a document,
+    every position (300): logits within 8% of HF's float32 ones (3.9-4.1% mean measured) and the same next
+    token at 95% of positions (97.3-97.7%; over FRANCE's 37 alone one near-tie more or less moved it from
+    97.3% to 94.6%). Wrong kernels (a sign, a scale, a nibble order) miss both by far."""
     assert cpu_kernels.available()  # the default path is the one under test
-    ids = llm.tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True)
+    document = (Path(__file__).parent / "data" / "licenses.txt").read_text()[:1200]
+    chat = [{"role": "user", "content": "Summarize this:\n" + document}]
+    ids = llm.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
     tokens = torch.tensor([ids])
     with torch.inference_mode():
         ours, ref = llm.model(tokens)[0].float(), hf_default(tokens).logits[0]

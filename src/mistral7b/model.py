@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_fused
 from .attention import attention, check_decode_kernel
 from .cache import KVCache
 from .config import ModelConfig
@@ -26,27 +27,35 @@ from .utils import own_code
 SINGLE_ROW_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
-def fused(fn):
+def fused(cpu=None):
     """On CUDA, compile an elementwise chain into one kernel: eagerly it is several passes over
-    memory, which shows in prefill. Inside an outer torch.compile it is simply traced; on CPU it
-    runs as written. Each kind of call (dtypes, which sizes are 1: dynamo specialises both) gets a
-    code object of its own, so that several models and dtypes in one process never reach dynamo's
-    recompile limit of 8 a code object (the smoke suite did, on an H100, 2026-12-06)."""
-    compiled = {}
+    memory, which shows in prefill. On a CPU, eagerly, `cpu` (a `cpu_fused` function, None where it
+    does not apply) does it in one call: there each op's dispatch is what costs. Inside an outer
+    torch.compile it is simply traced. Each kind of CUDA call (dtypes, which sizes are 1: dynamo
+    specialises both) gets a code object of its own, so that several models and dtypes in one process
+    never reach dynamo's recompile limit of 8 a code object (the smoke suite did, on an H100, 2026-12-06)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args):
-        if args[0].is_cuda and not torch.compiler.is_compiling():
-            kind = tuple((a.dtype, tuple(n == 1 for n in a.shape)) for a in args if isinstance(a, Tensor))
-            if kind not in compiled:
-                compiled[kind] = torch.compile(own_code(fn), dynamic=True)
-            return compiled[kind](*args)
-        return fn(*args)
+    def decorate(fn):
+        compiled = {}
 
-    return wrapper
+        @functools.wraps(fn)
+        def wrapper(*args):
+            if torch.compiler.is_compiling():
+                return fn(*args)
+            if args[0].is_cuda:
+                kind = tuple((a.dtype, tuple(n == 1 for n in a.shape)) for a in args if isinstance(a, Tensor))
+                if kind not in compiled:
+                    compiled[kind] = torch.compile(own_code(fn), dynamic=True)
+                return compiled[kind](*args)
+            out = None if cpu is None else cpu(*args)
+            return fn(*args) if out is None else out
+
+        return wrapper
+
+    return decorate
 
 
-@fused
+@fused(cpu=cpu_fused.rms_norm)
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # Normalise in fp32 and cast back before the weight, as the reference implementations do.
     x32 = x.float()
@@ -73,7 +82,7 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
     return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
-@fused
+@fused(cpu=cpu_fused.apply_rope)
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE on x [B, H, T, hd], in fp32: x * cos + rotate_half(x) * sin, with rotate_half's
     sign folded into the sin table (the same products, bit for bit)."""
@@ -149,7 +158,7 @@ class FeedForward(nn.Module):
         return self.reduce(project(self.w2, swiglu(project(self.w13, x, adapters)), adapters))
 
 
-@fused
+@fused()
 def swiglu(gate_up: Tensor) -> Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
