@@ -148,6 +148,46 @@ def test_k_quants_and_mixed_fused_matrix(tmp_path, one_thread, monkeypatch):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
+def test_q6_k_groups_of_16_run_on_the_cpu_kernel(tmp_path, monkeypatch):
+    """Q6_K's groups of 16 have no CPU kernel: requantized onto int8 blocks of 32, each value within half a
+    step of its block (1/254 of the block's largest |w|) of gguf's dequantize; a Q4_K_M-like model (Q4_K,
+    Q6_K, a fused wqkv of both) then runs every matrix on the integer kernel, near its dequantized self."""
+    from mistral7b.quant.linear import Int8Linear
+    from mistral7b.quant.qtensor import WeightFormat
+
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
+    rng = np.random.default_rng()
+    rows, cols = 24, 512
+    data = random_blocks("Q6_K", rows, cols, rng)
+    want = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q6_K).reshape(rows, cols))
+    for has_zero in (False, True):  # alone, and as part of a fused matrix with Q4_K parts
+        module = Int8Linear(cols, rows, WeightFormat("int8", 16, has_zero, "Q6_K"), "cpu")
+        module.to_empty(device="cpu")
+        module.fill(0, rows, repack(data, "Q6_K", rows, cols))
+        assert module.kernel == ("integer" if cpu_kernels.available() else "dequant")
+        got = module.unpack()
+        assert got.group_size == 16  # in the format it was declared in (convert writes it so)
+        step = want.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 254
+        assert ((got.dequantize().view(rows, -1, 32) - want.view(rows, -1, 32)).abs() <= step * 1.01).all()
+    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
+    tensors = gguf_tensors(hf)
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+             "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+    for name, array in list(tensors.items()):
+        kind = name.split(".")[-2]
+        if kind in types:
+            tensors[name] = (random_blocks(types[kind], *array.shape, rng), types[kind])
+    path = write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)
+    model, dense = load_model(path), load_model(path, quantize=False)
+    assert model.layers[0].attention.wqkv.fmt.label() == "int8 g16 (from Q4_K+Q6_K)"
+    kernels = {m.kernel for m in model.modules() if isinstance(m, Int8Linear)}
+    assert kernels == ({"integer"} if cpu_kernels.available() else {"dequant"})
+    tokens = torch.randint(0, 96, (4, 32))
+    with torch.no_grad():
+        got, want = model(tokens), dense(tokens)
+    assert ((got - want).norm() / want.norm()).item() < 4e-2  # 1.3-1.6% measured
+
+
 # ------------------------------------------------------------------------------------ the real model
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ Block layouts are llama.cpp's (ggml-common.h), as the `gguf` package decodes the
 Q5_K and Q6_K have no 5- or 6-bit kernel; int8 holds their integers exactly, so the nearest format
 is also an exact one: the only rounding anywhere is of scales and zeros to the kernels' bf16
 (tests/test_quant_gguf.py measures it against `gguf.quants.dequantize`). The cost is memory: 8 bits
-per value where the file has 5.5 or 6.6.
+per value where the file has 5.5 or 6.6. One exception: the CPU's integer kernels take groups of 32 and
+up, so there Q6_K's groups of 16 (and a fused matrix holding one) are requantized onto int8 blocks of 32
+(`qtensor.requantize_int8`: within half a step of the block's 8-bit grid), not dequantized every call.
 """
 
 from __future__ import annotations
