@@ -30,6 +30,18 @@ def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
+def k_quant_model(tmp_path, types: dict, rng):
+    """A small llama GGUF whose matrices are random blocks of `types` (by kind, e.g. "attn_v", or by
+    tensor name); the rest as written from the HF model."""
+    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
+    tensors = gguf_tensors(hf)
+    for name, array in list(tensors.items()):
+        t = types.get(name, types.get(name.split(".")[-2]))
+        if t is not None:
+            tensors[name] = (random_blocks(t, *array.shape, rng), t)
+    return write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)
+
+
 @pytest.mark.parametrize("type_name", sorted(FORMATS))
 def test_repack_matches_gguf_dequantize(type_name):
     rng = np.random.default_rng(0)
@@ -117,17 +129,10 @@ def test_k_quants_and_mixed_fused_matrix(tmp_path, one_thread, monkeypatch):
     the fused wqkv becomes int8 g16 with zeros, exactly, and the model matches its gguf-dequantized self
     (through torch's kernels: g16 is below cpu_kernels' blocks of 32 for wqkv anyway)."""
     monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "0")
-    rng = np.random.default_rng(3)
-    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
-    tensors = gguf_tensors(hf)
     types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
-             "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
-    for name, array in list(tensors.items()):
-        kind = name.split(".")[-2]
-        if kind in types or name in ("token_embd.weight", "output.weight"):
-            t = types.get(kind, "Q4_K" if name == "token_embd.weight" else "Q6_K")
-            tensors[name] = (random_blocks(t, *array.shape, rng), t)
-    path = write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)
+             "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
+             "token_embd.weight": "Q4_K", "output.weight": "Q6_K"}
+    path = k_quant_model(tmp_path, types, np.random.default_rng(3))
     model = load_model(path)
     assert model.layers[0].attention.wqkv.fmt.label() == "int8 g16 (from Q4_K+Q6_K)"
     assert model.layers[0].feed_forward.w13.fmt.label() == "int4 g32 (from Q4_K)"
@@ -169,15 +174,9 @@ def test_q6_k_groups_of_16_run_on_the_cpu_kernel(tmp_path, monkeypatch):
         assert got.group_size == 16  # in the format it was declared in (convert writes it so)
         step = want.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 254
         assert ((got.dequantize().view(rows, -1, 32) - want.view(rows, -1, 32)).abs() <= step * 1.01).all()
-    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
-    tensors = gguf_tensors(hf)
     types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
              "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
-    for name, array in list(tensors.items()):
-        kind = name.split(".")[-2]
-        if kind in types:
-            tensors[name] = (random_blocks(types[kind], *array.shape, rng), types[kind])
-    path = write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)
+    path = k_quant_model(tmp_path, types, rng)
     model, dense = load_model(path), load_model(path, quantize=False)
     assert model.layers[0].attention.wqkv.fmt.label() == "int8 g16 (from Q4_K+Q6_K)"
     kernels = {m.kernel for m in model.modules() if isinstance(m, Int8Linear)}
