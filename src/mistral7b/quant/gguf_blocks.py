@@ -28,7 +28,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K
 
-from .cpu_kernels import unpack_nibbles
+from .cpu_kernels import NIBBLES, unpack_nibbles
 from .qtensor import QuantizedWeight, WeightFormat
 
 FORMATS = {
@@ -61,12 +61,25 @@ def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
 
 def _q4_0(b):  # q: a view of the file's nibbles (`_PACKED`)
     d = _f16(b[:, :2])
-    return b[:, 2:], d, np.zeros_like(d)
+    return _file_bytes(b[:, 2:]), d, np.zeros_like(d)
 
 
 def _q4_1(b):
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    return b[:, 4:], d, m + 8 * d
+    return _file_bytes(b[:, 4:]), d, m + 8 * d
+
+
+def _q4_k_nibbles(qs: np.ndarray) -> torch.Tensor:
+    """Q4_K's 128 bytes a block, 32-byte chunks holding values 0-31 in their low nibbles and 32-63 in their
+    high ones, as `pack_nibbles` lays out blocks of 32 (byte j: values j and j + 16): per chunk, halves
+    h0 and h1 give (h0 & 15) | (h1 & 15) << 4, then h0 >> 4 | (h1 & 0xF0). By 64-bit words, no unpacking."""
+    words = _file_bytes(qs).contiguous().view(torch.int64).view(-1, 4, 2, 2)  # [block, chunk, half, word]
+    h0, h1 = words[:, :, 0], words[:, :, 1]
+    out = torch.empty_like(words)
+    low, high = out[:, :, 0], out[:, :, 1]
+    torch.bitwise_and(h1, NIBBLES, out=low).bitwise_left_shift_(4).bitwise_or_(h0 & NIBBLES)
+    torch.bitwise_right_shift(h0, 4, out=high).bitwise_and_(NIBBLES).bitwise_or_(h1 & ~NIBBLES)
+    return out.view(torch.uint8).view(len(qs), 8, 16)
 
 
 def _k_scales(b):
@@ -77,7 +90,7 @@ def _k_scales(b):
 
 def _q4_k(b):
     scale, offset = _k_scales(b)
-    return _nibbles(b[:, 16:], 32).reshape(len(b), 256), scale, 8 * scale - offset
+    return _q4_k_nibbles(b[:, 16:]), scale, 8 * scale - offset
 
 
 def _q5_k(b):
@@ -103,10 +116,11 @@ def _q8_0(b):
 
 
 _REPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q8_0": _q8_0}
-# Types whose 16 bytes a block are `cpu_kernels.pack_nibbles`' layout (byte j: values j and j + 16): q is
-# a view of those bytes (QuantizedWeight.nibbles), which the CPU's layout copies in as they are; unpacking
-# and packing again took 8 of a 7B Q4_0 file's 19 s of loading, a contiguous copy of them 2.4 more.
-_PACKED = ("Q4_0", "Q4_1")
+# Types kept packed (QuantizedWeight.nibbles), in `cpu_kernels.pack_nibbles`' layout (byte j of a block of 32:
+# values j and j + 16), which the CPU's layout copies in as they are: Q4_0's and Q4_1's bytes are that
+# layout already (q is a view of the file), Q4_K's are rearranged by words. Unpacking and packing again
+# took 8 of a 7B Q4_0 file's 19 s of loading, a contiguous copy of the file's bytes 2.4 more.
+_PACKED = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def repack(data: np.ndarray, type_name: str, rows: int, cols: int) -> QuantizedWeight:
@@ -125,7 +139,7 @@ def repack(data: np.ndarray, type_name: str, rows: int, cols: int) -> QuantizedW
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(rows, -1)
 
     packed = type_name in _PACKED
-    q = _file_bytes(q).view(rows, groups, -1) if packed else as_rows(q).reshape(rows, cols)
+    q = q.view(rows, cols // 32, 16) if packed else as_rows(q).reshape(rows, cols)
     return QuantizedWeight(fmt.kind, q, as_rows(scale).reshape(rows, groups),
                            None if zero is None else as_rows(zero).reshape(rows, groups), fmt.group_size, type_name,
                            nibbles=packed)
