@@ -10,7 +10,6 @@ import torch
 from mistral7b import load_model
 from mistral7b.quant import describe_weights, resident_bytes, resolve
 from mistral7b.quant import cpu_kernels
-from mistral7b.quant import gguf_blocks
 from mistral7b.quant.gguf_blocks import FORMATS, repack
 from mistral7b.quant.linear import QuantEmbedding, QuantModule
 from checkpoints import gguf_tensors, hf_logits, hf_model, hf_with_gguf_roundtrip, llama_cpp_permute, rel_err, write_gguf
@@ -108,8 +107,9 @@ def test_q4_k_nibbles_rearranged_by_words_equal_unpacking_and_packing():
     weight = repack(data, "Q4_K", rows, cols)
     want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_K).reshape(rows, cols)
     assert weight.nibbles and weight.shape == (rows, cols)
-    values = gguf_blocks._nibbles(data.reshape(-1, 144)[:, 16:], 32).reshape(rows, cols)  # 0..15, in order
-    assert torch.equal(weight.q.reshape(rows, -1), cpu_kernels.pack_nibbles(torch.from_numpy(values)))
+    chunks = torch.from_numpy(data.reshape(-1, 144)[:, 16:].copy())  # 32-byte chunks: low nibbles, then high
+    values = cpu_kernels.unpack_nibbles(chunks, 32).reshape(rows, cols)  # 0..15, in order
+    assert torch.equal(weight.q.reshape(rows, -1), cpu_kernels.pack_nibbles(values))
     assert np.abs(weight.dequantize().numpy() - want).max() <= 1e-6 * np.abs(want).max()
 
 
