@@ -100,7 +100,8 @@ def mm(x2: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int, n: int
     """x2 [M, K] @ the weight^T -> [M, N] in x2's dtype (gemlite picks GEMV or split-K GEMM by M)."""
     xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
     scales, offsets = scales_zeros[0], scales_zeros[1]
+    meta = meta_args(group_size)  # first: its import of gemlite registers the op looked up below
     # The fourth tensor is a meta-scale that gemlite reads only for groups of 16 (NVFP4): never here.
-    out = torch.ops.gemlite.forward_functional(xb, None, [packed, scales, offsets, scales], meta_args(group_size), -1)
+    out = torch.ops.gemlite.forward_functional(xb, None, [packed, scales, offsets, scales], meta, -1)
     out = out if out.shape[-1] == n else out[:, :n]
     return out if out.dtype == x2.dtype else out.to(x2.dtype)
