@@ -41,6 +41,7 @@ def weights(n: int, k: int, dev) -> dict:
             "int4": (kernels.pack_int4(q4, dev), sz4), "int4h": (kernels.pack_int4(q4, dev, "halves"), sz4),
             "int8": (q8, scale8), "dense4": w4.to(torch.bfloat16), "dense8": (q8.float() * scale8.float()[:, None])}
     if gemlite_mm.available():
+        gemlite_mm.require()  # as a module's packing does: float32 split-K sums
         out["gemlite4"] = gemlite_int4(q4, scale4, zero4)
     return out
 

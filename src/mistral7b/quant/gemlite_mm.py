@@ -27,8 +27,15 @@ def available() -> bool:
 
 
 def require() -> None:
+    """Check that gemlite is installed, and have it add its split-K partial sums in float32. Its default
+    on Hopper adds them into the bf16 output (`tl.atomic_add`): K / 16 roundings per output at one row,
+    a relative error of 3.4e-2 on an H100 (7B ffn_down, benchmarks/gemv_bench.py), ten times tinygemm's;
+    emulated in torch, float32 sums bring it to about 4e-3. The setting is gemlite's, for the process."""
     if not available():
         raise ValueError("MISTRAL7B_CUDA_ROWS_KERNEL=gemlite needs the gemlite package (pip install gemlite)")
+    import gemlite
+
+    gemlite.set_native_atomic_bfp16(False)
 
 
 def supported(k: int, group_size: int) -> bool:
