@@ -166,33 +166,39 @@ def test_k_quants_and_mixed_fused_matrix(tmp_path, one_thread, monkeypatch):
 
 
 def test_q6_k_groups_of_16_run_on_the_cpu_kernel(tmp_path, monkeypatch):
-    """Q6_K's groups of 16 have no CPU kernel: requantized onto int8 blocks of 32, each value within half a
-    step of its block (1/254 of the block's largest |w|) of gguf's dequantize; a Q4_K_M-like model (Q4_K,
-    Q6_K, a fused wqkv of both) then runs every matrix on the integer kernel, near its dequantized self."""
-    from mistral7b.quant.linear import Int8Linear
+    """Q6_K's groups of 16 have no CPU kernel: the module takes int8 blocks of 32 and requantizes onto them,
+    each value within half a step of its block (1/254 of the block's largest |w|) of gguf's dequantize; a
+    Q4_K_M-like model (Q4_K, Q6_K, a fused wqkv of both) then runs every matrix on the integer kernel, near
+    its dequantized self, its Q4_K parts exact."""
+    from mistral7b.quant.linear import Int8Linear, quant_linear
     from mistral7b.quant.qtensor import WeightFormat
 
     monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")
+    on_blocks = cpu_kernels.available()
     rng = np.random.default_rng()
     rows, cols = 24, 512
     data = random_blocks("Q6_K", rows, cols, rng)
     want = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q6_K).reshape(rows, cols))
     for has_zero in (False, True):  # alone, and as part of a fused matrix with Q4_K parts
-        module = Int8Linear(cols, rows, WeightFormat("int8", 16, has_zero, "Q6_K"), "cpu")
+        module = quant_linear(cols, rows, WeightFormat("int8", 16, has_zero, "Q6_K"), "cpu")
         module.to_empty(device="cpu")
         module.fill(0, rows, repack(data, "Q6_K", rows, cols))
-        assert module.kernel == ("integer" if cpu_kernels.available() else "dequant")
+        assert module.kernel == ("integer" if on_blocks else "dequant")
         got = module.unpack()
-        assert got.group_size == 16  # in the format it was declared in (convert writes it so)
+        assert got.group_size == module.fmt.group_size == (32 if on_blocks else 16)  # what it holds
         step = want.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 254
         assert ((got.dequantize().view(rows, -1, 32) - want.view(rows, -1, 32)).abs() <= step * 1.01).all()
     types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
              "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
     path = k_quant_model(tmp_path, types, rng)
     model, dense = load_model(path), load_model(path, quantize=False)
-    assert model.layers[0].attention.wqkv.fmt.label() == "int8 g16 (from Q4_K+Q6_K)"
+    wqkv = model.layers[0].attention.wqkv
+    assert wqkv.fmt.label() == f"int8 g{32 if on_blocks else 16} (from Q4_K+Q6_K)"
+    q_rows = model.config.n_heads * model.config.head_dim  # attn_q, Q4_K: widened to int8 exactly
+    ref = dense.layers[0].attention.wqkv.weight[:q_rows]
+    assert (wqkv.dequantize()[:q_rows] - ref).abs().max() <= 1e-3 * ref.abs().max()  # fp16 scales only
     kernels = {m.kernel for m in model.modules() if isinstance(m, Int8Linear)}
-    assert kernels == ({"integer"} if cpu_kernels.available() else {"dequant"})
+    assert kernels == ({"integer"} if on_blocks else {"dequant"})
     tokens = torch.randint(0, 96, (4, 32))
     with torch.no_grad():
         got, want = model(tokens), dense(tokens)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelLoadError
 from ..quant.config import FORMAT_VERSION
-from ..quant.qtensor import QuantizedWeight, WeightFormat
+from ..quant.qtensor import QuantizedWeight, WeightFormat, pack_pairs, unpack_pairs
 from . import Checkpoint, cut, hf
 from .safetensors_io import read_tensor as _get
 
@@ -111,10 +111,7 @@ def save_quantized(model, path: str | Path, tokenizer=None) -> Path:
 
 
 def _qweight(w: QuantizedWeight) -> torch.Tensor:
-    w = w.unpacked()
-    if w.kind == "int4":
-        return w.q[:, ::2] | (w.q[:, 1::2] << 4)
-    return w.q
+    return pack_pairs(w.q) if w.kind == "int4" else w.q
 
 
 def _zeros(w: QuantizedWeight) -> torch.Tensor:
@@ -201,5 +198,5 @@ def _read_module(file: Path, name: str, fmt: WeightFormat, config, keys: set[str
         got[part] = t
     q = got["qweight"]
     if int4:
-        q = torch.stack([q & 15, q >> 4], dim=-1).reshape(n, k)
+        q = unpack_pairs(q)
     return QuantizedWeight(fmt.kind, q, got["scales"], got.get("zeros"), group, fmt.source)

@@ -15,8 +15,9 @@ Q5_K and Q6_K have no 5- or 6-bit kernel; int8 holds their integers exactly, so 
 is also an exact one: the only rounding anywhere is of scales and zeros to the kernels' bf16
 (tests/test_quant_gguf.py measures it against `gguf.quants.dequantize`). The cost is memory: 8 bits
 per value where the file has 5.5 or 6.6. One exception: the CPU's integer kernels take groups of 32 and
-up, so there Q6_K's groups of 16 (and a fused matrix holding one) are requantized onto int8 blocks of 32
-(`qtensor.requantize_int8`: within half a step of the block's 8-bit grid), not dequantized every call.
+up, so there a module of Q6_K's groups of 16 (or a fused matrix holding one) takes int8 blocks of 32
+(`linear.runnable_format`) and its Q6_K parts are requantized onto them (`qtensor.requantize_int8`: within
+half a step of the block's 8-bit grid; other parts exactly), not dequantized every call.
 """
 
 from __future__ import annotations

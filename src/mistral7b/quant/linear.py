@@ -11,12 +11,14 @@ An act-order weight (inputs permuted so that groups are runs of columns) also ke
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
 from . import cpu_kernels, kernels
 from .config import cuda_rows_kernel
-from .qtensor import QuantizedWeight, WeightFormat, requantize_int8, unpermute
+from .qtensor import QuantizedWeight, WeightFormat, pack_pairs, unpack_pairs, unpermute
 
 
 class QuantModule(nn.Module):
@@ -126,10 +128,7 @@ def register_blocks(module: nn.Module, n: int, k: int, q_shape, q_dtype, has_min
 
 
 def regrouped(weight: QuantizedWeight, group_size: int) -> QuantizedWeight:
-    """A weight read back in blocks of 32, in its own groups again (each group's blocks share one scale;
-    groups under 32, requantized onto the blocks, repeat each block's scale)."""
-    if group_size < weight.group_size:
-        return weight.regroup(group_size)
+    """A weight read back in blocks of 32, in its own groups again (each group's blocks share one scale)."""
     step = group_size // weight.group_size
     keep = (lambda t: None if t is None else t[:, ::step].contiguous())
     return QuantizedWeight(weight.kind, weight.q, keep(weight.scale), keep(weight.zero), group_size, weight.source)
@@ -226,10 +225,7 @@ def int8_kernel(fmt: WeightFormat, in_features: int, device: torch.device) -> st
     """"integer" (cpu_kernels), "int8pack" (per channel, no zeros), "planes" (CPU groups the int4 kernel
     takes) or "dequant"."""
     group = fmt.group_size or in_features
-    # Groups under 32 (GGUF's Q6_K: 16) have no kernel of their own: requantized onto blocks of 32 (see
-    # `requantize_int8`), where torch's path dequantized the whole matrix every call (311 ms for one 7B
-    # ffn_down at one row, 6.6 on the blocks).
-    if integer_kernel(in_features, group if group >= cpu_kernels.BLOCK else cpu_kernels.BLOCK, device):
+    if integer_kernel(in_features, group, device):
         return "integer"
     if not fmt.has_zero and fmt.group_size is None:
         return "int8pack"
@@ -267,8 +263,6 @@ class Int8Linear(QuantModule):
         return self.kernel == "integer"
 
     def pack_rows(self, lo: int, hi: int, weight: QuantizedWeight) -> None:
-        if weight.group_size < cpu_kernels.BLOCK:
-            weight = requantize_int8(weight, cpu_kernels.BLOCK, self.fmt.has_zero)
         self.qweight[lo:hi] = weight.q
         d, m = cpu_kernels.block_params(weight.scale, weight.zero, weight.group_size, offset=0)
         self.block_scale[lo:hi] = d
@@ -333,8 +327,19 @@ def use_rows_kernel(model: nn.Module, setting: str) -> None:
             module.set_rows_kernel(setting)
 
 
+def runnable_format(fmt: WeightFormat, in_features: int, device: torch.device) -> WeightFormat:
+    """`fmt`, but on a CPU whose integer kernel runs the matrix, int8 groups under its blocks of 32 (GGUF's
+    Q6_K: 16) widened to 32: requantized as they arrive (`WeightFormat.conform`), where torch's kernels
+    dequantized the whole matrix every call (311 ms for one 7B ffn_down at one row, 6.6 on the blocks)."""
+    small = fmt.kind == "int8" and (fmt.group_size or in_features) < cpu_kernels.BLOCK and not fmt.act_order
+    if small and integer_kernel(in_features, cpu_kernels.BLOCK, torch.device(device)):
+        return replace(fmt, group_size=cpu_kernels.BLOCK)
+    return fmt
+
+
 def quant_linear(in_features: int, out_features: int, fmt: WeightFormat, device, name: str = "weight",
                  rows_kernel: str = "auto") -> QuantModule:
+    fmt = runnable_format(fmt, in_features, device)
     cls = Int4Linear if fmt.kind == "int4" else Int8Linear
     return cls(in_features, out_features, fmt, device, name, rows_kernel)
 
@@ -355,10 +360,7 @@ class QuantEmbedding(QuantModule):
         self.register_buffer("zeros", torch.empty(num_embeddings, g, device="meta") if has_zero else None)
 
     def pack(self, weight: QuantizedWeight) -> None:
-        q = weight.unpacked().q
-        if weight.kind == "int4":
-            q = q[:, ::2] | (q[:, 1::2] << 4)
-        self.qweight.copy_(q)
+        self.qweight.copy_(pack_pairs(weight.q) if weight.kind == "int4" else weight.q)
         self.scales.copy_(weight.scale)
         if self.zeros is not None:
             self.zeros.copy_(weight.zero if weight.zero is not None else torch.zeros_like(weight.scale))
@@ -366,14 +368,14 @@ class QuantEmbedding(QuantModule):
     def unpack_packed(self) -> QuantizedWeight:
         q = self.qweight.cpu()
         if self.fmt.kind == "int4":
-            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)
+            q = unpack_pairs(q)
         zero = None if self.zeros is None else self.zeros.cpu()
         return QuantizedWeight(self.fmt.kind, q, self.scales.cpu(), zero, self.group_size, self.fmt.source)
 
     def forward(self, tokens: Tensor) -> Tensor:
         q = self.qweight[tokens]
         if self.fmt.kind == "int4":
-            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2).float() - 8
+            q = unpack_pairs(q).float() - 8
         w = q.float().unflatten(-1, (-1, self.group_size)) * self.scales[tokens][..., None]
         if self.zeros is not None:
             w = w + self.zeros[tokens][..., None]

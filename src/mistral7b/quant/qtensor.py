@@ -87,6 +87,16 @@ class QuantizedWeight:
         return replace(self, kind="int8", q=(self.q.to(torch.int16) - 8).to(torch.int8), zero=zero)
 
 
+def pack_pairs(q: Tensor) -> Tensor:
+    """int4 values [..., K] as bytes [..., K / 2], inputs 2j and 2j + 1 in the low and high nibble."""
+    return q[..., ::2] | (q[..., 1::2] << 4)
+
+
+def unpack_pairs(packed: Tensor) -> Tensor:
+    """The inverse of `pack_pairs`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
 def unpermute(w: Tensor, perm: Tensor | None) -> Tensor:
     """Columns held in the order `perm` (act-order) back in input order."""
     if perm is None:
@@ -181,11 +191,15 @@ class WeightFormat:
         return quantize_int8(w)
 
     def conform(self, qw: QuantizedWeight) -> QuantizedWeight:
-        """`qw` in this format, exactly (the plan only asks for conversions that lose nothing)."""
+        """`qw` in this format: exactly, as the plan only asks for conversions that lose nothing, except int8
+        groups coarser than `qw`'s, which a CPU module asks for (`linear.runnable_format`): requantized."""
         if self.kind == "int4":
             assert qw.kind == "int4" and qw.group_size == self.group_size, (qw.kind, qw.group_size, self)
             return qw
-        out = qw.as_int8().regroup(self.group_size or qw.shape[1])
+        group = self.group_size or qw.shape[1]
+        if group > qw.group_size:
+            return requantize_int8(qw, group, self.has_zero)
+        out = qw.as_int8().regroup(group)
         if self.has_zero and out.zero is None:
             out = replace(out, zero=torch.zeros_like(out.scale))
         return out
