@@ -2,6 +2,9 @@
 (`bitpack.pack_weights_over_cols_torch`: word [n, c] ORs input 8c + i shifted by 4i, then transposed) and
 against our dequantization; its kernels run only on a GPU (benchmarks/gpu_smoke.py, method int4-gemlite)."""
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -50,7 +53,11 @@ def test_dequantize_matches_our_int4_weight(group):
 def test_layout_is_chosen_by_the_setting_and_needs_gemlite(monkeypatch):
     cuda = torch.device("cuda")  # the choice reads the device type only: no GPU needed
     monkeypatch.setattr(gemlite_mm, "available", lambda: True)
+    native_atomics = []  # a stand-in for gemlite: the choice asks it for float32 split-K sums
+    fake = types.SimpleNamespace(set_native_atomic_bfp16=native_atomics.append)
+    monkeypatch.setitem(sys.modules, "gemlite", fake)
     assert kernels.int4_layout(4096, 128, cuda, "gemlite") == "gemlite"
+    assert native_atomics == [False]
     assert kernels.int4_layout(4096, 8, cuda, "gemlite") == "tiles"  # groups below gemlite's 16
     assert kernels.pick_rows_kernel("int8", "gemlite") == kernels.MEASURED_ROWS_KERNEL["int8"]
     assert kernels.int4_layout(4096, 128, torch.device("cpu"), "gemlite") == "cpu"
