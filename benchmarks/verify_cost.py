@@ -27,6 +27,16 @@ def ms_per_call(fn, device: torch.device, calls: int) -> float:
     return timed(fn, device, calls) * 1e3
 
 
+def in_scope(runner, fn):
+    """`fn` inside the runner's decode scope, as the engine runs a speculative step (on a CPU: torch's
+    ops on one thread; outside it, the logits' reduction woke an OpenMP team that then spun on the
+    cores the next verify needed)."""
+    def run():
+        with runner.decode_scope():
+            return fn()
+    return run
+
+
 def decoding_requests(engine: Engine, n: int, prompt_len: int, vocab: int) -> list:
     rng = random.Random(0)
     requests = [engine.add([rng.randrange(vocab) for _ in range(prompt_len)],
@@ -96,13 +106,14 @@ def main() -> int:
         decode = ms_per_call(lambda: runner.launch(group, 1, None, False)[0].read(), device, args.calls)
         print(f"batch {b}: decode timed ({time.perf_counter() - t0:.1f} s with its compile)", flush=True)
         t0 = time.perf_counter()
-        verify = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, args.calls)
+        verify = ms_per_call(in_scope(runner, lambda: runner.verify(group, drafts).float().sum().item()), device, args.calls)
         print(f"batch {b}: verify timed ({time.perf_counter() - t0:.1f} s with its compile)", flush=True)
         graphs, runner.compiled_verify = runner.compiled_verify, None
-        eager = ms_per_call(lambda: runner.verify(group, drafts).float().sum().item(), device, max(5, args.calls // 5))
+        eager = ms_per_call(in_scope(runner, lambda: runner.verify(group, drafts).float().sum().item()), device,
+                            max(5, args.calls // 5))
         runner.compiled_verify = graphs
         if args.profile:
-            profile(lambda: runner.verify(group, drafts).float().sum().item(), f"compiled verify b{b}")
+            profile(in_scope(runner, lambda: runner.verify(group, drafts).float().sum().item()), f"compiled verify b{b}")
             profile(lambda: runner.launch(group, 1, None, False)[0].read(), f"decode b{b}")
         row = {"batch": b, "decode_ms": decode, "verify_ms": verify, "eager_verify_ms": eager,
                "ratio": verify / decode, "speedup_at": {a: a * decode / verify for a in accept}}

@@ -392,6 +392,23 @@ def test_a_step_without_any_draft_is_a_plain_decode_step(target):
     assert stats.row_steps > stats.verify_rows == sum(len([d for d in v if d]) for v in verifies)
 
 
+def test_cpu_speculative_step_runs_torch_on_one_thread(target, monkeypatch):
+    """On a CPU the whole speculative step, accepting included, runs with torch on one thread (an OpenMP
+    team woken there spins on the cores the kernels' pool needs next), and torch's count comes back after."""
+    from mistral7b.engine import speculative
+
+    torch.set_num_threads(2)
+    seen, accept = [], speculative.accept
+    monkeypatch.setattr(speculative, "accept", lambda *a: (seen.append(torch.get_num_threads()), accept(*a))[1])
+    engine = Engine(target, None, max_batch=1, speculative=SpeculativeConfig("ngram", 3))
+    engine.speculator.proposer.propose = lambda requests, caps, sampler: Proposal([[5, 6]], [None])
+    engine.add(random_prompts((7,), seed=17)[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="eagle"), "speculative method must be one of"),
     (dict(num_tokens=0), "num_speculative_tokens must be an integer in [1, 16]"),

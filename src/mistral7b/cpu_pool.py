@@ -10,6 +10,7 @@ kernel library runs its tiles on the calling thread.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
 import functools
@@ -192,21 +193,30 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+@contextlib.contextmanager
+def decoding(threads: int):
+    """The C kernels split each call over `threads`, torch's own ops run on one thread. A decode step's
+    other ops are too small to split, and an OpenMP team with a descheduled member stalls each of them
+    for a time slice: on a busy 2-core machine (load 5-6) a default-model step took 35-260 ms with 2
+    torch threads and 25-34 ms with one. An OpenMP team also spins after its work, on the cores this
+    pool's next call needs: one torch op outside the scope between two forwards made a verify of 2
+    tokens cost 1.4-1.7 decode steps instead of 1.15 (Zen 5, 2 cores). This pool never waits for a
+    helper that has not started."""
+    before, token = torch.get_num_threads(), _DECODE_THREADS.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _DECODE_THREADS.reset(token)
+
+
 def decode_threads(fn, threads: int):
-    """`fn` with the C kernels splitting each call over `threads` and torch's own ops on one thread.
-    A decode step's other ops are too small to split, and an OpenMP team with a descheduled member
-    stalls each of them for a time slice: on a busy 2-core machine (load 5-6) a default-model step took
-    35-260 ms with 2 torch threads and 25-34 ms with one. This pool never waits for a helper that has
-    not started."""
+    """`fn` run inside `decoding(threads)`."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        before, token = torch.get_num_threads(), _DECODE_THREADS.set(threads)
-        torch.set_num_threads(1)
-        try:
+        with decoding(threads):
             return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-            _DECODE_THREADS.reset(token)
 
     return wrapper

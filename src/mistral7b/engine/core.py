@@ -178,7 +178,8 @@ class Engine:
         speculated = False
         if decoding and self.speculator is not None and self.speculator.active(decoding):
             speculated = True
-            self._speculate(decoding, deltas, timed=not prefilling)
+            with self.runner.decode_scope():
+                self._speculate(decoding, deltas, timed=not prefilling)
         elif decoding:
             self._decode(decoding, deltas)
         if self.speculator is not None:

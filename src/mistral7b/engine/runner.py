@@ -7,6 +7,8 @@ a `DecodeGroup` whose tokens the host reads later, so the host's bookkeeping can
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -125,8 +127,11 @@ class ModelRunner:
         # one runs the compiled decode's fused kernels (its arithmetic too: greedy stays token-identical).
         self.verify_tokens = 1 + spare_slots
         self.compiled_verify = self._compile_decode() if compile and spare_slots else None
+        # The whole of a speculative step (proposing, verifying, accepting) on the decode threads too.
+        self.decode_scope = contextlib.nullcontext
         if self.device.type == "cpu":
             threads = min(torch.get_num_threads(), cpu_pool.physical_cores())
+            self.decode_scope = functools.partial(cpu_pool.decoding, threads)
             self.launch = cpu_pool.decode_threads(self.launch, threads)
             self.verify_fn = cpu_pool.decode_threads(self.model, threads)
             if self.compiled_verify is not None:
