@@ -140,9 +140,9 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
 
 TILES = r"""
 #ifdef GRID
-// Outputs [lo, hi) of every activation row (dxp: AVX2's paired dx, nb / 2 * 8 floats a row). AVX2: one row
-// (decode) 4 weight rows at a time; 5 to 8 (a verify of k + 1 <= 8 tokens) all against one weight row, a
-// pass over the weights, not two. Otherwise grids of GRID_ROWS weight rows x up to 4 activation rows.
+// Outputs [lo, hi) of every activation row (dxp: AVX2's paired dx, nb / 2 * 8 floats a row). 5 to 8 rows (a
+// verify of k + 1 <= 8 tokens) all against one weight row: a pass over the weights, not two. AVX2: one row
+// (decode) 4 weight rows at a time. Otherwise grids of GRID_ROWS weight rows x up to 4 activation rows.
 static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
                       const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
                       const float *dx, const float *dxp, const float *sx, float *out) {
@@ -154,6 +154,7 @@ static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, in
         for (; j < hi; j++) GRID(1, 1, AT(j), qx, k, dx, dxp, sx, out + j, n);
         return;
     }
+#endif
     if (rows > 4 && rows <= 8) {
         for (int64_t j = lo; j < hi; j++) switch (rows) {  // constant shapes: accumulators in registers
                 case 8: GRID(1, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
@@ -163,7 +164,6 @@ static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, in
             }
         return;
     }
-#endif
     for (int64_t s = 0; s < rows; s += 4) {
         const int S = rows - s < 4 ? (int)(rows - s) : 4;
         const int8_t *xs = qx + s * k;
@@ -172,7 +172,12 @@ static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, in
         for (; j + GRID_ROWS <= hi; j += GRID_ROWS) {
             float *o = out + s * n + j;
             switch (S) {
+#if defined(M7B_VNNI)  // 4 x 4 accumulators and their operands spill: two grids of 2 x 4
+                case 4: GRID(2, 4, AT(j), xs, k, dxs, dxps, sxs, o, n);
+                        GRID(2, 4, AT(j + 2), xs, k, dxs, dxps, sxs, o + 2, n); break;
+#else
                 case 4: GRID(GRID_ROWS, 4, AT(j), xs, k, dxs, dxps, sxs, o, n); break;
+#endif
                 case 3: GRID(GRID_ROWS, 3, AT(j), xs, k, dxs, dxps, sxs, o, n); break;
                 case 2: GRID(GRID_ROWS, 2, AT(j), xs, k, dxs, dxps, sxs, o, n); break;
                 default: GRID(GRID_ROWS, 1, AT(j), xs, k, dxs, dxps, sxs, o, n);

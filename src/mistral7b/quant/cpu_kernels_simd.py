@@ -45,12 +45,12 @@ static inline __attribute__((always_inline)) void grid_dot(
     halves_to_floats(d, df, R * nb);
     for (int r = 0; r < R; r++)  // m NULL: no offsets (symmetric int8), which saves reading a row of zeros
         for (int s = 0; s < S; s++) out[s * n + r] = m ? offset_dot(m + r * nb, sx + s * nb, nb) : 0.f;
-    __m512 acc[4][4];
+    __m512 acc[4][8];  // R x S <= 16 (grid_tile's shapes), so that the accumulators stay in registers
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        __m512 xd[4];
+        __m512 xd[8];
         for (int s = 0; s < S; s++) xd[s] = pair_scale(dx + s * nb + b);
         for (int r = 0; r < R; r++) {
             __mmask64 neg = 0;
