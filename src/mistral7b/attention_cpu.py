@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 from torch import Tensor
@@ -335,9 +334,7 @@ int m7b_attend(const float *q, int64_t qs0, int64_t qs1, int64_t qs2, const floa
 @functools.cache
 def library():
     """The loaded library for this CPU, or None (with a one-line notice) when it cannot be built: SDPA then."""
-    if os.environ.get("MISTRAL7B_CPU_ATTENTION", "1") == "0":
-        return None
-    return load_or_none(open_variant, "CPU attention kernel", "using SDPA")
+    return load_or_none(open_variant, "CPU attention kernel", "using SDPA", switch="MISTRAL7B_CPU_ATTENTION")
 
 
 def open_variant(variant: str):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 from torch import Tensor
@@ -70,9 +69,7 @@ FLAGS = ("-ffp-contract=off",)
 @functools.cache
 def library():
     """The loaded library for this CPU, or None (with a one-line notice) when it cannot be built."""
-    if os.environ.get("MISTRAL7B_CPU_FUSED", "1") == "0":
-        return None
-    return load_or_none(open_variant, "CPU fused norm and RoPE", "using torch's ops")
+    return load_or_none(open_variant, "CPU fused norm and RoPE", "using torch's ops", switch="MISTRAL7B_CPU_FUSED")
 
 
 def open_variant(variant: str):

@@ -64,8 +64,11 @@ def build(variant: str, source: str, stem: str, extra_flags: tuple[str, ...] = (
     return target
 
 
-def load_or_none(open_variant: Callable[[str], object], what: str, fallback: str):
-    """`open_variant` of this CPU's variant, or None with a one-line notice (no compiler, a failed build)."""
+def load_or_none(open_variant: Callable[[str], object], what: str, fallback: str, switch: str | None = None):
+    """`open_variant` of this CPU's variant, or None with a one-line notice (no compiler, a failed build);
+    None too, silently, when the environment variable `switch` is "0"."""
+    if switch is not None and os.environ.get(switch, "1") == "0":
+        return None
     try:
         return open_variant(cpu_variant())
     except (OSError, RuntimeError) as exc:

@@ -125,12 +125,10 @@ def requantize_int8(weight: QuantizedWeight, group_size: int, has_zero: bool) ->
             low = groups.amin(-1)
             s = (groups.amax(-1) - low).div_(255).clamp_(min=2**-24).half().float()
             z = (low + 128 * s).half().float()
-            groups.sub_(z[..., None])
+            q[lo:hi] = groups.sub_(z[..., None]).div_(s[..., None]).round_().clamp_(-128, 127).view(hi - lo, k)
             zero[lo:hi] = z
         else:
-            s = groups.abs().amax(-1).div_(127).clamp_(min=2**-24).half().float()
-        groups.div_(s[..., None]).round_().clamp_(-128 if has_zero else -127, 127)
-        q[lo:hi] = groups.view(hi - lo, k)
+            q[lo:hi], s = symmetric_int8(groups, min_scale=2**-24, scale_dtype=torch.float16)
         scale[lo:hi] = s
     return QuantizedWeight("int8", q, scale, zero, group_size, weight.source)
 
@@ -143,11 +141,19 @@ def check_group_size(name: str, k: int, group_size: int) -> None:
         )
 
 
+def symmetric_int8(groups: Tensor, min_scale: float = 1e-12, scale_dtype: torch.dtype | None = None):
+    """q [N, K] int8 and scales [N, G] of float groups [N, G, size]: scale = max|group| / 127 (rounded through
+    `scale_dtype` when given, so that q is chosen for the scale that will be used), q = round(w / scale)."""
+    scale = (groups.abs().amax(-1) / 127).clamp_(min=min_scale)
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
+    q = torch.round(groups / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(groups.shape[0], -1), scale
+
+
 def quantize_int8(w: Tensor, source: str | None = None) -> QuantizedWeight:
     """Symmetric per output channel: scale = max|row| / 127, q = round(w / scale)."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    q, scale = symmetric_int8(w.float()[:, None])
     return QuantizedWeight("int8", q, scale, None, w.shape[1], source)
 
 
