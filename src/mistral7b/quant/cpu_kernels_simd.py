@@ -54,7 +54,7 @@ static inline __attribute__((always_inline)) void grid_dot(
         for (int s = 0; s < S; s++) xd[s] = pair_scale(dx + s * nb + b);
         for (int r = 0; r < R; r++) {
             __mmask64 neg = 0;
-            // The next R rows ahead, as grid_dot_avx2 does (not timed on a VNNI CPU: none here)
+            // The next R rows ahead, as grid_dot_avx2 does
             _mm_prefetch((const char *)(w + (r + R) * wrow + b * stride), _MM_HINT_T0);
             __m512i wu = pair_weights(w + r * wrow + b * stride, bits, &neg);
             __m512 wd = pair_scale(df + r * nb + b);
