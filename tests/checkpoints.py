@@ -305,3 +305,33 @@ def hf_with_gguf_roundtrip(hf, qtype: str):
                 back = gguf_roundtrip(a, qtype)
             p.copy_(torch.from_numpy(np.ascontiguousarray(back)))
     return ref
+
+
+# K-quant GGUF test files: random blocks of each type, and small models that mix them (as Q4_K_M does)
+
+F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,)}
+
+
+def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Valid random bytes of a [rows, cols] tensor: random integers and sub-scales, and small positive
+    f16 super-scales (random bytes there could be inf or NaN)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    n = rows * cols // block
+    data = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    size_of_scale = 1e-4 if type_name.endswith("_K") else 2e-3  # weights of order 0.05: a tame model
+    for offset in F16_FIELDS[type_name]:
+        scale = (rng.uniform(0.5, 1.0, n) * size_of_scale).astype(np.float16)
+        data[:, offset:offset + 2] = scale.view(np.uint8).reshape(n, 2)
+    return data.reshape(rows, -1)
+
+
+def k_quant_model(tmp_path, types: dict, rng):
+    """A small llama GGUF whose matrices are random blocks of `types` (by kind, e.g. "attn_v", or by
+    tensor name); the rest as written from the HF model."""
+    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
+    tensors = gguf_tensors(hf)
+    for name, array in list(tensors.items()):
+        t = types.get(name, types.get(name.split(".")[-2]))
+        if t is not None:
+            tensors[name] = (random_blocks(t, *array.shape, rng), t)
+    return write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)

@@ -14,10 +14,11 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
-from checkpoints import hf_model, rel_err, write_gguf, write_mistral
+from checkpoints import hf_model, k_quant_model, rel_err, write_gguf, write_mistral
 
 from mistral7b import SamplingParams
 from mistral7b.cache import KVCache
@@ -193,6 +194,27 @@ def test_each_rank_loads_its_slices(tiny, tmp_path, fmt, quantize):
             assert "layers.0.feed_forward.w2.weight" not in quantized
         if quantize == "int8":
             assert len(quantized) == 4 * config.n_layers + 1  # the block linears and the head
+
+
+def test_each_rank_loads_its_slices_of_a_q4_k_m_mix(tmp_path):
+    """llama.cpp's Q4_K_M mix (Q4_K, with Q6_K for v and w2) over 2 ranks: each rank holds exactly its cut of
+    the one-process model, on the CPU's kernels too, where Q6_K's groups of 16 are requantized onto int8
+    blocks of 32 (a rank requantizes its own columns of w2: the groups fall alike)."""
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+             "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+    path = k_quant_model(tmp_path, types, np.random.default_rng())
+    full = load_model(path)
+    labels = {n: m.fmt.label() for n, m in full.named_modules() if isinstance(m, QuantModule)}
+    from mistral7b.quant import cpu_kernels
+
+    assert labels["layers.0.feed_forward.w2"] == f"int8 g{32 if cpu_kernels.available() else 16} (from Q6_K)"
+    for rank in range(2):
+        shard, _ = load_shard(path, rank, 2, quant=None)
+        got, want = dense_weights(shard), expected_shard(dense_weights(full), full.config, rank, 2)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), (rank, name)
+        assert {n: m.fmt.label() for n, m in shard.named_modules() if isinstance(m, QuantModule)} == labels
 
 
 # ------------------------------------------------------------------------ two ranks, random Mistral

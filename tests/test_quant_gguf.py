@@ -12,35 +12,7 @@ from mistral7b.quant import describe_weights, resident_bytes, resolve
 from mistral7b.quant import cpu_kernels
 from mistral7b.quant.gguf_blocks import FORMATS, repack
 from mistral7b.quant.linear import QuantEmbedding, QuantModule
-from checkpoints import gguf_tensors, hf_logits, hf_model, hf_with_gguf_roundtrip, llama_cpp_permute, rel_err, write_gguf
-
-F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,)}
-
-
-def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Valid random bytes of a [rows, cols] tensor: random integers and sub-scales, and small positive
-    f16 super-scales (random bytes there could be inf or NaN)."""
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    n = rows * cols // block
-    data = rng.integers(0, 256, (n, size), dtype=np.uint8)
-    size_of_scale = 1e-4 if type_name.endswith("_K") else 2e-3  # weights of order 0.05: a tame model
-    for offset in F16_FIELDS[type_name]:
-        scale = (rng.uniform(0.5, 1.0, n) * size_of_scale).astype(np.float16)
-        data[:, offset:offset + 2] = scale.view(np.uint8).reshape(n, 2)
-    return data.reshape(rows, -1)
-
-
-def k_quant_model(tmp_path, types: dict, rng):
-    """A small llama GGUF whose matrices are random blocks of `types` (by kind, e.g. "attn_v", or by
-    tensor name); the rest as written from the HF model."""
-    hf = hf_model("llama", n_heads=4, n_kv_heads=2, head_dim=64, dim=256, hidden=512, vocab=96, seed=3)
-    tensors = gguf_tensors(hf)
-    for name, array in list(tensors.items()):
-        t = types.get(name, types.get(name.split(".")[-2]))
-        if t is not None:
-            tensors[name] = (random_blocks(t, *array.shape, rng), t)
-    return write_gguf(hf, tmp_path / "k.gguf", tensors=tensors)
-
+from checkpoints import hf_logits, hf_model, hf_with_gguf_roundtrip, k_quant_model, random_blocks, rel_err, write_gguf
 
 @pytest.mark.parametrize("type_name", sorted(FORMATS))
 def test_repack_matches_gguf_dequantize(type_name):
