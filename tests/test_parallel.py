@@ -29,7 +29,7 @@ from mistral7b.loading.quantized import save_quantized
 from mistral7b.parallel import TensorParallelError, check_world_size, launch, local_config
 from mistral7b.parallel.startup import StartupError
 from mistral7b.parallel.loading import load_shard
-from mistral7b.quant import QuantModule, resolve
+from mistral7b.quant import QuantModule, cpu_kernels, resolve
 
 W = 8  # sliding window of the random Mistral
 VOCAB = 97
@@ -205,8 +205,6 @@ def test_each_rank_loads_its_slices_of_a_q4_k_m_mix(tmp_path):
     path = k_quant_model(tmp_path, types, np.random.default_rng())
     full = load_model(path)
     labels = {n: m.fmt.label() for n, m in full.named_modules() if isinstance(m, QuantModule)}
-    from mistral7b.quant import cpu_kernels
-
     assert labels["layers.0.feed_forward.w2"] == f"int8 g{32 if cpu_kernels.available() else 16} (from Q6_K)"
     for rank in range(2):
         shard, _ = load_shard(path, rank, 2, quant=None)

@@ -14,6 +14,7 @@ from mistral7b.quant.gguf_blocks import FORMATS, repack
 from mistral7b.quant.linear import QuantEmbedding, QuantModule
 from checkpoints import hf_logits, hf_model, hf_with_gguf_roundtrip, k_quant_model, random_blocks, rel_err, write_gguf
 
+
 @pytest.mark.parametrize("type_name", sorted(FORMATS))
 def test_repack_matches_gguf_dequantize(type_name):
     rng = np.random.default_rng(0)
