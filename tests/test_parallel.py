@@ -196,12 +196,13 @@ def test_each_rank_loads_its_slices(tiny, tmp_path, fmt, quantize):
             assert len(quantized) == 4 * config.n_layers + 1  # the block linears and the head
 
 
-def test_each_rank_loads_its_slices_of_a_q4_k_m_mix(tmp_path):
+def test_each_rank_loads_its_slices_of_a_q4_k_m_mix(tmp_path, monkeypatch):
     """llama.cpp's Q4_K_M mix (Q4_K, with Q6_K for v and w2) over 2 ranks: each rank holds exactly its cut of
     the one-process model, on the CPU's kernels too, where Q6_K's groups of 16 are requantized onto int8
     blocks of 32 (a rank requantizes its own columns of w2: the groups fall alike)."""
     types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
              "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+    monkeypatch.setenv("MISTRAL7B_INT8_ACTIVATIONS", "1")  # every width here is a multiple of 32
     path = k_quant_model(tmp_path, types, np.random.default_rng())
     full = load_model(path)
     labels = {n: m.fmt.label() for n, m in full.named_modules() if isinstance(m, QuantModule)}
