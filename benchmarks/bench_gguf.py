@@ -55,10 +55,6 @@ RECIPE = 2  # in the file name: a change to how the weights are drawn writes new
 # the head's ~0.1 so that greedy picks win by margins that numerical noise rarely flips.
 BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34, "Q4_K": 144, "Q6_K": 210}
 BLOCK_VALUES = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256}
-# Scale sigmas: a weight's std is about 4.6 sigma in Q4_0 and 73 sigma in Q8_0. The layers' weights are
-# small (std ~0.01); the embedding's are ~1 so that each position's token still shows through the
-# residual stream at the last layer (else greedy decoding settles on one token and repeats it), and
-# the head's ~0.1 so that greedy picks win by margins that numerical noise rarely flips.
 LAYER_SIGMA = 0.02 / 8
 SIGMAS = {"token_embd.weight": {"Q4_0": 1 / 4.6, "Q8_0": 1 / 73},
           "output.weight": {"Q4_0": 0.1 / 4.6, "Q8_0": 0.1 / 73}}

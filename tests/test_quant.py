@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mistral7b import ModelLoadError, load_model
 from mistral7b.quant import QuantConfig, describe_weights, kernels, resolve
-from mistral7b.quant.linear import Int4Linear, Int8Linear, QuantEmbedding
+from mistral7b.quant.linear import Int4Linear, Int8Linear, QuantEmbedding, quant_linear
 from mistral7b.quant.qtensor import QuantizedWeight, WeightFormat, quantize_int4, quantize_int8
 from checkpoints import hf_logits, hf_model, ours_from_hf, rel_err
 
@@ -64,13 +64,13 @@ def test_int8_linear_matches_dequantized(fmt, rows, dtype):
         g = k // fmt.group_size
         weight = QuantizedWeight("int8", torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, g) / 50,
                                  torch.randn(n, g) / 10 if fmt.has_zero else None, fmt.group_size)
-    module = _filled(Int8Linear(k, n, fmt, CPU), weight, parts=2)
+    module = _filled(quant_linear(k, n, fmt, CPU), weight, parts=2)  # as loading builds it
     x = torch.randn(rows, k).to(dtype)
     want = F.linear(x.double(), weight.dequantize(torch.float64))
     assert rel_err(module(x), want) < 3e-2  # as the int4 test
     back = module.unpack()
     if module.kernel == "integer" and (fmt.group_size or k) < 32:  # requantized onto the CPU kernel's blocks of 32
-        assert back.group_size == fmt.group_size
+        assert back.group_size == module.fmt.group_size == 32
         values, want_values = back.dequantize().view(n, -1, 32), weight.dequantize().view(n, -1, 32)
         step = want_values.abs().amax(-1, keepdim=True) / 254  # half a step of each block's int8 grid
         assert ((values - want_values).abs() <= step * 1.01 + 127 * 2**-24).all()  # float16 block scales

@@ -113,7 +113,7 @@ def requantize_int8(weight: QuantizedWeight, group_size: int, has_zero: bool) ->
     as the CPU layout stores them, so the integers are chosen for the scales that will be used. Rows go
     a chunk at a time, in place: a 7B ffn_down took 1 s whole."""
     if weight.perm is not None:
-        raise ValueError("an act-order weight in groups under 32 has no CPU kernel")
+        raise ValueError("an act-order weight cannot be requantized onto coarser groups")
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, k // group_size)
