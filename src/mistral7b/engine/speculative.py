@@ -134,7 +134,7 @@ class SpecStats:
     @property
     def tokens_per_step(self) -> float:
         """Tokens per target forward of a row (before stop rules drop any): 1 without speculation."""
-        return self.emitted_tokens / self.row_steps if self.row_steps else 0.0
+        return self.emitted_tokens / self.row_steps if self.row_steps else 1.0
 
 
 @dataclass
