@@ -14,7 +14,8 @@
 #   bash benchmarks/h200.sh profile    # one b1 decode step, ours and gpt-fast's, kernels by kind side by side
 #   bash benchmarks/h200.sh profile-tuned  # ours without the one-row step's tuning, then with it (the default)
 #   bash benchmarks/h200.sh tuned      # decode tok/s at b1/b8 without the one-row step's tuning, then with it
-#   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1/b8 then b32
+#   bash benchmarks/h200.sh spec       # speculative decoding: a verify's cost at the 7B shape, b1 and b8
+#   bash benchmarks/h200.sh spec-b32   # the same at b32 (a call of its own beside spec: 170 s)
 #   bash benchmarks/h200.sh spec-self  # self-int4's whole loop at the 7B shape (random weights: acceptance is not real)
 #   bash benchmarks/h200.sh spec-backoff  # the same at b1 as served: failing rows back off to plain decoding
 #   bash benchmarks/h200.sh spec-real  # n-gram acceptance and speed-up with the real default model (see below;
@@ -75,9 +76,14 @@ smoke)
     # then fits one call. Timings printed by these steps are contended; they are checks, not figures.
     # The paths run as two processes side by side: one took 548 s on an H100 (2026-12-06c), most of it
     # compiling on the host, and was cut before its last section; as two, the group took 427 s (2026-12-06d).
-    step smoke-paths 480 python3 benchmarks/gpu_smoke.py --only kernels methods --methods bf16 int8 int8-triton int4-gemlite \
+    # gemlite's path has a process of its own: on a fresh H100 (2026-12-07) its compiles took 136 s at b1 and
+    # 172 s at b8, and beside bf16, int8 and int8-triton it ran past 480 s.
+    step smoke-paths 480 python3 benchmarks/gpu_smoke.py --only kernels methods --methods bf16 int8 int8-triton \
         > "$OUT/smoke-paths.out" &
     paths=$!
+    step smoke-paths-gemlite 480 python3 benchmarks/gpu_smoke.py --only methods --methods int4-gemlite \
+        > "$OUT/smoke-paths-gemlite.out" &
+    gemlite=$!
     step smoke-paths-more 480 python3 benchmarks/gpu_smoke.py --only methods lora speculative \
         --methods int4 int4-triton > "$OUT/smoke-paths-more.out" &
     more=$!
@@ -87,8 +93,8 @@ smoke)
         --prefix-len 1024 --max-tokens 8 --runs 1
     step smoke-engine-process 120 python3 benchmarks/serve_load.py --preset mistral-7b-v0.1 --engine-process \
         --concurrency 8 --prompt-len 256 --max-tokens 32 --client-processes 2
-    wait $paths $more; cat "$OUT/smoke-paths.out" "$OUT/smoke-paths-more.out"
-    rm -f "$OUT/smoke-paths.out" "$OUT/smoke-paths-more.out"
+    wait $paths $gemlite $more; cat "$OUT"/smoke-paths*.out
+    rm -f "$OUT"/smoke-paths*.out
     if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
         step smoke-tp 150 python3 benchmarks/tp_bench.py --tp 2 --batches 1 --new-tokens 32 --runs 1 --no-compile
     fi
@@ -154,8 +160,9 @@ peer)  # bf16 decode, ours at b1/b8 and gpt-fast at b1 (speed's middle step alon
         --prefill "" --runs 2 --json "$OUT/bench-peer.json" ;;
 spec)
     # 2026-12-05 on the H200: 85 s to start 32 requests, then about 100 s of compiles a batch size.
-    step verify-cost 300 python3 benchmarks/verify_cost.py --batch 1 8 --json "$OUT/verify-cost.json"
-    # Batch 32 alone: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed).
+    # 300 s ended in b8's verify compile on a fresh H100 (2026-12-07): b1 took 172 s with its compiles.
+    step verify-cost 420 python3 benchmarks/verify_cost.py --batch 1 8 --json "$OUT/verify-cost.json" ;;
+spec-b32)  # batch 32 alone: where a verify stops paying (SpeculativeConfig.max_batch is measured, not guessed)
     step verify-cost-b32 240 python3 benchmarks/verify_cost.py --batch 32 --json "$OUT/verify-cost-b32.json" ;;
 spec-self)  # the whole self-int4 loop at the 7B shape: int4 draft steps, then the bf16 verify, b1 and b8.
     # 360 s ended in b8 (H100, 2026-12-05e, eager drafts at 5.1 tok/s); the drafts now compile too.
