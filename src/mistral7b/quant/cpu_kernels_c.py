@@ -141,8 +141,9 @@ static inline void rows_dot(int R, const uint8_t *w, int64_t wrow, int bits, con
 TILES = r"""
 #ifdef GRID
 // Outputs [lo, hi) of every activation row (dxp: AVX2's paired dx, nb / 2 * 8 floats a row). 5 to 8 rows (a
-// verify of k + 1 <= 8 tokens) all against one weight row: a pass over the weights, not two. AVX2: one row
-// (decode) 4 weight rows at a time. Otherwise grids of GRID_ROWS weight rows x up to 4 activation rows.
+// verify of k + 1 <= 8 tokens) all against VERIFY_ROWS weight rows at a time: a pass over the weights, not
+// two. AVX2: one row (decode) 4 weight rows at a time. Otherwise grids of GRID_ROWS weight rows x up to 4
+// activation rows.
 static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, int bits, const uint16_t *d,
                       const uint16_t *m, int64_t nb, int64_t rows, int64_t k, int64_t n, const int8_t *qx,
                       const float *dx, const float *dxp, const float *sx, float *out) {
@@ -156,7 +157,14 @@ static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, in
     }
 #endif
     if (rows > 4 && rows <= 8) {
-        for (int64_t j = lo; j < hi; j++) switch (rows) {  // constant shapes: accumulators in registers
+        int64_t j = lo;
+        for (; j + VERIFY_ROWS <= hi; j += VERIFY_ROWS) switch (rows) {  // constant shapes: registers
+                case 8: GRID(VERIFY_ROWS, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
+                case 7: GRID(VERIFY_ROWS, 7, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
+                case 6: GRID(VERIFY_ROWS, 6, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
+                default: GRID(VERIFY_ROWS, 5, AT(j), qx, k, dx, dxp, sx, out + j, n);
+            }
+        for (; j < hi; j++) switch (rows) {
                 case 8: GRID(1, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
                 case 7: GRID(1, 7, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
                 case 6: GRID(1, 6, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
