@@ -3,13 +3,14 @@ against its dequantized weight, then timed (µs per call, TB/s of weight bytes r
 
 Kernels: bf16 cuBLAS; int8 per channel through torch (the compiled reduction, with --reduction: it
 compiles per shape) and `quant/triton_mm.py`; int4 g128 through tinygemm (`_weight_int4pack_mm`),
-`triton_mm` on its "halves" layout (byte j of a row holds inputs j and K/2 + j), and gemlite's Triton
-kernels on their layout (`quant/gemlite_mm.py`) where gemlite is installed. Each timed call reads a
+`triton_mm` on its "halves" layout (byte j of a row holds inputs j and K/2 + j), gemlite's Triton
+kernels on their layout (`quant/gemlite_mm.py`) where gemlite is installed, and tinygemm's weight
+dequantized then cuBLAS (what `int4_mm` runs from CUDA_DEQUANT_ROWS rows on). Each timed call reads a
 different copy of the weight (over 256 MB in all, beyond the 50 MB L2), replayed as one CUDA graph.
 The last table sums one decode step (32 layers and the head) per kernel: the ceiling its weight reads set
 on tok/s.
 
-    python3 benchmarks/gemv_bench.py [--rows 1,8,16] [--kernels int4] [--reduction] [--json F]
+    python3 benchmarks/gemv_bench.py [--rows 1,8,16] [--kernels bf16,int4] [--reduction] [--json F]
 """
 
 from __future__ import annotations
@@ -78,12 +79,18 @@ def kernel_table(reduction: bool) -> dict:
         "int4 tinygemm": (lambda x, w, n: torch.ops.aten._weight_int4pack_mm(x, w["int4"][0], GROUP, w["int4"][1]),
                           "int4"),
         "int4 triton": (lambda x, w, n: int4_rows_mm(x, w["int4h"][0], GROUP, w["int4h"][1], n), "int4h"),
+        # What kernels.int4_mm does from CUDA_DEQUANT_ROWS rows on: the weight dequantized, then cuBLAS
+        "int4 dequant+cuBLAS": (lambda x, w, n: F.linear(x, dequantized(*w["int4"], x.shape[-1])[:n]), "int4"),
     }
     if gemlite_mm.available():
         table["int4 gemlite"] = (lambda x, w, n: gemlite_mm.mm(x, *w["gemlite4"], GROUP, n), "gemlite4")
     if reduce is not None:
         table["int8 reduction"] = (lambda x, w, n: reduce(x, *w["int8"], "torch"), "int8")
     return table
+
+
+def dequantized(packed, scales_zeros, k: int):
+    return kernels.dequantize_tiles(packed, scales_zeros, GROUP, kernels.stored_rows(packed, scales_zeros), k)
 
 
 def weight_bytes(w: dict, fmt: str) -> int:
@@ -119,12 +126,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--reduction", action="store_true", help="also torch's compiled int8 reduction (slow to compile)")
-    p.add_argument("--kernels", default="", help="only kernels whose label contains this (e.g. int4)")
+    p.add_argument("--kernels", default="", help="only kernels whose label contains one of these (e.g. bf16,int4)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
     rows = [int(r) for r in args.rows.split(",")]
-    table = {k: v for k, v in kernel_table(args.reduction).items() if args.kernels in k}
+    table = {k: v for k, v in kernel_table(args.reduction).items() if any(f in k for f in args.kernels.split(","))}
     results, worst = [], {}
     layouts_ok = True
     for name, (n, k) in SHAPES.items():

@@ -3,6 +3,7 @@
 # timings, every table printed and every JSON/log written under $OUT.
 #   bash benchmarks/h200.sh smoke      # every GPU path once (run first; about 7 minutes)
 #   bash benchmarks/h200.sh gemv       # decode's weight matmuls per kernel and matrix (which kernel to use)
+#   bash benchmarks/h200.sh gemv-batch # the same at 16, 32 and 64 rows, int4's kernels against bf16
 #   bash benchmarks/h200.sh quant      # int8/int4, ours (torch's kernels, then Triton's) and gpt-fast, the limit
 #   bash benchmarks/h200.sh kernels    # decode attention kernels, then int8 alone (METHODS=int8)
 #   bash benchmarks/h200.sh speed      # GPU correctness checks, then `mistral7b bench` with gpt-fast
@@ -103,6 +104,9 @@ smoke)
     ;;
 gemv)
     step gemv 420 python3 benchmarks/gemv_bench.py --json "$OUT/gemv.json"
+    ;;
+gemv-batch)  # int4 against bf16 where a server batches: tinygemm ran 2-3x gemlite's time at M 16-32 (H100)
+    step gemv-batch 420 python3 benchmarks/gemv_bench.py --rows 16,32,64 --kernels bf16,int4 --json "$OUT/gemv-batch.json"
     ;;
 quant)
     # Ours (quant/triton_mm.py for few rows) and gpt-fast on the same quantized weights, with the limit
