@@ -152,7 +152,7 @@ def speculative_checks(device, args) -> None:
     config = small_config(args.window)
     model = random_model(config, device, torch.bfloat16)
     # Backoff off: these check the verify's and the draft's compiled steps, which a row that backs off skips.
-    ngram = SpeculativeConfig("ngram", 4, min_ngram=1, backoff=False)
+    ngram = SpeculativeConfig("ngram", 4, draft_by_match=(), backoff=False)
     self_draft = SpeculativeConfig("draft", 3, draft="self", backoff=False)
     for name, batch, spec, draft in (("ngram", 1, ngram, None), ("ngram", 4, ngram, None),
                                      ("self-draft", 4, self_draft, model)):
@@ -190,7 +190,7 @@ def invariant_speculative_check(device, args) -> None:
     prompts = [(torch.randint(0, config.vocab_size, (5 + i,)).tolist() * 40)[: args.window + 9 * i] for i in range(4)]
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     outputs, verified = [], 0
-    for spec in (None, SpeculativeConfig("ngram", 4, min_ngram=1, backoff=False)):
+    for spec in (None, SpeculativeConfig("ngram", 4, draft_by_match=(), backoff=False)):
         engine = Engine(model, None, max_batch=4, compile=True, batch_invariant=True, speculative=spec,
                         max_seq_len=4 * args.window)
         requests = run(engine, prompts, params)

@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="target model (default: the bundled SmolLM2-135M GGUF)")
     p.add_argument("--methods", default="ngram,self-int4", help="comma-separated: ngram, self-int4, draft:SRC")
     p.add_argument("--num-tokens", type=int, default=4, help="k, draft tokens per step")
-    p.add_argument("--min-ngram", type=int, default=2, help="n-gram: shortest match that proposes")
+    p.add_argument("--min-ngram", type=int, default=None, help="n-gram: shortest match that proposes")
+    p.add_argument("--draft-by-match", default=None,
+                   help="n-gram: draft lengths after matches of 1, 2, ... tokens (e.g. 1,2; '' for k after any)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind only")
     p.add_argument("--device", default="cpu")
@@ -144,7 +146,11 @@ def main(argv=None) -> None:
                                EngineConfig(max_batch=1, compile=compile, batch_invariant=invariant))}
     backoffs = {"on": (True,), "off": (False,), "both": (True, False)}[args.backoff]
     for method in args.methods.split(","):
-        spec = dataclasses.replace(SpeculativeConfig.parse(method, args.num_tokens), min_ngram=args.min_ngram)
+        spec = SpeculativeConfig.parse(method, args.num_tokens)
+        if args.min_ngram is not None:
+            spec = dataclasses.replace(spec, min_ngram=args.min_ngram)
+        if args.draft_by_match is not None:
+            spec = dataclasses.replace(spec, draft_by_match=tuple(int(d) for d in args.draft_by_match.split(",") if d))
         draft = load_draft(spec, llm.source, llm.device, llm.dtype)
         for backoff in backoffs:
             config = EngineConfig(max_batch=1, speculative=dataclasses.replace(spec, backoff=backoff), compile=compile,

@@ -55,7 +55,7 @@ def untimed_spec_backoff(request, monkeypatch):
     if request.node.get_closest_marker("spec_timings") is None:
         from mistral7b.engine.spec_backoff import SpecBackoff
 
-        monkeypatch.setattr(SpecBackoff, "time_speculative", lambda self, seconds: None)
+        monkeypatch.setattr(SpecBackoff, "time_speculative", lambda self, seconds, width=None: None)
         monkeypatch.setattr(SpecBackoff, "time_plain", lambda self, seconds_per_step: None)
         monkeypatch.setattr(SpecBackoff, "time_lone", lambda self, seconds: None)
 

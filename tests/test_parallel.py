@@ -279,7 +279,7 @@ class TestTwoRanks:
         prompts = [(torch.randint(0, VOCAB, (4,), generator=g).tolist() * 6)[:n] for n in (2 * W + 3, W + 1)]
         want = greedy(Engine(tiny[2], None, max_batch=2, chunk_size=5), prompts, 3 * W)
         draft = load_model(tiny[1])  # the same weights: it agrees except where ranks and one process part
-        ngram = SpeculativeConfig("ngram", 3, min_ngram=1, backoff=False)  # every step verifies: what is tested
+        ngram = SpeculativeConfig("ngram", 3, draft_by_match=(), backoff=False)  # every match drafts k
         for spec, compiled in ((ngram, False), (SpeculativeConfig("draft", 2, draft="x", backoff=False), False),
                                (ngram, True)):
             engine = tp_engine(tp2, monkeypatch, max_batch=2, chunk_size=5, speculative=spec,

@@ -141,6 +141,8 @@ def test_a_stop_string_sees_the_grammar_after_each_token_of_a_step(llm):
 def test_the_engine_config_survives_the_trip_to_the_engine_process():
     config = EngineConfig(max_batch=3, speculative=SpeculativeConfig("draft", 5, draft="/d.gguf"))
     assert EngineConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    ngram = EngineConfig(speculative=SpeculativeConfig("ngram", 3, draft_by_match=(0, 2)))  # a tuple, not JSON's list
+    assert EngineConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(ngram)))) == ngram
     assert EngineConfig.from_dict(dataclasses.asdict(EngineConfig())) == EngineConfig()
 
 

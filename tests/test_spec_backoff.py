@@ -11,7 +11,7 @@ import pytest
 from mistral7b import SamplingParams
 from mistral7b.engine import SpeculativeConfig
 from mistral7b.engine.spec_backoff import (LONE_SAMPLES, MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST,
-                                           REPROBE_STEPS, SpecBackoff)
+                                           REPROBE_STEPS, SMOOTHING, SpecBackoff)
 
 from test_speculative import generate, perturbed, random_prompts, tiny
 
@@ -39,6 +39,30 @@ def test_prior_break_even_counts_a_draft_models_steps():
     measured.time_plain(0.015)
     measured.time_plain(0.020)
     assert measured.break_even == pytest.approx(2.0)  # the lower median of the last samples: 0.015
+
+
+def test_a_verify_is_scored_at_its_own_widths_cost():
+    """Drafts of different lengths verify at different costs (on a CPU 1.10 plain steps for 2 tokens a row,
+    1.45 for 5): each verify is scored at the cost timed for its width, and at every width's where its own
+    was not timed yet."""
+    policy = SpecBackoff("cpu", 4, False)
+    policy.time_plain(0.010)
+    for _ in range(3):
+        policy.time_speculative(0.0115, width=2)
+        policy.time_speculative(0.0160, width=5)
+    assert policy.break_even_at(2) == pytest.approx(1.15) and policy.break_even_at(5) == pytest.approx(1.6)
+    assert policy.break_even_at(3) == policy.break_even_at(None) == policy.break_even  # all widths' lower median
+    short, long = row("short"), row("long")
+    for r, width in ((short, 2), (long, 5)):
+        policy.observe(r, 1, width)  # 2 tokens: a gain of 0.85 plain steps at width 2, 0.4 at width 5
+    over = policy.break_even - 1
+    start = max(over, 1 - over)  # a new row's gain: one failure is no verdict
+    assert policy.rows[short].gain == pytest.approx(start + SMOOTHING * (0.85 - start))
+    assert policy.rows[long].gain == pytest.approx(start + SMOOTHING * (0.4 - start))
+    for _ in range(2):
+        policy.observe(short, 0, 2)  # 1 token for 1.15 steps: a small loss, the row keeps its credit
+        policy.observe(long, 0, 5)  # 1 token for 1.6: the row backs off (as short would, scored at 1.6)
+    assert policy.speculating(short) and not policy.speculating(long)
 
 
 def test_plain_decoding_is_timed_again_after_reprobe_steps():
@@ -157,6 +181,7 @@ def test_disabled_never_backs_off():
 def break_even_2(monkeypatch):
     """Decisions independent of this box's timings: a verify must emit 2 tokens a row to pay."""
     monkeypatch.setattr(SpecBackoff, "break_even", property(lambda self: 2.0))
+    monkeypatch.setattr(SpecBackoff, "break_even_at", lambda self, width: 2.0)
 
 
 def test_a_draft_that_always_fails_backs_off_and_output_stays_plain(break_even_2):
@@ -251,6 +276,7 @@ def test_ngram_rows_without_a_match_sleep_where_lone_steps_cost_two(monkeypatch)
     policies = {}
     # No verify loses, whatever this box's timings: only lone steps decide.
     monkeypatch.setattr(SpecBackoff, "break_even", property(lambda self: 1.0))
+    monkeypatch.setattr(SpecBackoff, "break_even_at", lambda self, width: 1.0)
     # As on a GPU too: groups of 4 steps, the next launched before the last is read (probed as it is read).
     for cost, options in ((1.0, {}), (2.0, {}), (2.0, {"decode_steps": 4, "pipeline": True})):
         monkeypatch.setattr(SpecBackoff, "lone_cost", property(lambda self, cost=cost: cost))

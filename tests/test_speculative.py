@@ -92,7 +92,9 @@ def test_graph_verify_layout_equals_plain_past_window(target, traced):
     prompts = random_prompts((5, 23, 40, 9, 30), seed=21)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
     plain, _ = generate(target, prompts, params)
-    for spec, draft in ((SpeculativeConfig("ngram", 4), None), (SpeculativeConfig("draft", 3, draft="x"), perturbed(target, 0.08, 3))):
+    # n-gram's draft lengths as a compiled verify has them (the engine is built eager, then made compiled)
+    ngram = SpeculativeConfig("ngram", 4, draft_by_match=(0,))
+    for spec, draft in ((ngram, None), (SpeculativeConfig("draft", 3, draft="x"), perturbed(target, 0.08, 3))):
         engine = Engine(target, None, max_batch=4, speculative=spec, draft_model=draft)
         runner, shapes = engine.runner, []
         runner.compiled = True  # power-of-two widths and kv_len buckets, as on a GPU
@@ -212,6 +214,38 @@ def test_ngram_lookup_longest_latest_match():
     for _ in range(300):  # against a plain scan, on random sequences over a small alphabet
         seq = torch.randint(0, 4, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
         assert ngram_lookup(seq, 5) == scan_lookup(seq, 5), seq
+
+
+def test_ngram_drafts_are_as_long_as_their_match_allows():
+    """A match of n tokens drafts at most draft_by_match[n - 1] tokens (1 after a lone token, 2 after two),
+    a longer match up to the row's cap: a prefix of what the lookup found, n the longest that matched."""
+    from mistral7b.engine.proposers import NgramProposer, ngram_match
+    from mistral7b.engine.request import Request
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    tables = {(1, 2): {1: 1, 2: 2}, (0,): {1: 0}}  # eager's default; a compiled verify's: nothing after one
+    proposers, seen = {table: NgramProposer(4, 1, None, table) for table in tables}, set()
+    for _ in range(300):
+        prompt = torch.randint(0, 5, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
+        longest = next((n for n in range(4, 0, -1) if scan_lookup(prompt, 1, n, n)), 0)
+        n, lookup = ngram_match(prompt, 4)
+        assert (n, lookup) == (longest, scan_lookup(prompt, 4)), prompt
+        for table, proposer in proposers.items():
+            for cap in (1, 4):
+                drafted = proposer.propose([Request(prompt, SamplingParams())], [cap], None).tokens[0]
+                assert drafted == lookup[: min(cap, tables[table].get(n, 4))], (prompt, table, cap)
+        seen.add(n)
+    assert {1, 2, 3, 4} <= seen
+
+
+def test_draft_lengths_follow_the_verify_width(target):
+    """By default an eager verify (as wide as its longest draft) drafts 1 token after a match of 1 and 2
+    after 2; a compiled one (always as wide) drafts nothing after a match of 1; a set table is kept."""
+    tables = {}
+    for compile, drafts in ((False, None), (True, None), (False, (3,))):
+        engine = Engine(target, None, compile=compile, speculative=SpeculativeConfig("ngram", 4, draft_by_match=drafts))
+        tables[compile, drafts] = engine.speculator.proposer.draft_by_match
+    assert tables == {(False, None): (1, 2), (True, None): (0,), (False, (3,)): (3,)}
 
 
 def test_ngram_lookup_on_a_growing_token_array():
@@ -421,6 +455,8 @@ def test_cpu_speculative_step_runs_torch_on_one_thread(target, monkeypatch):
     (dict(suffix_cache_tokens=-1), "suffix cache size must be a whole number of tokens"),
     (dict(method="self-int4", suffix_cache_tokens=100), "suffix cache works with method 'ngram' only"),
     (dict(backoff="no"), "speculative backoff must be true or false"),
+    (dict(draft_by_match=(1, -1)), "draft_by_match must be a tuple of draft lengths"),
+    (dict(draft_by_match=[1, 2]), "draft_by_match must be a tuple of draft lengths"),
 ])
 def test_bad_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

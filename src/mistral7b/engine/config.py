@@ -1,4 +1,5 @@
-"""`EngineConfig`: every engine knob in one typed dataclass, taken by `LLM`, `serve` and `bench` alike."""
+"""`EngineConfig`: every engine knob in one typed dataclass, taken by `LLM`, `serve` and `bench` alike, with
+speculative decoding's own (`SpeculativeConfig`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,77 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import ModelConfig
-from .speculative import SpeculativeConfig
+
+METHODS = ("ngram", "draft", "self-int4")  # speculative decoding's proposers (engine/proposers.py)
+MAX_NUM_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"  # "ngram" (prompt lookup), "draft" (a second model) or "self-int4" (target in int4)
+    num_tokens: int = 4  # k: tokens proposed per row and step
+    draft: str | None = None  # the draft model's source, for method="draft"
+    max_ngram: int = 4  # n-gram lookup tries n = max_ngram .. min_ngram, longest first
+    min_ngram: int = 1
+    # n-gram: a match of n tokens drafts at most draft_by_match[n - 1] tokens (0: none), a longer one
+    # num_tokens. None: by the verify's width (proposers.draft_lengths).
+    draft_by_match: tuple[int, ...] | None = None
+    # Speculate only while at most this many rows decode: a larger batch is compute-bound and a verify
+    # of k+1 tokens per row then costs about k+1 decode steps. None: MEASURED_MAX_BATCH for the device.
+    max_batch: int | None = None
+    # n-gram only: earlier requests' outputs, up to this many tokens, as drafts (proposers.SuffixCache); 0: off
+    suffix_cache_tokens: int = 0
+    # A row whose verifies emit fewer tokens than a speculative step costs decodes plainly for a while
+    # (spec_backoff.SpecBackoff); False: every row speculates at every step.
+    backoff: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        k = self.num_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_NUM_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, {MAX_NUM_TOKENS}], got {k!r}")
+        if (self.method == "draft") != (self.draft is not None):
+            raise ValueError("a draft model source (draft=...) is needed with method 'draft', and only with it")
+        if not (isinstance(self.min_ngram, int) and isinstance(self.max_ngram, int) and 1 <= self.min_ngram <= self.max_ngram):
+            raise ValueError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+        drafts = self.draft_by_match
+        if drafts is not None and not (isinstance(drafts, tuple) and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in drafts)):
+            raise ValueError(f"draft_by_match must be a tuple of draft lengths (0 or more), got {drafts!r}")
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            raise ValueError(f"speculative max_batch must be a positive integer, got {self.max_batch!r}")
+        cap = self.suffix_cache_tokens
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ValueError(f"the speculative suffix cache size must be a whole number of tokens, got {cap!r}")
+        if cap and self.method != "ngram":
+            raise ValueError(f"the speculative suffix cache works with method 'ngram' only, not {self.method!r}")
+        if not isinstance(self.backoff, bool):
+            raise ValueError(f"speculative backoff must be true or false, got {self.backoff!r}")
+
+    @classmethod
+    def parse(cls, spec: str | None, num_tokens: int | None = None, suffix_cache_tokens: int | None = None,
+              backoff: bool | None = None) -> "SpeculativeConfig | None":
+        """From the CLI's `--speculative ngram|self-int4|draft:SRC`, `--num-speculative-tokens`,
+        `--speculative-suffix-cache` and `--[no-]speculative-backoff`."""
+        if not spec:
+            if num_tokens is not None:
+                raise ValueError("--num-speculative-tokens needs --speculative")
+            if suffix_cache_tokens is not None:
+                raise ValueError("--speculative-suffix-cache needs --speculative ngram")
+            if backoff is not None:
+                raise ValueError("--[no-]speculative-backoff needs --speculative")
+            return None
+        method, _, draft = spec.partition(":")
+        if method == "draft" and not draft:
+            raise ValueError("--speculative draft needs the draft model's source: draft:SRC")
+        options = {} if num_tokens is None else {"num_tokens": num_tokens}
+        if suffix_cache_tokens is not None:
+            options["suffix_cache_tokens"] = suffix_cache_tokens
+        if backoff is not None:
+            options["backoff"] = backoff
+        return cls(method, draft=draft or None, **options)
 
 
 @dataclass(frozen=True)
@@ -81,6 +152,8 @@ class EngineConfig:
         the nested speculative config comes back as a SpeculativeConfig."""
         spec = fields.get("speculative")
         if isinstance(spec, dict):
+            if isinstance(spec.get("draft_by_match"), list):  # JSON's array for the tuple
+                spec = {**spec, "draft_by_match": tuple(spec["draft_by_match"])}
             fields = {**fields, "speculative": SpeculativeConfig(**spec)}
         return cls(**fields)
 

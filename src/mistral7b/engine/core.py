@@ -253,9 +253,9 @@ class Engine:
             if timed:
                 backoff.time_lone(time.perf_counter() - start)
             return
-        self.speculator.step(decoding, proposal, deltas)  # reads the tokens: the device is done with it
+        width = self.speculator.step(decoding, proposal, deltas)  # reads the tokens: the device is done
         if timed:
-            backoff.time_speculative(time.perf_counter() - start)
+            backoff.time_speculative(time.perf_counter() - start, width)
 
     def _plain_steps(self, decoding: list[Request], deltas: list[Delta], max_steps: int | None = None,
                      timed: bool = False) -> None:

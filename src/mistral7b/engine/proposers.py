@@ -18,20 +18,25 @@ from .speculative import Proposal
 
 def ngram_lookup(sequence, k: int, max_n: int = 4, min_n: int = 1) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens,
-    trying n = max_n down to min_n (longest first); [] when nothing matches. `sequence`: a list or a
-    1-d integer array. The starts that match the n-gram's first token are found in one pass and then
-    narrowed token by token: 0.04 ms at 32k tokens, where comparing every window took 1.7 ms."""
+    trying n = max_n down to min_n (longest first); [] when nothing matches."""
+    return ngram_match(sequence, k, max_n, min_n)[1]
+
+
+def ngram_match(sequence, k: int, max_n: int = 4, min_n: int = 1) -> tuple[int, list[int]]:
+    """`ngram_lookup`'s tokens and the n that matched (0: none). `sequence`: a list or a 1-d integer
+    array. The starts that match the n-gram's first token are found in one pass and then narrowed token
+    by token: 0.04 ms at 32k tokens, where comparing every window took 1.7 ms."""
     seq = np.asarray(sequence)
     if k < 1 or len(seq) < 2:
-        return []
+        return 0, []
     for n in range(min(max_n, len(seq) - 1), min_n - 1, -1):
         starts = np.flatnonzero(seq[: len(seq) - n] == seq[-n])  # an n-gram at s is followed by seq[s + n]
         for i in range(1, n):
             starts = starts[seq[starts + i] == seq[i - n]]
         if starts.size:
             start = int(starts[-1]) + n
-            return seq[start : start + k].tolist()
-    return []
+            return n, seq[start : start + k].tolist()
+    return 0, []
 
 
 class TokenArray:
@@ -80,12 +85,16 @@ class SuffixCache:
 
     def lookup(self, context: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the longest of the context's last n-grams seen before."""
+        return self.match(context, k)[1]
+
+    def match(self, context: list[int], k: int) -> tuple[int, list[int]]:
+        """`lookup`'s tokens and the n that matched (0: none)."""
         for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
             hit = self.index.get(tuple(context[-n:]))
             if hit is not None:
                 sid, end = hit
-                return self.sequences[sid][end : end + k]
-        return []
+                return n, self.sequences[sid][end : end + k]
+        return 0, []
 
     def _ngrams(self, tokens: list[int]):
         for n in range(self.min_n, self.max_n + 1):
@@ -100,12 +109,27 @@ class SuffixCache:
                 del self.index[key]
 
 
+def draft_lengths(table: tuple[int, ...] | None, fixed_width: bool) -> tuple[int, ...]:
+    """SpeculativeConfig.draft_by_match, or its default. A short match is a weak guess: after a match of 1
+    the first token is right 19% of the time, after 2 43%, after 3-4 79-88% (default model, 30 grounded
+    prompts, benchmarks/ngram_replay.py). Where a verify is as wide as its longest draft (eager), a short
+    draft verifies cheaper: (1, 2) replays to 1.41x at a Zen 5 CPU's verify costs, against 1.37x for 4
+    tokens from n >= 2 and 1.28x from n >= 1 (0.86x on open prompts, spec_bench). Where the width is fixed
+    (a compiled verify) a short draft costs a whole verify: (0,), no draft after a lone token."""
+    if table is not None:
+        return table
+    return (0,) if fixed_width else (1, 2)
+
+
 class NgramProposer:
     """Prompt lookup (llama.cpp's --lookup, vLLM's ngram): no second model; q is one-hot. With a
-    `suffix` cache, a row whose own text has no match looks in earlier requests' outputs."""
+    `suffix` cache, earlier requests' outputs too, where they match more of the row's last tokens than its
+    own text does. A match of n tokens drafts at most `draft_by_match[n - 1]` tokens
+    (SpeculativeConfig.draft_by_match), a longer one its cap."""
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, suffix: SuffixCache | None = None):
-        self.max_n, self.min_n, self.suffix = max_n, min_n, suffix
+    def __init__(self, max_n: int = 4, min_n: int = 1, suffix: SuffixCache | None = None,
+                 draft_by_match: tuple[int, ...] = ()):
+        self.max_n, self.min_n, self.suffix, self.draft_by_match = max_n, min_n, suffix, draft_by_match
         self.contexts: weakref.WeakKeyDictionary[Request, TokenArray] = weakref.WeakKeyDictionary()
 
     def propose(self, requests: list[Request], caps: list[int], sampler: SamplerBatch) -> Proposal:
@@ -115,10 +139,11 @@ class NgramProposer:
                 tokens.append([])
                 continue
             context = self.contexts.setdefault(r, TokenArray()).of(r)
-            own = ngram_lookup(context, cap, self.max_n, self.min_n)
-            if not own and self.suffix is not None:
-                own = self.suffix.lookup(context[-self.max_n :].tolist(), cap)
-            tokens.append(own)
+            n, draft = ngram_match(context, cap, self.max_n, self.min_n)
+            if self.suffix is not None and n < self.max_n:  # the longer match of the two
+                other = self.suffix.match(context[-self.max_n :].tolist(), cap)
+                n, draft = max((n, draft), other, key=lambda match: match[0])
+            tokens.append(draft[: self.draft_by_match[n - 1]] if 0 < n <= len(self.draft_by_match) else draft)
         return Proposal(tokens, [None] * len(requests))
 
     def has_draft(self, request: Request) -> bool:

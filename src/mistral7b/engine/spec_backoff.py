@@ -17,7 +17,8 @@ a lone step's 1 - `lone_cost` where that is clearly a loss (a CPU's lone step co
 A row backs off while its running gain is below zero.
 
 `break_even` is measured as the engine runs: the wall time of a speculative step over a plain decode
-step's; `lone_cost` the same for a lone step. Until both sides are known they are the priors below. Each
+step's, per verify width where steps of that width were timed (`break_even_at`); `lone_cost` the same for
+a lone step. Until both sides are known they are the priors below. Each
 time is the lower median of its last few samples, and plain decoding is timed again every REPROBE_STEPS
 speculative steps: one slow sample (a CUDA graph recorded for a new length inside the timed step) must not
 decide for good.
@@ -77,6 +78,7 @@ class SpecBackoff:
         self.prior = PRIOR_VERIFY_COST.get(device_type, PRIOR_VERIFY_COST["cpu"]) \
             + (num_tokens * PRIOR_DRAFT_STEP_COST if drafts_with_model else 0.0)
         self.timings = {kind: deque(maxlen=TIMING_SAMPLES) for kind in ("speculative", "lone", "plain")}
+        self.by_width: dict[int, deque] = {}  # speculative steps' times per verify width (tokens a row)
         self.since_plain = 0  # speculative steps since plain decoding was last timed
         self.gain_mean: float | None = None  # an attempt's gain over plain decoding, every row's
         # Per request, gone with it (finished or aborted); requests compare by identity.
@@ -85,8 +87,7 @@ class SpecBackoff:
         self.sleeps = self.wakes = 0  # times a row fell asleep (`probes`), and a probe woke one
 
     def _seconds(self, kind: str) -> float | None:
-        samples = sorted(self.timings[kind])
-        return samples[(len(samples) - 1) // 2] if samples else None
+        return _lower_median(self.timings[kind])
 
     @property
     def speculative_s(self) -> float | None:
@@ -109,6 +110,16 @@ class SpecBackoff:
         if self.speculative_s is None or self.plain_s is None:
             return self.prior
         return self.speculative_s / self.plain_s
+
+    def break_even_at(self, width: int | None) -> float:
+        """The same for a verify `width` tokens a row wide, once steps of that width were timed: a short
+        draft's verify costs less (a CPU's 1.10 plain steps for 2 tokens, 1.45 for 5: default model, Zen 5),
+        and one cost for all scored n-gram's drafts of 1 token (after a match of 1) as losses: rows backed
+        off, 0.69 of steps speculated against 0.82 with every draft 4 long."""
+        seconds = _lower_median(self.by_width.get(width, ()))
+        if seconds is None or self.plain_s is None:
+            return self.break_even
+        return seconds / self.plain_s
 
     @property
     def lone_cost(self) -> float:
@@ -147,9 +158,9 @@ class SpecBackoff:
             self._back_off(request, row)
         return row is None or (not row.asleep and len(request.output_ids) >= row.skip_until)
 
-    def observe(self, request: Request, accepted: int) -> None:
-        """A verify of `request` kept `accepted` draft tokens."""
-        self._score(request, 1.0 + accepted - self.break_even)
+    def observe(self, request: Request, accepted: int, width: int | None = None) -> None:
+        """A verify of `request` (`width` tokens a row) kept `accepted` draft tokens."""
+        self._score(request, 1.0 + accepted - self.break_even_at(width))
 
     def observe_empty(self, request: Request) -> None:
         """`request` speculated but had no draft, and no other row had one. Only where a lone step clearly
@@ -203,8 +214,10 @@ class SpecBackoff:
         due = self.plain_s is None or self.since_plain >= REPROBE_STEPS
         return self.enabled and due and self.speculative_s is not None and all(map(self._decides, decoding))
 
-    def time_speculative(self, seconds: float) -> None:
+    def time_speculative(self, seconds: float, width: int | None = None) -> None:
         self._time("speculative", seconds)
+        if self.enabled and width is not None:
+            self.by_width.setdefault(width, deque(maxlen=TIMING_SAMPLES)).append(seconds)
         self.since_plain += self.enabled
 
     def time_lone(self, seconds: float) -> None:
@@ -218,3 +231,8 @@ class SpecBackoff:
     def _time(self, kind: str, seconds: float) -> None:
         if self.enabled:
             self.timings[kind].append(seconds)
+
+
+def _lower_median(samples) -> float | None:
+    ordered = sorted(samples)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None

@@ -29,79 +29,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import SamplerBatch, adjusted_logits, apply_bitmask, warped_logits
+from .config import SpeculativeConfig
 from .request import Delta, Request
 from .spec_backoff import SpecBackoff
 
-METHODS = ("ngram", "draft", "self-int4")
-MAX_NUM_TOKENS = 16
 # The largest batch measured to gain from speculation (a verify of k + 1 = 5 tokens against a decode step,
 # benchmarks/verify_cost.py). CUDA: an H100 at the 7B shape, 1.14x/1.09x/1.25x a step at b1/b8/b32, so
 # ~2.9 tokens a verify (n-gram, grounded prompts) still pay 2.3x at b32; above 32 is not measured.
 # CPU: the default model on 2 cores, 1.81x/2.07x/2.53x at b1/b2/b4: at b4, 2.9 tokens pay 1.15x.
 MEASURED_MAX_BATCH = {"cuda": 32, "cpu": 4}
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    method: str = "ngram"  # "ngram" (prompt lookup), "draft" (a second model) or "self-int4" (target in int4)
-    num_tokens: int = 4  # k: tokens proposed per row and step
-    draft: str | None = None  # the draft model's source, for method="draft"
-    max_ngram: int = 4  # n-gram lookup tries n = max_ngram .. min_ngram, longest first
-    # 2, not 1: a lone repeated token is a poor guess. Default model, CPU, batch 1 (spec_bench, loaded box):
-    # min 1 gave 1.09x on input-grounded prompts and 0.86x on open ones; min 2 gave 1.18x and 1.00x.
-    min_ngram: int = 2
-    # Speculate only while at most this many rows decode: a larger batch is compute-bound and a verify
-    # of k+1 tokens per row then costs about k+1 decode steps. None: MEASURED_MAX_BATCH for the device.
-    max_batch: int | None = None
-    # n-gram only: earlier requests' outputs, up to this many tokens, as drafts (proposers.SuffixCache); 0: off
-    suffix_cache_tokens: int = 0
-    # A row whose verifies emit fewer tokens than a speculative step costs decodes plainly for a while
-    # (spec_backoff.SpecBackoff); False: every row speculates at every step.
-    backoff: bool = True
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        k = self.num_tokens
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_NUM_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be an integer in [1, {MAX_NUM_TOKENS}], got {k!r}")
-        if (self.method == "draft") != (self.draft is not None):
-            raise ValueError("a draft model source (draft=...) is needed with method 'draft', and only with it")
-        if not (isinstance(self.min_ngram, int) and isinstance(self.max_ngram, int) and 1 <= self.min_ngram <= self.max_ngram):
-            raise ValueError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
-        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
-                                           or self.max_batch < 1):
-            raise ValueError(f"speculative max_batch must be a positive integer, got {self.max_batch!r}")
-        cap = self.suffix_cache_tokens
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            raise ValueError(f"the speculative suffix cache size must be a whole number of tokens, got {cap!r}")
-        if cap and self.method != "ngram":
-            raise ValueError(f"the speculative suffix cache works with method 'ngram' only, not {self.method!r}")
-        if not isinstance(self.backoff, bool):
-            raise ValueError(f"speculative backoff must be true or false, got {self.backoff!r}")
-
-    @classmethod
-    def parse(cls, spec: str | None, num_tokens: int | None = None, suffix_cache_tokens: int | None = None,
-              backoff: bool | None = None) -> "SpeculativeConfig | None":
-        """From the CLI's `--speculative ngram|self-int4|draft:SRC`, `--num-speculative-tokens`,
-        `--speculative-suffix-cache` and `--[no-]speculative-backoff`."""
-        if not spec:
-            if num_tokens is not None:
-                raise ValueError("--num-speculative-tokens needs --speculative")
-            if suffix_cache_tokens is not None:
-                raise ValueError("--speculative-suffix-cache needs --speculative ngram")
-            if backoff is not None:
-                raise ValueError("--[no-]speculative-backoff needs --speculative")
-            return None
-        method, _, draft = spec.partition(":")
-        if method == "draft" and not draft:
-            raise ValueError("--speculative draft needs the draft model's source: draft:SRC")
-        options = {} if num_tokens is None else {"num_tokens": num_tokens}
-        if suffix_cache_tokens is not None:
-            options["suffix_cache_tokens"] = suffix_cache_tokens
-        if backoff is not None:
-            options["backoff"] = backoff
-        return cls(method, draft=draft or None, **options)
 
 
 @dataclass
@@ -198,7 +134,8 @@ class Speculator:
                 self.backoff.observe_empty(r)
         return None
 
-    def step(self, decoding: list[Request], proposal: Proposal, deltas: list[Delta]) -> None:
+    def step(self, decoding: list[Request], proposal: Proposal, deltas: list[Delta]) -> int:
+        """Verify the proposal, accept, emit; the verify's width in tokens a row."""
         logits = self.runner.verify(decoding, proposal.tokens).float()
         masks = self.constraints.verify_bitmasks(decoding, proposal.tokens, logits.shape[1])  # while verify runs
         emitted = accept(logits, decoding, proposal, self.runner.sampler, masks)
@@ -210,8 +147,9 @@ class Speculator:
             self.proposer.rollback(r, kept)
             self.stats.count(len(drafts), kept)
             if drafts:  # a row without drafts cost no verify of its own: nothing to learn
-                self.backoff.observe(r, kept)
+                self.backoff.observe(r, kept, width)
         self._emit(decoding, logits, emitted, deltas)
+        return width
 
     def finished(self, request: Request) -> None:
         """A request has ended: proposers that learn from earlier outputs keep its output."""
@@ -380,12 +318,13 @@ def make_speculator(settings, runner, draft_model, scheduler, constraints) -> Sp
     config = settings.speculative
     if config is None:
         return None
-    from .proposers import DraftProposer, NgramProposer, SuffixCache, check_draft
+    from .proposers import DraftProposer, NgramProposer, SuffixCache, check_draft, draft_lengths
 
     if config.method == "ngram":
         suffix = SuffixCache(config.suffix_cache_tokens, config.max_ngram, config.min_ngram) \
             if config.suffix_cache_tokens else None
-        proposer = NgramProposer(config.max_ngram, config.min_ngram, suffix)
+        drafts = draft_lengths(config.draft_by_match, fixed_width=runner.compiled_verify is not None)
+        proposer = NgramProposer(config.max_ngram, config.min_ngram, suffix, drafts)
     else:
         if draft_model is None:
             raise ValueError(f"speculative method {config.method!r} needs a draft model (LLM loads it)")
