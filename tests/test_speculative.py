@@ -5,6 +5,7 @@ bad input. The sampling-distribution test is in test_speculative_sampling.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -50,6 +51,10 @@ def target():
 
 
 def generate(model, prompts, params, spec=None, draft=None, max_batch=4, **options):
+    """The requests run to the end and the engine. Speculation at any batch the engine runs: the default
+    limit (MEASURED_MAX_BATCH, 2 rows on a CPU) has a test of its own."""
+    if spec is not None and spec.max_batch is None:
+        spec = dataclasses.replace(spec, max_batch=max_batch)
     engine = Engine(model, None, max_batch=max_batch, speculative=spec, draft_model=draft, **options)
     requests = [engine.add(p, params if isinstance(params, SamplingParams) else params[i]) for i, p in enumerate(prompts)]
     while engine.has_work():
@@ -93,8 +98,9 @@ def test_graph_verify_layout_equals_plain_past_window(target, traced):
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
     plain, _ = generate(target, prompts, params)
     # n-gram's draft lengths as a compiled verify has them (the engine is built eager, then made compiled)
-    ngram = SpeculativeConfig("ngram", 4, draft_by_match=(0,))
-    for spec, draft in ((ngram, None), (SpeculativeConfig("draft", 3, draft="x"), perturbed(target, 0.08, 3))):
+    ngram = SpeculativeConfig("ngram", 4, draft_by_match=(0,), max_batch=4)
+    drafted = SpeculativeConfig("draft", 3, draft="x", max_batch=4)
+    for spec, draft in ((ngram, None), (drafted, perturbed(target, 0.08, 3))):
         engine = Engine(target, None, max_batch=4, speculative=spec, draft_model=draft)
         runner, shapes = engine.runner, []
         runner.compiled = True  # power-of-two widths and kv_len buckets, as on a GPU
@@ -152,7 +158,8 @@ def test_compiled_draft_steps_equal_plain_past_window(target, monkeypatch, eager
     prompts = random_prompts((5, 23, 40, 9, 30), seed=31)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 12, 50, 7, 33)]
     plain, _ = generate(target, prompts, params)
-    spec = SpeculativeConfig("draft", 3, draft="x", backoff=False)  # a row resuming after a backoff is re-fed
+    # every row speculates, up to the engine's 4 rows (backoff off: a row resuming after one is re-fed)
+    spec = SpeculativeConfig("draft", 3, draft="x", backoff=False, max_batch=4)
     fast, engine = generate(target, prompts, params, spec, draft, compile=True)
     assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
     stats = engine.speculator.stats

@@ -36,8 +36,9 @@ from .spec_backoff import SpecBackoff
 # The largest batch measured to gain from speculation (a verify of k + 1 = 5 tokens against a decode step,
 # benchmarks/verify_cost.py). CUDA: an H100 at the 7B shape, 1.14x/1.09x/1.25x a step at b1/b8/b32, so
 # ~2.9 tokens a verify (n-gram, grounded prompts) still pay 2.3x at b32; above 32 is not measured.
-# CPU: the default model on 2 cores, 1.81x/2.07x/2.53x at b1/b2/b4: at b4, 2.9 tokens pay 1.15x.
-MEASURED_MAX_BATCH = {"cuda": 32, "cpu": 4}
+# CPU: the default model on 2 Zen 5 cores, n-gram end to end (benchmarks/spec_batch.py, 2026-12-07): grounded
+# prompts 1.32x/1.14x/1.01x/0.93x plain speed at b1/b2/b3/b4, open ones 1.01x/0.92x/0.86x/0.83x.
+MEASURED_MAX_BATCH = {"cuda": 32, "cpu": 2}
 
 
 @dataclass
