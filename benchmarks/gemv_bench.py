@@ -80,17 +80,14 @@ def kernel_table(reduction: bool) -> dict:
                           "int4"),
         "int4 triton": (lambda x, w, n: int4_rows_mm(x, w["int4h"][0], GROUP, w["int4h"][1], n), "int4h"),
         # What kernels.int4_mm does from CUDA_DEQUANT_ROWS rows on: the weight dequantized, then cuBLAS
-        "int4 dequant+cuBLAS": (lambda x, w, n: F.linear(x, dequantized(*w["int4"], x.shape[-1])[:n]), "int4"),
+        "int4 dequant+cuBLAS": (lambda x, w, n: F.linear(x, kernels.dense_int4(*w["int4"], GROUP, n, x.shape[-1])),
+                                "int4"),
     }
     if gemlite_mm.available():
         table["int4 gemlite"] = (lambda x, w, n: gemlite_mm.mm(x, *w["gemlite4"], GROUP, n), "gemlite4")
     if reduce is not None:
         table["int8 reduction"] = (lambda x, w, n: reduce(x, *w["int8"], "torch"), "int8")
     return table
-
-
-def dequantized(packed, scales_zeros, k: int):
-    return kernels.dequantize_tiles(packed, scales_zeros, GROUP, kernels.stored_rows(packed, scales_zeros), k)
 
 
 def weight_bytes(w: dict, fmt: str) -> int:

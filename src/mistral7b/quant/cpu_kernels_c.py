@@ -156,22 +156,20 @@ static void grid_tile(int64_t lo, int64_t hi, const uint8_t *w, int64_t wrow, in
         return;
     }
 #endif
+// A verify's rows (5 to 8, constant shapes: accumulators in registers) against R weight rows at j.
+#define VERIFY_GRID(R) switch (rows) {                                          \
+        case 8: GRID(R, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;      \
+        case 7: GRID(R, 7, AT(j), qx, k, dx, dxp, sx, out + j, n); break;      \
+        case 6: GRID(R, 6, AT(j), qx, k, dx, dxp, sx, out + j, n); break;      \
+        default: GRID(R, 5, AT(j), qx, k, dx, dxp, sx, out + j, n);            \
+    }
     if (rows > 4 && rows <= 8) {
         int64_t j = lo;
-        for (; j + VERIFY_ROWS <= hi; j += VERIFY_ROWS) switch (rows) {  // constant shapes: registers
-                case 8: GRID(VERIFY_ROWS, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
-                case 7: GRID(VERIFY_ROWS, 7, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
-                case 6: GRID(VERIFY_ROWS, 6, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
-                default: GRID(VERIFY_ROWS, 5, AT(j), qx, k, dx, dxp, sx, out + j, n);
-            }
-        for (; j < hi; j++) switch (rows) {
-                case 8: GRID(1, 8, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
-                case 7: GRID(1, 7, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
-                case 6: GRID(1, 6, AT(j), qx, k, dx, dxp, sx, out + j, n); break;
-                default: GRID(1, 5, AT(j), qx, k, dx, dxp, sx, out + j, n);
-            }
+        for (; j + VERIFY_ROWS <= hi; j += VERIFY_ROWS) VERIFY_GRID(VERIFY_ROWS)
+        for (; j < hi; j++) VERIFY_GRID(1)
         return;
     }
+#undef VERIFY_GRID
     for (int64_t s = 0; s < rows; s += 4) {
         const int S = rows - s < 4 ? (int)(rows - s) : 4;
         const int8_t *xs = qx + s * k;

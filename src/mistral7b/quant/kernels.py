@@ -244,10 +244,10 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
     if invariant and x.is_cuda:
         if is_halves(packed):
             return int4_rows_mm(x2.contiguous(), packed, group_size, scales_zeros, n, True).view(*shape[:-1], n)
-        w = dequantize_tiles(packed, scales_zeros, group_size, stored_rows(packed, scales_zeros), shape[-1])[:n]
+        w = dense_int4(packed, scales_zeros, group_size, n, shape[-1])
         return invariant_linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     if x.is_cuda and x2.shape[0] >= CUDA_DEQUANT_ROWS:
-        w = dequantize_tiles(packed, scales_zeros, group_size, stored_rows(packed, scales_zeros), shape[-1])[:n]
+        w = dense_int4(packed, scales_zeros, group_size, n, shape[-1])
         return F.linear(x2.to(torch.bfloat16), w).to(x.dtype).view(*shape[:-1], n)
     if is_gemlite(packed):
         return gemlite_mm.mm(x2, packed, scales_zeros, group_size, n).view(*shape[:-1], n)
@@ -271,6 +271,11 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_zeros: Tensor, n:
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out.view(*shape[:-1], n)
+
+
+def dense_int4(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int, k: int) -> Tensor:
+    """The bf16 weight [n, K] of a CUDA-packed int4 weight of n output rows (its padding rows cut)."""
+    return dequantize_tiles(packed, scales_zeros, group_size, stored_rows(packed, scales_zeros), k)[:n]
 
 
 def dequantize_tiles(packed: Tensor, scales_zeros: Tensor, group_size: int, n: int, k: int) -> Tensor:

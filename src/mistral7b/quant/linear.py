@@ -209,9 +209,8 @@ class Int4Linear(QuantModule):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if self.target.type != "cuda":
             return super().dequantize(dtype)
-        rows = kernels.stored_rows(self.packed, self.scales_zeros)
-        w = kernels.dequantize_tiles(self.packed, self.scales_zeros, self.group_size, rows, self.in_features)
-        return unpermute(w[: self.out_features], self.in_perm).to(dtype)
+        w = kernels.dense_int4(self.packed, self.scales_zeros, self.group_size, self.out_features, self.in_features)
+        return unpermute(w, self.in_perm).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.permute_input(x)
