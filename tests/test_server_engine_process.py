@@ -42,12 +42,16 @@ ENGINE = {"max_batch": MAX_BATCH, "prefix_cache_gib": 0.01, "prefix_block_size":
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_checkpoint(folder, max_positions: int = 256):
+    """A random tiny Mistral saved as an HF folder with a trained byte-level tokenizer."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny")
     vocab = train_tokenizer_json(folder, "bytelevel").get_vocab_size()
     config = MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=256,
+                           num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=max_positions,
                            sliding_window=None, attn_implementation="eager")
     seed = int(torch.randint(0, 2**31, ()))
     randomize_(MistralForCausalLM(config).float().eval(), torch.Generator().manual_seed(seed)).save_pretrained(folder)

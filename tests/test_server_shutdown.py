@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from test_server_engine_process import _engine_pid, _events, _free_port, _health, _until  # noqa: E402
-from test_server_engine_process import checkpoint  # noqa: E402,F401 (a fixture)
+from test_server_engine_process import checkpoint, tiny_checkpoint  # noqa: E402,F401 (a fixture)
 
 from mistral7b.llm import LLM  # noqa: E402
 from mistral7b.server import EngineDriver, ServerThread, build_app  # noqa: E402
@@ -139,13 +139,20 @@ def test_model_routes_retrieve_and_cut_unknown_names(engine_driver):
             assert f"'{'m' * 100}... (900000 characters)'" in error["message"] and MODEL in error["message"]
 
 
-@pytest.mark.parametrize("sig, timeout, max_tokens", [(signal.SIGTERM, "30", 200), (signal.SIGINT, "0", 200)])
-def test_signal_to_the_process_group_drains_and_exits_0(checkpoint, sig, timeout, max_tokens):  # noqa: F811
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """Room for streams that outlast the signal: on a fast CPU (Zen 5) the tiny model's 200 tokens could end
+    before it, so that /health never showed 2 running, or a stream finished where shutdown should cut it."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), max_positions=4096)
+
+
+@pytest.mark.parametrize("sig, timeout, max_tokens", [(signal.SIGTERM, "30", 2000), (signal.SIGINT, "0", 2000)])
+def test_signal_to_the_process_group_drains_and_exits_0(long_checkpoint, sig, timeout, max_tokens):
     """`mistral7b serve` with its engine process: both get the signal. With time to finish, every stream
     ends with its whole answer; with none, with an error event; then [DONE], exit 0, no engine left."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "mistral7b.cli", "serve", "--model", str(checkpoint), "--device", "cpu",
+    command = [sys.executable, "-m", "mistral7b.cli", "serve", "--model", str(long_checkpoint), "--device", "cpu",
                "--port", str(port), "--max-batch", "2", "--log-level", "warning", "--shutdown-timeout", timeout]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -154,7 +161,7 @@ def test_signal_to_the_process_group_drains_and_exits_0(checkpoint, sig, timeout
         with httpx.Client(base_url=url, timeout=60) as c:
             _until(lambda: _health(c) == 200, timeout=120)
             engine = _engine_pid(proc.pid)
-            results, model = [], checkpoint.name
+            results, model = [], long_checkpoint.name
             streams = [threading.Thread(target=lambda: results.append(_stream(url, max_tokens, model)))
                        for _ in range(2)]
             for t in streams:
