@@ -10,7 +10,7 @@ import pytest
 
 from mistral7b import SamplingParams
 from mistral7b.engine import SpeculativeConfig
-from mistral7b.engine.spec_backoff import (LONE_SAMPLES, MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST,
+from mistral7b.engine.spec_backoff import (CONFIDENT_GAIN, GLOBAL_SMOOTHING, LONE_SAMPLES, MAX_SKIP, MIN_SKIP, PRIOR_DRAFT_STEP_COST, PRIOR_VERIFY_COST,
                                            REPROBE_STEPS, SMOOTHING, SpecBackoff)
 
 from test_speculative import generate, perturbed, random_prompts, tiny
@@ -291,6 +291,24 @@ def test_ngram_rows_without_a_match_sleep_where_lone_steps_cost_two(monkeypatch)
         assert sleeping.wakes >= 1  # a probe found a match in a sleeping row's tokens
 
 
+def test_backed_off_ngram_rows_wake_on_a_confident_match_and_the_output_stays_plain(monkeypatch):
+    """In the engine: n-gram rows whose verifies lose back off, and the lookup before each step wakes a
+    row whose match is of a length that pays (here: 2 tokens or more), in a batch of two where the other
+    row may still be speculating. The tokens equal plain decoding's."""
+    target = tiny(seed=1)
+    prompts = random_prompts((7, 19, 33), seed=9)
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    plain, _ = generate(target, prompts, params, max_batch=2)
+    monkeypatch.setattr(SpecBackoff, "break_even_at", lambda self, width: 2.5)  # a verify must keep 2 drafts
+    probed = []
+    monkeypatch.setattr(SpecBackoff, "confident", lambda self, match: probed.append(match) or match >= 2)
+    out, engine = generate(target, prompts, params, SpeculativeConfig("ngram", 3), max_batch=2)
+    assert [r.output_ids for r in out] == [r.output_ids for r in plain]
+    backoff = engine.speculator.backoff
+    assert backoff.backoffs > 0 and backoff.wakes > 0 and backoff.sleeps == 0
+    assert 0 in probed and any(m >= 2 for m in probed)  # rows probed without a match and with one
+
+
 def test_a_row_sleeps_only_where_the_proposer_probes_and_lone_steps_cost():
     """Sleeping (`probes`) replaces the lone step's score; without probes the lone step is scored as before;
     a seeded row neither sleeps nor backs off; a woken row speculates again."""
@@ -306,10 +324,50 @@ def test_a_row_sleeps_only_where_the_proposer_probes_and_lone_steps_cost():
             policy.observe_empty(seeded)
         assert not policy.speculating(r) and policy.speculating(seeded)
         assert (policy.sleeps > 0, policy.backoffs > 0) == (probes, not probes)
-        assert policy.asleep([r, seeded]) == ([r] if probes else [])
-        if probes:
-            policy.wake(r)
-            assert policy.speculating(r) and policy.wakes == 1
+        assert policy.waiting([r, seeded]) == [r]  # asleep, or backed off
+        assert policy.rows[r].asleep == probes
+        policy.probe(r, 0)  # no draft: it sleeps on
+        assert not policy.speculating(r)
+        policy.probe(r, 1)  # a draft wakes a sleeping row; a backed-off one waits for a match that pays
+        assert policy.speculating(r) == probes and policy.wakes == probes
+
+
+def test_a_backed_off_row_wakes_for_a_match_whose_drafts_pay_over_every_row():
+    """Attempts are also scored by the n-gram match that drafted them, over every row: a row that backed off
+    after weak guesses speculates again when a probe finds a match of a length that gains clearly, and
+    not for one that does not (nor one that was never tried)."""
+    policy = SpecBackoff("cpu", 4, False, probes=True)
+    policy.time_plain(0.010)
+    policy.time_speculative(0.012, width=2)
+    policy.time_speculative(0.015, width=5)
+    others = [row(f"o{i}") for i in range(3)]
+    for r in others:
+        policy.observe(r, 3, 5, match=3)  # 4 tokens for 1.5 steps: +2.5 each
+        policy.observe(r, 0, 2, match=1)  # 1 token for 1.2 steps: -0.2 each
+    three = 2.5
+    one = -0.2
+    assert policy.gain_by_match[3] == pytest.approx(three) and policy.gain_by_match[1] == pytest.approx(one)
+    policy.observe(others[0], 1, 5, match=3)  # 2 tokens for 1.5: +0.5, a running mean over every row
+    assert policy.gain_by_match[3] == pytest.approx(three + GLOBAL_SMOOTHING * (0.5 - three))
+    assert policy.confident(3) and not policy.confident(1) and not policy.confident(2)
+    weak = row("weak")
+    while policy.speculating(weak):
+        policy.observe(weak, 0, 5, match=1)
+    assert policy.waiting([weak, *others]) == [weak]
+    for match in (0, 1, 2):
+        policy.probe(weak, match)
+        assert not policy.speculating(weak)
+    policy.probe(weak, 3)
+    assert policy.speculating(weak) and policy.wakes == 1
+    policy.gain_by_match[3] = CONFIDENT_GAIN - 0.01  # just short of clearly paying: no wake
+    while policy.speculating(weak):
+        policy.observe(weak, 0, 5, match=1)
+    policy.probe(weak, 3)
+    assert not policy.speculating(weak)
+    seeded = row("seeded")
+    seeded.params = SimpleNamespace(seed=1)
+    policy.observe(seeded, 0, 5, match=4)  # a seeded row's attempts teach nothing: it never backs off
+    assert 4 not in policy.gain_by_match
 
 
 def test_seeded_rows_never_back_off():

@@ -133,22 +133,24 @@ class NgramProposer:
         self.contexts: weakref.WeakKeyDictionary[Request, TokenArray] = weakref.WeakKeyDictionary()
 
     def propose(self, requests: list[Request], caps: list[int], sampler: SamplerBatch) -> Proposal:
-        tokens = []
-        for r, cap in zip(requests, caps):
-            if cap < 1:
-                tokens.append([])
-                continue
-            context = self.contexts.setdefault(r, TokenArray()).of(r)
-            n, draft = ngram_match(context, cap, self.max_n, self.min_n)
-            if self.suffix is not None and n < self.max_n:  # the longer match of the two
-                other = self.suffix.match(context[-self.max_n :].tolist(), cap)
-                n, draft = max((n, draft), other, key=lambda match: match[0])
-            tokens.append(draft[: self.draft_by_match[n - 1]] if 0 < n <= len(self.draft_by_match) else draft)
-        return Proposal(tokens, [None] * len(requests))
+        drafts = [self._draft(r, cap) if cap > 0 else (0, []) for r, cap in zip(requests, caps)]
+        return Proposal([draft for _, draft in drafts], [None] * len(requests), [n for n, _ in drafts])
 
-    def has_draft(self, request: Request) -> bool:
-        """Whether a proposal now would hold a token (`SpecBackoff.probes`): a lookup, no device work."""
-        return bool(self.propose([request], [1], None).tokens[0])
+    def match_length(self, request: Request) -> int:
+        """The length of the match a proposal now would draft from (0: no draft), for `SpecBackoff.probe`:
+        a lookup, no device work."""
+        return self._draft(request, 1)[0]
+
+    def _draft(self, request: Request, cap: int) -> tuple[int, list[int]]:
+        """The match's length and the draft, cut to `draft_by_match` ((0, []) without one)."""
+        context = self.contexts.setdefault(request, TokenArray()).of(request)
+        n, draft = ngram_match(context, cap, self.max_n, self.min_n)
+        if self.suffix is not None and n < self.max_n:  # the longer match of the two
+            other = self.suffix.match(context[-self.max_n :].tolist(), cap)
+            n, draft = max((n, draft), other, key=lambda match: match[0])
+        if 0 < n <= len(self.draft_by_match):
+            draft = draft[: self.draft_by_match[n - 1]]
+        return (n, draft) if draft else (0, [])
 
     def rollback(self, request: Request, kept: int) -> None:
         pass

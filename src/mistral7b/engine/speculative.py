@@ -76,10 +76,12 @@ class SpecStats:
 
 @dataclass
 class Proposal:
-    """Per row: the draft tokens, and for a model draft the distributions q [len, vocab] they came from."""
+    """Per row: the draft tokens, and for a model draft the distributions q [len, vocab] they came from;
+    for n-gram's, the length of the match that found them (`SpecBackoff.gain_by_match`)."""
 
     tokens: list[list[int]]
     q: list[torch.Tensor | None]
+    matches: list[int] | None = None
 
 
 class Speculator:
@@ -94,13 +96,16 @@ class Speculator:
 
     def _new_backoff(self, enabled: bool) -> SpecBackoff:
         return SpecBackoff(self.runner.device.type, self.config.num_tokens, self.config.method != "ngram", enabled,
-                           probes=hasattr(self.proposer, "has_draft"))
+                           probes=hasattr(self.proposer, "match_length"))
 
     def probe(self, requests: list[Request]) -> None:
-        """After plain steps were read: wake each sleeping row whose proposer now finds a draft."""
-        for r in self.backoff.asleep(requests):
-            if not r.finished and self.proposer.has_draft(r):
-                self.backoff.wake(r)
+        """Before a step proposes and after plain steps were read: each row that waits hears what its
+        proposer's lookup finds now (`SpecBackoff.probe`)."""
+        match_length = getattr(self.proposer, "match_length", None)  # a draft model has no cheap lookup
+        if match_length is not None:
+            for r in self.backoff.waiting(requests):
+                if not r.finished:
+                    self.backoff.probe(r, match_length(r))
 
     def active(self, decoding: list[Request]) -> bool:
         """Whether this step speculates: the batch is small enough and some row has not backed off."""
@@ -123,6 +128,7 @@ class Speculator:
         row by its one token, cheaper than a verify (n-gram on open chat proposes at 1 step in 10: 0.95x
         plain speed when those steps ran as verifies, default model on a 2-core CPU), and each row that
         wanted a draft scores that step (`SpecBackoff.observe_empty`)."""
+        self.probe(decoding)
         caps = [self._cap(r) for r in decoding]
         proposal = self.proposer.propose(decoding, caps, self.runner.sampler)
         within_grammar(decoding, proposal)
@@ -144,11 +150,12 @@ class Speculator:
         kept_rows = [len(tokens) - 1 for tokens in emitted]  # draft tokens accepted
         starts = [r.position + 1 + kept for r, kept in zip(decoding, kept_rows)]
         self.runner.cache.forget_rows([r.row for r in decoding], starts, [r.position + width for r in decoding])
-        for r, drafts, kept in zip(decoding, proposal.tokens, kept_rows):
+        matches = proposal.matches or [0] * len(decoding)
+        for r, drafts, kept, match in zip(decoding, proposal.tokens, kept_rows, matches):
             self.proposer.rollback(r, kept)
             self.stats.count(len(drafts), kept)
             if drafts:  # a row without drafts cost no verify of its own: nothing to learn
-                self.backoff.observe(r, kept, width)
+                self.backoff.observe(r, kept, width, match)
         self._emit(decoding, logits, emitted, deltas)
         return width
 
