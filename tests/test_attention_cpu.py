@@ -3,6 +3,7 @@ the property it exists for: a token's output depends only on the keys it sees, n
 the other tokens of the call or the other rows."""
 
 import math
+from dataclasses import dataclass
 import subprocess
 import sys
 
@@ -15,9 +16,28 @@ from mistral7b.native import cpu_variant
 VARIANTS = {"vnni": ["portable", "avx2", "vnni"], "avx2": ["portable", "avx2"], "portable": ["portable"]}[cpu_variant()]
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
-def lib(request):
-    return attention_cpu.open_variant(request.param)
+@dataclass
+class Kernel:
+    """One variant's library for keys and values of one dtype; called as slot_attention with float32 k and v
+    (a float16 library gets them converted, as a float16 cache holds them)."""
+
+    lib: object
+    kv_dtype: torch.dtype
+
+    def __call__(self, q, k, v, q_pos, k_pos, window, order=None):
+        k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+        return attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window, order, lib=self.lib)
+
+    def held(self, t):
+        """`t` as the cache holds it, in float32: what the reference must attend over."""
+        return t.to(self.kv_dtype).float()
+
+
+@pytest.fixture(scope="module", params=[(v, d) for v in VARIANTS for d in attention_cpu.KV_DTYPES],
+                ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
+def kernel(request):
+    variant, kv_dtype = request.param
+    return Kernel(attention_cpu.open_variant(variant, kv_dtype), kv_dtype)
 
 
 def reference(q, k, v, q_pos, k_pos, window):
@@ -52,18 +72,18 @@ def case(batch, heads, kv_heads, tokens, slots, dim, gen):
 @pytest.mark.parametrize("dim", [16, 64, 72, 128])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("group", [4, 3, 2, 1, 5])  # query heads a KV head: 5 takes the head-by-head loops
-def test_matches_reference(lib, dim, window, group):
+def test_matches_reference(kernel, dim, window, group):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     q, k, v, q_pos, k_pos = case(3, 2 * group, 2, 4, 37, dim, gen)
     q_pos[1, 2] = -1  # an idle query: zeros
-    got = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, window, lib=lib)
-    want = reference(q, k, v, q_pos, k_pos, window)
+    got = kernel(q, k, v, q_pos, k_pos, window)
+    want = reference(q, kernel.held(k), kernel.held(v), q_pos, k_pos, window)
     assert got.dtype == torch.float32 and got.shape == q.shape
     assert torch.allclose(got.double(), want, atol=2e-6, rtol=1e-5)
     assert torch.equal(got[1, :, 2], torch.zeros_like(got[1, :, 2]))
 
 
-def test_order_reads_the_listed_slots_in_turn(lib):
+def test_order_reads_the_listed_slots_in_turn(kernel):
     """With `order`, token t reads the slots order[b, t] lists (up to -1): the result is attention over those
     keys gathered, in that order."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -73,17 +93,17 @@ def test_order_reads_the_listed_slots_in_turn(lib):
         for t in range(3):
             chosen = torch.randperm(20, generator=gen)[: 5 + 4 * t]
             order[b, t, : len(chosen)] = chosen.int()
-    got = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, None, order, lib=lib)
+    got = kernel(q, k, v, q_pos, k_pos, None, order)
     for b in range(2):
         for t in range(3):
             idx = order[b, t][order[b, t] >= 0].long()
-            alone = attention_cpu.slot_attention(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, idx], v[b : b + 1, :, idx],
-                                                 q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, idx], None, lib=lib)
+            alone = kernel(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, idx], v[b : b + 1, :, idx],
+                                                 q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, idx], None)
             assert torch.equal(got[b, :, t], alone[0, :, 0])
 
 
 @pytest.mark.parametrize("dim", [64, 40])
-def test_a_token_is_computed_as_alone_whatever_surrounds_it(lib, dim):
+def test_a_token_is_computed_as_alone_whatever_surrounds_it(kernel, dim):
     """Bit for bit: each (row, token) of a batched call of several tokens equals a call of that row and token
     alone over only the slots up to its own position, and the invisible slots beyond change nothing."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -94,42 +114,57 @@ def test_a_token_is_computed_as_alone_whatever_surrounds_it(lib, dim):
     starts = torch.randint(20, slots - tokens, (batch,), generator=gen)
     k_pos[k_pos >= (starts + tokens)[:, None]] = -1
     q_pos = starts[:, None] + torch.arange(tokens)
-    together = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 64, lib=lib)
+    together = kernel(q, k, v, q_pos, k_pos, 64)
     for b in range(batch):
         for t in range(tokens):
             n = int(q_pos[b, t]) + 1
-            alone = attention_cpu.slot_attention(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
-                                                 q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, :n], 64, lib=lib)
+            alone = kernel(q[b : b + 1, :, t : t + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
+                                                 q_pos[b : b + 1, t : t + 1], k_pos[b : b + 1, :n], 64)
             assert torch.equal(together[b, :, t], alone[0, :, 0]), (b, t)
 
 
 @pytest.mark.parametrize("group, dim", [(4, 128), (3, 64), (2, 64), (5, 64)])
-def test_heads_computed_together_equal_each_head_alone(lib, group, dim):
+def test_heads_computed_together_equal_each_head_alone(kernel, group, dim):
     """A KV head's query heads share each key and value row read (up to 4 at once); every head's sums stay
     its own: the same bits as the head attending alone."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     q, k, v, q_pos, k_pos = case(2, 2 * group, 2, 3, 45, dim, gen)
-    together = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 20, lib=lib)
+    together = kernel(q, k, v, q_pos, k_pos, 20)
     for h in range(2 * group):
         g = slice(h // group, h // group + 1)
-        alone = attention_cpu.slot_attention(q[:, h : h + 1], k[:, g], v[:, g], q_pos, k_pos, 20, lib=lib)
+        alone = kernel(q[:, h : h + 1], k[:, g], v[:, g], q_pos, k_pos, 20)
         assert torch.equal(together[:, h : h + 1], alone), h
 
 
-def test_threads_and_the_pool_change_no_bit(lib):
+def test_threads_and_the_pool_change_no_bit(kernel):
     """The (row, token, KV head) tiles split over 1, 2 or 3 threads of `cpu_pool`, or run without the pool,
     give the same bits, and every tile ran (no output left unwritten)."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     q, k, v, q_pos, k_pos = case(3, 8, 2, 5, 150, 64, gen)
-    run = lambda: attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 64, lib=lib)  # noqa: E731
+    run = lambda: kernel(q, k, v, q_pos, k_pos, 64)  # noqa: E731
     results = [cpu_pool.decode_threads(run, threads)() for threads in (1, 2, 3)]
-    lib.m7b_use_pool(None)  # the kernels' fallback: every tile on the calling thread
+    kernel.lib.m7b_use_pool(None)  # the kernels' fallback: every tile on the calling thread
     try:
         results.append(run())
     finally:
-        cpu_pool.attach(lib)
+        cpu_pool.attach(kernel.lib)
     assert all(torch.equal(r, results[0]) for r in results[1:])
-    assert torch.allclose(results[0].double(), reference(q, k, v, q_pos, k_pos, 64), atol=2e-6, rtol=1e-5)
+    assert torch.allclose(results[0].double(), reference(q, kernel.held(k), kernel.held(v), q_pos, k_pos, 64), atol=2e-6, rtol=1e-5)
+
+
+def test_float16_keys_and_values_take_their_own_library():
+    """A float16 cache's keys and values go to the library built for them (this CPU's variant). Widening a
+    half is exact, so it gives the float32 library's bits over the same values; bfloat16 is not taken."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v, q_pos, k_pos = case(2, 8, 2, 3, 60, 64, gen)
+    k, v = k.half(), v.half()
+    assert attention_cpu.supports(q, k, v) and not attention_cpu.supports(q, k.bfloat16(), v.bfloat16())
+    assert not attention_cpu.supports(q.half(), k, v)
+    got = attention_cpu.slot_attention(q, k, v, q_pos, k_pos, 16)
+    mine = Kernel(attention_cpu.open_variant(cpu_variant(), torch.float16), torch.float16)
+    assert torch.equal(got, mine(q, k, v, q_pos, k_pos, 16))
+    wide = attention_cpu.slot_attention(q, k.float(), v.float(), q_pos, k_pos, 16)
+    assert torch.equal(got, wide)
 
 
 def test_switch_off_keeps_sdpa(monkeypatch):

@@ -630,3 +630,23 @@ def test_compile_flag_reaches_the_engine_config(monkeypatch, flag, want):
         load_llm(cli.build_parser().parse_args([*command, "--device", "cpu", *flag]))
     assert [config.compile for config in seen] == [want, want]
     assert cli.build_parser().parse_args(["serve", *flag]).compile is want
+
+
+@pytest.mark.parametrize("flag, want", [([], "auto"), (["--kv-cache-dtype", "float16"], "float16")])
+def test_kv_cache_dtype_flag_reaches_the_engine_config(monkeypatch, flag, want):
+    """generate and chat build their engine with --kv-cache-dtype; serve and bench read it; its choices are
+    the engine's."""
+    from mistral7b import cli, llm
+    from mistral7b.cli.common import KV_CACHE_DTYPES, load_llm
+    from mistral7b.engine import config
+
+    seen = []
+    monkeypatch.setattr(llm, "LLM", lambda *a, engine_config=None, **k: seen.append(engine_config))
+    for command in (["generate", "hi"], ["chat"]):
+        load_llm(cli.build_parser().parse_args([*command, "--device", "cpu", *flag]))
+    assert [c.kv_cache_dtype for c in seen] == [want, want]
+    for command in ("serve", "bench"):
+        assert cli.build_parser().parse_args([command, *flag]).kv_cache_dtype == want
+    assert KV_CACHE_DTYPES == config.KV_CACHE_DTYPES
+    assert not _parses(["generate", "hi", "--kv-cache-dtype", "bfloat16"])[0]
+

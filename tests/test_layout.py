@@ -112,8 +112,8 @@ def _code_strings(path: Path) -> list[str]:
 
 
 # gguf_reader is here because the tokenizer (a GGUF's vocabulary) and loading/ (its tensors) share one reader
-CORE = {"config", "utils", "weights", "model", "attention", "attention_cpu", "cpu_fused", "cpu_pool", "native", "flash_decode", "cache",
-        "gguf_reader"}
+CORE = {"config", "utils", "weights", "model", "attention", "attention_cpu", "attention_cpu_c", "cpu_fused", "cpu_pool",
+        "native", "flash_decode", "cache", "gguf_reader"}
 
 
 def test_lower_layers_never_import_upward():

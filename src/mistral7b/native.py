@@ -22,6 +22,18 @@ from .utils import cache_dir
 # 151 calls a compiled decode step.
 _OPS = torch.library.Library("mistral7b", "FRAGMENT")
 
+# C: an IEEE half float's value (after <math.h>, <stdint.h> and, where AVX2 is built, <immintrin.h>).
+HALF_TO_FLOAT = r"""static inline float h2f(uint16_t h) {
+#if defined(M7B_AVX2) || defined(M7B_VNNI)
+    return _cvtsh_ss(h);
+#else  // exact through ldexpf; the all-ones exponent is inf or nan
+    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float v = exp == 0x1f ? (man ? NAN : INFINITY) : ldexpf((float)(exp ? man | 0x400 : man), (exp ? exp : 1) - 25);
+    return h & 0x8000 ? -v : v;
+#endif
+}
+"""
+
 VARIANT_FLAGS = {
     "vnni": ["-DM7B_VNNI", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
     "avx2": ["-DM7B_AVX2", "-mavx2", "-mfma", "-mf16c"],

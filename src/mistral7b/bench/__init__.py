@@ -150,8 +150,10 @@ def with_config(model: Transformer, config: ModelConfig) -> Transformer:
 
 
 def engine_config(args, **fields) -> EngineConfig:
-    """EngineConfig(**fields) with --batch-invariant's setting (None: the device's default)."""
-    return EngineConfig(batch_invariant=getattr(args, "batch_invariant", None), **fields)
+    """EngineConfig(**fields) with --batch-invariant's setting (None: the device's default) and
+    --kv-cache-dtype's."""
+    return EngineConfig(batch_invariant=getattr(args, "batch_invariant", None),
+                        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), **fields)
 
 
 def random_prompts(n, length, vocab, seed=0):

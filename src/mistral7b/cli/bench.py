@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_batch_invariant_option, add_quantize_options, add_speculative_options
+from .common import add_batch_invariant_option, add_kv_cache_dtype_option, add_quantize_options, add_speculative_options
 
 DECODE_KERNELS = ("flash", "sdpa", "reduction")  # mistral7b.attention.DECODE_KERNELS (a test checks), without torch
 
@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "into the table's 'best peer' column")
     add_speculative_options(p)  # the decode section again through a speculative engine (mistral7b.bench.speculative)
     add_batch_invariant_option(p)  # every engine of our sections
+    add_kv_cache_dtype_option(p)
 
 
 def peer_of(args):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_compile_option, add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, one_line, sampling_params
+from .common import add_kv_cache_dtype_option, add_compile_option, add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, one_line, sampling_params
 
 NAME = "chat"
 HELP = "interactive multi-turn chat"
@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quantize_options(p)
     add_speculative_options(p)
     add_compile_option(p)
+    add_kv_cache_dtype_option(p)
 
 
 class Session:

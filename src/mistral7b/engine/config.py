@@ -82,6 +82,9 @@ class SpeculativeConfig:
         return cls(method, draft=draft or None, **options)
 
 
+KV_CACHE_DTYPES = ("auto", "float16")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 8  # sequences decoded together, one preallocated cache row each
@@ -100,6 +103,9 @@ class EngineConfig:
     batch_invariant: bool | None = None
     max_loras: int = 4  # LoRA adapters loaded at once (engine/adapters.py); their slots are made on the first load
     max_lora_rank: int = 16  # the largest adapter rank those slots hold
+    # The KV cache's dtype: "auto", the model's; "float16" on a CPU, half the bytes a decode step reads from
+    # the cache (llama.cpp's default), which bound a step past a few hundred positions: ModelRunner.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -118,6 +124,8 @@ class EngineConfig:
         block = self.prefix_block_size
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"prefix_block_size must be a positive integer, got {block!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ValueError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 

@@ -43,7 +43,8 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         batch_invariant.configure(model, param.device, s.batch_invariant)  # before the decode step compiles
         spare = s.speculative.num_tokens if s.speculative is not None else 0
-        self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare)
+        self.runner = ModelRunner(model, s.max_batch, s.max_seq_len, s.compile, spare_slots=spare,
+                                  kv_cache_dtype=s.kv_cache_dtype)
         self.prefix = self._prefix_cache(s)
         self.output = OutputProcessor(tokenizer)
         self.scheduler = Scheduler(s.max_batch, s.chunk_size, s.prefill_budget, self.prefix, s.batch_invariant,

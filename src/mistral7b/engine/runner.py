@@ -105,14 +105,27 @@ class RunnableModel(Protocol):
     def compile_decode(self, cache: KVCache, mode: str | None = None) -> Callable[..., torch.Tensor]: ...
 
 
+def cache_dtype_of(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """EngineConfig.kv_cache_dtype as a torch dtype: "auto" the model's; "float16" on a CPU only, where the
+    attention kernel reads half keys and values (attention_cpu). A GPU's cache keeps its model's 16 bits."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype} is for a CPU; on {device.type} the cache keeps the "
+                         f"model's dtype (leave it auto)")
+    return getattr(torch, kv_cache_dtype)
+
+
 class ModelRunner:
     def __init__(self, model: RunnableModel, max_batch: int, max_seq_len: int | None, compile: bool,
-                 spare_slots: int = 0):
-        """`spare_slots`: cache slots beyond each layer's window for speculative verifies (speculative.py)."""
+                 spare_slots: int = 0, kv_cache_dtype: str = "auto"):
+        """`spare_slots`: cache slots beyond each layer's window for speculative verifies (speculative.py);
+        `kv_cache_dtype`: EngineConfig's."""
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.max_batch = max_batch
-        self.cache = model.new_cache(max_batch, self.device, self.dtype, max_seq_len, spare_slots)
+        cache_dtype = cache_dtype_of(kv_cache_dtype, self.dtype, self.device)
+        self.cache = model.new_cache(max_batch, self.device, cache_dtype, max_seq_len, spare_slots)
         self.sampler = SamplerBatch(max_batch, model.config.vocab_size, self.device)
         # Each cache row's LoRA slot, on the device: a forward gathers its rows' slots without a host sync.
         self.row_slots = torch.zeros(max_batch, dtype=torch.long, device=self.device)

@@ -3,6 +3,7 @@ quantization, the portable dot products, the tiles and the entry point; the vect
 `cpu_kernels_simd`, the threads from `cpu_pool`."""
 
 from ..cpu_pool import CLIENT
+from ..native import HALF_TO_FLOAT
 from .cpu_kernels_simd import GRIDS
 
 DOTS = r"""// Quantized weights x int8-quantized activations on the CPU: llama.cpp's q4_1 x q8_0 dot product.
@@ -28,16 +29,7 @@ DOTS = r"""// Quantized weights x int8-quantized activations on the CPU: llama.c
 #define QK 32
 
 // Block scales and offsets are IEEE half floats, as GGUF stores them: 2 bytes each per 32 weights.
-static inline float h2f(uint16_t h) {
-#if defined(M7B_AVX2) || defined(M7B_VNNI)
-    return _cvtsh_ss(h);
-#else  // exact through ldexpf; the all-ones exponent is inf or nan
-    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    float v = exp == 0x1f ? (man ? NAN : INFINITY) : ldexpf((float)(exp ? man | 0x400 : man), (exp ? exp : 1) - 25);
-    return h & 0x8000 ? -v : v;
-#endif
-}
-
+""" + HALF_TO_FLOAT + r"""
 int m7b_abi(void) { return 6; }
 
 // `paired` (AVX2, 4-bit weights): blocks 2p and 2p + 1 interleave as q4_pair_dot reads them, halves of 16
