@@ -49,10 +49,11 @@ from dataclasses import dataclass
 
 from .request import Request
 
-# Until measured: a verify of 5 tokens costs 1.14 decode steps on an H100 at the 7B shape and 1.81 on the
-# default model's 2-core CPU (benchmarks/verify_cost.py; see speculative.MEASURED_MAX_BATCH). A draft
-# model adds its own steps: an int4 step of a 16-bit target's shape reads about a third of its bytes.
-PRIOR_VERIFY_COST = {"cuda": 1.14, "cpu": 1.81}
+# Until measured: a verify of 5 tokens costs 1.23 decode steps on an H100 at the 7B shape (batch 1 and 8,
+# 2026-12-07) and 1.51-1.81 on the default model's 2-core CPUs (Zen 5 with VNNI, Zen 3 with AVX2)
+# (benchmarks/verify_cost.py; see speculative.MEASURED_MAX_BATCH). A draft model adds its own steps: an
+# int4 step of a 16-bit target's shape reads about a third of its bytes.
+PRIOR_VERIFY_COST = {"cuda": 1.23, "cpu": 1.81}
 PRIOR_DRAFT_STEP_COST = 0.35
 PRIOR_LONE_COST = 1.0  # a lone step's, until measured: no verdict on a row that finds no draft
 LONE_SAMPLES = 3  # lone steps timed before their cost is trusted
@@ -93,8 +94,7 @@ class SpecBackoff:
         # Per request, gone with it (finished or aborted); requests compare by identity.
         self.rows: weakref.WeakKeyDictionary[Request, _Row] = weakref.WeakKeyDictionary()
         self.backoffs = 0  # times a row stopped speculating
-        self.sleeps = self.wakes = 0  # times a row fell asleep (`probes`), and a probe woke one (or a
-        # backed-off row)
+        self.sleeps = self.wakes = 0  # times a row fell asleep (`probes`), and a probe woke a waiting row
 
     def _seconds(self, kind: str) -> float | None:
         return _lower_median(self.timings[kind])
@@ -201,9 +201,13 @@ class SpecBackoff:
         """The proposer finds a match of `match` tokens (0: none) for a waiting row: it speculates again if
         it slept and there is a draft at all, or if it backed off and such matches gain clearly."""
         row = self.rows[request]
-        if row.asleep and match or not row.asleep and self.confident(match):
-            row.asleep, row.skip_until = False, 0
-            self.wakes += 1
+        if row.asleep and match:  # a backoff span it was in still runs
+            row.asleep = False
+        elif not row.asleep and self.confident(match):
+            row.skip_until = 0
+        else:
+            return
+        self.wakes += 1
 
     def _row(self, request: Request) -> _Row:
         threshold = self.break_even - 1.0
