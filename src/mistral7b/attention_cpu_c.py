@@ -32,10 +32,12 @@ static inline float hsum(__m256 x) {
 typedef uint16_t kv_t;
 #define KV(x) h2f(x)
 #define LOAD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define LOAD16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #else
 typedef float kv_t;
 #define KV(x) (x)
 #define LOAD8(p) _mm256_loadu_ps(p)
+#define LOAD16(p) _mm512_loadu_ps(p)
 #endif
 
 static inline float dot(const float *restrict a, const kv_t *restrict b, int64_t n) {
@@ -180,6 +182,26 @@ static inline void weigh(const float *restrict p, const int64_t *restrict idx, i
 // registers): each V row part is loaded once for all G heads; every lane sums over the keys in weigh's order.
 static inline __attribute__((always_inline)) void weigh_group_of(int G, const float *restrict p, const int64_t *restrict idx,
         int64_t n, const kv_t *restrict v, int64_t stride, const float *total, float *const *out) {
+#if defined(M7B_VNNI)  // 16 lanes: G x 4 accumulators (up to 16 of 32 registers), one pass over the keys
+    __m512 a[4][4];
+    for (int h = 0; h < G; h++)
+        for (int l = 0; l < 4; l++) a[h][l] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+        const kv_t *row = v + idx[i] * stride;
+        __m512 x[4];
+        for (int l = 0; l < 4; l++) x[l] = LOAD16(row + 16 * l);
+        for (int h = 0; h < G; h++) {
+            const __m512 w = _mm512_set1_ps(p[h * n + i]);
+            for (int l = 0; l < 4; l++) a[h][l] = _mm512_fmadd_ps(w, x[l], a[h][l]);
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        float acc[64];
+        for (int l = 0; l < 4; l++) _mm512_storeu_ps(acc + 16 * l, a[h][l]);
+        for (int l = 0; l < 64; l++) out[h][l] = acc[l] / total[h];
+    }
+    return;
+#endif
     const int PART = G <= 1 ? 64 : G <= 3 ? 32 : 16, chunks = PART / 8;
     for (int lo = 0; lo < 64; lo += PART) {
         __m256 a[4][8];
