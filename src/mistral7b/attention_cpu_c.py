@@ -179,7 +179,8 @@ static inline void weigh(const float *restrict p, const int64_t *restrict idx, i
 
 #if defined(M7B_AVX2) || defined(M7B_VNNI)
 // weigh for G heads at once over the width 64, in parts of PART lanes (G x PART / 8 accumulators in
-// registers): each V row part is loaded once for all G heads; every lane sums over the keys in weigh's order.
+// registers; with AVX-512 all 64 lanes, 16 a register, in one part): each V row part is loaded once for all
+// G heads; every lane sums over the keys in weigh's order, so the width changes no bit.
 static inline __attribute__((always_inline)) void weigh_group_of(int G, const float *restrict p, const int64_t *restrict idx,
         int64_t n, const kv_t *restrict v, int64_t stride, const float *total, float *const *out) {
 #if defined(M7B_VNNI)  // 16 lanes: G x 4 accumulators (up to 16 of 32 registers), one pass over the keys
@@ -200,8 +201,7 @@ static inline __attribute__((always_inline)) void weigh_group_of(int G, const fl
         for (int l = 0; l < 4; l++) _mm512_storeu_ps(acc + 16 * l, a[h][l]);
         for (int l = 0; l < 64; l++) out[h][l] = acc[l] / total[h];
     }
-    return;
-#endif
+#else
     const int PART = G <= 1 ? 64 : G <= 3 ? 32 : 16, chunks = PART / 8;
     for (int lo = 0; lo < 64; lo += PART) {
         __m256 a[4][8];
@@ -222,6 +222,7 @@ static inline __attribute__((always_inline)) void weigh_group_of(int G, const fl
             for (int l = 0; l < PART; l++) out[h][lo + l] = acc[l] / total[h];
         }
     }
+#endif
 }
 #endif
 
