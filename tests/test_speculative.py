@@ -521,7 +521,7 @@ def test_suffix_cache_finds_the_newest_continuation_within_its_capacity():
         assert cache.size == sum(map(len, kept)) <= capacity
         for _ in range(5):
             context = torch.randint(0, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
-            assert cache.lookup(context, 3) == newest_continuation(kept, context, 3), (kept, context)
+            assert cache.match(context, 3)[1] == newest_continuation(kept, context, 3), (kept, context)
 
 
 def test_suffix_cache_drafts_from_earlier_requests_and_keeps_greedy_exact(target):

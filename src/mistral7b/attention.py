@@ -236,12 +236,13 @@ def attention(
     if invariant and q.is_cuda:
         return invariant_attention(q, k, v, q_pos, k_pos, window, self_only, memo, cache_slots, written_first)
     t_q, t_k = q.shape[2], k.shape[2]
-    if t_q <= TOKENWISE_MAX_QUERIES and (t_q == 1 or cache_slots is not None) and attention_cpu.supports(q, k, v) \
-            and not (self_only and (window is None or window >= t_k)):
+    causal = self_only and (window is None or window >= t_k)  # the queries' own tokens, no window cut
+    if not causal and t_q <= TOKENWISE_MAX_QUERIES and (t_q == 1 or cache_slots is not None) \
+            and attention_cpu.supports(q, k, v):
         return _slot_attention(q, k, v, q_pos, k_pos, window, cache_slots, memo, written_first)
     if k.dtype != q.dtype:  # a float16 cache (EngineConfig.kv_cache_dtype) where the CPU kernel does not run
         k, v = k.to(q.dtype), v.to(q.dtype)
-    if self_only and (window is None or window >= t_k):
+    if causal:
         return causal_attention(q, k, v)
     if t_q == 1:
         if q.is_cuda and decode_kernel == "flash":

@@ -83,12 +83,9 @@ class SuffixCache:
         for key, end in self._ngrams(tokens):
             self.index[key] = (sid, end)
 
-    def lookup(self, context: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the longest of the context's last n-grams seen before."""
-        return self.match(context, k)[1]
-
     def match(self, context: list[int], k: int) -> tuple[int, list[int]]:
-        """`lookup`'s tokens and the n that matched (0: none)."""
+        """Up to k tokens that followed the longest of the context's last n-grams seen before, and that n
+        (0, []: none)."""
         for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
             hit = self.index.get(tuple(context[-n:]))
             if hit is not None:

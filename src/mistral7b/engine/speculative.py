@@ -100,9 +100,10 @@ class Speculator:
 
     def probe(self, requests: list[Request]) -> None:
         """Before a step proposes and after plain steps were read: each row that waits hears what its
-        proposer's lookup finds now (`SpecBackoff.probe`)."""
+        proposer's lookup finds now (`SpecBackoff.probe`). Not above `max_batch`, where no row speculates:
+        a lookup a waiting row and step there would be work for nothing."""
         match_length = getattr(self.proposer, "match_length", None)  # a draft model has no cheap lookup
-        if match_length is not None:
+        if match_length is not None and len(requests) <= self.max_batch:
             for r in self.backoff.waiting(requests):
                 if not r.finished:
                     self.backoff.probe(r, match_length(r))
