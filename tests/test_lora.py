@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoints import hf_logits, hf_model, ours_from_hf, rel_err
+from test_model import ragged_verify
 from mistral7b.loading.peft import read_adapter
 from mistral7b.lora import enable_lora
 
@@ -318,3 +319,22 @@ def test_prefix_cache_blocks_are_keyed_by_adapter(served):
     llm.engine.unload_lora("a0")
     llm.engine.load_lora("a0", root / "a1")  # the old a0's blocks must not serve the new one
     assert restored("a0", want[1:2]) == 0
+
+
+def test_packed_ragged_batch_runs_each_rows_adapter(base, tmp_path):
+    """A ragged batch packed as a speculative verify packs it (rows of 4, 1 and 3 tokens with slots 1, 0
+    and 1): each kept token's logits equal PEFT's for its row's whole sequence."""
+    peft = peft_adapter(base, tmp_path, 8, seed=7)
+    ours = ours_from_hf(base)
+    bank = enable_lora(ours, max_loras=2, max_rank=8)
+    adapter = read_adapter(tmp_path, ours.config)
+    bank.write(1, adapter.weights, adapter.scale)
+    vocab = base.config.vocab_size
+    prompts = [_tokens(vocab, 1, n)[0].tolist() for n in (11, 6, 14)]
+    fed = [_tokens(vocab, 1, n)[0].tolist() for n in (4, 1, 3)]
+    slots = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        got = ragged_verify(ours, prompts, fed, slots)
+    for i, (prompt, f) in enumerate(zip(prompts, fed)):
+        want = hf_logits(peft if slots[i] else base, torch.tensor([prompt + f]))[0, -len(f):]
+        assert (got[i, : len(f)] - want).abs().max().item() < 1e-4

@@ -119,3 +119,46 @@ def test_last_only_and_bf16():
         low = ours.to(torch.bfloat16)(tokens)
     assert low.dtype == torch.float32  # logits come back in fp32 whatever the weights
     assert rel_err(low, full) < 0.2  # bf16 is close but not exact
+
+
+def ragged_verify(model, prompts, fed, adapters=None):
+    """Each row's prompt prefilled into a cache with spare slots, then one forward of the rows' `fed`
+    tokens (1 to t each) packed as a speculative verify packs them: the logits [B, t, vocab]."""
+    t = max(map(len, fed))
+    cache = model.new_cache(len(prompts), spare_slots=t - 1)
+    for i, prompt in enumerate(prompts):
+        slots = None if adapters is None else adapters[i : i + 1]
+        model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, rows=slice(i, i + 1),
+              kv_len=len(prompt), adapters=slots)
+    tokens = torch.zeros(len(prompts), t, dtype=torch.long)
+    positions = torch.stack([torch.arange(len(prompt), len(prompt) + t) for prompt in prompts])
+    for i, f in enumerate(fed):
+        tokens[i, : len(f)] = torch.tensor(f)
+    packed = torch.cat([i * t + torch.arange(len(f)) for i, f in enumerate(fed)])
+    kv_len = max(map(len, prompts)) + t
+    return model(tokens, positions, cache, rows=slice(0, len(prompts)), kv_len=kv_len, adapters=adapters,
+                 packed=packed)
+
+
+def test_packed_ragged_batch_equals_hf_on_each_row():
+    """A ragged batch packed (`packed`: rows of 5, 1 and 3 tokens after prompts past the window) gives
+    each kept token HF's logits for its row's whole sequence; padding's logits are zeros."""
+    hf = hf_model("mistral", n_kv_heads=2, window=8)
+    ours = ours_from_hf(hf)
+    vocab = hf.config.vocab_size
+    prompts = [_tokens(vocab, 1, n)[0].tolist() for n in (12, 20, 9)]
+    fed = [_tokens(vocab, 1, n)[0].tolist() for n in (5, 1, 3)]
+    with torch.no_grad():
+        got = ragged_verify(ours, prompts, fed)
+    assert got.shape == (3, 5, vocab)
+    for i, (prompt, f) in enumerate(zip(prompts, fed)):
+        want = hf_logits(hf, torch.tensor([prompt + f]))[0, -len(f):]
+        assert rel_err(got[i, : len(f)], want) < TOL
+        assert not got[i, len(f):].any()
+
+
+def test_packed_batch_needs_a_cache_and_every_logit():
+    ours = ours_from_hf(hf_model("mistral", n_kv_heads=2, window=8))
+    packed = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="a packed .ragged. batch needs a cache and all its logits"):
+        ours(torch.zeros(2, 2, dtype=torch.long), packed=packed)

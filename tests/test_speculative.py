@@ -68,16 +68,21 @@ def random_prompts(lengths, seed, vocab=VOCAB):
 
 
 @pytest.mark.parametrize("method, k", [("ngram", 4), ("draft", 3), ("self", 5)])
-def test_greedy_equals_plain_past_window_ragged(target, method, k):
+def test_greedy_equals_plain_past_window_ragged(target, method, k, monkeypatch):
     """Prompts and outputs much longer than W = 16, three rows of different lengths (plus a fourth that
-    joins later), a short max_tokens row that can take fewer drafts than k."""
+    joins later), a short max_tokens row that can take fewer drafts than k. Verifies of drafts of
+    different lengths run packed (`Transformer.forward`'s `packed`)."""
     draft = {"ngram": None, "draft": perturbed(target, 0.08, seed=3), "self": target}[method]
     spec = SpeculativeConfig("ngram" if method == "ngram" else "draft", k, draft=None if method == "ngram" else "x")
     prompts = random_prompts((5, 23, 40, 9, 30), seed=11)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (60, 45, 50, 7, 33)]
     plain, _ = generate(target, prompts, params)
+    packed, forward = [], target.forward
+    monkeypatch.setattr(target, "forward", lambda *a, **kw: (packed.append(kw.get("packed") is not None),
+                                                             forward(*a, **kw))[1])
     fast, engine = generate(target, prompts, params, spec, draft)
     assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert any(packed)
     assert [len(r.output_ids) for r in fast] == [p.max_tokens for p in params]
     stats = engine.speculator.stats
     assert stats.verify_rows > 0 and stats.draft_tokens > 0

@@ -96,7 +96,8 @@ class AttentionInputs:
     (mistral-inference's `CacheInputMetadata`): token positions [B, T], the rope tables, the cache rows
     of these sequences, kv_len (1 + the largest position held after this pass, or None), each row's
     LoRA slot (a lora.AdapterRows, or None: the base model), and a memo that lets layers share what
-    depends on positions alone: cache slots, key positions and masks."""
+    depends on positions alone: cache slots, key positions and masks. `packed`: a ragged batch's tokens
+    (`Transformer.forward`), or None."""
 
     positions: Tensor
     rope: tuple[Tensor, Tensor]
@@ -105,7 +106,14 @@ class AttentionInputs:
     decode_kernel: str = "flash"
     adapters: object = None
     invariant: bool = False  # batch_invariant.apply: attention whose arithmetic ignores the other rows
+    packed: Tensor | None = None
     memo: dict = field(default_factory=dict)
+
+
+def unpacked(x: Tensor, packed: Tensor, slots: int) -> Tensor:
+    """A ragged batch's rows x [N, 1, F] placed at their indices `packed` in a [slots, F] grid, zeros
+    elsewhere (padding: `Transformer.forward`)."""
+    return x.new_zeros(slots, x.shape[-1]).index_copy_(0, packed, x.reshape(-1, x.shape[-1]))
 
 
 def project(linear: nn.Module, x: Tensor, adapters) -> Tensor:
@@ -125,10 +133,13 @@ class Attention(nn.Module):
         self.reduce: nn.Module = nn.Identity()
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache) -> Tensor:
-        batch, t, _ = x.shape
-        positions, memo = inputs.positions, inputs.memo
+        positions, memo, packed = inputs.positions, inputs.memo, inputs.packed
+        batch, t = positions.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        qkv = project(self.wqkv, x, inputs.adapters).view(batch, t, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+        qkv = project(self.wqkv, x, inputs.adapters)
+        if packed is not None:
+            qkv = unpacked(qkv, packed, batch * t)
+        qkv = qkv.view(batch, t, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
         # One rotation for the q and k heads together: at batch 1 on a CPU each op's dispatch costs
         # about as much as its arithmetic, so half the calls is what counts.
         q, k = apply_rope(qkv[:, : heads + kv_heads], *inputs.rope).split([heads, kv_heads], dim=1)
@@ -142,6 +153,8 @@ class Attention(nn.Module):
                             decode_kernel=inputs.decode_kernel, invariant=inputs.invariant, cache_slots=cache.size,
                             written_first=cache.writes_first(positions))
         out = out.transpose(1, 2).reshape(batch, t, heads * self.head_dim)
+        if packed is not None:
+            out = out.view(batch * t, 1, -1)[packed]
         return self.reduce(project(self.wo, out, inputs.adapters))
 
 
@@ -199,6 +212,7 @@ class Transformer(nn.Module):
         self.lora = None  # a lora.LoRABank once adapters are enabled (lora.enable_lora)
 
     tensor_parallel_size = 1  # parallel.TensorParallelModel: the ranks it is split over
+    packs_ragged = True  # forward's `packed` (the runner's verify of drafts of different lengths)
     batch_invariant = False  # set by batch_invariant.apply (CUDA)
     tune_single_row = True  # compile_decode's one-row CUDA graphs with SINGLE_ROW_OPTIONS (benchmarks turn it off)
 
@@ -251,6 +265,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         adapters: Tensor | None = None,
+        packed: Tensor | None = None,
     ) -> Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
 
@@ -260,25 +275,36 @@ class Transformer(nn.Module):
         `kv_len` (optional) 1 + the largest position held after this call, so short sequences read
         only the leading cache slots. `adapters` [B] (a device tensor) is each row's LoRA slot, 0 for
         none, handed to every linear with the other per-forward inputs (None: the base model alone).
+
+        A ragged batch (a speculative verify whose rows have drafts of different lengths) gives `packed`,
+        the indices into the flattened [B * T] grid of the tokens that run. They go through the linears
+        as N rows of one token, the padding costing no matmul (on a CPU a row costs about what a token
+        does); attention sees the grid. Padding's queries, keys and values are zeros, its logits too. Its
+        positions follow its row's tokens, so it is written to the cache as a verify's rejected tokens
+        are, to be forgotten as theirs are (`KVCache.forget_rows`): at -1, a row's padding and tokens
+        could write one slot in one scatter.
         """
         batch, t = tokens.shape
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a cache")
             positions = torch.arange(t, device=tokens.device).expand(batch, t)
+        if packed is not None and (cache is None or last_only):
+            raise ValueError("a packed (ragged) batch needs a cache and all its logits")
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         if adapters is not None:
             if self.lora is None:
                 raise ValueError("adapters given, but this model has no LoRA slots (lora.enable_lora)")
-            adapters = self.lora.rows(adapters)
+            adapters = self.lora.rows(adapters if packed is None else adapters[packed // t])
         rows = slice(0, batch) if rows is None else rows
         inputs = AttentionInputs(positions, rope, rows, kv_len, self.decode_kernel, adapters,
-                                 invariant=self.batch_invariant)
+                                 invariant=self.batch_invariant, packed=packed)
         cache_layers = cache.layers if cache is not None else [None] * len(self.layers)
-        x = self.tok_embeddings(tokens)
+        x = self.tok_embeddings(tokens if packed is None else tokens.reshape(-1, 1)[packed])
         for layer, layer_cache in zip(self.layers, cache_layers):
             x = layer(x, inputs, layer_cache)
         if last_only:
             x = x[:, -1:]
-        return project(self.output, self.norm(x), adapters).float()
+        logits = project(self.output, self.norm(x), adapters).float()
+        return logits if packed is None else unpacked(logits, packed, batch * t).view(batch, t, -1)
 

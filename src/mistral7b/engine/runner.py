@@ -93,6 +93,7 @@ class RunnableModel(Protocol):
 
     config: ModelConfig
     tensor_parallel_size: int
+    packs_ragged: bool  # forward takes `packed`: a ragged batch's tokens (Transformer.forward)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                  rows=None, kv_len: int | None = None, last_only: bool = False, **adapters) -> torch.Tensor: ...
@@ -229,20 +230,25 @@ class ModelRunner:
         prefill chunk at the row's positions; the logits [n, T, vocab]. T is 1 + the longest draft, or
         on a GPU `verify_tokens` through the compiled step, whose `decode_width` rows include idle ones
         at position -1 (they write nothing). Shorter drafts are padded with repeats at the following
-        positions; the engine forgets every position it does not accept, so padding costs compute only."""
+        positions; the engine forgets every position it does not accept, so padding costs compute only.
+        Eagerly, a model that `packs_ragged` runs only the fed tokens through its linears
+        (`Transformer.forward`'s `packed`)."""
         graphs = self.compiled_verify is not None
         t = self.verify_tokens if graphs else 1 + max(len(d) for d in drafts)
         width = self.decode_width(requests, None) if graphs else len(requests)
-        tokens, positions = [0] * (width * t), [-1] * (width * t)
+        ragged = not graphs and self.model.packs_ragged and any(len(d) + 1 < t for d in drafts)
+        tokens, positions, kept = [0] * (width * t), [-1] * (width * t), []
         for i, (r, d) in enumerate(zip(requests, drafts)):
             fed, start = [r.output_ids[-1], *d], (r.row if graphs else i) * t
+            kept += range(start, start + len(fed)) if ragged else ()
             tokens[start : start + t] = fed + [fed[-1]] * (t - len(fed))
             positions[start : start + t] = range(r.position, r.position + t)
         tokens_t, positions_t = self.to_device(tokens).view(width, t), self.to_device(positions).view(width, t)
         rows = self.rows([r.row for r in requests])
         if not graphs:
+            packed = {"packed": self.to_device(kept)} if ragged else {}
             return self.verify_fn(tokens_t, positions_t, self.cache, rows=rows, kv_len=max(r.position for r in requests) + t,
-                                  **self.adapters(requests, rows))
+                                  **self.adapters(requests, rows), **packed)
         kv_len = self.kv_len(max(r.position for r in requests)) + t  # the bucket's slots, then these t
         return self.compiled_verify(tokens_t, positions_t, kv_len, **self.adapters(requests, slice(0, width), True))[rows]
 

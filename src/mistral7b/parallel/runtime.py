@@ -166,6 +166,8 @@ class TensorParallelModel(nn.Module):
     `parameters()` are rank 0's shard (they give the engine its device and dtype); `config` is the
     full model's. Caches must come from `new_cache`."""
 
+    packs_ragged = False  # the forward's header carries no `packed`: a ragged verify runs padded
+
     def __init__(self, shard: Transformer, config: ModelConfig, link: Link, processes=(), on_close=None):
         super().__init__()
         self.shard, self.config, self.link = shard, config, link
