@@ -26,7 +26,7 @@ from mistral7b.engine import Engine, SpeculativeConfig
 from mistral7b.engine.runner import RunnableModel
 from mistral7b.loading import load_model
 from mistral7b.loading.quantized import save_quantized
-from mistral7b.parallel import TensorParallelError, check_world_size, launch, local_config
+from mistral7b.parallel import TensorParallelError, check_world_size, launch, local_config, runtime
 from mistral7b.parallel.startup import StartupError
 from mistral7b.parallel.loading import load_shard
 from mistral7b.quant import QuantModule, cpu_kernels, resolve
@@ -274,7 +274,8 @@ class TestTwoRanks:
     def test_speculative_greedy_matches_one_process(self, tiny, tp2, monkeypatch):
         """Speculative decoding over two ranks (issue 22): n-gram, and a one-process draft model, past the
         window, against plain greedy in one process. Rejected drafts are forgotten on every rank; the
-        verify runs eagerly, then as its own compiled step on every rank (dynamo's eager backend)."""
+        verify runs eagerly (drafts of different lengths packed), then as its own compiled step on every rank
+        (dynamo's eager backend)."""
         g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
         prompts = [(torch.randint(0, VOCAB, (4,), generator=g).tolist() * 6)[:n] for n in (2 * W + 3, W + 1)]
         want = greedy(Engine(tiny[2], None, max_batch=2, chunk_size=5), prompts, 3 * W)
@@ -287,11 +288,14 @@ class TestTwoRanks:
             if compiled:
                 engine.runner.compiled = True  # power-of-two widths, kv_len buckets
                 engine.runner.compiled_verify = tp2.compile_decode(engine.runner.cache, backend="eager")
-            forgotten = []
+            forgotten, packed = [], []
             forget = type(engine.runner.cache).forget_rows
             monkeypatch.setattr(type(engine.runner.cache), "forget_rows",
                                 lambda cache, *a: (forgotten.append(a), forget(cache, *a))[1])
+            encode = runtime.encode_forward
+            monkeypatch.setattr(runtime, "encode_forward", lambda *a: (packed.append(a[-1] is not None), encode(*a))[1])
             got = greedy(engine, prompts, 3 * W)
+            assert any(packed) != compiled  # eagerly, ragged drafts go packed to every rank
             assert_greedy_agrees(tiny[2], prompts, got, want)
             stats = engine.speculator.stats
             assert stats.verify_rows > 0 and stats.draft_tokens > 0, spec

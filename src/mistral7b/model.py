@@ -212,7 +212,6 @@ class Transformer(nn.Module):
         self.lora = None  # a lora.LoRABank once adapters are enabled (lora.enable_lora)
 
     tensor_parallel_size = 1  # parallel.TensorParallelModel: the ranks it is split over
-    packs_ragged = True  # forward's `packed` (the runner's verify of drafts of different lengths)
     batch_invariant = False  # set by batch_invariant.apply (CUDA)
     tune_single_row = True  # compile_decode's one-row CUDA graphs with SINGLE_ROW_OPTIONS (benchmarks turn it off)
 

@@ -93,10 +93,10 @@ class RunnableModel(Protocol):
 
     config: ModelConfig
     tensor_parallel_size: int
-    packs_ragged: bool  # forward takes `packed`: a ragged batch's tokens (Transformer.forward)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                 rows=None, kv_len: int | None = None, last_only: bool = False, **adapters) -> torch.Tensor: ...
+                 rows=None, kv_len: int | None = None, last_only: bool = False, packed: torch.Tensor | None = None,
+                 **adapters) -> torch.Tensor: ...
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
@@ -231,12 +231,11 @@ class ModelRunner:
         on a GPU `verify_tokens` through the compiled step, whose `decode_width` rows include idle ones
         at position -1 (they write nothing). Shorter drafts are padded with repeats at the following
         positions; the engine forgets every position it does not accept, so padding costs compute only.
-        Eagerly, a model that `packs_ragged` runs only the fed tokens through its linears
-        (`Transformer.forward`'s `packed`)."""
+        Eagerly, only the fed tokens go through the linears (`Transformer.forward`'s `packed`)."""
         graphs = self.compiled_verify is not None
         t = self.verify_tokens if graphs else 1 + max(len(d) for d in drafts)
         width = self.decode_width(requests, None) if graphs else len(requests)
-        ragged = not graphs and self.model.packs_ragged and any(len(d) + 1 < t for d in drafts)
+        ragged = not graphs and any(len(d) + 1 < t for d in drafts)
         tokens, positions, kept = [0] * (width * t), [-1] * (width * t), []
         for i, (r, d) in enumerate(zip(requests, drafts)):
             fed, start = [r.output_ids[-1], *d], (r.row if graphs else i) * t

@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 
 OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN, OP_COMPILE, OP_DECODE, OP_FORGET = 1, 2, 3, 4, 5, 6, 7
-HEADER_LEN = 10
+HEADER_LEN = 11
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPILE_MODES = (None, "reduce-overhead", "default", "max-autotune")
 BACKENDS = ("inductor", "eager", "aot_eager")
@@ -67,12 +67,15 @@ class Link:
         return payload
 
 
-def encode_forward(tokens: Tensor, positions, cache_id: int, rows, kv_len, last_only: bool):
-    """The header and the one int64 payload (tokens, positions, row indices) of a forward call."""
+def encode_forward(tokens: Tensor, positions, cache_id: int, rows, kv_len, last_only: bool, packed=None):
+    """The header and the one int64 payload (tokens, positions, a ragged batch's `packed` indices, row
+    indices) of a forward call."""
     batch, t = tokens.shape
     parts = [tokens.reshape(-1).long()]
     if positions is not None:
         parts.append(positions.reshape(-1).long())
+    if packed is not None:
+        parts.append(packed.long().to(tokens.device))
     if isinstance(rows, Tensor):
         parts.append(rows.reshape(-1).long().to(tokens.device))
         rows_spec = [1, 0, rows.numel()]
@@ -80,18 +83,21 @@ def encode_forward(tokens: Tensor, positions, cache_id: int, rows, kv_len, last_
         rows = slice(0, batch) if rows is None else rows
         rows_spec = [0, rows.start or 0, batch if rows.stop is None else rows.stop]
     header = [OP_FORWARD, batch, t, -1 if kv_len is None else int(kv_len), int(last_only), cache_id,
-              *rows_spec, int(positions is not None)]
+              *rows_spec, int(positions is not None), 0 if packed is None else packed.numel()]
     return header, torch.cat(parts)
 
 
-def decode_forward(header: list[int], link: Link) -> tuple[Tensor, Tensor | None, int, object, int | None, bool]:
-    _, batch, t, kv_len, last_only, cache_id, rows_kind, rows_a, rows_b, has_positions = header
+def decode_forward(header: list[int], link: Link) -> tuple[Tensor, Tensor | None, int, object, int | None, bool,
+                                                           Tensor | None]:
+    _, batch, t, kv_len, last_only, cache_id, rows_kind, rows_a, rows_b, has_positions, n_packed = header
     n_rows = rows_b if rows_kind == 1 else 0
-    payload = link.receive_payload(batch * t * (1 + has_positions) + n_rows)
+    fed = batch * t * (1 + has_positions)
+    payload = link.receive_payload(fed + n_packed + n_rows)
     tokens = payload[: batch * t].view(batch, t)
     positions = payload[batch * t : 2 * batch * t].view(batch, t) if has_positions else None
+    packed = payload[fed : fed + n_packed] if n_packed else None
     rows = payload[payload.numel() - n_rows :] if rows_kind == 1 else slice(rows_a, rows_b)
-    return tokens, positions, cache_id, rows, None if kv_len < 0 else kv_len, bool(last_only)
+    return tokens, positions, cache_id, rows, None if kv_len < 0 else kv_len, bool(last_only), packed
 
 
 class ShardedKVCache(KVCache):
@@ -134,9 +140,9 @@ class Worker:
             if op == OP_SHUTDOWN:
                 return
             if op == OP_FORWARD:
-                tokens, positions, cache_id, rows, kv_len, last_only = decode_forward(header, self.link)
+                tokens, positions, cache_id, rows, kv_len, last_only, packed = decode_forward(header, self.link)
                 cache = self.caches[cache_id] if cache_id >= 0 else None
-                self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only)
+                self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only, packed=packed)
             elif op == OP_NEW_CACHE:
                 _, cache_id, max_batch, max_seq_len, dtype, spare_slots = header[:6]
                 self.caches[cache_id] = self.shard.new_cache(
@@ -166,8 +172,6 @@ class TensorParallelModel(nn.Module):
     `parameters()` are rank 0's shard (they give the engine its device and dtype); `config` is the
     full model's. Caches must come from `new_cache`."""
 
-    packs_ragged = False  # the forward's header carries no `packed`: a ragged verify runs padded
-
     def __init__(self, shard: Transformer, config: ModelConfig, link: Link, processes=(), on_close=None):
         super().__init__()
         self.shard, self.config, self.link = shard, config, link
@@ -176,15 +180,17 @@ class TensorParallelModel(nn.Module):
         self._n_caches, self._n_steps, self._failure, self._closed = 0, 0, None, False
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                rows: slice | Tensor | None = None, kv_len: int | None = None, last_only: bool = False) -> Tensor:
+                rows: slice | Tensor | None = None, kv_len: int | None = None, last_only: bool = False,
+                packed: Tensor | None = None) -> Tensor:
         if cache is not None and not (isinstance(cache, ShardedKVCache) and cache.model is self):
             raise TypeError("a tensor-parallel model needs a cache made by its new_cache(), not a KVCache")
         if cache is not None and positions is None:
             raise ValueError("positions are required with a cache")
-        header, payload = encode_forward(tokens, positions, -1 if cache is None else cache.cache_id, rows, kv_len, last_only)
+        header, payload = encode_forward(tokens, positions, -1 if cache is None else cache.cache_id, rows, kv_len,
+                                         last_only, packed)
         with self.collective("a forward pass"):
             self.link.send(header, payload)
-            return self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only)
+            return self.shard(tokens, positions, cache, rows=rows, kv_len=kv_len, last_only=last_only, packed=packed)
 
     def new_cache(self, max_batch: int = 1, device=None, dtype: torch.dtype = torch.float32,
                   max_seq_len: int | None = None, spare_slots: int = 0) -> ShardedKVCache:
