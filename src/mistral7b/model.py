@@ -277,8 +277,8 @@ class Transformer(nn.Module):
 
         A ragged batch (a speculative verify whose rows have drafts of different lengths) gives `packed`,
         the indices into the flattened [B * T] grid of the tokens that run. They go through the linears
-        as N rows of one token, the padding costing no matmul (on a CPU a row costs about what a token
-        does); attention sees the grid. Padding's queries, keys and values are zeros, its logits too. Its
+        as N rows of one token, so padding costs no matmul row (on a CPU each row is paid for); attention
+        sees the grid. Padding's queries, keys and values are zeros, its logits too. Its
         positions follow its row's tokens, so it is written to the cache as a verify's rejected tokens
         are, to be forgotten as theirs are (`KVCache.forget_rows`): at -1, a row's padding and tokens
         could write one slot in one scatter.

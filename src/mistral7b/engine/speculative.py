@@ -36,8 +36,9 @@ from .spec_backoff import SpecBackoff
 # The largest batch measured to gain from speculation (a verify of k + 1 = 5 tokens against a decode step,
 # benchmarks/verify_cost.py). CUDA: an H100 at the 7B shape, 1.14x/1.09x/1.25x a step at b1/b8/b32, so
 # ~2.9 tokens a verify (n-gram, grounded prompts) still pay 2.3x at b32; above 32 is not measured.
-# CPU: the default model on 2 Zen 5 cores, n-gram end to end (benchmarks/spec_batch.py, 2026-12-07): grounded
-# prompts 1.32x/1.14x/1.01x/0.93x plain speed at b1/b2/b3/b4, open ones 1.01x/0.92x/0.86x/0.83x.
+# CPU: the default model on 2 Zen 5 cores, n-gram end to end (benchmarks/spec_batch.py, 2026-12-07, ragged
+# verifies packed): grounded prompts 1.34-1.37x/1.21-1.22x/1.12x/1.10x plain speed at b1/b2/b3/b4, open ones
+# 1.00-1.03x/0.93-0.98x/0.90x/0.88x: past 2 rows open prompts lose more than grounded ones gain.
 MEASURED_MAX_BATCH = {"cuda": 32, "cpu": 2}
 
 
