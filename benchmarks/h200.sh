@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call per group of runs on an H200 (see the device tool's README): checks first, then
 # timings, every table printed and every JSON/log written under $OUT.
-#   bash benchmarks/h200.sh smoke      # every GPU path once (run first; about 7 minutes)
+#   bash benchmarks/h200.sh smoke      # every GPU path once (run first; 7-9 minutes)
 #   bash benchmarks/h200.sh gemv       # decode's weight matmuls per kernel and matrix (which kernel to use)
 #   bash benchmarks/h200.sh gemv-batch # the same at 16, 32 and 64 rows, int4's kernels against bf16
 #   bash benchmarks/h200.sh quant      # int8/int4, ours (torch's kernels, then Triton's) and gpt-fast, the limit
@@ -78,23 +78,28 @@ smoke)
     # The paths run as two processes side by side: one took 548 s on an H100 (2026-12-06c), most of it
     # compiling on the host, and was cut before its last section; as two, the group took 427 s (2026-12-06d).
     # gemlite's path has a process of its own: on a fresh H100 (2026-12-07) its compiles took 136 s at b1 and
-    # 172 s at b8, and beside bf16, int8 and int8-triton it ran past 480 s.
+    # 172 s at b8, and beside bf16, int8 and int8-triton it ran past 480 s. On another fresh H100 (2026-12-07g)
+    # its b8 compile ran past 480 s, and int4, int4-triton, LoRA and speculation in one process did too
+    # (self-draft b4 not reached): speculation has a process of its own, and gemlite's (an extra int4 kernel
+    # beside the default ones) the most time the call allows.
     step smoke-paths 480 python3 benchmarks/gpu_smoke.py --only kernels methods --methods bf16 int8 int8-triton \
         > "$OUT/smoke-paths.out" &
     paths=$!
-    step smoke-paths-gemlite 480 python3 benchmarks/gpu_smoke.py --only methods --methods int4-gemlite \
+    step smoke-paths-gemlite 540 python3 benchmarks/gpu_smoke.py --only methods --methods int4-gemlite \
         > "$OUT/smoke-paths-gemlite.out" &
     gemlite=$!
-    step smoke-paths-more 480 python3 benchmarks/gpu_smoke.py --only methods lora speculative \
-        --methods int4 int4-triton > "$OUT/smoke-paths-more.out" &
+    step smoke-paths-more 480 python3 benchmarks/gpu_smoke.py --only methods lora --methods int4 int4-triton \
+        > "$OUT/smoke-paths-more.out" &
     more=$!
+    step smoke-paths-spec 480 python3 benchmarks/gpu_smoke.py --only speculative > "$OUT/smoke-paths-spec.out" &
+    spec=$!
     step smoke-structured 150 python3 benchmarks/structured_bench.py --device cuda --tokenizer .peer/tokenizer.model.v1 \
         --tiny --engine --skip-cpu --runs 1
     step smoke-prefix 120 python3 benchmarks/prefix_bench.py --preset mistral-7b-v0.1 --engine --n-prompts 8 \
         --prefix-len 1024 --max-tokens 8 --runs 1
     step smoke-engine-process 120 python3 benchmarks/serve_load.py --preset mistral-7b-v0.1 --engine-process \
         --concurrency 8 --prompt-len 256 --max-tokens 32 --client-processes 2
-    wait $paths $gemlite $more; cat "$OUT"/smoke-paths*.out
+    wait $paths $gemlite $more $spec; cat "$OUT"/smoke-paths*.out
     rm -f "$OUT"/smoke-paths*.out
     if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
         step smoke-tp 150 python3 benchmarks/tp_bench.py --tp 2 --batches 1 --new-tokens 32 --runs 1 --no-compile

@@ -65,6 +65,47 @@ def test_a_verify_is_scored_at_its_own_widths_cost():
     assert policy.speculating(short) and not policy.speculating(long)
 
 
+def test_rows_that_drafted_answer_for_the_rows_riding_along():
+    """A verify costing 1.6 plain steps where one row drafted and one rode along for its one token: the
+    rider's 0.6 steps beyond a plain one are charged to the row that drafted (two drafting rows share it)."""
+    policy = SpecBackoff("cpu", 4, False)
+    policy.time_plain(0.010)
+    for _ in range(3):
+        policy.time_speculative(0.016, width=5)
+    alone, carrying, sharing = row("alone"), row("carrying"), row("sharing")
+    policy.observe(alone, 1, 5)  # 2 tokens for 1.6 steps: +0.4
+    policy.observe(carrying, 1, 5, riders=1.0)  # and a rider's 1 token for 1.6: -0.2 in all
+    policy.observe(sharing, 1, 5, riders=0.5)  # half a rider's loss: +0.1
+    over = policy.break_even - 1
+    start = max(over, 1 - over)
+    for r, gain in ((alone, 0.4), (carrying, -0.2), (sharing, 0.1)):
+        assert policy.rows[r].gain == pytest.approx(start + SMOOTHING * (gain - start))
+
+
+def test_the_engine_charges_each_verify_its_riders(monkeypatch):
+    """Speculator.step hands each drafting row its step's rows without a draft per drafting row."""
+    from mistral7b.engine.speculative import Speculator
+
+    seen, expected = [], []
+    observe, step = SpecBackoff.observe, Speculator.step
+    monkeypatch.setattr(SpecBackoff, "observe", lambda self, r, kept, width=None, match=0, riders=0.0: (
+        seen.append(riders), observe(self, r, kept, width, match, riders))[1])
+
+    def counted(self, decoding, proposal, deltas):
+        drafting = sum(1 for t in proposal.tokens if t)
+        expected.extend([(len(decoding) - drafting) / drafting] * drafting)
+        return step(self, decoding, proposal, deltas)
+
+    monkeypatch.setattr(Speculator, "step", counted)
+    model = tiny()
+    prompts = random_prompts((9, 30, 17), seed=5)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain, _ = generate(model, prompts, params)
+    fast, _ = generate(model, prompts, params, SpeculativeConfig("ngram", 3, backoff=False))
+    assert [r.output_ids for r in fast] == [r.output_ids for r in plain]
+    assert seen == expected and any(seen) and 0.0 in seen
+
+
 def test_plain_decoding_is_timed_again_after_reprobe_steps():
     """A poisoned first plain timing must not keep every row speculating for good: while rows speculate,
     plain decoding is timed again every REPROBE_STEPS speculative steps."""

@@ -421,7 +421,8 @@ def test_a_step_without_any_draft_is_a_plain_decode_step(target):
     prompts = random_prompts((6, 9), seed=16)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     plain, _ = generate(target, prompts, [params] * 2)
-    engine = Engine(target, None, max_batch=2, speculative=SpeculativeConfig("ngram", 3))
+    # Backoff off: a row that backed off decodes in plain groups, which are not speculative steps to count
+    engine = Engine(target, None, max_batch=2, speculative=SpeculativeConfig("ngram", 3, backoff=False))
     verifies, verify = [], engine.runner.verify
     engine.runner.verify = lambda requests, drafts: (verifies.append(drafts), verify(requests, drafts))[1]
     propose = engine.speculator.proposer.propose

@@ -12,7 +12,10 @@ read of its own (where that measures costly, an n-gram row sleeps instead: below
 costs about two plain steps in a group (2.4 ms against 1.1 on the default
 model, H100, 2026-12-06c, solved from the n-gram table's tokens per forward), and n-gram then ran at 0.76x
 of plain on grounded prompts and 0.47x on open ones, every row speculating throughout. So each attempt is
-scored by its gain in tokens over plain decoding at the same cost: a verify's 1 + accepted - `break_even`,
+scored by its gain in tokens over plain decoding at the same cost: a verify's 1 + accepted - `break_even`
+less the loss of the step's rows without a draft, each of which paid the verify's cost for one token,
+shared among the rows that drafted (open prompts two at a time: 0.93-0.95x plain speed with this charge,
+0.91-0.94x without; default model, Zen 5 CPU);
 a lone step's 1 - `lone_cost` where that is clearly a loss (a CPU's lone step costs a plain one: unscored).
 A row backs off while its running gain is below zero.
 
@@ -168,10 +171,14 @@ class SpecBackoff:
             self._back_off(request, row)
         return row is None or (not row.asleep and len(request.output_ids) >= row.skip_until)
 
-    def observe(self, request: Request, accepted: int, width: int | None = None, match: int = 0) -> None:
+    def observe(self, request: Request, accepted: int, width: int | None = None, match: int = 0,
+                riders: float = 0.0) -> None:
         """A verify of `request` (`width` tokens a row) kept `accepted` draft tokens; `match`: the n-gram
-        match length that drafted them (0: none, or a draft model)."""
-        gain = 1.0 + accepted - self.break_even_at(width)
+        match length that drafted them (0: none, or a draft model); `riders`: the step's rows without a
+        draft per row with one. A rider emitted its one token at the verify's cost, more than a plain
+        step's: the rows that drafted are charged its loss."""
+        cost = self.break_even_at(width)
+        gain = 1.0 + accepted - cost - riders * (cost - 1.0)
         if match and self._decides(request):
             self.gain_by_match[match] = _smoothed(self.gain_by_match.get(match), gain, GLOBAL_SMOOTHING)
         self._score(request, gain)

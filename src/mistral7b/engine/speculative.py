@@ -153,11 +153,13 @@ class Speculator:
         starts = [r.position + 1 + kept for r, kept in zip(decoding, kept_rows)]
         self.runner.cache.forget_rows([r.row for r in decoding], starts, [r.position + width for r in decoding])
         matches = proposal.matches or [0] * len(decoding)
+        drafting = sum(1 for drafts in proposal.tokens if drafts)
+        riders = (len(decoding) - drafting) / drafting
         for r, drafts, kept, match in zip(decoding, proposal.tokens, kept_rows, matches):
             self.proposer.rollback(r, kept)
             self.stats.count(len(drafts), kept)
-            if drafts:  # a row without drafts cost no verify of its own: nothing to learn
-                self.backoff.observe(r, kept, width, match)
+            if drafts:  # a row without drafts chose no verify: the rows that drafted answer for its cost
+                self.backoff.observe(r, kept, width, match, riders)
         self._emit(decoding, logits, emitted, deltas)
         return width
 
