@@ -245,6 +245,9 @@ class TestTwoRanks:
             assert rel_err(got, want) < 1e-5
         with pytest.raises(TypeError, match="new_cache"):
             tp2(tokens, positions, caches[1])
+        with pytest.raises(ValueError, match="a packed .ragged. batch needs a cache"):  # refused on rank 0 alone
+            tp2(tokens, packed=torch.tensor([0, 1]))
+        assert rel_err(tp2(tokens), full) < 1e-5  # the ranks still run
 
     def test_greedy_generation_matches_one_process(self, tiny, tp2, monkeypatch):
         """Batched, with chunked prefill (chunks of 5) of prompts past the window, against one process."""

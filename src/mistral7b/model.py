@@ -116,6 +116,12 @@ def unpacked(x: Tensor, packed: Tensor, slots: int) -> Tensor:
     return x.new_zeros(slots, x.shape[-1]).index_copy_(0, packed, x.reshape(-1, x.shape[-1]))
 
 
+def check_packed(packed: Tensor | None, cache, last_only: bool) -> None:
+    """A ragged batch (`Transformer.forward`'s `packed`) runs against a cache and returns every logit."""
+    if packed is not None and (cache is None or last_only):
+        raise ValueError("a packed (ragged) batch needs a cache and all its logits")
+
+
 def project(linear: nn.Module, x: Tensor, adapters) -> Tensor:
     """linear(x), plus each row's LoRA delta when this forward runs adapters (the linear is then a
     lora.LoRALinear): the slots are an argument, not state, so a compiled step sees them as an input."""
@@ -288,8 +294,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("positions are required with a cache")
             positions = torch.arange(t, device=tokens.device).expand(batch, t)
-        if packed is not None and (cache is None or last_only):
-            raise ValueError("a packed (ragged) batch needs a cache and all its logits")
+        check_packed(packed, cache, last_only)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         if adapters is not None:
             if self.lora is None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..model import Transformer
+from ..model import Transformer, check_packed
 
 OP_FORWARD, OP_NEW_CACHE, OP_RESET, OP_SHUTDOWN, OP_COMPILE, OP_DECODE, OP_FORGET = 1, 2, 3, 4, 5, 6, 7
 HEADER_LEN = 11
@@ -186,6 +186,7 @@ class TensorParallelModel(nn.Module):
             raise TypeError("a tensor-parallel model needs a cache made by its new_cache(), not a KVCache")
         if cache is not None and positions is None:
             raise ValueError("positions are required with a cache")
+        check_packed(packed, cache, last_only)  # here, before the workers are sent a forward they would fail
         header, payload = encode_forward(tokens, positions, -1 if cache is None else cache.cache_id, rows, kv_len,
                                          last_only, packed)
         with self.collective("a forward pass"):
