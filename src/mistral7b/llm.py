@@ -52,8 +52,8 @@ class LLM:
     ):
         """`engine_config` (or `engine_options`, EngineConfig's fields: `max_batch`, `chunk_size`,
         `prefill_budget`, `max_seq_len`, `decode_steps`, `compile`, `pipeline`, `prefix_cache_gib`,
-        `prefix_block_size`, `kv_cache_dtype`...) sets up the engine. `prefix_cache_gib=1` turns on prefix caching: prompts
-        that share a prefix reuse its KV (exact, sliding window included); off by default.
+        `prefix_block_size`, `kv_cache_dtype`, ...) sets up the engine. `prefix_cache_gib=1` turns on prefix
+        caching: prompts that share a prefix reuse its KV (exact, sliding window included); off by default.
         `compile=True` compiles the decode step with CUDA graphs: about a minute and a half at the 7B
         shape before the first token, then several times faster decode (benchmarks/RESULTS.md).
         `quantize` ("int8", "int4", "none" or a mistral7b.quant.QuantConfig) quantizes the weights at

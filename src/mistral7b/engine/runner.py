@@ -236,16 +236,16 @@ class ModelRunner:
         t = self.verify_tokens if graphs else 1 + max(len(d) for d in drafts)
         width = self.decode_width(requests, None) if graphs else len(requests)
         ragged = not graphs and any(len(d) + 1 < t for d in drafts)
-        tokens, positions, kept = [0] * (width * t), [-1] * (width * t), []
+        tokens, positions = [0] * (width * t), [-1] * (width * t)
         for i, (r, d) in enumerate(zip(requests, drafts)):
             fed, start = [r.output_ids[-1], *d], (r.row if graphs else i) * t
-            kept += range(start, start + len(fed)) if ragged else ()
             tokens[start : start + t] = fed + [fed[-1]] * (t - len(fed))
             positions[start : start + t] = range(r.position, r.position + t)
         tokens_t, positions_t = self.to_device(tokens).view(width, t), self.to_device(positions).view(width, t)
         rows = self.rows([r.row for r in requests])
         if not graphs:
-            packed = {"packed": self.to_device(kept)} if ragged else {}
+            fed = [i * t + j for i, d in enumerate(drafts) for j in range(1 + len(d))]  # the rest is padding
+            packed = {"packed": self.to_device(fed)} if ragged else {}
             return self.verify_fn(tokens_t, positions_t, self.cache, rows=rows, kv_len=max(r.position for r in requests) + t,
                                   **self.adapters(requests, rows), **packed)
         kv_len = self.kv_len(max(r.position for r in requests)) + t  # the bucket's slots, then these t
